@@ -1,0 +1,239 @@
+//! The device's control engine: register semantics, mailbox service,
+//! heartbeat and reset, on a dedicated thread.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pnm_protocol::regs::{self, mailbox, memdev_status, pnm};
+use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
+
+use crate::mailbox::{HealthCounters, MailboxState, TimestampClock};
+use crate::region::{Region, RegionConfig, RegionError};
+
+/// How often the heartbeat register advances.
+pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(10);
+/// Longest sleep of an idle engine: bounds mailbox latency when idle.
+const IDLE_SLEEP: Duration = Duration::from_micros(500);
+/// Polls without work before the engine starts yielding, then sleeping.
+const SPIN_POLLS: u32 = 2_000;
+const YIELD_POLLS: u32 = 4_000;
+
+/// Device settings beyond the region.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub region: RegionConfig,
+    /// Compute-unit threads (default: the machine's cores).
+    pub compute_units: Option<u32>,
+}
+
+/// A device serving a region on its own thread until stopped.
+#[derive(Debug)]
+pub struct RunningDevice {
+    stop: Arc<AtomicBool>,
+    engine: Option<JoinHandle<()>>,
+    region: Arc<Region>,
+}
+
+impl RunningDevice {
+    /// Opens (or creates) the region and starts serving it.
+    pub fn start(config: &DeviceConfig) -> Result<Self, RegionError> {
+        let region = Region::open(&config.region)?;
+        Ok(Self::serve(region, config.compute_units))
+    }
+
+    /// Serves an already opened region with `compute_units` threads
+    /// (default: the machine's cores).
+    pub fn serve(region: Region, compute_units: Option<u32>) -> Self {
+        let compute_units = compute_units
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+        let region = Arc::new(region);
+        let regs = region.regs();
+        let p = regs::PNM_OFFSET;
+        let mut dirty_count = regs.load_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, Acquire);
+        if region.dirty_shutdown {
+            dirty_count = dirty_count.wrapping_add(1);
+            tracing::warn!(dirty_count, "previous device did not shut down cleanly");
+            regs.store_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, dirty_count, Relaxed);
+        }
+        regs.store_u32(p + pnm::COMPUTE_UNITS, compute_units, Relaxed);
+        regs.store_u32(p + pnm::HEARTBEAT_PERIOD_US, HEARTBEAT_PERIOD.as_micros() as u32, Relaxed);
+        regs.store_u32(p + pnm::MAX_QUEUE_PAIRS, 0, Relaxed);
+        regs.store_u32(p + pnm::DEVICE_PID, std::process::id(), Relaxed);
+        regs.store_u32(p + pnm::SHUTDOWN_STATE, pnm::SHUTDOWN_RUNNING, Relaxed);
+        let state = MailboxState {
+            layout: region.layout,
+            compute_units,
+            heartbeat_period_us: HEARTBEAT_PERIOD.as_micros() as u32,
+            max_queue_pairs: 0,
+            max_queue_entries: 0,
+            clock: TimestampClock::default(),
+            health: HealthCounters {
+                dirty_shutdown_count: dirty_count,
+                corrected_volatile_errors: 0,
+            },
+        };
+        // Everything above is published by this Release store: a host that
+        // sees Mailbox Ready sees a complete register block.
+        regs.store_u64(regs::MEMDEV_STATUS_OFFSET, memdev_status::READY, Release);
+        tracing::info!(
+            path = %region.path.display(),
+            size = region.layout.size,
+            dram = region.layout.dram_size,
+            kept_contents = region.kept_contents,
+            compute_units,
+            "device ready"
+        );
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let engine = {
+            let stop = stop.clone();
+            let mut engine = Engine { regs, state, last_beat: Instant::now() };
+            std::thread::Builder::new()
+                .name("pnm-engine".into())
+                .spawn(move || engine.run(&stop))
+                .expect("spawn engine thread")
+        };
+        Self { stop, engine: Some(engine), region }
+    }
+
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// Stops serving: the mailbox goes not-ready and the region records a
+    /// clean shutdown. Idempotent.
+    pub fn stop(&mut self) {
+        let Some(engine) = self.engine.take() else { return };
+        self.stop.store(true, Ordering::Release);
+        if engine.join().is_err() {
+            tracing::error!("engine thread panicked");
+        }
+        let regs = self.region.regs();
+        regs.store_u64(regs::MEMDEV_STATUS_OFFSET, 0, Release);
+        regs.store_u32(regs::PNM_OFFSET + pnm::DEVICE_PID, 0, Relaxed);
+        regs.store_u32(regs::PNM_OFFSET + pnm::SHUTDOWN_STATE, pnm::SHUTDOWN_CLEAN, Release);
+        if let Err(e) = self.region.flush() {
+            tracing::warn!(error = %e, "flushing region");
+        }
+        tracing::info!(path = %self.region.path.display(), "device stopped");
+    }
+}
+
+impl Drop for RunningDevice {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Engine {
+    regs: SharedMemory,
+    state: MailboxState,
+    last_beat: Instant,
+}
+
+impl Engine {
+    fn run(&mut self, stop: &AtomicBool) {
+        let mut idle_polls = 0u32;
+        while !stop.load(Acquire) {
+            let worked = self.poll_once();
+            if worked {
+                idle_polls = 0;
+            } else {
+                idle_polls = idle_polls.saturating_add(1);
+                if idle_polls < SPIN_POLLS {
+                    std::hint::spin_loop();
+                } else if idle_polls < YIELD_POLLS {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(IDLE_SLEEP);
+                }
+            }
+        }
+    }
+
+    /// One pass over every register the device watches. True if it did work.
+    fn poll_once(&mut self) -> bool {
+        let mut worked = false;
+        let now = Instant::now();
+        if now.duration_since(self.last_beat) >= HEARTBEAT_PERIOD {
+            self.regs.fetch_add_u64(regs::PNM_OFFSET + pnm::HEARTBEAT, 1);
+            self.last_beat = now;
+        }
+        if self.regs.load_u32(regs::PNM_OFFSET + pnm::RESET_CONTROL, Acquire) & pnm::RESET_REQUEST
+            != 0
+        {
+            self.reset();
+            worked = true;
+        }
+        let control = self.regs.load_u32(regs::MAILBOX_OFFSET + mailbox::CONTROL, Acquire);
+        if control & mailbox::CONTROL_DOORBELL != 0 {
+            self.serve_mailbox(control);
+            worked = true;
+        }
+        worked
+    }
+
+    /// Runs the command the host put in the mailbox and clears the doorbell.
+    fn serve_mailbox(&mut self, control: u32) {
+        let mb = regs::MAILBOX_OFFSET;
+        let command = self.regs.load_u64(mb + mailbox::COMMAND, Acquire);
+        let (opcode, input_len) = mailbox::decode_command(command);
+        let opcode = Opcode(opcode);
+        let span = tracing::debug_span!("mailbox", %opcode, input_len).entered();
+        let result = if u64::from(input_len) > regs::MAILBOX_PAYLOAD_SIZE {
+            Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
+        } else {
+            let mut input = vec![0u8; input_len as usize];
+            self.regs
+                .read_bytes(mb + mailbox::PAYLOAD, &mut input)
+                .expect("payload area is inside the register block");
+            self.state.execute(opcode, &input, Instant::now())
+        };
+        let (code, output_len) = match result {
+            Ok(output) => {
+                debug_assert!(output.len() as u64 <= regs::MAILBOX_PAYLOAD_SIZE);
+                self.regs
+                    .write_bytes(mb + mailbox::PAYLOAD, &output)
+                    .expect("payload area is inside the register block");
+                (ReturnCode::SUCCESS, output.len() as u32)
+            }
+            Err(code) => (code, 0),
+        };
+        tracing::debug!(parent: &span, %code, output_len, "done");
+        drop(span);
+        if !code.is_success() {
+            tracing::info!(%opcode, %code, "mailbox command failed");
+        }
+        self.regs.store_u64(
+            mb + mailbox::COMMAND,
+            mailbox::encode_command(opcode.0, output_len),
+            Relaxed,
+        );
+        self.regs.store_u64(mb + mailbox::STATUS, mailbox::encode_status(code.0, 0), Relaxed);
+        // Release: the payload, Command and Status writes above are visible
+        // to a host that observes the doorbell clear.
+        self.regs.store_u32(mb + mailbox::CONTROL, control & !mailbox::CONTROL_DOORBELL, Release);
+    }
+
+    /// A device reset: mailbox back to idle, volatile state cleared; device
+    /// DRAM is kept (this is not a sanitize).
+    fn reset(&mut self) {
+        tracing::info!("device reset requested");
+        let mb = regs::MAILBOX_OFFSET;
+        self.regs.store_u64(regs::MEMDEV_STATUS_OFFSET, 0, Release);
+        self.regs.store_u64(mb + mailbox::COMMAND, 0, Relaxed);
+        self.regs.store_u64(mb + mailbox::STATUS, 0, Relaxed);
+        self.regs.store_u64(mb + mailbox::BACKGROUND_STATUS, 0, Relaxed);
+        self.regs.store_u32(mb + mailbox::CONTROL, 0, Relaxed);
+        self.state.clock = TimestampClock::default();
+        let p = regs::PNM_OFFSET;
+        let count = self.regs.load_u32(p + pnm::RESET_COUNT, Relaxed).wrapping_add(1);
+        self.regs.store_u32(p + pnm::RESET_COUNT, count, Relaxed);
+        self.regs.store_u64(regs::MEMDEV_STATUS_OFFSET, memdev_status::READY, Release);
+        // Clearing the request last tells the host the reset is complete.
+        self.regs.store_u32(p + pnm::RESET_CONTROL, 0, Release);
+    }
+}

@@ -1,0 +1,13 @@
+//! pnm-device: the emulated cxl-pnm device.
+//!
+//! A device maps the shared region (a file, by default under /dev/shm, or a
+//! memfd for an embedded device), gives the CXL registers their semantics and
+//! serves the mailbox on a dedicated engine thread.
+
+pub mod engine;
+pub mod mailbox;
+pub mod region;
+mod sys;
+
+pub use engine::{DeviceConfig, RunningDevice};
+pub use region::{Region, RegionConfig, RegionError};

@@ -1,0 +1,276 @@
+//! Mailbox command handlers: input bytes in, output bytes or a return code out.
+//!
+//! Pure apart from the clock, so every command and every bad input can be
+//! tested without a region.
+
+use std::time::Instant;
+
+use pnm_firmware::LIMITS;
+use pnm_protocol::commands::{
+    self, CAPACITY_UNIT, CEL_UUID, CelEntry, GetLogInput, GetTimestampOutput, HealthInfoOutput,
+    IdentifyOutput, IdentifyPnmOutput, SetTimestampInput, SupportedLogEntry, SupportedLogsHeader,
+};
+use pnm_protocol::regs::{ABI_VERSION, MAILBOX_PAYLOAD_SIZE};
+use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
+use zerocopy::{FromBytes, IntoBytes};
+
+/// The device's Timestamp: unset until the host sets it, then advancing
+/// with the device's monotonic clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TimestampClock {
+    set: Option<(u64, Instant)>,
+}
+
+impl TimestampClock {
+    pub fn get(&self, now: Instant) -> u64 {
+        self.set.map_or(0, |(value, at)| {
+            value.saturating_add(now.saturating_duration_since(at).as_nanos() as u64)
+        })
+    }
+
+    pub fn set(&mut self, value: u64, now: Instant) {
+        self.set = Some((value, now));
+    }
+}
+
+/// Counters that Get Health Info reports.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct HealthCounters {
+    pub dirty_shutdown_count: u32,
+    pub corrected_volatile_errors: u32,
+}
+
+/// What the mailbox needs to know about the device.
+#[derive(Debug, Clone)]
+pub struct MailboxState {
+    pub layout: RegionLayout,
+    pub compute_units: u32,
+    pub heartbeat_period_us: u32,
+    pub max_queue_pairs: u32,
+    pub max_queue_entries: u32,
+    pub clock: TimestampClock,
+    pub health: HealthCounters,
+}
+
+/// The Command Effects Log: every supported opcode with its effects.
+pub fn command_effects_log() -> Vec<u8> {
+    Opcode::ALL
+        .iter()
+        .flat_map(|&op| {
+            let entry =
+                CelEntry { opcode: op.0.into(), effect: commands::command_effect(op).into() };
+            entry.as_bytes().to_vec()
+        })
+        .collect()
+}
+
+impl MailboxState {
+    /// Executes one mailbox command.
+    pub fn execute(
+        &mut self,
+        opcode: Opcode,
+        input: &[u8],
+        now: Instant,
+    ) -> Result<Vec<u8>, ReturnCode> {
+        let expected = opcode.input_len().ok_or(ReturnCode::UNSUPPORTED)?;
+        if input.len() != expected {
+            return Err(ReturnCode::INVALID_PAYLOAD_LENGTH);
+        }
+        match opcode {
+            Opcode::GET_TIMESTAMP => {
+                let out = GetTimestampOutput { timestamp_ns: self.clock.get(now).into() };
+                Ok(out.as_bytes().to_vec())
+            }
+            Opcode::SET_TIMESTAMP => {
+                let input = SetTimestampInput::read_from_bytes(input)
+                    .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+                self.clock.set(input.timestamp_ns.get(), now);
+                Ok(Vec::new())
+            }
+            Opcode::GET_SUPPORTED_LOGS => {
+                let header = SupportedLogsHeader { entries: 1.into(), reserved: [0; 6] };
+                let cel = SupportedLogEntry {
+                    log_id: CEL_UUID,
+                    log_size: (command_effects_log().len() as u32).into(),
+                };
+                Ok([header.as_bytes(), cel.as_bytes()].concat())
+            }
+            Opcode::GET_LOG => self.get_log(input),
+            Opcode::IDENTIFY_MEMORY_DEVICE => Ok(self.identify().as_bytes().to_vec()),
+            Opcode::GET_HEALTH_INFO => Ok(self.health_info().as_bytes().to_vec()),
+            Opcode::IDENTIFY_PNM => Ok(self.identify_pnm().as_bytes().to_vec()),
+            _ => Err(ReturnCode::UNSUPPORTED),
+        }
+    }
+
+    fn get_log(&self, input: &[u8]) -> Result<Vec<u8>, ReturnCode> {
+        let input =
+            GetLogInput::read_from_bytes(input).map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+        if input.log_id != CEL_UUID {
+            return Err(ReturnCode::INVALID_LOG);
+        }
+        let log = command_effects_log();
+        let offset = input.offset.get() as u64;
+        let length = input.length.get() as u64;
+        if length > MAILBOX_PAYLOAD_SIZE || offset + length > log.len() as u64 {
+            return Err(ReturnCode::INVALID_INPUT);
+        }
+        Ok(log[offset as usize..(offset + length) as usize].to_vec())
+    }
+
+    fn identify(&self) -> IdentifyOutput {
+        // Capacity is reported in 256 MiB units, rounded down as a host may
+        // only map whole units; Identify PNM gives the exact byte count.
+        let capacity = self.layout.dram_size / CAPACITY_UNIT;
+        IdentifyOutput {
+            fw_revision: commands::to_ascii_field(LIMITS.revision),
+            total_capacity: capacity.into(),
+            volatile_only_capacity: capacity.into(),
+            persistent_only_capacity: 0.into(),
+            partition_alignment: 0.into(),
+            info_event_log_size: 0.into(),
+            warning_event_log_size: 0.into(),
+            failure_event_log_size: 0.into(),
+            fatal_event_log_size: 0.into(),
+            lsa_size: 0.into(),
+            poison_list_max_records: [0; 3],
+            inject_poison_limit: 0.into(),
+            poison_handling_caps: 0,
+            qos_telemetry_caps: 0,
+            dc_event_log_size: 0.into(),
+        }
+    }
+
+    fn health_info(&self) -> HealthInfoOutput {
+        HealthInfoOutput {
+            health_status: 0,
+            media_status: 0,
+            additional_status: 0,
+            life_used: commands::LIFE_USED_NOT_IMPLEMENTED,
+            device_temperature: commands::TEMPERATURE_NOT_IMPLEMENTED.into(),
+            dirty_shutdown_count: self.health.dirty_shutdown_count.into(),
+            corrected_volatile_error_count: self.health.corrected_volatile_errors.into(),
+            corrected_persistent_error_count: 0.into(),
+        }
+    }
+
+    fn identify_pnm(&self) -> IdentifyPnmOutput {
+        IdentifyPnmOutput {
+            abi_version: ABI_VERSION.into(),
+            compute_units: self.compute_units.into(),
+            region_size: self.layout.size.into(),
+            dma_window_offset: self.layout.dma_window_offset.into(),
+            dma_window_size: self.layout.dma_window_size.into(),
+            dram_offset: self.layout.dram_offset.into(),
+            dram_size: self.layout.dram_size.into(),
+            supported_dtypes: LIMITS.dtype_mask().into(),
+            max_head_dim: LIMITS.max_head_dim.into(),
+            max_k: LIMITS.max_k.into(),
+            max_group: LIMITS.max_group.into(),
+            page_tokens: LIMITS.page_tokens.into(),
+            max_queue_pairs: self.max_queue_pairs.into(),
+            max_queue_entries: self.max_queue_entries.into(),
+            heartbeat_period_us: self.heartbeat_period_us.into(),
+            fw_revision: commands::to_ascii_field(LIMITS.revision),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn state() -> MailboxState {
+        MailboxState {
+            layout: RegionLayout::new(1 << 30, None).unwrap(),
+            compute_units: 2,
+            heartbeat_period_us: 10_000,
+            max_queue_pairs: 0,
+            max_queue_entries: 0,
+            clock: TimestampClock::default(),
+            health: HealthCounters { dirty_shutdown_count: 3, corrected_volatile_errors: 0 },
+        }
+    }
+
+    #[test]
+    fn unknown_opcodes_are_unsupported() {
+        let now = Instant::now();
+        for op in [0x0000, 0x0001, 0x4300, 0xC0FF, 0xFFFF] {
+            assert_eq!(state().execute(Opcode(op), &[], now), Err(ReturnCode::UNSUPPORTED));
+        }
+    }
+
+    #[test]
+    fn wrong_input_lengths_are_refused() {
+        let now = Instant::now();
+        let mut s = state();
+        assert_eq!(
+            s.execute(Opcode::IDENTIFY_MEMORY_DEVICE, &[0], now),
+            Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
+        );
+        assert_eq!(
+            s.execute(Opcode::SET_TIMESTAMP, &[0; 7], now),
+            Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
+        );
+        assert_eq!(
+            s.execute(Opcode::SET_TIMESTAMP, &[0; 9], now),
+            Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
+        );
+        assert_eq!(
+            s.execute(Opcode::GET_LOG, &[0; 0x17], now),
+            Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
+        );
+    }
+
+    #[test]
+    fn timestamp_is_zero_until_set_then_advances() {
+        let t0 = Instant::now();
+        let mut s = state();
+        assert_eq!(s.execute(Opcode::GET_TIMESTAMP, &[], t0).unwrap(), 0u64.to_le_bytes());
+        s.execute(Opcode::SET_TIMESTAMP, &1_000u64.to_le_bytes(), t0).unwrap();
+        let later = t0 + Duration::from_micros(5);
+        assert_eq!(s.execute(Opcode::GET_TIMESTAMP, &[], later).unwrap(), 6_000u64.to_le_bytes());
+    }
+
+    #[test]
+    fn cel_lists_every_opcode() {
+        let now = Instant::now();
+        let mut s = state();
+        let logs = s.execute(Opcode::GET_SUPPORTED_LOGS, &[], now).unwrap();
+        assert_eq!(logs.len(), 8 + 0x14);
+        assert_eq!(&logs[8..24], &CEL_UUID);
+        let size = u32::from_le_bytes(logs[24..28].try_into().unwrap());
+        assert_eq!(size as usize, Opcode::ALL.len() * 4);
+        let mut req = GetLogInput { log_id: CEL_UUID, offset: 0.into(), length: size.into() };
+        let cel = s.execute(Opcode::GET_LOG, req.as_bytes(), now).unwrap();
+        let opcodes: Vec<u16> = cel.chunks(4).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        assert_eq!(opcodes, Opcode::ALL.map(|o| o.0));
+        // A partial read at an offset.
+        req.offset = 4.into();
+        req.length = 4.into();
+        assert_eq!(s.execute(Opcode::GET_LOG, req.as_bytes(), now).unwrap(), &cel[4..8]);
+        // Reads past the end, and unknown logs.
+        req.length = size.into();
+        assert_eq!(s.execute(Opcode::GET_LOG, req.as_bytes(), now), Err(ReturnCode::INVALID_INPUT));
+        req.offset = u32::MAX.into();
+        assert_eq!(s.execute(Opcode::GET_LOG, req.as_bytes(), now), Err(ReturnCode::INVALID_INPUT));
+        req.log_id[0] ^= 1;
+        assert_eq!(s.execute(Opcode::GET_LOG, req.as_bytes(), now), Err(ReturnCode::INVALID_LOG));
+    }
+
+    #[test]
+    fn identify_reports_dram_in_capacity_units() {
+        let out = state().execute(Opcode::IDENTIFY_MEMORY_DEVICE, &[], Instant::now()).unwrap();
+        let id = IdentifyOutput::read_from_bytes(&out).unwrap();
+        // 1 GiB region with 130 MiB before DRAM: 894 MiB of DRAM = 3 whole units.
+        assert_eq!(id.total_capacity.get(), 3);
+        assert_eq!(id.volatile_only_capacity.get(), 3);
+        assert_eq!(commands::ascii_field(&id.fw_revision), LIMITS.revision);
+        let health = state().execute(Opcode::GET_HEALTH_INFO, &[], Instant::now()).unwrap();
+        assert_eq!(
+            HealthInfoOutput::read_from_bytes(&health).unwrap().dirty_shutdown_count.get(),
+            3
+        );
+    }
+}

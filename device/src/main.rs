@@ -1,0 +1,76 @@
+//! `pnm-device`: serve a cxl-pnm device on a shared-memory region until
+//! SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
+use pnm_device::{DeviceConfig, RegionConfig, RunningDevice};
+use pnm_protocol::layout::parse_size;
+
+/// Emulated CXL processing-near-memory device for LLM KV caches.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Region file (created if missing). QEMU ivshmem can map the same file as BAR2.
+    #[arg(long, default_value = "/dev/shm/cxl-pnm0")]
+    path: PathBuf,
+    /// Region size, a power of two (e.g. 1GiB, 256MiB). Default for a new
+    /// region: 1GiB; an existing region keeps its size.
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Host DMA window size of a new region (default: size/8, 1MiB..=256MiB).
+    #[arg(long, value_parser = parse_size)]
+    dma_window: Option<u64>,
+    /// Compute-unit threads (default: the machine's cores).
+    #[arg(long)]
+    compute_units: Option<u32>,
+    /// Overwrite a file that is not a valid region or has another size.
+    #[arg(long)]
+    reformat: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+
+    // Block the stop signals before any thread starts, so every thread
+    // inherits the mask and only `wait` below receives them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    if let Err(e) = signals.thread_block() {
+        eprintln!("pnm-device: cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
+
+    let config = DeviceConfig {
+        region: RegionConfig {
+            path: args.path,
+            size: args.size,
+            dma_window: args.dma_window,
+            reformat: args.reformat,
+        },
+        compute_units: args.compute_units,
+    };
+    let mut device = match RunningDevice::start(&config) {
+        Ok(device) => device,
+        Err(e) => {
+            eprintln!("pnm-device: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match signals.wait() {
+        Ok(signal) => tracing::info!(?signal, "stopping"),
+        Err(e) => tracing::error!(error = %e, "waiting for signals failed; stopping"),
+    }
+    device.stop();
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,280 @@
+//! Creating, validating and formatting the shared region file.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+
+use memmap2::MmapOptions;
+use nix::fcntl::{Flock, FlockArg};
+use pnm_protocol::layout::{LayoutError, RegionLayout};
+use pnm_protocol::regs::{self, REGISTER_BLOCK_SIZE, mailbox, pnm};
+use pnm_protocol::{SharedMemory, regs::CAP_HEADER_SIZE};
+use zerocopy::IntoBytes;
+
+use crate::sys::Mapping;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error("cannot open region {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("region {path} is already served by another pnm-device (pid {pid})")]
+    AlreadyServed { path: PathBuf, pid: u32 },
+    #[error("cannot lock region {path}: {source}")]
+    Lock { path: PathBuf, source: nix::Error },
+    #[error("invalid region layout: {0}")]
+    Layout(#[from] LayoutError),
+    #[error(
+        "{path} holds a pnm region of {existing} bytes but --size asks for {requested}; \
+         omit --size to keep its contents, or pass --reformat to start afresh"
+    )]
+    SizeMismatch { path: PathBuf, existing: u64, requested: u64 },
+    #[error(
+        "{path} holds a pnm region with a {existing}-byte DMA window but {requested} was asked; \
+         omit --dma-window to keep its contents, or pass --reformat"
+    )]
+    WindowMismatch { path: PathBuf, existing: u64, requested: u64 },
+    #[error(
+        "{path} is not empty and is not a valid pnm region ({reason}); \
+         pass --reformat to overwrite it"
+    )]
+    NotARegion { path: PathBuf, reason: String },
+    #[error("cannot size or map region {path}: {source}")]
+    Map { path: PathBuf, source: std::io::Error },
+}
+
+/// What to serve and how to find or make it.
+#[derive(Debug, Clone, Default)]
+pub struct RegionConfig {
+    pub path: PathBuf,
+    /// Size of a new region; an existing one must match if given.
+    pub size: Option<u64>,
+    /// Host DMA window of a new region (default: see [`RegionLayout::new`]).
+    pub dma_window: Option<u64>,
+    /// Overwrite a file that is not a valid region, or whose size differs.
+    pub reformat: bool,
+}
+
+/// Size of a new region when none is given.
+pub const DEFAULT_REGION_SIZE: u64 = 1 << 30;
+
+/// An opened, locked and mapped region.
+#[derive(Debug)]
+pub struct Region {
+    pub path: PathBuf,
+    pub layout: RegionLayout,
+    /// True if the DRAM contents were kept from an earlier device.
+    pub kept_contents: bool,
+    /// True if the earlier device did not stop cleanly.
+    pub dirty_shutdown: bool,
+    pub(crate) mapping: Mapping,
+    // Held for the device's lifetime: the lock is what keeps a second
+    // device off this region, and the kernel drops it if we die.
+    _lock: Flock<File>,
+}
+
+impl Region {
+    pub fn regs(&self) -> SharedMemory {
+        self.mapping.view()
+    }
+
+    /// Opens (or creates) and locks the region described by `config`.
+    pub fn open(config: &RegionConfig) -> Result<Self, RegionError> {
+        let path = config.path.clone();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o660)
+            .open(&path)
+            .map_err(|source| RegionError::Open { path: path.clone(), source })?;
+        Self::from_file(file, config)
+    }
+
+    /// Locks and maps an already open file (a memfd for an embedded device).
+    pub fn from_file(file: File, config: &RegionConfig) -> Result<Self, RegionError> {
+        let path = config.path.clone();
+        // A bad request is refused before anything is looked at or changed.
+        if let Some(size) = config.size {
+            RegionLayout::new(size, config.dma_window)?;
+        }
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let pid = peek_device_pid(&path).unwrap_or(0);
+                return Err(RegionError::AlreadyServed { path, pid });
+            }
+            Err((_, source)) => return Err(RegionError::Lock { path, source }),
+        };
+        let map_err = |source| RegionError::Map { path: path.clone(), source };
+        let existing_len = lock.metadata().map_err(map_err)?.len();
+
+        // Decide between keeping an existing region and formatting one.
+        let existing = if existing_len == 0 {
+            None
+        } else {
+            match inspect(&lock, existing_len) {
+                Ok(layout) => Some(layout),
+                Err(reason) if config.reformat => {
+                    tracing::warn!(%reason, path = %path.display(), "reformatting");
+                    None
+                }
+                Err(reason) => return Err(RegionError::NotARegion { path, reason }),
+            }
+        };
+        let (layout, keep) = match existing {
+            Some(layout) => {
+                if let Some(requested) = config.size.filter(|&s| s != layout.size) {
+                    if !config.reformat {
+                        return Err(RegionError::SizeMismatch {
+                            path,
+                            existing: layout.size,
+                            requested,
+                        });
+                    }
+                    (RegionLayout::new(requested, config.dma_window)?, false)
+                } else if let Some(requested) = config
+                    .dma_window
+                    .filter(|&w| RegionLayout::new(layout.size, Some(w)) != Ok(layout))
+                {
+                    if !config.reformat {
+                        return Err(RegionError::WindowMismatch {
+                            path,
+                            existing: layout.dma_window_size,
+                            requested,
+                        });
+                    }
+                    (RegionLayout::new(layout.size, config.dma_window)?, false)
+                } else {
+                    (layout, true)
+                }
+            }
+            None => (
+                RegionLayout::new(config.size.unwrap_or(DEFAULT_REGION_SIZE), config.dma_window)?,
+                false,
+            ),
+        };
+
+        if !keep {
+            // Truncating to zero first discards old contents without
+            // touching every page; the file reads back as zeros.
+            lock.set_len(0).map_err(map_err)?;
+            lock.set_len(layout.size).map_err(map_err)?;
+        }
+        let map = MmapOptions::new().len(layout.size as usize).map_raw(&*lock).map_err(map_err)?;
+        let mapping = Mapping::new(map);
+        let view = mapping.view();
+        let dirty_shutdown = keep
+            && view.load_u32(regs::PNM_OFFSET + pnm::SHUTDOWN_STATE, Acquire)
+                != pnm::SHUTDOWN_CLEAN;
+        write_register_block(view, &layout, !keep);
+        Ok(Self { path, layout, kept_contents: keep, dirty_shutdown, mapping, _lock: lock })
+    }
+
+    /// An anonymous region for a device embedded in the host's process:
+    /// a memfd, reachable by path as `/proc/self/fd/N` while it lives.
+    pub fn embedded(size: u64, dma_window: Option<u64>) -> Result<Self, RegionError> {
+        use std::os::fd::AsRawFd;
+        let name = "pnm-region";
+        let fd = nix::sys::memfd::memfd_create(name, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| RegionError::Open { path: name.into(), source: e.into() })?;
+        let file = File::from(fd);
+        let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        Self::from_file(file, &RegionConfig { path, size: Some(size), dma_window, reformat: false })
+    }
+
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.mapping.flush()
+    }
+}
+
+/// Reads the serving device's pid from a region another process has locked.
+fn peek_device_pid(path: &Path) -> Option<u32> {
+    let file = File::open(path).ok()?;
+    let mut buf = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, regs::PNM_OFFSET + pnm::DEVICE_PID)
+        .ok()?;
+    Some(u32::from_le_bytes(buf))
+}
+
+/// Checks whether a file holds a region this ABI can serve, returning its layout.
+fn inspect(file: &File, len: u64) -> Result<RegionLayout, String> {
+    use std::os::unix::fs::FileExt;
+    if len < REGISTER_BLOCK_SIZE {
+        return Err(format!("{len} bytes is smaller than a register block"));
+    }
+    let mut page = vec![0u8; 0x100];
+    file.read_exact_at(&mut page, regs::PNM_OFFSET).map_err(|e| e.to_string())?;
+    let u32_at = |off: u64| u32::from_le_bytes(page[off as usize..][..4].try_into().unwrap());
+    let u64_at = |off: u64| u64::from_le_bytes(page[off as usize..][..8].try_into().unwrap());
+    if u64_at(pnm::MAGIC) != pnm::MAGIC_VALUE {
+        return Err("no PNM magic".into());
+    }
+    let abi = u32_at(pnm::ABI_VERSION);
+    if abi >> 16 != u32::from(regs::ABI_VERSION_MAJOR) {
+        return Err(format!(
+            "ABI version {}.{} (this device speaks {}.x)",
+            abi >> 16,
+            abi & 0xFFFF,
+            regs::ABI_VERSION_MAJOR
+        ));
+    }
+    let layout = RegionLayout {
+        size: u64_at(pnm::REGION_SIZE),
+        dma_window_offset: u64_at(pnm::DMA_WINDOW_OFFSET),
+        dma_window_size: u64_at(pnm::DMA_WINDOW_SIZE),
+        dram_offset: u64_at(pnm::DRAM_OFFSET),
+        dram_size: u64_at(pnm::DRAM_SIZE),
+    };
+    layout.validate(len)?;
+    Ok(layout)
+}
+
+/// Writes the register block's read-only contents: the capability array,
+/// mailbox capabilities and the PNM capability's layout registers. Run-time
+/// registers (status, heartbeat, pid) are the engine's. When `fresh`, the
+/// persistent counters start from zero.
+fn write_register_block(regs_view: SharedMemory, layout: &RegionLayout, fresh: bool) {
+    // Take the device out of service first, so a host that maps us midway
+    // sees "not ready" rather than a half-written block.
+    regs_view.store_u64(regs::MEMDEV_STATUS_OFFSET, 0, Release);
+
+    let header = regs::cap_array_header();
+    write_block(regs_view, regs::CAP_ARRAY_OFFSET, header.as_bytes());
+    for (i, cap) in regs::CAPABILITIES.iter().enumerate() {
+        let at = regs::CAP_ARRAY_OFFSET + CAP_HEADER_SIZE * (i as u64 + 1);
+        write_block(regs_view, at, regs::cap_header(cap).as_bytes());
+    }
+    regs_view.store_u32(regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS, 0, Relaxed);
+
+    let mb = regs::MAILBOX_OFFSET;
+    regs_view.store_u32(mb + mailbox::CAPABILITIES, regs::MAILBOX_PAYLOAD_SIZE_LOG2, Relaxed);
+    regs_view.store_u32(mb + mailbox::CONTROL, 0, Relaxed);
+    regs_view.store_u64(mb + mailbox::COMMAND, 0, Relaxed);
+    regs_view.store_u64(mb + mailbox::STATUS, 0, Relaxed);
+    regs_view.store_u64(mb + mailbox::BACKGROUND_STATUS, 0, Relaxed);
+
+    let p = regs::PNM_OFFSET;
+    regs_view.store_u64(p + pnm::MAGIC, pnm::MAGIC_VALUE, Relaxed);
+    regs_view.store_u32(p + pnm::ABI_VERSION, regs::ABI_VERSION, Relaxed);
+    regs_view.store_u64(p + pnm::REGION_SIZE, layout.size, Relaxed);
+    regs_view.store_u64(p + pnm::DMA_WINDOW_OFFSET, layout.dma_window_offset, Relaxed);
+    regs_view.store_u64(p + pnm::DMA_WINDOW_SIZE, layout.dma_window_size, Relaxed);
+    regs_view.store_u64(p + pnm::DRAM_OFFSET, layout.dram_offset, Relaxed);
+    regs_view.store_u64(p + pnm::DRAM_SIZE, layout.dram_size, Relaxed);
+    regs_view.store_u32(p + pnm::RESET_CONTROL, 0, Relaxed);
+    regs_view.store_u32(p + pnm::DOORBELL_STRIDE, pnm::DOORBELL_STRIDE_BYTES, Relaxed);
+    regs_view.store_u32(p + pnm::DOORBELL_OFFSET, pnm::DOORBELL_PAGE as u32, Relaxed);
+    if fresh {
+        regs_view.store_u32(p + pnm::RESET_COUNT, 0, Relaxed);
+        regs_view.store_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, 0, Relaxed);
+        // A fresh region has no previous device to have shut down dirtily.
+        regs_view.store_u32(p + pnm::SHUTDOWN_STATE, pnm::SHUTDOWN_CLEAN, Relaxed);
+    }
+}
+
+fn write_block(view: SharedMemory, offset: u64, bytes: &[u8]) {
+    // Constant offsets inside the register block: cannot be out of bounds.
+    view.write_bytes(offset, bytes).expect("register block write in bounds");
+}

@@ -1,0 +1,296 @@
+//! Typed mailbox commands: each one checks what the device sent back.
+
+use pnm_protocol::commands::{
+    self as spec, CAPACITY_UNIT, CEL_UUID, GetLogInput, GetTimestampOutput, HealthInfoOutput,
+    IdentifyOutput, IdentifyPnmOutput, SetTimestampInput, SupportedLogEntry, SupportedLogsHeader,
+    dtype_bits,
+};
+use pnm_protocol::{Opcode, ReturnCode};
+use serde::Serialize;
+use zerocopy::{FromBytes, IntoBytes};
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+
+/// Identify Memory Device, decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Identify {
+    pub fw_revision: String,
+    pub total_capacity_bytes: u64,
+    pub volatile_only_capacity_bytes: u64,
+    pub persistent_only_capacity_bytes: u64,
+    pub partition_alignment_bytes: u64,
+    pub info_event_log_size: u16,
+    pub warning_event_log_size: u16,
+    pub failure_event_log_size: u16,
+    pub fatal_event_log_size: u16,
+    pub lsa_size: u32,
+    pub poison_list_max_records: u32,
+    pub inject_poison_limit: u16,
+    pub poison_handling_caps: u8,
+    pub qos_telemetry_caps: u8,
+    pub dc_event_log_size: u16,
+}
+
+/// Get Health Info, decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthInfo {
+    pub maintenance_needed: bool,
+    pub performance_degraded: bool,
+    pub hardware_replacement_needed: bool,
+    pub media_status: u8,
+    pub additional_status: u8,
+    /// Percent of life used; None if the device does not track it.
+    pub life_used_percent: Option<u8>,
+    /// Degrees Celsius; None if the device has no sensor.
+    pub temperature_celsius: Option<i16>,
+    pub dirty_shutdown_count: u32,
+    pub corrected_volatile_error_count: u32,
+    pub corrected_persistent_error_count: u32,
+}
+
+/// One entry of Get Supported Logs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SupportedLog {
+    pub uuid: String,
+    #[serde(skip)]
+    pub id: [u8; 16],
+    pub is_command_effects_log: bool,
+    pub size: u32,
+}
+
+/// One Command Effects Log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CelEntry {
+    pub opcode: u16,
+    pub name: Option<&'static str>,
+    pub effects: u16,
+}
+
+/// Identify PNM, decoded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PnmInfo {
+    pub abi_version: String,
+    pub fw_revision: String,
+    pub compute_units: u32,
+    pub region_size: u64,
+    pub dma_window_offset: u64,
+    pub dma_window_size: u64,
+    pub dram_offset: u64,
+    pub dram_size: u64,
+    pub dtypes: Vec<&'static str>,
+    pub max_head_dim: u32,
+    pub max_k: u32,
+    pub max_group: u32,
+    pub page_tokens: u32,
+    pub max_queue_pairs: u32,
+    pub max_queue_entries: u32,
+    pub heartbeat_period_us: u32,
+}
+
+/// Formats a UUID given in the spec's (RFC 4122) byte order.
+pub fn format_uuid(id: &[u8; 16]) -> String {
+    let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
+}
+
+fn malformed(opcode: Opcode, reason: impl Into<String>) -> Error {
+    Error::MalformedOutput { opcode, reason: reason.into() }
+}
+
+/// Decodes a fixed-size output, refusing any other length.
+fn decode_fixed<T: FromBytes>(opcode: Opcode, out: &[u8]) -> Result<T> {
+    T::read_from_bytes(out)
+        .map_err(|_| malformed(opcode, format!("{} bytes, expected {}", out.len(), size_of::<T>())))
+}
+
+impl Device {
+    pub fn identify(&self) -> Result<Identify> {
+        let op = Opcode::IDENTIFY_MEMORY_DEVICE;
+        let id: IdentifyOutput = decode_fixed(op, &self.mailbox_raw(op, &[])?)?;
+        let units = |v: u64| {
+            v.checked_mul(CAPACITY_UNIT)
+                .ok_or_else(|| malformed(op, format!("capacity {v} overflows")))
+        };
+        let p = id.poison_list_max_records;
+        Ok(Identify {
+            fw_revision: spec::ascii_field(&id.fw_revision),
+            total_capacity_bytes: units(id.total_capacity.get())?,
+            volatile_only_capacity_bytes: units(id.volatile_only_capacity.get())?,
+            persistent_only_capacity_bytes: units(id.persistent_only_capacity.get())?,
+            partition_alignment_bytes: units(id.partition_alignment.get())?,
+            info_event_log_size: id.info_event_log_size.get(),
+            warning_event_log_size: id.warning_event_log_size.get(),
+            failure_event_log_size: id.failure_event_log_size.get(),
+            fatal_event_log_size: id.fatal_event_log_size.get(),
+            lsa_size: id.lsa_size.get(),
+            poison_list_max_records: u32::from_le_bytes([p[0], p[1], p[2], 0]),
+            inject_poison_limit: id.inject_poison_limit.get(),
+            poison_handling_caps: id.poison_handling_caps,
+            qos_telemetry_caps: id.qos_telemetry_caps,
+            dc_event_log_size: id.dc_event_log_size.get(),
+        })
+    }
+
+    pub fn health_info(&self) -> Result<HealthInfo> {
+        let op = Opcode::GET_HEALTH_INFO;
+        let h: HealthInfoOutput = decode_fixed(op, &self.mailbox_raw(op, &[])?)?;
+        let temperature = h.device_temperature.get();
+        Ok(HealthInfo {
+            maintenance_needed: h.health_status & 1 != 0,
+            performance_degraded: h.health_status & 2 != 0,
+            hardware_replacement_needed: h.health_status & 4 != 0,
+            media_status: h.media_status,
+            additional_status: h.additional_status,
+            life_used_percent: (h.life_used != spec::LIFE_USED_NOT_IMPLEMENTED)
+                .then_some(h.life_used),
+            temperature_celsius: (temperature != spec::TEMPERATURE_NOT_IMPLEMENTED)
+                .then_some(temperature as i16),
+            dirty_shutdown_count: h.dirty_shutdown_count.get(),
+            corrected_volatile_error_count: h.corrected_volatile_error_count.get(),
+            corrected_persistent_error_count: h.corrected_persistent_error_count.get(),
+        })
+    }
+
+    /// The device's timestamp in ns since the Unix epoch (0: never set).
+    pub fn get_timestamp(&self) -> Result<u64> {
+        let op = Opcode::GET_TIMESTAMP;
+        let t: GetTimestampOutput = decode_fixed(op, &self.mailbox_raw(op, &[])?)?;
+        Ok(t.timestamp_ns.get())
+    }
+
+    pub fn set_timestamp(&self, timestamp_ns: u64) -> Result<()> {
+        let op = Opcode::SET_TIMESTAMP;
+        let input = SetTimestampInput { timestamp_ns: timestamp_ns.into() };
+        let out = self.mailbox_raw(op, input.as_bytes())?;
+        if !out.is_empty() {
+            return Err(malformed(op, format!("{} output bytes, expected none", out.len())));
+        }
+        Ok(())
+    }
+
+    pub fn supported_logs(&self) -> Result<Vec<SupportedLog>> {
+        let op = Opcode::GET_SUPPORTED_LOGS;
+        let out = self.mailbox_raw(op, &[])?;
+        let (header, rest) = SupportedLogsHeader::read_from_prefix(&out)
+            .map_err(|_| malformed(op, "shorter than its header"))?;
+        let entries = <[SupportedLogEntry]>::ref_from_bytes(rest)
+            .map_err(|_| malformed(op, "entries are not whole"))?;
+        if entries.len() != usize::from(header.entries.get()) {
+            return Err(malformed(
+                op,
+                format!(
+                    "header counts {} entries, payload holds {}",
+                    header.entries.get(),
+                    entries.len()
+                ),
+            ));
+        }
+        Ok(entries
+            .iter()
+            .map(|e| SupportedLog {
+                uuid: format_uuid(&e.log_id),
+                id: e.log_id,
+                is_command_effects_log: e.log_id == CEL_UUID,
+                size: e.log_size.get(),
+            })
+            .collect())
+    }
+
+    /// Reads a whole log, in payload-sized pieces.
+    pub fn get_log(&self, id: [u8; 16], size: u32) -> Result<Vec<u8>> {
+        let op = Opcode::GET_LOG;
+        let chunk = self.mailbox_payload_size().min(u64::from(u32::MAX)) as u32;
+        let mut log = Vec::with_capacity(size as usize);
+        while (log.len() as u32) < size {
+            let length = chunk.min(size - log.len() as u32);
+            let input = GetLogInput {
+                log_id: id,
+                offset: (log.len() as u32).into(),
+                length: length.into(),
+            };
+            let out = self.mailbox_raw(op, input.as_bytes())?;
+            if out.len() != length as usize {
+                return Err(malformed(op, format!("asked {length} bytes, got {}", out.len())));
+            }
+            log.extend_from_slice(&out);
+        }
+        Ok(log)
+    }
+
+    /// The Command Effects Log: every command the device supports.
+    pub fn command_effects_log(&self) -> Result<Vec<CelEntry>> {
+        let cel = self
+            .supported_logs()?
+            .into_iter()
+            .find(|l| l.is_command_effects_log)
+            .ok_or(Error::Command { opcode: Opcode::GET_LOG, code: ReturnCode::INVALID_LOG })?;
+        if cel.size % 4 != 0 {
+            return Err(malformed(
+                Opcode::GET_SUPPORTED_LOGS,
+                format!("CEL size {} is not whole entries", cel.size),
+            ));
+        }
+        let raw = self.get_log(cel.id, cel.size)?;
+        Ok(raw
+            .chunks_exact(4)
+            .map(|e| {
+                let opcode = u16::from_le_bytes([e[0], e[1]]);
+                CelEntry {
+                    opcode,
+                    name: Opcode(opcode).name(),
+                    effects: u16::from_le_bytes([e[2], e[3]]),
+                }
+            })
+            .collect())
+    }
+
+    pub fn identify_pnm(&self) -> Result<PnmInfo> {
+        let op = Opcode::IDENTIFY_PNM;
+        let p: IdentifyPnmOutput = decode_fixed(op, &self.mailbox_raw(op, &[])?)?;
+        let layout = self.layout();
+        let answered = (p.region_size.get(), p.dram_offset.get(), p.dram_size.get());
+        if answered != (layout.size, layout.dram_offset, layout.dram_size) {
+            return Err(malformed(
+                op,
+                format!("layout {answered:?} disagrees with the PNM capability registers"),
+            ));
+        }
+        let mask = p.supported_dtypes.get();
+        let dtypes =
+            [(dtype_bits::F32, "f32"), (dtype_bits::F16, "f16"), (dtype_bits::BF16, "bf16")]
+                .into_iter()
+                .filter(|(bit, _)| mask & bit != 0)
+                .map(|(_, name)| name)
+                .collect();
+        let abi = p.abi_version.get();
+        Ok(PnmInfo {
+            abi_version: format!("{}.{}", abi >> 16, abi & 0xFFFF),
+            fw_revision: spec::ascii_field(&p.fw_revision),
+            compute_units: p.compute_units.get(),
+            region_size: p.region_size.get(),
+            dma_window_offset: p.dma_window_offset.get(),
+            dma_window_size: p.dma_window_size.get(),
+            dram_offset: p.dram_offset.get(),
+            dram_size: p.dram_size.get(),
+            dtypes,
+            max_head_dim: p.max_head_dim.get(),
+            max_k: p.max_k.get(),
+            max_group: p.max_group.get(),
+            page_tokens: p.page_tokens.get(),
+            max_queue_pairs: p.max_queue_pairs.get(),
+            max_queue_entries: p.max_queue_entries.get(),
+            heartbeat_period_us: p.heartbeat_period_us.get(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cel_uuid_formats_as_the_spec_writes_it() {
+        assert_eq!(format_uuid(&CEL_UUID), "0da9c0b5-bf41-4b78-8f79-96b1623b3f17");
+    }
+}

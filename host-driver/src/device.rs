@@ -1,0 +1,314 @@
+//! Opening a device: mapping its region, walking the capabilities array,
+//! and refusing anything that is not a ready cxl-pnm device.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::time::{Duration, Instant};
+
+use memmap2::MmapOptions;
+use pnm_protocol::regs::{
+    self, CAP_HEADER_SIZE, CapArrayHeader, CapHeader, REGISTER_BLOCK_SIZE, cap_id, mailbox,
+    memdev_status, pnm,
+};
+use pnm_protocol::{RegionLayout, SharedMemory};
+use zerocopy::FromBytes;
+
+use crate::error::{Error, Result};
+use crate::mailbox::{Backoff, DEFAULT_TIMEOUT, MailboxClient};
+use crate::sys::Mapping;
+
+/// How to open a device.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// Bound on each mailbox command.
+    pub mailbox_timeout: Duration,
+    /// Wait this long for the device to become ready (None: fail at once).
+    pub wait_ready: Option<Duration>,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        Self { mailbox_timeout: DEFAULT_TIMEOUT, wait_ready: None }
+    }
+}
+
+/// Where the capabilities the driver uses were found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapabilityMap {
+    pub device_status: u64,
+    pub mailbox: u64,
+    pub mailbox_length: u64,
+    pub memdev_status: u64,
+    pub pnm: u64,
+}
+
+/// Live status read from the registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceStatus {
+    pub memdev_status: u64,
+    pub fatal: bool,
+    pub fw_halt: bool,
+    pub media_ready: bool,
+    pub mailbox_ready: bool,
+    pub heartbeat: u64,
+    pub heartbeat_period_us: u32,
+    pub device_pid: u32,
+    pub reset_count: u32,
+    pub dirty_shutdown_count: u32,
+}
+
+/// An open cxl-pnm device.
+#[derive(Debug)]
+pub struct Device {
+    path: PathBuf,
+    regs: SharedMemory,
+    caps: CapabilityMap,
+    layout: RegionLayout,
+    abi_version: u32,
+    mailbox: Mutex<MailboxClient>,
+    // Last: dropped after everything that copies its view.
+    _mapping: Mapping,
+}
+
+impl Device {
+    /// Opens the device whose region is at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, &DeviceOptions::default())
+    }
+
+    pub fn open_with(path: impl AsRef<Path>, options: &DeviceOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let open_err = |source| Error::Open { path: path.clone(), source };
+        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(open_err)?;
+        let len = file.metadata().map_err(open_err)?.len();
+        let not_a_device = |reason: String| Error::NotADevice { path: path.clone(), reason };
+        if len < REGISTER_BLOCK_SIZE {
+            return Err(not_a_device(format!(
+                "{len} bytes is smaller than the {REGISTER_BLOCK_SIZE}-byte register block"
+            )));
+        }
+        let usize_len =
+            usize::try_from(len).map_err(|_| not_a_device("too large to map".into()))?;
+        let map = MmapOptions::new().len(usize_len).map_raw(&file).map_err(open_err)?;
+        let mapping = Mapping::new(map);
+        let regs = mapping.view();
+
+        let caps = discover(regs).map_err(not_a_device)?;
+        let p = caps.pnm;
+        let abi_version = regs.load_u32(p + pnm::ABI_VERSION, Acquire);
+        let (major, minor) = ((abi_version >> 16) as u16, abi_version as u16);
+        if major != regs::ABI_VERSION_MAJOR {
+            return Err(Error::AbiMismatch {
+                path,
+                found_major: major,
+                found_minor: minor,
+                expected_major: regs::ABI_VERSION_MAJOR,
+            });
+        }
+        let layout = RegionLayout {
+            size: regs.load_u64(p + pnm::REGION_SIZE, Acquire),
+            dma_window_offset: regs.load_u64(p + pnm::DMA_WINDOW_OFFSET, Acquire),
+            dma_window_size: regs.load_u64(p + pnm::DMA_WINDOW_SIZE, Acquire),
+            dram_offset: regs.load_u64(p + pnm::DRAM_OFFSET, Acquire),
+            dram_size: regs.load_u64(p + pnm::DRAM_SIZE, Acquire),
+        };
+        layout.validate(len).map_err(|e| not_a_device(format!("bad region layout: {e}")))?;
+
+        let payload_log2 = regs.load_u32(caps.mailbox + mailbox::CAPABILITIES, Acquire)
+            & mailbox::CAP_PAYLOAD_SIZE_MASK;
+        if !(8..=20).contains(&payload_log2)
+            || mailbox::PAYLOAD + (1 << payload_log2) > caps.mailbox_length
+        {
+            return Err(not_a_device(format!(
+                "mailbox payload size 2^{payload_log2} does not fit its {}-byte capability",
+                caps.mailbox_length
+            )));
+        }
+        let mut client =
+            MailboxClient::new(regs, caps.mailbox, 1 << payload_log2, p + pnm::HEARTBEAT);
+        client.timeout = options.mailbox_timeout;
+
+        let device = Self {
+            path,
+            regs,
+            caps,
+            layout,
+            abi_version,
+            mailbox: Mutex::new(client),
+            _mapping: mapping,
+        };
+        device.wait_ready(options.wait_ready.unwrap_or(Duration::ZERO))?;
+        Ok(device)
+    }
+
+    /// Returns once the device reports media and mailbox ready, or a
+    /// `NotReady` error after `bound`.
+    pub fn wait_ready(&self, bound: Duration) -> Result<()> {
+        let start = Instant::now();
+        let mut backoff = Backoff::new();
+        loop {
+            let status = self.regs.load_u64(self.caps.memdev_status, Acquire);
+            let reason = if status & memdev_status::FATAL != 0 {
+                Some("fatal error")
+            } else if status & memdev_status::FW_HALT != 0 {
+                Some("firmware halted")
+            } else if memdev_status::media_status(status) != memdev_status::MEDIA_READY {
+                Some("media not ready")
+            } else if status & memdev_status::MAILBOX_READY == 0 {
+                Some("mailbox not ready")
+            } else {
+                None
+            };
+            match reason {
+                None => return Ok(()),
+                Some(reason) if start.elapsed() >= bound => {
+                    return Err(Error::NotReady { path: self.path.clone(), status, reason });
+                }
+                Some(_) => backoff.wait(),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn layout(&self) -> RegionLayout {
+        self.layout
+    }
+
+    pub fn capabilities(&self) -> CapabilityMap {
+        self.caps
+    }
+
+    pub fn abi_version(&self) -> u32 {
+        self.abi_version
+    }
+
+    /// Runs a raw mailbox command (for tools and tests; the typed methods in
+    /// [`crate::commands`] validate what comes back).
+    pub fn mailbox_raw(&self, opcode: pnm_protocol::Opcode, input: &[u8]) -> Result<Vec<u8>> {
+        self.mailbox.lock().unwrap_or_else(|e| e.into_inner()).execute(opcode, input)
+    }
+
+    /// Bytes the mailbox carries each way per command.
+    pub fn mailbox_payload_size(&self) -> u64 {
+        self.mailbox.lock().unwrap_or_else(|e| e.into_inner()).payload_size()
+    }
+
+    /// Live register status.
+    pub fn status(&self) -> DeviceStatus {
+        let p = self.caps.pnm;
+        let memdev = self.regs.load_u64(self.caps.memdev_status, Acquire);
+        DeviceStatus {
+            memdev_status: memdev,
+            fatal: memdev & memdev_status::FATAL != 0,
+            fw_halt: memdev & memdev_status::FW_HALT != 0,
+            media_ready: memdev_status::media_status(memdev) == memdev_status::MEDIA_READY,
+            mailbox_ready: memdev & memdev_status::MAILBOX_READY != 0,
+            heartbeat: self.regs.load_u64(p + pnm::HEARTBEAT, Acquire),
+            heartbeat_period_us: self.regs.load_u32(p + pnm::HEARTBEAT_PERIOD_US, Relaxed),
+            device_pid: self.regs.load_u32(p + pnm::DEVICE_PID, Relaxed),
+            reset_count: self.regs.load_u32(p + pnm::RESET_COUNT, Relaxed),
+            dirty_shutdown_count: self.regs.load_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, Relaxed),
+        }
+    }
+
+    /// True if the heartbeat advances within `bound`.
+    pub fn is_alive(&self, bound: Duration) -> bool {
+        let at = self.caps.pnm + pnm::HEARTBEAT;
+        let before = self.regs.load_u64(at, Acquire);
+        let start = Instant::now();
+        while start.elapsed() < bound {
+            if self.regs.load_u64(at, Acquire) != before {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// Requests a device reset (mailbox back to idle, volatile state
+    /// cleared, device DRAM kept) and waits up to `bound` for it.
+    pub fn reset(&self, bound: Duration) -> Result<()> {
+        let _mailbox = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        let at = self.caps.pnm + pnm::RESET_CONTROL;
+        self.regs.store_u32(at, pnm::RESET_REQUEST, Release);
+        let start = Instant::now();
+        let mut backoff = Backoff::new();
+        while self.regs.load_u32(at, Acquire) & pnm::RESET_REQUEST != 0 {
+            if start.elapsed() >= bound {
+                return Err(Error::ResetTimeout(bound));
+            }
+            backoff.wait();
+        }
+        self.wait_ready(bound.saturating_sub(start.elapsed()))
+    }
+}
+
+/// Walks the Device Capabilities Array, checking every header against the
+/// register block's bounds, and finds the capabilities the driver needs.
+fn discover(regs: SharedMemory) -> Result<CapabilityMap, String> {
+    let read_header = |at: u64| -> [u8; 16] {
+        // The spec allows at most 64-bit reads of these 128-bit registers.
+        let mut raw = [0u8; 16];
+        raw[..8].copy_from_slice(&regs.load_u64(at, Acquire).to_le_bytes());
+        raw[8..].copy_from_slice(&regs.load_u64(at + 8, Acquire).to_le_bytes());
+        raw
+    };
+    let array = CapArrayHeader::read_from_bytes(&read_header(regs::CAP_ARRAY_OFFSET))
+        .expect("16 bytes make a header");
+    if array.id.get() != regs::CAP_ARRAY_ID || array.version != regs::CAP_ARRAY_VERSION {
+        return Err(format!(
+            "no Device Capabilities Array (id {:#06x}, version {})",
+            array.id.get(),
+            array.version
+        ));
+    }
+    if array.kind & 0xF != regs::CAP_ARRAY_TYPE_MEMORY_DEVICE {
+        return Err(format!("device type {} is not a memory device", array.kind & 0xF));
+    }
+    let count = array.count.get();
+    if count == 0 || count > regs::MAX_CAPABILITIES {
+        return Err(format!("implausible capability count {count}"));
+    }
+    let (mut device_status, mut mb, mut memdev, mut pnm_cap) = (None, None, None, None);
+    for i in 0..u64::from(count) {
+        let header = CapHeader::read_from_bytes(&read_header(
+            regs::CAP_ARRAY_OFFSET + CAP_HEADER_SIZE * (i + 1),
+        ))
+        .expect("16 bytes make a header");
+        let (id, offset, length) =
+            (header.id.get(), u64::from(header.offset.get()), u64::from(header.length.get()));
+        if offset % 8 != 0 || length == 0 || offset + length > REGISTER_BLOCK_SIZE {
+            return Err(format!(
+                "capability {id:#06x} at {offset:#x}+{length:#x} lies outside the register block"
+            ));
+        }
+        match id {
+            cap_id::DEVICE_STATUS => device_status = Some(offset),
+            cap_id::PRIMARY_MAILBOX if length >= mailbox::PAYLOAD + 256 => {
+                mb = Some((offset, length))
+            }
+            cap_id::MEMORY_DEVICE_STATUS if length >= 8 => memdev = Some(offset),
+            cap_id::PNM
+                if length > pnm::DOORBELL_OFFSET
+                    && regs.load_u64(offset + pnm::MAGIC, Acquire) == pnm::MAGIC_VALUE =>
+            {
+                pnm_cap = Some(offset)
+            }
+            _ => tracing::debug!(id, offset, length, "skipping capability"),
+        }
+    }
+    let missing = |what: &str| format!("no {what} capability");
+    let (mailbox, mailbox_length) = mb.ok_or_else(|| missing("Primary Mailbox"))?;
+    Ok(CapabilityMap {
+        device_status: device_status.ok_or_else(|| missing("Device Status"))?,
+        mailbox,
+        mailbox_length,
+        memdev_status: memdev.ok_or_else(|| missing("Memory Device Status"))?,
+        pnm: pnm_cap.ok_or_else(|| missing("vendor PNM"))?,
+    })
+}

@@ -1,0 +1,47 @@
+//! The driver's errors.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pnm_protocol::{Opcode, ReturnCode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a cxl-pnm device: {reason}")]
+    NotADevice { path: PathBuf, reason: String },
+    #[error("{path} speaks ABI {found_major}.{found_minor}; this driver speaks {expected_major}.x")]
+    AbiMismatch { path: PathBuf, found_major: u16, found_minor: u16, expected_major: u16 },
+    #[error("device at {path} is not ready (memory device status {status:#x}: {reason})")]
+    NotReady { path: PathBuf, status: u64, reason: &'static str },
+    #[error(
+        "mailbox busy: the doorbell is already set (another caller, or a command that never completed)"
+    )]
+    MailboxBusy,
+    #[error(
+        "{opcode} did not complete within {waited:?}{}",
+        if *heartbeat_stopped { " and the device heartbeat stopped: the device is likely dead" } else { "" }
+    )]
+    Timeout { opcode: Opcode, waited: Duration, heartbeat_stopped: bool },
+    #[error("{opcode} failed: {code}")]
+    Command { opcode: Opcode, code: ReturnCode },
+    #[error("{opcode}: input of {len} bytes exceeds the {max}-byte mailbox payload")]
+    InputTooLarge { opcode: Opcode, len: usize, max: u64 },
+    #[error("device answered {opcode} with malformed output: {reason}")]
+    MalformedOutput { opcode: Opcode, reason: String },
+    #[error("device reset did not complete within {0:?}")]
+    ResetTimeout(Duration),
+}
+
+impl Error {
+    /// The spec return code, if the device answered with one.
+    pub fn return_code(&self) -> Option<ReturnCode> {
+        match self {
+            Self::Command { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,14 @@
+//! pnm-host: the cxl-pnm host driver.
+//!
+//! [`Device::open`] maps a device's region, walks its CXL capabilities array
+//! and checks it is a ready cxl-pnm device; typed methods run mailbox
+//! commands and validate every byte the device sends back.
+
+pub mod commands;
+pub mod device;
+pub mod error;
+pub mod mailbox;
+mod sys;
+
+pub use device::{Device, DeviceOptions, DeviceStatus};
+pub use error::{Error, Result};

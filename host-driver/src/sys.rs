@@ -1,0 +1,29 @@
+//! The host crate's one unsafe module: turning a mapping of the region into
+//! a [`SharedMemory`] view.
+#![allow(unsafe_code)]
+
+use memmap2::MmapRaw;
+use pnm_protocol::SharedMemory;
+
+/// A shared mapping and the view through which all of the driver's accesses go.
+#[derive(Debug)]
+pub struct Mapping {
+    // Kept alive as long as `view` is; `Device` owns both and hands out
+    // only methods, never the view, beyond its own lifetime.
+    _map: MmapRaw,
+    view: SharedMemory,
+}
+
+impl Mapping {
+    pub fn new(map: MmapRaw) -> Self {
+        // SAFETY: `map` is a live MAP_SHARED mapping of `map.len()` bytes,
+        // page-aligned (so 8-aligned), owned by this struct and dropped with
+        // it; the driver never forms references into it.
+        let view = unsafe { SharedMemory::new(map.as_mut_ptr(), map.len()) };
+        Self { _map: map, view }
+    }
+
+    pub fn view(&self) -> SharedMemory {
+        self.view
+    }
+}

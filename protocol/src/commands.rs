@@ -1,0 +1,465 @@
+//! Mailbox commands: opcodes, return codes and payload layouts
+//! (CXL 3.1 §8.2.9, tables 8-34 onward), plus the vendor PNM commands.
+//!
+//! Opcodes and return codes are open newtypes, as on the wire: a value this
+//! crate does not name is still representable, and is answered or reported,
+//! never trusted.
+
+use std::fmt;
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// A mailbox command opcode: [15:8] command set, [7:0] command.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Opcode(pub u16);
+
+impl Opcode {
+    pub const GET_TIMESTAMP: Self = Self(0x0300);
+    pub const SET_TIMESTAMP: Self = Self(0x0301);
+    pub const GET_SUPPORTED_LOGS: Self = Self(0x0400);
+    pub const GET_LOG: Self = Self(0x0401);
+    pub const IDENTIFY_MEMORY_DEVICE: Self = Self(0x4000);
+    pub const GET_HEALTH_INFO: Self = Self(0x4200);
+    /// Vendor: the PNM capability's facts and the firmware's limits.
+    pub const IDENTIFY_PNM: Self = Self(0xC000);
+
+    /// Every opcode this crate names, in Command Effects Log order.
+    pub const ALL: [Self; 7] = [
+        Self::GET_TIMESTAMP,
+        Self::SET_TIMESTAMP,
+        Self::GET_SUPPORTED_LOGS,
+        Self::GET_LOG,
+        Self::IDENTIFY_MEMORY_DEVICE,
+        Self::GET_HEALTH_INFO,
+        Self::IDENTIFY_PNM,
+    ];
+
+    /// The spec's name of the command, if this crate knows it.
+    pub fn name(self) -> Option<&'static str> {
+        Some(match self {
+            Self::GET_TIMESTAMP => "Get Timestamp",
+            Self::SET_TIMESTAMP => "Set Timestamp",
+            Self::GET_SUPPORTED_LOGS => "Get Supported Logs",
+            Self::GET_LOG => "Get Log",
+            Self::IDENTIFY_MEMORY_DEVICE => "Identify Memory Device",
+            Self::GET_HEALTH_INFO => "Get Health Info",
+            Self::IDENTIFY_PNM => "Identify PNM",
+            _ => return None,
+        })
+    }
+
+    /// True for the vendor-specific range C000h-FFFFh.
+    pub fn is_vendor(self) -> bool {
+        self.0 >= 0xC000
+    }
+
+    /// Input payload length the command requires (all commands here take
+    /// fixed-size input).
+    pub fn input_len(self) -> Option<usize> {
+        Some(match self {
+            Self::SET_TIMESTAMP => size_of::<SetTimestampInput>(),
+            Self::GET_LOG => size_of::<GetLogInput>(),
+            Self::GET_TIMESTAMP
+            | Self::GET_SUPPORTED_LOGS
+            | Self::IDENTIFY_MEMORY_DEVICE
+            | Self::GET_HEALTH_INFO
+            | Self::IDENTIFY_PNM => 0,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Debug for Opcode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => write!(f, "{:04X}h ({name})", self.0),
+            None => write!(f, "{:04X}h", self.0),
+        }
+    }
+}
+
+impl fmt::Display for Opcode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A mailbox return code (CXL 3.1 table 8-34).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReturnCode(pub u16);
+
+impl ReturnCode {
+    pub const SUCCESS: Self = Self(0x00);
+    pub const BACKGROUND_COMMAND_STARTED: Self = Self(0x01);
+    pub const INVALID_INPUT: Self = Self(0x02);
+    pub const UNSUPPORTED: Self = Self(0x03);
+    pub const INTERNAL_ERROR: Self = Self(0x04);
+    pub const RETRY_REQUIRED: Self = Self(0x05);
+    pub const BUSY: Self = Self(0x06);
+    pub const MEDIA_DISABLED: Self = Self(0x07);
+    pub const FW_TRANSFER_IN_PROGRESS: Self = Self(0x08);
+    pub const FW_TRANSFER_OUT_OF_ORDER: Self = Self(0x09);
+    pub const FW_VERIFICATION_FAILED: Self = Self(0x0A);
+    pub const INVALID_SLOT: Self = Self(0x0B);
+    pub const ACTIVATION_FAILED_ROLLED_BACK: Self = Self(0x0C);
+    pub const ACTIVATION_FAILED_COLD_RESET: Self = Self(0x0D);
+    pub const INVALID_HANDLE: Self = Self(0x0E);
+    pub const INVALID_PHYSICAL_ADDRESS: Self = Self(0x0F);
+    pub const INJECT_POISON_LIMIT_REACHED: Self = Self(0x10);
+    pub const PERMANENT_MEDIA_FAILURE: Self = Self(0x11);
+    pub const ABORTED: Self = Self(0x12);
+    pub const INVALID_SECURITY_STATE: Self = Self(0x13);
+    pub const INCORRECT_PASSPHRASE: Self = Self(0x14);
+    pub const UNSUPPORTED_MAILBOX: Self = Self(0x15);
+    pub const INVALID_PAYLOAD_LENGTH: Self = Self(0x16);
+    pub const INVALID_LOG: Self = Self(0x17);
+    pub const INTERRUPTED: Self = Self(0x18);
+    pub const UNSUPPORTED_FEATURE_VERSION: Self = Self(0x19);
+    pub const UNSUPPORTED_FEATURE_SELECTION: Self = Self(0x1A);
+    pub const FEATURE_TRANSFER_IN_PROGRESS: Self = Self(0x1B);
+    pub const FEATURE_TRANSFER_OUT_OF_ORDER: Self = Self(0x1C);
+    pub const RESOURCES_EXHAUSTED: Self = Self(0x1D);
+    pub const INVALID_EXTENT_LIST: Self = Self(0x1E);
+    pub const TRANSFER_OUT_OF_ORDER: Self = Self(0x1F);
+    pub const REQUEST_ABORT_NOT_SUPPORTED: Self = Self(0x20);
+
+    /// Every return code the spec defines, with its name.
+    pub const ALL: [(Self, &'static str); 33] = [
+        (Self::SUCCESS, "Success"),
+        (Self::BACKGROUND_COMMAND_STARTED, "Background Command Started"),
+        (Self::INVALID_INPUT, "Invalid Input"),
+        (Self::UNSUPPORTED, "Unsupported"),
+        (Self::INTERNAL_ERROR, "Internal Error"),
+        (Self::RETRY_REQUIRED, "Retry Required"),
+        (Self::BUSY, "Busy"),
+        (Self::MEDIA_DISABLED, "Media Disabled"),
+        (Self::FW_TRANSFER_IN_PROGRESS, "FW Transfer in Progress"),
+        (Self::FW_TRANSFER_OUT_OF_ORDER, "FW Transfer Out of Order"),
+        (Self::FW_VERIFICATION_FAILED, "FW Verification Failed"),
+        (Self::INVALID_SLOT, "Invalid Slot"),
+        (Self::ACTIVATION_FAILED_ROLLED_BACK, "Activation Failed, FW Rolled Back"),
+        (Self::ACTIVATION_FAILED_COLD_RESET, "Activation Failed, Cold Reset Required"),
+        (Self::INVALID_HANDLE, "Invalid Handle"),
+        (Self::INVALID_PHYSICAL_ADDRESS, "Invalid Physical Address"),
+        (Self::INJECT_POISON_LIMIT_REACHED, "Inject Poison Limit Reached"),
+        (Self::PERMANENT_MEDIA_FAILURE, "Permanent Media Failure"),
+        (Self::ABORTED, "Aborted"),
+        (Self::INVALID_SECURITY_STATE, "Invalid Security State"),
+        (Self::INCORRECT_PASSPHRASE, "Incorrect Passphrase"),
+        (Self::UNSUPPORTED_MAILBOX, "Unsupported Mailbox or CCI"),
+        (Self::INVALID_PAYLOAD_LENGTH, "Invalid Payload Length"),
+        (Self::INVALID_LOG, "Invalid Log"),
+        (Self::INTERRUPTED, "Interrupted"),
+        (Self::UNSUPPORTED_FEATURE_VERSION, "Unsupported Feature Version"),
+        (Self::UNSUPPORTED_FEATURE_SELECTION, "Unsupported Feature Selection Value"),
+        (Self::FEATURE_TRANSFER_IN_PROGRESS, "Feature Transfer in Progress"),
+        (Self::FEATURE_TRANSFER_OUT_OF_ORDER, "Feature Transfer Out of Order"),
+        (Self::RESOURCES_EXHAUSTED, "Resources Exhausted"),
+        (Self::INVALID_EXTENT_LIST, "Invalid Extent List"),
+        (Self::TRANSFER_OUT_OF_ORDER, "Transfer Out of Order"),
+        (Self::REQUEST_ABORT_NOT_SUPPORTED, "Request Abort Not Supported"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(code, _)| *code == self).map_or("Reserved", |(_, name)| name)
+    }
+
+    pub fn is_success(self) -> bool {
+        self == Self::SUCCESS
+    }
+}
+
+impl fmt::Debug for ReturnCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:02X}h ({})", self.0, self.name())
+    }
+}
+
+impl fmt::Display for ReturnCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Command Effects Log (§8.2.9.5.2.1)
+// ---------------------------------------------------------------------------
+
+/// Identifier of the Command Effects Log, in the spec's byte order.
+pub const CEL_UUID: [u8; 16] = [
+    0x0d, 0xa9, 0xc0, 0xb5, 0xbf, 0x41, 0x4b, 0x78, 0x8f, 0x79, 0x96, 0xb1, 0x62, 0x3b, 0x3f, 0x17,
+];
+
+/// Command Effect bits of a CEL entry.
+pub mod effect {
+    pub const CONFIG_CHANGE_COLD_RESET: u16 = 1 << 0;
+    pub const CONFIG_CHANGE_IMMEDIATE: u16 = 1 << 1;
+    pub const DATA_CHANGE_IMMEDIATE: u16 = 1 << 2;
+    pub const POLICY_CHANGE_IMMEDIATE: u16 = 1 << 3;
+    pub const LOG_CHANGE_IMMEDIATE: u16 = 1 << 4;
+    pub const SECURITY_CHANGE_IMMEDIATE: u16 = 1 << 5;
+    pub const BACKGROUND_OPERATION: u16 = 1 << 6;
+}
+
+/// What each supported command does to the device, as its CEL entry says.
+pub fn command_effect(opcode: Opcode) -> u16 {
+    match opcode {
+        Opcode::SET_TIMESTAMP => effect::POLICY_CHANGE_IMMEDIATE,
+        _ => 0,
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct CelEntry {
+    pub opcode: U16,
+    pub effect: U16,
+}
+
+// ---------------------------------------------------------------------------
+// Get Timestamp / Set Timestamp (§8.2.9.4)
+// ---------------------------------------------------------------------------
+
+/// Output of Get Timestamp and input of Set Timestamp: nanoseconds since
+/// midnight 1 January 1970 UTC; 0 if it was never set.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct SetTimestampInput {
+    pub timestamp_ns: U64,
+}
+pub type GetTimestampOutput = SetTimestampInput;
+
+// ---------------------------------------------------------------------------
+// Get Supported Logs / Get Log (§8.2.9.5)
+// ---------------------------------------------------------------------------
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct SupportedLogsHeader {
+    pub entries: U16,
+    pub reserved: [u8; 6],
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct SupportedLogEntry {
+    pub log_id: [u8; 16],
+    pub log_size: U32,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct GetLogInput {
+    pub log_id: [u8; 16],
+    pub offset: U32,
+    pub length: U32,
+}
+
+// ---------------------------------------------------------------------------
+// Identify Memory Device (§8.2.9.9.1.1)
+// ---------------------------------------------------------------------------
+
+/// Capacities are in multiples of this many bytes.
+pub const CAPACITY_UNIT: u64 = 256 << 20;
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct IdentifyOutput {
+    /// ASCII, NUL padded.
+    pub fw_revision: [u8; 16],
+    pub total_capacity: U64,
+    pub volatile_only_capacity: U64,
+    pub persistent_only_capacity: U64,
+    pub partition_alignment: U64,
+    pub info_event_log_size: U16,
+    pub warning_event_log_size: U16,
+    pub failure_event_log_size: U16,
+    pub fatal_event_log_size: U16,
+    pub lsa_size: U32,
+    /// 24-bit little-endian.
+    pub poison_list_max_records: [u8; 3],
+    pub inject_poison_limit: U16,
+    pub poison_handling_caps: u8,
+    pub qos_telemetry_caps: u8,
+    pub dc_event_log_size: U16,
+}
+
+// ---------------------------------------------------------------------------
+// Get Health Info (§8.2.9.9.3.1)
+// ---------------------------------------------------------------------------
+
+/// Life Used value meaning "not implemented".
+pub const LIFE_USED_NOT_IMPLEMENTED: u8 = 0xFF;
+/// Device Temperature value meaning "not implemented".
+pub const TEMPERATURE_NOT_IMPLEMENTED: u16 = 0xFFFF;
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct HealthInfoOutput {
+    /// [0] maintenance needed, [1] performance degraded, [2] hardware replacement needed.
+    pub health_status: u8,
+    /// 0 normal, 1 not ready, 2 write persistency lost, 3 all data lost, ...
+    pub media_status: u8,
+    pub additional_status: u8,
+    pub life_used: u8,
+    /// Degrees Celsius, two's complement.
+    pub device_temperature: U16,
+    pub dirty_shutdown_count: U32,
+    pub corrected_volatile_error_count: U32,
+    pub corrected_persistent_error_count: U32,
+}
+
+// ---------------------------------------------------------------------------
+// Identify PNM (vendor, C000h)
+// ---------------------------------------------------------------------------
+
+/// Bits of `IdentifyPnmOutput::supported_dtypes`.
+pub mod dtype_bits {
+    pub const F32: u32 = 1 << 0;
+    pub const F16: u32 = 1 << 1;
+    pub const BF16: u32 = 1 << 2;
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct IdentifyPnmOutput {
+    pub abi_version: U32,
+    pub compute_units: U32,
+    pub region_size: U64,
+    pub dma_window_offset: U64,
+    pub dma_window_size: U64,
+    pub dram_offset: U64,
+    pub dram_size: U64,
+    /// [`dtype_bits`] of key/value element types the firmware scores.
+    pub supported_dtypes: U32,
+    pub max_head_dim: U32,
+    /// Largest k a TOPK command may ask for.
+    pub max_k: U32,
+    /// Most queries in one GQA group per command.
+    pub max_group: U32,
+    /// Tokens per KV page in device DRAM.
+    pub page_tokens: U32,
+    pub max_queue_pairs: U32,
+    pub max_queue_entries: U32,
+    pub heartbeat_period_us: U32,
+    /// ASCII, NUL padded.
+    pub fw_revision: [u8; 16],
+}
+
+const _: () = {
+    use std::mem::offset_of;
+    assert!(size_of::<CelEntry>() == 4);
+    assert!(size_of::<SetTimestampInput>() == 8);
+    assert!(size_of::<SupportedLogsHeader>() == 8);
+    assert!(size_of::<SupportedLogEntry>() == 0x14);
+    assert!(size_of::<GetLogInput>() == 0x18);
+    assert!(offset_of!(GetLogInput, offset) == 0x10);
+    assert!(offset_of!(GetLogInput, length) == 0x14);
+    assert!(size_of::<IdentifyOutput>() == 0x45);
+    assert!(offset_of!(IdentifyOutput, total_capacity) == 0x10);
+    assert!(offset_of!(IdentifyOutput, volatile_only_capacity) == 0x18);
+    assert!(offset_of!(IdentifyOutput, persistent_only_capacity) == 0x20);
+    assert!(offset_of!(IdentifyOutput, partition_alignment) == 0x28);
+    assert!(offset_of!(IdentifyOutput, info_event_log_size) == 0x30);
+    assert!(offset_of!(IdentifyOutput, fatal_event_log_size) == 0x36);
+    assert!(offset_of!(IdentifyOutput, lsa_size) == 0x38);
+    assert!(offset_of!(IdentifyOutput, poison_list_max_records) == 0x3C);
+    assert!(offset_of!(IdentifyOutput, inject_poison_limit) == 0x3F);
+    assert!(offset_of!(IdentifyOutput, poison_handling_caps) == 0x41);
+    assert!(offset_of!(IdentifyOutput, qos_telemetry_caps) == 0x42);
+    assert!(offset_of!(IdentifyOutput, dc_event_log_size) == 0x43);
+    assert!(size_of::<HealthInfoOutput>() == 0x12);
+    assert!(offset_of!(HealthInfoOutput, device_temperature) == 0x04);
+    assert!(offset_of!(HealthInfoOutput, dirty_shutdown_count) == 0x06);
+    assert!(offset_of!(HealthInfoOutput, corrected_volatile_error_count) == 0x0A);
+    assert!(offset_of!(HealthInfoOutput, corrected_persistent_error_count) == 0x0E);
+    assert!(size_of::<IdentifyPnmOutput>() == 0x60);
+    assert!(offset_of!(IdentifyPnmOutput, region_size) == 0x08);
+    assert!(offset_of!(IdentifyPnmOutput, dram_size) == 0x28);
+    assert!(offset_of!(IdentifyPnmOutput, supported_dtypes) == 0x30);
+    assert!(offset_of!(IdentifyPnmOutput, heartbeat_period_us) == 0x4C);
+    assert!(offset_of!(IdentifyPnmOutput, fw_revision) == 0x50);
+};
+
+/// Output payload length of each fixed-output command (Get Log and Get
+/// Supported Logs vary).
+pub fn fixed_output_len(opcode: Opcode) -> Option<usize> {
+    Some(match opcode {
+        Opcode::GET_TIMESTAMP => size_of::<GetTimestampOutput>(),
+        Opcode::SET_TIMESTAMP => 0,
+        Opcode::IDENTIFY_MEMORY_DEVICE => size_of::<IdentifyOutput>(),
+        Opcode::GET_HEALTH_INFO => size_of::<HealthInfoOutput>(),
+        Opcode::IDENTIFY_PNM => size_of::<IdentifyPnmOutput>(),
+        _ => return None,
+    })
+}
+
+/// Reads a NUL-padded ASCII field, dropping the padding and anything not
+/// printable (a device's bytes are untrusted).
+pub fn ascii_field(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| if b.is_ascii_graphic() || b == b' ' { b as char } else { '?' })
+        .collect()
+}
+
+/// Writes `text` into a NUL-padded ASCII field, truncating if needed.
+pub fn to_ascii_field<const N: usize>(text: &str) -> [u8; N] {
+    let mut out = [0u8; N];
+    for (dst, src) in out.iter_mut().zip(text.bytes()) {
+        *dst = src;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_named_opcode_has_fixed_input() {
+        for op in Opcode::ALL {
+            assert!(op.input_len().is_some(), "{op}");
+            assert!(op.name().is_some());
+        }
+        assert!(Opcode(0x1234).input_len().is_none());
+        assert_eq!(format!("{}", Opcode(0x1234)), "1234h");
+        assert!(Opcode::IDENTIFY_PNM.is_vendor());
+    }
+
+    #[test]
+    fn return_codes_are_numbered_as_the_spec() {
+        for (i, (code, _)) in ReturnCode::ALL.iter().enumerate() {
+            assert_eq!(code.0 as usize, i, "table 8-34 is dense from 00h to 20h");
+        }
+        assert_eq!(ReturnCode(0x16).name(), "Invalid Payload Length");
+        assert_eq!(ReturnCode(0x99).name(), "Reserved");
+    }
+
+    #[test]
+    fn ascii_fields_round_trip_and_sanitise() {
+        let f: [u8; 16] = to_ascii_field("pnm-fw 1.0");
+        assert_eq!(ascii_field(&f), "pnm-fw 1.0");
+        assert_eq!(ascii_field(&[b'a', 0x07, b'b', 0, b'c']), "a?b");
+        let long: [u8; 4] = to_ascii_field("abcdefgh");
+        assert_eq!(&long, b"abcd");
+    }
+}

@@ -1,0 +1,22 @@
+//! pnm-protocol: the ABI between a cxl-pnm device and its host driver.
+//!
+//! - [`regs`]: the CXL device register block (capabilities array, device
+//!   status, primary mailbox, memory device status) and the vendor PNM
+//!   capability, each offset defined once.
+//! - [`commands`]: mailbox opcodes, return codes and payload layouts.
+//! - [`layout`]: how the shared region is split between registers, the host
+//!   DMA window and device DRAM.
+//! - [`shared`]: the only way this workspace touches memory another process
+//!   writes: atomics and copies, never references.
+//!
+//! This crate does no I/O. Every multi-byte field is little-endian, as in
+//! the CXL specification.
+
+pub mod commands;
+pub mod layout;
+pub mod regs;
+pub mod shared;
+
+pub use commands::{Opcode, ReturnCode};
+pub use layout::RegionLayout;
+pub use shared::{OutOfBounds, SharedMemory};

@@ -1,0 +1,158 @@
+//! Helpers for tests that run the real binaries as separate processes.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use pnm_host::{Device, DeviceOptions};
+
+/// Path of a workspace binary, built next to this test's executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with --workspace so every binary is built",
+        path.display()
+    );
+    path
+}
+
+/// A region path unique to this test, removed on drop.
+#[derive(Debug)]
+pub struct TempRegion(pub PathBuf);
+
+impl TempRegion {
+    pub fn new(tag: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = PathBuf::from(format!("/dev/shm/cxl-pnm-test-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        Self(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempRegion {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A `pnm-device` process, stopped (SIGTERM, then SIGKILL) on drop.
+#[derive(Debug)]
+pub struct DeviceProcess {
+    pub child: Child,
+}
+
+impl DeviceProcess {
+    /// Starts `pnm-device` on `region` and waits until it is ready.
+    pub fn start(region: &Path, extra: &[&str]) -> Self {
+        let child = Command::new(bin("pnm-device"))
+            .arg("--path")
+            .arg(region)
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn pnm-device");
+        let mut process = Self { child };
+        let start = Instant::now();
+        loop {
+            let options =
+                DeviceOptions { wait_ready: Some(Duration::from_millis(50)), ..Default::default() };
+            // The device also counts as ready only once it serves *this* pid.
+            match Device::open_with(region, &options) {
+                Ok(device) if device.status().device_pid == process.pid() => break,
+                _ if start.elapsed() > Duration::from_secs(10) => {
+                    panic!("pnm-device on {} did not become ready in 10 s", region.display())
+                }
+                _ => {
+                    if let Some(status) = process.child.try_wait().expect("poll child") {
+                        panic!("pnm-device exited early with {status}");
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        process
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).expect("signal pnm-device");
+    }
+
+    /// Waits (bounded) for the process to exit and returns its exit code.
+    pub fn wait(&mut self, bound: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < bound {
+            if let Some(status) = self.child.try_wait().expect("poll child") {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    /// SIGTERM and a bounded wait: the orderly stop.
+    pub fn stop(&mut self) -> Option<i32> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status.code().unwrap_or(-1));
+        }
+        self.signal(Signal::SIGCONT);
+        self.signal(Signal::SIGTERM);
+        self.wait(Duration::from_secs(5))
+    }
+}
+
+impl Drop for DeviceProcess {
+    fn drop(&mut self) {
+        if self.stop().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a binary to completion with a bound, returning its output.
+pub fn run(binary: &str, args: &[&str]) -> Output {
+    let child = Command::new(bin(binary))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = Pid::from_raw(child.id() as i32);
+    // Collect on a thread so a full pipe cannot stall the bounded wait.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(output) => output.expect("collect output"),
+        Err(_) => {
+            let _ = kill(pid, Signal::SIGKILL);
+            panic!("{binary} {args:?} did not finish in 30 s");
+        }
+    }
+}
+
+/// Opens a device with a short mailbox timeout.
+pub fn open(path: &Path, timeout: Duration) -> Device {
+    Device::open_with(path, &DeviceOptions { mailbox_timeout: timeout, wait_ready: None })
+        .expect("open device")
+}

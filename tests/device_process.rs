@@ -1,0 +1,275 @@
+//! The real `pnm-device` binary in its own process, driven by the host
+//! driver and by `pnmctl`.
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use common::{DeviceProcess, TempRegion, open, run};
+use nix::sys::signal::Signal;
+use pnm_host::{Device, Error};
+use pnm_protocol::commands::{CEL_UUID, GetLogInput};
+use pnm_protocol::regs::{self, pnm};
+use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
+use zerocopy::IntoBytes;
+
+const SHORT: Duration = Duration::from_millis(300);
+
+fn expect_code(result: pnm_host::Result<Vec<u8>>, code: ReturnCode) {
+    match result {
+        Err(Error::Command { code: got, .. }) => assert_eq!(got, code),
+        other => panic!("expected {code}, got {other:?}"),
+    }
+}
+
+#[test]
+fn every_command_through_a_separate_device_process() {
+    let region = TempRegion::new("all");
+    let _device =
+        DeviceProcess::start(region.path(), &["--size", "512MiB", "--compute-units", "3"]);
+    let dev = Device::open(region.path()).unwrap();
+    let layout = RegionLayout::new(512 << 20, None).unwrap();
+    assert_eq!(dev.layout(), layout);
+
+    let id = dev.identify().unwrap();
+    assert_eq!(id.total_capacity_bytes, layout.dram_size / (256 << 20) * (256 << 20));
+    assert_eq!(id.volatile_only_capacity_bytes, id.total_capacity_bytes);
+    assert_eq!(id.persistent_only_capacity_bytes, 0);
+    assert!(id.fw_revision.starts_with("pnm-fw"));
+
+    let health = dev.health_info().unwrap();
+    assert_eq!(health.dirty_shutdown_count, 0);
+    assert_eq!(health.media_status, 0);
+
+    assert_eq!(dev.get_timestamp().unwrap(), 0, "never set reads as 0");
+    dev.set_timestamp(1_700_000_000_000_000_000).unwrap();
+    let t = dev.get_timestamp().unwrap();
+    assert!((1_700_000_000_000_000_000..1_700_000_010_000_000_000).contains(&t), "{t}");
+
+    let cel: Vec<u16> = dev.command_effects_log().unwrap().iter().map(|e| e.opcode).collect();
+    assert_eq!(cel, Opcode::ALL.map(|o| o.0));
+
+    let info = dev.identify_pnm().unwrap();
+    assert_eq!(info.compute_units, 3);
+    assert_eq!(info.dram_offset, layout.dram_offset);
+    assert_eq!(info.dma_window_size, layout.dma_window_size);
+    assert_eq!(info.dtypes, ["f32", "f16", "bf16"]);
+    assert!(dev.is_alive(Duration::from_secs(1)), "heartbeat advances");
+}
+
+#[test]
+fn bad_commands_get_spec_return_codes_and_the_device_keeps_serving() {
+    let region = TempRegion::new("bad");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    for op in [0x0001, 0x0100, 0x4300, 0xC0FF, 0xFFFF] {
+        expect_code(dev.mailbox_raw(Opcode(op), &[]), ReturnCode::UNSUPPORTED);
+    }
+    expect_code(
+        dev.mailbox_raw(Opcode::IDENTIFY_MEMORY_DEVICE, &[1]),
+        ReturnCode::INVALID_PAYLOAD_LENGTH,
+    );
+    expect_code(
+        dev.mailbox_raw(Opcode::SET_TIMESTAMP, &[0; 4]),
+        ReturnCode::INVALID_PAYLOAD_LENGTH,
+    );
+    expect_code(dev.mailbox_raw(Opcode::GET_LOG, &[0; 0x20]), ReturnCode::INVALID_PAYLOAD_LENGTH);
+    let mut get_log = GetLogInput { log_id: [0xAB; 16], offset: 0.into(), length: 4.into() };
+    expect_code(dev.mailbox_raw(Opcode::GET_LOG, get_log.as_bytes()), ReturnCode::INVALID_LOG);
+    get_log.log_id = CEL_UUID;
+    get_log.offset = 1_000_000.into();
+    expect_code(dev.mailbox_raw(Opcode::GET_LOG, get_log.as_bytes()), ReturnCode::INVALID_INPUT);
+    // Too large for the payload: the driver refuses before touching the device.
+    let huge = vec![0u8; 1 << 13];
+    assert!(matches!(dev.mailbox_raw(Opcode::GET_LOG, &huge), Err(Error::InputTooLarge { .. })));
+    // Still serving, with nothing changed by the failures.
+    assert_eq!(dev.get_timestamp().unwrap(), 0);
+    assert!(dev.identify().is_ok());
+}
+
+#[test]
+fn stopped_device_gives_timeout_then_busy_then_recovers() {
+    let region = TempRegion::new("busy");
+    let device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let first = open(region.path(), SHORT);
+    let second = open(region.path(), SHORT);
+    device.signal(Signal::SIGSTOP);
+    let start = Instant::now();
+    match first.identify() {
+        Err(Error::Timeout { heartbeat_stopped, .. }) => assert!(heartbeat_stopped),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(start.elapsed() < SHORT * 4, "the wait is bounded");
+    // The first command still holds the doorbell.
+    assert!(matches!(second.health_info(), Err(Error::MailboxBusy)));
+    device.signal(Signal::SIGCONT);
+    let start = Instant::now();
+    loop {
+        match second.health_info() {
+            Ok(_) => break,
+            Err(Error::MailboxBusy) if start.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            other => panic!("device did not recover: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn device_killed_mid_wait_is_a_timeout_not_a_hang() {
+    let region = TempRegion::new("kill");
+    let mut device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = open(region.path(), SHORT);
+    device.signal(Signal::SIGKILL);
+    device.wait(Duration::from_secs(5)).expect("killed device exits");
+    match dev.identify() {
+        Err(Error::Timeout { heartbeat_stopped, waited, .. }) => {
+            assert!(heartbeat_stopped);
+            assert!(waited >= SHORT && waited < SHORT * 4);
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
+
+#[test]
+fn second_device_on_a_served_region_is_refused() {
+    let region = TempRegion::new("twice");
+    let first = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let out = run("pnm-device", &["--path", region.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("already served by another pnm-device (pid {})", first.pid())),
+        "{stderr}"
+    );
+    // The first device is untouched.
+    assert!(Device::open(region.path()).unwrap().identify().is_ok());
+}
+
+#[test]
+fn restart_keeps_device_dram_and_counts_dirty_shutdowns() {
+    let region = TempRegion::new("restart");
+    let mut device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let layout = Device::open(region.path()).unwrap().layout();
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(region.path()).unwrap();
+    file.write_all_at(&pattern, layout.dram_offset + 12345).unwrap();
+
+    // Orderly stop: exit 0, device marked not ready.
+    assert_eq!(device.stop(), Some(0));
+    assert!(matches!(Device::open(region.path()), Err(Error::NotReady { .. })));
+
+    let mut device = DeviceProcess::start(region.path(), &[]);
+    let dev = Device::open(region.path()).unwrap();
+    assert_eq!(dev.layout(), layout, "existing region keeps its size");
+    assert_eq!(dev.health_info().unwrap().dirty_shutdown_count, 0);
+    let mut back = vec![0u8; pattern.len()];
+    file.read_exact_at(&mut back, layout.dram_offset + 12345).unwrap();
+    assert_eq!(back, pattern);
+
+    // A crash leaves the shutdown dirty; the next device counts it.
+    device.signal(Signal::SIGKILL);
+    device.wait(Duration::from_secs(5)).unwrap();
+    drop(dev);
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    assert_eq!(dev.health_info().unwrap().dirty_shutdown_count, 1);
+    assert_eq!(dev.status().dirty_shutdown_count, 1);
+    file.read_exact_at(&mut back, layout.dram_offset + 12345).unwrap();
+    assert_eq!(back, pattern, "DRAM survives a crash too");
+}
+
+#[test]
+fn mismatched_size_is_refused_without_touching_contents() {
+    let region = TempRegion::new("size");
+    let mut device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    assert_eq!(device.stop(), Some(0));
+    let out = run("pnm-device", &["--path", region.path().to_str().unwrap(), "--size", "128MiB"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--reformat"));
+    assert_eq!(std::fs::metadata(region.path()).unwrap().len(), 64 << 20);
+    let out = run("pnm-device", &["--path", region.path().to_str().unwrap(), "--size", "96MiB"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+}
+
+#[test]
+fn garbage_and_short_region_files_are_refused() {
+    let region = TempRegion::new("garbage");
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let garbage: Vec<u8> = (0..(4 << 20))
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(region.path(), &garbage).unwrap();
+    assert!(matches!(Device::open(region.path()), Err(Error::NotADevice { .. })));
+
+    // The device will not overwrite a file it does not recognise...
+    let out = run("pnm-device", &["--path", region.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid pnm region"));
+    assert_eq!(std::fs::read(region.path()).unwrap(), garbage);
+    // ...unless told to.
+    let _device = DeviceProcess::start(region.path(), &["--reformat"]);
+    assert!(Device::open(region.path()).unwrap().identify().is_ok());
+
+    let short = TempRegion::new("short");
+    std::fs::write(short.path(), [0u8; 100]).unwrap();
+    match Device::open(short.path()) {
+        Err(Error::NotADevice { reason, .. }) => assert!(reason.contains("smaller"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let zeros = TempRegion::new("zeros");
+    std::fs::write(zeros.path(), vec![0u8; 1 << 20]).unwrap();
+    assert!(matches!(Device::open(zeros.path()), Err(Error::NotADevice { .. })));
+    assert!(matches!(Device::open("/nonexistent/cxl-pnm"), Err(Error::Open { .. })));
+}
+
+#[test]
+fn wrong_abi_major_is_refused() {
+    let region = TempRegion::new("abi");
+    let mut device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    assert_eq!(device.stop(), Some(0));
+    let file = std::fs::OpenOptions::new().write(true).open(region.path()).unwrap();
+    let abi = ((regs::ABI_VERSION_MAJOR as u32 + 1) << 16).to_le_bytes();
+    file.write_all_at(&abi, regs::PNM_OFFSET + pnm::ABI_VERSION).unwrap();
+    assert!(matches!(Device::open(region.path()), Err(Error::AbiMismatch { found_major: 2, .. })));
+}
+
+#[test]
+fn reset_clears_volatile_state_and_counts() {
+    let region = TempRegion::new("reset");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    dev.set_timestamp(42).unwrap();
+    dev.reset(Duration::from_secs(2)).unwrap();
+    assert_eq!(dev.status().reset_count, 1);
+    assert_eq!(dev.get_timestamp().unwrap(), 0);
+}
+
+#[test]
+fn pnmctl_answers_in_text_and_json() {
+    let region = TempRegion::new("ctl");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let path = region.path().to_str().unwrap();
+    for command in ["identify", "health", "timestamp", "logs", "pnm-info", "status"] {
+        let out = run("pnmctl", &["--device", path, command]);
+        assert!(out.status.success(), "{command}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = run("pnmctl", &["--device", path, "--json", command]);
+        assert!(out.status.success(), "{command} --json");
+        let _: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    }
+    let out = run("pnmctl", &["--device", path, "--json", "timestamp", "set", "--ns", "123456789"]);
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(value["timestamp_ns"].as_u64().unwrap() >= 123456789);
+    let out = run("pnmctl", &["--device", path, "--json", "logs"]);
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value["command_effects_log"].as_array().unwrap().len(), Opcode::ALL.len());
+    let out = run("pnmctl", &["--device", "/dev/shm/cxl-pnm-does-not-exist", "identify"]);
+    assert!(!out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1, "one-line error");
+}
