@@ -273,3 +273,18 @@ fn pnmctl_answers_in_text_and_json() {
     assert!(!out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1, "one-line error");
 }
+
+#[test]
+fn a_client_written_from_the_cxl_spec_gets_conformant_answers() {
+    let region = TempRegion::new("spec");
+    let _device = DeviceProcess::start(region.path(), &["--size", "1GiB"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/spec_client.py");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg(region.path())
+        .output()
+        .expect("python3 runs the independent spec client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}

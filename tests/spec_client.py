@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""An independent CXL mailbox client written from the CXL 3.1 specification
+(section 8.2.8), knowing nothing of cxl-pnm's code: it opens a region file,
+walks the Device Capabilities Array, and runs mailbox commands, right and
+wrong, checking that the answers are spec-conformant.
+
+Usage: spec_client.py REGION_PATH      (exit 0 and 'N passed, 0 failed' on success)
+"""
+import mmap
+import os
+import struct
+import sys
+import time
+
+CEL_UUID = bytes.fromhex("0da9c0b5bf414b788f7996b1623b3f17")
+
+
+class Mailbox:
+    def __init__(self, mem, base):
+        self.mem, self.base = mem, base
+        caps = self.u32(0x00)
+        self.payload_size = 1 << (caps & 0x1F)
+        assert 256 <= self.payload_size <= 1 << 20, caps
+
+    def u32(self, off):
+        return struct.unpack_from("<I", self.mem, self.base + off)[0]
+
+    def u64(self, off):
+        return struct.unpack_from("<Q", self.mem, self.base + off)[0]
+
+    def run(self, opcode, payload=b"", length=None, timeout=2.0):
+        if self.u32(0x04) & 1:
+            raise RuntimeError("mailbox busy")
+        self.mem[self.base + 0x20:self.base + 0x20 + len(payload)] = payload
+        length = len(payload) if length is None else length
+        struct.pack_into("<Q", self.mem, self.base + 0x08, opcode | (length << 16))
+        struct.pack_into("<I", self.mem, self.base + 0x04, self.u32(0x04) | 1)
+        deadline = time.monotonic() + timeout
+        while self.u32(0x04) & 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(hex(opcode))
+            time.sleep(0.0001)
+        status = self.u64(0x10)
+        rc = (status >> 32) & 0xFFFF
+        out_len = (self.u64(0x08) >> 16) & 0x1FFFFF
+        assert out_len <= self.payload_size, out_len
+        return rc, bytes(self.mem[self.base + 0x20:self.base + 0x20 + out_len])
+
+
+def main(path):
+    fd = os.open(path, os.O_RDWR)
+    size = os.fstat(fd).st_size
+    mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    checks = []
+
+    def check(name, cond):
+        checks.append((name, bool(cond)))
+        if not cond:
+            print("FAIL", name)
+
+    low, _high = struct.unpack_from("<QQ", mem, 0)
+    check("array id 0", low & 0xFFFF == 0)
+    check("array version 1", (low >> 16) & 0xFF == 1)
+    check("memory device type", (low >> 24) & 0xF == 1)
+    count = (low >> 32) & 0xFFFF
+    caps = {}
+    for i in range(count):
+        lo, hi = struct.unpack_from("<QQ", mem, 0x10 * (i + 1))
+        caps[lo & 0xFFFF] = (lo >> 32, hi & 0xFFFFFFFF, (lo >> 16) & 0xFF)
+    check("has device status", 0x0001 in caps)
+    check("has primary mailbox", 0x0002 in caps)
+    check("has memory device status", 0x4000 in caps)
+    check("has a vendor capability", any(cid >= 0x8000 for cid in caps))
+    memdev = struct.unpack_from("<Q", mem, caps[0x4000][0])[0]
+    check("media ready", (memdev >> 2) & 3 == 1)
+    check("mailbox ready", memdev & (1 << 4))
+
+    mb = Mailbox(mem, caps[0x0002][0])
+    check("mailbox fits its capability", 0x20 + mb.payload_size <= caps[0x0002][1])
+
+    rc, out = mb.run(0x4000)
+    check("identify succeeds", rc == 0 and len(out) >= 0x43)
+    total, volatile, persistent = struct.unpack_from("<QQQ", out, 0x10)
+    check("identify capacities", total == volatile + persistent)
+
+    rc, out = mb.run(0x4200)
+    check("health info", rc == 0 and len(out) == 0x12)
+
+    rc, out = mb.run(0x0300)
+    check("get timestamp", rc == 0 and len(out) == 8)
+    rc, _ = mb.run(0x0301, struct.pack("<Q", 123_000_000_000))
+    check("set timestamp", rc == 0)
+    rc, out = mb.run(0x0300)
+    check("timestamp advances from set value", rc == 0 and struct.unpack("<Q", out)[0] >= 123_000_000_000)
+
+    rc, out = mb.run(0x0400)
+    check("supported logs", rc == 0)
+    entries = struct.unpack_from("<H", out, 0)[0]
+    logs = {out[8 + 20 * i:24 + 20 * i]: struct.unpack_from("<I", out, 24 + 20 * i)[0] for i in range(entries)}
+    check("CEL listed", CEL_UUID in logs)
+    cel_size = logs.get(CEL_UUID, 0)
+    rc, cel = mb.run(0x0401, CEL_UUID + struct.pack("<II", 0, cel_size))
+    check("get CEL", rc == 0 and len(cel) == cel_size)
+    opcodes = {struct.unpack_from("<H", cel, i)[0] for i in range(0, len(cel), 4)}
+    check("CEL lists what we used", {0x4000, 0x4200, 0x0300, 0x0301, 0x0400, 0x0401} <= opcodes)
+    for op in sorted(opcodes):
+        if op in (0x0301, 0x0401):
+            continue
+        rc, _ = mb.run(op)
+        check(f"CEL opcode {op:04X}h is served", rc == 0)
+
+    # Wrong commands: spec return codes, and the device keeps serving.
+    rc, _ = mb.run(0x0001)
+    check("unknown opcode -> Unsupported (03h)", rc == 0x03)
+    rc, _ = mb.run(0x4300, b"\0" * 16)
+    check("unlisted opcode -> Unsupported (03h)", rc == 0x03)
+    rc, _ = mb.run(0x4000, b"\0" * 4)
+    check("identify with input -> Invalid Payload Length (16h)", rc == 0x16)
+    rc, _ = mb.run(0x0301, b"\0" * 3)
+    check("short set timestamp -> 16h", rc == 0x16)
+    rc, _ = mb.run(0x0300, length=mb.payload_size + 1)
+    check("length beyond payload -> 16h", rc == 0x16)
+    rc, _ = mb.run(0x0401, bytes(16) + struct.pack("<II", 0, 4))
+    check("unknown log -> Invalid Log (17h)", rc == 0x17)
+    rc, _ = mb.run(0x0401, CEL_UUID + struct.pack("<II", cel_size, 4))
+    check("read past the log -> Invalid Input (02h)", rc == 0x02)
+    rc, _ = mb.run(0x4000)
+    check("still serving", rc == 0)
+
+    failed = sum(1 for _, ok in checks if not ok)
+    print(f"{len(checks) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
