@@ -15,8 +15,11 @@ use crate::region::{Region, RegionConfig, RegionError};
 
 /// How often the heartbeat register advances.
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(10);
-/// Longest sleep of an idle engine: bounds mailbox latency when idle.
-const IDLE_SLEEP: Duration = Duration::from_micros(500);
+/// First and longest sleep of an idle engine. The sleep doubles while the
+/// device stays idle, so a busy host sees microseconds and an idle device
+/// wakes about 500 times a second; the longest bounds idle mailbox latency.
+const FIRST_IDLE_SLEEP: Duration = Duration::from_micros(50);
+const LONGEST_IDLE_SLEEP: Duration = Duration::from_millis(2);
 /// Polls without work before the engine starts yielding, then sleeping.
 const SPIN_POLLS: u32 = 2_000;
 const YIELD_POLLS: u32 = 4_000;
@@ -137,10 +140,12 @@ struct Engine {
 impl Engine {
     fn run(&mut self, stop: &AtomicBool) {
         let mut idle_polls = 0u32;
+        let mut idle_sleep = FIRST_IDLE_SLEEP;
         while !stop.load(Acquire) {
             let worked = self.poll_once();
             if worked {
                 idle_polls = 0;
+                idle_sleep = FIRST_IDLE_SLEEP;
             } else {
                 idle_polls = idle_polls.saturating_add(1);
                 if idle_polls < SPIN_POLLS {
@@ -148,7 +153,8 @@ impl Engine {
                 } else if idle_polls < YIELD_POLLS {
                     std::thread::yield_now();
                 } else {
-                    std::thread::sleep(IDLE_SLEEP);
+                    std::thread::sleep(idle_sleep);
+                    idle_sleep = (idle_sleep * 2).min(LONGEST_IDLE_SLEEP);
                 }
             }
         }
