@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         None => {
             let region =
                 Region::embedded(args.size, None).context("creating the embedded region")?;
-            Some(RunningDevice::serve(region, None))
+            Some(RunningDevice::serve(region, None)?)
         }
     };
     let path = match (&args.device, &embedded) {

@@ -39,7 +39,7 @@ impl Rogue {
     fn open(&self) -> Device {
         let options = pnm_host::DeviceOptions {
             mailbox_timeout: Duration::from_millis(500),
-            wait_ready: None,
+            ..Default::default()
         };
         Device::open_with(&self.region.path, &options).unwrap()
     }

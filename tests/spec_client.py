@@ -104,7 +104,9 @@ def main(path):
     opcodes = {struct.unpack_from("<H", cel, i)[0] for i in range(0, len(cel), 4)}
     check("CEL lists what we used", {0x4000, 0x4200, 0x0300, 0x0301, 0x0400, 0x0401} <= opcodes)
     for op in sorted(opcodes):
-        if op in (0x0301, 0x0401):
+        # Commands that take input, and vendor commands (their inputs are
+        # not in the CXL specification), are exercised separately.
+        if op in (0x0301, 0x0401) or op >= 0xC000:
             continue
         rc, _ = mb.run(op)
         check(f"CEL opcode {op:04X}h is served", rc == 0)

@@ -10,7 +10,12 @@ use std::time::{Duration, Instant};
 use pnm_protocol::regs::{self, mailbox, memdev_status, pnm};
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
 
-use crate::mailbox::{HealthCounters, MailboxState, TimestampClock};
+use pnm_firmware::kv::KvStore;
+
+use crate::datapath::{DataPath, DramView};
+use crate::dma::DmaAllocator;
+use crate::mailbox::{HealthCounters, KvGeometry, MailboxState, TimestampClock};
+use crate::queues::QueueTable;
 use crate::region::{Region, RegionConfig, RegionError};
 
 /// How often the heartbeat register advances.
@@ -20,6 +25,8 @@ pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(10);
 /// wakes about 500 times a second; the longest bounds idle mailbox latency.
 const FIRST_IDLE_SLEEP: Duration = Duration::from_micros(50);
 const LONGEST_IDLE_SLEEP: Duration = Duration::from_millis(2);
+/// How often the engine looks for queues and buffers whose owner died.
+const RECLAIM_PERIOD: Duration = Duration::from_secs(1);
 /// Polls without work before the engine starts yielding, then sleeping.
 const SPIN_POLLS: u32 = 2_000;
 const YIELD_POLLS: u32 = 4_000;
@@ -44,12 +51,12 @@ impl RunningDevice {
     /// Opens (or creates) the region and starts serving it.
     pub fn start(config: &DeviceConfig) -> Result<Self, RegionError> {
         let region = Region::open(&config.region)?;
-        Ok(Self::serve(region, config.compute_units))
+        Self::serve(region, config.compute_units)
     }
 
     /// Serves an already opened region with `compute_units` threads
     /// (default: the machine's cores).
-    pub fn serve(region: Region, compute_units: Option<u32>) -> Self {
+    pub fn serve(region: Region, compute_units: Option<u32>) -> Result<Self, RegionError> {
         let compute_units = compute_units
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
         let region = Arc::new(region);
@@ -63,21 +70,40 @@ impl RunningDevice {
         }
         regs.store_u32(p + pnm::COMPUTE_UNITS, compute_units, Relaxed);
         regs.store_u32(p + pnm::HEARTBEAT_PERIOD_US, HEARTBEAT_PERIOD.as_micros() as u32, Relaxed);
-        regs.store_u32(p + pnm::MAX_QUEUE_PAIRS, 0, Relaxed);
+        regs.store_u32(p + pnm::MAX_QUEUE_PAIRS, pnm_protocol::queue::MAX_QUEUE_PAIRS, Relaxed);
         regs.store_u32(p + pnm::DEVICE_PID, std::process::id(), Relaxed);
         regs.store_u32(p + pnm::SHUTDOWN_STATE, pnm::SHUTDOWN_RUNNING, Relaxed);
+        let layout = region.layout;
+        let (kv, report) = KvStore::open(DramView::new(regs, &layout)).map_err(|e| {
+            RegionError::KvStore { path: region.path.clone(), reason: e.to_string() }
+        })?;
+        for dropped in &report.dropped {
+            tracing::warn!(%dropped, "KV store: inconsistent sequence dropped");
+        }
+        tracing::info!(
+            formatted = report.formatted,
+            sequences = report.sequences,
+            free_frames = kv.free_frames(),
+            "KV store opened"
+        );
+        let kv_layout = kv.layout();
         let state = MailboxState {
-            layout: region.layout,
+            layout,
             compute_units,
             heartbeat_period_us: HEARTBEAT_PERIOD.as_micros() as u32,
-            max_queue_pairs: 0,
-            max_queue_entries: 0,
+            kv: KvGeometry {
+                frames_offset: kv_layout.frames_offset,
+                frame_count: kv_layout.frame_count,
+            },
             clock: TimestampClock::default(),
             health: HealthCounters {
                 dirty_shutdown_count: dirty_count,
-                corrected_volatile_errors: 0,
+                corrected_volatile_errors: report.dropped.len() as u32,
             },
+            queues: QueueTable::new(regs, layout),
+            dma: DmaAllocator::new(&layout),
         };
+        let datapath = DataPath::new(regs, layout, kv);
         // Everything above is published by this Release store: a host that
         // sees Mailbox Ready sees a complete register block.
         regs.store_u64(regs::MEMDEV_STATUS_OFFSET, memdev_status::READY, Release);
@@ -93,13 +119,14 @@ impl RunningDevice {
         let stop = Arc::new(AtomicBool::new(false));
         let engine = {
             let stop = stop.clone();
-            let mut engine = Engine { regs, state, last_beat: Instant::now() };
+            let now = Instant::now();
+            let mut engine = Engine { regs, state, datapath, last_beat: now, last_reclaim: now };
             std::thread::Builder::new()
                 .name("pnm-engine".into())
                 .spawn(move || engine.run(&stop))
                 .expect("spawn engine thread")
         };
-        Self { stop, engine: Some(engine), region }
+        Ok(Self { stop, engine: Some(engine), region })
     }
 
     pub fn region(&self) -> &Region {
@@ -134,7 +161,18 @@ impl Drop for RunningDevice {
 struct Engine {
     regs: SharedMemory,
     state: MailboxState,
+    datapath: DataPath,
     last_beat: Instant,
+    last_reclaim: Instant,
+}
+
+/// True if process `pid` no longer exists (in this pid namespace).
+fn process_gone(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    matches!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+        Err(nix::errno::Errno::ESRCH)
+    )
 }
 
 impl Engine {
@@ -178,6 +216,15 @@ impl Engine {
         if control & mailbox::CONTROL_DOORBELL != 0 {
             self.serve_mailbox(control);
             worked = true;
+        }
+        worked |= self.state.queues.poll(&mut self.datapath);
+        if now.duration_since(self.last_reclaim) >= RECLAIM_PERIOD {
+            self.last_reclaim = now;
+            let queues = self.state.queues.reclaim(process_gone);
+            let buffers = self.state.dma.reclaim(process_gone);
+            if queues + buffers > 0 {
+                tracing::warn!(queues, buffers, "reclaimed resources of exited hosts");
+            }
         }
         worked
     }
@@ -224,8 +271,9 @@ impl Engine {
         self.regs.store_u32(mb + mailbox::CONTROL, control & !mailbox::CONTROL_DOORBELL, Release);
     }
 
-    /// A device reset: mailbox back to idle, volatile state cleared; device
-    /// DRAM is kept (this is not a sanitize).
+    /// A device reset: mailbox back to idle, queues deleted, DMA buffers
+    /// released, volatile state cleared; device DRAM and the KV store are
+    /// kept (this is not a sanitize).
     fn reset(&mut self) {
         tracing::info!("device reset requested");
         let mb = regs::MAILBOX_OFFSET;
@@ -235,6 +283,8 @@ impl Engine {
         self.regs.store_u64(mb + mailbox::BACKGROUND_STATUS, 0, Relaxed);
         self.regs.store_u32(mb + mailbox::CONTROL, 0, Relaxed);
         self.state.clock = TimestampClock::default();
+        self.state.queues.clear();
+        self.state.dma.clear();
         let p = regs::PNM_OFFSET;
         let count = self.regs.load_u32(p + pnm::RESET_COUNT, Relaxed).wrapping_add(1);
         self.regs.store_u32(p + pnm::RESET_COUNT, count, Relaxed);

@@ -4,8 +4,11 @@
 //! memfd for an embedded device), gives the CXL registers their semantics and
 //! serves the mailbox on a dedicated engine thread.
 
+pub mod datapath;
+pub mod dma;
 pub mod engine;
 pub mod mailbox;
+pub mod queues;
 pub mod region;
 mod sys;
 

@@ -7,12 +7,18 @@ use std::time::Instant;
 
 use pnm_firmware::LIMITS;
 use pnm_protocol::commands::{
-    self, CAPACITY_UNIT, CEL_UUID, CelEntry, GetLogInput, GetTimestampOutput, HealthInfoOutput,
-    IdentifyOutput, IdentifyPnmOutput, SetTimestampInput, SupportedLogEntry, SupportedLogsHeader,
+    self, AllocateDmaInput, CAPACITY_UNIT, CEL_UUID, CelEntry, CreateQueuePairInput,
+    CreateQueuePairOutput, DeleteQueuePairInput, DmaBufferAddr, GetLogInput, GetTimestampOutput,
+    HealthInfoOutput, IdentifyOutput, IdentifyPnmOutput, SetTimestampInput, SupportedLogEntry,
+    SupportedLogsHeader,
 };
+use pnm_protocol::queue::{KV_FRAME_SIZE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS};
 use pnm_protocol::regs::{ABI_VERSION, MAILBOX_PAYLOAD_SIZE};
 use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
 use zerocopy::{FromBytes, IntoBytes};
+
+use crate::dma::DmaAllocator;
+use crate::queues::QueueTable;
 
 /// The device's Timestamp: unset until the host sets it, then advancing
 /// with the device's monotonic clock.
@@ -40,16 +46,25 @@ pub struct HealthCounters {
     pub corrected_volatile_errors: u32,
 }
 
-/// What the mailbox needs to know about the device.
-#[derive(Debug, Clone)]
+/// Where the KV store's frames are, for Identify PNM.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KvGeometry {
+    pub frames_offset: u64,
+    pub frame_count: u32,
+}
+
+/// What the mailbox needs to know about the device, and the resources its
+/// vendor commands manage.
+#[derive(Debug)]
 pub struct MailboxState {
     pub layout: RegionLayout,
     pub compute_units: u32,
     pub heartbeat_period_us: u32,
-    pub max_queue_pairs: u32,
-    pub max_queue_entries: u32,
+    pub kv: KvGeometry,
     pub clock: TimestampClock,
     pub health: HealthCounters,
+    pub queues: QueueTable,
+    pub dma: DmaAllocator,
 }
 
 /// The Command Effects Log: every supported opcode with its effects.
@@ -99,6 +114,40 @@ impl MailboxState {
             Opcode::IDENTIFY_MEMORY_DEVICE => Ok(self.identify().as_bytes().to_vec()),
             Opcode::GET_HEALTH_INFO => Ok(self.health_info().as_bytes().to_vec()),
             Opcode::IDENTIFY_PNM => Ok(self.identify_pnm().as_bytes().to_vec()),
+            Opcode::CREATE_QUEUE_PAIR => {
+                let input = CreateQueuePairInput::read_from_bytes(input)
+                    .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+                let queue_id = self.queues.create(&input)?;
+                Ok(CreateQueuePairOutput { queue_id: queue_id.into(), reserved: [0; 6] }
+                    .as_bytes()
+                    .to_vec())
+            }
+            Opcode::DELETE_QUEUE_PAIR => {
+                let input = DeleteQueuePairInput::read_from_bytes(input)
+                    .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+                self.queues.delete(input.queue_id.get())?;
+                Ok(Vec::new())
+            }
+            Opcode::ALLOCATE_DMA => {
+                let input = AllocateDmaInput::read_from_bytes(input)
+                    .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+                if input.size.get() == 0 {
+                    return Err(ReturnCode::INVALID_INPUT);
+                }
+                let addr = self
+                    .dma
+                    .allocate(input.size.get(), input.owner_pid.get())
+                    .ok_or(ReturnCode::RESOURCES_EXHAUSTED)?;
+                Ok(DmaBufferAddr { addr: addr.into() }.as_bytes().to_vec())
+            }
+            Opcode::FREE_DMA => {
+                let input = DmaBufferAddr::read_from_bytes(input)
+                    .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+                if !self.dma.free(input.addr.get()) {
+                    return Err(ReturnCode::INVALID_INPUT);
+                }
+                Ok(Vec::new())
+            }
             _ => Err(ReturnCode::UNSUPPORTED),
         }
     }
@@ -167,11 +216,14 @@ impl MailboxState {
             max_head_dim: LIMITS.max_head_dim.into(),
             max_k: LIMITS.max_k.into(),
             max_group: LIMITS.max_group.into(),
-            page_tokens: LIMITS.page_tokens.into(),
-            max_queue_pairs: self.max_queue_pairs.into(),
-            max_queue_entries: self.max_queue_entries.into(),
+            kv_frame_size: KV_FRAME_SIZE.into(),
+            max_queue_pairs: MAX_QUEUE_PAIRS.into(),
+            max_queue_entries: MAX_QUEUE_ENTRIES.into(),
             heartbeat_period_us: self.heartbeat_period_us.into(),
             fw_revision: commands::to_ascii_field(LIMITS.revision),
+            kv_frames_offset: self.kv.frames_offset.into(),
+            kv_frame_count: self.kv.frame_count.into(),
+            max_sequences: LIMITS.max_sequences.into(),
         }
     }
 }
@@ -182,14 +234,22 @@ mod tests {
     use std::time::Duration;
 
     fn state() -> MailboxState {
+        // The mailbox's own state never touches the region; queue commands
+        // are tested against a real region in `tests/`.
+        let region = crate::Region::embedded(1 << 30, None).unwrap();
+        let layout = region.layout;
+        let regs = region.regs();
+        // Keep the memfd mapped for the test's duration.
+        std::mem::forget(region);
         MailboxState {
-            layout: RegionLayout::new(1 << 30, None).unwrap(),
+            layout,
             compute_units: 2,
             heartbeat_period_us: 10_000,
-            max_queue_pairs: 0,
-            max_queue_entries: 0,
+            kv: KvGeometry::default(),
             clock: TimestampClock::default(),
             health: HealthCounters { dirty_shutdown_count: 3, corrected_volatile_errors: 0 },
+            queues: QueueTable::new(regs, layout),
+            dma: DmaAllocator::new(&layout),
         }
     }
 

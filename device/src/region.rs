@@ -39,6 +39,8 @@ pub enum RegionError {
          pass --reformat to overwrite it"
     )]
     NotARegion { path: PathBuf, reason: String },
+    #[error("KV store in {path}: {reason}")]
+    KvStore { path: PathBuf, reason: String },
     #[error("cannot size or map region {path}: {source}")]
     Map { path: PathBuf, source: std::io::Error },
 }

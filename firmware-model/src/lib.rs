@@ -1,6 +1,12 @@
 //! pnm-firmware: what the PNM device computes, independent of how commands
 //! reach it. Pure and deterministic: no I/O, no clocks, no threads.
+//!
+//! - [`limits`]: what the firmware supports.
+//! - [`kv`]: the KV store's layout in device DRAM.
+//! - [`kernels`]: scoring, aggregation and Top-K selection.
 
+pub mod kernels;
+pub mod kv;
 pub mod limits;
 
 pub use limits::{Dtype, FirmwareLimits, LIMITS};

@@ -1,44 +1,7 @@
 //! What the firmware supports. The device reports these through Identify PNM
 //! and validates every command against them.
 
-use pnm_protocol::commands::dtype_bits;
-
-/// Element type of stored keys and values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Dtype {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl Dtype {
-    pub const ALL: [Self; 3] = [Self::F32, Self::F16, Self::Bf16];
-
-    /// Bytes per element.
-    pub const fn size(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 | Self::Bf16 => 2,
-        }
-    }
-
-    /// The bit this dtype has in Identify PNM's supported-dtypes mask.
-    pub const fn bit(self) -> u32 {
-        match self {
-            Self::F32 => dtype_bits::F32,
-            Self::F16 => dtype_bits::F16,
-            Self::Bf16 => dtype_bits::BF16,
-        }
-    }
-
-    pub const fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::Bf16 => "bf16",
-        }
-    }
-}
+pub use pnm_protocol::Dtype;
 
 /// The firmware's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +13,11 @@ pub struct FirmwareLimits {
     pub max_k: u32,
     /// Most queries scored together (a GQA group).
     pub max_group: u32,
-    /// Tokens per KV page.
-    pub page_tokens: u32,
+    /// Most layers and KV heads a sequence may have.
+    pub max_layers: u32,
+    pub max_heads: u32,
+    /// Most sequences the KV store holds.
+    pub max_sequences: u32,
     /// Firmware revision string reported in Identify.
     pub revision: &'static str,
 }
@@ -63,12 +29,17 @@ impl FirmwareLimits {
     }
 }
 
+// `kernels::score_rows` keeps a group's scores in a 64-entry stack array.
+const _: () = assert!(LIMITS.max_group <= 64);
+
 pub const LIMITS: FirmwareLimits = FirmwareLimits {
     dtypes: &Dtype::ALL,
     max_head_dim: 256,
     max_k: 8192,
     max_group: 8,
-    page_tokens: 64,
+    max_layers: 256,
+    max_heads: 256,
+    max_sequences: 1024,
     revision: concat!("pnm-fw ", env!("CARGO_PKG_VERSION")),
 };
 
@@ -78,7 +49,7 @@ mod tests {
 
     #[test]
     fn dtype_mask_covers_all_dtypes() {
-        assert_eq!(LIMITS.dtype_mask(), dtype_bits::F32 | dtype_bits::F16 | dtype_bits::BF16);
+        assert_eq!(LIMITS.dtype_mask(), 0b111);
         assert!(LIMITS.revision.len() <= 16, "fits Identify's 16-byte FW Revision");
     }
 }

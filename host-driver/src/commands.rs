@@ -3,7 +3,6 @@
 use pnm_protocol::commands::{
     self as spec, CAPACITY_UNIT, CEL_UUID, GetLogInput, GetTimestampOutput, HealthInfoOutput,
     IdentifyOutput, IdentifyPnmOutput, SetTimestampInput, SupportedLogEntry, SupportedLogsHeader,
-    dtype_bits,
 };
 use pnm_protocol::{Opcode, ReturnCode};
 use serde::Serialize;
@@ -82,7 +81,10 @@ pub struct PnmInfo {
     pub max_head_dim: u32,
     pub max_k: u32,
     pub max_group: u32,
-    pub page_tokens: u32,
+    pub kv_frame_size: u32,
+    pub kv_frames_offset: u64,
+    pub kv_frame_count: u32,
+    pub max_sequences: u32,
     pub max_queue_pairs: u32,
     pub max_queue_entries: u32,
     pub heartbeat_period_us: u32,
@@ -257,12 +259,17 @@ impl Device {
             ));
         }
         let mask = p.supported_dtypes.get();
-        let dtypes =
-            [(dtype_bits::F32, "f32"), (dtype_bits::F16, "f16"), (dtype_bits::BF16, "bf16")]
-                .into_iter()
-                .filter(|(bit, _)| mask & bit != 0)
-                .map(|(_, name)| name)
-                .collect();
+        let dtypes = pnm_protocol::Dtype::ALL
+            .into_iter()
+            .filter(|d| mask & d.bit() != 0)
+            .map(|d| d.name())
+            .collect();
+        let frames_end = u64::from(p.kv_frame_count.get())
+            .checked_mul(u64::from(p.kv_frame_size.get()))
+            .and_then(|len| len.checked_add(p.kv_frames_offset.get()));
+        if frames_end.is_none_or(|end| end > layout.dram_size) {
+            return Err(malformed(op, "KV frames extend past device DRAM"));
+        }
         let abi = p.abi_version.get();
         Ok(PnmInfo {
             abi_version: format!("{}.{}", abi >> 16, abi & 0xFFFF),
@@ -277,7 +284,10 @@ impl Device {
             max_head_dim: p.max_head_dim.get(),
             max_k: p.max_k.get(),
             max_group: p.max_group.get(),
-            page_tokens: p.page_tokens.get(),
+            kv_frame_size: p.kv_frame_size.get(),
+            kv_frames_offset: p.kv_frames_offset.get(),
+            kv_frame_count: p.kv_frame_count.get(),
+            max_sequences: p.max_sequences.get(),
             max_queue_pairs: p.max_queue_pairs.get(),
             max_queue_entries: p.max_queue_entries.get(),
             heartbeat_period_us: p.heartbeat_period_us.get(),

@@ -3,8 +3,8 @@
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use memmap2::MmapOptions;
@@ -16,6 +16,7 @@ use pnm_protocol::{RegionLayout, SharedMemory};
 use zerocopy::FromBytes;
 
 use crate::error::{Error, Result};
+use crate::kv::DataPath;
 use crate::mailbox::{Backoff, DEFAULT_TIMEOUT, MailboxClient};
 use crate::sys::Mapping;
 
@@ -24,13 +25,19 @@ use crate::sys::Mapping;
 pub struct DeviceOptions {
     /// Bound on each mailbox command.
     pub mailbox_timeout: Duration,
+    /// Bound on each queue command.
+    pub command_timeout: Duration,
     /// Wait this long for the device to become ready (None: fail at once).
     pub wait_ready: Option<Duration>,
 }
 
 impl Default for DeviceOptions {
     fn default() -> Self {
-        Self { mailbox_timeout: DEFAULT_TIMEOUT, wait_ready: None }
+        Self {
+            mailbox_timeout: DEFAULT_TIMEOUT,
+            command_timeout: Device::command_timeout_default(),
+            wait_ready: None,
+        }
     }
 }
 
@@ -68,6 +75,8 @@ pub struct Device {
     layout: RegionLayout,
     abi_version: u32,
     mailbox: Mutex<MailboxClient>,
+    datapath: Mutex<Option<DataPath>>,
+    command_timeout: Duration,
     // Last: dropped after everything that copies its view.
     _mapping: Mapping,
 }
@@ -137,6 +146,8 @@ impl Device {
             layout,
             abi_version,
             mailbox: Mutex::new(client),
+            datapath: Mutex::new(None),
+            command_timeout: options.command_timeout,
             _mapping: mapping,
         };
         device.wait_ready(options.wait_ready.unwrap_or(Duration::ZERO))?;
@@ -193,6 +204,23 @@ impl Device {
         self.mailbox.lock().unwrap_or_else(|e| e.into_inner()).execute(opcode, input)
     }
 
+    pub(crate) fn mailbox_client(&self) -> MutexGuard<'_, MailboxClient> {
+        self.mailbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn datapath_lock(&self) -> MutexGuard<'_, Option<DataPath>> {
+        self.datapath.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The whole region (for the data path's buffers and device DRAM).
+    pub(crate) fn region(&self) -> SharedMemory {
+        self.regs
+    }
+
+    pub fn command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+
     /// Bytes the mailbox carries each way per command.
     pub fn mailbox_payload_size(&self) -> u64 {
         self.mailbox.lock().unwrap_or_else(|e| e.into_inner()).payload_size()
@@ -245,6 +273,18 @@ impl Device {
             backoff.wait();
         }
         self.wait_ready(bound.saturating_sub(start.elapsed()))
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // Give the queue pair and DMA buffers back; if this fails (or the
+        // process dies first) the device reclaims them by owner pid.
+        if let Some(dp) = self.datapath_lock().take() {
+            let mut mailbox = self.mailbox_client();
+            mailbox.timeout = mailbox.timeout.min(Duration::from_millis(500));
+            dp.shutdown(&mut mailbox);
+        }
     }
 }
 

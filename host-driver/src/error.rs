@@ -32,13 +32,23 @@ pub enum Error {
     MalformedOutput { opcode: Opcode, reason: String },
     #[error("device reset did not complete within {0:?}")]
     ResetTimeout(Duration),
+    #[error("{command} failed on the device: {code}")]
+    Queue { command: &'static str, code: ReturnCode },
+    #[error("{command} (command id {command_id}) did not complete within {waited:?}")]
+    QueueTimeout { command: &'static str, command_id: u16, waited: Duration },
+    #[error("queue full: {0} commands in flight")]
+    QueueFull(u32),
+    #[error("device broke the queue protocol: {0}")]
+    Protocol(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
 }
 
 impl Error {
     /// The spec return code, if the device answered with one.
     pub fn return_code(&self) -> Option<ReturnCode> {
         match self {
-            Self::Command { code, .. } => Some(*code),
+            Self::Command { code, .. } | Self::Queue { code, .. } => Some(*code),
             _ => None,
         }
     }

@@ -6,9 +6,14 @@
 
 pub mod commands;
 pub mod device;
+pub mod dma;
 pub mod error;
+pub mod kv;
 pub mod mailbox;
+pub mod queue;
 mod sys;
 
 pub use device::{Device, DeviceOptions, DeviceStatus};
 pub use error::{Error, Result};
+pub use kv::{Aggregation, KvShape, Query, Rows, Sequence, TopK, TopkRequest};
+pub use pnm_protocol::Dtype;

@@ -102,6 +102,7 @@ fn run(cli: &Cli) -> pnm_host::Result<()> {
     let options = DeviceOptions {
         mailbox_timeout: Duration::from_millis(cli.timeout_ms),
         wait_ready: Some(Duration::from_millis(cli.wait_ms)),
+        ..Default::default()
     };
     let device = Device::open_with(&cli.device, &options)?;
     match &cli.command {
@@ -205,8 +206,8 @@ fn run(cli: &Cli) -> pnm_host::Result<()> {
                 "ABI version         {}\nfirmware revision   {}\ncompute units       {}\n\
                  region              {}\nhost DMA window     {:#x}, {}\ndevice DRAM         {:#x}, {}\n\
                  dtypes              {}\nmax head dim        {}\nmax k               {}\n\
-                 max GQA group       {}\npage tokens         {}\nqueue pairs         {} x {} entries\n\
-                 heartbeat period    {} us\n",
+                 max GQA group       {}\nKV frames           {} x {} KiB\nmax sequences       {}\n\
+                 queue pairs         {} x {} entries\nheartbeat period    {} us\n",
                 p.abi_version,
                 p.fw_revision,
                 p.compute_units,
@@ -219,7 +220,9 @@ fn run(cli: &Cli) -> pnm_host::Result<()> {
                 p.max_head_dim,
                 p.max_k,
                 p.max_group,
-                p.page_tokens,
+                p.kv_frame_count,
+                p.kv_frame_size >> 10,
+                p.max_sequences,
                 p.max_queue_pairs,
                 p.max_queue_entries,
                 p.heartbeat_period_us,

@@ -23,9 +23,17 @@ impl Opcode {
     pub const GET_HEALTH_INFO: Self = Self(0x4200);
     /// Vendor: the PNM capability's facts and the firmware's limits.
     pub const IDENTIFY_PNM: Self = Self(0xC000);
+    /// Vendor: create a submission/completion queue pair.
+    pub const CREATE_QUEUE_PAIR: Self = Self(0xC001);
+    /// Vendor: delete a queue pair.
+    pub const DELETE_QUEUE_PAIR: Self = Self(0xC002);
+    /// Vendor: allocate a buffer in the host DMA window.
+    pub const ALLOCATE_DMA: Self = Self(0xC003);
+    /// Vendor: free a buffer in the host DMA window.
+    pub const FREE_DMA: Self = Self(0xC004);
 
     /// Every opcode this crate names, in Command Effects Log order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 11] = [
         Self::GET_TIMESTAMP,
         Self::SET_TIMESTAMP,
         Self::GET_SUPPORTED_LOGS,
@@ -33,6 +41,10 @@ impl Opcode {
         Self::IDENTIFY_MEMORY_DEVICE,
         Self::GET_HEALTH_INFO,
         Self::IDENTIFY_PNM,
+        Self::CREATE_QUEUE_PAIR,
+        Self::DELETE_QUEUE_PAIR,
+        Self::ALLOCATE_DMA,
+        Self::FREE_DMA,
     ];
 
     /// The spec's name of the command, if this crate knows it.
@@ -45,6 +57,10 @@ impl Opcode {
             Self::IDENTIFY_MEMORY_DEVICE => "Identify Memory Device",
             Self::GET_HEALTH_INFO => "Get Health Info",
             Self::IDENTIFY_PNM => "Identify PNM",
+            Self::CREATE_QUEUE_PAIR => "Create Queue Pair",
+            Self::DELETE_QUEUE_PAIR => "Delete Queue Pair",
+            Self::ALLOCATE_DMA => "Allocate DMA",
+            Self::FREE_DMA => "Free DMA",
             _ => return None,
         })
     }
@@ -60,6 +76,10 @@ impl Opcode {
         Some(match self {
             Self::SET_TIMESTAMP => size_of::<SetTimestampInput>(),
             Self::GET_LOG => size_of::<GetLogInput>(),
+            Self::CREATE_QUEUE_PAIR => size_of::<CreateQueuePairInput>(),
+            Self::DELETE_QUEUE_PAIR => size_of::<DeleteQueuePairInput>(),
+            Self::ALLOCATE_DMA => size_of::<AllocateDmaInput>(),
+            Self::FREE_DMA => size_of::<FreeDmaInput>(),
             Self::GET_TIMESTAMP
             | Self::GET_SUPPORTED_LOGS
             | Self::IDENTIFY_MEMORY_DEVICE
@@ -206,6 +226,10 @@ pub mod effect {
 pub fn command_effect(opcode: Opcode) -> u16 {
     match opcode {
         Opcode::SET_TIMESTAMP => effect::POLICY_CHANGE_IMMEDIATE,
+        Opcode::CREATE_QUEUE_PAIR
+        | Opcode::DELETE_QUEUE_PAIR
+        | Opcode::ALLOCATE_DMA
+        | Opcode::FREE_DMA => effect::CONFIG_CHANGE_IMMEDIATE,
         _ => 0,
     }
 }
@@ -328,13 +352,6 @@ pub struct HealthInfoOutput {
 // Identify PNM (vendor, C000h)
 // ---------------------------------------------------------------------------
 
-/// Bits of `IdentifyPnmOutput::supported_dtypes`.
-pub mod dtype_bits {
-    pub const F32: u32 = 1 << 0;
-    pub const F16: u32 = 1 << 1;
-    pub const BF16: u32 = 1 << 2;
-}
-
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
 )]
@@ -347,21 +364,92 @@ pub struct IdentifyPnmOutput {
     pub dma_window_size: U64,
     pub dram_offset: U64,
     pub dram_size: U64,
-    /// [`dtype_bits`] of key/value element types the firmware scores.
+    /// `1 << dtype code` for each key/value element type the firmware scores.
     pub supported_dtypes: U32,
     pub max_head_dim: U32,
     /// Largest k a TOPK command may ask for.
     pub max_k: U32,
     /// Most queries in one GQA group per command.
     pub max_group: U32,
-    /// Tokens per KV page in device DRAM.
-    pub page_tokens: U32,
+    /// Bytes per KV frame (one page of K or V rows).
+    pub kv_frame_size: U32,
     pub max_queue_pairs: U32,
     pub max_queue_entries: U32,
     pub heartbeat_period_us: U32,
     /// ASCII, NUL padded.
     pub fw_revision: [u8; 16],
+    /// Where KV frame 0 starts, from the start of device DRAM.
+    pub kv_frames_offset: U64,
+    pub kv_frame_count: U32,
+    pub max_sequences: U32,
 }
+
+// ---------------------------------------------------------------------------
+// Queue pairs and DMA buffers (vendor, C001h-C004h)
+// ---------------------------------------------------------------------------
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct CreateQueuePairInput {
+    /// Region offset of the submission ring (in the host DMA window).
+    pub sq_addr: U64,
+    /// Region offset of the completion ring (in the host DMA window).
+    pub cq_addr: U64,
+    /// Entries in each ring: a power of two in 2..=4096.
+    pub entries: U16,
+    /// Interrupt vector, or FFFFh for a polled queue.
+    pub irq_vector: U16,
+    /// Process that owns the queue; the device reclaims it when that
+    /// process no longer exists (0: never reclaimed).
+    pub owner_pid: U32,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct CreateQueuePairOutput {
+    pub queue_id: U16,
+    pub reserved: [u8; 6],
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct DeleteQueuePairInput {
+    pub queue_id: U16,
+    pub reserved: [u8; 6],
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct AllocateDmaInput {
+    /// Bytes wanted; rounded up to 4 KiB.
+    pub size: U64,
+    /// Owning process, as for queue pairs.
+    pub owner_pid: U32,
+    pub reserved: [u8; 4],
+}
+
+/// Output of Allocate DMA; input of Free DMA.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct DmaBufferAddr {
+    /// Region offset of the buffer.
+    pub addr: U64,
+}
+pub type AllocateDmaOutput = DmaBufferAddr;
+pub type FreeDmaInput = DmaBufferAddr;
+
+/// Granule of DMA window allocations.
+pub const DMA_GRANULE: u64 = 4096;
 
 const _: () = {
     use std::mem::offset_of;
@@ -390,7 +478,16 @@ const _: () = {
     assert!(offset_of!(HealthInfoOutput, dirty_shutdown_count) == 0x06);
     assert!(offset_of!(HealthInfoOutput, corrected_volatile_error_count) == 0x0A);
     assert!(offset_of!(HealthInfoOutput, corrected_persistent_error_count) == 0x0E);
-    assert!(size_of::<IdentifyPnmOutput>() == 0x60);
+    assert!(size_of::<IdentifyPnmOutput>() == 0x70);
+    assert!(offset_of!(IdentifyPnmOutput, kv_frame_size) == 0x40);
+    assert!(offset_of!(IdentifyPnmOutput, kv_frames_offset) == 0x60);
+    assert!(size_of::<CreateQueuePairInput>() == 0x18);
+    assert!(offset_of!(CreateQueuePairInput, entries) == 0x10);
+    assert!(offset_of!(CreateQueuePairInput, owner_pid) == 0x14);
+    assert!(size_of::<CreateQueuePairOutput>() == 8);
+    assert!(size_of::<DeleteQueuePairInput>() == 8);
+    assert!(size_of::<AllocateDmaInput>() == 0x10);
+    assert!(size_of::<DmaBufferAddr>() == 8);
     assert!(offset_of!(IdentifyPnmOutput, region_size) == 0x08);
     assert!(offset_of!(IdentifyPnmOutput, dram_size) == 0x28);
     assert!(offset_of!(IdentifyPnmOutput, supported_dtypes) == 0x30);
@@ -407,6 +504,9 @@ pub fn fixed_output_len(opcode: Opcode) -> Option<usize> {
         Opcode::IDENTIFY_MEMORY_DEVICE => size_of::<IdentifyOutput>(),
         Opcode::GET_HEALTH_INFO => size_of::<HealthInfoOutput>(),
         Opcode::IDENTIFY_PNM => size_of::<IdentifyPnmOutput>(),
+        Opcode::CREATE_QUEUE_PAIR => size_of::<CreateQueuePairOutput>(),
+        Opcode::DELETE_QUEUE_PAIR | Opcode::FREE_DMA => 0,
+        Opcode::ALLOCATE_DMA => size_of::<AllocateDmaOutput>(),
         _ => return None,
     })
 }

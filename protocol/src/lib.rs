@@ -4,6 +4,7 @@
 //!   status, primary mailbox, memory device status) and the vendor PNM
 //!   capability, each offset defined once.
 //! - [`commands`]: mailbox opcodes, return codes and payload layouts.
+//! - [`queue`]: submission/completion rings, command descriptors, KV frames.
 //! - [`layout`]: how the shared region is split between registers, the host
 //!   DMA window and device DRAM.
 //! - [`shared`]: the only way this workspace touches memory another process
@@ -14,9 +15,11 @@
 
 pub mod commands;
 pub mod layout;
+pub mod queue;
 pub mod regs;
 pub mod shared;
 
 pub use commands::{Opcode, ReturnCode};
 pub use layout::RegionLayout;
+pub use queue::Dtype;
 pub use shared::{OutOfBounds, SharedMemory};

@@ -7,7 +7,7 @@
 //! is copied in and out, so the compiler never assumes the bytes are stable.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 /// An access fell outside the mapping or was misaligned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -95,6 +95,19 @@ impl SharedMemory {
         unsafe { AtomicU8::from_ptr(p) }.store(value, order)
     }
 
+    pub fn load_u16(&self, offset: u64, order: Ordering) -> u16 {
+        let p = self.scalar_ptr(offset, 2).cast::<u16>();
+        // SAFETY: in bounds and 2-byte aligned (checked in `scalar_ptr`,
+        // base is 8-aligned), valid for the view's lifetime.
+        unsafe { AtomicU16::from_ptr(p) }.load(order)
+    }
+
+    pub fn store_u16(&self, offset: u64, value: u16, order: Ordering) {
+        let p = self.scalar_ptr(offset, 2).cast::<u16>();
+        // SAFETY: as in `load_u16`.
+        unsafe { AtomicU16::from_ptr(p) }.store(value, order)
+    }
+
     pub fn load_u32(&self, offset: u64, order: Ordering) -> u32 {
         let p = self.scalar_ptr(offset, 4).cast::<u32>();
         // SAFETY: in bounds and 4-byte aligned (checked in `scalar_ptr`,
@@ -151,6 +164,17 @@ impl SharedMemory {
         // SAFETY: the destination range is inside the mapping (checked
         // above), `data` is local memory, so the ranges cannot overlap.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `from` to `to` inside the view (the ranges
+    /// may overlap), like a DMA engine moving data between two buffers.
+    pub fn copy_within(&self, from: u64, to: u64, len: u64) -> Result<(), OutOfBounds> {
+        let src = self.range_ptr(from, len)?;
+        let dst = self.range_ptr(to, len)?;
+        // SAFETY: both ranges are inside the mapping (checked above);
+        // `ptr::copy` allows them to overlap.
+        unsafe { std::ptr::copy(src, dst, len as usize) };
         Ok(())
     }
 

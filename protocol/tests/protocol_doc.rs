@@ -2,6 +2,7 @@
 //! `<!-- table: NAME -->` is parsed and compared with the constants.
 
 use pnm_protocol::commands::{self, *};
+use pnm_protocol::queue::{self, CompletionEntry, SequenceInfo, SubmissionEntry};
 use pnm_protocol::regs::{self, CAPABILITIES, MAILBOX_REGISTERS, PNM_REGISTERS};
 use pnm_protocol::{Opcode, ReturnCode};
 
@@ -101,6 +102,19 @@ fn payload_tables_match_type_layouts() {
     check_payload("payload-identify", size_of::<IdentifyOutput>());
     check_payload("payload-health", size_of::<HealthInfoOutput>());
     check_payload("payload-identify-pnm", size_of::<IdentifyPnmOutput>());
+    check_payload("payload-create-queue-pair", size_of::<CreateQueuePairInput>());
+    check_payload("payload-allocate-dma", size_of::<AllocateDmaInput>());
+    check_payload("sqe", size_of::<SubmissionEntry>());
+    check_payload("cqe", size_of::<CompletionEntry>());
+    check_payload("sequence-info", size_of::<SequenceInfo>());
+}
+
+#[test]
+fn queue_opcode_table_matches() {
+    let rows = table("queue-opcodes");
+    let documented: Vec<(u8, &str)> =
+        rows.iter().map(|r| (num(&r[0]) as u8, r[1].as_str())).collect();
+    assert_eq!(documented, queue::opcode::ALL.to_vec());
 }
 
 #[test]

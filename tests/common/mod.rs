@@ -153,6 +153,6 @@ pub fn run(binary: &str, args: &[&str]) -> Output {
 
 /// Opens a device with a short mailbox timeout.
 pub fn open(path: &Path, timeout: Duration) -> Device {
-    Device::open_with(path, &DeviceOptions { mailbox_timeout: timeout, wait_ready: None })
+    Device::open_with(path, &DeviceOptions { mailbox_timeout: timeout, ..Default::default() })
         .expect("open device")
 }

@@ -1,0 +1,305 @@
+//! Executes queue commands against the KV store, with every field of the
+//! descriptor validated before anything is read or written.
+
+use pnm_firmware::LIMITS;
+use pnm_firmware::kernels::{self, Aggregation, Scored};
+use pnm_firmware::kv::{Dram, KvError, KvStore, SequenceShape};
+use pnm_protocol::queue::{GatherLayout, PageMapEntry, SubmissionEntry, TopkLayout, opcode};
+use pnm_protocol::{Dtype, RegionLayout, ReturnCode, SharedMemory};
+use zerocopy::IntoBytes;
+
+/// Device DRAM as the firmware sees it: offsets from the DRAM start.
+#[derive(Debug, Clone, Copy)]
+pub struct DramView {
+    mem: SharedMemory,
+}
+
+impl DramView {
+    pub fn new(region: SharedMemory, layout: &RegionLayout) -> Self {
+        let mem =
+            region.subrange(layout.dram_offset, layout.dram_size).expect("layout fits the region");
+        Self { mem }
+    }
+}
+
+impl Dram for DramView {
+    fn len(&self) -> u64 {
+        self.mem.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError> {
+        self.mem
+            .read_bytes(offset, out)
+            .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError> {
+        self.mem
+            .write_bytes(offset, data)
+            .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })
+    }
+}
+
+/// What a command produced for its completion entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub code: ReturnCode,
+    pub result0: u32,
+    pub result1: u32,
+    pub result2: u64,
+}
+
+impl Outcome {
+    fn ok(result0: u32, result1: u32, result2: u64) -> Self {
+        Self { code: ReturnCode::SUCCESS, result0, result1, result2 }
+    }
+
+    fn error(code: ReturnCode) -> Self {
+        Self { code, result0: 0, result1: 0, result2: 0 }
+    }
+}
+
+/// A refusal: the return code and why (for the log).
+type Refusal = (ReturnCode, String);
+
+fn kv_error(e: KvError) -> Refusal {
+    let code = match &e {
+        KvError::NoSuchSequence(_) => ReturnCode::INVALID_HANDLE,
+        KvError::Invalid(_) | KvError::SequenceTooLong { .. } => ReturnCode::INVALID_INPUT,
+        KvError::DramExhausted { .. } | KvError::TooManySequences(_) => {
+            ReturnCode::RESOURCES_EXHAUSTED
+        }
+        KvError::OutOfRange { .. } | KvError::TooSmall(_) => ReturnCode::INTERNAL_ERROR,
+    };
+    (code, e.to_string())
+}
+
+fn invalid(reason: impl Into<String>) -> Refusal {
+    (ReturnCode::INVALID_INPUT, reason.into())
+}
+
+/// The engine's data-path executor.
+#[derive(Debug)]
+pub struct DataPath {
+    /// The whole region (host buffers are addressed from its start).
+    pub mem: SharedMemory,
+    pub layout: RegionLayout,
+    pub kv: KvStore<DramView>,
+    scratch: Vec<u8>,
+}
+
+impl DataPath {
+    pub fn new(mem: SharedMemory, layout: RegionLayout, kv: KvStore<DramView>) -> Self {
+        Self { mem, layout, kv, scratch: Vec::new() }
+    }
+
+    /// Checks that `[addr, addr + len)` is a host buffer of at least `need`
+    /// bytes inside the host DMA window.
+    fn buffer(&self, which: &str, addr: u64, len: u32, need: u64) -> Result<u64, Refusal> {
+        let len = u64::from(len);
+        if len < need {
+            return Err((
+                ReturnCode::INVALID_PAYLOAD_LENGTH,
+                format!("{which} holds {len} bytes, needs {need}"),
+            ));
+        }
+        let window = self.layout.dma_window_offset
+            ..self.layout.dma_window_offset + self.layout.dma_window_size;
+        match addr.checked_add(len) {
+            Some(end) if window.contains(&addr) && end <= window.end => Ok(addr),
+            _ => Err((
+                ReturnCode::INVALID_PHYSICAL_ADDRESS,
+                format!("{which} {addr:#x}+{len:#x} is not inside the host DMA window"),
+            )),
+        }
+    }
+
+    fn write(&self, addr: u64, bytes: &[u8]) -> Result<(), Refusal> {
+        self.mem.write_bytes(addr, bytes).map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))
+    }
+
+    /// Executes one descriptor.
+    pub fn execute(&mut self, sqe: &SubmissionEntry) -> Outcome {
+        match self.dispatch(sqe) {
+            Ok(outcome) => outcome,
+            Err((code, reason)) => {
+                tracing::debug!(opcode = sqe.opcode, cid = sqe.command_id.get(), %code, %reason, "command refused");
+                Outcome::error(code)
+            }
+        }
+    }
+
+    fn dispatch(&mut self, sqe: &SubmissionEntry) -> Result<Outcome, Refusal> {
+        let seq = sqe.seq.get();
+        match sqe.opcode {
+            opcode::NOP => Ok(Outcome::ok(0, 0, 0)),
+            opcode::KV_CREATE => {
+                let head_dim =
+                    u16::try_from(sqe.arg0.get()).map_err(|_| invalid("head_dim too large"))?;
+                let dtype =
+                    Dtype::from_code(sqe.arg1.get()).ok_or_else(|| invalid("unknown dtype"))?;
+                let shape = SequenceShape {
+                    dtype,
+                    layers: sqe.layer.get(),
+                    heads: sqe.head.get(),
+                    head_dim,
+                };
+                let id = self.kv.create(shape).map_err(kv_error)?;
+                Ok(Outcome::ok(id, shape.tokens_per_page() as u32, 0))
+            }
+            opcode::KV_APPEND => {
+                let count = u64::from(sqe.count.get());
+                let shape = self.kv.shape(seq).map_err(kv_error)?;
+                let reserved = self.kv.reserved(seq).map_err(kv_error)?;
+                let tpp = shape.tokens_per_page();
+                let pages = (reserved + count).div_ceil(tpp) - reserved / tpp;
+                let need = pages * u64::from(shape.layers) * u64::from(shape.heads) * 8;
+                let out =
+                    self.buffer("page map buffer", sqe.buf0_addr.get(), sqe.buf0_len.get(), need)?;
+                let appended = self.kv.append(seq, count).map_err(kv_error)?;
+                self.write(out, appended.map.as_bytes())?;
+                let first = u32::try_from(appended.first_token)
+                    .map_err(|_| invalid("token index over 2^32"))?;
+                Ok(Outcome::ok(first, appended.first_page as u32, pages))
+            }
+            opcode::KV_COMMIT => {
+                let tokens = self.kv.commit(seq, u64::from(sqe.count.get())).map_err(kv_error)?;
+                Ok(Outcome::ok(tokens as u32, 0, tokens))
+            }
+            opcode::KV_FREE => {
+                self.kv.free(seq).map_err(kv_error)?;
+                Ok(Outcome::ok(0, 0, 0))
+            }
+            opcode::KV_LIST => {
+                let list = self.kv.list();
+                let room = u64::from(sqe.buf0_len.get()) / 32;
+                let n = (list.len() as u64).min(u64::from(sqe.count.get())).min(room);
+                let out =
+                    self.buffer("list buffer", sqe.buf0_addr.get(), sqe.buf0_len.get(), n * 32)?;
+                self.write(out, list[..n as usize].as_bytes())?;
+                Ok(Outcome::ok(list.len() as u32, n as u32, 0))
+            }
+            opcode::KV_MAP => {
+                let (first, count) = (u64::from(sqe.arg0.get()), u64::from(sqe.count.get()));
+                let map: Vec<PageMapEntry> =
+                    self.kv.page_map(seq, first, count).map_err(kv_error)?;
+                let out = self.buffer(
+                    "page map buffer",
+                    sqe.buf0_addr.get(),
+                    sqe.buf0_len.get(),
+                    map.as_bytes().len() as u64,
+                )?;
+                self.write(out, map.as_bytes())?;
+                Ok(Outcome::ok(count as u32, 0, 0))
+            }
+            opcode::TOPK | opcode::TOPK_GATHER => self.topk(sqe, sqe.opcode == opcode::TOPK_GATHER),
+            opcode::GATHER => self.gather(sqe),
+            other => Err((ReturnCode::UNSUPPORTED, format!("opcode {other:#04x}"))),
+        }
+    }
+
+    fn topk(&mut self, sqe: &SubmissionEntry, with_rows: bool) -> Result<Outcome, Refusal> {
+        let seq = sqe.seq.get();
+        let shape = self.kv.shape(seq).map_err(kv_error)?;
+        let (k, group) = (sqe.count.get(), sqe.arg0.get());
+        if k == 0 || k > LIMITS.max_k {
+            return Err(invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
+        }
+        if group == 0 || group > LIMITS.max_group {
+            return Err(invalid(format!("group {group} not in 1..={}", LIMITS.max_group)));
+        }
+        let arg1 = sqe.arg1.get();
+        let query_dtype =
+            Dtype::from_code(arg1 & 0xFF).ok_or_else(|| invalid("unknown query dtype"))?;
+        let how = Aggregation::from_code((arg1 >> 8) as u8)
+            .filter(|_| arg1 >> 16 == 0)
+            .ok_or_else(|| invalid("unknown aggregation"))?;
+        let query_bytes = u64::from(group) * u64::from(shape.head_dim) * query_dtype.size() as u64;
+        if u64::from(sqe.buf0_len.get()) != query_bytes {
+            return Err((
+                ReturnCode::INVALID_PAYLOAD_LENGTH,
+                format!(
+                    "query buffer holds {} bytes, {group} queries need {query_bytes}",
+                    sqe.buf0_len.get()
+                ),
+            ));
+        }
+        let query_at =
+            self.buffer("query buffer", sqe.buf0_addr.get(), sqe.buf0_len.get(), query_bytes)?;
+        let result = TopkLayout {
+            k: u64::from(k),
+            row_bytes: if with_rows { shape.row_bytes() } else { 0 },
+        };
+        let out =
+            self.buffer("result buffer", sqe.buf1_addr.get(), sqe.buf1_len.get(), result.len())?;
+
+        self.scratch.resize(query_bytes as usize, 0);
+        self.mem
+            .read_bytes(query_at, &mut self.scratch)
+            .map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))?;
+        let mut queries = Vec::new();
+        kernels::to_f32(query_dtype, &self.scratch, &mut queries);
+        let top: Vec<Scored> = self
+            .kv
+            .top_k(seq, sqe.layer.get(), sqe.head.get(), &queries, how, k)
+            .map_err(kv_error)?;
+        let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
+        let scores: Vec<f32> = top.iter().map(|s| s.score).collect();
+        self.write(out + result.indices(), indices.as_bytes())?;
+        self.write(out + result.scores(), scores.as_bytes())?;
+        if with_rows {
+            self.copy_rows(sqe, &indices, out + result.key_rows(), out + result.value_rows())?;
+        }
+        Ok(Outcome::ok(top.len() as u32, 0, self.kv.tokens(seq).unwrap_or(0)))
+    }
+
+    fn gather(&mut self, sqe: &SubmissionEntry) -> Result<Outcome, Refusal> {
+        let seq = sqe.seq.get();
+        let shape = self.kv.shape(seq).map_err(kv_error)?;
+        let n = sqe.count.get();
+        if n == 0 {
+            return Err(invalid("gathering 0 rows"));
+        }
+        let index_bytes = u64::from(n) * 4;
+        let at =
+            self.buffer("index buffer", sqe.buf0_addr.get(), sqe.buf0_len.get(), index_bytes)?;
+        let rows = GatherLayout { n: u64::from(n), row_bytes: shape.row_bytes() };
+        let out = self.buffer("row buffer", sqe.buf1_addr.get(), sqe.buf1_len.get(), rows.len())?;
+        self.scratch.resize(index_bytes as usize, 0);
+        self.mem
+            .read_bytes(at, &mut self.scratch)
+            .map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))?;
+        let indices: Vec<u32> = self
+            .scratch
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        self.copy_rows(sqe, &indices, out + rows.key_rows(), out + rows.value_rows())?;
+        Ok(Outcome::ok(n, 0, 0))
+    }
+
+    /// DMAs the K and V rows of `indices` to consecutive rows at `keys_at`
+    /// and `values_at`. Every index is checked before any row moves.
+    fn copy_rows(
+        &self,
+        sqe: &SubmissionEntry,
+        indices: &[u32],
+        keys_at: u64,
+        values_at: u64,
+    ) -> Result<(), Refusal> {
+        let seq = sqe.seq.get();
+        let row = self.kv.shape(seq).map_err(kv_error)?.row_bytes();
+        let locations = self
+            .kv
+            .row_locations(seq, sqe.layer.get(), sqe.head.get(), indices)
+            .map_err(kv_error)?;
+        let dram = self.layout.dram_offset;
+        for (i, loc) in locations.iter().enumerate() {
+            let i = i as u64;
+            let moved = self
+                .mem
+                .copy_within(dram + loc.key, keys_at + i * row, row)
+                .and_then(|()| self.mem.copy_within(dram + loc.value, values_at + i * row, row));
+            moved.map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))?;
+        }
+        Ok(())
+    }
+}

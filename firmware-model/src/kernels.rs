@@ -1,0 +1,295 @@
+//! Scoring and Top-K selection: what the device computes next to its DRAM.
+//!
+//! Scores are `q . k` accumulated in f32. The order of results is total and
+//! deterministic:
+//! - higher score first;
+//! - equal scores: lower token index first;
+//! - NaN ranks below every number (including -inf), so a NaN key never
+//!   displaces a real one; NaNs among themselves are ordered by index.
+//!
+//! For a GQA group of G queries the token's score is an aggregate of its G
+//! scores ([`Aggregation`]), ignoring NaNs unless all G are NaN.
+
+use std::cmp::Ordering;
+
+use crate::limits::Dtype;
+
+/// How a GQA group's scores combine into one per token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aggregation {
+    /// The largest of the group's scores (default): a token is kept if any
+    /// query head attends to it strongly.
+    #[default]
+    Max,
+    /// The mean of the group's scores.
+    Mean,
+}
+
+impl Aggregation {
+    pub const fn code(self) -> u8 {
+        match self {
+            Self::Max => 0,
+            Self::Mean => 1,
+        }
+    }
+
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(Self::Max),
+            1 => Some(Self::Mean),
+            _ => None,
+        }
+    }
+}
+
+/// Converts `count` elements of `dtype` (little-endian bytes) to f32.
+///
+/// `out` is cleared and refilled. `bytes` must hold exactly
+/// `out_len * dtype.size()` bytes.
+pub fn to_f32(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
+    debug_assert_eq!(bytes.len() % dtype.size(), 0);
+    out.clear();
+    match dtype {
+        Dtype::F32 => {
+            out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        }
+        Dtype::F16 => {
+            out.extend(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+            );
+        }
+        Dtype::Bf16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+        ),
+    }
+}
+
+/// Dot product accumulated in f32, in eight independent lanes so the
+/// compiler can vectorise it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut lanes = [0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for l in 0..8 {
+            lanes[l] += a[i * 8 + l] * b[i * 8 + l];
+        }
+    }
+    let mut tail = 0f32;
+    for i in chunks * 8..a.len() {
+        tail += a[i] * b[i];
+    }
+    let pairs =
+        [lanes[0] + lanes[4], lanes[1] + lanes[5], lanes[2] + lanes[6], lanes[3] + lanes[7]];
+    (pairs[0] + pairs[2]) + (pairs[1] + pairs[3]) + tail
+}
+
+/// Aggregates one token's group scores.
+#[inline]
+pub fn aggregate(scores: &[f32], how: Aggregation) -> f32 {
+    let mut best = f32::NAN;
+    let mut sum = 0f32;
+    let mut count = 0u32;
+    for &s in scores {
+        if s.is_nan() {
+            continue;
+        }
+        best = if best.is_nan() { s } else { best.max(s) };
+        sum += s;
+        count += 1;
+    }
+    match how {
+        _ if count == 0 => f32::NAN,
+        Aggregation::Max => best,
+        Aggregation::Mean => sum / count as f32,
+    }
+}
+
+/// Scores `keys` (f32 rows of `head_dim`) against `queries` (G rows of
+/// `head_dim`), appending one aggregated score per key row to `out`.
+pub fn score_rows(
+    keys: &[f32],
+    head_dim: usize,
+    queries: &[f32],
+    how: Aggregation,
+    out: &mut Vec<f32>,
+) {
+    let group = queries.len() / head_dim;
+    let mut per_query = [0f32; 64];
+    for key in keys.chunks_exact(head_dim) {
+        for (g, q) in queries.chunks_exact(head_dim).enumerate() {
+            per_query[g] = dot(q, key);
+        }
+        out.push(aggregate(&per_query[..group], how));
+    }
+}
+
+/// The ranking order: `a` before `b` if it has the higher score, NaN last,
+/// lower index on ties.
+#[inline]
+pub fn rank(a: (f32, u32), b: (f32, u32)) -> Ordering {
+    match (a.0.is_nan(), b.0.is_nan()) {
+        (false, false) => b.0.partial_cmp(&a.0).expect("not NaN").then(a.1.cmp(&b.1)),
+        (true, true) => a.1.cmp(&b.1),
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+    }
+}
+
+/// One selected token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scored {
+    pub index: u32,
+    pub score: f32,
+}
+
+/// The `k` best of `scores` (index = position), best first, by [`rank`].
+/// Returns `min(k, scores.len())` entries.
+pub fn top_k(scores: &[f32], k: usize) -> Vec<Scored> {
+    let mut all: Vec<(f32, u32)> = scores.iter().enumerate().map(|(i, &s)| (s, i as u32)).collect();
+    let k = k.min(all.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k < all.len() {
+        all.select_nth_unstable_by(k - 1, |&a, &b| rank(a, b));
+        all.truncate(k);
+    }
+    all.sort_unstable_by(|&a, &b| rank(a, b));
+    all.into_iter().map(|(score, index)| Scored { index, score }).collect()
+}
+
+/// Merges per-part Top-K lists (each already ranked, indices global) into
+/// the overall Top-K; exact because each part kept its own best `k`.
+pub fn merge_top_k(parts: &[Vec<Scored>], k: usize) -> Vec<Scored> {
+    let mut all: Vec<(f32, u32)> = parts.iter().flatten().map(|s| (s.score, s.index)).collect();
+    all.sort_unstable_by(|&a, &b| rank(a, b));
+    all.truncate(k);
+    all.into_iter().map(|(score, index)| Scored { index, score }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The naive reference: full sort of every (score, index), by the
+    /// documented order.
+    fn naive_top_k(scores: &[f32], k: usize) -> Vec<(u32, f32)> {
+        let mut v: Vec<(u32, f32)> =
+            scores.iter().enumerate().map(|(i, &s)| (i as u32, s)).collect();
+        v.sort_by(|a, b| {
+            let key = |s: f32| if s.is_nan() { f64::NEG_INFINITY } else { f64::from(s) };
+            // NaN strictly below -inf: compare NaN-ness first.
+            a.1.is_nan()
+                .cmp(&b.1.is_nan())
+                .then(key(b.1).partial_cmp(&key(a.1)).unwrap())
+                .then(a.0.cmp(&b.0))
+        });
+        v.truncate(k);
+        v
+    }
+
+    fn naive_dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum()
+    }
+
+    #[test]
+    fn ties_break_by_lower_index_and_nan_ranks_last() {
+        let scores = [1.0, f32::NAN, 3.0, 3.0, f32::NEG_INFINITY, 1.0, f32::NAN];
+        let got: Vec<u32> = top_k(&scores, 7).iter().map(|s| s.index).collect();
+        assert_eq!(got, [2, 3, 0, 5, 4, 1, 6]);
+        assert_eq!(top_k(&scores, 2).iter().map(|s| s.index).collect::<Vec<_>>(), [2, 3]);
+        assert!(top_k(&scores, 0).is_empty());
+        assert_eq!(top_k(&[], 5), []);
+    }
+
+    #[test]
+    fn aggregation_ignores_nan_unless_all_are() {
+        assert_eq!(aggregate(&[1.0, f32::NAN, 3.0], Aggregation::Max), 3.0);
+        assert_eq!(aggregate(&[1.0, f32::NAN, 3.0], Aggregation::Mean), 2.0);
+        assert!(aggregate(&[f32::NAN, f32::NAN], Aggregation::Max).is_nan());
+        assert_eq!(aggregate(&[f32::NEG_INFINITY, -1.0], Aggregation::Max), -1.0);
+    }
+
+    #[test]
+    fn conversions_match_half() {
+        let values = [0.0f32, -1.5, 65504.0, 1e-3, f32::INFINITY];
+        let f16: Vec<u8> =
+            values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let bf16: Vec<u8> =
+            values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+        let mut out = Vec::new();
+        to_f32(Dtype::F16, &f16, &mut out);
+        assert_eq!(out[1], -1.5);
+        assert_eq!(out[2], 65504.0);
+        to_f32(Dtype::Bf16, &bf16, &mut out);
+        assert_eq!(out[4], f32::INFINITY);
+        assert_eq!(out.len(), 5);
+    }
+
+    proptest! {
+        #[test]
+        fn top_k_equals_the_naive_sort(
+            scores in proptest::collection::vec(
+                prop_oneof![
+                    8 => -4i8..4i8, // small integers: many exact ties
+                    1 => Just(i8::MIN), // NaN marker
+                    1 => Just(i8::MAX), // +inf marker
+                ],
+                0..300,
+            ),
+            k in 0usize..320,
+        ) {
+            let scores: Vec<f32> = scores.iter().map(|&s| match s {
+                i8::MIN => f32::NAN,
+                i8::MAX => f32::INFINITY,
+                s => f32::from(s),
+            }).collect();
+            let got: Vec<(u32, f32)> = top_k(&scores, k).iter().map(|s| (s.index, s.score)).collect();
+            let want = naive_top_k(&scores, k);
+            prop_assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                prop_assert_eq!(g.0, w.0);
+                prop_assert!(g.1 == w.1 || (g.1.is_nan() && w.1.is_nan()));
+            }
+        }
+
+        #[test]
+        fn merged_parts_equal_the_whole(
+            scores in proptest::collection::vec(-50i16..50, 1..400),
+            parts in 1usize..6,
+            k in 1usize..64,
+        ) {
+            let scores: Vec<f32> = scores.iter().map(|&s| f32::from(s) / 4.0).collect();
+            let chunk = scores.len().div_ceil(parts);
+            let partials: Vec<Vec<Scored>> = scores
+                .chunks(chunk)
+                .enumerate()
+                .map(|(p, c)| {
+                    top_k(c, k)
+                        .into_iter()
+                        .map(|s| Scored { index: s.index + (p * chunk) as u32, score: s.score })
+                        .collect()
+                })
+                .collect();
+            prop_assert_eq!(merge_top_k(&partials, k), top_k(&scores, k));
+        }
+
+        #[test]
+        fn dot_matches_f64_reference(
+            pairs in proptest::collection::vec((-8.0f32..8.0, -8.0f32..8.0), 1..257),
+        ) {
+            let (a, b): (Vec<f32>, Vec<f32>) = pairs.into_iter().unzip();
+            let got = f64::from(dot(&a, &b));
+            let want = naive_dot(&a, &b);
+            let scale: f64 = a.iter().zip(&b).map(|(&x, &y)| f64::from((x * y).abs())).sum::<f64>() + 1.0;
+            prop_assert!((got - want).abs() <= 1e-5 * scale, "{} vs {}", got, want);
+        }
+    }
+}

@@ -1,0 +1,841 @@
+//! The KV store in device DRAM.
+//!
+//! Device DRAM is laid out as
+//!
+//! ```text
+//! 0x0000           superblock (4 KiB)
+//! 0x1000           sequence table: max_sequences descriptors of 512 bytes
+//! bounds_offset    per-frame key bounds: frame_count slots of 2 KiB
+//! frames_offset    frames of KV_FRAME_SIZE bytes, frame_size aligned
+//! ```
+//!
+//! A sequence has `layers x heads` KV streams of `head_dim` elements of one
+//! dtype. Its tokens are grouped in pages of `tokens_per_page` tokens; each
+//! (page, layer, head) owns one K frame and one V frame, so a page's keys are
+//! contiguous rows. The page table (a list of [`PageMapEntry`], page-major,
+//! then layer, then head) lives in page-table frames listed by the sequence's
+//! descriptor, so a sequence grows without moving data. The K frame's bounds
+//! slot holds the element-wise min and max of the page's committed keys (f32,
+//! NaN ignored), for query-aware page selection.
+//!
+//! Everything that must survive a restart is in DRAM; the frame allocator is
+//! rebuilt from the page tables at load, so it cannot disagree with them.
+//! Reserved-but-uncommitted tokens roll back at load; their pages stay with
+//! the sequence.
+
+use std::collections::BTreeMap;
+
+use pnm_protocol::Dtype;
+use pnm_protocol::queue::{KV_FRAME_SIZE, PageMapEntry, SequenceInfo, tokens_per_page};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::kernels::{self, Aggregation, Scored};
+use crate::limits::LIMITS;
+
+/// Memory the store lives in: device DRAM, addressed from its start.
+pub trait Dram {
+    fn len(&self) -> u64;
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError>;
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError>;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvError {
+    #[error("no sequence {0}")]
+    NoSuchSequence(u32),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("device DRAM exhausted: {needed} frames needed, {free} free")]
+    DramExhausted { needed: u64, free: u64 },
+    #[error("sequence table full ({0} sequences)")]
+    TooManySequences(u32),
+    #[error("sequence {seq} would need {entries} page-table entries; the most is {max}")]
+    SequenceTooLong { seq: u32, entries: u64, max: u64 },
+    #[error("device DRAM access {offset:#x}+{len:#x} out of range")]
+    OutOfRange { offset: u64, len: u64 },
+    #[error("device DRAM of {0} bytes is too small for a KV store")]
+    TooSmall(u64),
+}
+
+const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"PNMKVST1");
+const SUPERBLOCK_VERSION: u32 = 1;
+const SUPERBLOCK_SIZE: u64 = 4096;
+const DESCRIPTOR_SIZE: u64 = 512;
+/// Page-table frames one descriptor can list.
+pub const MAX_PT_FRAMES: usize = 120;
+/// Page-map entries per page-table frame.
+pub const PT_ENTRIES_PER_FRAME: u64 = KV_FRAME_SIZE as u64 / 8;
+/// Bytes of one frame's bounds slot: min and max, f32, up to max head_dim.
+pub const BOUNDS_SLOT: u64 = 2 * 4 * LIMITS.max_head_dim as u64;
+const STATE_FREE: u32 = 0;
+const STATE_LIVE: u32 = 1;
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct Superblock {
+    magic: U64,
+    version: U32,
+    frame_size: U32,
+    frame_count: U32,
+    max_sequences: U32,
+    seq_table_offset: U64,
+    bounds_offset: U64,
+    frames_offset: U64,
+    next_seq: U32,
+    reserved: U32,
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct Descriptor {
+    state: U32,
+    seq: U32,
+    dtype: U16,
+    head_dim: U16,
+    layers: U16,
+    heads: U16,
+    tokens: U64,
+    pages: U32,
+    pt_frame_count: U32,
+    pt_frames: [U32; MAX_PT_FRAMES],
+}
+
+const _: () = {
+    assert!(size_of::<Superblock>() == 0x38);
+    assert!(size_of::<Descriptor>() == DESCRIPTOR_SIZE as usize);
+    assert!(std::mem::offset_of!(Descriptor, pt_frames) == 0x20);
+};
+
+/// Where the store's parts lie in DRAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLayout {
+    pub frame_count: u32,
+    pub max_sequences: u32,
+    pub seq_table_offset: u64,
+    pub bounds_offset: u64,
+    pub frames_offset: u64,
+}
+
+impl StoreLayout {
+    /// The layout for `dram_size` bytes of DRAM.
+    pub fn for_dram(dram_size: u64) -> Result<Self, KvError> {
+        let frame = u64::from(KV_FRAME_SIZE);
+        let max_sequences = LIMITS.max_sequences;
+        let seq_table_offset = SUPERBLOCK_SIZE;
+        let bounds_offset = seq_table_offset + u64::from(max_sequences) * DESCRIPTOR_SIZE;
+        // Frames start frame-aligned after the bounds table; solve for the
+        // largest count that fits, with one frame of alignment slack.
+        let usable =
+            dram_size.checked_sub(bounds_offset + frame).ok_or(KvError::TooSmall(dram_size))?;
+        let frame_count = (usable / (frame + BOUNDS_SLOT)).min(u64::from(u32::MAX)) as u32;
+        let frames_offset =
+            (bounds_offset + u64::from(frame_count) * BOUNDS_SLOT).next_multiple_of(frame);
+        if frame_count < 4 || frames_offset + u64::from(frame_count) * frame > dram_size {
+            return Err(KvError::TooSmall(dram_size));
+        }
+        Ok(Self { frame_count, max_sequences, seq_table_offset, bounds_offset, frames_offset })
+    }
+
+    pub fn frame_offset(&self, frame: u32) -> u64 {
+        self.frames_offset + u64::from(frame) * u64::from(KV_FRAME_SIZE)
+    }
+
+    fn bounds_slot(&self, frame: u32) -> u64 {
+        self.bounds_offset + u64::from(frame) * BOUNDS_SLOT
+    }
+
+    fn descriptor(&self, slot: u32) -> u64 {
+        self.seq_table_offset + u64::from(slot) * DESCRIPTOR_SIZE
+    }
+}
+
+/// The shape of a sequence's KV.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SequenceShape {
+    pub dtype: Dtype,
+    pub layers: u16,
+    pub heads: u16,
+    pub head_dim: u16,
+}
+
+impl SequenceShape {
+    pub fn row_bytes(&self) -> u64 {
+        u64::from(self.head_dim) * self.dtype.size() as u64
+    }
+
+    pub fn tokens_per_page(&self) -> u64 {
+        u64::from(tokens_per_page(u32::from(self.head_dim), self.dtype))
+    }
+
+    fn streams(&self) -> u64 {
+        u64::from(self.layers) * u64::from(self.heads)
+    }
+
+    fn validate(&self) -> Result<(), KvError> {
+        let bad = |what: String| Err(KvError::Invalid(what));
+        if !LIMITS.dtypes.contains(&self.dtype) {
+            return bad(format!("dtype {} unsupported", self.dtype.name()));
+        }
+        if self.head_dim == 0 || u32::from(self.head_dim) > LIMITS.max_head_dim {
+            return bad(format!("head_dim {} not in 1..={}", self.head_dim, LIMITS.max_head_dim));
+        }
+        if self.layers == 0 || u32::from(self.layers) > LIMITS.max_layers {
+            return bad(format!("layers {} not in 1..={}", self.layers, LIMITS.max_layers));
+        }
+        if self.heads == 0 || u32::from(self.heads) > LIMITS.max_heads {
+            return bad(format!("kv heads {} not in 1..={}", self.heads, LIMITS.max_heads));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Sequence {
+    slot: u32,
+    shape: SequenceShape,
+    tokens: u64,
+    reserved: u64,
+    pt_frames: Vec<u32>,
+    /// The page table, page-major, then layer, then head.
+    map: Vec<PageMapEntry>,
+}
+
+impl Sequence {
+    fn pages(&self) -> u64 {
+        self.map.len() as u64 / self.shape.streams()
+    }
+
+    fn entry(&self, page: u64, layer: u16, head: u16) -> PageMapEntry {
+        let s = &self.shape;
+        self.map[(page * s.streams() + u64::from(layer) * u64::from(s.heads) + u64::from(head))
+            as usize]
+    }
+}
+
+/// What loading an existing store found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub formatted: bool,
+    pub sequences: usize,
+    /// Descriptors found inconsistent and dropped, with the reason.
+    pub dropped: Vec<String>,
+}
+
+/// Result of KV_APPEND.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub first_token: u64,
+    pub first_page: u64,
+    /// Page map of pages [first_page, first_page + map.len() / streams).
+    pub map: Vec<PageMapEntry>,
+}
+
+/// Location of one gathered row pair, as DRAM offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowLocation {
+    pub key: u64,
+    pub value: u64,
+}
+
+/// The KV store: in-memory index over what is in DRAM.
+#[derive(Debug)]
+pub struct KvStore<D: Dram> {
+    dram: D,
+    layout: StoreLayout,
+    next_seq: u32,
+    sequences: BTreeMap<u32, Sequence>,
+    /// One bit per frame: set = in use.
+    used: Vec<u64>,
+    free_frames: u64,
+}
+
+impl<D: Dram> KvStore<D> {
+    /// Opens the store in `dram`, formatting it if no valid superblock for
+    /// this DRAM size is found.
+    pub fn open(dram: D) -> Result<(Self, LoadReport), KvError> {
+        let layout = StoreLayout::for_dram(dram.len())?;
+        let mut sb = Superblock::new_zeroed();
+        dram.read(0, sb.as_mut_bytes())?;
+        let matches = sb.magic.get() == SUPERBLOCK_MAGIC
+            && sb.version.get() == SUPERBLOCK_VERSION
+            && sb.frame_size.get() == KV_FRAME_SIZE
+            && sb.frame_count.get() == layout.frame_count
+            && sb.max_sequences.get() == layout.max_sequences
+            && sb.seq_table_offset.get() == layout.seq_table_offset
+            && sb.bounds_offset.get() == layout.bounds_offset
+            && sb.frames_offset.get() == layout.frames_offset;
+        let words = (layout.frame_count as usize).div_ceil(64);
+        let mut store = Self {
+            dram,
+            layout,
+            next_seq: 1,
+            sequences: BTreeMap::new(),
+            used: vec![0; words],
+            free_frames: u64::from(layout.frame_count),
+        };
+        let mut report = LoadReport::default();
+        if matches {
+            store.next_seq = sb.next_seq.get().max(1);
+            store.load_sequences(&mut report)?;
+        } else {
+            store.format()?;
+            report.formatted = true;
+        }
+        report.sequences = store.sequences.len();
+        Ok((store, report))
+    }
+
+    fn format(&mut self) -> Result<(), KvError> {
+        let empty = vec![0u8; (u64::from(self.layout.max_sequences) * DESCRIPTOR_SIZE) as usize];
+        self.dram.write(self.layout.seq_table_offset, &empty)?;
+        self.write_superblock()
+    }
+
+    fn write_superblock(&self) -> Result<(), KvError> {
+        let l = self.layout;
+        let sb = Superblock {
+            magic: SUPERBLOCK_MAGIC.into(),
+            version: SUPERBLOCK_VERSION.into(),
+            frame_size: KV_FRAME_SIZE.into(),
+            frame_count: l.frame_count.into(),
+            max_sequences: l.max_sequences.into(),
+            seq_table_offset: l.seq_table_offset.into(),
+            bounds_offset: l.bounds_offset.into(),
+            frames_offset: l.frames_offset.into(),
+            next_seq: self.next_seq.into(),
+            reserved: 0.into(),
+        };
+        self.dram.write(0, sb.as_bytes())
+    }
+
+    fn load_sequences(&mut self, report: &mut LoadReport) -> Result<(), KvError> {
+        for slot in 0..self.layout.max_sequences {
+            let mut d = Descriptor::new_zeroed();
+            self.dram.read(self.layout.descriptor(slot), d.as_mut_bytes())?;
+            if d.state.get() == STATE_FREE {
+                continue;
+            }
+            match self.validate_descriptor(slot, &d) {
+                Ok(seq) => {
+                    self.claim_all(&seq);
+                    self.next_seq = self.next_seq.max(d.seq.get().wrapping_add(1)).max(1);
+                    self.sequences.insert(d.seq.get(), seq);
+                }
+                Err(reason) => {
+                    report
+                        .dropped
+                        .push(format!("slot {slot} (sequence {}): {reason}", d.seq.get()));
+                    self.dram.write(self.layout.descriptor(slot), &STATE_FREE.to_le_bytes())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a descriptor read from DRAM, returning the sequence it describes.
+    fn validate_descriptor(&self, slot: u32, d: &Descriptor) -> Result<Sequence, String> {
+        if d.state.get() != STATE_LIVE {
+            return Err(format!("state {}", d.state.get()));
+        }
+        if self.sequences.contains_key(&d.seq.get()) {
+            return Err("duplicate sequence id".into());
+        }
+        let dtype = Dtype::from_code(u32::from(d.dtype.get())).ok_or("bad dtype")?;
+        let shape = SequenceShape {
+            dtype,
+            layers: d.layers.get(),
+            heads: d.heads.get(),
+            head_dim: d.head_dim.get(),
+        };
+        shape.validate().map_err(|e| e.to_string())?;
+        let pages = u64::from(d.pages.get());
+        let tokens = d.tokens.get();
+        if tokens > pages * shape.tokens_per_page() {
+            return Err(format!("{tokens} tokens exceed {pages} pages"));
+        }
+        let entries = pages * shape.streams();
+        let pt_count = d.pt_frame_count.get() as usize;
+        if pt_count > MAX_PT_FRAMES || entries > pt_count as u64 * PT_ENTRIES_PER_FRAME {
+            return Err("page table does not fit its frames".into());
+        }
+        let pt_frames: Vec<u32> = d.pt_frames[..pt_count].iter().map(|f| f.get()).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut check_frame = |f: u32| {
+            if f >= self.layout.frame_count || self.is_used(f) || !seen.insert(f) {
+                Err(format!("frame {f} out of range or shared"))
+            } else {
+                Ok(())
+            }
+        };
+        for &f in &pt_frames {
+            check_frame(f)?;
+        }
+        let mut map = vec![PageMapEntry::default(); entries as usize];
+        self.read_page_table(&pt_frames, 0, &mut map).map_err(|e| e.to_string())?;
+        for e in &map {
+            check_frame(e.key_frame.get())?;
+            check_frame(e.value_frame.get())?;
+        }
+        Ok(Sequence { slot, shape, tokens, reserved: tokens, pt_frames, map })
+    }
+
+    fn read_page_table(
+        &self,
+        pt_frames: &[u32],
+        first: u64,
+        out: &mut [PageMapEntry],
+    ) -> Result<(), KvError> {
+        for (i, entry) in out.iter_mut().enumerate() {
+            let at = self.pt_entry_offset(pt_frames, first + i as u64);
+            self.dram.read(at, entry.as_mut_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn pt_entry_offset(&self, pt_frames: &[u32], index: u64) -> u64 {
+        let frame = pt_frames[(index / PT_ENTRIES_PER_FRAME) as usize];
+        self.layout.frame_offset(frame) + (index % PT_ENTRIES_PER_FRAME) * 8
+    }
+
+    fn is_used(&self, frame: u32) -> bool {
+        self.used[frame as usize / 64] & (1 << (frame % 64)) != 0
+    }
+
+    fn set_used(&mut self, frame: u32, used: bool) {
+        let word = &mut self.used[frame as usize / 64];
+        let bit = 1u64 << (frame % 64);
+        if used {
+            debug_assert!(*word & bit == 0, "frame {frame} allocated twice");
+            *word |= bit;
+            self.free_frames -= 1;
+        } else {
+            debug_assert!(*word & bit != 0, "frame {frame} freed twice");
+            *word &= !bit;
+            self.free_frames += 1;
+        }
+    }
+
+    fn claim_all(&mut self, seq: &Sequence) {
+        for &f in &seq.pt_frames {
+            self.set_used(f, true);
+        }
+        for e in &seq.map {
+            self.set_used(e.key_frame.get(), true);
+            self.set_used(e.value_frame.get(), true);
+        }
+    }
+
+    /// Takes `n` free frames (the caller checked that there are `n`).
+    fn allocate(&mut self, n: u64) -> Vec<u32> {
+        let mut out = Vec::with_capacity(n as usize);
+        if n == 0 {
+            return out;
+        }
+        'words: for w in 0..self.used.len() {
+            while self.used[w] != u64::MAX {
+                let bit = (!self.used[w]).trailing_zeros();
+                let frame = (w * 64) as u32 + bit;
+                if frame >= self.layout.frame_count {
+                    continue 'words;
+                }
+                self.set_used(frame, true);
+                out.push(frame);
+                if out.len() as u64 == n {
+                    break 'words;
+                }
+            }
+        }
+        assert_eq!(out.len() as u64, n, "caller checked free frames");
+        out
+    }
+
+    pub fn layout(&self) -> StoreLayout {
+        self.layout
+    }
+
+    pub fn free_frames(&self) -> u64 {
+        self.free_frames
+    }
+
+    pub fn dram(&self) -> &D {
+        &self.dram
+    }
+
+    fn sequence(&self, seq: u32) -> Result<&Sequence, KvError> {
+        self.sequences.get(&seq).ok_or(KvError::NoSuchSequence(seq))
+    }
+
+    fn write_descriptor(&self, seq_id: u32, seq: &Sequence) -> Result<(), KvError> {
+        let mut pt_frames = [U32::ZERO; MAX_PT_FRAMES];
+        for (dst, &src) in pt_frames.iter_mut().zip(&seq.pt_frames) {
+            *dst = src.into();
+        }
+        let d = Descriptor {
+            state: STATE_LIVE.into(),
+            seq: seq_id.into(),
+            dtype: (seq.shape.dtype.code() as u16).into(),
+            head_dim: seq.shape.head_dim.into(),
+            layers: seq.shape.layers.into(),
+            heads: seq.shape.heads.into(),
+            tokens: seq.tokens.into(),
+            pages: (seq.pages() as u32).into(),
+            pt_frame_count: (seq.pt_frames.len() as u32).into(),
+            pt_frames,
+        };
+        self.dram.write(self.layout.descriptor(seq.slot), d.as_bytes())
+    }
+
+    /// Creates an empty sequence, returning its id.
+    pub fn create(&mut self, shape: SequenceShape) -> Result<u32, KvError> {
+        shape.validate()?;
+        let used_slots: std::collections::HashSet<u32> =
+            self.sequences.values().map(|s| s.slot).collect();
+        let slot = (0..self.layout.max_sequences)
+            .find(|s| !used_slots.contains(s))
+            .ok_or(KvError::TooManySequences(self.layout.max_sequences))?;
+        let id = self.next_seq;
+        self.next_seq = self.next_seq.checked_add(1).unwrap_or(1);
+        let seq = Sequence {
+            slot,
+            shape,
+            tokens: 0,
+            reserved: 0,
+            pt_frames: Vec::new(),
+            map: Vec::new(),
+        };
+        self.write_superblock()?;
+        self.write_descriptor(id, &seq)?;
+        self.sequences.insert(id, seq);
+        Ok(id)
+    }
+
+    /// Reserves `count` more tokens, allocating pages as needed. Nothing
+    /// changes if DRAM cannot hold them.
+    pub fn append(&mut self, seq_id: u32, count: u64) -> Result<Appended, KvError> {
+        let seq = self.sequence(seq_id)?;
+        if count == 0 {
+            return Err(KvError::Invalid("appending 0 tokens".into()));
+        }
+        let shape = seq.shape;
+        let tpp = shape.tokens_per_page();
+        let first_token = seq.reserved;
+        let reserved = first_token
+            .checked_add(count)
+            .ok_or(KvError::Invalid("token count overflows".into()))?;
+        let pages_now = seq.pages();
+        let pages_needed = reserved.div_ceil(tpp);
+        let entries = pages_needed.saturating_mul(shape.streams());
+        let max_entries = MAX_PT_FRAMES as u64 * PT_ENTRIES_PER_FRAME;
+        if entries > max_entries {
+            return Err(KvError::SequenceTooLong { seq: seq_id, entries, max: max_entries });
+        }
+        let new_data_frames = (pages_needed - pages_now) * shape.streams() * 2;
+        let pt_needed = entries.div_ceil(PT_ENTRIES_PER_FRAME);
+        let new_pt_frames = pt_needed - seq.pt_frames.len() as u64;
+        let needed = new_data_frames + new_pt_frames;
+        if needed > self.free_frames {
+            return Err(KvError::DramExhausted { needed, free: self.free_frames });
+        }
+
+        let pt_new = self.allocate(new_pt_frames);
+        let data = self.allocate(new_data_frames);
+        let mut seq = self.sequences.remove(&seq_id).expect("looked up above");
+        seq.pt_frames.extend(pt_new);
+        let first_new_entry = seq.map.len() as u64;
+        for pair in data.chunks_exact(2) {
+            seq.map.push(PageMapEntry { key_frame: pair[0].into(), value_frame: pair[1].into() });
+        }
+        let result = (|| {
+            // Fresh pages start with empty bounds; then their table entries;
+            // the descriptor (the commit point) last.
+            for e in &seq.map[first_new_entry as usize..] {
+                self.reset_bounds(e.key_frame.get())?;
+            }
+            for (i, e) in seq.map.iter().enumerate().skip(first_new_entry as usize) {
+                self.dram.write(self.pt_entry_offset(&seq.pt_frames, i as u64), e.as_bytes())?;
+            }
+            self.write_descriptor(seq_id, &seq)
+        })();
+        if let Err(e) = result {
+            // Undo in memory: DRAM still holds the old descriptor.
+            for f in seq
+                .map
+                .drain(first_new_entry as usize..)
+                .flat_map(|e| [e.key_frame.get(), e.value_frame.get()])
+            {
+                self.set_used(f, false);
+            }
+            for f in seq.pt_frames.drain(seq.pt_frames.len() - new_pt_frames as usize..) {
+                self.set_used(f, false);
+            }
+            self.sequences.insert(seq_id, seq);
+            return Err(e);
+        }
+        seq.reserved = reserved;
+        let first_page = first_token / tpp;
+        let map = seq.map[(first_page * shape.streams()) as usize..].to_vec();
+        self.sequences.insert(seq_id, seq);
+        Ok(Appended { first_token, first_page, map })
+    }
+
+    fn reset_bounds(&self, key_frame: u32) -> Result<(), KvError> {
+        let mut slot = Vec::with_capacity(BOUNDS_SLOT as usize);
+        let half = (BOUNDS_SLOT / 8) as usize;
+        slot.extend((0..half).flat_map(|_| f32::INFINITY.to_le_bytes()));
+        slot.extend((0..half).flat_map(|_| f32::NEG_INFINITY.to_le_bytes()));
+        self.dram.write(self.layout.bounds_slot(key_frame), &slot)
+    }
+
+    /// The page map of pages [first, first + count).
+    pub fn page_map(
+        &self,
+        seq_id: u32,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<PageMapEntry>, KvError> {
+        let seq = self.sequence(seq_id)?;
+        let end = first.checked_add(count).filter(|&e| e <= seq.pages()).ok_or_else(|| {
+            KvError::Invalid(format!("pages {first}+{count} beyond the sequence's {}", seq.pages()))
+        })?;
+        let streams = seq.shape.streams();
+        Ok(seq.map[(first * streams) as usize..(end * streams) as usize].to_vec())
+    }
+
+    /// Makes tokens valid up to `tokens`, folding their keys into the page bounds.
+    pub fn commit(&mut self, seq_id: u32, tokens: u64) -> Result<u64, KvError> {
+        let seq = self.sequence(seq_id)?;
+        if tokens < seq.tokens || tokens > seq.reserved {
+            return Err(KvError::Invalid(format!(
+                "commit to {tokens} tokens: must be within committed {} ..= reserved {}",
+                seq.tokens, seq.reserved
+            )));
+        }
+        let shape = seq.shape;
+        let tpp = shape.tokens_per_page();
+        let d = usize::from(shape.head_dim);
+        let row = shape.row_bytes();
+        let mut raw = Vec::new();
+        let mut keys = Vec::new();
+        let mut bounds = vec![0u8; 8 * d];
+        let mut page = seq.tokens / tpp;
+        while page * tpp < tokens {
+            let start = (page * tpp).max(seq.tokens);
+            let end = ((page + 1) * tpp).min(tokens);
+            for layer in 0..shape.layers {
+                for head in 0..shape.heads {
+                    let key_frame = seq.entry(page, layer, head).key_frame.get();
+                    raw.resize(((end - start) * row) as usize, 0);
+                    let rows_at = self.layout.frame_offset(key_frame) + (start - page * tpp) * row;
+                    self.dram.read(rows_at, &mut raw)?;
+                    kernels::to_f32(shape.dtype, &raw, &mut keys);
+                    let slot = self.layout.bounds_slot(key_frame);
+                    let (mins, maxs) = bounds.split_at_mut(4 * d);
+                    self.dram.read(slot, mins)?;
+                    self.dram.read(slot + BOUNDS_SLOT / 2, maxs)?;
+                    fold_bounds(&keys, d, mins, maxs);
+                    self.dram.write(slot, mins)?;
+                    self.dram.write(slot + BOUNDS_SLOT / 2, maxs)?;
+                }
+            }
+            page += 1;
+        }
+        let mut seq = self.sequences.remove(&seq_id).expect("looked up above");
+        seq.tokens = tokens;
+        let written = self.write_descriptor(seq_id, &seq);
+        if written.is_err() {
+            seq.tokens = self.sequence_tokens_in_dram(seq.slot).unwrap_or(seq.tokens);
+        }
+        self.sequences.insert(seq_id, seq);
+        written.map(|()| tokens)
+    }
+
+    fn sequence_tokens_in_dram(&self, slot: u32) -> Result<u64, KvError> {
+        let mut d = Descriptor::new_zeroed();
+        self.dram.read(self.layout.descriptor(slot), d.as_mut_bytes())?;
+        Ok(d.tokens.get())
+    }
+
+    /// The element-wise (min, max) of page `page`'s committed keys.
+    pub fn page_bounds(
+        &self,
+        seq_id: u32,
+        layer: u16,
+        head: u16,
+        page: u64,
+    ) -> Result<(Vec<f32>, Vec<f32>), KvError> {
+        let seq = self.sequence(seq_id)?;
+        check_stream(seq, layer, head)?;
+        if page >= seq.pages() {
+            return Err(KvError::Invalid(format!("page {page} beyond {}", seq.pages())));
+        }
+        let d = usize::from(seq.shape.head_dim);
+        let slot = self.layout.bounds_slot(seq.entry(page, layer, head).key_frame.get());
+        let mut raw = vec![0u8; 4 * d];
+        let mut read = |at: u64| -> Result<Vec<f32>, KvError> {
+            self.dram.read(at, &mut raw)?;
+            Ok(raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+        };
+        Ok((read(slot)?, read(slot + BOUNDS_SLOT / 2)?))
+    }
+
+    /// Frees a sequence and its frames.
+    pub fn free(&mut self, seq_id: u32) -> Result<(), KvError> {
+        let seq = self.sequence(seq_id)?;
+        self.dram.write(self.layout.descriptor(seq.slot), &STATE_FREE.to_le_bytes())?;
+        let seq = self.sequences.remove(&seq_id).expect("looked up above");
+        for &f in &seq.pt_frames {
+            self.set_used(f, false);
+        }
+        for e in &seq.map {
+            self.set_used(e.key_frame.get(), false);
+            self.set_used(e.value_frame.get(), false);
+        }
+        Ok(())
+    }
+
+    /// Every live sequence, by id.
+    pub fn list(&self) -> Vec<SequenceInfo> {
+        self.sequences
+            .iter()
+            .map(|(&id, s)| SequenceInfo {
+                seq: id.into(),
+                dtype: (s.shape.dtype.code() as u16).into(),
+                head_dim: s.shape.head_dim.into(),
+                layers: s.shape.layers.into(),
+                heads: s.shape.heads.into(),
+                tokens_per_page: (s.shape.tokens_per_page() as u32).into(),
+                tokens: s.tokens.into(),
+                reserved_tokens: s.reserved.into(),
+            })
+            .collect()
+    }
+
+    pub fn shape(&self, seq_id: u32) -> Result<SequenceShape, KvError> {
+        Ok(self.sequence(seq_id)?.shape)
+    }
+
+    /// Tokens reserved by appends (committed or not).
+    pub fn reserved(&self, seq_id: u32) -> Result<u64, KvError> {
+        Ok(self.sequence(seq_id)?.reserved)
+    }
+
+    pub fn tokens(&self, seq_id: u32) -> Result<u64, KvError> {
+        Ok(self.sequence(seq_id)?.tokens)
+    }
+
+    /// Exact Top-K of (seq, layer, head) against a group of queries (f32,
+    /// `G x head_dim`), over committed tokens.
+    pub fn top_k(
+        &self,
+        seq_id: u32,
+        layer: u16,
+        head: u16,
+        queries: &[f32],
+        how: Aggregation,
+        k: u32,
+    ) -> Result<Vec<Scored>, KvError> {
+        let seq = self.sequence(seq_id)?;
+        check_stream(seq, layer, head)?;
+        let shape = seq.shape;
+        let d = usize::from(shape.head_dim);
+        if queries.is_empty()
+            || queries.len() % d != 0
+            || queries.len() / d > LIMITS.max_group as usize
+        {
+            return Err(KvError::Invalid(format!(
+                "{} query elements is not 1..={} queries of head_dim {d}",
+                queries.len(),
+                LIMITS.max_group
+            )));
+        }
+        if k == 0 || k > LIMITS.max_k {
+            return Err(KvError::Invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
+        }
+        let tpp = shape.tokens_per_page();
+        let row = shape.row_bytes();
+        let mut scores = Vec::with_capacity(seq.tokens as usize);
+        let mut raw = Vec::new();
+        let mut keys = Vec::new();
+        let mut page = 0;
+        while page * tpp < seq.tokens {
+            let n = tpp.min(seq.tokens - page * tpp);
+            raw.resize((n * row) as usize, 0);
+            let frame = seq.entry(page, layer, head).key_frame.get();
+            self.dram.read(self.layout.frame_offset(frame), &mut raw)?;
+            kernels::to_f32(shape.dtype, &raw, &mut keys);
+            kernels::score_rows(&keys, d, queries, how, &mut scores);
+            page += 1;
+        }
+        Ok(kernels::top_k(&scores, k as usize))
+    }
+
+    /// DRAM offsets of the K and V rows of `indices` in (seq, layer, head).
+    pub fn row_locations(
+        &self,
+        seq_id: u32,
+        layer: u16,
+        head: u16,
+        indices: &[u32],
+    ) -> Result<Vec<RowLocation>, KvError> {
+        let seq = self.sequence(seq_id)?;
+        check_stream(seq, layer, head)?;
+        let tpp = seq.shape.tokens_per_page();
+        let row = seq.shape.row_bytes();
+        indices
+            .iter()
+            .map(|&i| {
+                let i = u64::from(i);
+                if i >= seq.tokens {
+                    return Err(KvError::Invalid(format!(
+                        "token {i} beyond the sequence's {} tokens",
+                        seq.tokens
+                    )));
+                }
+                let e = seq.entry(i / tpp, layer, head);
+                let within = (i % tpp) * row;
+                Ok(RowLocation {
+                    key: self.layout.frame_offset(e.key_frame.get()) + within,
+                    value: self.layout.frame_offset(e.value_frame.get()) + within,
+                })
+            })
+            .collect()
+    }
+}
+
+fn check_stream(seq: &Sequence, layer: u16, head: u16) -> Result<(), KvError> {
+    if layer >= seq.shape.layers || head >= seq.shape.heads {
+        return Err(KvError::Invalid(format!(
+            "layer {layer} / head {head} outside the sequence's {} layers x {} heads",
+            seq.shape.layers, seq.shape.heads
+        )));
+    }
+    Ok(())
+}
+
+/// Folds f32 key rows into little-endian f32 min/max byte arrays.
+fn fold_bounds(keys: &[f32], d: usize, mins: &mut [u8], maxs: &mut [u8]) {
+    let get = |b: &[u8], i: usize| {
+        f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+    };
+    let mut lo: Vec<f32> = (0..d).map(|i| get(mins, i)).collect();
+    let mut hi: Vec<f32> = (0..d).map(|i| get(maxs, i)).collect();
+    for key in keys.chunks_exact(d) {
+        for i in 0..d {
+            // f32::min/max return the other operand for NaN: NaN is ignored.
+            lo[i] = lo[i].min(key[i]);
+            hi[i] = hi[i].max(key[i]);
+        }
+    }
+    for i in 0..d {
+        mins[4 * i..4 * i + 4].copy_from_slice(&lo[i].to_le_bytes());
+        maxs[4 * i..4 * i + 4].copy_from_slice(&hi[i].to_le_bytes());
+    }
+}
+
+#[cfg(test)]
+#[path = "kv_tests.rs"]
+mod tests;

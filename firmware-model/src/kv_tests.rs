@@ -1,0 +1,349 @@
+use std::cell::RefCell;
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// DRAM as a plain byte vector.
+#[derive(Debug)]
+struct VecDram(RefCell<Vec<u8>>);
+
+impl VecDram {
+    fn new(size: usize) -> Self {
+        Self(RefCell::new(vec![0; size]))
+    }
+}
+
+impl Dram for &VecDram {
+    fn len(&self) -> u64 {
+        self.0.borrow().len() as u64
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError> {
+        let mem = self.0.borrow();
+        let src = mem
+            .get(offset as usize..offset as usize + out.len())
+            .ok_or(KvError::OutOfRange { offset, len: out.len() as u64 })?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError> {
+        let mut mem = self.0.borrow_mut();
+        let dst = mem
+            .get_mut(offset as usize..offset as usize + data.len())
+            .ok_or(KvError::OutOfRange { offset, len: data.len() as u64 })?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+        Dtype::Bf16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+/// What the stored (rounded) value of `v` is.
+fn stored(dtype: Dtype, v: f32) -> f32 {
+    let mut out = Vec::new();
+    kernels::to_f32(dtype, &encode(dtype, &[v]), &mut out);
+    out[0]
+}
+
+/// Writes rows the way the host driver does: straight into the frames the
+/// page map names. `keys`/`values` are [layers][heads][tokens][d].
+fn load<D: Dram>(
+    store: &mut KvStore<D>,
+    shape: SequenceShape,
+    keys: &[f32],
+    values: &[f32],
+    tokens: u64,
+    chunk: u64,
+) -> u32 {
+    let id = store.create(shape).unwrap();
+    let (l, h, d) = (u64::from(shape.layers), u64::from(shape.heads), u64::from(shape.head_dim));
+    let tpp = shape.tokens_per_page();
+    let row = shape.row_bytes();
+    let mut done = 0;
+    while done < tokens {
+        let n = chunk.min(tokens - done);
+        let a = store.append(id, n).unwrap();
+        assert_eq!(a.first_token, done);
+        for t in done..done + n {
+            let page = t / tpp;
+            for layer in 0..l {
+                for head in 0..h {
+                    let e = a.map[((page - a.first_page) * l * h + layer * h + head) as usize];
+                    let src = (((layer * h + head) * tokens + t) * d) as usize;
+                    let within = (t % tpp) * row;
+                    let k = encode(shape.dtype, &keys[src..src + d as usize]);
+                    let v = encode(shape.dtype, &values[src..src + d as usize]);
+                    store
+                        .dram
+                        .write(store.layout.frame_offset(e.key_frame.get()) + within, &k)
+                        .unwrap();
+                    store
+                        .dram
+                        .write(store.layout.frame_offset(e.value_frame.get()) + within, &v)
+                        .unwrap();
+                }
+            }
+        }
+        done += n;
+        assert_eq!(store.commit(id, done).unwrap(), done);
+    }
+    id
+}
+
+fn naive_top_k(
+    shape: SequenceShape,
+    keys: &[f32],
+    tokens: u64,
+    layer: u16,
+    head: u16,
+    queries: &[f32],
+    k: usize,
+) -> Vec<(u32, f32)> {
+    let d = usize::from(shape.head_dim);
+    let base =
+        (usize::from(layer) * usize::from(shape.heads) + usize::from(head)) * tokens as usize * d;
+    let mut scored: Vec<(u32, f64)> = (0..tokens as usize)
+        .map(|t| {
+            let key: Vec<f32> = keys[base + t * d..base + (t + 1) * d]
+                .iter()
+                .map(|&v| stored(shape.dtype, v))
+                .collect();
+            let best = queries
+                .chunks(d)
+                .map(|q| {
+                    q.iter().zip(&key).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>()
+                })
+                .fold(f64::NEG_INFINITY, f64::max);
+            (t as u32, best)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+    scored.truncate(k);
+    scored.into_iter().map(|(i, s)| (i, s as f32)).collect()
+}
+
+fn lcg(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    move || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+const DRAM: usize = 48 << 20;
+
+#[test]
+fn layout_fits_and_formats() {
+    let dram = VecDram::new(DRAM);
+    let (store, report) = KvStore::open(&dram).unwrap();
+    assert!(report.formatted);
+    let l = store.layout();
+    assert_eq!(l.frames_offset % u64::from(KV_FRAME_SIZE), 0);
+    assert!(l.frame_offset(l.frame_count) <= DRAM as u64);
+    assert!(l.bounds_offset + u64::from(l.frame_count) * BOUNDS_SLOT <= l.frames_offset);
+    assert_eq!(store.free_frames(), u64::from(l.frame_count));
+    assert!(matches!(KvStore::open(&VecDram::new(512 << 10)), Err(KvError::TooSmall(_))));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn top_k_matches_the_naive_reference(
+        dtype_i in 0usize..3,
+        head_dim in prop_oneof![Just(4u16), Just(16), Just(33), Just(128)],
+        layers in 1u16..3,
+        heads in 1u16..3,
+        tokens in 1u64..700,
+        group in 1usize..=8,
+        k in 1u32..80,
+        chunk in 1u64..300,
+        seed in any::<u64>(),
+    ) {
+        let dtype = Dtype::ALL[dtype_i];
+        let shape = SequenceShape { dtype, layers, heads, head_dim };
+        let n = usize::from(layers) * usize::from(heads) * tokens as usize * usize::from(head_dim);
+        let mut rng = lcg(seed);
+        let keys: Vec<f32> = (0..n).map(|_| rng()).collect();
+        let values: Vec<f32> = (0..n).map(|_| rng()).collect();
+        let queries: Vec<f32> = (0..group * usize::from(head_dim)).map(|_| rng()).collect();
+        let dram = VecDram::new(DRAM);
+        let (mut store, _) = KvStore::open(&dram).unwrap();
+        let id = load(&mut store, shape, &keys, &values, tokens, chunk);
+        let layer = layers - 1;
+        let head = heads / 2;
+        let got = store.top_k(id, layer, head, &queries, Aggregation::Max, k).unwrap();
+        let want = naive_top_k(shape, &keys, tokens, layer, head, &queries, k as usize);
+        prop_assert_eq!(got.len(), want.len());
+        prop_assert_eq!(got.len() as u64, u64::from(k).min(tokens));
+        for (g, w) in got.iter().zip(&want) {
+            // f32 accumulation against an f64 reference: equal up to rounding;
+            // a swap is only allowed between near-equal scores.
+            prop_assert!((g.score - w.1).abs() <= 1e-4 * (1.0 + w.1.abs()), "{:?} vs {:?}", g, w);
+        }
+        let got_set: std::collections::BTreeSet<u32> = got.iter().map(|s| s.index).collect();
+        let kth = want.last().unwrap().1;
+        for w in &want {
+            prop_assert!(got_set.contains(&w.0) || (w.1 - kth).abs() <= 1e-4 * (1.0 + kth.abs()));
+        }
+
+        // Gather returns exactly the stored rows.
+        let indices: Vec<u32> = got.iter().map(|s| s.index).collect();
+        let rows = store.row_locations(id, layer, head, &indices).unwrap();
+        let d = usize::from(head_dim);
+        let base = (usize::from(layer) * usize::from(heads) + usize::from(head)) * tokens as usize * d;
+        for (loc, &t) in rows.iter().zip(&indices) {
+            let mut k_row = vec![0u8; shape.row_bytes() as usize];
+            let mut v_row = vec![0u8; shape.row_bytes() as usize];
+            store.dram.read(loc.key, &mut k_row).unwrap();
+            store.dram.read(loc.value, &mut v_row).unwrap();
+            let at = base + t as usize * d;
+            prop_assert_eq!(k_row, encode(dtype, &keys[at..at + d]));
+            prop_assert_eq!(v_row, encode(dtype, &values[at..at + d]));
+        }
+
+        // Page bounds are the element-wise min and max of the page's keys.
+        let tpp = shape.tokens_per_page();
+        let (mins, maxs) = store.page_bounds(id, layer, head, 0).unwrap();
+        for i in 0..d {
+            let column = (0..tpp.min(tokens) as usize).map(|t| stored(dtype, keys[base + t * d + i]));
+            prop_assert_eq!(mins[i], column.clone().fold(f32::INFINITY, f32::min));
+            prop_assert_eq!(maxs[i], column.fold(f32::NEG_INFINITY, f32::max));
+        }
+    }
+}
+
+#[test]
+fn store_persists_across_reopen_and_rolls_back_uncommitted_tokens() {
+    let dram = VecDram::new(DRAM);
+    let shape = SequenceShape { dtype: Dtype::F16, layers: 2, heads: 2, head_dim: 64 };
+    let mut rng = lcg(7);
+    let n = 2 * 2 * 1000 * 64;
+    let keys: Vec<f32> = (0..n).map(|_| rng()).collect();
+    let q: Vec<f32> = (0..64).map(|_| rng()).collect();
+    let (id, before, listed, free) = {
+        let (mut store, _) = KvStore::open(&dram).unwrap();
+        let id = load(&mut store, shape, &keys, &keys, 1000, 333);
+        store.append(id, 10).unwrap(); // reserved, never committed
+        let before = store.top_k(id, 1, 0, &q, Aggregation::Max, 50).unwrap();
+        (id, before, store.list(), store.free_frames())
+    };
+    let (mut store, report) = KvStore::open(&dram).unwrap();
+    assert!(!report.formatted);
+    assert_eq!(report.sequences, 1);
+    assert!(report.dropped.is_empty());
+    assert_eq!(store.top_k(id, 1, 0, &q, Aggregation::Max, 50).unwrap(), before);
+    assert_eq!(store.free_frames(), free);
+    let after = store.list();
+    assert_eq!(after[0].tokens, listed[0].tokens);
+    assert_eq!(after[0].reserved_tokens.get(), 1000, "reservations roll back to committed");
+    // New ids never reuse an old one.
+    let second = store.create(shape).unwrap();
+    assert!(second > id);
+}
+
+#[test]
+fn exhaustion_changes_nothing_and_freed_frames_are_reused() {
+    let dram = VecDram::new(8 << 20);
+    let (mut store, _) = KvStore::open(&dram).unwrap();
+    let shape = SequenceShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 256 };
+    let total = store.free_frames();
+    let id = store.create(shape).unwrap();
+    // 64 tokens per page, two frames per page, plus one page-table frame.
+    let fits = (total - 1) / 2 * 64;
+    store.append(id, fits).unwrap();
+    store.commit(id, fits).unwrap();
+    let list = store.list();
+    let err = store.append(id, 64).unwrap_err();
+    assert!(matches!(err, KvError::DramExhausted { .. }), "{err}");
+    assert_eq!(store.list(), list, "a failed append changes nothing");
+    let other = store.create(shape).unwrap();
+    assert!(matches!(store.append(other, 1), Err(KvError::DramExhausted { .. })));
+    store.free(id).unwrap();
+    assert_eq!(store.free_frames(), total);
+    store.append(other, fits).unwrap();
+    assert!(matches!(
+        store.top_k(id, 0, 0, &[0.0; 256], Aggregation::Max, 1),
+        Err(KvError::NoSuchSequence(_))
+    ));
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    let dram = VecDram::new(DRAM);
+    let (mut store, _) = KvStore::open(&dram).unwrap();
+    let bad = |dtype, layers, heads, head_dim| SequenceShape { dtype, layers, heads, head_dim };
+    for shape in [
+        bad(Dtype::F16, 0, 1, 64),
+        bad(Dtype::F16, 1, 0, 64),
+        bad(Dtype::F16, 1, 1, 0),
+        bad(Dtype::F16, 1, 1, 257),
+    ] {
+        assert!(matches!(store.create(shape), Err(KvError::Invalid(_))), "{shape:?}");
+    }
+    let shape = bad(Dtype::Bf16, 2, 2, 8);
+    let id = store.create(shape).unwrap();
+    assert!(store.append(id, 0).is_err());
+    store.append(id, 10).unwrap();
+    assert!(store.commit(id, 11).is_err(), "beyond reserved");
+    store.commit(id, 5).unwrap();
+    assert!(store.commit(id, 4).is_err(), "backwards");
+    let q = [0.5f32; 8];
+    assert!(store.top_k(id, 2, 0, &q, Aggregation::Max, 1).is_err(), "layer");
+    assert!(store.top_k(id, 0, 2, &q, Aggregation::Max, 1).is_err(), "head");
+    assert!(store.top_k(id, 0, 0, &q[..7], Aggregation::Max, 1).is_err(), "head_dim");
+    assert!(store.top_k(id, 0, 0, &[0.5; 72], Aggregation::Max, 1).is_err(), "group of 9");
+    assert!(store.top_k(id, 0, 0, &q, Aggregation::Max, 0).is_err(), "k = 0");
+    assert!(store.top_k(id, 0, 0, &q, Aggregation::Max, LIMITS.max_k + 1).is_err());
+    assert_eq!(store.top_k(id, 0, 0, &q, Aggregation::Max, 100).unwrap().len(), 5, "k > tokens");
+    assert!(store.row_locations(id, 0, 0, &[5]).is_err(), "uncommitted token");
+    assert!(store.row_locations(id, 0, 0, &[4]).is_ok());
+    assert!(store.page_map(id, 0, 2).is_err());
+    assert!(matches!(store.free(999), Err(KvError::NoSuchSequence(999))));
+}
+
+#[test]
+fn corrupt_descriptors_are_dropped_at_load() {
+    let dram = VecDram::new(DRAM);
+    let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 16 };
+    let (good, bad_slot_offset) = {
+        let (mut store, _) = KvStore::open(&dram).unwrap();
+        let good = store.create(shape).unwrap();
+        store.append(good, 100).unwrap();
+        store.commit(good, 100).unwrap();
+        let bad = store.create(shape).unwrap();
+        store.append(bad, 100).unwrap();
+        (good, store.layout().descriptor(store.sequence(bad).unwrap().slot))
+    };
+    // Point the second sequence's page-table frame at a frame the first owns.
+    let mut d = Descriptor::new_zeroed();
+    (&dram).read(bad_slot_offset, d.as_mut_bytes()).unwrap();
+    d.pt_frames[0] = 0.into();
+    (&dram).write(bad_slot_offset, d.as_bytes()).unwrap();
+    let (store, report) = KvStore::open(&dram).unwrap();
+    assert_eq!(report.sequences, 1);
+    assert_eq!(report.dropped.len(), 1, "{:?}", report.dropped);
+    assert_eq!(store.list()[0].seq.get(), good);
+}
+
+#[test]
+fn nan_and_infinite_keys_have_the_documented_order() {
+    let dram = VecDram::new(DRAM);
+    let (mut store, _) = KvStore::open(&dram).unwrap();
+    let shape = SequenceShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 2 };
+    let keys =
+        [1.0, 0.0, f32::NAN, 0.0, f32::INFINITY, 0.0, 2.0, 0.0, f32::NEG_INFINITY, 0.0, 2.0, 0.0];
+    let id = load(&mut store, shape, &keys, &keys, 6, 6);
+    let got = store.top_k(id, 0, 0, &[1.0, 1.0], Aggregation::Max, 6).unwrap();
+    let order: Vec<u32> = got.iter().map(|s| s.index).collect();
+    // +inf first, ties (2.0) by index, -inf, then the NaN key last.
+    assert_eq!(order, [2, 3, 5, 0, 4, 1]);
+    assert!(got[5].score.is_nan());
+    let (mins, maxs) = store.page_bounds(id, 0, 0, 0).unwrap();
+    assert_eq!((mins[0], maxs[0]), (f32::NEG_INFINITY, f32::INFINITY), "NaN ignored in bounds");
+}

@@ -1,0 +1,647 @@
+//! The KV data path: sequences in device DRAM, rows written straight into
+//! their frames, and Top-K / gather through the command queue.
+
+use std::sync::MutexGuard;
+use std::time::Duration;
+
+use pnm_protocol::queue::{
+    GatherLayout, KV_FRAME_SIZE, PageMapEntry, SequenceInfo as WireSequenceInfo, SubmissionEntry,
+    TopkLayout, opcode, topk_arg1,
+};
+use pnm_protocol::{Dtype, SharedMemory};
+use serde::Serialize;
+use zerocopy::FromBytes;
+
+use crate::device::Device;
+use crate::dma::{DmaBuf, DmaPool};
+use crate::error::{Error, Result};
+use crate::mailbox::MailboxClient;
+use crate::queue::{Completion, QueuePair};
+
+/// Entries in the driver's queue pair.
+pub const QUEUE_ENTRIES: u16 = 256;
+/// Tokens reserved and committed per KV_APPEND while loading.
+const APPEND_CHUNK: u64 = 8192;
+
+/// The shape of a sequence's KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct KvShape {
+    #[serde(serialize_with = "dtype_name")]
+    pub dtype: Dtype,
+    pub layers: u16,
+    pub heads: u16,
+    pub head_dim: u16,
+}
+
+fn dtype_name<S: serde::Serializer>(d: &Dtype, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.name())
+}
+
+impl KvShape {
+    pub fn row_bytes(&self) -> u64 {
+        u64::from(self.head_dim) * self.dtype.size() as u64
+    }
+
+    /// Bytes of K (or of V) for `tokens` tokens of every layer and head.
+    pub fn bytes(&self, tokens: u64) -> u64 {
+        u64::from(self.layers) * u64::from(self.heads) * tokens * self.row_bytes()
+    }
+}
+
+/// A sequence as the device lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Sequence {
+    pub id: u32,
+    #[serde(flatten)]
+    pub shape: KvShape,
+    pub tokens: u64,
+    pub reserved_tokens: u64,
+    pub tokens_per_page: u32,
+}
+
+/// Queries for a Top-K: `group` rows of `head_dim` elements of `dtype`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Query {
+    pub dtype: Dtype,
+    pub group: u32,
+    pub data: Vec<u8>,
+}
+
+impl Query {
+    /// f32 queries, `values.len() / head_dim` of them.
+    pub fn f32(values: &[f32], head_dim: usize) -> Self {
+        Self {
+            dtype: Dtype::F32,
+            group: (values.len() / head_dim.max(1)) as u32,
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// How a group's scores combine (see the firmware's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aggregation {
+    #[default]
+    Max,
+    Mean,
+}
+
+impl Aggregation {
+    fn code(self) -> u8 {
+        match self {
+            Self::Max => 0,
+            Self::Mean => 1,
+        }
+    }
+}
+
+/// A Top-K answer: token indices and scores, best first.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopK {
+    pub indices: Vec<u32>,
+    pub scores: Vec<f32>,
+    /// Tokens the device scored.
+    pub tokens: u64,
+    /// Nanoseconds the device spent on the command.
+    pub device_ns: u64,
+}
+
+/// Gathered rows, in the sequence's dtype: row i of `keys` and of `values`
+/// belongs to the i-th requested token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rows {
+    pub row_bytes: u64,
+    pub keys: Vec<u8>,
+    pub values: Vec<u8>,
+}
+
+/// One Top-K request of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopkRequest {
+    pub seq: u32,
+    pub layer: u16,
+    pub head: u16,
+    pub query: Query,
+    pub k: u32,
+    pub aggregation: Aggregation,
+}
+
+/// The driver's data-path state: its queue pair and DMA buffers.
+#[derive(Debug)]
+pub(crate) struct DataPath {
+    queue: QueuePair,
+    pool: DmaPool,
+    frames_offset: u64,
+    frame_count: u32,
+}
+
+impl DataPath {
+    pub(crate) fn shutdown(self, mailbox: &mut MailboxClient) {
+        let mut pool = self.pool;
+        if let Err(e) = self.queue.delete(mailbox, &mut pool) {
+            tracing::warn!(error = %e, "deleting the queue pair");
+        }
+        pool.release(mailbox);
+    }
+}
+
+fn sqe(op: u8, seq: u32) -> SubmissionEntry {
+    SubmissionEntry { opcode: op, seq: seq.into(), ..Default::default() }
+}
+
+fn with_buf(mut e: SubmissionEntry, slot: usize, buf: DmaBuf, len: u64) -> SubmissionEntry {
+    let len = len.min(u64::from(u32::MAX)) as u32;
+    if slot == 0 {
+        e.buf0_addr = buf.addr.into();
+        e.buf0_len = len.into();
+    } else {
+        e.buf1_addr = buf.addr.into();
+        e.buf1_len = len.into();
+    }
+    e
+}
+
+fn read_f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn read_u32s(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// A locked data path plus what a command needs from the device.
+struct Session<'a> {
+    dp: MutexGuard<'a, Option<DataPath>>,
+    device: &'a Device,
+}
+
+impl Session<'_> {
+    fn dp(&mut self) -> &mut DataPath {
+        self.dp.as_mut().expect("opened by Device::session")
+    }
+
+    fn alloc(&mut self, len: u64) -> Result<DmaBuf> {
+        let device = self.device;
+        let mut mailbox = device.mailbox_client();
+        self.dp().pool.alloc(&mut mailbox, len)
+    }
+
+    fn free(&mut self, bufs: &[DmaBuf]) {
+        for &b in bufs {
+            self.dp().pool.free(b);
+        }
+    }
+
+    fn run(&mut self, e: SubmissionEntry) -> Result<Completion> {
+        let timeout = self.device.command_timeout();
+        self.dp().queue.execute(e, timeout)?.ok()
+    }
+
+    fn mem(&self) -> SharedMemory {
+        self.device.region()
+    }
+}
+
+impl Device {
+    fn session(&self) -> Result<Session<'_>> {
+        let mut dp = self.datapath_lock();
+        if dp.is_none() {
+            let info = self.identify_pnm()?;
+            if info.kv_frame_size != KV_FRAME_SIZE {
+                return Err(Error::Protocol(format!(
+                    "KV frame size {} (expected {KV_FRAME_SIZE})",
+                    info.kv_frame_size
+                )));
+            }
+            let mut mailbox = self.mailbox_client();
+            let mut pool = DmaPool::new(&self.layout());
+            let queue = QueuePair::create(
+                self.region(),
+                self.capabilities().pnm,
+                &mut mailbox,
+                &mut pool,
+                QUEUE_ENTRIES,
+            )
+            .inspect_err(|_| pool.release(&mut mailbox))?;
+            *dp = Some(DataPath {
+                queue,
+                pool,
+                frames_offset: info.kv_frames_offset,
+                frame_count: info.kv_frame_count,
+            });
+        }
+        Ok(Session { dp, device: self })
+    }
+
+    /// NOP through the queue: the command path's round trip.
+    pub fn nop(&self) -> Result<Completion> {
+        self.session()?.run(sqe(opcode::NOP, 0))
+    }
+
+    /// Creates an empty sequence.
+    pub fn kv_create(&self, shape: KvShape) -> Result<Sequence> {
+        let mut e = sqe(opcode::KV_CREATE, 0);
+        e.layer = shape.layers.into();
+        e.head = shape.heads.into();
+        e.arg0 = u32::from(shape.head_dim).into();
+        e.arg1 = shape.dtype.code().into();
+        let c = self.session()?.run(e)?;
+        let expected = pnm_protocol::queue::tokens_per_page(u32::from(shape.head_dim), shape.dtype);
+        if c.result1 != expected {
+            return Err(Error::Protocol(format!(
+                "{} tokens per page for {shape:?}, expected {expected}",
+                c.result1
+            )));
+        }
+        Ok(Sequence {
+            id: c.result0,
+            shape,
+            tokens: 0,
+            reserved_tokens: 0,
+            tokens_per_page: expected,
+        })
+    }
+
+    /// Every sequence on the device.
+    pub fn kv_list(&self) -> Result<Vec<Sequence>> {
+        let mut s = self.session()?;
+        let mut room = 64u32;
+        loop {
+            let buf = s.alloc(u64::from(room) * 32)?;
+            let mut e = with_buf(sqe(opcode::KV_LIST, 0), 0, buf, u64::from(room) * 32);
+            e.count = room.into();
+            let c = s.run(e);
+            let mut raw = vec![0u8; (u64::from(room) * 32) as usize];
+            s.mem().read_bytes(buf.addr, &mut raw).expect("DMA buffer in the region");
+            s.free(&[buf]);
+            let c = c?;
+            if c.result1 > room || c.result1 > c.result0 {
+                return Err(Error::Protocol(format!(
+                    "KV_LIST wrote {} of {} entries into room for {room}",
+                    c.result1, c.result0
+                )));
+            }
+            if c.result0 > room {
+                room = c.result0;
+                continue;
+            }
+            let entries = <[WireSequenceInfo]>::ref_from_bytes(&raw[..c.result1 as usize * 32])
+                .expect("whole entries");
+            return entries.iter().map(sequence_from_wire).collect();
+        }
+    }
+
+    /// One sequence.
+    pub fn kv_sequence(&self, id: u32) -> Result<Sequence> {
+        self.kv_list()?.into_iter().find(|s| s.id == id).ok_or(Error::Queue {
+            command: "KV_LIST",
+            code: pnm_protocol::ReturnCode::INVALID_HANDLE,
+        })
+    }
+
+    /// Frees a sequence and its device DRAM.
+    pub fn kv_free(&self, id: u32) -> Result<()> {
+        self.session()?.run(sqe(opcode::KV_FREE, id)).map(drop)
+    }
+
+    /// Appends `tokens` tokens of K and V rows, each laid out
+    /// `[layers][heads][tokens][head_dim]` in the sequence's dtype. Rows are
+    /// written straight into device DRAM; each chunk is committed as it
+    /// lands. `progress` is told the tokens done so far.
+    pub fn kv_append(
+        &self,
+        seq: &Sequence,
+        keys: &[u8],
+        values: &[u8],
+        tokens: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> Result<Sequence> {
+        let shape = seq.shape;
+        let expected = shape.bytes(tokens);
+        if keys.len() as u64 != expected || values.len() as u64 != expected {
+            return Err(Error::Invalid(format!(
+                "{tokens} tokens of {shape:?} need {expected} bytes each of K and V; got {} and {}",
+                keys.len(),
+                values.len()
+            )));
+        }
+        let mut s = self.session()?;
+        let (frames_offset, frame_count) = (s.dp().frames_offset, s.dp().frame_count);
+        let dram = self.layout().dram_offset;
+        let tpp = u64::from(seq.tokens_per_page);
+        let streams = u64::from(shape.layers) * u64::from(shape.heads);
+        let row = shape.row_bytes();
+        let map_room = (APPEND_CHUNK / tpp + 2) * streams * 8;
+        let map_buf = s.alloc(map_room)?;
+        let mut map_raw = vec![0u8; map_room as usize];
+        let mut done = 0;
+        let mut current = *seq;
+        let result = (|| {
+            while done < tokens {
+                let n = APPEND_CHUNK.min(tokens - done);
+                let mut e = with_buf(sqe(opcode::KV_APPEND, seq.id), 0, map_buf, map_room);
+                e.count = (n as u32).into();
+                let c = s.run(e)?;
+                let (first, first_page, pages) =
+                    (u64::from(c.result0), u64::from(c.result1), c.result2);
+                if first_page != first / tpp || pages != (first + n).div_ceil(tpp) - first_page {
+                    return Err(Error::Protocol(format!(
+                        "KV_APPEND mapped pages {first_page}+{pages} for tokens {first}+{n}"
+                    )));
+                }
+                let map_len = (pages * streams * 8) as usize;
+                s.mem()
+                    .read_bytes(map_buf.addr, &mut map_raw[..map_len])
+                    .expect("DMA buffer in the region");
+                let map =
+                    <[PageMapEntry]>::ref_from_bytes(&map_raw[..map_len]).expect("whole entries");
+                for (i, entry) in map.iter().enumerate() {
+                    let page = first_page + i as u64 / streams;
+                    let stream = i as u64 % streams;
+                    let lo = (page * tpp).max(first);
+                    let hi = ((page + 1) * tpp).min(first + n);
+                    let len = (hi - lo) * row;
+                    let src = ((stream * tokens + (lo - first + done)) * row) as usize;
+                    for (frame, data) in
+                        [(entry.key_frame.get(), keys), (entry.value_frame.get(), values)]
+                    {
+                        if frame >= frame_count {
+                            return Err(Error::Protocol(format!(
+                                "page map names frame {frame} of {frame_count}"
+                            )));
+                        }
+                        let dst = dram
+                            + frames_offset
+                            + u64::from(frame) * u64::from(KV_FRAME_SIZE)
+                            + (lo % tpp) * row;
+                        s.mem()
+                            .write_bytes(dst, &data[src..src + len as usize])
+                            .map_err(|e| Error::Protocol(e.to_string()))?;
+                    }
+                }
+                let mut commit = sqe(opcode::KV_COMMIT, seq.id);
+                commit.count = ((first + n) as u32).into();
+                let c = s.run(commit)?;
+                current.tokens = u64::from(c.result0);
+                current.reserved_tokens = current.tokens;
+                done += n;
+                progress(done);
+            }
+            Ok(current)
+        })();
+        s.free(&[map_buf]);
+        result
+    }
+
+    fn topk_entry(
+        s: &mut Session<'_>,
+        r: &TopkRequest,
+        out: DmaBuf,
+        layout: TopkLayout,
+        with_rows: bool,
+    ) -> Result<(SubmissionEntry, DmaBuf)> {
+        let q = s.alloc(r.query.data.len() as u64)?;
+        s.mem().write_bytes(q.addr, &r.query.data).expect("DMA buffer in the region");
+        let op = if with_rows { opcode::TOPK_GATHER } else { opcode::TOPK };
+        let mut e = with_buf(
+            with_buf(sqe(op, r.seq), 0, q, r.query.data.len() as u64),
+            1,
+            out,
+            layout.len(),
+        );
+        e.layer = r.layer.into();
+        e.head = r.head.into();
+        e.count = r.k.into();
+        e.arg0 = r.query.group.into();
+        e.arg1 = topk_arg1(r.query.dtype, r.aggregation.code()).into();
+        Ok((e, q))
+    }
+
+    fn read_topk(
+        mem: SharedMemory,
+        c: &Completion,
+        k: u32,
+        out: DmaBuf,
+        layout: TopkLayout,
+    ) -> Result<TopK> {
+        let n = c.result0;
+        let tokens = c.result2;
+        if n > k || u64::from(n) > tokens {
+            return Err(Error::Protocol(format!(
+                "TOPK returned {n} results for k {k} over {tokens} tokens"
+            )));
+        }
+        let mut raw = vec![0u8; 8 * n as usize];
+        let (idx, sc) = raw.split_at_mut(4 * n as usize);
+        mem.read_bytes(out.addr + layout.indices(), idx).expect("DMA buffer in the region");
+        mem.read_bytes(out.addr + layout.scores(), sc).expect("DMA buffer in the region");
+        let indices = read_u32s(idx);
+        let mut seen = std::collections::HashSet::new();
+        if let Some(bad) = indices.iter().find(|&&i| u64::from(i) >= tokens || !seen.insert(i)) {
+            return Err(Error::Protocol(format!(
+                "TOPK returned token {bad} (out of range or repeated)"
+            )));
+        }
+        Ok(TopK { indices, scores: read_f32s(sc), tokens, device_ns: c.exec_ns })
+    }
+
+    /// Top-K of one (sequence, layer, head) against a query group.
+    pub fn topk(&self, seq: u32, layer: u16, head: u16, query: &Query, k: u32) -> Result<TopK> {
+        let req = TopkRequest {
+            seq,
+            layer,
+            head,
+            query: query.clone(),
+            k,
+            aggregation: Aggregation::Max,
+        };
+        self.topk_batch(std::slice::from_ref(&req))?.pop().expect("one request, one answer")
+    }
+
+    /// Many Top-Ks in flight at once on the queue; answers in request order.
+    pub fn topk_batch(&self, requests: &[TopkRequest]) -> Result<Vec<Result<TopK>>> {
+        let mut s = self.session()?;
+        let mut entries = Vec::with_capacity(requests.len());
+        let mut bufs = Vec::new();
+        let mut outs = Vec::new();
+        let built = (|| {
+            for r in requests {
+                let layout = TopkLayout { k: u64::from(r.k), row_bytes: 0 };
+                let out = s.alloc(layout.len())?;
+                bufs.push(out);
+                let (e, q) = Self::topk_entry(&mut s, r, out, layout, false)?;
+                bufs.push(q);
+                entries.push(e);
+                outs.push((out, layout));
+            }
+            let timeout = self.command_timeout();
+            s.dp().queue.execute_all(&entries, timeout)
+        })();
+        let answers = built.map(|completions| {
+            completions
+                .iter()
+                .zip(requests)
+                .zip(&outs)
+                .map(|((c, r), &(out, layout))| {
+                    Self::read_topk(s.mem(), &c.ok()?, r.k, out, layout)
+                })
+                .collect()
+        });
+        s.free(&bufs);
+        answers
+    }
+
+    /// The K and V rows of `indices` in (sequence, layer, head).
+    pub fn gather(&self, seq: &Sequence, layer: u16, head: u16, indices: &[u32]) -> Result<Rows> {
+        if indices.is_empty() {
+            return Err(Error::Invalid("no token indices to gather".into()));
+        }
+        let mut s = self.session()?;
+        let layout = GatherLayout { n: indices.len() as u64, row_bytes: seq.shape.row_bytes() };
+        let idx = s.alloc(4 * indices.len() as u64)?;
+        let out = s.alloc(layout.len());
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                s.free(&[idx]);
+                return Err(e);
+            }
+        };
+        let raw: Vec<u8> = indices.iter().flat_map(|i| i.to_le_bytes()).collect();
+        s.mem().write_bytes(idx.addr, &raw).expect("DMA buffer in the region");
+        let mut e = with_buf(
+            with_buf(sqe(opcode::GATHER, seq.id), 0, idx, raw.len() as u64),
+            1,
+            out,
+            layout.len(),
+        );
+        e.layer = layer.into();
+        e.head = head.into();
+        e.count = (indices.len() as u32).into();
+        let result = s.run(e).and_then(|c| {
+            if c.result0 as usize != indices.len() {
+                return Err(Error::Protocol(format!(
+                    "GATHER moved {} of {} rows",
+                    c.result0,
+                    indices.len()
+                )));
+            }
+            let mut rows = Rows {
+                row_bytes: layout.row_bytes,
+                keys: vec![0; layout.value_rows() as usize],
+                values: vec![0; layout.value_rows() as usize],
+            };
+            s.mem()
+                .read_bytes(out.addr + layout.key_rows(), &mut rows.keys)
+                .expect("DMA buffer in the region");
+            s.mem()
+                .read_bytes(out.addr + layout.value_rows(), &mut rows.values)
+                .expect("DMA buffer in the region");
+            Ok(rows)
+        });
+        s.free(&[idx, out]);
+        result
+    }
+
+    /// Top-K and the selected rows in one command.
+    pub fn topk_gather(
+        &self,
+        seq: &Sequence,
+        layer: u16,
+        head: u16,
+        query: &Query,
+        k: u32,
+        aggregation: Aggregation,
+    ) -> Result<(TopK, Rows)> {
+        let mut s = self.session()?;
+        let layout = TopkLayout { k: u64::from(k), row_bytes: seq.shape.row_bytes() };
+        let out = s.alloc(layout.len())?;
+        let req = TopkRequest { seq: seq.id, layer, head, query: query.clone(), k, aggregation };
+        let (e, q) = match Self::topk_entry(&mut s, &req, out, layout, true) {
+            Ok(built) => built,
+            Err(err) => {
+                s.free(&[out]);
+                return Err(err);
+            }
+        };
+        let result = s.run(e).and_then(|c| {
+            let top = Self::read_topk(s.mem(), &c, k, out, layout)?;
+            let n = top.indices.len() as u64 * layout.row_bytes;
+            let mut rows = Rows {
+                row_bytes: layout.row_bytes,
+                keys: vec![0; n as usize],
+                values: vec![0; n as usize],
+            };
+            s.mem()
+                .read_bytes(out.addr + layout.key_rows(), &mut rows.keys)
+                .expect("DMA buffer in the region");
+            s.mem()
+                .read_bytes(out.addr + layout.value_rows(), &mut rows.values)
+                .expect("DMA buffer in the region");
+            Ok((top, rows))
+        });
+        s.free(&[out, q]);
+        result
+    }
+
+    /// Runs raw descriptors (command ids are assigned here) on the driver's
+    /// queue and returns their completions in order: for tests and tools
+    /// that need to send what the typed API would refuse.
+    pub fn submit_raw(&self, entries: &[SubmissionEntry]) -> Result<Vec<Completion>> {
+        let mut s = self.session()?;
+        let timeout = self.command_timeout();
+        s.dp().queue.execute_all(entries, timeout)
+    }
+
+    /// A DMA buffer for [`submit_raw`](Self::submit_raw), filled with `data`
+    /// and `extra` zero bytes after it.
+    pub fn dma_buffer(&self, data: &[u8], extra: u64) -> Result<DmaBuf> {
+        let mut s = self.session()?;
+        let buf = s.alloc(data.len() as u64 + extra)?;
+        s.mem().fill(buf.addr, buf.len, 0).expect("DMA buffer in the region");
+        s.mem().write_bytes(buf.addr, data).expect("DMA buffer in the region");
+        Ok(buf)
+    }
+
+    /// Reads a DMA buffer.
+    pub fn read_dma(&self, buf: DmaBuf) -> Vec<u8> {
+        let mut out = vec![0; buf.len as usize];
+        self.region().read_bytes(buf.addr, &mut out).expect("DMA buffer in the region");
+        out
+    }
+
+    /// Returns a buffer from [`dma_buffer`](Self::dma_buffer).
+    pub fn free_dma(&self, buf: DmaBuf) -> Result<()> {
+        self.session()?.free(&[buf]);
+        Ok(())
+    }
+
+    pub(crate) fn command_timeout_default() -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+fn sequence_from_wire(w: &WireSequenceInfo) -> Result<Sequence> {
+    let dtype = Dtype::from_code(u32::from(w.dtype.get())).ok_or_else(|| {
+        Error::Protocol(format!("sequence {} has dtype code {}", w.seq.get(), w.dtype.get()))
+    })?;
+    let shape =
+        KvShape { dtype, layers: w.layers.get(), heads: w.heads.get(), head_dim: w.head_dim.get() };
+    let tpp = pnm_protocol::queue::tokens_per_page(u32::from(shape.head_dim.max(1)), dtype);
+    if shape.head_dim == 0
+        || w.tokens_per_page.get() != tpp
+        || w.tokens.get() > w.reserved_tokens.get()
+    {
+        return Err(Error::Protocol(format!(
+            "sequence {} is described inconsistently",
+            w.seq.get()
+        )));
+    }
+    Ok(Sequence {
+        id: w.seq.get(),
+        shape,
+        tokens: w.tokens.get(),
+        reserved_tokens: w.reserved_tokens.get(),
+        tokens_per_page: tpp,
+    })
+}

@@ -1,0 +1,379 @@
+//! The data path: submission and completion rings in the host DMA window,
+//! command descriptors, completion entries, and the KV frame geometry the
+//! host needs to write rows straight into device DRAM.
+//!
+//! Addresses in descriptors are byte offsets from the start of the region
+//! (the device's view of host memory, like a bus address); every buffer must
+//! lie wholly inside the host DMA window.
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// Bytes per submission queue entry.
+pub const SQE_SIZE: u64 = 64;
+/// Bytes per completion queue entry.
+pub const CQE_SIZE: u64 = 32;
+/// Most entries in one ring (a power of two).
+pub const MAX_QUEUE_ENTRIES: u32 = 4096;
+/// Fewest entries in one ring.
+pub const MIN_QUEUE_ENTRIES: u32 = 2;
+/// Most queue pairs a device serves.
+pub const MAX_QUEUE_PAIRS: u32 = 64;
+/// `irq_vector` value of a polled queue (no interrupts).
+pub const IRQ_NONE: u16 = 0xFFFF;
+/// Ring buffers are aligned to this many bytes.
+pub const RING_ALIGN: u64 = 64;
+/// Bytes of device DRAM per KV frame (one page of K rows or of V rows).
+pub const KV_FRAME_SIZE: u32 = 64 << 10;
+
+/// Element type of keys, values and queries on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub const ALL: [Self; 3] = [Self::F32, Self::F16, Self::Bf16];
+
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::Bf16 => 2,
+        }
+    }
+
+    /// The wire code.
+    pub const fn code(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Bf16 => 2,
+        }
+    }
+
+    pub const fn from_code(code: u32) -> Option<Self> {
+        match code {
+            0 => Some(Self::F32),
+            1 => Some(Self::F16),
+            2 => Some(Self::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The bit in Identify PNM's supported-dtypes mask.
+    pub const fn bit(self) -> u32 {
+        1 << self.code()
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+/// Queue command opcodes.
+pub mod opcode {
+    /// Does nothing; completes with Success. For measuring the command path.
+    pub const NOP: u8 = 0x00;
+    /// Create a KV sequence. layer = layers, head = kv heads,
+    /// arg0 = head_dim, arg1 = dtype. result0 = sequence id,
+    /// result1 = tokens per page.
+    pub const KV_CREATE: u8 = 0x01;
+    /// Reserve `count` tokens at the end of sequence `seq`. buf0 receives
+    /// the page map of every page the new tokens touch. result0 = first new
+    /// token, result1 = first page in the map, result2 = pages in the map.
+    pub const KV_APPEND: u8 = 0x02;
+    /// Make tokens valid up to `count` (a token count, not a delta); the
+    /// device folds their keys into the per-page bounds. result0 = tokens.
+    pub const KV_COMMIT: u8 = 0x03;
+    /// Free sequence `seq` and all its pages.
+    pub const KV_FREE: u8 = 0x04;
+    /// List sequences into buf0 (`count` entries at most). result0 = live
+    /// sequences, result1 = entries written.
+    pub const KV_LIST: u8 = 0x05;
+    /// Write the page map of pages [arg0, arg0 + count) of `seq` into buf0.
+    /// result0 = pages written.
+    pub const KV_MAP: u8 = 0x06;
+    /// Top-K: score every valid token of (seq, layer, head) against the
+    /// arg0 = G queries in buf0 (dtype arg1 & 0xFF, aggregation arg1 >> 8),
+    /// write the best k = `count` to buf1 as a [`TopkLayout`].
+    /// result0 = results written = min(k, tokens).
+    pub const TOPK: u8 = 0x10;
+    /// Gather the K and V rows of the `count` u32 token indices in buf0
+    /// into buf1 as a [`GatherLayout`]. result0 = rows.
+    pub const GATHER: u8 = 0x11;
+    /// TOPK then GATHER of the selected tokens, in one command; buf1 is a
+    /// [`TopkLayout`] with rows. result0 = results.
+    pub const TOPK_GATHER: u8 = 0x12;
+
+    /// Every opcode with its name, in numeric order.
+    pub const ALL: [(u8, &str); 10] = [
+        (NOP, "NOP"),
+        (KV_CREATE, "KV_CREATE"),
+        (KV_APPEND, "KV_APPEND"),
+        (KV_COMMIT, "KV_COMMIT"),
+        (KV_FREE, "KV_FREE"),
+        (KV_LIST, "KV_LIST"),
+        (KV_MAP, "KV_MAP"),
+        (TOPK, "TOPK"),
+        (GATHER, "GATHER"),
+        (TOPK_GATHER, "TOPK_GATHER"),
+    ];
+
+    pub fn name(op: u8) -> Option<&'static str> {
+        ALL.iter().find(|(o, _)| *o == op).map(|(_, n)| *n)
+    }
+}
+
+/// A submission queue entry (64 bytes).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct SubmissionEntry {
+    pub opcode: u8,
+    pub flags: u8,
+    /// Chosen by the host; unique among the queue's commands in flight.
+    pub command_id: U16,
+    pub seq: U32,
+    pub layer: U16,
+    pub head: U16,
+    pub count: U32,
+    pub arg0: U32,
+    pub arg1: U32,
+    pub buf0_addr: U64,
+    pub buf1_addr: U64,
+    pub reserved0: U64,
+    pub buf0_len: U32,
+    pub buf1_len: U32,
+    pub reserved1: U64,
+}
+
+/// A completion queue entry (32 bytes).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct CompletionEntry {
+    pub result0: U32,
+    pub result1: U32,
+    pub result2: U64,
+    /// Nanoseconds the device spent executing the command.
+    pub exec_ns: U64,
+    /// The device's SQ head after consuming this command.
+    pub sq_head: U16,
+    pub sq_id: U16,
+    pub command_id: U16,
+    /// [0] phase tag; [15:1] return code (CXL numbering).
+    pub status: U16,
+}
+
+impl CompletionEntry {
+    pub fn phase(&self) -> bool {
+        self.status.get() & 1 != 0
+    }
+
+    pub fn return_code(&self) -> u16 {
+        self.status.get() >> 1
+    }
+
+    pub fn encode_status(return_code: u16, phase: bool) -> u16 {
+        (return_code << 1) | u16::from(phase)
+    }
+}
+
+/// One entry of KV_LIST's output (32 bytes).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct SequenceInfo {
+    pub seq: U32,
+    pub dtype: U16,
+    pub head_dim: U16,
+    pub layers: U16,
+    pub heads: U16,
+    pub tokens_per_page: U32,
+    pub tokens: U64,
+    pub reserved_tokens: U64,
+}
+
+/// One page map entry: the K frame and V frame of one (page, layer, head).
+/// A page map lists, for each page in order, its `layers * heads` entries
+/// in (layer, head) order.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct PageMapEntry {
+    pub key_frame: U32,
+    pub value_frame: U32,
+}
+
+const _: () = {
+    use std::mem::offset_of;
+    assert!(size_of::<SubmissionEntry>() == SQE_SIZE as usize);
+    assert!(offset_of!(SubmissionEntry, command_id) == 0x02);
+    assert!(offset_of!(SubmissionEntry, seq) == 0x04);
+    assert!(offset_of!(SubmissionEntry, layer) == 0x08);
+    assert!(offset_of!(SubmissionEntry, head) == 0x0A);
+    assert!(offset_of!(SubmissionEntry, count) == 0x0C);
+    assert!(offset_of!(SubmissionEntry, arg0) == 0x10);
+    assert!(offset_of!(SubmissionEntry, arg1) == 0x14);
+    assert!(offset_of!(SubmissionEntry, buf0_addr) == 0x18);
+    assert!(offset_of!(SubmissionEntry, buf1_addr) == 0x20);
+    assert!(offset_of!(SubmissionEntry, buf0_len) == 0x30);
+    assert!(offset_of!(SubmissionEntry, buf1_len) == 0x34);
+    assert!(size_of::<CompletionEntry>() == CQE_SIZE as usize);
+    assert!(offset_of!(CompletionEntry, result2) == 0x08);
+    assert!(offset_of!(CompletionEntry, exec_ns) == 0x10);
+    assert!(offset_of!(CompletionEntry, sq_head) == 0x18);
+    assert!(offset_of!(CompletionEntry, sq_id) == 0x1A);
+    assert!(offset_of!(CompletionEntry, command_id) == 0x1C);
+    assert!(offset_of!(CompletionEntry, status) == 0x1E);
+    assert!(size_of::<SequenceInfo>() == 32);
+    assert!(size_of::<PageMapEntry>() == 8);
+    assert!(MAX_QUEUE_ENTRIES.is_power_of_two());
+};
+
+/// Where TOPK and TOPK_GATHER put their results in buf1, for k requested
+/// results of rows of `row_bytes` (0 for TOPK):
+/// `[k x u32 token indices | k x f32 scores | pad to 64 | k K rows | k V rows]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TopkLayout {
+    pub k: u64,
+    pub row_bytes: u64,
+}
+
+impl TopkLayout {
+    pub const fn indices(&self) -> u64 {
+        0
+    }
+    pub const fn scores(&self) -> u64 {
+        4 * self.k
+    }
+    pub const fn key_rows(&self) -> u64 {
+        (8 * self.k).next_multiple_of(64)
+    }
+    pub const fn value_rows(&self) -> u64 {
+        self.key_rows() + self.k * self.row_bytes
+    }
+    /// Bytes buf1 must hold.
+    pub const fn len(&self) -> u64 {
+        if self.row_bytes == 0 { 8 * self.k } else { self.value_rows() + self.k * self.row_bytes }
+    }
+    pub const fn is_empty(&self) -> bool {
+        self.k == 0
+    }
+}
+
+/// Where GATHER puts rows in buf1: `[n K rows | n V rows]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatherLayout {
+    pub n: u64,
+    pub row_bytes: u64,
+}
+
+impl GatherLayout {
+    pub const fn key_rows(&self) -> u64 {
+        0
+    }
+    pub const fn value_rows(&self) -> u64 {
+        self.n * self.row_bytes
+    }
+    pub const fn len(&self) -> u64 {
+        2 * self.n * self.row_bytes
+    }
+    pub const fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+/// Tokens one KV frame holds for rows of `head_dim` elements of `dtype`.
+pub const fn tokens_per_page(head_dim: u32, dtype: Dtype) -> u32 {
+    KV_FRAME_SIZE / (head_dim * dtype.size() as u32)
+}
+
+/// Encoding of TOPK's arg1: query dtype in [7:0], aggregation in [15:8].
+pub const fn topk_arg1(query_dtype: Dtype, aggregation: u8) -> u32 {
+    query_dtype.code() | ((aggregation as u32) << 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts() {
+        let t = TopkLayout { k: 3, row_bytes: 256 };
+        assert_eq!(
+            (t.indices(), t.scores(), t.key_rows(), t.value_rows(), t.len()),
+            (0, 12, 64, 832, 1600)
+        );
+        assert_eq!(TopkLayout { k: 3, row_bytes: 0 }.len(), 24);
+        assert_eq!(GatherLayout { n: 2, row_bytes: 10 }.len(), 40);
+        assert_eq!(tokens_per_page(128, Dtype::F16), 256);
+        assert_eq!(tokens_per_page(256, Dtype::F32), 64);
+        assert_eq!(tokens_per_page(1, Dtype::F16), 32768);
+    }
+
+    #[test]
+    fn completion_status_bits() {
+        let c = CompletionEntry {
+            status: CompletionEntry::encode_status(0x0E, true).into(),
+            ..Default::default()
+        };
+        assert!(c.phase());
+        assert_eq!(c.return_code(), 0x0E);
+        for d in Dtype::ALL {
+            assert_eq!(Dtype::from_code(d.code()), Some(d));
+        }
+        assert_eq!(Dtype::from_code(3), None);
+    }
+}

@@ -1,0 +1,387 @@
+//! The KV Top-K data path through a separate `pnm-device` process:
+//! results against an independent reference, many commands in flight,
+//! malformed descriptors, DRAM exhaustion, freeing and reuse, restarts.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{DeviceProcess, TempRegion};
+use pnm_host::{Aggregation, Device, Dtype, Error, KvShape, Query, Sequence, TopkRequest};
+use pnm_protocol::ReturnCode;
+use pnm_protocol::queue::{SubmissionEntry, TopkLayout, opcode};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+}
+
+fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => values.iter().flat_map(|&v| half_bits_f16(v).to_le_bytes()).collect(),
+        Dtype::Bf16 => values
+            .iter()
+            .map(|&v| ((v.to_bits() + 0x7FFF + ((v.to_bits() >> 16) & 1)) >> 16) as u16)
+            .flat_map(|b| b.to_le_bytes())
+            .collect(),
+    }
+}
+
+/// f32 -> IEEE half, round to nearest even (finite inputs in [-1, 1]).
+fn half_bits_f16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let a = v.abs();
+    if a < 6.103_515_6e-5 {
+        // Subnormal half: units of 2^-24.
+        return sign | (a * 16_777_216.0).round_ties_even() as u16;
+    }
+    let exp = ((bits >> 23) & 0xFF) as i32 - 127 + 15;
+    let mant = bits & 0x7F_FFFF;
+    let mut h = ((exp as u32) << 10) | (mant >> 13);
+    let rest = mant & 0x1FFF;
+    if rest > 0x1000 || (rest == 0x1000 && h & 1 == 1) {
+        h += 1;
+    }
+    sign | h as u16
+}
+
+fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => {
+            bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        }
+        Dtype::Bf16 => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| {
+                let h = u16::from_le_bytes([c[0], c[1]]);
+                let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
+                let exp = i32::from((h >> 10) & 0x1F);
+                let mant = f32::from(h & 0x3FF);
+                sign * if exp == 0 {
+                    mant * 2f32.powi(-24)
+                } else {
+                    (1.0 + mant / 1024.0) * 2f32.powi(exp - 15)
+                }
+            })
+            .collect(),
+    }
+}
+
+/// A loaded sequence and its rows as stored, [layers][heads][tokens][d].
+struct Loaded {
+    seq: Sequence,
+    keys: Vec<u8>,
+    values: Vec<u8>,
+}
+
+fn load(dev: &Device, shape: KvShape, tokens: u64, seed: u64) -> Loaded {
+    let mut rng = Rng(seed | 1);
+    let n = shape.bytes(tokens) as usize / shape.dtype.size();
+    let k: Vec<f32> = (0..n).map(|_| rng.next()).collect();
+    let v: Vec<f32> = (0..n).map(|_| rng.next()).collect();
+    let (keys, values) = (encode(shape.dtype, &k), encode(shape.dtype, &v));
+    let seq = dev.kv_create(shape).unwrap();
+    let seq = dev.kv_append(&seq, &keys, &values, tokens, &mut |_| {}).unwrap();
+    assert_eq!(seq.tokens, tokens);
+    Loaded { seq, keys, values }
+}
+
+fn rows(l: &Loaded, layer: u16, head: u16) -> (Vec<f32>, usize) {
+    let s = l.seq.shape;
+    let row = s.row_bytes() as usize;
+    let stream = (usize::from(layer) * usize::from(s.heads) + usize::from(head))
+        * l.seq.tokens as usize
+        * row;
+    (
+        decode(s.dtype, &l.keys[stream..stream + l.seq.tokens as usize * row]),
+        usize::from(s.head_dim),
+    )
+}
+
+/// Exact Top-K by the documented order (max over the group), in f64.
+fn reference(l: &Loaded, layer: u16, head: u16, queries: &[f32], k: usize) -> Vec<(u32, f64)> {
+    let (keys, d) = rows(l, layer, head);
+    let mut scored: Vec<(u32, f64)> = keys
+        .chunks(d)
+        .enumerate()
+        .map(|(t, key)| {
+            let best = queries
+                .chunks(d)
+                .map(|q| q.iter().zip(key).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>())
+                .fold(f64::NEG_INFINITY, f64::max);
+            (t as u32, best)
+        })
+        .collect();
+    scored.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+    scored.truncate(k);
+    scored
+}
+
+fn assert_topk_matches(got: &pnm_host::TopK, want: &[(u32, f64)]) {
+    assert_eq!(got.indices.len(), want.len());
+    let kth = want.last().unwrap().1;
+    let got_set: BTreeSet<u32> = got.indices.iter().copied().collect();
+    for (i, (&idx, &score)) in got.indices.iter().zip(&got.scores).enumerate() {
+        assert!(
+            (f64::from(score) - want[i].1).abs() < 1e-4,
+            "rank {i}: {idx} {score} vs {:?}",
+            want[i]
+        );
+    }
+    for w in want {
+        assert!(got_set.contains(&w.0) || (w.1 - kth).abs() < 1e-4, "missing {w:?}");
+    }
+}
+
+#[test]
+fn topk_and_gather_match_the_reference_for_every_dtype_and_group() {
+    let region = TempRegion::new("dp");
+    let _device = DeviceProcess::start(region.path(), &["--size", "256MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    for (i, dtype) in Dtype::ALL.into_iter().enumerate() {
+        let shape = KvShape { dtype, layers: 2, heads: 3, head_dim: 64 };
+        let loaded = load(&dev, shape, 3000 + 77 * i as u64, 11 + i as u64);
+        let mut rng = Rng(99 + i as u64);
+        for group in [1u32, 2, 4, 8] {
+            let q: Vec<f32> = (0..group as usize * 64).map(|_| rng.next()).collect();
+            for k in [1u32, 17, 256] {
+                let (layer, head) = ((group % 2) as u16, (k % 3) as u16);
+                let got = dev.topk(loaded.seq.id, layer, head, &Query::f32(&q, 64), k).unwrap();
+                assert_eq!(got.tokens, loaded.seq.tokens);
+                assert_topk_matches(&got, &reference(&loaded, layer, head, &q, k as usize));
+
+                let (fused, rows) = dev
+                    .topk_gather(&loaded.seq, layer, head, &Query::f32(&q, 64), k, Aggregation::Max)
+                    .unwrap();
+                assert_eq!(fused.indices, got.indices, "fused TOPK selects the same tokens");
+                let gathered = dev.gather(&loaded.seq, layer, head, &got.indices).unwrap();
+                assert_eq!(gathered.keys, rows.keys);
+                assert_eq!(gathered.values, rows.values);
+                let row = shape.row_bytes() as usize;
+                let stream =
+                    (usize::from(layer) * 3 + usize::from(head)) * loaded.seq.tokens as usize * row;
+                for (j, &t) in got.indices.iter().enumerate() {
+                    let at = stream + t as usize * row;
+                    assert_eq!(&rows.keys[j * row..(j + 1) * row], &loaded.keys[at..at + row]);
+                    assert_eq!(&rows.values[j * row..(j + 1) * row], &loaded.values[at..at + row]);
+                }
+            }
+        }
+        // k larger than the sequence: every token, best first.
+        let q: Vec<f32> = (0..64).map(|_| rng.next()).collect();
+        let all = dev.topk(loaded.seq.id, 1, 2, &Query::f32(&q, 64), 8192).unwrap();
+        assert_eq!(all.indices.len() as u64, loaded.seq.tokens);
+        dev.kv_free(loaded.seq.id).unwrap();
+    }
+}
+
+#[test]
+fn many_commands_in_flight_each_completion_matched_once() {
+    let region = TempRegion::new("flight");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = KvShape { dtype: Dtype::F16, layers: 1, heads: 2, head_dim: 32 };
+    let loaded = load(&dev, shape, 1500, 5);
+    let mut rng = Rng(1234);
+    // More requests than the queue has entries, some of them malformed.
+    let requests: Vec<TopkRequest> = (0..700)
+        .map(|i| {
+            let q: Vec<f32> = (0..32).map(|_| rng.next()).collect();
+            TopkRequest {
+                seq: loaded.seq.id,
+                layer: if i % 97 == 0 { 5 } else { 0 },
+                head: (i % 2) as u16,
+                query: Query::f32(&q, 32),
+                k: 1 + (i % 40) as u32,
+                aggregation: Aggregation::Max,
+            }
+        })
+        .collect();
+    let answers = dev.topk_batch(&requests).unwrap();
+    assert_eq!(answers.len(), requests.len());
+    for (r, a) in requests.iter().zip(&answers) {
+        let q: Vec<f32> =
+            r.query.data.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        match a {
+            Ok(top) => {
+                assert_topk_matches(top, &reference(&loaded, r.layer, r.head, &q, r.k as usize))
+            }
+            Err(e) => {
+                assert_eq!(r.layer, 5, "only the bad-layer requests fail: {e}");
+                assert_eq!(e.return_code(), Some(ReturnCode::INVALID_INPUT));
+            }
+        }
+    }
+}
+
+#[test]
+fn malformed_descriptors_get_error_statuses_and_the_device_keeps_serving() {
+    let region = TempRegion::new("malformed");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 16 };
+    let loaded = load(&dev, shape, 100, 3);
+    let layout = dev.layout();
+    let query = dev.dma_buffer(&[0u8; 64], 0).unwrap();
+    let out = dev.dma_buffer(&[], TopkLayout { k: 8, row_bytes: 64 }.len()).unwrap();
+    let sentinel = dev.dma_buffer(&[0xA5; 4096], 0).unwrap();
+    let topk = |f: &dyn Fn(&mut SubmissionEntry)| {
+        let mut e = SubmissionEntry { opcode: opcode::TOPK_GATHER, ..Default::default() };
+        e.seq = loaded.seq.id.into();
+        e.count = 8.into();
+        e.arg0 = 1.into();
+        e.buf0_addr = query.addr.into();
+        e.buf0_len = 64.into();
+        e.buf1_addr = out.addr.into();
+        e.buf1_len = (out.len as u32).into();
+        f(&mut e);
+        e
+    };
+    let cases: Vec<(SubmissionEntry, ReturnCode)> = vec![
+        (topk(&|_| {}), ReturnCode::SUCCESS),
+        (topk(&|e| e.opcode = 0x7F), ReturnCode::UNSUPPORTED),
+        (topk(&|e| e.seq = 424242.into()), ReturnCode::INVALID_HANDLE),
+        (topk(&|e| e.layer = 1.into()), ReturnCode::INVALID_INPUT),
+        (topk(&|e| e.head = 9.into()), ReturnCode::INVALID_INPUT),
+        (topk(&|e| e.count = 0.into()), ReturnCode::INVALID_INPUT),
+        (topk(&|e| e.count = 100_000.into()), ReturnCode::INVALID_INPUT),
+        (topk(&|e| e.arg0 = 0.into()), ReturnCode::INVALID_INPUT),
+        (topk(&|e| e.arg0 = 9.into()), ReturnCode::INVALID_INPUT),
+        (topk(&|e| e.arg1 = 7.into()), ReturnCode::INVALID_INPUT),
+        (topk(&|e| e.arg1 = (3 << 8).into()), ReturnCode::INVALID_INPUT),
+        (topk(&|e| e.buf0_len = 60.into()), ReturnCode::INVALID_PAYLOAD_LENGTH),
+        (topk(&|e| e.buf1_len = 100.into()), ReturnCode::INVALID_PAYLOAD_LENGTH),
+        // Buffers outside the host DMA window: registers, device DRAM, past the end, wrapping.
+        (topk(&|e| e.buf0_addr = 0x1000.into()), ReturnCode::INVALID_PHYSICAL_ADDRESS),
+        (topk(&|e| e.buf1_addr = layout.dram_offset.into()), ReturnCode::INVALID_PHYSICAL_ADDRESS),
+        (
+            topk(&|e| e.buf1_addr = (layout.dram_offset - 64).into()),
+            ReturnCode::INVALID_PHYSICAL_ADDRESS,
+        ),
+        (topk(&|e| e.buf1_addr = (u64::MAX - 8).into()), ReturnCode::INVALID_PHYSICAL_ADDRESS),
+        (
+            {
+                let mut e = SubmissionEntry { opcode: opcode::GATHER, ..Default::default() };
+                e.seq = loaded.seq.id.into();
+                e.count = 1.into();
+                e.buf0_addr = query.addr.into(); // index 0: fine
+                e.buf0_len = 4.into();
+                e.buf1_addr = out.addr.into();
+                e.buf1_len = 16.into(); // needs 2 rows of 64 bytes
+                e
+            },
+            ReturnCode::INVALID_PAYLOAD_LENGTH,
+        ),
+        (
+            {
+                let mut e = SubmissionEntry { opcode: opcode::KV_CREATE, ..Default::default() };
+                e.layer = 1.into();
+                e.head = 1.into();
+                e.arg0 = 300.into();
+                e
+            },
+            ReturnCode::INVALID_INPUT,
+        ),
+        (
+            {
+                let mut e = SubmissionEntry { opcode: opcode::KV_COMMIT, ..Default::default() };
+                e.seq = loaded.seq.id.into();
+                e.count = 101.into();
+                e
+            },
+            ReturnCode::INVALID_INPUT,
+        ),
+        (SubmissionEntry { opcode: opcode::NOP, ..Default::default() }, ReturnCode::SUCCESS),
+    ];
+    let entries: Vec<SubmissionEntry> = cases.iter().map(|(e, _)| *e).collect();
+    let completions = dev.submit_raw(&entries).unwrap();
+    for (i, ((_, want), got)) in cases.iter().zip(&completions).enumerate() {
+        assert_eq!(got.code, *want, "case {i}");
+    }
+    // An index beyond the sequence: refused before any row moves.
+    let bad_index = dev.dma_buffer(&[0, 0, 0, 0, 200, 0, 0, 0], 0).unwrap();
+    let before = dev.read_dma(out);
+    let mut e = SubmissionEntry { opcode: opcode::GATHER, ..Default::default() };
+    e.seq = loaded.seq.id.into();
+    e.count = 2.into();
+    e.buf0_addr = bad_index.addr.into();
+    e.buf0_len = 8.into();
+    e.buf1_addr = out.addr.into();
+    e.buf1_len = (out.len as u32).into();
+    assert_eq!(dev.submit_raw(&[e]).unwrap()[0].code, ReturnCode::INVALID_INPUT);
+    assert_eq!(dev.read_dma(out), before, "nothing written on refusal");
+    assert!(dev.read_dma(sentinel).iter().all(|&b| b == 0xA5), "neighbouring buffer untouched");
+    assert_eq!(dev.kv_sequence(loaded.seq.id).unwrap().tokens, 100, "store unchanged");
+    assert!(dev.nop().is_ok());
+    assert!(dev.identify().is_ok());
+}
+
+#[test]
+fn dram_exhaustion_is_an_error_that_overwrites_nothing_and_freed_pages_are_reused() {
+    let region = TempRegion::new("full");
+    let _device = DeviceProcess::start(region.path(), &["--size", "16MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 256 };
+    let first = load(&dev, shape, 2000, 21);
+    let q: Vec<f32> = (0..256).map(|i| (i as f32).sin()).collect();
+    let before = dev.topk(first.seq.id, 0, 0, &Query::f32(&q, 256), 50).unwrap();
+
+    let big = 100_000u64;
+    let zeros = vec![0u8; shape.bytes(big) as usize];
+    let seq = dev.kv_create(shape).unwrap();
+    match dev.kv_append(&seq, &zeros, &zeros, big, &mut |_| {}) {
+        Err(e) => assert_eq!(e.return_code(), Some(ReturnCode::RESOURCES_EXHAUSTED), "{e}"),
+        Ok(_) => panic!("a 16 MiB device cannot hold 200 MB of KV"),
+    }
+    let after = dev.topk(first.seq.id, 0, 0, &Query::f32(&q, 256), 50).unwrap();
+    assert_eq!(after.indices, before.indices, "existing data intact");
+    assert_eq!(after.scores, before.scores);
+
+    // Free the partial sequence and the first; the space comes back.
+    let partial = dev.kv_sequence(seq.id).unwrap();
+    assert!(partial.tokens < big, "only whole committed chunks count");
+    dev.kv_free(seq.id).unwrap();
+    dev.kv_free(first.seq.id).unwrap();
+    assert!(matches!(
+        dev.kv_free(first.seq.id),
+        Err(Error::Queue { code: ReturnCode::INVALID_HANDLE, .. })
+    ));
+    let again = load(&dev, shape, 5000, 22);
+    assert_eq!(dev.kv_list().unwrap().iter().map(|s| s.id).collect::<Vec<_>>(), [again.seq.id]);
+}
+
+#[test]
+fn the_store_outlives_the_host_and_the_device_process() {
+    let region = TempRegion::new("persist");
+    let mut device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let shape = KvShape { dtype: Dtype::Bf16, layers: 2, heads: 2, head_dim: 128 };
+    let q: Vec<f32> = (0..128).map(|i| (i as f32 * 0.37).cos()).collect();
+    let (id, before) = {
+        let dev = Device::open(region.path()).unwrap();
+        let loaded = load(&dev, shape, 1234, 8);
+        (loaded.seq.id, dev.topk(loaded.seq.id, 1, 1, &Query::f32(&q, 128), 33).unwrap())
+    };
+    // Another host process's view: a new driver instance.
+    let dev = Device::open(region.path()).unwrap();
+    assert_eq!(dev.kv_sequence(id).unwrap().tokens, 1234);
+    drop(dev);
+    assert_eq!(device.stop(), Some(0));
+    let _device = DeviceProcess::start(region.path(), &[]);
+    let dev = Device::open(region.path()).unwrap();
+    let seq = dev.kv_sequence(id).unwrap();
+    assert_eq!((seq.tokens, seq.shape), (1234, shape));
+    let after = dev.topk(id, 1, 1, &Query::f32(&q, 128), 33).unwrap();
+    assert_eq!((after.indices, after.scores), (before.indices, before.scores));
+}
