@@ -12,6 +12,7 @@ pub mod kv;
 pub mod mailbox;
 pub mod queue;
 mod sys;
+pub mod tensorfile;
 
 pub use device::{Device, DeviceOptions, DeviceStatus};
 pub use error::{Error, Result};

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
-use pnm_host::{Device, DeviceOptions};
+use pnm_host::tensorfile::{self, Tensor};
+use pnm_host::{Aggregation, Device, DeviceOptions, Error, KvShape, Query, Sequence};
 use serde::Serialize;
 
 /// Control a cxl-pnm device.
@@ -47,6 +48,77 @@ enum Command {
     Status,
     /// Reset the device (mailbox and volatile state; device DRAM is kept).
     Reset,
+    /// The KV store: load, list and free sequences.
+    Kv {
+        #[command(subcommand)]
+        action: KvAction,
+    },
+    /// Top-K tokens of one (sequence, layer, KV head) for a query or GQA group.
+    Topk {
+        #[arg(long)]
+        seq: u32,
+        #[arg(long)]
+        layer: u16,
+        #[arg(long)]
+        head: u16,
+        /// Query .npy: [head_dim] or [G, head_dim], float16/32/64.
+        #[arg(long)]
+        query: PathBuf,
+        /// How many tokens to select.
+        #[arg(short, long)]
+        k: u32,
+        /// How a GQA group's scores combine.
+        #[arg(long, value_enum, default_value = "max")]
+        aggregation: AggregationArg,
+    },
+    /// The K and V rows of chosen tokens, written as .npy files [n, head_dim].
+    Gather {
+        #[arg(long)]
+        seq: u32,
+        #[arg(long)]
+        layer: u16,
+        #[arg(long)]
+        head: u16,
+        /// Token indices, comma separated (e.g. 3,17,42).
+        #[arg(long, value_delimiter = ',', required = true)]
+        indices: Vec<u32>,
+        #[arg(long)]
+        out_keys: PathBuf,
+        #[arg(long)]
+        out_values: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AggregationArg {
+    Max,
+    Mean,
+}
+
+#[derive(Debug, Subcommand)]
+enum KvAction {
+    /// Load K and V arrays shaped [layers, kv_heads, tokens, head_dim].
+    Load {
+        /// Keys .npy (float16, float32 or float64).
+        #[arg(long, requires = "values", conflicts_with = "safetensors")]
+        keys: Option<PathBuf>,
+        /// Values .npy, same shape and type as the keys.
+        #[arg(long, requires = "keys")]
+        values: Option<PathBuf>,
+        /// A safetensors file with tensors named `k` and `v` (F16, BF16, F32).
+        #[arg(long, required_unless_present = "keys")]
+        safetensors: Option<PathBuf>,
+        /// Append to this existing sequence instead of creating one.
+        #[arg(long)]
+        seq: Option<u32>,
+    },
+    /// List the sequences in device DRAM.
+    List,
+    /// Free a sequence and its device DRAM.
+    Free {
+        #[arg(long)]
+        seq: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,7 +170,64 @@ fn bytes(n: u64) -> String {
     if unit == 0 { format!("{n} B") } else { format!("{value:.1} {} ({n} B)", UNITS[unit]) }
 }
 
-fn run(cli: &Cli) -> pnm_host::Result<()> {
+/// Errors of the CLI: the driver's, or the user's files.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Driver(#[from] Error),
+    #[error(transparent)]
+    Tensor(#[from] tensorfile::TensorError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn usage(reason: impl Into<String>) -> CliError {
+    CliError::Usage(reason.into())
+}
+
+/// Checks (layer, head) against a sequence's shape, for a clear message.
+fn check_stream(seq: &Sequence, layer: u16, head: u16) -> Result<(), CliError> {
+    if layer >= seq.shape.layers || head >= seq.shape.heads {
+        return Err(usage(format!(
+            "layer {layer} / head {head} out of range: sequence {} has {} layers x {} KV heads",
+            seq.id, seq.shape.layers, seq.shape.heads
+        )));
+    }
+    Ok(())
+}
+
+fn kv_shape_of(keys: &Tensor, values: &Tensor) -> Result<(KvShape, u64), CliError> {
+    let [layers, heads, tokens, head_dim] = keys.shape[..] else {
+        return Err(usage(format!(
+            "keys have shape {:?}; expected [layers, kv_heads, tokens, head_dim]",
+            keys.shape
+        )));
+    };
+    if values.shape != keys.shape || values.dtype != keys.dtype {
+        return Err(usage(format!(
+            "values ({:?} {}) do not match keys ({:?} {})",
+            values.shape,
+            values.dtype.name(),
+            keys.shape,
+            keys.dtype.name()
+        )));
+    }
+    let narrow = |v: usize, what: &str| {
+        u16::try_from(v).map_err(|_| usage(format!("{what} {v} is too large")))
+    };
+    let shape = KvShape {
+        dtype: keys.dtype,
+        layers: narrow(layers, "layers")?,
+        heads: narrow(heads, "kv_heads")?,
+        head_dim: narrow(head_dim, "head_dim")?,
+    };
+    if tokens == 0 || shape.layers == 0 || shape.heads == 0 || shape.head_dim == 0 {
+        return Err(usage(format!("empty KV shape {:?}", keys.shape)));
+    }
+    Ok((shape, tokens as u64))
+}
+
+fn run(cli: &Cli) -> Result<(), CliError> {
     let options = DeviceOptions {
         mailbox_timeout: Duration::from_millis(cli.timeout_ms),
         wait_ready: Some(Duration::from_millis(cli.wait_ms)),
@@ -252,6 +381,141 @@ fn run(cli: &Cli) -> pnm_host::Result<()> {
             let status = device.status();
             emit(cli.json, &status, |s| {
                 format!("reset complete (resets so far: {})\n", s.reset_count)
+            });
+        }
+        Command::Kv { action: KvAction::Load { keys, values, safetensors, seq } } => {
+            let (k, v) = match (keys, values, safetensors) {
+                (Some(k), Some(v), _) => (tensorfile::read_npy(k)?, tensorfile::read_npy(v)?),
+                (_, _, Some(path)) => {
+                    let mut tensors = tensorfile::read_safetensors(path)?;
+                    let mut take = |name: &str| {
+                        tensors.remove(name).ok_or_else(|| {
+                            usage(format!("{} has no tensor '{name}'", path.display()))
+                        })
+                    };
+                    (take("k")?, take("v")?)
+                }
+                _ => return Err(usage("give --keys and --values, or --safetensors")),
+            };
+            let (shape, tokens) = kv_shape_of(&k, &v)?;
+            let (sequence, created) = match seq {
+                Some(id) => {
+                    let existing = device.kv_sequence(*id)?;
+                    if existing.shape != shape {
+                        return Err(usage(format!(
+                            "sequence {id} is {:?}; the arrays are {shape:?}",
+                            existing.shape
+                        )));
+                    }
+                    (existing, false)
+                }
+                None => (device.kv_create(shape)?, true),
+            };
+            let loaded = match device.kv_append(&sequence, &k.data, &v.data, tokens, &mut |_| {}) {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    if created {
+                        // Do not leave a half-loaded sequence behind.
+                        let _ = device.kv_free(sequence.id);
+                    }
+                    return Err(e.into());
+                }
+            };
+            emit(cli.json, &loaded, |s| format!("{}\n", s.id));
+        }
+        Command::Kv { action: KvAction::List } => {
+            let list = device.kv_list()?;
+            emit(cli.json, &list, |list| {
+                let mut out = String::from("seq     dtype  layers  kv_heads  head_dim  tokens\n");
+                for s in list {
+                    out += &format!(
+                        "{:<7} {:<6} {:<7} {:<9} {:<9} {}\n",
+                        s.id,
+                        s.shape.dtype.name(),
+                        s.shape.layers,
+                        s.shape.heads,
+                        s.shape.head_dim,
+                        s.tokens
+                    );
+                }
+                out
+            });
+        }
+        Command::Kv { action: KvAction::Free { seq } } => {
+            device.kv_free(*seq)?;
+            emit(cli.json, &serde_json::json!({ "freed": seq }), |_| {
+                format!("freed sequence {seq}\n")
+            });
+        }
+        Command::Topk { seq, layer, head, query, k, aggregation } => {
+            let sequence = device.kv_sequence(*seq)?;
+            check_stream(&sequence, *layer, *head)?;
+            if *k == 0 {
+                return Err(usage("k must be at least 1"));
+            }
+            let q = tensorfile::read_npy(query)?;
+            let d = usize::from(sequence.shape.head_dim);
+            let group = match q.shape[..] {
+                [n] if n == d => 1,
+                [g, n] if n == d && g >= 1 => g,
+                _ => {
+                    return Err(usage(format!(
+                        "query has shape {:?}; expected [{d}] or [G, {d}] for sequence {seq}",
+                        q.shape
+                    )));
+                }
+            };
+            let query = Query { dtype: q.dtype, group: group as u32, data: q.data };
+            let aggregation = match aggregation {
+                AggregationArg::Max => Aggregation::Max,
+                AggregationArg::Mean => Aggregation::Mean,
+            };
+            let request = pnm_host::TopkRequest {
+                seq: *seq,
+                layer: *layer,
+                head: *head,
+                query,
+                k: *k,
+                aggregation,
+            };
+            let top =
+                device.topk_batch(std::slice::from_ref(&request))?.pop().expect("one answer")?;
+            if cli.json {
+                // JSON has no NaN or infinity: such scores print as null.
+                let scores: Vec<Option<f32>> =
+                    top.scores.iter().map(|&s| s.is_finite().then_some(s)).collect();
+                println!("{}", serde_json::json!({ "indices": top.indices, "scores": scores }));
+            } else {
+                println!("rank  token     score");
+                for (rank, (i, s)) in top.indices.iter().zip(&top.scores).enumerate() {
+                    println!("{rank:<5} {i:<9} {s}");
+                }
+            }
+        }
+        Command::Gather { seq, layer, head, indices, out_keys, out_values } => {
+            let sequence = device.kv_sequence(*seq)?;
+            check_stream(&sequence, *layer, *head)?;
+            if let Some(bad) = indices.iter().find(|&&i| u64::from(i) >= sequence.tokens) {
+                return Err(usage(format!(
+                    "token {bad} out of range: sequence {seq} has {} tokens",
+                    sequence.tokens
+                )));
+            }
+            let rows = device.gather(&sequence, *layer, *head, indices)?;
+            let shape = vec![indices.len(), usize::from(sequence.shape.head_dim)];
+            let dtype = sequence.shape.dtype;
+            tensorfile::write_npy(
+                out_keys,
+                &Tensor { dtype, shape: shape.clone(), data: rows.keys },
+            )?;
+            tensorfile::write_npy(out_values, &Tensor { dtype, shape, data: rows.values })?;
+            emit(cli.json, &serde_json::json!({ "rows": indices.len() }), |_| {
+                format!(
+                    "wrote {} rows to {} and {}\n",
+                    indices.len(),
+                    out_keys.display(),
+                    out_values.display()
+                )
             });
         }
     }

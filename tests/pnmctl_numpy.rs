@@ -1,0 +1,41 @@
+//! `pnmctl` against NumPy: see tests/numpy_check.py. Skipped (with a
+//! message) where NumPy is missing, unless PNM_REQUIRE_NUMPY=1 (as in CI).
+
+mod common;
+
+use std::process::Command;
+
+use common::{DeviceProcess, TempRegion, bin};
+
+#[test]
+fn pnmctl_kv_topk_and_gather_match_numpy() {
+    let has_numpy =
+        Command::new("python3").args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
+    if !has_numpy {
+        assert!(
+            std::env::var_os("PNM_REQUIRE_NUMPY").is_none(),
+            "PNM_REQUIRE_NUMPY is set but numpy is missing"
+        );
+        eprintln!("skipping: python3 with numpy is not available (pip install numpy)");
+        return;
+    }
+    let region = TempRegion::new("numpy");
+    let _device = DeviceProcess::start(region.path(), &["--size", "256MiB"]);
+    let work = std::env::temp_dir().join(format!("cxl-pnm-numpy-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+            % 100_000;
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/numpy_check.py"))
+        .arg(bin("pnmctl"))
+        .arg(region.path())
+        .arg(&work)
+        .arg(seed.to_string())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&work);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "seed {seed}:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
