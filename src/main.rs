@@ -1,15 +1,30 @@
-//! The main job: start an embedded cxl-pnm device (no setup) or attach to a
-//! running one, and drive it through the real host driver.
+//! The main job: an LLM KV cache in a cxl-pnm device, decoded with
+//! near-memory Top-K.
+//!
+//! Starts an embedded device (or attaches to a running one), stores a KV
+//! cache shaped like a real model's, then runs decode steps: each step
+//! appends a token and, for every (layer, KV head), sends the GQA group's
+//! queries to the device, which scores every key next to its DRAM and
+//! returns only the Top-K tokens' K and V rows. The host then computes the
+//! attention output from those rows and reports how close it is to full
+//! attention and how many bytes crossed the link.
+
+mod synthetic;
 
 use std::path::PathBuf;
+use std::time::Instant;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
 use pnm_device::{Region, RunningDevice};
-use pnm_host::Device;
+use pnm_host::tensorfile::{self, Tensor};
+use pnm_host::{Aggregation, Device, Dtype, KvShape, Query, Sequence};
 use pnm_protocol::layout::parse_size;
+use serde::Serialize;
+use synthetic::{HEAVY_HITTER_FRACTION, Rng, Stream};
 
-/// cxl-pnm demo: an emulated CXL processing-near-memory device for LLM KV caches.
+/// cxl-pnm demo: LLM decode with near-memory Top-K attention on an emulated CXL-PNM device.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -17,12 +32,251 @@ struct Args {
     /// starting an embedded one.
     #[arg(long)]
     device: Option<PathBuf>,
-    /// Size of the embedded device's region (a power of two).
-    #[arg(long, value_parser = parse_size, default_value = "1GiB")]
-    size: u64,
-    /// Print JSON.
+    /// Real KV instead of the synthetic cache: a safetensors file with `k`
+    /// and `v` shaped [layers, kv_heads, tokens, head_dim] and optionally
+    /// `q` shaped [layers, kv_heads, group, head_dim].
+    #[arg(long)]
+    kv: Option<PathBuf>,
+    /// Layers (synthetic cache).
+    #[arg(long, default_value_t = 4)]
+    layers: u16,
+    /// KV heads per layer (Llama-3-8B: 8).
+    #[arg(long, default_value_t = 8)]
+    kv_heads: u16,
+    /// Head dimension (Llama-3-8B: 128).
+    #[arg(long, default_value_t = 128)]
+    head_dim: u16,
+    /// Context length in tokens.
+    #[arg(long, default_value_t = 32768)]
+    tokens: u64,
+    /// Key/value element type.
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: DtypeArg,
+    /// Query heads per KV head (Llama-3-8B: 32 / 8 = 4).
+    #[arg(long, default_value_t = 4)]
+    group: u32,
+    /// Tokens selected per (layer, KV head) each step.
+    #[arg(short, long, default_value_t = 1024)]
+    k: u32,
+    /// Decode steps; each appends one token first.
+    #[arg(long, default_value_t = 8)]
+    steps: u32,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Size of the embedded device's region (default: what the cache needs).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<u64>,
+    /// Keep the sequence on an attached device instead of freeing it.
+    #[arg(long)]
+    keep: bool,
+    /// Print one JSON report instead of text.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DtypeArg {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl From<DtypeArg> for Dtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F16 => Dtype::F16,
+            DtypeArg::Bf16 => Dtype::Bf16,
+            DtypeArg::F32 => Dtype::F32,
+        }
+    }
+}
+
+fn encode(dtype: Dtype, values: &[f32], out: &mut Vec<u8>) {
+    match dtype {
+        Dtype::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+        Dtype::F16 => out.extend(values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes())),
+        Dtype::Bf16 => {
+            out.extend(values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()))
+        }
+    }
+}
+
+fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    Tensor { dtype, shape: vec![bytes.len() / dtype.size()], data: bytes.to_vec() }.to_f32()
+}
+
+/// One (layer, KV head) stream: its stored rows and, for synthetic caches,
+/// its hidden structure.
+struct KvStream {
+    keys: Vec<u8>,
+    values: Vec<u8>,
+    structure: Option<Stream>,
+    /// Queries from the KV file, if it had them.
+    queries: Option<Vec<f32>>,
+}
+
+struct Cache {
+    shape: KvShape,
+    tokens: u64,
+    streams: Vec<KvStream>,
+    source: String,
+}
+
+fn synthetic_cache(args: &Args, rng: &mut Rng) -> Cache {
+    let dtype = Dtype::from(args.dtype);
+    let shape =
+        KvShape { dtype, layers: args.layers, heads: args.kv_heads, head_dim: args.head_dim };
+    let (d, t) = (usize::from(args.head_dim), args.tokens as usize);
+    let bar = progress(u64::from(args.layers) * u64::from(args.kv_heads), "generating", args.json);
+    let streams = (0..usize::from(args.layers) * usize::from(args.kv_heads))
+        .map(|_| {
+            let structure = Stream::new(rng, d);
+            let heavy: std::collections::HashSet<u64> = (0..(t as f64 * HEAVY_HITTER_FRACTION)
+                as usize)
+                .map(|_| rng.below(t as u64))
+                .collect();
+            let mut row = vec![0f32; d];
+            let (mut keys, mut values) =
+                (Vec::with_capacity(t * d * 2), Vec::with_capacity(t * d * 2));
+            for i in 0..t {
+                structure.key(rng, i, t - 1, heavy.contains(&(i as u64)), &mut row);
+                encode(dtype, &row, &mut keys);
+                row.iter_mut().for_each(|v| *v = rng.normal());
+                encode(dtype, &row, &mut values);
+            }
+            bar.inc(1);
+            KvStream { keys, values, structure: Some(structure), queries: None }
+        })
+        .collect();
+    bar.finish_and_clear();
+    Cache { shape, tokens: args.tokens, streams, source: "synthetic".into() }
+}
+
+fn file_cache(path: &std::path::Path) -> anyhow::Result<Cache> {
+    let mut tensors = tensorfile::read_safetensors(path)?;
+    let mut take = |name: &str| {
+        tensors.remove(name).with_context(|| format!("{} has no tensor '{name}'", path.display()))
+    };
+    let (k, v) = (take("k")?, take("v")?);
+    let q = take("q").ok();
+    let [layers, heads, tokens, d] = k.shape[..] else {
+        bail!("k has shape {:?}; expected 4 dimensions", k.shape)
+    };
+    if v.shape != k.shape || v.dtype != k.dtype {
+        bail!("v ({:?}) does not match k ({:?})", v.shape, k.shape);
+    }
+    let shape = KvShape {
+        dtype: k.dtype,
+        layers: layers.try_into()?,
+        heads: heads.try_into()?,
+        head_dim: d.try_into()?,
+    };
+    let row = shape.row_bytes() as usize;
+    let q = match q {
+        Some(q) if q.shape.len() == 4 && q.shape[..2] == [layers, heads] && q.shape[3] == d => {
+            Some(q)
+        }
+        Some(q) => bail!("q has shape {:?}; expected [{layers}, {heads}, group, {d}]", q.shape),
+        None => None,
+    };
+    let streams = (0..layers * heads)
+        .map(|s| {
+            let at = s * tokens * row..(s + 1) * tokens * row;
+            let queries = q.as_ref().map(|q| {
+                let g = q.shape[2];
+                q.to_f32()[s * g * d..(s + 1) * g * d].to_vec()
+            });
+            KvStream {
+                keys: k.data[at.clone()].to_vec(),
+                values: v.data[at].to_vec(),
+                structure: None,
+                queries,
+            }
+        })
+        .collect();
+    Ok(Cache { shape, tokens: tokens as u64, streams, source: path.display().to_string() })
+}
+
+fn progress(total: u64, what: &str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {percent:>3}% {elapsed_precise}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
+}
+
+/// Softmax attention output of one query over the given rows.
+fn attend(q: &[f32], keys: &[f32], values: &[f32], d: usize) -> Vec<f64> {
+    let scale = 1.0 / (d as f64).sqrt();
+    let logits: Vec<f64> = keys
+        .chunks_exact(d)
+        .map(|k| q.iter().zip(k).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>() * scale)
+        .collect();
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = logits.iter().map(|l| (l - max).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let mut out = vec![0f64; d];
+    for (w, v) in weights.iter().zip(values.chunks_exact(d)) {
+        for (o, &x) in out.iter_mut().zip(v) {
+            *o += w / total * f64::from(x);
+        }
+    }
+    out
+}
+
+/// Exact Top-K by the device's documented order (max over the group).
+fn exact_topk(queries: &[f32], keys: &[f32], d: usize, k: usize) -> Vec<u32> {
+    let mut scored: Vec<(f64, u32)> = keys
+        .chunks_exact(d)
+        .enumerate()
+        .map(|(t, key)| {
+            let best = queries
+                .chunks_exact(d)
+                .map(|q| q.iter().zip(key).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>())
+                .fold(f64::NEG_INFINITY, f64::max);
+            (best, t as u32)
+        })
+        .collect();
+    let k = k.min(scored.len());
+    scored.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    scored[..k].iter().map(|s| s.1).collect()
+}
+
+#[derive(Debug, Default, Serialize)]
+struct StepReport {
+    step: u32,
+    context_tokens: u64,
+    recall: f64,
+    attention_rel_error: f64,
+    link_bytes: u64,
+    full_kv_bytes: u64,
+    step_ms: f64,
+    device_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    source: String,
+    shape: KvShape,
+    context_tokens: u64,
+    group: u32,
+    k: u32,
+    device: String,
+    load_seconds: f64,
+    load_gb_per_s: f64,
+    steps: Vec<StepReport>,
+    mean_recall: f64,
+    mean_attention_rel_error: f64,
+    link_bytes_per_step: f64,
+    full_kv_bytes_per_step: f64,
+    link_reduction: f64,
+    mean_step_ms: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,14 +288,27 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if args.group == 0 || args.k == 0 || args.tokens == 0 {
+        bail!("--group, -k and --tokens must be at least 1");
+    }
+    let mut rng = Rng::new(args.seed);
+    let cache = match &args.kv {
+        Some(path) => file_cache(path)?,
+        None => synthetic_cache(&args, &mut rng),
+    };
+    let shape = cache.shape;
+    let d = usize::from(shape.head_dim);
+    let row = shape.row_bytes();
 
-    // The embedded device lives in this process on a memfd; the driver
-    // reaches it by path exactly as it would a separate pnm-device.
+    // The device: embedded (a memfd in this process) or attached.
+    let total_tokens = cache.tokens + u64::from(args.steps);
     let embedded = match &args.device {
         Some(_) => None,
         None => {
+            let needed = (shape.bytes(total_tokens) * 2) as f64 * 1.1 + (192u64 << 20) as f64;
+            let size = args.size.unwrap_or_else(|| (needed as u64).next_power_of_two());
             let region =
-                Region::embedded(args.size, None).context("creating the embedded region")?;
+                Region::embedded(size, None).context("creating the embedded device's region")?;
             Some(RunningDevice::serve(region, None)?)
         }
     };
@@ -51,42 +318,186 @@ fn main() -> anyhow::Result<()> {
         (None, None) => unreachable!("one of the two is set"),
     };
     let device = Device::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let device_name =
+        if args.device.is_some() { path.display().to_string() } else { "embedded".into() };
 
-    let identify = device.identify()?;
-    let health = device.health_info()?;
-    let pnm = device.identify_pnm()?;
+    // Load: rows go straight into device DRAM frames.
+    let seq = device.kv_create(shape)?;
+    let (mut keys, mut values) = (Vec::new(), Vec::new());
+    for s in &cache.streams {
+        keys.extend_from_slice(&s.keys);
+        values.extend_from_slice(&s.values);
+    }
+    let bar = progress(cache.tokens, "loading KV", args.json);
+    let start = Instant::now();
+    let loaded =
+        device.kv_append(&seq, &keys, &values, cache.tokens, &mut |done| bar.set_position(done));
+    let load_seconds = start.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    drop((keys, values));
+    let mut seq: Sequence = match loaded {
+        Ok(seq) => seq,
+        Err(e) => {
+            let _ = device.kv_free(seq.id);
+            return Err(e).context("loading the KV cache into the device");
+        }
+    };
+    let mut streams = cache.streams;
+    let load_bytes = shape.bytes(cache.tokens) * 2;
+
+    let mut steps = Vec::new();
+    for step in 0..args.steps {
+        // Decode appends the new token's K and V to every stream first.
+        let t = seq.tokens as usize;
+        let (mut new_k, mut new_v) = (Vec::new(), Vec::new());
+        let mut row_f = vec![0f32; d];
+        for s in &mut streams {
+            match &s.structure {
+                Some(structure) => structure.key(&mut rng, t, t, false, &mut row_f),
+                None => row_f
+                    .copy_from_slice(&decode(shape.dtype, &s.keys[s.keys.len() - row as usize..])),
+            }
+            let at = new_k.len();
+            encode(shape.dtype, &row_f, &mut new_k);
+            s.keys.extend_from_slice(&new_k[at..]);
+            row_f.iter_mut().for_each(|v| *v = rng.normal());
+            let at = new_v.len();
+            encode(shape.dtype, &row_f, &mut new_v);
+            s.values.extend_from_slice(&new_v[at..]);
+        }
+        seq = device.kv_append(&seq, &new_k, &new_v, 1, &mut |_| {})?;
+
+        let mut report = StepReport { step, context_tokens: seq.tokens, ..Default::default() };
+        let mut recall_sum = 0.0;
+        let mut error_sum = 0.0;
+        let mut error_count = 0;
+        for (i, s) in streams.iter().enumerate() {
+            let (layer, head) =
+                ((i / usize::from(shape.heads)) as u16, (i % usize::from(shape.heads)) as u16);
+            let queries: Vec<f32> = match (&s.structure, &s.queries) {
+                (Some(structure), _) => {
+                    let mut q = vec![0f32; d * args.group as usize];
+                    q.chunks_exact_mut(d).for_each(|g| structure.query(&mut rng, g));
+                    q
+                }
+                (None, Some(q)) => q.iter().map(|&x| x + 0.01 * rng.normal()).collect(),
+                // No queries in the file: the newest key, slightly perturbed, per group member.
+                (None, None) => {
+                    let last = decode(shape.dtype, &s.keys[s.keys.len() - row as usize..]);
+                    (0..args.group)
+                        .flat_map(|_| {
+                            last.iter().map(|&x| x + 0.1 * rng.normal()).collect::<Vec<_>>()
+                        })
+                        .collect()
+                }
+            };
+            let query = Query::f32(&queries, d);
+            let start = Instant::now();
+            let (top, rows) =
+                device.topk_gather(&seq, layer, head, &query, args.k, Aggregation::Max)?;
+            report.step_ms += start.elapsed().as_secs_f64() * 1e3;
+            report.device_ms += top.device_ns as f64 / 1e6;
+            let n = top.indices.len() as u64;
+            report.link_bytes += 64 + 32 + query.data.len() as u64 + 8 * n + 2 * n * row;
+            report.full_kv_bytes += 2 * seq.tokens * row;
+
+            // Host side: what full attention would give, from all rows.
+            let all_keys = decode(shape.dtype, &s.keys);
+            let all_values = decode(shape.dtype, &s.values);
+            let exact = exact_topk(&queries, &all_keys, d, args.k as usize);
+            let got: std::collections::HashSet<u32> = top.indices.iter().copied().collect();
+            recall_sum +=
+                exact.iter().filter(|i| got.contains(i)).count() as f64 / exact.len() as f64;
+            let (sel_k, sel_v) =
+                (decode(shape.dtype, &rows.keys), decode(shape.dtype, &rows.values));
+            for q in queries.chunks_exact(d) {
+                let full = attend(q, &all_keys, &all_values, d);
+                let sparse = attend(q, &sel_k, &sel_v, d);
+                let diff: f64 =
+                    full.iter().zip(&sparse).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+                let norm: f64 = full.iter().map(|a| a * a).sum::<f64>().sqrt();
+                error_sum += diff / norm.max(f64::MIN_POSITIVE);
+                error_count += 1;
+            }
+        }
+        report.recall = recall_sum / streams.len() as f64;
+        report.attention_rel_error = error_sum / f64::from(error_count);
+        if !args.json {
+            println!(
+                "step {:>3}  ctx {:>7}  recall {:.4}  attn rel err {:.4}  link {:>7.2} MiB vs {:>8.1} MiB full KV  {:>7.1} ms/step (device {:.1} ms)",
+                step,
+                report.context_tokens,
+                report.recall,
+                report.attention_rel_error,
+                report.link_bytes as f64 / (1 << 20) as f64,
+                report.full_kv_bytes as f64 / (1 << 20) as f64,
+                report.step_ms,
+                report.device_ms,
+            );
+        }
+        steps.push(report);
+    }
+
+    let n = steps.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&StepReport) -> f64| steps.iter().map(f).sum::<f64>() / n;
+    let report = Report {
+        source: cache.source,
+        shape,
+        context_tokens: seq.tokens,
+        group: args.group,
+        k: args.k,
+        device: device_name,
+        load_seconds,
+        load_gb_per_s: load_bytes as f64 / load_seconds / 1e9,
+        mean_recall: mean(&|s| s.recall),
+        mean_attention_rel_error: mean(&|s| s.attention_rel_error),
+        link_bytes_per_step: mean(&|s| s.link_bytes as f64),
+        full_kv_bytes_per_step: mean(&|s| s.full_kv_bytes as f64),
+        link_reduction: mean(&|s| s.full_kv_bytes as f64) / mean(&|s| s.link_bytes as f64).max(1.0),
+        mean_step_ms: mean(&|s| s.step_ms),
+        steps,
+    };
     if args.json {
-        let report = serde_json::json!({ "identify": identify, "health": health, "pnm": pnm });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("cxl-pnm device at {}", path.display());
+        println!();
         println!(
-            "  firmware {} | ABI {} | {} compute units",
-            identify.fw_revision, pnm.abi_version, pnm.compute_units
+            "{} KV: {} layers x {} KV heads x {} dims, {}, {} tokens; GQA group {}, k = {} on the {} device",
+            report.source,
+            shape.layers,
+            shape.heads,
+            shape.head_dim,
+            shape.dtype.name(),
+            report.context_tokens,
+            report.group,
+            report.k,
+            report.device
         );
         println!(
-            "  device DRAM {} MiB (Identify: {} MiB volatile capacity in 256 MiB units)",
-            pnm.dram_size >> 20,
-            identify.volatile_only_capacity_bytes >> 20
+            "loaded {:.1} MiB of K+V in {:.2} s ({:.2} GB/s, rows stored straight into device DRAM)",
+            load_bytes as f64 / (1 << 20) as f64,
+            report.load_seconds,
+            report.load_gb_per_s
         );
-        println!("  host DMA window {} MiB", pnm.dma_window_size >> 20);
+        println!("recall vs exact Top-K       {:.4}", report.mean_recall);
         println!(
-            "  firmware limits: dtypes {}, head_dim <= {}, k <= {}, GQA group <= {}",
-            pnm.dtypes.join("/"),
-            pnm.max_head_dim,
-            pnm.max_k,
-            pnm.max_group
+            "attention output rel error  {:.4} (vs full attention over every token)",
+            report.mean_attention_rel_error
         );
         println!(
-            "  health: {} | media status {} | dirty shutdowns {}",
-            if health.maintenance_needed || health.performance_degraded {
-                "attention"
-            } else {
-                "normal"
-            },
-            health.media_status,
-            health.dirty_shutdown_count
+            "bytes over the link / step  {:.2} MiB vs {:.1} MiB to move the whole KV ({:.1}x less)",
+            report.link_bytes_per_step / (1 << 20) as f64,
+            report.full_kv_bytes_per_step / (1 << 20) as f64,
+            report.link_reduction
         );
+        println!(
+            "time per decode step        {:.1} ms ({} Top-K+gather commands)",
+            report.mean_step_ms,
+            streams.len()
+        );
+    }
+    if args.device.is_some() && !args.keep {
+        device.kv_free(seq.id)?;
     }
     Ok(())
 }
