@@ -385,3 +385,52 @@ fn the_store_outlives_the_host_and_the_device_process() {
     let after = dev.topk(id, 1, 1, &Query::f32(&q, 128), 33).unwrap();
     assert_eq!((after.indices, after.scores), (before.indices, before.scores));
 }
+
+#[test]
+fn long_appends_pipeline_in_chunks_and_sequences_grow_a_token_at_a_time() {
+    let region = TempRegion::new("grow");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = KvShape { dtype: Dtype::F16, layers: 1, heads: 2, head_dim: 32 };
+    // Several KV_APPEND chunks in one call.
+    let mut loaded = load(&dev, shape, 20_000, 77);
+    // Then single tokens, as decode appends them.
+    let mut rng = Rng(4242);
+    for _ in 0..5 {
+        let t = loaded.seq.tokens as usize;
+        let row = shape.row_bytes() as usize;
+        let (k, v): (Vec<f32>, Vec<f32>) = (0..64).map(|_| (rng.next() * 3.0, rng.next())).unzip();
+        let (k, v) = (encode(Dtype::F16, &k), encode(Dtype::F16, &v));
+        loaded.seq = dev.kv_append(&loaded.seq, &k, &v, 1, &mut |_| {}).unwrap();
+        // Rebuild the [heads][tokens][d] host copy with the new token.
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        for h in 0..2 {
+            keys.extend_from_slice(&loaded.keys[h * t * row..(h + 1) * t * row]);
+            keys.extend_from_slice(&k[h * row..(h + 1) * row]);
+            values.extend_from_slice(&loaded.values[h * t * row..(h + 1) * t * row]);
+            values.extend_from_slice(&v[h * row..(h + 1) * row]);
+        }
+        loaded.keys = keys;
+        loaded.values = values;
+    }
+    assert_eq!(loaded.seq.tokens, 20_005);
+    let q: Vec<f32> = (0..32).map(|_| rng.next()).collect();
+    for head in 0..2 {
+        let got = dev.topk(loaded.seq.id, 0, head, &Query::f32(&q, 32), 300).unwrap();
+        assert_topk_matches(&got, &reference(&loaded, 0, head, &q, 300));
+        let last = dev.gather(&loaded.seq, 0, head, &[20_004, 0, 8191, 8192]).unwrap();
+        let row = shape.row_bytes() as usize;
+        let stream = usize::from(head) * 20_005 * row;
+        for (j, t) in [20_004usize, 0, 8191, 8192].into_iter().enumerate() {
+            assert_eq!(
+                &last.keys[j * row..(j + 1) * row],
+                &loaded.keys[stream + t * row..stream + (t + 1) * row]
+            );
+            assert_eq!(
+                &last.values[j * row..(j + 1) * row],
+                &loaded.values[stream + t * row..stream + (t + 1) * row]
+            );
+        }
+    }
+}

@@ -68,6 +68,51 @@ pub fn to_f32(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
     }
 }
 
+#[cfg(target_endian = "big")]
+compile_error!("the KV store reads little-endian rows straight into typed buffers");
+
+/// Reusable buffers that turn a block of stored rows into f32, reading the
+/// rows straight into typed memory (no per-element byte shuffling).
+#[derive(Debug, Default)]
+pub struct RowBlock {
+    halves: Vec<u16>,
+    floats: Vec<f32>,
+}
+
+impl RowBlock {
+    /// Reads `count` elements of `dtype` through `fill` (which copies the
+    /// stored little-endian bytes into the slice it is given) and returns
+    /// them as f32.
+    pub fn load<E>(
+        &mut self,
+        dtype: Dtype,
+        count: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<&[f32], E> {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        use zerocopy::IntoBytes;
+        self.floats.resize(count, 0.0);
+        match dtype {
+            Dtype::F32 => fill(self.floats.as_mut_bytes())?,
+            Dtype::F16 | Dtype::Bf16 => {
+                self.halves.resize(count, 0);
+                fill(self.halves.as_mut_bytes())?;
+                // `half` converts whole slices with F16C where the CPU has it.
+                if dtype == Dtype::F16 {
+                    self.halves
+                        .reinterpret_cast::<half::f16>()
+                        .convert_to_f32_slice(&mut self.floats);
+                } else {
+                    self.halves
+                        .reinterpret_cast::<half::bf16>()
+                        .convert_to_f32_slice(&mut self.floats);
+                }
+            }
+        }
+        Ok(&self.floats)
+    }
+}
+
 /// Dot product accumulated in f32, in eight independent lanes so the
 /// compiler can vectorise it.
 #[inline]
@@ -215,6 +260,32 @@ mod tests {
         assert_eq!(aggregate(&[1.0, f32::NAN, 3.0], Aggregation::Mean), 2.0);
         assert!(aggregate(&[f32::NAN, f32::NAN], Aggregation::Max).is_nan());
         assert_eq!(aggregate(&[f32::NEG_INFINITY, -1.0], Aggregation::Max), -1.0);
+    }
+
+    #[test]
+    fn row_blocks_convert_like_to_f32() {
+        let values = [0.0f32, -1.5, 65504.0, 1e-3, f32::INFINITY, 3.25];
+        for dtype in Dtype::ALL {
+            let bytes: Vec<u8> = match dtype {
+                Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Dtype::F16 => {
+                    values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect()
+                }
+                Dtype::Bf16 => {
+                    values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect()
+                }
+            };
+            let mut want = Vec::new();
+            to_f32(dtype, &bytes, &mut want);
+            let mut block = RowBlock::default();
+            let got = block
+                .load(dtype, values.len(), |out: &mut [u8]| -> Result<(), ()> {
+                    out.copy_from_slice(&bytes);
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(got, want.as_slice(), "{dtype:?}");
+        }
     }
 
     #[test]

@@ -618,8 +618,7 @@ impl<D: Dram> KvStore<D> {
         let tpp = shape.tokens_per_page();
         let d = usize::from(shape.head_dim);
         let row = shape.row_bytes();
-        let mut raw = Vec::new();
-        let mut keys = Vec::new();
+        let mut block = kernels::RowBlock::default();
         let mut bounds = vec![0u8; 8 * d];
         let mut page = seq.tokens / tpp;
         while page * tpp < tokens {
@@ -628,15 +627,15 @@ impl<D: Dram> KvStore<D> {
             for layer in 0..shape.layers {
                 for head in 0..shape.heads {
                     let key_frame = seq.entry(page, layer, head).key_frame.get();
-                    raw.resize(((end - start) * row) as usize, 0);
                     let rows_at = self.layout.frame_offset(key_frame) + (start - page * tpp) * row;
-                    self.dram.read(rows_at, &mut raw)?;
-                    kernels::to_f32(shape.dtype, &raw, &mut keys);
+                    let count = ((end - start) * u64::from(shape.head_dim)) as usize;
+                    let keys =
+                        block.load(shape.dtype, count, |out| self.dram.read(rows_at, out))?;
                     let slot = self.layout.bounds_slot(key_frame);
                     let (mins, maxs) = bounds.split_at_mut(4 * d);
                     self.dram.read(slot, mins)?;
                     self.dram.read(slot + BOUNDS_SLOT / 2, maxs)?;
-                    fold_bounds(&keys, d, mins, maxs);
+                    fold_bounds(keys, d, mins, maxs);
                     self.dram.write(slot, mins)?;
                     self.dram.write(slot + BOUNDS_SLOT / 2, maxs)?;
                 }
@@ -756,18 +755,14 @@ impl<D: Dram> KvStore<D> {
             return Err(KvError::Invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
         }
         let tpp = shape.tokens_per_page();
-        let row = shape.row_bytes();
         let mut scores = Vec::with_capacity(seq.tokens as usize);
-        let mut raw = Vec::new();
-        let mut keys = Vec::new();
+        let mut block = kernels::RowBlock::default();
         let mut page = 0;
         while page * tpp < seq.tokens {
             let n = tpp.min(seq.tokens - page * tpp);
-            raw.resize((n * row) as usize, 0);
-            let frame = seq.entry(page, layer, head).key_frame.get();
-            self.dram.read(self.layout.frame_offset(frame), &mut raw)?;
-            kernels::to_f32(shape.dtype, &raw, &mut keys);
-            kernels::score_rows(&keys, d, queries, how, &mut scores);
+            let at = self.layout.frame_offset(seq.entry(page, layer, head).key_frame.get());
+            let keys = block.load(shape.dtype, (n as usize) * d, |out| self.dram.read(at, out))?;
+            kernels::score_rows(keys, d, queries, how, &mut scores);
             page += 1;
         }
         Ok(kernels::top_k(&scores, k as usize))

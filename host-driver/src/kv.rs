@@ -192,6 +192,21 @@ impl Session<'_> {
         }
     }
 
+    /// Queues a command without ringing the doorbell.
+    fn push(&mut self, e: SubmissionEntry) -> Result<u16> {
+        self.dp().queue.push(e)
+    }
+
+    fn ring(&mut self) {
+        self.dp().queue.ring();
+    }
+
+    /// Waits for a pushed command; its failure is an error.
+    fn wait(&mut self, cid: u16) -> Result<Completion> {
+        let timeout = self.device.command_timeout();
+        self.dp().queue.wait(cid, timeout)?.ok()
+    }
+
     fn run(&mut self, e: SubmissionEntry) -> Result<Completion> {
         let timeout = self.device.command_timeout();
         self.dp().queue.execute(e, timeout)?.ok()
@@ -337,11 +352,30 @@ impl Device {
         let mut done = 0;
         let mut current = *seq;
         let result = (|| {
-            while done < tokens {
-                let n = APPEND_CHUNK.min(tokens - done);
+            // Pipelined: the next chunk's KV_APPEND goes in ahead of this
+            // chunk's KV_COMMIT, so the host copies chunk i+1 into device
+            // DRAM while the device folds chunk i's keys into its bounds.
+            let append = |s: &mut Session<'_>, n: u64| -> Result<u16> {
                 let mut e = with_buf(sqe(opcode::KV_APPEND, seq.id), 0, map_buf, map_room);
                 e.count = (n as u32).into();
-                let c = s.run(e)?;
+                s.push(e)
+            };
+            let mut next_append = Some(append(&mut s, APPEND_CHUNK.min(tokens))?);
+            let mut pending_commit: Option<u16> = None;
+            s.ring();
+            while let Some(append_cid) = next_append.take() {
+                let n = APPEND_CHUNK.min(tokens - done);
+                let appended = s.wait(append_cid);
+                let c = match appended {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Let the chunk before land, then report.
+                        if let Some(cid) = pending_commit.take() {
+                            current.tokens = u64::from(s.wait(cid)?.result0);
+                        }
+                        return Err(e);
+                    }
+                };
                 let (first, first_page, pages) =
                     (u64::from(c.result0), u64::from(c.result1), c.result2);
                 if first_page != first / tpp || pages != (first + n).div_ceil(tpp) - first_page {
@@ -379,14 +413,24 @@ impl Device {
                             .map_err(|e| Error::Protocol(e.to_string()))?;
                     }
                 }
+                if let Some(cid) = pending_commit.take() {
+                    current.tokens = u64::from(s.wait(cid)?.result0);
+                    progress(current.tokens - seq.tokens);
+                }
+                done += n;
+                if done < tokens {
+                    next_append = Some(append(&mut s, APPEND_CHUNK.min(tokens - done))?);
+                }
                 let mut commit = sqe(opcode::KV_COMMIT, seq.id);
                 commit.count = ((first + n) as u32).into();
-                let c = s.run(commit)?;
-                current.tokens = u64::from(c.result0);
-                current.reserved_tokens = current.tokens;
-                done += n;
-                progress(done);
+                pending_commit = Some(s.push(commit)?);
+                s.ring();
             }
+            if let Some(cid) = pending_commit {
+                current.tokens = u64::from(s.wait(cid)?.result0);
+            }
+            current.reserved_tokens = current.tokens;
+            progress(done);
             Ok(current)
         })();
         s.free(&[map_buf]);

@@ -1,0 +1,305 @@
+//! `pnm-bench`: data-path benchmarks, printed as JSON.
+//!
+//! Every figure comes with this machine's roofline measured in the same run
+//! (memory read bandwidth and memcpy bandwidth), so ratios survive a noisy
+//! or different machine. Run with `cargo run --release --bin pnm-bench`.
+
+use std::cell::RefCell;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use pnm_device::{Region, RunningDevice};
+use pnm_firmware::kernels::Aggregation;
+use pnm_firmware::kv::{Dram, KvError, KvStore, SequenceShape};
+use pnm_host::tensorfile::{self, Tensor};
+use pnm_host::{Device, DeviceOptions, Dtype, KvShape, Query};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(about = "cxl-pnm data-path benchmarks (JSON on stdout)")]
+struct Args {
+    /// Tokens in the Top-K benchmark's sequence.
+    #[arg(long, default_value_t = 32768)]
+    tokens: u64,
+    /// k of the Top-K benchmark.
+    #[arg(short, long, default_value_t = 2048)]
+    k: u32,
+    /// Repetitions per timed figure (the median is reported).
+    #[arg(long, default_value_t = 15)]
+    reps: usize,
+    /// MiB of K (and of V) in the load benchmark.
+    #[arg(long, default_value_t = 256)]
+    load_mib: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
+    median(
+        (0..reps)
+            .map(|_| {
+                let start = Instant::now();
+                black_box(f());
+                start.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+/// Single-thread memory read bandwidth (GB/s) over a buffer far larger than cache.
+fn read_bandwidth() -> f64 {
+    let words = (512usize << 20) / 8;
+    let data: Vec<u64> = (0..words as u64).collect();
+    let secs = time(5, || {
+        // Four independent sums so the loop is bound by loads, not adds.
+        let mut acc = [0u64; 4];
+        for c in data.chunks_exact(4) {
+            for i in 0..4 {
+                acc[i] = acc[i].wrapping_add(c[i]);
+            }
+        }
+        acc
+    });
+    (words * 8) as f64 / secs / 1e9
+}
+
+/// memcpy bandwidth (GB/s of bytes copied) between two large buffers.
+fn copy_bandwidth() -> f64 {
+    let len = 256usize << 20;
+    let src = vec![1u8; len];
+    let mut dst = vec![0u8; len];
+    let secs = time(5, || dst.copy_from_slice(black_box(&src)));
+    len as f64 / secs / 1e9
+}
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        // Small finite f16/bf16/f32 patterns: keep exponents moderate.
+        out.extend_from_slice(&(state & 0x3BFF_3BFF_3BFF_3BFF).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// DRAM as a plain vector, for the in-process kernel.
+struct VecDram(RefCell<Vec<u8>>);
+
+impl Dram for &VecDram {
+    fn len(&self) -> u64 {
+        self.0.borrow().len() as u64
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError> {
+        let mem = self.0.borrow();
+        let src = mem
+            .get(offset as usize..offset as usize + out.len())
+            .ok_or(KvError::OutOfRange { offset, len: out.len() as u64 })?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError> {
+        let mut mem = self.0.borrow_mut();
+        let dst = mem
+            .get_mut(offset as usize..offset as usize + data.len())
+            .ok_or(KvError::OutOfRange { offset, len: data.len() as u64 })?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// A `/proc/PID/status` field in KiB (0 if unreadable).
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// RssAnon of a process in bytes: its private memory, not the shared region.
+fn rss_anon(pid: u32) -> u64 {
+    proc_status_kib(pid, "RssAnon:") * 1024
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let read_gbs = read_bandwidth();
+    let copy_gbs = copy_bandwidth();
+
+    // KV load: rows stored straight into device DRAM, timed on a region
+    // whose pages are already faulted in (a first load, freed, warms it).
+    let device = RunningDevice::serve(Region::embedded(1 << 30, None)?, None)?;
+    let dev = Device::open(&device.region().path)?;
+    let shape = KvShape { dtype: Dtype::F16, layers: 1, heads: 8, head_dim: 128 };
+    let load_tokens = (args.load_mib << 20) / (8 * 256);
+    let keys = random_bytes(shape.bytes(load_tokens) as usize, 1);
+    let values = random_bytes(shape.bytes(load_tokens) as usize, 2);
+    let load = |_: ()| -> anyhow::Result<f64> {
+        let seq = dev.kv_create(shape)?;
+        let start = Instant::now();
+        dev.kv_append(&seq, &keys, &values, load_tokens, &mut |_| {})?;
+        let secs = start.elapsed().as_secs_f64();
+        dev.kv_free(seq.id)?;
+        Ok(secs)
+    };
+    let cold = load(())?;
+    let warm = median((0..3).map(|_| load(())).collect::<Result<_, _>>()?);
+    let load_bytes = 2.0 * shape.bytes(load_tokens) as f64;
+
+    // Top-K + gather at `tokens`: the firmware kernel called in-process on
+    // the same data, and the same through the device's command path.
+    let one = KvShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 128 };
+    let k_rows = random_bytes(one.bytes(args.tokens) as usize, 3);
+    let v_rows = random_bytes(one.bytes(args.tokens) as usize, 4);
+    let seq = dev.kv_create(one)?;
+    let seq = dev.kv_append(&seq, &k_rows, &v_rows, args.tokens, &mut |_| {})?;
+    let query: Vec<f32> = (0..128).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+    let through_device = time(args.reps, || {
+        dev.topk_gather(&seq, 0, 0, &Query::f32(&query, 128), args.k, pnm_host::Aggregation::Max)
+            .expect("topk")
+    });
+
+    let dram = VecDram(RefCell::new(vec![0; (64 << 20) + one.bytes(args.tokens) as usize * 3]));
+    let (mut store, _) = KvStore::open(&dram)?;
+    let fshape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 128 };
+    let id = store.create(fshape)?;
+    let appended = store.append(id, args.tokens)?;
+    let tpp = fshape.tokens_per_page();
+    for (page, e) in appended.map.iter().enumerate() {
+        let lo = page as u64 * tpp;
+        let hi = (lo + tpp).min(args.tokens);
+        let (a, b) = ((lo * 256) as usize, (hi * 256) as usize);
+        (&dram).write(store.layout().frame_offset(e.key_frame.get()), &k_rows[a..b])?;
+        (&dram).write(store.layout().frame_offset(e.value_frame.get()), &v_rows[a..b])?;
+    }
+    store.commit(id, args.tokens)?;
+    let in_process = time(args.reps, || {
+        let top = store.top_k(id, 0, 0, &query, Aggregation::Max, args.k).expect("topk");
+        let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
+        let rows = store.row_locations(id, 0, 0, &indices).expect("rows");
+        let mut out = vec![0u8; rows.len() * 512];
+        for (i, r) in rows.iter().enumerate() {
+            (&dram).read(r.key, &mut out[i * 512..i * 512 + 256]).expect("read");
+            (&dram).read(r.value, &mut out[i * 512 + 256..(i + 1) * 512]).expect("read");
+        }
+        out
+    });
+    let key_bytes = one.bytes(args.tokens) as f64;
+    drop(dev);
+    drop(device);
+
+    // Memory beyond the region: a separate pnm-device process and this
+    // process's driver, after a load and Top-Ks.
+    let exe_dir = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
+    let region = PathBuf::from(format!("/dev/shm/cxl-pnm-bench-{}", std::process::id()));
+    let mut child = Command::new(exe_dir.join("pnm-device"))
+        .args(["--path".as_ref(), region.as_os_str(), "--size".as_ref(), "1GiB".as_ref()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let options = DeviceOptions { wait_ready: Some(Duration::from_secs(10)), ..Default::default() };
+    let start = Instant::now();
+    let dev = loop {
+        match Device::open_with(&region, &options) {
+            Ok(dev) if dev.status().device_pid == child.id() => break dev,
+            _ if start.elapsed() > Duration::from_secs(10) => {
+                anyhow::bail!("pnm-device did not start")
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    let seq = dev.kv_create(shape)?;
+    let seq = dev.kv_append(&seq, &keys, &values, load_tokens, &mut |_| {})?;
+    for head in 0..8 {
+        dev.topk_gather(
+            &seq,
+            0,
+            head,
+            &Query::f32(&query, 128),
+            args.k,
+            pnm_host::Aggregation::Max,
+        )?;
+    }
+    let device_rss = rss_anon(child.id());
+    // The driver in a process of its own: pnmctl running a Top-K. Its peak
+    // RSS counts every page it touches, shared ones included.
+    let query_file = std::env::temp_dir().join(format!("pnm-bench-q-{}.npy", std::process::id()));
+    let q_bytes: Vec<u8> = query.iter().flat_map(|v| v.to_le_bytes()).collect();
+    tensorfile::write_npy(
+        &query_file,
+        &Tensor { dtype: Dtype::F32, shape: vec![128], data: q_bytes },
+    )?;
+    let mut ctl = Command::new(exe_dir.join("pnmctl"))
+        .arg("--device")
+        .arg(&region)
+        .args(["--json", "topk", "--seq", &seq.id.to_string(), "--layer", "0", "--head", "0", "-k"])
+        .arg(args.k.to_string())
+        .arg("--query")
+        .arg(&query_file)
+        .stdout(Stdio::null())
+        .spawn()?;
+    // VmHWM is the process's peak RSS so far; the last reading before it
+    // exits is its peak.
+    let mut pnmctl_max_rss = 0;
+    let status = loop {
+        if let Some(status) = ctl.try_wait()? {
+            break status;
+        }
+        pnmctl_max_rss = pnmctl_max_rss.max(proc_status_kib(ctl.id(), "VmHWM:") * 1024);
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let _ = std::fs::remove_file(&query_file);
+    anyhow::ensure!(status.success(), "pnmctl topk failed");
+    drop(dev);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    child.wait()?;
+    let _ = std::fs::remove_file(&region);
+
+    let report = json!({
+        "machine": {
+            "memory_read_gb_per_s": read_gbs,
+            "memcpy_gb_per_s": copy_gbs,
+            "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        },
+        "kv_load": {
+            "bytes": load_bytes,
+            "cold_seconds": cold,
+            "warm_seconds": warm,
+            "warm_gb_per_s": load_bytes / warm / 1e9,
+            "ratio_to_memcpy": load_bytes / warm / 1e9 / copy_gbs,
+            "note": "K+V rows written into device DRAM frames plus KV_APPEND/KV_COMMIT; cold includes first-touch page faults of the region",
+        },
+        "topk_gather": {
+            "tokens": args.tokens,
+            "head_dim": 128,
+            "dtype": "f16",
+            "k": args.k,
+            "in_process_ms": in_process * 1e3,
+            "through_device_ms": through_device * 1e3,
+            "command_path_overhead_ratio": through_device / in_process,
+            "key_gb_per_s_in_process": key_bytes / in_process / 1e9,
+            "ratio_to_read_roofline": (key_bytes / read_gbs / 1e9) / in_process,
+        },
+        "memory_beyond_region": {
+            "device_process_rss_anon_mib": device_rss as f64 / (1 << 20) as f64,
+            "pnmctl_topk_max_rss_mib": pnmctl_max_rss as f64 / (1 << 20) as f64,
+            "note": "device: private memory (RssAnon) after a 512 MiB load and Top-Ks; pnmctl: peak RSS (VmHWM) of a whole topk run, binary and libraries included",
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
