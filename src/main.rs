@@ -287,6 +287,7 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    pnm_host::default_sigpipe();
     let args = Args::parse();
     if args.group == 0 || args.k == 0 || args.tokens == 0 {
         bail!("--group, -k and --tokens must be at least 1");
@@ -320,6 +321,25 @@ fn main() -> anyhow::Result<()> {
     let device = Device::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let device_name =
         if args.device.is_some() { path.display().to_string() } else { "embedded".into() };
+    if !args.json {
+        let (identify, health) = (device.identify()?, device.health_info()?);
+        let pnm = device.identify_pnm()?;
+        println!(
+            "cxl-pnm device ({device_name}): firmware {}, ABI {}, {} MiB device DRAM, \
+             {} compute units; health {}, media status {}, {} dirty shutdowns",
+            identify.fw_revision,
+            pnm.abi_version,
+            pnm.dram_size >> 20,
+            pnm.compute_units,
+            if health.maintenance_needed || health.performance_degraded {
+                "attention"
+            } else {
+                "normal"
+            },
+            health.media_status,
+            health.dirty_shutdown_count,
+        );
+    }
 
     // Load: rows go straight into device DRAM frames.
     let seq = device.kv_create(shape)?;

@@ -32,7 +32,7 @@ pub enum Error {
     MalformedOutput { opcode: Opcode, reason: String },
     #[error("device reset did not complete within {0:?}")]
     ResetTimeout(Duration),
-    #[error("{command} failed on the device: {code}")]
+    #[error("{command} failed on the device: {code}{}", queue_hint(*code))]
     Queue { command: &'static str, code: ReturnCode },
     #[error("{command} (command id {command_id}) did not complete within {waited:?}")]
     QueueTimeout { command: &'static str, command_id: u16, waited: Duration },
@@ -51,6 +51,17 @@ impl Error {
             Self::Command { code, .. } | Self::Queue { code, .. } => Some(*code),
             _ => None,
         }
+    }
+}
+
+/// What a queue command's return code means, for the error message.
+fn queue_hint(code: ReturnCode) -> &'static str {
+    match code {
+        ReturnCode::INVALID_HANDLE => " (no such sequence)",
+        ReturnCode::RESOURCES_EXHAUSTED => " (device DRAM or the sequence table is full)",
+        ReturnCode::INVALID_PHYSICAL_ADDRESS => " (a buffer lies outside the host DMA window)",
+        ReturnCode::INVALID_PAYLOAD_LENGTH => " (a buffer is too small for the command)",
+        _ => "",
     }
 }
 

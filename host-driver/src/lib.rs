@@ -18,3 +18,4 @@ pub use device::{Device, DeviceOptions, DeviceStatus};
 pub use error::{Error, Result};
 pub use kv::{Aggregation, KvShape, Query, Rows, Sequence, TopK, TopkRequest};
 pub use pnm_protocol::Dtype;
+pub use sys::default_sigpipe;

@@ -27,3 +27,15 @@ impl Mapping {
         self.view
     }
 }
+
+/// Restores the default SIGPIPE action, so a command-line tool whose output
+/// is piped into `head` ends quietly, as Unix tools do, instead of failing
+/// on the write (Rust ignores SIGPIPE by default).
+pub fn default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: SIG_DFL installs no handler code, so none of `signal`'s
+    // handler-safety requirements apply; callers do this at start-up.
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        tracing::debug!(error = %e, "cannot restore SIGPIPE");
+    }
+}

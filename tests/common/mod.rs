@@ -11,15 +11,31 @@ use nix::unistd::Pid;
 use pnm_host::{Device, DeviceOptions};
 
 /// Path of a workspace binary, built next to this test's executable.
+///
+/// `cargo test` builds only test harnesses for other packages, so the first
+/// call in each test process runs `cargo build` for the binaries (a no-op
+/// when they are fresh; cargo's own lock serialises concurrent test
+/// processes). A stale binary would test old code, so this always runs.
 pub fn bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf();
+    BUILT.call_once(|| {
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_string(),
+            Some(other) => other.to_string(),
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--bins", "-p", "pnm-device", "-p", "pnm-host", "--profile"])
+            .arg(&profile)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo build for the binaries under test");
+        assert!(status.success(), "building pnm-device and pnmctl failed");
+    });
     let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with --workspace so every binary is built",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing after cargo build", path.display());
     path
 }
 
