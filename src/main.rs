@@ -310,7 +310,7 @@ fn main() -> anyhow::Result<()> {
             let size = args.size.unwrap_or_else(|| (needed as u64).next_power_of_two());
             let region =
                 Region::embedded(size, None).context("creating the embedded device's region")?;
-            Some(RunningDevice::serve(region, None)?)
+            Some(RunningDevice::serve(region, None, None)?)
         }
     };
     let path = match (&args.device, &embedded) {

@@ -94,7 +94,7 @@ fn stopped_device_gives_timeout_then_busy_then_recovers() {
     let device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
     let first = open(region.path(), SHORT);
     let second = open(region.path(), SHORT);
-    device.signal(Signal::SIGSTOP);
+    device.freeze();
     let start = Instant::now();
     match first.identify() {
         Err(Error::Timeout { heartbeat_stopped, .. }) => assert!(heartbeat_stopped),

@@ -1,12 +1,17 @@
 //! The device's control engine: register semantics, mailbox service,
 //! heartbeat and reset, on a dedicated thread.
 
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use pnm_protocol::notify::{self, socket_path};
 use pnm_protocol::regs::{self, mailbox, memdev_status, pnm};
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
 
@@ -15,21 +20,23 @@ use pnm_firmware::kv::KvStore;
 use crate::datapath::{DataPath, DramView};
 use crate::dma::DmaAllocator;
 use crate::mailbox::{HealthCounters, KvGeometry, MailboxState, TimestampClock};
+use crate::notify::{NotifyServer, Peers};
 use crate::queues::QueueTable;
 use crate::region::{Region, RegionConfig, RegionError};
 
 /// How often the heartbeat register advances.
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(10);
-/// First and longest sleep of an idle engine. The sleep doubles while the
-/// device stays idle, so a busy host sees microseconds and an idle device
-/// wakes about 500 times a second; the longest bounds idle mailbox latency.
-const FIRST_IDLE_SLEEP: Duration = Duration::from_micros(50);
-const LONGEST_IDLE_SLEEP: Duration = Duration::from_millis(2);
+/// Longest block on the wake eventfd: bounds the heartbeat's jitter and the
+/// latency seen by a host that rings doorbells without the wake vector
+/// (a mailbox-only client); an idle device wakes about 200 times a second.
+const LONGEST_SLEEP: Duration = Duration::from_millis(5);
 /// How often the engine looks for queues and buffers whose owner died.
 const RECLAIM_PERIOD: Duration = Duration::from_secs(1);
-/// Polls without work before the engine starts yielding, then sleeping.
-const SPIN_POLLS: u32 = 2_000;
-const YIELD_POLLS: u32 = 4_000;
+/// Idle time the engine spins, then yields, before it sleeps: a host that
+/// sends commands back to back never pays a wake-up, and an idle device
+/// leaves the CPU within a millisecond.
+const SPIN_TIME: Duration = Duration::from_micros(100);
+const YIELD_TIME: Duration = Duration::from_millis(1);
 
 /// Device settings beyond the region.
 #[derive(Debug, Clone)]
@@ -37,6 +44,8 @@ pub struct DeviceConfig {
     pub region: RegionConfig,
     /// Compute-unit threads (default: the machine's cores).
     pub compute_units: Option<u32>,
+    /// Notification socket (default: the region path + ".sock").
+    pub socket: Option<PathBuf>,
 }
 
 /// A device serving a region on its own thread until stopped.
@@ -44,6 +53,8 @@ pub struct DeviceConfig {
 pub struct RunningDevice {
     stop: Arc<AtomicBool>,
     engine: Option<JoinHandle<()>>,
+    notify: Option<NotifyServer>,
+    wake: Arc<EventFd>,
     region: Arc<Region>,
 }
 
@@ -51,12 +62,18 @@ impl RunningDevice {
     /// Opens (or creates) the region and starts serving it.
     pub fn start(config: &DeviceConfig) -> Result<Self, RegionError> {
         let region = Region::open(&config.region)?;
-        Self::serve(region, config.compute_units)
+        let socket = config.socket.clone().unwrap_or_else(|| socket_path(&config.region.path));
+        Self::serve(region, config.compute_units, Some(&socket))
     }
 
     /// Serves an already opened region with `compute_units` threads
-    /// (default: the machine's cores).
-    pub fn serve(region: Region, compute_units: Option<u32>) -> Result<Self, RegionError> {
+    /// (default: the machine's cores), listening for notification peers on
+    /// `socket` (None: hosts can only poll).
+    pub fn serve(
+        region: Region,
+        compute_units: Option<u32>,
+        socket: Option<&Path>,
+    ) -> Result<Self, RegionError> {
         let compute_units = compute_units
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
         let region = Arc::new(region);
@@ -87,6 +104,7 @@ impl RunningDevice {
             "KV store opened"
         );
         let kv_layout = kv.layout();
+        let peers = Peers::default();
         let state = MailboxState {
             layout,
             compute_units,
@@ -100,7 +118,7 @@ impl RunningDevice {
                 dirty_shutdown_count: dirty_count,
                 corrected_volatile_errors: report.dropped.len() as u32,
             },
-            queues: QueueTable::new(regs, layout),
+            queues: QueueTable::new(regs, layout, peers.clone()),
             dma: DmaAllocator::new(&layout),
         };
         let datapath = DataPath::new(regs, layout, kv);
@@ -116,17 +134,50 @@ impl RunningDevice {
             "device ready"
         );
 
+        let io_err =
+            |source: std::io::Error| RegionError::Map { path: region.path.clone(), source };
+        let vectors: Vec<Arc<EventFd>> = (0..notify::VECTORS)
+            .map(|_| {
+                EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).map(Arc::new)
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| io_err(e.into()))?;
+        let wake = vectors[usize::from(notify::WAKE_VECTOR)].clone();
+        let notify = match socket {
+            Some(path) => {
+                let shm = region.dup_fd().map_err(io_err)?;
+                let server =
+                    NotifyServer::start(path, peers.clone(), vectors, shm).map_err(io_err)?;
+                tracing::info!(socket = %path.display(), "notification socket listening");
+                Some(server)
+            }
+            None => None,
+        };
+
         let stop = Arc::new(AtomicBool::new(false));
         let engine = {
             let stop = stop.clone();
             let now = Instant::now();
-            let mut engine = Engine { regs, state, datapath, last_beat: now, last_reclaim: now };
+            let mut engine = Engine {
+                regs,
+                state,
+                datapath,
+                peers,
+                wake: wake.clone(),
+                last_beat: now,
+                last_reclaim: now,
+            };
             std::thread::Builder::new()
                 .name("pnm-engine".into())
                 .spawn(move || engine.run(&stop))
                 .expect("spawn engine thread")
         };
-        Ok(Self { stop, engine: Some(engine), region })
+        Ok(Self { stop, engine: Some(engine), notify, wake, region })
+    }
+
+    /// The notification socket, if the device serves one.
+    pub fn socket(&self) -> Option<&Path> {
+        self.notify.as_ref().map(|n| n.path.as_path())
     }
 
     pub fn region(&self) -> &Region {
@@ -138,6 +189,9 @@ impl RunningDevice {
     pub fn stop(&mut self) {
         let Some(engine) = self.engine.take() else { return };
         self.stop.store(true, Ordering::Release);
+        // Wake a sleeping engine so it sees the stop at once.
+        let _ = self.wake.write(1);
+        self.notify = None;
         if engine.join().is_err() {
             tracing::error!("engine thread panicked");
         }
@@ -162,6 +216,8 @@ struct Engine {
     regs: SharedMemory,
     state: MailboxState,
     datapath: DataPath,
+    peers: Peers,
+    wake: Arc<EventFd>,
     last_beat: Instant,
     last_reclaim: Instant,
 }
@@ -177,25 +233,58 @@ fn process_gone(pid: u32) -> bool {
 
 impl Engine {
     fn run(&mut self, stop: &AtomicBool) {
+        let mut idle_since: Option<Instant> = None;
         let mut idle_polls = 0u32;
-        let mut idle_sleep = FIRST_IDLE_SLEEP;
         while !stop.load(Acquire) {
-            let worked = self.poll_once();
-            if worked {
+            if self.poll_once() {
+                idle_since = None;
                 idle_polls = 0;
-                idle_sleep = FIRST_IDLE_SLEEP;
+                continue;
+            }
+            idle_polls = idle_polls.wrapping_add(1);
+            let idle = idle_since.get_or_insert_with(Instant::now);
+            // poll_once reads the clock already; a spin needs no second read.
+            if idle_polls % 64 != 0 || idle.elapsed() < SPIN_TIME {
+                std::hint::spin_loop();
+            } else if idle.elapsed() < YIELD_TIME {
+                std::thread::yield_now();
             } else {
-                idle_polls = idle_polls.saturating_add(1);
-                if idle_polls < SPIN_POLLS {
-                    std::hint::spin_loop();
-                } else if idle_polls < YIELD_POLLS {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(idle_sleep);
-                    idle_sleep = (idle_sleep * 2).min(LONGEST_IDLE_SLEEP);
-                }
+                // Still idle after a timed-out sleep: sleep again at once
+                // (idle_since stays put); work found by poll_once resets it.
+                self.sleep(stop);
             }
         }
+    }
+
+    /// Blocks on the wake eventfd until a host rings it, a coalescing timer
+    /// is due, or the sleep bound passes.
+    ///
+    /// No lost wake-up: the engine publishes Device Sleeping, then (after a
+    /// SeqCst fence) looks at every doorbell once more; a host stores its
+    /// doorbell, then (after a SeqCst fence) reads Device Sleeping. Whatever
+    /// the interleaving, at least one side sees the other's store.
+    fn sleep(&mut self, stop: &AtomicBool) {
+        let sleeping = regs::PNM_OFFSET + pnm::DEVICE_SLEEPING;
+        self.regs.store_u32(sleeping, 1, std::sync::atomic::Ordering::SeqCst);
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        if !self.poll_once() && !stop.load(Acquire) {
+            let now = Instant::now();
+            let mut bound = LONGEST_SLEEP;
+            if let Some(due) = self.state.queues.next_deadline() {
+                bound = bound.min(due.saturating_duration_since(now));
+            }
+            let timeout =
+                PollTimeout::try_from(bound.as_millis().max(1) as i32).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
+            if let Err(e) = poll(&mut fds, timeout) {
+                if e != nix::errno::Errno::EINTR {
+                    tracing::warn!(error = %e, "waiting on the wake eventfd");
+                }
+            }
+            // Drain the counter (EAGAIN when nobody rang).
+            let _ = self.wake.read();
+        }
+        self.regs.store_u32(sleeping, 0, Release);
     }
 
     /// One pass over every register the device watches. True if it did work.
@@ -218,6 +307,13 @@ impl Engine {
             worked = true;
         }
         worked |= self.state.queues.poll(&mut self.datapath);
+        self.state.queues.flush_interrupts(now);
+        for peer in self.peers.take_departed() {
+            let n = self.state.queues.reclaim_peer(peer);
+            if n > 0 {
+                tracing::warn!(peer, queues = n, "notification peer left; its queue pairs deleted");
+            }
+        }
         if now.duration_since(self.last_reclaim) >= RECLAIM_PERIOD {
             self.last_reclaim = now;
             let queues = self.state.queues.reclaim(process_gone);

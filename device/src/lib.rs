@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod dma;
 pub mod engine;
 pub mod mailbox;
+pub mod notify;
 pub mod queues;
 pub mod region;
 mod sys;

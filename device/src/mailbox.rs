@@ -248,7 +248,7 @@ mod tests {
             kv: KvGeometry::default(),
             clock: TimestampClock::default(),
             health: HealthCounters { dirty_shutdown_count: 3, corrected_volatile_errors: 0 },
-            queues: QueueTable::new(regs, layout),
+            queues: QueueTable::new(regs, layout, crate::notify::Peers::default()),
             dma: DmaAllocator::new(&layout),
         }
     }

@@ -29,6 +29,10 @@ struct Args {
     /// Overwrite a file that is not a valid region or has another size.
     #[arg(long)]
     reformat: bool,
+    /// Notification socket (ivshmem-server protocol) for eventfd doorbells
+    /// and interrupts. Default: the region path + ".sock".
+    #[arg(long)]
+    socket: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
             reformat: args.reformat,
         },
         compute_units: args.compute_units,
+        socket: args.socket,
     };
     let mut device = match RunningDevice::start(&config) {
         Ok(device) => device,

@@ -2,8 +2,11 @@
 //! device fills, in the host DMA window, with doorbells in the PNM
 //! capability's doorbell page.
 
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::time::{Duration, Instant};
+
+use nix::sys::eventfd::EventFd;
 
 use pnm_protocol::commands::CreateQueuePairInput;
 use pnm_protocol::queue::{
@@ -15,10 +18,24 @@ use pnm_protocol::{RegionLayout, ReturnCode, SharedMemory};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::datapath::DataPath;
+use crate::notify::Peers;
 
 /// Most commands taken from one queue before the engine moves to the next,
 /// so no queue starves another.
 const BATCH: u32 = 32;
+
+/// A queue's interrupt: the peer vector it signals and its coalescing.
+#[derive(Debug)]
+struct Interrupt {
+    fd: Arc<EventFd>,
+    peer: u16,
+    /// Signal once this many completions are pending.
+    count: u32,
+    /// Signal at the latest this long after the first pending completion.
+    delay: Duration,
+    pending: u32,
+    first_pending: Option<Instant>,
+}
 
 #[derive(Debug)]
 struct QueuePair {
@@ -26,8 +43,12 @@ struct QueuePair {
     cq_addr: u64,
     entries: u32,
     owner_pid: u32,
+    irq: Option<Interrupt>,
     sq_head: u32,
     cq_tail: u32,
+    /// The host's CQ head as last read: re-read only when the ring looks
+    /// full, so the doorbell's cache line is not pulled over per command.
+    cq_head_seen: u32,
     phase: bool,
     /// A bad SQ tail doorbell value was seen; logged once.
     tail_error: bool,
@@ -38,6 +59,7 @@ struct QueuePair {
 pub struct QueueTable {
     regs: SharedMemory,
     layout: RegionLayout,
+    peers: Peers,
     queues: Vec<Option<QueuePair>>,
 }
 
@@ -49,9 +71,13 @@ fn cq_doorbell(qid: u16) -> u64 {
     sq_doorbell(qid) + 4
 }
 
+fn irq_mask(qid: u16) -> u64 {
+    regs::PNM_OFFSET + pnm::IRQ_MASK_PAGE + 4 * u64::from(qid)
+}
+
 impl QueueTable {
-    pub fn new(regs: SharedMemory, layout: RegionLayout) -> Self {
-        Self { regs, layout, queues: (0..MAX_QUEUE_PAIRS).map(|_| None).collect() }
+    pub fn new(regs: SharedMemory, layout: RegionLayout, peers: Peers) -> Self {
+        Self { regs, layout, peers, queues: (0..MAX_QUEUE_PAIRS).map(|_| None).collect() }
     }
 
     fn in_window(&self, addr: u64, len: u64) -> bool {
@@ -68,10 +94,20 @@ impl QueueTable {
         {
             return Err(ReturnCode::INVALID_INPUT);
         }
-        if input.irq_vector.get() != IRQ_NONE {
-            // Interrupt vectors are not offered by this device version.
-            return Err(ReturnCode::INVALID_INPUT);
-        }
+        let irq = match input.irq_vector.get() {
+            IRQ_NONE => None,
+            vector => {
+                let peer = input.peer_id.get();
+                // Only host peers' vectors: the device does not interrupt itself.
+                if peer == pnm_protocol::notify::DEVICE_PEER {
+                    return Err(ReturnCode::INVALID_INPUT);
+                }
+                let fd = self.peers.vector(peer, vector).ok_or(ReturnCode::INVALID_INPUT)?;
+                let count = u32::from(input.coalesce_count.get()).clamp(1, entries);
+                let delay = Duration::from_micros(u64::from(input.coalesce_usec.get()));
+                Some(Interrupt { fd, peer, count, delay, pending: 0, first_pending: None })
+            }
+        };
         let (sq_len, cq_len) = (u64::from(entries) * SQE_SIZE, u64::from(entries) * CQE_SIZE);
         if sq % RING_ALIGN != 0 || cq % RING_ALIGN != 0 {
             return Err(ReturnCode::INVALID_INPUT);
@@ -88,14 +124,17 @@ impl QueueTable {
         // A fresh completion ring reads as all-old-phase, whatever the host left there.
         self.regs.fill(cq, cq_len, 0).map_err(|_| ReturnCode::INTERNAL_ERROR)?;
         self.regs.store_u32(sq_doorbell(qid), 0, Relaxed);
+        self.regs.store_u32(irq_mask(qid), 0, Relaxed);
         self.regs.store_u32(cq_doorbell(qid), 0, Release);
         self.queues[usize::from(qid)] = Some(QueuePair {
             sq_addr: sq,
             cq_addr: cq,
             entries,
             owner_pid: input.owner_pid.get(),
+            irq,
             sq_head: 0,
             cq_tail: 0,
+            cq_head_seen: 0,
             phase: true,
             tail_error: false,
         });
@@ -123,6 +162,40 @@ impl QueueTable {
             }
         }
         n
+    }
+
+    /// Deletes every queue whose interrupts go to `peer` (it disconnected).
+    pub fn reclaim_peer(&mut self, peer: u16) -> usize {
+        let mut n = 0;
+        for slot in &mut self.queues {
+            if slot.as_ref().is_some_and(|q| q.irq.as_ref().is_some_and(|i| i.peer == peer)) {
+                *slot = None;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// When the earliest coalescing timer is due, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.queues
+            .iter()
+            .flatten()
+            .filter_map(|q| q.irq.as_ref())
+            .filter_map(|i| i.first_pending.map(|t| t + i.delay))
+            .min()
+    }
+
+    /// Signals every queue whose coalescing timer has expired.
+    pub fn flush_interrupts(&mut self, now: Instant) {
+        let regs = self.regs;
+        for (qid, q) in self.queues.iter_mut().enumerate() {
+            if let Some(irq) = q.as_mut().and_then(|q| q.irq.as_mut()) {
+                if irq.first_pending.is_some_and(|t| now.duration_since(t) >= irq.delay) {
+                    signal(regs, qid as u16, irq);
+                }
+            }
+        }
     }
 
     pub fn clear(&mut self) {
@@ -163,9 +236,11 @@ impl QueueTable {
         q.tail_error = false;
         let mut done = 0;
         while q.sq_head != tail && done < BATCH {
-            let cq_head = regs.load_u32(cq_doorbell(qid), Acquire);
-            if (q.cq_tail + 1) % q.entries == cq_head % q.entries {
-                break; // completion ring full: wait for the host to consume
+            if (q.cq_tail + 1) % q.entries == q.cq_head_seen % q.entries {
+                q.cq_head_seen = regs.load_u32(cq_doorbell(qid), Acquire);
+                if (q.cq_tail + 1) % q.entries == q.cq_head_seen % q.entries {
+                    break; // completion ring full: wait for the host to consume
+                }
             }
             let mut raw = [0u8; SQE_SIZE as usize];
             let at = q.sq_addr + u64::from(q.sq_head) * SQE_SIZE;
@@ -173,9 +248,14 @@ impl QueueTable {
             let sqe = SubmissionEntry::read_from_bytes(&raw).expect("64 bytes make an entry");
             q.sq_head = (q.sq_head + 1) % q.entries;
 
-            let start = Instant::now();
-            let outcome = datapath.execute(&sqe);
-            let exec_ns = start.elapsed().as_nanos() as u64;
+            // NOP measures the command path itself: no clock reads for it.
+            let (outcome, exec_ns) = if sqe.opcode == queue::opcode::NOP {
+                (datapath.execute(&sqe), 0)
+            } else {
+                let start = Instant::now();
+                let outcome = datapath.execute(&sqe);
+                (outcome, start.elapsed().as_nanos() as u64)
+            };
             tracing::trace!(qid, opcode = queue::opcode::name(sqe.opcode), cid = sqe.command_id.get(), code = %outcome.code, exec_ns);
 
             let cqe = CompletionEntry {
@@ -201,6 +281,32 @@ impl QueueTable {
             }
             done += 1;
         }
+        if done > 0 {
+            if let Some(irq) = q.irq.as_mut() {
+                irq.pending += done;
+                irq.first_pending.get_or_insert_with(Instant::now);
+                if irq.pending >= irq.count || irq.delay.is_zero() {
+                    signal(regs, qid, irq);
+                }
+            }
+        }
         done > 0
     }
+}
+
+/// Rings a queue's interrupt vector unless the host masked it.
+///
+/// No lost wake-up: the completions were published (Release) before this
+/// SeqCst fence and mask read; a host unmasks with a SeqCst store and then
+/// re-reads the completion ring, so either it sees the completions or the
+/// device sees the mask clear and rings.
+fn signal(regs: SharedMemory, qid: u16, irq: &mut Interrupt) {
+    std::sync::atomic::fence(SeqCst);
+    if regs.load_u32(irq_mask(qid), SeqCst) & 1 == 0 {
+        if let Err(e) = irq.fd.write(1) {
+            tracing::warn!(qid, error = %e, "signalling an interrupt vector");
+        }
+    }
+    irq.pending = 0;
+    irq.first_pending = None;
 }

@@ -72,7 +72,7 @@ pub struct Region {
     pub(crate) mapping: Mapping,
     // Held for the device's lifetime: the lock is what keeps a second
     // device off this region, and the kernel drops it if we die.
-    _lock: Flock<File>,
+    lock: Flock<File>,
 }
 
 impl Region {
@@ -171,7 +171,7 @@ impl Region {
             && view.load_u32(regs::PNM_OFFSET + pnm::SHUTDOWN_STATE, Acquire)
                 != pnm::SHUTDOWN_CLEAN;
         write_register_block(view, &layout, !keep);
-        Ok(Self { path, layout, kept_contents: keep, dirty_shutdown, mapping, _lock: lock })
+        Ok(Self { path, layout, kept_contents: keep, dirty_shutdown, mapping, lock })
     }
 
     /// An anonymous region for a device embedded in the host's process:
@@ -188,6 +188,12 @@ impl Region {
 
     pub fn flush(&self) -> std::io::Result<()> {
         self.mapping.flush()
+    }
+
+    /// A new descriptor of the region file (for the notification protocol,
+    /// which hands the shared memory to its clients).
+    pub fn dup_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(self.lock.try_clone()?.into())
     }
 }
 
@@ -268,6 +274,8 @@ fn write_register_block(regs_view: SharedMemory, layout: &RegionLayout, fresh: b
     regs_view.store_u32(p + pnm::RESET_CONTROL, 0, Relaxed);
     regs_view.store_u32(p + pnm::DOORBELL_STRIDE, pnm::DOORBELL_STRIDE_BYTES, Relaxed);
     regs_view.store_u32(p + pnm::DOORBELL_OFFSET, pnm::DOORBELL_PAGE as u32, Relaxed);
+    regs_view.store_u32(p + pnm::IRQ_MASK_OFFSET, pnm::IRQ_MASK_PAGE as u32, Relaxed);
+    regs_view.store_u32(p + pnm::DEVICE_SLEEPING, 0, Relaxed);
     if fresh {
         regs_view.store_u32(p + pnm::RESET_COUNT, 0, Relaxed);
         regs_view.store_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, 0, Relaxed);

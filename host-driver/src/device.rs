@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use memmap2::MmapOptions;
@@ -18,6 +18,8 @@ use zerocopy::FromBytes;
 use crate::error::{Error, Result};
 use crate::kv::DataPath;
 use crate::mailbox::{Backoff, DEFAULT_TIMEOUT, MailboxClient};
+use crate::notify::NotifyClient;
+use crate::queue::{InterruptConfig, Notifier};
 use crate::sys::Mapping;
 
 /// How to open a device.
@@ -29,6 +31,12 @@ pub struct DeviceOptions {
     pub command_timeout: Duration,
     /// Wait this long for the device to become ready (None: fail at once).
     pub wait_ready: Option<Duration>,
+    /// The device's notification socket. None: the region path + ".sock"
+    /// if it exists (and polling only if it does not).
+    pub socket: Option<PathBuf>,
+    /// Wait for completions on interrupts instead of polling (needs the
+    /// notification socket).
+    pub interrupts: bool,
 }
 
 impl Default for DeviceOptions {
@@ -37,6 +45,8 @@ impl Default for DeviceOptions {
             mailbox_timeout: DEFAULT_TIMEOUT,
             command_timeout: Device::command_timeout_default(),
             wait_ready: None,
+            socket: None,
+            interrupts: false,
         }
     }
 }
@@ -66,7 +76,27 @@ pub struct DeviceStatus {
     pub dirty_shutdown_count: u32,
 }
 
+/// How a device handle's queue pair is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// Entries in each ring (a power of two, 2..=4096).
+    pub entries: u16,
+    /// Interrupt-driven waits (needs the notification socket); None polls.
+    pub interrupts: Option<InterruptConfig>,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        Self { entries: 256, interrupts: None }
+    }
+}
+
 /// An open cxl-pnm device.
+///
+/// Each handle has its own queue pair and DMA buffers, created on first
+/// use; [`Device::handle`] makes another handle on the same device (the
+/// mapping, mailbox and notification peer are shared), so threads can each
+/// drive a queue of their own without contending.
 #[derive(Debug)]
 pub struct Device {
     path: PathBuf,
@@ -74,11 +104,13 @@ pub struct Device {
     caps: CapabilityMap,
     layout: RegionLayout,
     abi_version: u32,
-    mailbox: Mutex<MailboxClient>,
+    mailbox: Arc<Mutex<MailboxClient>>,
     datapath: Mutex<Option<DataPath>>,
     command_timeout: Duration,
+    notify: Option<Arc<NotifyClient>>,
+    queue_options: QueueOptions,
     // Last: dropped after everything that copies its view.
-    _mapping: Mapping,
+    _mapping: Arc<Mapping>,
 }
 
 impl Device {
@@ -135,8 +167,33 @@ impl Device {
                 caps.mailbox_length
             )));
         }
+        // The notification socket: explicit, or next to the region if there.
+        let socket = options.socket.clone().or_else(|| {
+            let default = pnm_protocol::notify::socket_path(&path);
+            default.exists().then_some(default)
+        });
+        let notify = match socket {
+            Some(socket) => match NotifyClient::connect(&socket, options.mailbox_timeout) {
+                Ok(client) => Some(Arc::new(client)),
+                Err(e) if options.socket.is_some() || options.interrupts => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no notifications; polling only");
+                    None
+                }
+            },
+            None if options.interrupts => {
+                return Err(Error::Invalid(format!(
+                    "interrupts need the device's notification socket ({} not found)",
+                    pnm_protocol::notify::socket_path(&path).display()
+                )));
+            }
+            None => None,
+        };
+        let notifier = notify
+            .clone()
+            .map(|client| Notifier { client, sleeping: caps.pnm + pnm::DEVICE_SLEEPING });
         let mut client =
-            MailboxClient::new(regs, caps.mailbox, 1 << payload_log2, p + pnm::HEARTBEAT);
+            MailboxClient::new(regs, caps.mailbox, 1 << payload_log2, p + pnm::HEARTBEAT, notifier);
         client.timeout = options.mailbox_timeout;
 
         let device = Self {
@@ -145,10 +202,15 @@ impl Device {
             caps,
             layout,
             abi_version,
-            mailbox: Mutex::new(client),
+            mailbox: Arc::new(Mutex::new(client)),
             datapath: Mutex::new(None),
             command_timeout: options.command_timeout,
-            _mapping: mapping,
+            notify,
+            queue_options: QueueOptions {
+                interrupts: options.interrupts.then(InterruptConfig::default),
+                ..Default::default()
+            },
+            _mapping: Arc::new(mapping),
         };
         device.wait_ready(options.wait_ready.unwrap_or(Duration::ZERO))?;
         Ok(device)
@@ -219,6 +281,48 @@ impl Device {
 
     pub fn command_timeout(&self) -> Duration {
         self.command_timeout
+    }
+
+    /// This host's notification peer, if connected.
+    pub fn notify_client(&self) -> Option<&Arc<NotifyClient>> {
+        self.notify.as_ref()
+    }
+
+    pub(crate) fn notifier(&self) -> Option<Notifier> {
+        self.notify
+            .clone()
+            .map(|client| Notifier { client, sleeping: self.caps.pnm + pnm::DEVICE_SLEEPING })
+    }
+
+    pub(crate) fn queue_options(&self) -> QueueOptions {
+        self.queue_options
+    }
+
+    /// Another handle on the same device, with a queue pair of its own set
+    /// up as `options` says.
+    pub fn handle(&self, options: QueueOptions) -> Result<Device> {
+        if options.interrupts.is_some() && self.notify.is_none() {
+            return Err(Error::Invalid("interrupts need the device's notification socket".into()));
+        }
+        if !options.entries.is_power_of_two() || options.entries < 2 {
+            return Err(Error::Invalid(format!(
+                "{} queue entries is not a power of two >= 2",
+                options.entries
+            )));
+        }
+        Ok(Device {
+            path: self.path.clone(),
+            regs: self.regs,
+            caps: self.caps,
+            layout: self.layout,
+            abi_version: self.abi_version,
+            mailbox: self.mailbox.clone(),
+            datapath: Mutex::new(None),
+            command_timeout: self.command_timeout,
+            notify: self.notify.clone(),
+            queue_options: options,
+            _mapping: self._mapping.clone(),
+        })
     }
 
     /// Bytes the mailbox carries each way per command.

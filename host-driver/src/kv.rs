@@ -18,8 +18,6 @@ use crate::error::{Error, Result};
 use crate::mailbox::MailboxClient;
 use crate::queue::{Completion, QueuePair};
 
-/// Entries in the driver's queue pair.
-pub const QUEUE_ENTRIES: u16 = 256;
 /// Tokens reserved and committed per KV_APPEND while loading.
 const APPEND_CHUNK: u64 = 8192;
 
@@ -230,12 +228,15 @@ impl Device {
             }
             let mut mailbox = self.mailbox_client();
             let mut pool = DmaPool::new(&self.layout());
+            let options = self.queue_options();
             let queue = QueuePair::create(
                 self.region(),
                 self.capabilities().pnm,
                 &mut mailbox,
                 &mut pool,
-                QUEUE_ENTRIES,
+                options.entries,
+                self.notifier(),
+                options.interrupts,
             )
             .inspect_err(|_| pool.release(&mut mailbox))?;
             *dp = Some(DataPath {

@@ -10,12 +10,14 @@ pub mod dma;
 pub mod error;
 pub mod kv;
 pub mod mailbox;
+pub mod notify;
 pub mod queue;
 mod sys;
 pub mod tensorfile;
 
-pub use device::{Device, DeviceOptions, DeviceStatus};
+pub use device::{Device, DeviceOptions, DeviceStatus, QueueOptions};
 pub use error::{Error, Result};
 pub use kv::{Aggregation, KvShape, Query, Rows, Sequence, TopK, TopkRequest};
 pub use pnm_protocol::Dtype;
+pub use queue::{Completion, InterruptConfig};
 pub use sys::default_sigpipe;

@@ -8,30 +8,44 @@ use pnm_protocol::regs::mailbox;
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
 
 use crate::error::{Error, Result};
+use crate::queue::Notifier;
 
 /// Default time a command may take, as in Linux.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Waits with a bound: spins briefly, then yields, then sleeps, so short
-/// waits are fast and long ones do not burn a core.
+/// Waits between polls: spins for the first 20 us, yields until 200 us,
+/// then sleeps 50 us at a time. Time-based, so a short wait stays on the
+/// CPU (a sleeping thread's wake-up costs far more than a NOP) and a long
+/// one does not burn a core.
 #[derive(Debug)]
 pub(crate) struct Backoff {
+    start: Instant,
     polls: u32,
+    phase: u8,
 }
 
 impl Backoff {
     pub(crate) fn new() -> Self {
-        Self { polls: 0 }
+        Self { start: Instant::now(), polls: 0, phase: 0 }
     }
 
     pub(crate) fn wait(&mut self) {
-        self.polls = self.polls.saturating_add(1);
-        if self.polls < 1_000 {
-            std::hint::spin_loop();
-        } else if self.polls < 2_000 {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(Duration::from_micros(50));
+        self.polls = self.polls.wrapping_add(1);
+        // Look at the clock only now and then: it costs more than a poll.
+        if self.polls % 64 == 0 {
+            let waited = self.start.elapsed();
+            self.phase = if waited < Duration::from_micros(20) {
+                0
+            } else if waited < Duration::from_micros(200) {
+                1
+            } else {
+                2
+            };
+        }
+        match self.phase {
+            0 => std::hint::spin_loop(),
+            1 => std::thread::yield_now(),
+            _ => std::thread::sleep(Duration::from_micros(50)),
         }
     }
 }
@@ -45,12 +59,20 @@ pub struct MailboxClient {
     payload_size: u64,
     /// Where the device's heartbeat counter is, to tell a dead device from a slow one.
     heartbeat_at: u64,
+    /// Wakes a sleeping device after the doorbell.
+    notifier: Option<Notifier>,
     pub timeout: Duration,
 }
 
 impl MailboxClient {
-    pub(crate) fn new(regs: SharedMemory, base: u64, payload_size: u64, heartbeat_at: u64) -> Self {
-        Self { regs, base, payload_size, heartbeat_at, timeout: DEFAULT_TIMEOUT }
+    pub(crate) fn new(
+        regs: SharedMemory,
+        base: u64,
+        payload_size: u64,
+        heartbeat_at: u64,
+        notifier: Option<Notifier>,
+    ) -> Self {
+        Self { regs, base, payload_size, heartbeat_at, notifier, timeout: DEFAULT_TIMEOUT }
     }
 
     pub fn payload_size(&self) -> u64 {
@@ -82,6 +104,9 @@ impl MailboxClient {
         let beat_before = self.regs.load_u64(heartbeat_at, Relaxed);
         // Release: payload and Command are visible before the doorbell.
         self.regs.store_u32(control_at, control | mailbox::CONTROL_DOORBELL, Release);
+        if let Some(n) = &self.notifier {
+            n.after_doorbell(self.regs);
+        }
 
         let start = Instant::now();
         let mut backoff = Backoff::new();

@@ -71,6 +71,11 @@ enum Command {
         #[arg(long, value_enum, default_value = "max")]
         aggregation: AggregationArg,
     },
+    /// Command-path benchmarks against the device (JSON).
+    Bench {
+        #[command(subcommand)]
+        action: BenchAction,
+    },
     /// The K and V rows of chosen tokens, written as .npy files [n, head_dim].
     Gather {
         #[arg(long)]
@@ -86,6 +91,31 @@ enum Command {
         out_keys: PathBuf,
         #[arg(long)]
         out_values: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchAction {
+    /// NOP round trips: latency at queue depth 1, throughput at --depth.
+    Nop {
+        /// Queue pairs, one thread each.
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        /// Commands in flight per queue for the throughput run (doorbells batched).
+        #[arg(long, default_value_t = 32)]
+        depth: u16,
+        /// Wait on interrupts instead of polling.
+        #[arg(long)]
+        interrupts: bool,
+        /// Interrupt coalescing count (with --interrupts).
+        #[arg(long, default_value_t = 1)]
+        coalesce: u16,
+        /// Round trips timed for the latency figures (per queue).
+        #[arg(long, default_value_t = 20000)]
+        samples: usize,
+        /// Seconds of the throughput run.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
     },
 }
 
@@ -226,6 +256,90 @@ fn kv_shape_of(keys: &Tensor, values: &Tensor) -> Result<(KvShape, u64), CliErro
         return Err(usage(format!("empty KV shape {:?}", keys.shape)));
     }
     Ok((shape, tokens as u64))
+}
+
+/// Percentile of sorted nanosecond samples, in microseconds.
+fn percentile_us(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1e3
+}
+
+fn bench_nop(
+    device: &Device,
+    queues: u16,
+    depth: u16,
+    interrupts: Option<pnm_host::InterruptConfig>,
+    samples: usize,
+    seconds: f64,
+) -> Result<serde_json::Value, CliError> {
+    use pnm_protocol::queue::{SubmissionEntry, opcode};
+    let entries = (u32::from(depth) + 1).next_power_of_two().clamp(64, 4096) as u16;
+    let options = pnm_host::QueueOptions { entries, interrupts };
+    let handles: Vec<Device> =
+        (0..queues).map(|_| device.handle(options)).collect::<Result<_, _>>()?;
+    // Warm up: creates each queue pair and its buffers.
+    for h in &handles {
+        h.nop()?;
+    }
+    let nop = SubmissionEntry { opcode: opcode::NOP, ..Default::default() };
+    let batch = vec![nop; usize::from(depth)];
+    /// Per queue: QD1 latencies (ns), commands done and seconds of the throughput run.
+    type Worker = Result<(Vec<u64>, u64, f64), Error>;
+    let results: Vec<Worker> = std::thread::scope(|scope| {
+        let workers: Vec<_> = handles
+            .iter()
+            .map(|h| {
+                let batch = &batch;
+                scope.spawn(move || -> Worker {
+                    let mut lat = Vec::with_capacity(samples);
+                    for _ in 0..samples {
+                        let start = std::time::Instant::now();
+                        h.submit_raw(std::slice::from_ref(&nop))?;
+                        lat.push(start.elapsed().as_nanos() as u64);
+                    }
+                    let start = std::time::Instant::now();
+                    let mut done = 0u64;
+                    while start.elapsed().as_secs_f64() < seconds {
+                        h.submit_raw(batch)?;
+                        done += batch.len() as u64;
+                    }
+                    Ok((lat, done, start.elapsed().as_secs_f64()))
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("bench thread")).collect()
+    });
+    let mut latencies = Vec::new();
+    let mut total = 0u64;
+    let mut elapsed = 0f64;
+    for r in results {
+        let (lat, done, secs) = r?;
+        latencies.extend(lat);
+        total += done;
+        elapsed = elapsed.max(secs);
+    }
+    latencies.sort_unstable();
+    Ok(serde_json::json!({
+        "benchmark": "nop",
+        "mode": if interrupts.is_some() { "interrupt" } else { "polled" },
+        "queues": queues,
+        "queue_entries": entries,
+        "latency_qd1_us": {
+            "samples": latencies.len(),
+            "p50": percentile_us(&latencies, 0.50),
+            "p99": percentile_us(&latencies, 0.99),
+            "p999": percentile_us(&latencies, 0.999),
+        },
+        "throughput": {
+            "depth_per_queue": depth,
+            "commands": total,
+            "seconds": elapsed,
+            "commands_per_second": total as f64 / elapsed,
+        },
+    }))
 }
 
 fn run(cli: &Cli) -> Result<(), CliError> {
@@ -492,6 +606,20 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                     println!("{rank:<5} {i:<9} {s}");
                 }
             }
+        }
+        Command::Bench {
+            action: BenchAction::Nop { queues, depth, interrupts, coalesce, samples, seconds },
+        } => {
+            if *queues == 0 || *depth == 0 || *samples == 0 {
+                return Err(usage("--queues, --depth and --samples must be at least 1"));
+            }
+            let irq = interrupts.then_some(pnm_host::InterruptConfig {
+                vector: 0,
+                coalesce_count: *coalesce,
+                coalesce_usec: if *coalesce > 1 { 50 } else { 0 },
+            });
+            let report = bench_nop(&device, *queues, *depth, irq, *samples, *seconds)?;
+            println!("{}", serde_json::to_string_pretty(&report).expect("plain data"));
         }
         Command::Gather { seq, layer, head, indices, out_keys, out_values } => {
             let sequence = device.kv_sequence(*seq)?;

@@ -1,8 +1,8 @@
 //! A queue pair seen from the host: fills the submission ring, rings the
 //! doorbell, and consumes the completion ring by phase tag.
 
-use std::collections::HashMap;
-use std::sync::atomic::Ordering::{Acquire, Release};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use std::time::{Duration, Instant};
 
 use pnm_protocol::commands::{CreateQueuePairInput, CreateQueuePairOutput, DeleteQueuePairInput};
@@ -14,6 +14,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::dma::{DmaBuf, DmaPool};
 use crate::error::{Error, Result};
 use crate::mailbox::{Backoff, MailboxClient};
+use crate::notify::NotifyClient;
 
 /// A finished command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,10 +43,48 @@ pub fn opcode_name(op: u8) -> &'static str {
     queue::opcode::name(op).unwrap_or("unknown command")
 }
 
+/// Interrupts for a queue pair: which of this host's vectors, and how the
+/// device coalesces them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InterruptConfig {
+    pub vector: u16,
+    /// Signal once this many completions are pending (1: every completion).
+    pub coalesce_count: u16,
+    /// Signal at the latest this long after the first pending completion.
+    pub coalesce_usec: u32,
+}
+
+impl Default for InterruptConfig {
+    fn default() -> Self {
+        Self { vector: 0, coalesce_count: 1, coalesce_usec: 0 }
+    }
+}
+
+/// How the host learns of completions and the device of submissions.
+#[derive(Debug, Clone)]
+pub(crate) struct Notifier {
+    pub client: Arc<NotifyClient>,
+    /// Device Sleeping register.
+    pub sleeping: u64,
+}
+
+impl Notifier {
+    /// After a doorbell store: wake the device if it went to sleep. The
+    /// SeqCst fence pairs with the device's (see the engine's `sleep`).
+    pub fn after_doorbell(&self, regs: SharedMemory) {
+        std::sync::atomic::fence(SeqCst);
+        if regs.load_u32(self.sleeping, SeqCst) != 0 {
+            self.client.wake_device();
+        }
+    }
+}
+
 /// One submission/completion ring pair.
 #[derive(Debug)]
 pub struct QueuePair {
     regs: SharedMemory,
+    notifier: Option<Notifier>,
+    irq: Option<(InterruptConfig, u64)>,
     pub qid: u16,
     entries: u32,
     sq: DmaBuf,
@@ -55,32 +94,49 @@ pub struct QueuePair {
     sq_tail: u32,
     cq_head: u32,
     phase: bool,
-    next_cid: u16,
-    /// Commands submitted and not yet completed: command id -> opcode.
-    in_flight: HashMap<u16, u8>,
-    /// Completions read while waiting for another command.
-    stash: HashMap<u16, Completion>,
+    /// One slot per command id (ids are 0..entries-1).
+    slots: Vec<Slot>,
+    /// Command ids whose slot is free.
+    free: Vec<u16>,
     /// Commands pushed since the last doorbell.
     unrung: bool,
 }
 
+/// A command id's state.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Free,
+    /// Submitted, not completed: its opcode.
+    InFlight(u8),
+    /// Completed, not yet claimed by its waiter.
+    Done(Completion),
+}
+
 impl QueuePair {
     /// Creates a polled queue pair of `entries` (a power of two).
-    pub fn create(
+    pub(crate) fn create(
         regs: SharedMemory,
         pnm_cap: u64,
         mailbox: &mut MailboxClient,
         pool: &mut DmaPool,
         entries: u16,
+        notifier: Option<Notifier>,
+        irq: Option<InterruptConfig>,
     ) -> Result<Self> {
+        if irq.is_some() && notifier.is_none() {
+            return Err(Error::Invalid("interrupts need the device's notification socket".into()));
+        }
         let sq = pool.alloc(mailbox, u64::from(entries) * SQE_SIZE)?;
         let cq = pool.alloc(mailbox, u64::from(entries) * CQE_SIZE)?;
         let input = CreateQueuePairInput {
             sq_addr: sq.addr.into(),
             cq_addr: cq.addr.into(),
             entries: entries.into(),
-            irq_vector: IRQ_NONE.into(),
+            irq_vector: irq.map_or(IRQ_NONE, |i| i.vector).into(),
             owner_pid: std::process::id().into(),
+            peer_id: notifier.as_ref().map_or(0, |n| n.client.peer_id).into(),
+            coalesce_count: irq.map_or(0, |i| i.coalesce_count).into(),
+            coalesce_usec: irq.map_or(0, |i| i.coalesce_usec).into(),
         };
         let out = mailbox.execute(Opcode::CREATE_QUEUE_PAIR, input.as_bytes())?;
         let qid = CreateQueuePairOutput::read_from_bytes(&out)
@@ -101,8 +157,21 @@ impl QueuePair {
                 "doorbell page {page:#x} stride {stride} is not usable"
             )));
         }
+        let mask_base = u64::from(regs.load_u32(pnm_cap + pnm::IRQ_MASK_OFFSET, Acquire));
+        let mask = pnm_cap + mask_base + 4 * u64::from(qid);
+        if irq.is_some() && (mask_base == 0 || regs.check(mask, 4).is_err()) {
+            return Err(Error::Protocol(format!(
+                "interrupt mask page {mask_base:#x} is not usable"
+            )));
+        }
+        // Masked until a waiter needs it (see `sleep_until_interrupt`).
+        if irq.is_some() {
+            regs.store_u32(mask, 1, Release);
+        }
         Ok(Self {
             regs,
+            notifier,
+            irq: irq.map(|i| (i, mask)),
             qid,
             entries: u32::from(entries),
             sq,
@@ -112,9 +181,9 @@ impl QueuePair {
             sq_tail: 0,
             cq_head: 0,
             phase: true,
-            next_cid: 0,
-            in_flight: HashMap::new(),
-            stash: HashMap::new(),
+            slots: vec![Slot::Free; usize::from(entries)],
+            // At most entries - 1 in flight: a full ring is one short of wrapping.
+            free: (0..entries - 1).rev().collect(),
             unrung: false,
         })
     }
@@ -130,27 +199,24 @@ impl QueuePair {
 
     /// Commands that can still be submitted before the ring is full.
     pub fn room(&self) -> u32 {
-        self.entries - 1 - self.in_flight.len() as u32
+        self.free.len() as u32
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.entries - 1 - self.room()
     }
 
     /// Writes a command into the ring (without ringing the doorbell),
     /// returning its command id.
     pub fn push(&mut self, mut sqe: SubmissionEntry) -> Result<u16> {
-        if self.room() == 0 {
-            return Err(Error::QueueFull(self.in_flight.len() as u32));
-        }
-        let cid = loop {
-            let cid = self.next_cid;
-            self.next_cid = self.next_cid.wrapping_add(1);
-            if !self.in_flight.contains_key(&cid) && !self.stash.contains_key(&cid) {
-                break cid;
-            }
+        let Some(cid) = self.free.pop() else {
+            return Err(Error::QueueFull(self.in_flight()));
         };
         sqe.command_id = cid.into();
         let slot = self.sq.addr + u64::from(self.sq_tail) * SQE_SIZE;
         self.regs.write_bytes(slot, sqe.as_bytes()).expect("ring lies in the DMA window");
         self.sq_tail = (self.sq_tail + 1) % self.entries;
-        self.in_flight.insert(cid, sqe.opcode);
+        self.slots[usize::from(cid)] = Slot::InFlight(sqe.opcode);
         self.unrung = true;
         Ok(cid)
     }
@@ -161,6 +227,9 @@ impl QueuePair {
             // Release: the entries are visible before the new tail.
             self.regs.store_u32(self.sq_doorbell, self.sq_tail, Release);
             self.unrung = false;
+            if let Some(n) = &self.notifier {
+                n.after_doorbell(self.regs);
+            }
         }
     }
 
@@ -183,7 +252,7 @@ impl QueuePair {
             }
             n += 1;
             let cid = cqe.command_id.get();
-            let Some(opcode) = self.in_flight.remove(&cid) else {
+            let Some(Slot::InFlight(opcode)) = self.slots.get(usize::from(cid)).copied() else {
                 return Err(Error::Protocol(format!(
                     "completion for command id {cid}, which is not in flight"
                 )));
@@ -195,18 +264,15 @@ impl QueuePair {
                     cqe.sq_head.get()
                 )));
             }
-            self.stash.insert(
-                cid,
-                Completion {
-                    command_id: cid,
-                    opcode,
-                    code: ReturnCode(cqe.return_code()),
-                    result0: cqe.result0.get(),
-                    result1: cqe.result1.get(),
-                    result2: cqe.result2.get(),
-                    exec_ns: cqe.exec_ns.get(),
-                },
-            );
+            self.slots[usize::from(cid)] = Slot::Done(Completion {
+                command_id: cid,
+                opcode,
+                code: ReturnCode(cqe.return_code()),
+                result0: cqe.result0.get(),
+                result1: cqe.result1.get(),
+                result2: cqe.result2.get(),
+                exec_ns: cqe.exec_ns.get(),
+            });
         }
         if n > 0 {
             // Release: we are done reading the entries we hand back.
@@ -215,30 +281,69 @@ impl QueuePair {
         Ok(n)
     }
 
+    /// The completion of `cid`, if it has arrived; frees the id.
+    fn take(&mut self, cid: u16) -> Option<Completion> {
+        match self.slots.get(usize::from(cid)) {
+            Some(&Slot::Done(c)) => {
+                self.slots[usize::from(cid)] = Slot::Free;
+                self.free.push(cid);
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
+    fn opcode_of(&self, cid: u16) -> u8 {
+        match self.slots.get(usize::from(cid)) {
+            Some(&Slot::InFlight(op)) => op,
+            _ => 0,
+        }
+    }
+
     /// Waits (bounded) for command `cid`.
     pub fn wait(&mut self, cid: u16, timeout: Duration) -> Result<Completion> {
         self.ring();
         let start = Instant::now();
         let mut backoff = Backoff::new();
         loop {
-            if let Some(c) = self.stash.remove(&cid) {
+            if let Some(c) = self.take(cid) {
                 return Ok(c);
             }
-            if !self.in_flight.contains_key(&cid) {
+            if !matches!(self.slots.get(usize::from(cid)), Some(Slot::InFlight(_))) {
                 return Err(Error::Invalid(format!("command id {cid} is not in flight")));
             }
             if self.reap()? == 0 {
                 if start.elapsed() >= timeout {
-                    let opcode = self.in_flight[&cid];
                     return Err(Error::QueueTimeout {
-                        command: opcode_name(opcode),
+                        command: opcode_name(self.opcode_of(cid)),
                         command_id: cid,
                         waited: start.elapsed(),
                     });
                 }
-                backoff.wait();
+                match self.irq {
+                    Some((cfg, _)) => self.sleep_until_interrupt(
+                        cfg.vector,
+                        timeout.saturating_sub(start.elapsed()),
+                    )?,
+                    None => backoff.wait(),
+                }
             }
         }
+    }
+
+    /// Blocks on the queue's interrupt vector, with the no-lost-wake-up
+    /// protocol: unmask (SeqCst), look at the ring again, and only then
+    /// sleep; mask again on waking.
+    fn sleep_until_interrupt(&mut self, vector: u16, bound: Duration) -> Result<()> {
+        let (_, mask) = self.irq.expect("interrupt queue");
+        self.regs.store_u32(mask, 0, SeqCst);
+        std::sync::atomic::fence(SeqCst);
+        if self.reap()? == 0 {
+            let client = &self.notifier.as_ref().expect("checked at create").client;
+            client.wait_vector(vector, bound);
+        }
+        self.regs.store_u32(mask, 1, Relaxed);
+        Ok(())
     }
 
     /// Submits one command and waits for it.
@@ -255,36 +360,40 @@ impl QueuePair {
         timeout: Duration,
     ) -> Result<Vec<Completion>> {
         let mut results: Vec<Option<Completion>> = vec![None; sqes.len()];
-        // In-flight commands of this batch: command id -> position.
-        let mut pending: HashMap<u16, usize> = HashMap::new();
+        // In-flight commands of this batch: (command id, position).
+        let mut pending: Vec<(u16, usize)> = Vec::new();
         let mut next = 0;
         let mut finished = 0;
         let start = Instant::now();
         let mut backoff = Backoff::new();
         while finished < sqes.len() {
             while next < sqes.len() && self.room() > 0 {
-                pending.insert(self.push(sqes[next])?, next);
+                pending.push((self.push(sqes[next])?, next));
                 next += 1;
             }
             self.ring();
-            if self.reap()? > 0 {
+            let reaped = self.reap()?;
+            let before = finished;
+            // Completions may also have been reaped by an interrupt wait.
+            pending.retain(|&(cid, pos)| match self.take(cid) {
+                Some(c) => {
+                    results[pos] = Some(c);
+                    finished += 1;
+                    false
+                }
+                None => true,
+            });
+            if reaped > 0 || finished > before {
                 backoff = Backoff::new();
-                pending.retain(|cid, &mut pos| match self.stash.remove(cid) {
-                    Some(c) => {
-                        results[pos] = Some(c);
-                        finished += 1;
-                        false
-                    }
-                    None => true,
-                });
             } else if start.elapsed() >= timeout {
-                let (&cid, _) = pending.iter().next().expect("unfinished commands are pending");
-                let opcode = self.in_flight.get(&cid).copied().unwrap_or_default();
+                let (cid, _) = pending[0];
                 return Err(Error::QueueTimeout {
-                    command: opcode_name(opcode),
+                    command: opcode_name(self.opcode_of(cid)),
                     command_id: cid,
                     waited: start.elapsed(),
                 });
+            } else if let Some((cfg, _)) = self.irq {
+                self.sleep_until_interrupt(cfg.vector, timeout.saturating_sub(start.elapsed()))?;
             } else {
                 backoff.wait();
             }

@@ -39,3 +39,13 @@ pub fn default_sigpipe() {
         tracing::debug!(error = %e, "cannot restore SIGPIPE");
     }
 }
+
+/// Takes ownership of a descriptor the kernel just installed for us from an
+/// SCM_RIGHTS message.
+pub fn own_received_fd(raw: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `raw` came from a control message recvmsg just returned: the
+    // kernel installed it in this process's table for this caller alone, and
+    // nothing else refers to it, so the OwnedFd is its sole owner.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
+}

@@ -399,11 +399,20 @@ pub struct CreateQueuePairInput {
     pub cq_addr: U64,
     /// Entries in each ring: a power of two in 2..=4096.
     pub entries: U16,
-    /// Interrupt vector, or FFFFh for a polled queue.
+    /// Interrupt vector of `peer_id`, or FFFFh for a polled queue.
     pub irq_vector: U16,
     /// Process that owns the queue; the device reclaims it when that
     /// process no longer exists (0: never reclaimed).
     pub owner_pid: U32,
+    /// The notification peer whose vector `irq_vector` is; the queue is
+    /// also deleted when that peer disconnects. Ignored for polled queues.
+    pub peer_id: U16,
+    /// Interrupt coalescing: signal once this many completions are pending
+    /// (0 or 1: every completion).
+    pub coalesce_count: U16,
+    /// Interrupt coalescing: signal at the latest this many microseconds
+    /// after the first pending completion (0: no time limit beyond the count).
+    pub coalesce_usec: U32,
 }
 
 #[derive(
@@ -481,7 +490,9 @@ const _: () = {
     assert!(size_of::<IdentifyPnmOutput>() == 0x70);
     assert!(offset_of!(IdentifyPnmOutput, kv_frame_size) == 0x40);
     assert!(offset_of!(IdentifyPnmOutput, kv_frames_offset) == 0x60);
-    assert!(size_of::<CreateQueuePairInput>() == 0x18);
+    assert!(size_of::<CreateQueuePairInput>() == 0x20);
+    assert!(offset_of!(CreateQueuePairInput, peer_id) == 0x18);
+    assert!(offset_of!(CreateQueuePairInput, coalesce_usec) == 0x1C);
     assert!(offset_of!(CreateQueuePairInput, entries) == 0x10);
     assert!(offset_of!(CreateQueuePairInput, owner_pid) == 0x14);
     assert!(size_of::<CreateQueuePairOutput>() == 8);

@@ -5,6 +5,7 @@
 //!   capability, each offset defined once.
 //! - [`commands`]: mailbox opcodes, return codes and payload layouts.
 //! - [`queue`]: submission/completion rings, command descriptors, KV frames.
+//! - [`notify`]: the ivshmem-server-shaped socket protocol for eventfds.
 //! - [`layout`]: how the shared region is split between registers, the host
 //!   DMA window and device DRAM.
 //! - [`shared`]: the only way this workspace touches memory another process
@@ -15,6 +16,7 @@
 
 pub mod commands;
 pub mod layout;
+pub mod notify;
 pub mod queue;
 pub mod regs;
 pub mod shared;

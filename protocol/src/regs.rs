@@ -277,11 +277,21 @@ pub mod pnm {
     /// Doorbell Offset (32 bit, RO): where the doorbell page starts,
     /// from the capability's start.
     pub const DOORBELL_OFFSET: u64 = 0x060;
+    /// Device Sleeping (32 bit, RO): 1 while the engine is about to block
+    /// on its wake eventfd; a host that rings a doorbell and then (after a
+    /// SeqCst fence) sees 1 must ring the device's wake vector.
+    pub const DEVICE_SLEEPING: u64 = 0x064;
+    /// Interrupt Mask Offset (32 bit, RO): where the per-queue interrupt
+    /// mask registers start, from the capability's start.
+    pub const IRQ_MASK_OFFSET: u64 = 0x068;
 
     /// Start of the doorbell page.
     pub const DOORBELL_PAGE: u64 = 0x1000;
     /// Bytes per queue pair's doorbells: SQ tail (32 bit) then CQ head (32 bit).
     pub const DOORBELL_STRIDE_BYTES: u32 = 8;
+    /// Start of the per-queue interrupt mask registers (32 bit each, RW,
+    /// bit 0 = masked) in the doorbell page.
+    pub const IRQ_MASK_PAGE: u64 = 0x1800;
 
     /// "CXLPNM" followed by two zero bytes, little-endian.
     pub const MAGIC_VALUE: u64 = u64::from_le_bytes(*b"CXLPNM\0\0");
@@ -339,6 +349,16 @@ const _: () = {
     assert!(MAILBOX_PAYLOAD_SIZE_LOG2 >= 8 && MAILBOX_PAYLOAD_SIZE_LOG2 <= 20);
     assert!(pnm::DOORBELL_OFFSET < pnm::DOORBELL_PAGE);
     assert!(pnm::DOORBELL_PAGE % 0x1000 == 0);
+    // Every queue's doorbells and mask fit the doorbell page.
+    assert!(
+        pnm::DOORBELL_PAGE
+            + crate::queue::MAX_QUEUE_PAIRS as u64 * pnm::DOORBELL_STRIDE_BYTES as u64
+            <= pnm::IRQ_MASK_PAGE
+    );
+    assert!(
+        pnm::IRQ_MASK_PAGE + 4 * crate::queue::MAX_QUEUE_PAIRS as u64
+            <= pnm::DOORBELL_PAGE + 0x1000
+    );
 };
 
 /// Header of the capability array as this device writes it.
@@ -429,7 +449,7 @@ pub const MAILBOX_REGISTERS: [RegisterDef; 6] = [
 ];
 
 /// The PNM capability's registers, in address order.
-pub const PNM_REGISTERS: [RegisterDef; 18] = [
+pub const PNM_REGISTERS: [RegisterDef; 20] = [
     reg(pnm::MAGIC, 64, "Magic"),
     reg(pnm::ABI_VERSION, 32, "ABI Version"),
     reg(pnm::COMPUTE_UNITS, 32, "Compute Units"),
@@ -448,6 +468,8 @@ pub const PNM_REGISTERS: [RegisterDef; 18] = [
     reg(pnm::MAX_QUEUE_PAIRS, 32, "Max Queue Pairs"),
     reg(pnm::DOORBELL_STRIDE, 32, "Doorbell Stride"),
     reg(pnm::DOORBELL_OFFSET, 32, "Doorbell Offset"),
+    reg(pnm::DEVICE_SLEEPING, 32, "Device Sleeping"),
+    reg(pnm::IRQ_MASK_OFFSET, 32, "Interrupt Mask Offset"),
 ];
 
 const _: () = {

@@ -139,7 +139,7 @@ fn main() -> anyhow::Result<()> {
 
     // KV load: rows stored straight into device DRAM, timed on a region
     // whose pages are already faulted in (a first load, freed, warms it).
-    let device = RunningDevice::serve(Region::embedded(1 << 30, None)?, None)?;
+    let device = RunningDevice::serve(Region::embedded(1 << 30, None)?, None, None)?;
     let dev = Device::open(&device.region().path)?;
     let shape = KvShape { dtype: Dtype::F16, layers: 1, heads: 8, head_dim: 128 };
     let load_tokens = (args.load_mib << 20) / (8 * 256);

@@ -112,6 +112,24 @@ impl DeviceProcess {
         kill(Pid::from_raw(self.pid() as i32), signal).expect("signal pnm-device");
     }
 
+    /// SIGSTOP, returning once the process is actually stopped (the signal
+    /// is asynchronous; a fast device could otherwise still answer).
+    pub fn freeze(&self) {
+        self.signal(Signal::SIGSTOP);
+        let start = Instant::now();
+        loop {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+            // The state follows the parenthesised command name.
+            let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+            if state == Some('T') {
+                return;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "pnm-device did not stop");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Waits (bounded) for the process to exit and returns its exit code.
     pub fn wait(&mut self, bound: Duration) -> Option<i32> {
         let start = Instant::now();
