@@ -1,0 +1,161 @@
+//! Notifications and queues at scale through a separate pnm-device:
+//! interrupts, coalescing, many queues at once, and hosts that die.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{DeviceProcess, TempRegion, bin};
+use pnm_host::{
+    Device, DeviceOptions, Dtype, Error, InterruptConfig, KvShape, Query, QueueOptions,
+};
+use pnm_protocol::queue::{SubmissionEntry, opcode};
+
+fn nop() -> SubmissionEntry {
+    SubmissionEntry { opcode: opcode::NOP, ..Default::default() }
+}
+
+fn open(path: &std::path::Path, interrupts: bool) -> Device {
+    let options = DeviceOptions {
+        interrupts,
+        // Short: a lost wake-up fails the test instead of stalling it.
+        command_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    Device::open_with(path, &options).unwrap()
+}
+
+#[test]
+fn interrupt_waits_never_lose_a_wake_up() {
+    let region = TempRegion::new("irq");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = open(region.path(), true);
+    assert!(dev.notify_client().is_some());
+    // Single commands, each waited for on the interrupt vector, with idle
+    // gaps so the device also goes to sleep and must be woken.
+    for i in 0..400 {
+        dev.nop().unwrap();
+        if i % 100 == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Batches too.
+    let batch = vec![nop(); 1000];
+    assert_eq!(dev.submit_raw(&batch).unwrap().len(), 1000);
+}
+
+#[test]
+fn coalesced_interrupts_fire_on_count_and_on_time() {
+    let region = TempRegion::new("coalesce");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = open(region.path(), false);
+    let irq = InterruptConfig { vector: 3, coalesce_count: 16, coalesce_usec: 300 };
+    let q = dev.handle(QueueOptions { entries: 64, interrupts: Some(irq) }).unwrap();
+    // Fewer completions than the count: only the timer can signal them.
+    for n in [1, 3, 15] {
+        let start = Instant::now();
+        assert_eq!(q.submit_raw(&vec![nop(); n]).unwrap().len(), n);
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{n} commands waited {:?}",
+            start.elapsed()
+        );
+    }
+    // More than the count: signalled by count, repeatedly.
+    assert_eq!(q.submit_raw(&vec![nop(); 500]).unwrap().len(), 500);
+}
+
+#[test]
+fn many_queues_and_threads_each_completion_matched_once() {
+    let region = TempRegion::new("many");
+    let _device = DeviceProcess::start(region.path(), &["--size", "128MiB"]);
+    let dev = open(region.path(), false);
+    let shape = KvShape { dtype: Dtype::F32, layers: 1, heads: 4, head_dim: 16 };
+    let tokens = 600u64;
+    let keys: Vec<u8> = (0..shape.bytes(tokens) / 4)
+        .flat_map(|i| (((i * 7919) % 1000) as f32 / 500.0 - 1.0).to_le_bytes())
+        .collect();
+    let seq = dev.kv_create(shape).unwrap();
+    let seq = dev.kv_append(&seq, &keys, &keys, tokens, &mut |_| {}).unwrap();
+    // The answer each head must give, computed once on the default queue.
+    let query: Vec<f32> = (0..16).map(|i| (i as f32 * 0.3).sin()).collect();
+    let want: Vec<_> =
+        (0..4).map(|h| dev.topk(seq.id, 0, h, &Query::f32(&query, 16), 25).unwrap()).collect();
+    std::thread::scope(|scope| {
+        for t in 0..8u16 {
+            let dev = &dev;
+            let (query, want) = (&query, &want);
+            scope.spawn(move || {
+                let interrupts =
+                    (t % 2 == 1).then_some(InterruptConfig { vector: t % 8, ..Default::default() });
+                let q = dev.handle(QueueOptions { entries: 16, interrupts }).unwrap();
+                for i in 0..150u16 {
+                    let head = (t + i) % 4;
+                    let got = q.topk(seq.id, 0, head, &Query::f32(query, 16), 25).unwrap();
+                    assert_eq!(
+                        got.indices,
+                        want[usize::from(head)].indices,
+                        "thread {t} command {i}"
+                    );
+                    // And NOP bursts larger than the 16-entry ring: backpressure.
+                    if i % 50 == 0 {
+                        assert_eq!(q.submit_raw(&vec![nop(); 100]).unwrap().len(), 100);
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_host_killed_mid_flight_leaves_the_device_healthy() {
+    let region = TempRegion::new("kill-host");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    // A host with 32 interrupt queues hammering the device, killed mid-run.
+    let mut host = std::process::Command::new(bin("pnmctl"))
+        .arg("--device")
+        .arg(region.path())
+        .args([
+            "bench",
+            "nop",
+            "--interrupts",
+            "--queues",
+            "32",
+            "--samples",
+            "100000000",
+            "--seconds",
+            "60",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(host.try_wait().unwrap().is_none(), "the host is running");
+    host.kill().unwrap();
+    host.wait().unwrap();
+    // A new host attaches and can use every queue pair the device has: the
+    // dead host's 32 (and its DMA buffers) were reclaimed.
+    let dev = open(region.path(), false);
+    let start = Instant::now();
+    let handles: Vec<Device> = loop {
+        let attempt: Result<Vec<Device>, Error> = (0..63)
+            .map(|_| {
+                let h = dev.handle(QueueOptions { entries: 8, interrupts: None })?;
+                h.nop()?;
+                Ok(h)
+            })
+            .collect();
+        match attempt {
+            Ok(handles) => break handles,
+            Err(e) if start.elapsed() < Duration::from_secs(5) => {
+                drop(e);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("queues of the dead host were not reclaimed: {e}"),
+        }
+    };
+    for h in &handles {
+        h.nop().unwrap();
+    }
+    assert!(dev.health_info().is_ok());
+}
