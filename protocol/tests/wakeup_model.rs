@@ -50,10 +50,9 @@ fn step(s: &State, t: usize, fences: bool) -> Option<State> {
         // Sleeper.
         (0, 0) => n.buf[0].push((FLAG, 1)),
         (0, 1) => {
-            if fences {
-                if !n.buf[0].is_empty() {
-                    return None; // the fence waits for the buffer to drain
-                }
+            // The fence waits for the store buffer to drain.
+            if fences && !n.buf[0].is_empty() {
+                return None;
             }
         }
         (0, 2) => {
