@@ -85,7 +85,7 @@ pub enum Aggregation {
 }
 
 impl Aggregation {
-    fn code(self) -> u8 {
+    pub(crate) fn code(self) -> u8 {
         match self {
             Self::Max => 0,
             Self::Mean => 1,
@@ -247,6 +247,14 @@ impl Device {
             });
         }
         Ok(Session { dp, device: self })
+    }
+
+    /// Creates this handle's queue pair and buffers and hands them over
+    /// (for the async API, which drives them itself).
+    pub(crate) fn take_queue(&self) -> Result<(QueuePair, DmaPool)> {
+        drop(self.session()?);
+        let dp = self.datapath_lock().take().expect("created by session");
+        Ok((dp.queue, dp.pool))
     }
 
     /// NOP through the queue: the command path's round trip.
@@ -462,7 +470,7 @@ impl Device {
         Ok((e, q))
     }
 
-    fn read_topk(
+    pub(crate) fn read_topk(
         mem: SharedMemory,
         c: &Completion,
         k: u32,

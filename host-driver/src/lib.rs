@@ -4,6 +4,7 @@
 //! and checks it is a ready cxl-pnm device; typed methods run mailbox
 //! commands and validate every byte the device sends back.
 
+pub mod async_api;
 pub mod commands;
 pub mod device;
 pub mod dma;
@@ -15,6 +16,7 @@ pub mod queue;
 mod sys;
 pub mod tensorfile;
 
+pub use async_api::AsyncQueue;
 pub use device::{Device, DeviceOptions, DeviceStatus, QueueOptions};
 pub use error::{Error, Result};
 pub use kv::{Aggregation, KvShape, Query, Rows, Sequence, TopK, TopkRequest};

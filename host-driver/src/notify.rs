@@ -118,8 +118,8 @@ impl NotifyClient {
         rung
     }
 
-    /// A raw fd of vector `v`, for an async reactor.
-    pub fn vector_fd(&self, v: u16) -> RawFd {
-        self.vectors[usize::from(v)].as_raw_fd()
+    /// This host's vector `v`.
+    pub fn vector(&self, v: u16) -> &OwnedFd {
+        &self.vectors[usize::from(v)]
     }
 }

@@ -100,6 +100,8 @@ pub struct QueuePair {
     free: Vec<u16>,
     /// Commands pushed since the last doorbell.
     unrung: bool,
+    /// Command ids reaped, for a caller that tracks them (the async API).
+    pub(crate) reaped: Option<Vec<u16>>,
 }
 
 /// A command id's state.
@@ -184,6 +186,7 @@ impl QueuePair {
             slots: vec![Slot::Free; usize::from(entries)],
             // At most entries - 1 in flight: a full ring is one short of wrapping.
             free: (0..entries - 1).rev().collect(),
+            reaped: None,
             unrung: false,
         })
     }
@@ -264,6 +267,9 @@ impl QueuePair {
                     cqe.sq_head.get()
                 )));
             }
+            if let Some(reaped) = &mut self.reaped {
+                reaped.push(cid);
+            }
             self.slots[usize::from(cid)] = Slot::Done(Completion {
                 command_id: cid,
                 opcode,
@@ -282,7 +288,7 @@ impl QueuePair {
     }
 
     /// The completion of `cid`, if it has arrived; frees the id.
-    fn take(&mut self, cid: u16) -> Option<Completion> {
+    pub(crate) fn take(&mut self, cid: u16) -> Option<Completion> {
         match self.slots.get(usize::from(cid)) {
             Some(&Slot::Done(c)) => {
                 self.slots[usize::from(cid)] = Slot::Free;
@@ -329,6 +335,23 @@ impl QueuePair {
                 }
             }
         }
+    }
+
+    /// Sets the queue's interrupt mask (true: the device does not signal).
+    /// Clearing it is SeqCst: see `sleep_until_interrupt`.
+    pub(crate) fn set_masked(&self, masked: bool) {
+        if let Some((_, mask)) = self.irq {
+            if masked {
+                self.regs.store_u32(mask, 1, Relaxed);
+            } else {
+                self.regs.store_u32(mask, 0, SeqCst);
+                std::sync::atomic::fence(SeqCst);
+            }
+        }
+    }
+
+    pub(crate) fn entries(&self) -> u32 {
+        self.entries
     }
 
     /// Blocks on the queue's interrupt vector, with the no-lost-wake-up

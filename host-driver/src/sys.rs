@@ -49,3 +49,12 @@ pub fn own_received_fd(raw: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
     // nothing else refers to it, so the OwnedFd is its sole owner.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
 }
+
+/// Registers an owned descriptor with tokio's reactor.
+pub fn register_async_fd(
+    fd: std::os::fd::OwnedFd,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of `fd`: it stays open, and
+    // `as_raw_fd` returns the same descriptor, for the AsyncFd's lifetime.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+}

@@ -1,0 +1,344 @@
+//! The async host API on tokio: many tasks, many commands in flight on one
+//! queue pair, completions delivered by the queue's interrupt vector through
+//! `AsyncFd` to the right future.
+//!
+//! A reaper task owns the waiting: it reads completions, hands each to the
+//! future that submitted it (or drops it if that future was cancelled), and
+//! sleeps on the interrupt eventfd with the unmask-recheck-sleep handshake.
+//! A full queue makes `submit` wait for room (a semaphore of `entries - 1`
+//! permits, each held until its command's completion is reaped) and
+//! `try_submit` fail with [`Error::QueueFull`]; nothing is dropped.
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pnm_protocol::SharedMemory;
+use pnm_protocol::queue::{SubmissionEntry, TopkLayout, opcode, topk_arg1};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+use crate::device::{Device, QueueOptions};
+use crate::dma::{DmaBuf, DmaPool};
+use crate::error::{Error, Result};
+use crate::kv::{Aggregation, Query, Sequence, TopK};
+use crate::queue::{Completion, InterruptConfig, QueuePair, opcode_name};
+
+struct Waiter {
+    reply: oneshot::Sender<Completion>,
+    _permit: OwnedSemaphorePermit,
+}
+
+struct State {
+    /// Taken only when the queue is deleted (on drop).
+    queue: Option<QueuePair>,
+    pool: DmaPool,
+    waiters: Vec<Option<Waiter>>,
+}
+
+impl State {
+    fn queue(&mut self) -> &mut QueuePair {
+        self.queue.as_mut().expect("present until drop")
+    }
+}
+
+struct Shared {
+    device: Device,
+    state: Mutex<State>,
+    permits: Arc<Semaphore>,
+    regs: SharedMemory,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// An interrupt-driven queue pair for async tasks. Cloning shares it.
+#[derive(Clone)]
+pub struct AsyncQueue {
+    shared: Arc<Shared>,
+    reaper: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for AsyncQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AsyncQueue").field("device", &self.shared.device.path()).finish()
+    }
+}
+
+impl AsyncQueue {
+    /// A new queue pair on `device` with `entries` per ring and interrupts
+    /// on `vector` of this host. Must be called inside a tokio runtime.
+    pub fn new(device: &Device, entries: u16, irq: InterruptConfig) -> Result<Self> {
+        let handle = device.handle(QueueOptions { entries, interrupts: Some(irq) })?;
+        let (queue, pool) = handle.take_queue()?;
+        let client = handle.notify_client().cloned().expect("interrupt handles have a peer");
+        let fd = client
+            .vector(irq.vector)
+            .try_clone()
+            .and_then(crate::sys::register_async_fd)
+            .map_err(|e| Error::Invalid(format!("registering the interrupt eventfd: {e}")))?;
+        let waiters = (0..queue.entries()).map(|_| None).collect();
+        let permits = Arc::new(Semaphore::new((queue.entries() - 1) as usize));
+        let regs = handle.region();
+        let shared = Arc::new(Shared {
+            device: handle,
+            state: Mutex::new(State { queue: Some(queue), pool, waiters }),
+            permits,
+            regs,
+        });
+        let reaper = tokio::spawn(reap(shared.clone(), fd));
+        Ok(Self { shared, reaper: Arc::new(reaper) })
+    }
+
+    fn enqueue(
+        &self,
+        mut sqe: SubmissionEntry,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<oneshot::Receiver<Completion>> {
+        let (reply, rx) = oneshot::channel();
+        let mut state = self.shared.lock();
+        sqe.command_id = 0.into();
+        let cid = state.queue().push(sqe)?;
+        state.waiters[usize::from(cid)] = Some(Waiter { reply, _permit: permit });
+        state.queue().ring();
+        Ok(rx)
+    }
+
+    async fn complete(rx: oneshot::Receiver<Completion>, op: u8) -> Result<Completion> {
+        rx.await.map_err(|_| {
+            Error::Protocol(format!(
+                "{} was abandoned: the queue's reaper stopped",
+                opcode_name(op)
+            ))
+        })
+    }
+
+    /// Submits a command, waiting for room if the queue is full, and
+    /// resolves with its completion.
+    pub async fn submit(&self, sqe: SubmissionEntry) -> Result<Completion> {
+        let permit = self
+            .shared
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Invalid("queue closed".into()))?;
+        let rx = self.enqueue(sqe, permit)?;
+        Self::complete(rx, sqe.opcode).await
+    }
+
+    /// Submits a command if the queue has room now, else [`Error::QueueFull`].
+    pub fn try_submit(
+        &self,
+        sqe: SubmissionEntry,
+    ) -> Result<impl Future<Output = Result<Completion>> + use<>> {
+        let permit = self
+            .shared
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::QueueFull(self.shared.lock().queue().entries() - 1))?;
+        let rx = self.enqueue(sqe, permit)?;
+        Ok(Self::complete(rx, sqe.opcode))
+    }
+
+    pub async fn nop(&self) -> Result<Completion> {
+        self.submit(SubmissionEntry { opcode: opcode::NOP, ..Default::default() }).await?.ok()
+    }
+
+    fn alloc(&self, len: u64) -> Result<DmaBuf> {
+        let mut state = self.shared.lock();
+        let mut mailbox = self.shared.device.mailbox_client();
+        state.pool.alloc(&mut mailbox, len)
+    }
+
+    fn free(&self, bufs: &[DmaBuf]) {
+        let mut state = self.shared.lock();
+        for &b in bufs {
+            state.pool.free(b);
+        }
+    }
+
+    /// Top-K of one (sequence, layer, head): TOPK.
+    pub async fn topk(
+        &self,
+        seq: &Sequence,
+        layer: u16,
+        head: u16,
+        query: &Query,
+        k: u32,
+        aggregation: Aggregation,
+    ) -> Result<TopK> {
+        let request = TopkArgs { seq, layer, head, query, k, aggregation };
+        Ok(self.run_topk(request, false).await?.0)
+    }
+
+    /// Top-K and the selected K and V rows (in the sequence's dtype):
+    /// TOPK_GATHER.
+    pub async fn topk_gather(
+        &self,
+        seq: &Sequence,
+        layer: u16,
+        head: u16,
+        query: &Query,
+        k: u32,
+        aggregation: Aggregation,
+    ) -> Result<(TopK, Vec<u8>, Vec<u8>)> {
+        let request = TopkArgs { seq, layer, head, query, k, aggregation };
+        let (top, rows) = self.run_topk(request, true).await?;
+        let (keys, values) = rows.expect("TOPK_GATHER returns rows");
+        Ok((top, keys, values))
+    }
+
+    async fn run_topk(
+        &self,
+        args: TopkArgs<'_>,
+        rows: bool,
+    ) -> Result<(TopK, Option<(Vec<u8>, Vec<u8>)>)> {
+        let TopkArgs { seq, layer, head, query, k, aggregation } = args;
+        let row_bytes = seq.shape.row_bytes();
+        let layout = TopkLayout { k: u64::from(k), row_bytes: if rows { row_bytes } else { 0 } };
+        let q = self.alloc(query.data.len() as u64)?;
+        let out = match self.alloc(layout.len()) {
+            Ok(out) => out,
+            Err(e) => {
+                self.free(&[q]);
+                return Err(e);
+            }
+        };
+        let regs = self.shared.regs;
+        regs.write_bytes(q.addr, &query.data).expect("DMA buffer in the region");
+        let sqe = SubmissionEntry {
+            opcode: if rows { opcode::TOPK_GATHER } else { opcode::TOPK },
+            seq: seq.id.into(),
+            layer: layer.into(),
+            head: head.into(),
+            count: k.into(),
+            arg0: query.group.into(),
+            arg1: topk_arg1(query.dtype, aggregation.code()).into(),
+            buf0_addr: q.addr.into(),
+            buf0_len: (query.data.len() as u32).into(),
+            buf1_addr: out.addr.into(),
+            buf1_len: (layout.len().min(u64::from(u32::MAX)) as u32).into(),
+            ..Default::default()
+        };
+        let result = async {
+            let c = self.submit(sqe).await?.ok()?;
+            let top = Device::read_topk(regs, &c, k, out, layout)?;
+            let selected = rows.then(|| {
+                let n = (top.indices.len() as u64 * row_bytes) as usize;
+                let (mut keys, mut values) = (vec![0; n], vec![0; n]);
+                regs.read_bytes(out.addr + layout.key_rows(), &mut keys)
+                    .expect("DMA buffer in the region");
+                regs.read_bytes(out.addr + layout.value_rows(), &mut values)
+                    .expect("DMA buffer in the region");
+                (keys, values)
+            });
+            Ok((top, selected))
+        }
+        .await;
+        self.free(&[q, out]);
+        result
+    }
+}
+
+struct TopkArgs<'a> {
+    seq: &'a Sequence,
+    layer: u16,
+    head: u16,
+    query: &'a Query,
+    k: u32,
+    aggregation: Aggregation,
+}
+
+impl Drop for AsyncQueue {
+    fn drop(&mut self) {
+        // The last clone stops the reaper; the queue pair and buffers go
+        // back to the device when `Shared` (and its handle) drops.
+        if Arc::strong_count(&self.reaper) == 1 {
+            self.reaper.abort();
+        }
+    }
+}
+
+/// The reaper: completions to their futures; sleeps on the interrupt.
+async fn reap(shared: Arc<Shared>, fd: AsyncFd<OwnedFd>) {
+    loop {
+        let delivered = {
+            let mut state = shared.lock();
+            deliver(&mut state)
+        };
+        match delivered {
+            Err(e) => {
+                tracing::error!(error = %e, "async queue: device broke the protocol; stopping");
+                return;
+            }
+            Ok(n) if n > 0 => continue,
+            Ok(_) => {}
+        }
+        // Nothing new: unmask, look once more, then sleep on the vector.
+        {
+            let mut state = shared.lock();
+            state.queue().set_masked(false);
+            match deliver(&mut state) {
+                Ok(0) => {}
+                Ok(_) => {
+                    state.queue().set_masked(true);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "async queue: device broke the protocol; stopping");
+                    return;
+                }
+            }
+        }
+        match fd.readable().await {
+            Ok(mut guard) => {
+                let mut buf = [0u8; 8];
+                let _ = nix::unistd::read(guard.get_inner(), &mut buf);
+                guard.clear_ready();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "async queue: waiting on the interrupt");
+                return;
+            }
+        }
+        shared.lock().queue().set_masked(true);
+    }
+}
+
+/// Reaps the ring and answers every waiter whose command completed.
+fn deliver(state: &mut State) -> Result<usize> {
+    let queue = state.queue();
+    let mut cids = queue.reaped.take().unwrap_or_default();
+    cids.clear();
+    queue.reaped = Some(cids);
+    let reaped = queue.reap();
+    let cids = queue.reaped.take().expect("set above");
+    let n = cids.len();
+    for &cid in &cids {
+        if let Some(c) = state.queue().take(cid) {
+            if let Some(w) = state.waiters[usize::from(cid)].take() {
+                // A cancelled future has dropped its receiver: fine.
+                let _ = w.reply.send(c);
+            }
+        }
+    }
+    state.queue().reaped = Some(cids);
+    reaped.map(|_| n)
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut mailbox = self.device.mailbox_client();
+        if let Some(queue) = state.queue.take() {
+            if let Err(e) = queue.delete(&mut mailbox, &mut state.pool) {
+                tracing::warn!(error = %e, "deleting the async queue pair");
+            }
+        }
+        state.pool.release(&mut mailbox);
+    }
+}
