@@ -159,3 +159,43 @@ fn a_host_killed_mid_flight_leaves_the_device_healthy() {
     }
     assert!(dev.health_info().is_ok());
 }
+
+#[test]
+fn long_commands_run_on_compute_units_while_the_engine_keeps_serving() {
+    let region = TempRegion::new("cu");
+    let _device =
+        DeviceProcess::start(region.path(), &["--size", "256MiB", "--compute-units", "1"]);
+    let dev = open(region.path(), false);
+    // A long Top-K: 1 head of 400K f32 keys of 32 dims, 8 queries.
+    let shape = KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 32 };
+    let tokens = 400_000u64;
+    let keys: Vec<u8> =
+        (0..shape.bytes(tokens) / 4).flat_map(|i| ((i % 977) as f32).to_le_bytes()).collect();
+    let seq = dev.kv_create(shape).unwrap();
+    let seq = dev.kv_append(&seq, &keys, &keys, tokens, &mut |_| {}).unwrap();
+    // A GQA group of 8: eight dot products per key makes it long.
+    let query: Vec<f32> = vec![0.5; 8 * 32];
+    let other = dev.handle(QueueOptions::default()).unwrap();
+    other.nop().unwrap();
+    let t0 = Instant::now();
+    let (long_done, nops_done) = std::thread::scope(|scope| {
+        let long = scope.spawn(|| {
+            let top = dev.topk(seq.id, 0, 0, &Query::f32(&query, 32), 100).unwrap();
+            assert_eq!(top.tokens, tokens);
+            Instant::now()
+        });
+        // While it runs, another queue's NOPs keep completing.
+        std::thread::sleep(Duration::from_millis(2));
+        for _ in 0..10 {
+            other.nop().unwrap();
+        }
+        let nops_done = Instant::now();
+        (long.join().unwrap(), nops_done)
+    });
+    assert!(
+        nops_done <= long_done,
+        "the NOPs (done at {:?}) finish while the Top-K (done at {:?}) still runs",
+        nops_done - t0,
+        long_done - t0
+    );
+}

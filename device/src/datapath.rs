@@ -6,6 +6,7 @@ use pnm_firmware::kernels::{self, Aggregation, Scored};
 use pnm_firmware::kv::{Dram, KvError, KvStore, SequenceShape};
 use pnm_protocol::queue::{GatherLayout, PageMapEntry, SubmissionEntry, TopkLayout, opcode};
 use pnm_protocol::{Dtype, RegionLayout, ReturnCode, SharedMemory};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 use zerocopy::IntoBytes;
 
 /// Device DRAM as the firmware sees it: offsets from the DRAM start.
@@ -77,18 +78,40 @@ fn invalid(reason: impl Into<String>) -> Refusal {
 }
 
 /// The engine's data-path executor.
+/// The KV store, shared by the engine and the compute units: Top-K and
+/// gather read it concurrently; KV_CREATE/APPEND/COMMIT/FREE change it
+/// alone (so a sequence is never freed under a running Top-K).
+pub type SharedStore = Arc<RwLock<KvStore<DramView>>>;
+
+/// An executor of queue commands; each thread has its own.
 #[derive(Debug)]
 pub struct DataPath {
     /// The whole region (host buffers are addressed from its start).
     pub mem: SharedMemory,
     pub layout: RegionLayout,
-    pub kv: KvStore<DramView>,
+    pub kv: SharedStore,
     scratch: Vec<u8>,
+}
+
+impl Clone for DataPath {
+    fn clone(&self) -> Self {
+        Self { mem: self.mem, layout: self.layout, kv: self.kv.clone(), scratch: Vec::new() }
+    }
+}
+
+/// True for commands that only read the store and may take long: the
+/// engine hands them to a compute unit.
+pub fn is_compute(opcode: u8) -> bool {
+    matches!(opcode, opcode::TOPK | opcode::GATHER | opcode::TOPK_GATHER)
 }
 
 impl DataPath {
     pub fn new(mem: SharedMemory, layout: RegionLayout, kv: KvStore<DramView>) -> Self {
-        Self { mem, layout, kv, scratch: Vec::new() }
+        Self { mem, layout, kv: Arc::new(RwLock::new(kv)), scratch: Vec::new() }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, KvStore<DramView>> {
+        self.kv.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Checks that `[addr, addr + len)` is a host buffer of at least `need`
@@ -129,6 +152,8 @@ impl DataPath {
 
     fn dispatch(&mut self, sqe: &SubmissionEntry) -> Result<Outcome, Refusal> {
         let seq = sqe.seq.get();
+        let store = self.kv.clone();
+        let writer = || store.write().unwrap_or_else(|e| e.into_inner());
         match sqe.opcode {
             opcode::NOP => Ok(Outcome::ok(0, 0, 0)),
             opcode::KV_CREATE => {
@@ -142,34 +167,35 @@ impl DataPath {
                     heads: sqe.head.get(),
                     head_dim,
                 };
-                let id = self.kv.create(shape).map_err(kv_error)?;
+                let id = writer().create(shape).map_err(kv_error)?;
                 Ok(Outcome::ok(id, shape.tokens_per_page() as u32, 0))
             }
             opcode::KV_APPEND => {
                 let count = u64::from(sqe.count.get());
-                let shape = self.kv.shape(seq).map_err(kv_error)?;
-                let reserved = self.kv.reserved(seq).map_err(kv_error)?;
+                let mut kv = writer();
+                let shape = kv.shape(seq).map_err(kv_error)?;
+                let reserved = kv.reserved(seq).map_err(kv_error)?;
                 let tpp = shape.tokens_per_page();
                 let pages = (reserved + count).div_ceil(tpp) - reserved / tpp;
                 let need = pages * u64::from(shape.layers) * u64::from(shape.heads) * 8;
                 let out =
                     self.buffer("page map buffer", sqe.buf0_addr.get(), sqe.buf0_len.get(), need)?;
-                let appended = self.kv.append(seq, count).map_err(kv_error)?;
+                let appended = kv.append(seq, count).map_err(kv_error)?;
                 self.write(out, appended.map.as_bytes())?;
                 let first = u32::try_from(appended.first_token)
                     .map_err(|_| invalid("token index over 2^32"))?;
                 Ok(Outcome::ok(first, appended.first_page as u32, pages))
             }
             opcode::KV_COMMIT => {
-                let tokens = self.kv.commit(seq, u64::from(sqe.count.get())).map_err(kv_error)?;
+                let tokens = writer().commit(seq, u64::from(sqe.count.get())).map_err(kv_error)?;
                 Ok(Outcome::ok(tokens as u32, 0, tokens))
             }
             opcode::KV_FREE => {
-                self.kv.free(seq).map_err(kv_error)?;
+                writer().free(seq).map_err(kv_error)?;
                 Ok(Outcome::ok(0, 0, 0))
             }
             opcode::KV_LIST => {
-                let list = self.kv.list();
+                let list = self.read().list();
                 let room = u64::from(sqe.buf0_len.get()) / 32;
                 let n = (list.len() as u64).min(u64::from(sqe.count.get())).min(room);
                 let out =
@@ -180,7 +206,7 @@ impl DataPath {
             opcode::KV_MAP => {
                 let (first, count) = (u64::from(sqe.arg0.get()), u64::from(sqe.count.get()));
                 let map: Vec<PageMapEntry> =
-                    self.kv.page_map(seq, first, count).map_err(kv_error)?;
+                    self.read().page_map(seq, first, count).map_err(kv_error)?;
                 let out = self.buffer(
                     "page map buffer",
                     sqe.buf0_addr.get(),
@@ -190,15 +216,26 @@ impl DataPath {
                 self.write(out, map.as_bytes())?;
                 Ok(Outcome::ok(count as u32, 0, 0))
             }
-            opcode::TOPK | opcode::TOPK_GATHER => self.topk(sqe, sqe.opcode == opcode::TOPK_GATHER),
-            opcode::GATHER => self.gather(sqe),
+            opcode::TOPK | opcode::TOPK_GATHER => {
+                let kv = store.read().unwrap_or_else(|e| e.into_inner());
+                self.topk(&kv, sqe, sqe.opcode == opcode::TOPK_GATHER)
+            }
+            opcode::GATHER => {
+                let kv = store.read().unwrap_or_else(|e| e.into_inner());
+                self.gather(&kv, sqe)
+            }
             other => Err((ReturnCode::UNSUPPORTED, format!("opcode {other:#04x}"))),
         }
     }
 
-    fn topk(&mut self, sqe: &SubmissionEntry, with_rows: bool) -> Result<Outcome, Refusal> {
+    fn topk(
+        &mut self,
+        kv: &KvStore<DramView>,
+        sqe: &SubmissionEntry,
+        with_rows: bool,
+    ) -> Result<Outcome, Refusal> {
         let seq = sqe.seq.get();
-        let shape = self.kv.shape(seq).map_err(kv_error)?;
+        let shape = kv.shape(seq).map_err(kv_error)?;
         let (k, group) = (sqe.count.get(), sqe.arg0.get());
         if k == 0 || k > LIMITS.max_k {
             return Err(invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
@@ -237,23 +274,25 @@ impl DataPath {
             .map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))?;
         let mut queries = Vec::new();
         kernels::to_f32(query_dtype, &self.scratch, &mut queries);
-        let top: Vec<Scored> = self
-            .kv
-            .top_k(seq, sqe.layer.get(), sqe.head.get(), &queries, how, k)
-            .map_err(kv_error)?;
+        let top: Vec<Scored> =
+            kv.top_k(seq, sqe.layer.get(), sqe.head.get(), &queries, how, k).map_err(kv_error)?;
         let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
         let scores: Vec<f32> = top.iter().map(|s| s.score).collect();
         self.write(out + result.indices(), indices.as_bytes())?;
         self.write(out + result.scores(), scores.as_bytes())?;
         if with_rows {
-            self.copy_rows(sqe, &indices, out + result.key_rows(), out + result.value_rows())?;
+            self.copy_rows(kv, sqe, &indices, out + result.key_rows(), out + result.value_rows())?;
         }
-        Ok(Outcome::ok(top.len() as u32, 0, self.kv.tokens(seq).unwrap_or(0)))
+        Ok(Outcome::ok(top.len() as u32, 0, kv.tokens(seq).unwrap_or(0)))
     }
 
-    fn gather(&mut self, sqe: &SubmissionEntry) -> Result<Outcome, Refusal> {
+    fn gather(
+        &mut self,
+        kv: &KvStore<DramView>,
+        sqe: &SubmissionEntry,
+    ) -> Result<Outcome, Refusal> {
         let seq = sqe.seq.get();
-        let shape = self.kv.shape(seq).map_err(kv_error)?;
+        let shape = kv.shape(seq).map_err(kv_error)?;
         let n = sqe.count.get();
         if n == 0 {
             return Err(invalid("gathering 0 rows"));
@@ -272,7 +311,7 @@ impl DataPath {
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        self.copy_rows(sqe, &indices, out + rows.key_rows(), out + rows.value_rows())?;
+        self.copy_rows(kv, sqe, &indices, out + rows.key_rows(), out + rows.value_rows())?;
         Ok(Outcome::ok(n, 0, 0))
     }
 
@@ -280,17 +319,16 @@ impl DataPath {
     /// and `values_at`. Every index is checked before any row moves.
     fn copy_rows(
         &self,
+        kv: &KvStore<DramView>,
         sqe: &SubmissionEntry,
         indices: &[u32],
         keys_at: u64,
         values_at: u64,
     ) -> Result<(), Refusal> {
         let seq = sqe.seq.get();
-        let row = self.kv.shape(seq).map_err(kv_error)?.row_bytes();
-        let locations = self
-            .kv
-            .row_locations(seq, sqe.layer.get(), sqe.head.get(), indices)
-            .map_err(kv_error)?;
+        let row = kv.shape(seq).map_err(kv_error)?.row_bytes();
+        let locations =
+            kv.row_locations(seq, sqe.layer.get(), sqe.head.get(), indices).map_err(kv_error)?;
         let dram = self.layout.dram_offset;
         for (i, loc) in locations.iter().enumerate() {
             let i = i as u64;

@@ -21,7 +21,7 @@ use crate::datapath::{DataPath, DramView};
 use crate::dma::DmaAllocator;
 use crate::mailbox::{HealthCounters, KvGeometry, MailboxState, TimestampClock};
 use crate::notify::{NotifyServer, Peers};
-use crate::queues::QueueTable;
+use crate::queues::{ComputeUnits, QueueTable};
 use crate::region::{Region, RegionConfig, RegionError};
 
 /// How often the heartbeat register advances.
@@ -158,10 +158,12 @@ impl RunningDevice {
         let engine = {
             let stop = stop.clone();
             let now = Instant::now();
+            let units = ComputeUnits::start(compute_units, &datapath, wake.clone());
             let mut engine = Engine {
                 regs,
                 state,
                 datapath,
+                units,
                 peers,
                 wake: wake.clone(),
                 last_beat: now,
@@ -216,6 +218,7 @@ struct Engine {
     regs: SharedMemory,
     state: MailboxState,
     datapath: DataPath,
+    units: ComputeUnits,
     peers: Peers,
     wake: Arc<EventFd>,
     last_beat: Instant,
@@ -306,7 +309,7 @@ impl Engine {
             self.serve_mailbox(control);
             worked = true;
         }
-        worked |= self.state.queues.poll(&mut self.datapath);
+        worked |= self.state.queues.poll(&mut self.datapath, &self.units);
         self.state.queues.flush_interrupts(now);
         for peer in self.peers.take_departed() {
             let n = self.state.queues.reclaim_peer(peer);

@@ -2,8 +2,10 @@
 //! device fills, in the host DMA window, with doorbells in the PNM
 //! capability's doorbell page.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
@@ -17,7 +19,7 @@ use pnm_protocol::regs::{self, pnm};
 use pnm_protocol::{RegionLayout, ReturnCode, SharedMemory};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::datapath::DataPath;
+use crate::datapath::{DataPath, Outcome, is_compute};
 use crate::notify::Peers;
 
 /// Most commands taken from one queue before the engine moves to the next,
@@ -37,21 +39,124 @@ struct Interrupt {
     first_pending: Option<Instant>,
 }
 
+/// A queue's completion side, shared by the engine and the compute units
+/// that finish its commands.
 #[derive(Debug)]
-struct QueuePair {
-    sq_addr: u64,
+pub struct CompletionRing {
+    regs: SharedMemory,
+    qid: u16,
     cq_addr: u64,
     entries: u32,
-    owner_pid: u32,
     irq: Option<Interrupt>,
-    sq_head: u32,
     cq_tail: u32,
     /// The host's CQ head as last read: re-read only when the ring looks
     /// full, so the doorbell's cache line is not pulled over per command.
     cq_head_seen: u32,
     phase: bool,
+    /// Commands taken from the SQ whose completions are not posted yet;
+    /// each has a CQ slot reserved, so a compute unit can always post.
+    outstanding: u32,
+    /// Set when the queue is deleted: late completions are dropped rather
+    /// than written into memory the host may have reused.
+    deleted: bool,
+}
+
+/// What a finished command posts.
+#[derive(Debug, Clone, Copy)]
+pub struct Finished {
+    pub outcome: Outcome,
+    pub exec_ns: u64,
+    pub sq_head: u16,
+    pub command_id: u16,
+}
+
+impl CompletionRing {
+    /// Reserves a CQ slot for one more command; false if the ring is full.
+    fn reserve(&mut self) -> bool {
+        let used = |seen: u32| (self.cq_tail + self.entries - seen % self.entries) % self.entries;
+        if used(self.cq_head_seen) + self.outstanding + 1 >= self.entries {
+            self.cq_head_seen = self.regs.load_u32(cq_doorbell(self.qid), Acquire);
+            if used(self.cq_head_seen) + self.outstanding + 1 >= self.entries {
+                return false;
+            }
+        }
+        self.outstanding += 1;
+        true
+    }
+
+    /// Writes a completion entry (its slot was reserved).
+    pub fn post(&mut self, f: Finished) {
+        self.outstanding -= 1;
+        if self.deleted {
+            return;
+        }
+        let cqe = CompletionEntry {
+            result0: f.outcome.result0.into(),
+            result1: f.outcome.result1.into(),
+            result2: f.outcome.result2.into(),
+            exec_ns: f.exec_ns.into(),
+            sq_head: f.sq_head.into(),
+            sq_id: self.qid.into(),
+            command_id: f.command_id.into(),
+            status: 0.into(),
+        };
+        let slot = self.cq_addr + u64::from(self.cq_tail) * CQE_SIZE;
+        let bytes = cqe.as_bytes();
+        self.regs
+            .write_bytes(slot, &bytes[..30])
+            .expect("ring checked inside the window at create");
+        // Release: the entry's other fields are visible before its phase flips.
+        let status = CompletionEntry::encode_status(f.outcome.code.0, self.phase);
+        self.regs.store_u16(slot + 30, status, Release);
+        self.cq_tail += 1;
+        if self.cq_tail == self.entries {
+            self.cq_tail = 0;
+            self.phase = !self.phase;
+        }
+        if let Some(irq) = self.irq.as_mut() {
+            irq.pending += 1;
+            irq.first_pending.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// Signals the interrupt if the coalescing count is reached (or there
+    /// is no time limit). Returns true if a timer is left running.
+    pub fn maybe_signal(&mut self) -> bool {
+        let Some(irq) = self.irq.as_mut() else { return false };
+        if irq.pending == 0 || self.deleted {
+            return false;
+        }
+        if irq.pending >= irq.count || irq.delay.is_zero() {
+            signal(self.regs, self.qid, irq);
+            return false;
+        }
+        true
+    }
+}
+
+#[derive(Debug)]
+struct QueuePair {
+    sq_addr: u64,
+    entries: u32,
+    owner_pid: u32,
+    /// The peer its interrupts go to, if any.
+    peer: Option<u16>,
+    sq_head: u32,
     /// A bad SQ tail doorbell value was seen; logged once.
     tail_error: bool,
+    cq: Arc<Mutex<CompletionRing>>,
+}
+
+impl QueuePair {
+    fn cq(&self) -> MutexGuard<'_, CompletionRing> {
+        self.cq.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for QueuePair {
+    fn drop(&mut self) {
+        self.cq().deleted = true;
+    }
 }
 
 /// The device's queue pairs.
@@ -126,17 +231,27 @@ impl QueueTable {
         self.regs.store_u32(sq_doorbell(qid), 0, Relaxed);
         self.regs.store_u32(irq_mask(qid), 0, Relaxed);
         self.regs.store_u32(cq_doorbell(qid), 0, Release);
-        self.queues[usize::from(qid)] = Some(QueuePair {
-            sq_addr: sq,
+        let peer = irq.as_ref().map(|i| i.peer);
+        let ring = CompletionRing {
+            regs: self.regs,
+            qid,
             cq_addr: cq,
             entries,
-            owner_pid: input.owner_pid.get(),
             irq,
-            sq_head: 0,
             cq_tail: 0,
             cq_head_seen: 0,
             phase: true,
+            outstanding: 0,
+            deleted: false,
+        };
+        self.queues[usize::from(qid)] = Some(QueuePair {
+            sq_addr: sq,
+            entries,
+            owner_pid: input.owner_pid.get(),
+            peer,
+            sq_head: 0,
             tail_error: false,
+            cq: Arc::new(Mutex::new(ring)),
         });
         tracing::info!(qid, entries, owner_pid = input.owner_pid.get(), "queue pair created");
         Ok(qid)
@@ -168,7 +283,7 @@ impl QueueTable {
     pub fn reclaim_peer(&mut self, peer: u16) -> usize {
         let mut n = 0;
         for slot in &mut self.queues {
-            if slot.as_ref().is_some_and(|q| q.irq.as_ref().is_some_and(|i| i.peer == peer)) {
+            if slot.as_ref().is_some_and(|q| q.peer == Some(peer)) {
                 *slot = None;
                 n += 1;
             }
@@ -181,16 +296,20 @@ impl QueueTable {
         self.queues
             .iter()
             .flatten()
-            .filter_map(|q| q.irq.as_ref())
-            .filter_map(|i| i.first_pending.map(|t| t + i.delay))
+            .filter_map(|q| {
+                let cq = q.cq();
+                cq.irq.as_ref().and_then(|i| i.first_pending.map(|t| t + i.delay))
+            })
             .min()
     }
 
     /// Signals every queue whose coalescing timer has expired.
     pub fn flush_interrupts(&mut self, now: Instant) {
         let regs = self.regs;
-        for (qid, q) in self.queues.iter_mut().enumerate() {
-            if let Some(irq) = q.as_mut().and_then(|q| q.irq.as_mut()) {
+        for (qid, q) in self.queues.iter().enumerate() {
+            let Some(q) = q else { continue };
+            let mut cq = q.cq();
+            if let Some(irq) = cq.irq.as_mut() {
                 if irq.first_pending.is_some_and(|t| now.duration_since(t) >= irq.delay) {
                     signal(regs, qid as u16, irq);
                 }
@@ -206,18 +325,20 @@ impl QueueTable {
         self.queues.iter().flatten().count()
     }
 
-    /// Serves every queue once, up to a batch each. True if any command ran.
-    pub fn poll(&mut self, datapath: &mut DataPath) -> bool {
+    /// Serves every queue once, up to a batch each: quick commands run
+    /// here, Top-K and gather go to the compute units. True if any command
+    /// was taken.
+    pub fn poll(&mut self, datapath: &mut DataPath, units: &ComputeUnits) -> bool {
         let mut worked = false;
         for qid in 0..self.queues.len() {
             if self.queues[qid].is_some() {
-                worked |= self.serve(qid as u16, datapath);
+                worked |= self.serve(qid as u16, datapath, units);
             }
         }
         worked
     }
 
-    fn serve(&mut self, qid: u16, datapath: &mut DataPath) -> bool {
+    fn serve(&mut self, qid: u16, datapath: &mut DataPath, units: &ComputeUnits) -> bool {
         let regs = self.regs;
         let q = self.queues[usize::from(qid)].as_mut().expect("caller checked");
         let tail = regs.load_u32(sq_doorbell(qid), Acquire);
@@ -234,20 +355,23 @@ impl QueueTable {
             return false;
         }
         q.tail_error = false;
-        let mut done = 0;
-        while q.sq_head != tail && done < BATCH {
-            if (q.cq_tail + 1) % q.entries == q.cq_head_seen % q.entries {
-                q.cq_head_seen = regs.load_u32(cq_doorbell(qid), Acquire);
-                if (q.cq_tail + 1) % q.entries == q.cq_head_seen % q.entries {
-                    break; // completion ring full: wait for the host to consume
-                }
+        let mut taken = 0;
+        let mut inline = 0;
+        while q.sq_head != tail && taken < BATCH {
+            if !q.cq().reserve() {
+                break; // completion ring full: wait for the host to consume
             }
             let mut raw = [0u8; SQE_SIZE as usize];
             let at = q.sq_addr + u64::from(q.sq_head) * SQE_SIZE;
             regs.read_bytes(at, &mut raw).expect("ring checked inside the window at create");
             let sqe = SubmissionEntry::read_from_bytes(&raw).expect("64 bytes make an entry");
             q.sq_head = (q.sq_head + 1) % q.entries;
-
+            taken += 1;
+            let sq_head = q.sq_head as u16;
+            if units.available() && is_compute(sqe.opcode) {
+                units.submit(Job { sqe, sq_head, cq: q.cq.clone() });
+                continue;
+            }
             // NOP measures the command path itself: no clock reads for it.
             let (outcome, exec_ns) = if sqe.opcode == queue::opcode::NOP {
                 (datapath.execute(&sqe), 0)
@@ -257,40 +381,113 @@ impl QueueTable {
                 (outcome, start.elapsed().as_nanos() as u64)
             };
             tracing::trace!(qid, opcode = queue::opcode::name(sqe.opcode), cid = sqe.command_id.get(), code = %outcome.code, exec_ns);
+            q.cq().post(Finished { outcome, exec_ns, sq_head, command_id: sqe.command_id.get() });
+            inline += 1;
+        }
+        if inline > 0 {
+            // One interrupt decision per batch: a batch coalesces by itself.
+            q.cq().maybe_signal();
+        }
+        taken > 0
+    }
+}
 
-            let cqe = CompletionEntry {
-                result0: outcome.result0.into(),
-                result1: outcome.result1.into(),
-                result2: outcome.result2.into(),
-                exec_ns: exec_ns.into(),
-                sq_head: (q.sq_head as u16).into(),
-                sq_id: qid.into(),
-                command_id: sqe.command_id,
-                status: 0.into(),
-            };
-            let slot = q.cq_addr + u64::from(q.cq_tail) * CQE_SIZE;
-            let bytes = cqe.as_bytes();
-            regs.write_bytes(slot, &bytes[..30]).expect("ring checked inside the window at create");
-            // Release: the entry's other fields are visible before its phase flips.
-            let status = CompletionEntry::encode_status(outcome.code.0, q.phase);
-            regs.store_u16(slot + 30, status, Release);
-            q.cq_tail += 1;
-            if q.cq_tail == q.entries {
-                q.cq_tail = 0;
-                q.phase = !q.phase;
-            }
-            done += 1;
+/// A command for a compute unit.
+#[derive(Debug)]
+pub struct Job {
+    sqe: SubmissionEntry,
+    sq_head: u16,
+    cq: Arc<Mutex<CompletionRing>>,
+}
+
+/// The device's compute units: threads that run Top-K and gather while the
+/// engine keeps taking commands. Completions may therefore arrive out of
+/// order; each names its command id.
+#[derive(Debug)]
+pub struct ComputeUnits {
+    jobs: Arc<(Mutex<VecDeque<Job>>, Condvar)>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ComputeUnits {
+    /// Starts `count` units (0: the engine runs everything itself). `wake`
+    /// is the engine's wake vector, rung when a coalescing timer starts.
+    pub fn start(count: u32, datapath: &DataPath, wake: Arc<EventFd>) -> Self {
+        let jobs = Arc::new((Mutex::new(VecDeque::new()), Condvar::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..count)
+            .map(|i| {
+                let (jobs, stop, wake) = (jobs.clone(), stop.clone(), wake.clone());
+                let mut executor = datapath.clone();
+                std::thread::Builder::new()
+                    .name(format!("pnm-cu{i}"))
+                    .spawn(move || run_unit(&jobs, &stop, &mut executor, &wake))
+                    .expect("spawn a compute unit")
+            })
+            .collect();
+        Self { jobs, stop, threads }
+    }
+
+    fn available(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
+    fn submit(&self, job: Job) {
+        let (queue, ready) = &*self.jobs;
+        queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(job);
+        ready.notify_one();
+    }
+}
+
+impl Drop for ComputeUnits {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.jobs.1.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
         }
-        if done > 0 {
-            if let Some(irq) = q.irq.as_mut() {
-                irq.pending += done;
-                irq.first_pending.get_or_insert_with(Instant::now);
-                if irq.pending >= irq.count || irq.delay.is_zero() {
-                    signal(regs, qid, irq);
+    }
+}
+
+fn run_unit(
+    jobs: &(Mutex<VecDeque<Job>>, Condvar),
+    stop: &AtomicBool,
+    executor: &mut DataPath,
+    wake: &EventFd,
+) {
+    let (queue, ready) = jobs;
+    loop {
+        let job = {
+            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(job) = q.pop_front() {
+                    break job;
                 }
+                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                // Bounded, so a stop is seen even without a notification.
+                q = ready
+                    .wait_timeout(q, Duration::from_millis(100))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
+        };
+        let start = Instant::now();
+        let outcome = executor.execute(&job.sqe);
+        let exec_ns = start.elapsed().as_nanos() as u64;
+        let mut cq = job.cq.lock().unwrap_or_else(|e| e.into_inner());
+        cq.post(Finished {
+            outcome,
+            exec_ns,
+            sq_head: job.sq_head,
+            command_id: job.sqe.command_id.get(),
+        });
+        if cq.maybe_signal() {
+            // A coalescing timer started: let the engine keep time for it.
+            let _ = wake.write(1);
         }
-        done > 0
     }
 }
 

@@ -76,7 +76,8 @@ impl DeviceProcess {
             .arg("--path")
             .arg(region)
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // PNM_TEST_DEVICE_LOG=debug (say) shows what a test's device did.
+            .env("RUST_LOG", std::env::var("PNM_TEST_DEVICE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
