@@ -25,6 +25,8 @@ use crate::notify::Peers;
 /// Most commands taken from one queue before the engine moves to the next,
 /// so no queue starves another.
 const BATCH: u32 = 32;
+/// How long an idle compute unit keeps polling for work before it sleeps.
+const UNIT_SPIN: Duration = Duration::from_millis(2);
 
 /// A queue's interrupt: the peer vector it signals and its coalescing.
 #[derive(Debug)]
@@ -457,6 +459,7 @@ fn run_unit(
     wake: &EventFd,
 ) {
     let (queue, ready) = jobs;
+    let mut last_job = Instant::now();
     loop {
         let job = {
             let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -466,6 +469,14 @@ fn run_unit(
                 }
                 if stop.load(std::sync::atomic::Ordering::Acquire) {
                     return;
+                }
+                if last_job.elapsed() < UNIT_SPIN {
+                    // Recently busy: stay on the CPU; waking a sleeping
+                    // thread costs more than the next command takes to come.
+                    drop(q);
+                    std::thread::yield_now();
+                    q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                    continue;
                 }
                 // Bounded, so a stop is seen even without a notification.
                 q = ready
@@ -477,6 +488,7 @@ fn run_unit(
         let start = Instant::now();
         let outcome = executor.execute(&job.sqe);
         let exec_ns = start.elapsed().as_nanos() as u64;
+        last_job = Instant::now();
         let mut cq = job.cq.lock().unwrap_or_else(|e| e.into_inner());
         cq.post(Finished {
             outcome,

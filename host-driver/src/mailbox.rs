@@ -13,7 +13,7 @@ use crate::queue::Notifier;
 /// Default time a command may take, as in Linux.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Waits between polls: spins for the first 20 us, yields until 200 us,
+/// Waits between polls: spins for the first 20 us, yields until 5 ms,
 /// then sleeps 50 us at a time. Time-based, so a short wait stays on the
 /// CPU (a sleeping thread's wake-up costs far more than a NOP) and a long
 /// one does not burn a core.
@@ -36,7 +36,10 @@ impl Backoff {
             let waited = self.start.elapsed();
             self.phase = if waited < Duration::from_micros(20) {
                 0
-            } else if waited < Duration::from_micros(200) {
+            } else if waited < Duration::from_millis(5) {
+                // Yielding keeps the thread runnable: on a virtual machine a
+                // halted CPU takes 100-400 us to wake, longer than most
+                // commands; a yield costs nothing when nobody else runs.
                 1
             } else {
                 2

@@ -116,6 +116,29 @@ enum BenchAction {
         /// Seconds of the throughput run.
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
+        /// Run the matrix: polled and interrupt, 1/2/4 queues, depth 1/8/32/128
+        /// (one JSON array; --queues, --depth and --interrupts are ignored).
+        #[arg(long)]
+        sweep: bool,
+    },
+    /// TOPK_GATHER through the device: host-observed latency against the
+    /// device's own kernel time (the command path's overhead as a ratio).
+    Topk {
+        /// Tokens in the benchmark sequence (f16, one KV head).
+        #[arg(long, default_value_t = 32768)]
+        tokens: u64,
+        #[arg(long, default_value_t = 128)]
+        head_dim: u16,
+        #[arg(short, long, default_value_t = 2048)]
+        k: u32,
+        /// Queries per command (a GQA group).
+        #[arg(long, default_value_t = 1)]
+        group: u32,
+        #[arg(long, default_value_t = 50)]
+        reps: usize,
+        /// Wait on interrupts instead of polling.
+        #[arg(long)]
+        interrupts: bool,
     },
 }
 
@@ -340,6 +363,74 @@ fn bench_nop(
             "commands_per_second": total as f64 / elapsed,
         },
     }))
+}
+
+/// Median of a sample.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn bench_topk(
+    device: &Device,
+    tokens: u64,
+    head_dim: u16,
+    k: u32,
+    group: u32,
+    reps: usize,
+    interrupts: bool,
+) -> Result<serde_json::Value, CliError> {
+    if tokens == 0 || head_dim == 0 || k == 0 || group == 0 || reps == 0 {
+        return Err(usage("--tokens, --head-dim, -k, --group and --reps must be at least 1"));
+    }
+    let irq = interrupts.then(pnm_host::InterruptConfig::default);
+    let dev = device.handle(pnm_host::QueueOptions { entries: 64, interrupts: irq })?;
+    let shape = KvShape { dtype: pnm_host::Dtype::F16, layers: 1, heads: 1, head_dim };
+    // Keys with small random values, as f16 bit patterns.
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let rows: Vec<u8> = (0..shape.bytes(tokens) / 2)
+        .flat_map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (0x3000u16 | (state as u16 & 0x83FF)).to_le_bytes()
+        })
+        .collect();
+    let seq = dev.kv_create(shape)?;
+    let result = (|| {
+        let seq = dev.kv_append(&seq, &rows, &rows, tokens, &mut |_| {})?;
+        let q: Vec<f32> = (0..group as usize * usize::from(head_dim))
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
+            .collect();
+        let query = Query::f32(&q, usize::from(head_dim));
+        dev.topk_gather(&seq, 0, 0, &query, k, Aggregation::Max)?; // warm-up
+        let mut host = Vec::with_capacity(reps);
+        let mut device_ns = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let start = std::time::Instant::now();
+            let (top, _) = dev.topk_gather(&seq, 0, 0, &query, k, Aggregation::Max)?;
+            host.push(start.elapsed().as_secs_f64());
+            device_ns.push(top.device_ns as f64 / 1e9);
+        }
+        let (host, kernel) = (median(host), median(device_ns));
+        Ok::<_, Error>(serde_json::json!({
+            "benchmark": "topk_gather",
+            "mode": if interrupts { "interrupt" } else { "polled" },
+            "tokens": tokens,
+            "head_dim": head_dim,
+            "dtype": "f16",
+            "k": k,
+            "group": group,
+            "reps": reps,
+            "host_latency_ms": host * 1e3,
+            "device_kernel_ms": kernel * 1e3,
+            "command_path_overhead_ratio": host / kernel,
+            "commands_per_second": 1.0 / host,
+            "key_gb_per_s": shape.bytes(tokens) as f64 / kernel / 1e9,
+        }))
+    })();
+    let _ = dev.kv_free(seq.id);
+    Ok(result?)
 }
 
 fn run(cli: &Cli) -> Result<(), CliError> {
@@ -608,7 +699,31 @@ fn run(cli: &Cli) -> Result<(), CliError> {
             }
         }
         Command::Bench {
-            action: BenchAction::Nop { queues, depth, interrupts, coalesce, samples, seconds },
+            action: BenchAction::Topk { tokens, head_dim, k, group, reps, interrupts },
+        } => {
+            let report = bench_topk(&device, *tokens, *head_dim, *k, *group, *reps, *interrupts)?;
+            println!("{}", serde_json::to_string_pretty(&report).expect("plain data"));
+        }
+        Command::Bench {
+            action: BenchAction::Nop { sweep: true, samples, seconds, coalesce, .. },
+        } => {
+            let mut reports = Vec::new();
+            for interrupts in [false, true] {
+                for queues in [1u16, 2, 4] {
+                    for depth in [1u16, 8, 32, 128] {
+                        let irq = interrupts.then_some(pnm_host::InterruptConfig {
+                            vector: 0,
+                            coalesce_count: *coalesce,
+                            coalesce_usec: if *coalesce > 1 { 50 } else { 0 },
+                        });
+                        reports.push(bench_nop(&device, queues, depth, irq, *samples, *seconds)?);
+                    }
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&reports).expect("plain data"));
+        }
+        Command::Bench {
+            action: BenchAction::Nop { queues, depth, interrupts, coalesce, samples, seconds, .. },
         } => {
             if *queues == 0 || *depth == 0 || *samples == 0 {
                 return Err(usage("--queues, --depth and --samples must be at least 1"));

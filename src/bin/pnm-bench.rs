@@ -219,6 +219,23 @@ fn main() -> anyhow::Result<()> {
             _ => std::thread::sleep(Duration::from_millis(10)),
         }
     };
+    // Idle CPU: the device with a host attached but nothing to do.
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu_ticks = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+        // utime and stime are fields 14 and 15: 12 and 13 after the command name.
+        fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    };
+    // /proc counts in USER_HZ, which Linux fixes at 100 for user space.
+    let ticks_per_second = 100.0;
+    let idle_seconds = 5.0;
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_secs_f64(idle_seconds));
+    let idle_cpu_percent =
+        (cpu_ticks(child.id()) - before) as f64 / ticks_per_second / idle_seconds * 100.0;
+
     let seq = dev.kv_create(shape)?;
     let seq = dev.kv_append(&seq, &keys, &values, load_tokens, &mut |_| {})?;
     for head in 0..8 {
@@ -293,6 +310,10 @@ fn main() -> anyhow::Result<()> {
             "command_path_overhead_ratio": through_device / in_process,
             "key_gb_per_s_in_process": key_bytes / in_process / 1e9,
             "ratio_to_read_roofline": (key_bytes / read_gbs / 1e9) / in_process,
+        },
+        "idle_device": {
+            "cpu_percent_of_one_core": idle_cpu_percent,
+            "seconds": idle_seconds,
         },
         "memory_beyond_region": {
             "device_process_rss_anon_mib": device_rss as f64 / (1 << 20) as f64,
