@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use pnm_device::{Region, RunningDevice};
+use pnm_device::RunningDevice;
 use pnm_host::tensorfile::{self, Tensor};
 use pnm_host::{Aggregation, Device, Dtype, KvShape, Query, Sequence};
 use pnm_protocol::layout::parse_size;
@@ -308,9 +308,7 @@ fn main() -> anyhow::Result<()> {
         None => {
             let needed = (shape.bytes(total_tokens) * 2) as f64 * 1.1 + (192u64 << 20) as f64;
             let size = args.size.unwrap_or_else(|| (needed as u64).next_power_of_two());
-            let region =
-                Region::embedded(size, None).context("creating the embedded device's region")?;
-            Some(RunningDevice::serve(region, None, None)?)
+            Some(RunningDevice::embedded(size, None).context("starting the embedded device")?)
         }
     };
     let path = match (&args.device, &embedded) {
@@ -318,7 +316,12 @@ fn main() -> anyhow::Result<()> {
         (None, Some(device)) => device.region().path.clone(),
         (None, None) => unreachable!("one of the two is set"),
     };
-    let device = Device::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let options = pnm_host::DeviceOptions {
+        socket: embedded.as_ref().and_then(|d| d.socket().map(Into::into)),
+        ..Default::default()
+    };
+    let device = Device::open_with(&path, &options)
+        .with_context(|| format!("opening {}", path.display()))?;
     let device_name =
         if args.device.is_some() { path.display().to_string() } else { "embedded".into() };
     if !args.json {

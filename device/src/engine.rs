@@ -74,8 +74,12 @@ impl RunningDevice {
         compute_units: Option<u32>,
         socket: Option<&Path>,
     ) -> Result<Self, RegionError> {
-        let compute_units = compute_units
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+        // One core is the engine's (and the host's, when they share a
+        // machine); compute units get the rest, at least one.
+        let compute_units = compute_units.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get().saturating_sub(1).max(1) as u32)
+        });
         let region = Arc::new(region);
         let regs = region.regs();
         let p = regs::PNM_OFFSET;
@@ -175,6 +179,19 @@ impl RunningDevice {
                 .expect("spawn engine thread")
         };
         Ok(Self { stop, engine: Some(engine), notify, wake, region })
+    }
+
+    /// A device embedded in this process: a memfd region of `size` bytes and
+    /// a notification socket in the temporary directory, so hosts in this
+    /// process wake the engine the way other processes do.
+    pub fn embedded(size: u64, compute_units: Option<u32>) -> Result<Self, RegionError> {
+        use std::sync::atomic::AtomicU32;
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let region = Region::embedded(size, None)?;
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let socket =
+            std::env::temp_dir().join(format!("cxl-pnm-embedded-{}-{n}.sock", std::process::id()));
+        Self::serve(region, compute_units, Some(&socket))
     }
 
     /// The notification socket, if the device serves one.

@@ -26,7 +26,7 @@ use crate::notify::Peers;
 /// so no queue starves another.
 const BATCH: u32 = 32;
 /// How long an idle compute unit keeps polling for work before it sleeps.
-const UNIT_SPIN: Duration = Duration::from_millis(2);
+const UNIT_SPIN: Duration = Duration::from_micros(200);
 
 /// A queue's interrupt: the peer vector it signals and its coalescing.
 #[derive(Debug)]

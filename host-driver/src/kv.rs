@@ -606,6 +606,25 @@ impl Device {
         k: u32,
         aggregation: Aggregation,
     ) -> Result<(TopK, Rows)> {
+        let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+        let top = self.topk_gather_into(seq, layer, head, query, k, aggregation, &mut rows)?;
+        Ok((top, rows))
+    }
+
+    /// [`topk_gather`](Self::topk_gather) into caller-owned row buffers,
+    /// which are resized (not reallocated once large enough): a decode loop
+    /// that reuses them pays no allocation or page faults per step.
+    #[allow(clippy::too_many_arguments)] // the command's fields, plus the output
+    pub fn topk_gather_into(
+        &self,
+        seq: &Sequence,
+        layer: u16,
+        head: u16,
+        query: &Query,
+        k: u32,
+        aggregation: Aggregation,
+        rows: &mut Rows,
+    ) -> Result<TopK> {
         let mut s = self.session()?;
         let layout = TopkLayout { k: u64::from(k), row_bytes: seq.shape.row_bytes() };
         let out = s.alloc(layout.len())?;
@@ -619,19 +638,17 @@ impl Device {
         };
         let result = s.run(e).and_then(|c| {
             let top = Self::read_topk(s.mem(), &c, k, out, layout)?;
-            let n = top.indices.len() as u64 * layout.row_bytes;
-            let mut rows = Rows {
-                row_bytes: layout.row_bytes,
-                keys: vec![0; n as usize],
-                values: vec![0; n as usize],
-            };
+            let n = (top.indices.len() as u64 * layout.row_bytes) as usize;
+            rows.row_bytes = layout.row_bytes;
+            rows.keys.resize(n, 0);
+            rows.values.resize(n, 0);
             s.mem()
                 .read_bytes(out.addr + layout.key_rows(), &mut rows.keys)
                 .expect("DMA buffer in the region");
             s.mem()
                 .read_bytes(out.addr + layout.value_rows(), &mut rows.values)
                 .expect("DMA buffer in the region");
-            Ok((top, rows))
+            Ok(top)
         });
         s.free(&[out, q]);
         result

@@ -403,12 +403,14 @@ fn bench_topk(
             .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
             .collect();
         let query = Query::f32(&q, usize::from(head_dim));
-        dev.topk_gather(&seq, 0, 0, &query, k, Aggregation::Max)?; // warm-up
+        // Output buffers reused across steps, as a decode loop would.
+        let mut rows = pnm_host::Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+        dev.topk_gather_into(&seq, 0, 0, &query, k, Aggregation::Max, &mut rows)?; // warm-up
         let mut host = Vec::with_capacity(reps);
         let mut device_ns = Vec::with_capacity(reps);
         for _ in 0..reps {
             let start = std::time::Instant::now();
-            let (top, _) = dev.topk_gather(&seq, 0, 0, &query, k, Aggregation::Max)?;
+            let top = dev.topk_gather_into(&seq, 0, 0, &query, k, Aggregation::Max, &mut rows)?;
             host.push(start.elapsed().as_secs_f64());
             device_ns.push(top.device_ns as f64 / 1e9);
         }

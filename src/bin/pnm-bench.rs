@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use pnm_device::{Region, RunningDevice};
+use pnm_device::RunningDevice;
 use pnm_firmware::kernels::Aggregation;
 use pnm_firmware::kv::{Dram, KvError, KvStore, SequenceShape};
 use pnm_host::tensorfile::{self, Tensor};
@@ -139,8 +139,9 @@ fn main() -> anyhow::Result<()> {
 
     // KV load: rows stored straight into device DRAM, timed on a region
     // whose pages are already faulted in (a first load, freed, warms it).
-    let device = RunningDevice::serve(Region::embedded(1 << 30, None)?, None, None)?;
-    let dev = Device::open(&device.region().path)?;
+    let device = RunningDevice::embedded(1 << 30, None)?;
+    let options = DeviceOptions { socket: device.socket().map(Into::into), ..Default::default() };
+    let dev = Device::open_with(&device.region().path, &options)?;
     let shape = KvShape { dtype: Dtype::F16, layers: 1, heads: 8, head_dim: 128 };
     let load_tokens = (args.load_mib << 20) / (8 * 256);
     let keys = random_bytes(shape.bytes(load_tokens) as usize, 1);
@@ -165,10 +166,14 @@ fn main() -> anyhow::Result<()> {
     let seq = dev.kv_create(one)?;
     let seq = dev.kv_append(&seq, &k_rows, &v_rows, args.tokens, &mut |_| {})?;
     let query: Vec<f32> = (0..128).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
-    let through_device = time(args.reps, || {
-        dev.topk_gather(&seq, 0, 0, &Query::f32(&query, 128), args.k, pnm_host::Aggregation::Max)
+    // Both sides reuse their output buffers across repetitions, as a
+    // decode loop would.
+    let mut rows = pnm_host::Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+    let mut through_device = || {
+        let q = Query::f32(&query, 128);
+        dev.topk_gather_into(&seq, 0, 0, &q, args.k, pnm_host::Aggregation::Max, &mut rows)
             .expect("topk")
-    });
+    };
 
     let dram = VecDram(RefCell::new(vec![0; (64 << 20) + one.bytes(args.tokens) as usize * 3]));
     let (mut store, _) = KvStore::open(&dram)?;
@@ -184,17 +189,24 @@ fn main() -> anyhow::Result<()> {
         (&dram).write(store.layout().frame_offset(e.value_frame.get()), &v_rows[a..b])?;
     }
     store.commit(id, args.tokens)?;
-    let in_process = time(args.reps, || {
+    let mut out = vec![0u8; args.k as usize * 512];
+    let mut in_process = || {
         let top = store.top_k(id, 0, 0, &query, Aggregation::Max, args.k).expect("topk");
         let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
         let rows = store.row_locations(id, 0, 0, &indices).expect("rows");
-        let mut out = vec![0u8; rows.len() * 512];
         for (i, r) in rows.iter().enumerate() {
             (&dram).read(r.key, &mut out[i * 512..i * 512 + 256]).expect("read");
             (&dram).read(r.value, &mut out[i * 512 + 256..(i + 1) * 512]).expect("read");
         }
-        out
-    });
+        top.len()
+    };
+    // Alternate the two, so drift in a noisy machine's speed hits both alike.
+    let (mut device_times, mut local_times) = (Vec::new(), Vec::new());
+    for _ in 0..args.reps {
+        device_times.push(time(1, &mut through_device));
+        local_times.push(time(1, &mut in_process));
+    }
+    let (through_device, in_process) = (median(device_times), median(local_times));
     let key_bytes = one.bytes(args.tokens) as f64;
     drop(dev);
     drop(device);
