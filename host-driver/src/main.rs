@@ -300,9 +300,17 @@ fn bench_nop(
 ) -> Result<serde_json::Value, CliError> {
     use pnm_protocol::queue::{SubmissionEntry, opcode};
     let entries = (u32::from(depth) + 1).next_power_of_two().clamp(64, 4096) as u16;
-    let options = pnm_host::QueueOptions { entries, interrupts };
-    let handles: Vec<Device> =
-        (0..queues).map(|_| device.handle(options)).collect::<Result<_, _>>()?;
+    // Each queue its own vector: one thread waits on each (a vector shared by
+    // two waiting threads would let one consume the other's wake-up).
+    let handles: Vec<Device> = (0..queues)
+        .map(|i| {
+            let interrupts = interrupts.map(|irq| pnm_host::InterruptConfig {
+                vector: i % pnm_protocol::notify::VECTORS,
+                ..irq
+            });
+            device.handle(pnm_host::QueueOptions { entries, interrupts })
+        })
+        .collect::<Result<_, _>>()?;
     // Warm up: creates each queue pair and its buffers.
     for h in &handles {
         h.nop()?;
@@ -335,6 +343,16 @@ fn bench_nop(
             .collect();
         workers.into_iter().map(|w| w.join().expect("bench thread")).collect()
     });
+    // Wake-up from idle: each NOP after 20 ms of quiet, when the engine has
+    // gone to sleep on its wake vector.
+    let mut wakes = Vec::new();
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let start = std::time::Instant::now();
+        handles[0].submit_raw(std::slice::from_ref(&nop))?;
+        wakes.push(start.elapsed().as_nanos() as u64);
+    }
+    wakes.sort_unstable();
     let mut latencies = Vec::new();
     let mut total = 0u64;
     let mut elapsed = 0f64;
@@ -355,6 +373,11 @@ fn bench_nop(
             "p50": percentile_us(&latencies, 0.50),
             "p99": percentile_us(&latencies, 0.99),
             "p999": percentile_us(&latencies, 0.999),
+        },
+        "wake_from_idle_us": {
+            "samples": wakes.len(),
+            "p50": percentile_us(&wakes, 0.50),
+            "max": percentile_us(&wakes, 1.0),
         },
         "throughput": {
             "depth_per_queue": depth,

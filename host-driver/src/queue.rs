@@ -44,7 +44,8 @@ pub fn opcode_name(op: u8) -> &'static str {
 }
 
 /// Interrupts for a queue pair: which of this host's vectors, and how the
-/// device coalesces them.
+/// device coalesces them. Queues waited on by different threads need
+/// different vectors: a waiter consumes its vector's count when it wakes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InterruptConfig {
     pub vector: u16,
