@@ -199,3 +199,19 @@ fn long_commands_run_on_compute_units_while_the_engine_keeps_serving() {
         long_done - t0
     );
 }
+
+#[test]
+fn the_notification_socket_speaks_the_ivshmem_server_protocol() {
+    let region = TempRegion::new("ivshmem");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let socket = pnm_protocol::notify::socket_path(region.path());
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ivshmem_client.py"))
+        .arg(&socket)
+        .arg((64u64 << 20).to_string())
+        .output()
+        .expect("python3 runs the ivshmem protocol client");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
