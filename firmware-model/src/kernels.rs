@@ -80,6 +80,33 @@ pub struct RowBlock {
 }
 
 impl RowBlock {
+    /// Reads `count` elements of `dtype` through `fill` into typed storage,
+    /// without converting them: for kernels that convert as they score.
+    pub fn load_raw<E>(
+        &mut self,
+        dtype: Dtype,
+        count: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<crate::simd::Rows<'_>, E> {
+        use zerocopy::IntoBytes;
+        Ok(match dtype {
+            Dtype::F32 => {
+                self.floats.resize(count, 0.0);
+                fill(self.floats.as_mut_bytes())?;
+                crate::simd::Rows::F32(&self.floats)
+            }
+            Dtype::F16 | Dtype::Bf16 => {
+                self.halves.resize(count, 0);
+                fill(self.halves.as_mut_bytes())?;
+                if dtype == Dtype::F16 {
+                    crate::simd::Rows::F16(&self.halves)
+                } else {
+                    crate::simd::Rows::Bf16(&self.halves)
+                }
+            }
+        })
+    }
+
     /// Reads `count` elements of `dtype` through `fill` (which copies the
     /// stored little-endian bytes into the slice it is given) and returns
     /// them as f32.
@@ -110,6 +137,39 @@ impl RowBlock {
             }
         }
         Ok(&self.floats)
+    }
+}
+
+/// Converts stored rows to f32 (the portable path's input).
+pub fn rows_to_f32(rows: crate::simd::Rows<'_>, out: &mut Vec<f32>) {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    out.clear();
+    match rows {
+        crate::simd::Rows::F32(v) => out.extend_from_slice(v),
+        crate::simd::Rows::F16(v) => {
+            out.resize(v.len(), 0.0);
+            v.reinterpret_cast::<half::f16>().convert_to_f32_slice(out);
+        }
+        crate::simd::Rows::Bf16(v) => {
+            out.resize(v.len(), 0.0);
+            v.reinterpret_cast::<half::bf16>().convert_to_f32_slice(out);
+        }
+    }
+}
+
+/// Scores stored rows: the SIMD kernel where the CPU has it, else the
+/// portable one. `scratch` holds the f32 rows of the portable path.
+pub fn score_stored(
+    rows: crate::simd::Rows<'_>,
+    head_dim: usize,
+    queries: &[f32],
+    how: Aggregation,
+    scratch: &mut Vec<f32>,
+    out: &mut Vec<f32>,
+) {
+    if !crate::simd::score_rows(rows, head_dim, queries, how, out) {
+        rows_to_f32(rows, scratch);
+        score_rows(scratch, head_dim, queries, how, out);
     }
 }
 
@@ -285,6 +345,51 @@ mod tests {
                 })
                 .unwrap();
             assert_eq!(got, want.as_slice(), "{dtype:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn simd_scores_match_the_portable_kernel(
+            dtype_i in 0usize..3,
+            d8 in 1usize..=32,
+            group in 1usize..=8,
+            rows in 1usize..40,
+            seed in any::<u64>(),
+        ) {
+            let dtype = Dtype::ALL[dtype_i];
+            let d = d8 * 8;
+            let mut state = seed | 1;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            };
+            let values: Vec<f32> = (0..rows * d).map(|_| next()).collect();
+            let queries: Vec<f32> = (0..group * d).map(|_| next()).collect();
+            let (halves, floats): (Vec<u16>, Vec<f32>) = match dtype {
+                Dtype::F32 => (Vec::new(), values.clone()),
+                Dtype::F16 => (values.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect(), Vec::new()),
+                Dtype::Bf16 => (values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect(), Vec::new()),
+            };
+            let stored = match dtype {
+                Dtype::F32 => crate::simd::Rows::F32(&floats),
+                Dtype::F16 => crate::simd::Rows::F16(&halves),
+                Dtype::Bf16 => crate::simd::Rows::Bf16(&halves),
+            };
+            let mut scalar_in = Vec::new();
+            rows_to_f32(stored, &mut scalar_in);
+            let mut want = Vec::new();
+            score_rows(&scalar_in, d, &queries, Aggregation::Max, &mut want);
+            let mut got = Vec::new();
+            if crate::simd::score_rows(stored, d, &queries, Aggregation::Max, &mut got) {
+                prop_assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(&want) {
+                    // Summation order differs: relative to the magnitude of the terms.
+                    prop_assert!((g - w).abs() <= 1e-5 * d as f32, "{} vs {}", g, w);
+                }
+            }
         }
     }
 

@@ -757,12 +757,14 @@ impl<D: Dram> KvStore<D> {
         let tpp = shape.tokens_per_page();
         let mut scores = Vec::with_capacity(seq.tokens as usize);
         let mut block = kernels::RowBlock::default();
+        let mut scratch = Vec::new();
         let mut page = 0;
         while page * tpp < seq.tokens {
             let n = tpp.min(seq.tokens - page * tpp);
             let at = self.layout.frame_offset(seq.entry(page, layer, head).key_frame.get());
-            let keys = block.load(shape.dtype, (n as usize) * d, |out| self.dram.read(at, out))?;
-            kernels::score_rows(keys, d, queries, how, &mut scores);
+            let rows =
+                block.load_raw(shape.dtype, (n as usize) * d, |out| self.dram.read(at, out))?;
+            kernels::score_stored(rows, d, queries, how, &mut scratch, &mut scores);
             page += 1;
         }
         Ok(kernels::top_k(&scores, k as usize))

@@ -8,5 +8,6 @@
 pub mod kernels;
 pub mod kv;
 pub mod limits;
+pub mod simd;
 
 pub use limits::{Dtype, FirmwareLimits, LIMITS};
