@@ -3,7 +3,7 @@
 
 use pnm_firmware::LIMITS;
 use pnm_firmware::kernels::{self, Aggregation, Scored};
-use pnm_firmware::kv::{Dram, KvError, KvStore, SequenceShape};
+use pnm_firmware::kv::{Dram, KvError, KvStore, SequenceShape, TopkScratch};
 use pnm_protocol::queue::{GatherLayout, PageMapEntry, SubmissionEntry, TopkLayout, opcode};
 use pnm_protocol::{Dtype, RegionLayout, ReturnCode, SharedMemory};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
@@ -91,11 +91,12 @@ pub struct DataPath {
     pub layout: RegionLayout,
     pub kv: SharedStore,
     scratch: Vec<u8>,
+    topk: TopkScratch,
 }
 
 impl Clone for DataPath {
     fn clone(&self) -> Self {
-        Self { mem: self.mem, layout: self.layout, kv: self.kv.clone(), scratch: Vec::new() }
+        Self::with_store(self.mem, self.layout, self.kv.clone())
     }
 }
 
@@ -107,7 +108,11 @@ pub fn is_compute(opcode: u8) -> bool {
 
 impl DataPath {
     pub fn new(mem: SharedMemory, layout: RegionLayout, kv: KvStore<DramView>) -> Self {
-        Self { mem, layout, kv: Arc::new(RwLock::new(kv)), scratch: Vec::new() }
+        Self::with_store(mem, layout, Arc::new(RwLock::new(kv)))
+    }
+
+    fn with_store(mem: SharedMemory, layout: RegionLayout, kv: SharedStore) -> Self {
+        Self { mem, layout, kv, scratch: Vec::new(), topk: TopkScratch::default() }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, KvStore<DramView>> {
@@ -274,8 +279,9 @@ impl DataPath {
             .map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))?;
         let mut queries = Vec::new();
         kernels::to_f32(query_dtype, &self.scratch, &mut queries);
-        let top: Vec<Scored> =
-            kv.top_k(seq, sqe.layer.get(), sqe.head.get(), &queries, how, k).map_err(kv_error)?;
+        let top: Vec<Scored> = kv
+            .top_k_with(&mut self.topk, seq, sqe.layer.get(), sqe.head.get(), &queries, how, k)
+            .map_err(kv_error)?;
         let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
         let scores: Vec<f32> = top.iter().map(|s| s.score).collect();
         self.write(out + result.indices(), indices.as_bytes())?;

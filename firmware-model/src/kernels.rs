@@ -269,6 +269,60 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<Scored> {
     all.into_iter().map(|(score, index)| Scored { index, score }).collect()
 }
 
+/// Exact Top-K over scores that arrive block by block, in O(k) memory: a
+/// score is kept only if it ranks above the k-th best seen so far.
+#[derive(Debug, Default)]
+pub struct TopKStream {
+    k: usize,
+    candidates: Vec<(f32, u32)>,
+    /// The k-th best kept so far, once k are known.
+    threshold: Option<(f32, u32)>,
+}
+
+impl TopKStream {
+    /// Starts a selection of `k`, reusing this stream's buffer.
+    pub fn reset(&mut self, k: usize) {
+        self.k = k;
+        self.candidates.clear();
+        self.threshold = None;
+    }
+
+    /// Adds `scores`, whose token indices start at `first`.
+    pub fn push_block(&mut self, scores: &[f32], first: u32) {
+        if self.k == 0 {
+            return;
+        }
+        for (i, &s) in scores.iter().enumerate() {
+            let entry = (s, first + i as u32);
+            if self.threshold.is_none_or(|t| rank(entry, t) == Ordering::Less) {
+                self.candidates.push(entry);
+            }
+        }
+        if self.candidates.len() >= 2 * self.k + 1024 {
+            self.shrink();
+        }
+    }
+
+    /// Keeps the best k and raises the threshold to the k-th of them.
+    fn shrink(&mut self) {
+        let k = self.k;
+        if self.candidates.len() > k {
+            self.candidates.select_nth_unstable_by(k - 1, |&a, &b| rank(a, b));
+            self.candidates.truncate(k);
+        }
+        if self.candidates.len() == k {
+            self.threshold = self.candidates.iter().copied().max_by(|&a, &b| rank(a, b));
+        }
+    }
+
+    /// The best `min(k, scores seen)`, best first.
+    pub fn finish(&mut self) -> Vec<Scored> {
+        self.shrink();
+        self.candidates.sort_unstable_by(|&a, &b| rank(a, b));
+        self.candidates.iter().map(|&(score, index)| Scored { index, score }).collect()
+    }
+}
+
 /// Merges per-part Top-K lists (each already ranked, indices global) into
 /// the overall Top-K; exact because each part kept its own best `k`.
 pub fn merge_top_k(parts: &[Vec<Scored>], k: usize) -> Vec<Scored> {
@@ -434,6 +488,21 @@ mod tests {
                 prop_assert_eq!(g.0, w.0);
                 prop_assert!(g.1 == w.1 || (g.1.is_nan() && w.1.is_nan()));
             }
+        }
+
+        #[test]
+        fn streaming_selection_equals_the_whole(
+            scores in proptest::collection::vec(-30i16..30, 0..3000),
+            block in 1usize..700,
+            k in 1usize..300,
+        ) {
+            let scores: Vec<f32> = scores.iter().map(|&s| f32::from(s) / 4.0).collect();
+            let mut stream = TopKStream::default();
+            stream.reset(k);
+            for (b, chunk) in scores.chunks(block).enumerate() {
+                stream.push_block(chunk, (b * block) as u32);
+            }
+            prop_assert_eq!(stream.finish(), top_k(&scores, k));
         }
 
         #[test]

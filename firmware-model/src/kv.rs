@@ -234,6 +234,15 @@ pub struct Appended {
     pub map: Vec<PageMapEntry>,
 }
 
+/// Buffers a Top-K reuses: one page of rows, its scores, the selection.
+#[derive(Debug, Default)]
+pub struct TopkScratch {
+    block: kernels::RowBlock,
+    floats: Vec<f32>,
+    scores: Vec<f32>,
+    stream: kernels::TopKStream,
+}
+
 /// Location of one gathered row pair, as DRAM offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowLocation {
@@ -737,6 +746,22 @@ impl<D: Dram> KvStore<D> {
         how: Aggregation,
         k: u32,
     ) -> Result<Vec<Scored>, KvError> {
+        self.top_k_with(&mut TopkScratch::default(), seq_id, layer, head, queries, how, k)
+    }
+
+    /// [`top_k`](Self::top_k) with caller-owned buffers, so repeated calls
+    /// allocate nothing.
+    #[allow(clippy::too_many_arguments)] // the command's fields plus the scratch
+    pub fn top_k_with(
+        &self,
+        scratch: &mut TopkScratch,
+        seq_id: u32,
+        layer: u16,
+        head: u16,
+        queries: &[f32],
+        how: Aggregation,
+        k: u32,
+    ) -> Result<Vec<Scored>, KvError> {
         let seq = self.sequence(seq_id)?;
         check_stream(seq, layer, head)?;
         let shape = seq.shape;
@@ -755,19 +780,20 @@ impl<D: Dram> KvStore<D> {
             return Err(KvError::Invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
         }
         let tpp = shape.tokens_per_page();
-        let mut scores = Vec::with_capacity(seq.tokens as usize);
-        let mut block = kernels::RowBlock::default();
-        let mut scratch = Vec::new();
+        let s = scratch;
+        s.stream.reset(k as usize);
         let mut page = 0;
         while page * tpp < seq.tokens {
             let n = tpp.min(seq.tokens - page * tpp);
             let at = self.layout.frame_offset(seq.entry(page, layer, head).key_frame.get());
             let rows =
-                block.load_raw(shape.dtype, (n as usize) * d, |out| self.dram.read(at, out))?;
-            kernels::score_stored(rows, d, queries, how, &mut scratch, &mut scores);
+                s.block.load_raw(shape.dtype, (n as usize) * d, |out| self.dram.read(at, out))?;
+            s.scores.clear();
+            kernels::score_stored(rows, d, queries, how, &mut s.floats, &mut s.scores);
+            s.stream.push_block(&s.scores, (page * tpp) as u32);
             page += 1;
         }
-        Ok(kernels::top_k(&scores, k as usize))
+        Ok(s.stream.finish())
     }
 
     /// DRAM offsets of the K and V rows of `indices` in (seq, layer, head).

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use pnm_device::RunningDevice;
 use pnm_firmware::kernels::Aggregation;
-use pnm_firmware::kv::{Dram, KvError, KvStore, SequenceShape};
+use pnm_firmware::kv::{Dram, KvError, KvStore, SequenceShape, TopkScratch};
 use pnm_host::tensorfile::{self, Tensor};
 use pnm_host::{Device, DeviceOptions, Dtype, KvShape, Query};
 use serde_json::json;
@@ -190,8 +190,11 @@ fn main() -> anyhow::Result<()> {
     }
     store.commit(id, args.tokens)?;
     let mut out = vec![0u8; args.k as usize * 512];
+    let mut scratch = TopkScratch::default();
     let mut in_process = || {
-        let top = store.top_k(id, 0, 0, &query, Aggregation::Max, args.k).expect("topk");
+        let top = store
+            .top_k_with(&mut scratch, id, 0, 0, &query, Aggregation::Max, args.k)
+            .expect("topk");
         let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
         let rows = store.row_locations(id, 0, 0, &indices).expect("rows");
         for (i, r) in rows.iter().enumerate() {
