@@ -298,6 +298,7 @@ impl QueueTable {
         self.queues
             .iter()
             .flatten()
+            .filter(|q| q.peer.is_some())
             .filter_map(|q| {
                 let cq = q.cq();
                 cq.irq.as_ref().and_then(|i| i.first_pending.map(|t| t + i.delay))
@@ -309,7 +310,9 @@ impl QueueTable {
     pub fn flush_interrupts(&mut self, now: Instant) {
         let regs = self.regs;
         for (qid, q) in self.queues.iter().enumerate() {
-            let Some(q) = q else { continue };
+            // Polled queues have no timers: skip them without touching
+            // their lock, which the compute units take to post.
+            let Some(q) = q.as_ref().filter(|q| q.peer.is_some()) else { continue };
             let mut cq = q.cq();
             if let Some(irq) = cq.irq.as_mut() {
                 if irq.first_pending.is_some_and(|t| now.duration_since(t) >= irq.delay) {
