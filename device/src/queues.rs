@@ -374,6 +374,7 @@ impl QueueTable {
             taken += 1;
             let sq_head = q.sq_head as u16;
             if units.available() && is_compute(sqe.opcode) {
+                tracing::trace!(qid, cid = sqe.command_id.get(), "to a compute unit");
                 units.submit(Job { sqe, sq_head, cq: q.cq.clone() });
                 continue;
             }
@@ -488,9 +489,11 @@ fn run_unit(
                     .0;
             }
         };
+        tracing::trace!(cid = job.sqe.command_id.get(), "compute unit starts");
         let start = Instant::now();
         let outcome = executor.execute(&job.sqe);
         let exec_ns = start.elapsed().as_nanos() as u64;
+        tracing::trace!(cid = job.sqe.command_id.get(), exec_ns, code = %outcome.code, "compute unit done");
         last_job = Instant::now();
         let mut cq = job.cq.lock().unwrap_or_else(|e| e.into_inner());
         cq.post(Finished {
