@@ -14,33 +14,7 @@ use std::cmp::Ordering;
 
 use crate::limits::Dtype;
 
-/// How a GQA group's scores combine into one per token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Aggregation {
-    /// The largest of the group's scores (default): a token is kept if any
-    /// query head attends to it strongly.
-    #[default]
-    Max,
-    /// The mean of the group's scores.
-    Mean,
-}
-
-impl Aggregation {
-    pub const fn code(self) -> u8 {
-        match self {
-            Self::Max => 0,
-            Self::Mean => 1,
-        }
-    }
-
-    pub const fn from_code(code: u8) -> Option<Self> {
-        match code {
-            0 => Some(Self::Max),
-            1 => Some(Self::Mean),
-            _ => None,
-        }
-    }
-}
+pub use pnm_protocol::queue::Aggregation;
 
 /// Converts `count` elements of `dtype` (little-endian bytes) to f32.
 ///

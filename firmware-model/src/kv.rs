@@ -43,6 +43,41 @@ pub trait Dram {
     }
 }
 
+/// Device DRAM as a plain byte vector: for tests, benchmarks and tools that
+/// run the store without a device.
+#[derive(Debug)]
+pub struct MemDram(std::cell::RefCell<Vec<u8>>);
+
+impl MemDram {
+    pub fn new(size: usize) -> Self {
+        Self(std::cell::RefCell::new(vec![0; size]))
+    }
+}
+
+impl Dram for &MemDram {
+    fn len(&self) -> u64 {
+        self.0.borrow().len() as u64
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError> {
+        let mem = self.0.borrow();
+        let range = usize::try_from(offset).ok().and_then(|o| Some(o..o.checked_add(out.len())?));
+        let src = range
+            .and_then(|r| mem.get(r))
+            .ok_or(KvError::OutOfRange { offset, len: out.len() as u64 })?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError> {
+        let mut mem = self.0.borrow_mut();
+        let range = usize::try_from(offset).ok().and_then(|o| Some(o..o.checked_add(data.len())?));
+        let dst = range
+            .and_then(|r| mem.get_mut(r))
+            .ok_or(KvError::OutOfRange { offset, len: data.len() as u64 })?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
     #[error("no sequence {0}")]

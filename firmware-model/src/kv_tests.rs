@@ -1,40 +1,6 @@
-use std::cell::RefCell;
-
 use proptest::prelude::*;
 
 use super::*;
-
-/// DRAM as a plain byte vector.
-#[derive(Debug)]
-struct VecDram(RefCell<Vec<u8>>);
-
-impl VecDram {
-    fn new(size: usize) -> Self {
-        Self(RefCell::new(vec![0; size]))
-    }
-}
-
-impl Dram for &VecDram {
-    fn len(&self) -> u64 {
-        self.0.borrow().len() as u64
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError> {
-        let mem = self.0.borrow();
-        let src = mem
-            .get(offset as usize..offset as usize + out.len())
-            .ok_or(KvError::OutOfRange { offset, len: out.len() as u64 })?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError> {
-        let mut mem = self.0.borrow_mut();
-        let dst = mem
-            .get_mut(offset as usize..offset as usize + data.len())
-            .ok_or(KvError::OutOfRange { offset, len: data.len() as u64 })?;
-        dst.copy_from_slice(data);
-        Ok(())
-    }
-}
 
 fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
     match dtype {
@@ -140,7 +106,7 @@ const DRAM: usize = 48 << 20;
 
 #[test]
 fn layout_fits_and_formats() {
-    let dram = VecDram::new(DRAM);
+    let dram = MemDram::new(DRAM);
     let (store, report) = KvStore::open(&dram).unwrap();
     assert!(report.formatted);
     let l = store.layout();
@@ -148,7 +114,7 @@ fn layout_fits_and_formats() {
     assert!(l.frame_offset(l.frame_count) <= DRAM as u64);
     assert!(l.bounds_offset + u64::from(l.frame_count) * BOUNDS_SLOT <= l.frames_offset);
     assert_eq!(store.free_frames(), u64::from(l.frame_count));
-    assert!(matches!(KvStore::open(&VecDram::new(512 << 10)), Err(KvError::TooSmall(_))));
+    assert!(matches!(KvStore::open(&MemDram::new(512 << 10)), Err(KvError::TooSmall(_))));
 }
 
 proptest! {
@@ -172,7 +138,7 @@ proptest! {
         let keys: Vec<f32> = (0..n).map(|_| rng()).collect();
         let values: Vec<f32> = (0..n).map(|_| rng()).collect();
         let queries: Vec<f32> = (0..group * usize::from(head_dim)).map(|_| rng()).collect();
-        let dram = VecDram::new(DRAM);
+        let dram = MemDram::new(DRAM);
         let (mut store, _) = KvStore::open(&dram).unwrap();
         let id = load(&mut store, shape, &keys, &values, tokens, chunk);
         let layer = layers - 1;
@@ -220,7 +186,7 @@ proptest! {
 
 #[test]
 fn store_persists_across_reopen_and_rolls_back_uncommitted_tokens() {
-    let dram = VecDram::new(DRAM);
+    let dram = MemDram::new(DRAM);
     let shape = SequenceShape { dtype: Dtype::F16, layers: 2, heads: 2, head_dim: 64 };
     let mut rng = lcg(7);
     let n = 2 * 2 * 1000 * 64;
@@ -249,7 +215,7 @@ fn store_persists_across_reopen_and_rolls_back_uncommitted_tokens() {
 
 #[test]
 fn exhaustion_changes_nothing_and_freed_frames_are_reused() {
-    let dram = VecDram::new(8 << 20);
+    let dram = MemDram::new(8 << 20);
     let (mut store, _) = KvStore::open(&dram).unwrap();
     let shape = SequenceShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 256 };
     let total = store.free_frames();
@@ -275,7 +241,7 @@ fn exhaustion_changes_nothing_and_freed_frames_are_reused() {
 
 #[test]
 fn bad_arguments_are_refused() {
-    let dram = VecDram::new(DRAM);
+    let dram = MemDram::new(DRAM);
     let (mut store, _) = KvStore::open(&dram).unwrap();
     let bad = |dtype, layers, heads, head_dim| SequenceShape { dtype, layers, heads, head_dim };
     for shape in [
@@ -309,7 +275,7 @@ fn bad_arguments_are_refused() {
 
 #[test]
 fn corrupt_descriptors_are_dropped_at_load() {
-    let dram = VecDram::new(DRAM);
+    let dram = MemDram::new(DRAM);
     let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 16 };
     let (good, bad_slot_offset) = {
         let (mut store, _) = KvStore::open(&dram).unwrap();
@@ -333,7 +299,7 @@ fn corrupt_descriptors_are_dropped_at_load() {
 
 #[test]
 fn nan_and_infinite_keys_have_the_documented_order() {
-    let dram = VecDram::new(DRAM);
+    let dram = MemDram::new(DRAM);
     let (mut store, _) = KvStore::open(&dram).unwrap();
     let shape = SequenceShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 2 };
     let keys =

@@ -76,22 +76,7 @@ impl Query {
     }
 }
 
-/// How a group's scores combine (see the firmware's documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Aggregation {
-    #[default]
-    Max,
-    Mean,
-}
-
-impl Aggregation {
-    pub(crate) fn code(self) -> u8 {
-        match self {
-            Self::Max => 0,
-            Self::Mean => 1,
-        }
-    }
-}
+pub use pnm_protocol::queue::Aggregation;
 
 /// A Top-K answer: token indices and scores, best first.
 #[derive(Debug, Clone, PartialEq, Serialize)]

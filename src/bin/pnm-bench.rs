@@ -4,7 +4,6 @@
 //! (memory read bandwidth and memcpy bandwidth), so ratios survive a noisy
 //! or different machine. Run with `cargo run --release --bin pnm-bench`.
 
-use std::cell::RefCell;
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -13,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use pnm_device::RunningDevice;
 use pnm_firmware::kernels::Aggregation;
-use pnm_firmware::kv::{Dram, KvError, KvStore, SequenceShape, TopkScratch};
+use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkScratch};
 use pnm_host::tensorfile::{self, Tensor};
 use pnm_host::{Device, DeviceOptions, Dtype, KvShape, Query};
 use serde_json::json;
@@ -92,31 +91,6 @@ fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// DRAM as a plain vector, for the in-process kernel.
-struct VecDram(RefCell<Vec<u8>>);
-
-impl Dram for &VecDram {
-    fn len(&self) -> u64 {
-        self.0.borrow().len() as u64
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError> {
-        let mem = self.0.borrow();
-        let src = mem
-            .get(offset as usize..offset as usize + out.len())
-            .ok_or(KvError::OutOfRange { offset, len: out.len() as u64 })?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError> {
-        let mut mem = self.0.borrow_mut();
-        let dst = mem
-            .get_mut(offset as usize..offset as usize + data.len())
-            .ok_or(KvError::OutOfRange { offset, len: data.len() as u64 })?;
-        dst.copy_from_slice(data);
-        Ok(())
-    }
-}
-
 /// A `/proc/PID/status` field in KiB (0 if unreadable).
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -175,7 +149,7 @@ fn main() -> anyhow::Result<()> {
             .expect("topk")
     };
 
-    let dram = VecDram(RefCell::new(vec![0; (64 << 20) + one.bytes(args.tokens) as usize * 3]));
+    let dram = MemDram::new((64 << 20) + one.bytes(args.tokens) as usize * 3);
     let (mut store, _) = KvStore::open(&dram)?;
     let fshape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 128 };
     let id = store.create(fshape)?;
