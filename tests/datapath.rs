@@ -434,3 +434,50 @@ fn long_appends_pipeline_in_chunks_and_sequences_grow_a_token_at_a_time() {
         }
     }
 }
+
+#[test]
+fn page_selection_through_the_device() {
+    let region = TempRegion::new("quest");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = KvShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 64 };
+    let loaded = load(&dev, shape, 6000, 17);
+    let q: Vec<f32> = (0..64).map(|i| ((i * 5) as f32).cos()).collect();
+    let query = Query::f32(&q, 64);
+    let mut rows = pnm_host::Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+    let exact = dev.topk(loaded.seq.id, 0, 0, &query, 40).unwrap();
+    assert_eq!(exact.tokens_scored, 6000);
+    let run = |budget: u32, rows: &mut pnm_host::Rows| {
+        let sel = pnm_host::PageSelection { budget_tokens: budget, sink_pages: 1, recent_pages: 1 };
+        dev.topk_gather_selected_into(
+            &loaded.seq,
+            0,
+            0,
+            &query,
+            40,
+            Aggregation::Max,
+            Some(sel),
+            rows,
+        )
+    };
+    // A budget covering the sequence is the exact answer.
+    let full = run(6000, &mut rows).unwrap();
+    assert_eq!((full.indices, full.tokens_scored), (exact.indices.clone(), 6000));
+    // A small budget scores at most that many tokens, in whole pages.
+    let some = run(1500, &mut rows).unwrap();
+    let tpp = u64::from(loaded.seq.tokens_per_page);
+    assert!(some.tokens_scored <= 1500 && some.tokens_scored % tpp <= 6000 % tpp);
+    assert_eq!(rows.keys.len(), 40 * 128);
+    // Unknown flags are refused.
+    let buf = dev.dma_buffer(&[0u8; 256], 0).unwrap();
+    let out = dev.dma_buffer(&[], 40 * 8).unwrap();
+    let mut e = SubmissionEntry { opcode: opcode::TOPK, flags: 0x80, ..Default::default() };
+    e.seq = loaded.seq.id.into();
+    e.count = 40.into();
+    e.arg0 = 1.into();
+    e.buf0_addr = buf.addr.into();
+    e.buf0_len = 256.into();
+    e.buf1_addr = out.addr.into();
+    e.buf1_len = (out.len as u32).into();
+    assert_eq!(dev.submit_raw(&[e]).unwrap()[0].code, ReturnCode::INVALID_INPUT);
+}

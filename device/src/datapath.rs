@@ -3,8 +3,11 @@
 
 use pnm_firmware::LIMITS;
 use pnm_firmware::kernels::{self, Aggregation, Scored};
-use pnm_firmware::kv::{Dram, KvError, KvStore, SequenceShape, TopkScratch};
-use pnm_protocol::queue::{GatherLayout, PageMapEntry, SubmissionEntry, TopkLayout, opcode};
+use pnm_firmware::kv::{Dram, KvError, KvStore, PageSelection, SequenceShape, TopkScratch};
+use pnm_protocol::queue::{
+    FLAG_PAGE_SELECTION, GatherLayout, PageMapEntry, SubmissionEntry, TopkLayout,
+    decode_page_selection, opcode,
+};
 use pnm_protocol::{Dtype, RegionLayout, ReturnCode, SharedMemory};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 use zerocopy::IntoBytes;
@@ -279,9 +282,28 @@ impl DataPath {
             .map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))?;
         let mut queries = Vec::new();
         kernels::to_f32(query_dtype, &self.scratch, &mut queries);
-        let top: Vec<Scored> = kv
-            .top_k_with(&mut self.topk, seq, sqe.layer.get(), sqe.head.get(), &queries, how, k)
-            .map_err(kv_error)?;
+        let (layer, head) = (sqe.layer.get(), sqe.head.get());
+        let (top, scored): (Vec<Scored>, u64) = match sqe.flags {
+            0 => {
+                let top = kv
+                    .top_k_with(&mut self.topk, seq, layer, head, &queries, how, k)
+                    .map_err(kv_error)?;
+                (top, kv.tokens(seq).unwrap_or(0))
+            }
+            FLAG_PAGE_SELECTION => {
+                let (budget, sinks, recent) = decode_page_selection(sqe.selection.get());
+                let selection = PageSelection {
+                    budget_tokens: u64::from(budget),
+                    sink_pages: u32::from(sinks),
+                    recent_pages: u32::from(recent),
+                };
+                let s = kv
+                    .top_k_selected(&mut self.topk, seq, layer, head, &queries, how, k, selection)
+                    .map_err(kv_error)?;
+                (s.top, s.tokens_scored)
+            }
+            other => return Err(invalid(format!("unknown TOPK flags {other:#04x}"))),
+        };
         let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
         let scores: Vec<f32> = top.iter().map(|s| s.score).collect();
         self.write(out + result.indices(), indices.as_bytes())?;
@@ -289,7 +311,8 @@ impl DataPath {
         if with_rows {
             self.copy_rows(kv, sqe, &indices, out + result.key_rows(), out + result.value_rows())?;
         }
-        Ok(Outcome::ok(top.len() as u32, 0, kv.tokens(seq).unwrap_or(0)))
+        let scored = scored.min(u64::from(u32::MAX)) as u32;
+        Ok(Outcome::ok(top.len() as u32, scored, kv.tokens(seq).unwrap_or(0)))
     }
 
     fn gather(

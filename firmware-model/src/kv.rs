@@ -278,6 +278,28 @@ pub struct TopkScratch {
     stream: kernels::TopKStream,
 }
 
+/// Query-aware page selection (the Quest method) for a Top-K: score only
+/// the pages whose key bounds promise the most, within a token budget.
+///
+/// The budget counts tokens, and includes the always-kept windows: the
+/// first `sink_pages` pages (attention sinks) and the last `recent_pages`
+/// pages are taken first, then the other pages by descending upper bound
+/// (`sum_i max(q_i * min_i, q_i * max_i)`, the max over the group's queries,
+/// or their mean for mean aggregation) while the whole page still fits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageSelection {
+    pub budget_tokens: u64,
+    pub sink_pages: u32,
+    pub recent_pages: u32,
+}
+
+/// A Top-K and how many tokens it scored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selected {
+    pub top: Vec<Scored>,
+    pub tokens_scored: u64,
+}
+
 /// Location of one gathered row pair, as DRAM offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowLocation {
@@ -829,6 +851,92 @@ impl<D: Dram> KvStore<D> {
             page += 1;
         }
         Ok(s.stream.finish())
+    }
+
+    /// Top-K over the pages [`PageSelection`] picks; exact over them. With a
+    /// budget of at least the sequence's tokens it is the exact Top-K.
+    #[allow(clippy::too_many_arguments)] // the command's fields plus the scratch
+    pub fn top_k_selected(
+        &self,
+        scratch: &mut TopkScratch,
+        seq_id: u32,
+        layer: u16,
+        head: u16,
+        queries: &[f32],
+        how: Aggregation,
+        k: u32,
+        selection: PageSelection,
+    ) -> Result<Selected, KvError> {
+        let seq = self.sequence(seq_id)?;
+        check_stream(seq, layer, head)?;
+        let tokens = seq.tokens;
+        if selection.budget_tokens >= tokens {
+            let top = self.top_k_with(scratch, seq_id, layer, head, queries, how, k)?;
+            return Ok(Selected { top, tokens_scored: tokens });
+        }
+        let shape = seq.shape;
+        let d = usize::from(shape.head_dim);
+        if queries.is_empty()
+            || queries.len() % d != 0
+            || queries.len() / d > LIMITS.max_group as usize
+        {
+            return Err(KvError::Invalid(format!(
+                "{} query elements for head_dim {d}",
+                queries.len()
+            )));
+        }
+        if k == 0 || k > LIMITS.max_k {
+            return Err(KvError::Invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
+        }
+        let tpp = shape.tokens_per_page();
+        let pages = tokens.div_ceil(tpp);
+        let page_tokens = |p: u64| tpp.min(tokens - p * tpp);
+        let mut chosen = vec![false; pages as usize];
+        let mut used = 0u64;
+        let take = |p: u64, chosen: &mut [bool], used: &mut u64| {
+            if !chosen[p as usize] && *used + page_tokens(p) <= selection.budget_tokens {
+                chosen[p as usize] = true;
+                *used += page_tokens(p);
+            }
+        };
+        for p in 0..u64::from(selection.sink_pages).min(pages) {
+            take(p, &mut chosen, &mut used);
+        }
+        for p in pages.saturating_sub(u64::from(selection.recent_pages))..pages {
+            take(p, &mut chosen, &mut used);
+        }
+        // Upper bounds of the rest, best first (ties: lower page).
+        let mut bounds: Vec<(f32, u64)> = Vec::new();
+        for p in (0..pages).filter(|&p| !chosen[p as usize]) {
+            let (mins, maxs) = self.page_bounds(seq_id, layer, head, p)?;
+            let per_query = queries.chunks_exact(d).map(|q| {
+                q.iter()
+                    .zip(mins.iter().zip(&maxs))
+                    .map(|(&qi, (&lo, &hi))| (qi * lo).max(qi * hi))
+                    .sum::<f32>()
+            });
+            let bound = match how {
+                Aggregation::Max => per_query.fold(f32::NEG_INFINITY, f32::max),
+                Aggregation::Mean => per_query.sum::<f32>() / (queries.len() / d) as f32,
+            };
+            bounds.push((bound, p));
+        }
+        bounds.sort_by(|a, b| kernels::rank((a.0, a.1 as u32), (b.0, b.1 as u32)));
+        for &(_, p) in &bounds {
+            take(p, &mut chosen, &mut used);
+        }
+        let s = scratch;
+        s.stream.reset(k as usize);
+        for p in (0..pages).filter(|&p| chosen[p as usize]) {
+            let n = page_tokens(p);
+            let at = self.layout.frame_offset(seq.entry(p, layer, head).key_frame.get());
+            let rows =
+                s.block.load_raw(shape.dtype, (n as usize) * d, |out| self.dram.read(at, out))?;
+            s.scores.clear();
+            kernels::score_stored(rows, d, queries, how, &mut s.floats, &mut s.scores);
+            s.stream.push_block(&s.scores, (p * tpp) as u32);
+        }
+        Ok(Selected { top: s.stream.finish(), tokens_scored: used })
     }
 
     /// DRAM offsets of the K and V rows of `indices` in (seq, layer, head).

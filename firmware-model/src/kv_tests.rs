@@ -313,3 +313,65 @@ fn nan_and_infinite_keys_have_the_documented_order() {
     let (mins, maxs) = store.page_bounds(id, 0, 0, 0).unwrap();
     assert_eq!((mins[0], maxs[0]), (f32::NEG_INFINITY, f32::INFINITY), "NaN ignored in bounds");
 }
+
+#[test]
+fn page_selection_with_a_full_budget_is_exact_and_bounds_are_sound() {
+    let dram = MemDram::new(DRAM);
+    let (mut store, _) = KvStore::open(&dram).unwrap();
+    let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 64 };
+    let tokens = 5000u64;
+    let mut rng = lcg(31);
+    let mut keys: Vec<f32> = (0..tokens as usize * 64).map(|_| rng()).collect();
+    // A few strong tokens, as real caches have.
+    for t in [3usize, 700, 2500, 4990] {
+        keys[t * 64..(t + 1) * 64].iter_mut().for_each(|v| *v *= 8.0);
+    }
+    let id = load(&mut store, shape, &keys, &keys, tokens, 999);
+    let mut scratch = TopkScratch::default();
+    for group in [1usize, 4] {
+        let q: Vec<f32> = (0..64 * group).map(|_| rng()).collect();
+        let exact = store.top_k(id, 0, 0, &q, Aggregation::Max, 50).unwrap();
+        let all = PageSelection { budget_tokens: tokens, sink_pages: 1, recent_pages: 1 };
+        let full =
+            store.top_k_selected(&mut scratch, id, 0, 0, &q, Aggregation::Max, 50, all).unwrap();
+        assert_eq!(full.top, exact);
+        assert_eq!(full.tokens_scored, tokens);
+        // Each page's bound is at least every score in it (stored values).
+        let tpp = shape.tokens_per_page();
+        for p in 0..tokens.div_ceil(tpp) {
+            let (mins, maxs) = store.page_bounds(id, 0, 0, p).unwrap();
+            let bound = q
+                .chunks(64)
+                .map(|qq| {
+                    qq.iter()
+                        .zip(mins.iter().zip(&maxs))
+                        .map(|(&a, (&lo, &hi))| (a * lo).max(a * hi))
+                        .sum::<f32>()
+                })
+                .fold(f32::NEG_INFINITY, f32::max);
+            for t in p * tpp..(p * tpp + tpp).min(tokens) {
+                let key: Vec<f32> = keys[t as usize * 64..(t as usize + 1) * 64]
+                    .iter()
+                    .map(|&v| stored(Dtype::F16, v))
+                    .collect();
+                let score = q
+                    .chunks(64)
+                    .map(|qq| qq.iter().zip(&key).map(|(a, b)| a * b).sum::<f32>())
+                    .fold(f32::NEG_INFINITY, f32::max);
+                assert!(score <= bound + 1e-3, "page {p} token {t}: {score} > bound {bound}");
+            }
+        }
+        // A budget of a quarter reads about a quarter, keeps sinks and recent pages.
+        let quarter = PageSelection { budget_tokens: tokens / 4, sink_pages: 1, recent_pages: 1 };
+        let some = store
+            .top_k_selected(&mut scratch, id, 0, 0, &q, Aggregation::Max, 50, quarter)
+            .unwrap();
+        assert!(some.tokens_scored <= tokens / 4 && some.tokens_scored >= tokens / 4 - tpp);
+        assert_eq!(some.top.len(), 50);
+        assert!(
+            some.top
+                .iter()
+                .all(|s| exact.iter().any(|e| e.index == s.index) || s.score <= exact[49].score)
+        );
+    }
+}

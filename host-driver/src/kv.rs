@@ -5,8 +5,9 @@ use std::sync::MutexGuard;
 use std::time::Duration;
 
 use pnm_protocol::queue::{
-    GatherLayout, KV_FRAME_SIZE, PageMapEntry, SequenceInfo as WireSequenceInfo, SubmissionEntry,
-    TopkLayout, opcode, topk_arg1,
+    FLAG_PAGE_SELECTION, GatherLayout, KV_FRAME_SIZE, PageMapEntry,
+    SequenceInfo as WireSequenceInfo, SubmissionEntry, TopkLayout, opcode, page_selection,
+    topk_arg1,
 };
 use pnm_protocol::{Dtype, SharedMemory};
 use serde::Serialize;
@@ -83,10 +84,22 @@ pub use pnm_protocol::queue::Aggregation;
 pub struct TopK {
     pub indices: Vec<u32>,
     pub scores: Vec<f32>,
-    /// Tokens the device scored.
+    /// Tokens in the sequence.
     pub tokens: u64,
+    /// Tokens the device scored (fewer than `tokens` with page selection).
+    pub tokens_scored: u64,
     /// Nanoseconds the device spent on the command.
     pub device_ns: u64,
+}
+
+/// Query-aware page selection for a Top-K (PROTOCOL.md §6.1): score only
+/// the pages whose key bounds promise the most, within a token budget that
+/// includes the always-kept first and last pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageSelection {
+    pub budget_tokens: u32,
+    pub sink_pages: u8,
+    pub recent_pages: u8,
 }
 
 /// Gathered rows, in the sequence's dtype: row i of `keys` and of `values`
@@ -480,7 +493,11 @@ impl Device {
                 "TOPK returned token {bad} (out of range or repeated)"
             )));
         }
-        Ok(TopK { indices, scores: read_f32s(sc), tokens, device_ns: c.exec_ns })
+        let tokens_scored = u64::from(c.result1);
+        if tokens_scored > tokens {
+            return Err(Error::Protocol(format!("TOPK scored {tokens_scored} of {tokens} tokens")));
+        }
+        Ok(TopK { indices, scores: read_f32s(sc), tokens, tokens_scored, device_ns: c.exec_ns })
     }
 
     /// Top-K of one (sequence, layer, head) against a query group.
@@ -610,17 +627,39 @@ impl Device {
         aggregation: Aggregation,
         rows: &mut Rows,
     ) -> Result<TopK> {
+        self.topk_gather_selected_into(seq, layer, head, query, k, aggregation, None, rows)
+    }
+
+    /// [`topk_gather_into`](Self::topk_gather_into), scoring only the pages
+    /// `selection` picks when it is given.
+    #[allow(clippy::too_many_arguments)] // the command's fields, plus the output
+    pub fn topk_gather_selected_into(
+        &self,
+        seq: &Sequence,
+        layer: u16,
+        head: u16,
+        query: &Query,
+        k: u32,
+        aggregation: Aggregation,
+        selection: Option<PageSelection>,
+        rows: &mut Rows,
+    ) -> Result<TopK> {
         let mut s = self.session()?;
         let layout = TopkLayout { k: u64::from(k), row_bytes: seq.shape.row_bytes() };
         let out = s.alloc(layout.len())?;
         let req = TopkRequest { seq: seq.id, layer, head, query: query.clone(), k, aggregation };
-        let (e, q) = match Self::topk_entry(&mut s, &req, out, layout, true) {
+        let (mut e, q) = match Self::topk_entry(&mut s, &req, out, layout, true) {
             Ok(built) => built,
             Err(err) => {
                 s.free(&[out]);
                 return Err(err);
             }
         };
+        if let Some(sel) = selection {
+            e.flags = FLAG_PAGE_SELECTION;
+            e.selection =
+                page_selection(sel.budget_tokens, sel.sink_pages, sel.recent_pages).into();
+        }
         let result = s.run(e).and_then(|c| {
             let top = Self::read_topk(s.mem(), &c, k, out, layout)?;
             let n = (top.indices.len() as u64 * layout.row_bytes) as usize;

@@ -187,7 +187,9 @@ pub struct SubmissionEntry {
     pub arg1: U32,
     pub buf0_addr: U64,
     pub buf1_addr: U64,
-    pub reserved0: U64,
+    /// TOPK/TOPK_GATHER with [`FLAG_PAGE_SELECTION`]: [31:0] token budget,
+    /// [39:32] sink pages, [47:40] recent pages (see [`page_selection`]).
+    pub selection: U64,
     pub buf0_len: U32,
     pub buf1_len: U32,
     pub reserved1: U64,
@@ -366,6 +368,20 @@ impl GatherLayout {
 /// Tokens one KV frame holds for rows of `head_dim` elements of `dtype`.
 pub const fn tokens_per_page(head_dim: u32, dtype: Dtype) -> u32 {
     KV_FRAME_SIZE / (head_dim * dtype.size() as u32)
+}
+
+/// TOPK flag: score only the pages `selection` picks (query-aware page
+/// selection by per-page key bounds) instead of every token.
+pub const FLAG_PAGE_SELECTION: u8 = 1 << 0;
+
+/// Encodes the `selection` field.
+pub const fn page_selection(budget_tokens: u32, sink_pages: u8, recent_pages: u8) -> u64 {
+    budget_tokens as u64 | ((sink_pages as u64) << 32) | ((recent_pages as u64) << 40)
+}
+
+/// Decodes the `selection` field into (budget tokens, sink pages, recent pages).
+pub const fn decode_page_selection(field: u64) -> (u32, u8, u8) {
+    (field as u32, (field >> 32) as u8, (field >> 40) as u8)
 }
 
 /// Encoding of TOPK's arg1: query dtype in [7:0], aggregation in [15:8].
