@@ -60,6 +60,8 @@ impl TempRegion {
 impl Drop for TempRegion {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        // A SIGKILLed device leaves its notification socket behind.
+        let _ = std::fs::remove_file(pnm_protocol::notify::socket_path(&self.0));
     }
 }
 
