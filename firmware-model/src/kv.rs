@@ -821,26 +821,31 @@ impl<D: Dram> KvStore<D> {
     ) -> Result<Vec<Scored>, KvError> {
         let seq = self.sequence(seq_id)?;
         check_stream(seq, layer, head)?;
+        check_topk(seq.shape, queries, k)?;
+        let pages = seq.tokens.div_ceil(seq.shape.tokens_per_page());
+        self.scan_pages(scratch, seq, layer, head, queries, how, k, 0..pages)
+    }
+
+    /// Scores the committed tokens of `pages` (ascending) and selects the
+    /// best `k` of them.
+    #[allow(clippy::too_many_arguments)] // a Top-K's fields plus the pages
+    fn scan_pages(
+        &self,
+        scratch: &mut TopkScratch,
+        seq: &Sequence,
+        layer: u16,
+        head: u16,
+        queries: &[f32],
+        how: Aggregation,
+        k: u32,
+        pages: impl Iterator<Item = u64>,
+    ) -> Result<Vec<Scored>, KvError> {
         let shape = seq.shape;
         let d = usize::from(shape.head_dim);
-        if queries.is_empty()
-            || queries.len() % d != 0
-            || queries.len() / d > LIMITS.max_group as usize
-        {
-            return Err(KvError::Invalid(format!(
-                "{} query elements is not 1..={} queries of head_dim {d}",
-                queries.len(),
-                LIMITS.max_group
-            )));
-        }
-        if k == 0 || k > LIMITS.max_k {
-            return Err(KvError::Invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
-        }
         let tpp = shape.tokens_per_page();
         let s = scratch;
         s.stream.reset(k as usize);
-        let mut page = 0;
-        while page * tpp < seq.tokens {
+        for page in pages {
             let n = tpp.min(seq.tokens - page * tpp);
             let at = self.layout.frame_offset(seq.entry(page, layer, head).key_frame.get());
             let rows =
@@ -848,7 +853,6 @@ impl<D: Dram> KvStore<D> {
             s.scores.clear();
             kernels::score_stored(rows, d, queries, how, &mut s.floats, &mut s.scores);
             s.stream.push_block(&s.scores, (page * tpp) as u32);
-            page += 1;
         }
         Ok(s.stream.finish())
     }
@@ -876,18 +880,7 @@ impl<D: Dram> KvStore<D> {
         }
         let shape = seq.shape;
         let d = usize::from(shape.head_dim);
-        if queries.is_empty()
-            || queries.len() % d != 0
-            || queries.len() / d > LIMITS.max_group as usize
-        {
-            return Err(KvError::Invalid(format!(
-                "{} query elements for head_dim {d}",
-                queries.len()
-            )));
-        }
-        if k == 0 || k > LIMITS.max_k {
-            return Err(KvError::Invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
-        }
+        check_topk(shape, queries, k)?;
         let tpp = shape.tokens_per_page();
         let pages = tokens.div_ceil(tpp);
         let page_tokens = |p: u64| tpp.min(tokens - p * tpp);
@@ -925,18 +918,9 @@ impl<D: Dram> KvStore<D> {
         for &(_, p) in &bounds {
             take(p, &mut chosen, &mut used);
         }
-        let s = scratch;
-        s.stream.reset(k as usize);
-        for p in (0..pages).filter(|&p| chosen[p as usize]) {
-            let n = page_tokens(p);
-            let at = self.layout.frame_offset(seq.entry(p, layer, head).key_frame.get());
-            let rows =
-                s.block.load_raw(shape.dtype, (n as usize) * d, |out| self.dram.read(at, out))?;
-            s.scores.clear();
-            kernels::score_stored(rows, d, queries, how, &mut s.floats, &mut s.scores);
-            s.stream.push_block(&s.scores, (p * tpp) as u32);
-        }
-        Ok(Selected { top: s.stream.finish(), tokens_scored: used })
+        let chosen_pages = (0..pages).filter(|&p| chosen[p as usize]);
+        let top = self.scan_pages(scratch, seq, layer, head, queries, how, k, chosen_pages)?;
+        Ok(Selected { top, tokens_scored: used })
     }
 
     /// DRAM offsets of the K and V rows of `indices` in (seq, layer, head).
@@ -970,6 +954,23 @@ impl<D: Dram> KvStore<D> {
             })
             .collect()
     }
+}
+
+/// Checks a Top-K's queries (1..=max_group rows of head_dim) and k.
+fn check_topk(shape: SequenceShape, queries: &[f32], k: u32) -> Result<(), KvError> {
+    let d = usize::from(shape.head_dim);
+    if queries.is_empty() || queries.len() % d != 0 || queries.len() / d > LIMITS.max_group as usize
+    {
+        return Err(KvError::Invalid(format!(
+            "{} query elements is not 1..={} queries of head_dim {d}",
+            queries.len(),
+            LIMITS.max_group
+        )));
+    }
+    if k == 0 || k > LIMITS.max_k {
+        return Err(KvError::Invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
+    }
+    Ok(())
 }
 
 fn check_stream(seq: &Sequence, layer: u16, head: u16) -> Result<(), KvError> {
