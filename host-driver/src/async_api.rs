@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use crate::device::{Device, QueueOptions};
 use crate::dma::{DmaBuf, DmaPool};
 use crate::error::{Error, Result};
-use crate::kv::{Aggregation, Query, Sequence, TopK};
+use crate::kv::{Aggregation, Query, Rows, Sequence, TopK};
 use crate::queue::{Completion, InterruptConfig, QueuePair, opcode_name};
 
 struct Waiter {
@@ -228,13 +228,16 @@ impl AsyncQueue {
             let c = self.submit(sqe).await?.ok()?;
             let top = Device::read_topk(regs, &c, k, out, layout)?;
             let selected = rows.then(|| {
-                let n = (top.indices.len() as u64 * row_bytes) as usize;
-                let (mut keys, mut values) = (vec![0; n], vec![0; n]);
-                regs.read_bytes(out.addr + layout.key_rows(), &mut keys)
-                    .expect("DMA buffer in the region");
-                regs.read_bytes(out.addr + layout.value_rows(), &mut values)
-                    .expect("DMA buffer in the region");
-                (keys, values)
+                let mut r = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+                let n = top.indices.len() as u64;
+                r.read_from(
+                    regs,
+                    out.addr + layout.key_rows(),
+                    out.addr + layout.value_rows(),
+                    n,
+                    row_bytes,
+                );
+                (r.keys, r.values)
             });
             Ok((top, selected))
         }

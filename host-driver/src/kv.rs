@@ -111,6 +111,26 @@ pub struct Rows {
     pub values: Vec<u8>,
 }
 
+impl Rows {
+    /// Copies `n` K rows from `keys_at` and `n` V rows from `values_at` (a
+    /// DMA buffer the device filled) into these buffers, resizing them.
+    pub(crate) fn read_from(
+        &mut self,
+        mem: SharedMemory,
+        keys_at: u64,
+        values_at: u64,
+        n: u64,
+        row_bytes: u64,
+    ) {
+        let len = (n * row_bytes) as usize;
+        self.row_bytes = row_bytes;
+        self.keys.resize(len, 0);
+        self.values.resize(len, 0);
+        mem.read_bytes(keys_at, &mut self.keys).expect("DMA buffer in the region");
+        mem.read_bytes(values_at, &mut self.values).expect("DMA buffer in the region");
+    }
+}
+
 /// One Top-K request of a batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopkRequest {
@@ -581,17 +601,10 @@ impl Device {
                     indices.len()
                 )));
             }
-            let mut rows = Rows {
-                row_bytes: layout.row_bytes,
-                keys: vec![0; layout.value_rows() as usize],
-                values: vec![0; layout.value_rows() as usize],
-            };
-            s.mem()
-                .read_bytes(out.addr + layout.key_rows(), &mut rows.keys)
-                .expect("DMA buffer in the region");
-            s.mem()
-                .read_bytes(out.addr + layout.value_rows(), &mut rows.values)
-                .expect("DMA buffer in the region");
+            let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+            let (keys_at, values_at) =
+                (out.addr + layout.key_rows(), out.addr + layout.value_rows());
+            rows.read_from(s.mem(), keys_at, values_at, layout.n, layout.row_bytes);
             Ok(rows)
         });
         s.free(&[idx, out]);
@@ -662,16 +675,9 @@ impl Device {
         }
         let result = s.run(e).and_then(|c| {
             let top = Self::read_topk(s.mem(), &c, k, out, layout)?;
-            let n = (top.indices.len() as u64 * layout.row_bytes) as usize;
-            rows.row_bytes = layout.row_bytes;
-            rows.keys.resize(n, 0);
-            rows.values.resize(n, 0);
-            s.mem()
-                .read_bytes(out.addr + layout.key_rows(), &mut rows.keys)
-                .expect("DMA buffer in the region");
-            s.mem()
-                .read_bytes(out.addr + layout.value_rows(), &mut rows.values)
-                .expect("DMA buffer in the region");
+            let (keys_at, values_at) =
+                (out.addr + layout.key_rows(), out.addr + layout.value_rows());
+            rows.read_from(s.mem(), keys_at, values_at, top.indices.len() as u64, layout.row_bytes);
             Ok(top)
         });
         s.free(&[out, q]);
