@@ -4,6 +4,7 @@
 use pnm_firmware::LIMITS;
 use pnm_firmware::kernels::{self, Aggregation, Scored};
 use pnm_firmware::kv::{Dram, KvError, KvStore, PageSelection, SequenceShape, TopkScratch};
+use pnm_firmware::simd::Rows;
 use pnm_protocol::queue::{
     FLAG_PAGE_SELECTION, GatherLayout, PageMapEntry, SubmissionEntry, TopkLayout,
     decode_page_selection, opcode,
@@ -38,6 +39,16 @@ impl Dram for DramView {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError> {
         self.mem
             .write_bytes(offset, data)
+            .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })
+    }
+    fn with_rows<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        dtype: Dtype,
+        score: impl FnOnce(Rows<'_>) -> R,
+    ) -> Result<R, KvError> {
+        crate::sys::with_rows(self.mem, offset, len, dtype, score)
             .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })
     }
 }

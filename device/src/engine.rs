@@ -126,18 +126,6 @@ impl RunningDevice {
             dma: DmaAllocator::new(&layout),
         };
         let datapath = DataPath::new(regs, layout, kv);
-        // Everything above is published by this Release store: a host that
-        // sees Mailbox Ready sees a complete register block.
-        regs.store_u64(regs::MEMDEV_STATUS_OFFSET, memdev_status::READY, Release);
-        tracing::info!(
-            path = %region.path.display(),
-            size = region.layout.size,
-            dram = region.layout.dram_size,
-            kept_contents = region.kept_contents,
-            compute_units,
-            "device ready"
-        );
-
         let io_err =
             |source: std::io::Error| RegionError::Map { path: region.path.clone(), source };
         let vectors: Vec<Arc<EventFd>> = (0..notify::VECTORS)
@@ -157,6 +145,19 @@ impl RunningDevice {
             }
             None => None,
         };
+
+        // Everything above is published by this Release store: a host that
+        // sees Mailbox Ready sees a complete register block and, if there is
+        // one, a listening notification socket.
+        regs.store_u64(regs::MEMDEV_STATUS_OFFSET, memdev_status::READY, Release);
+        tracing::info!(
+            path = %region.path.display(),
+            size = region.layout.size,
+            dram = region.layout.dram_size,
+            kept_contents = region.kept_contents,
+            compute_units,
+            "device ready"
+        );
 
         let stop = Arc::new(AtomicBool::new(false));
         let engine = {
@@ -264,7 +265,7 @@ impl Engine {
             idle_polls = idle_polls.wrapping_add(1);
             let idle = idle_since.get_or_insert_with(Instant::now);
             // poll_once reads the clock already; a spin needs no second read.
-            if idle_polls % 64 != 0 || idle.elapsed() < SPIN_TIME {
+            if !idle_polls.is_multiple_of(64) || idle.elapsed() < SPIN_TIME {
                 std::hint::spin_loop();
             } else if idle.elapsed() < YIELD_TIME {
                 std::thread::yield_now();
@@ -296,10 +297,10 @@ impl Engine {
             let timeout =
                 PollTimeout::try_from(bound.as_millis().max(1) as i32).unwrap_or(PollTimeout::MAX);
             let mut fds = [PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
-            if let Err(e) = poll(&mut fds, timeout) {
-                if e != nix::errno::Errno::EINTR {
-                    tracing::warn!(error = %e, "waiting on the wake eventfd");
-                }
+            if let Err(e) = poll(&mut fds, timeout)
+                && e != nix::errno::Errno::EINTR
+            {
+                tracing::warn!(error = %e, "waiting on the wake eventfd");
             }
             // Drain the counter (EAGAIN when nobody rang).
             let _ = self.wake.read();

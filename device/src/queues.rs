@@ -314,10 +314,10 @@ impl QueueTable {
             // their lock, which the compute units take to post.
             let Some(q) = q.as_ref().filter(|q| q.peer.is_some()) else { continue };
             let mut cq = q.cq();
-            if let Some(irq) = cq.irq.as_mut() {
-                if irq.first_pending.is_some_and(|t| now.duration_since(t) >= irq.delay) {
-                    signal(regs, qid as u16, irq);
-                }
+            if let Some(irq) = cq.irq.as_mut()
+                && irq.first_pending.is_some_and(|t| now.duration_since(t) >= irq.delay)
+            {
+                signal(regs, qid as u16, irq);
             }
         }
     }
@@ -517,10 +517,10 @@ fn run_unit(
 /// device sees the mask clear and rings.
 fn signal(regs: SharedMemory, qid: u16, irq: &mut Interrupt) {
     std::sync::atomic::fence(SeqCst);
-    if regs.load_u32(irq_mask(qid), SeqCst) & 1 == 0 {
-        if let Err(e) = irq.fd.write(1) {
-            tracing::warn!(qid, error = %e, "signalling an interrupt vector");
-        }
+    if regs.load_u32(irq_mask(qid), SeqCst) & 1 == 0
+        && let Err(e) = irq.fd.write(1)
+    {
+        tracing::warn!(qid, error = %e, "signalling an interrupt vector");
     }
     irq.pending = 0;
     irq.first_pending = None;

@@ -1,9 +1,29 @@
 //! The device crate's one unsafe module: turning a mapping into a
-//! [`SharedMemory`] view.
+//! [`SharedMemory`] view, and letting the kernels read device DRAM in place.
 #![allow(unsafe_code)]
 
 use memmap2::MmapRaw;
-use pnm_protocol::SharedMemory;
+use pnm_firmware::simd::Rows;
+use pnm_protocol::{Dtype, OutOfBounds, SharedMemory};
+
+/// Calls `score` with `len` bytes of `mem` at `offset` as rows of `dtype`,
+/// read where they lie.
+pub fn with_rows<R>(
+    mem: SharedMemory,
+    offset: u64,
+    len: u64,
+    dtype: Dtype,
+    score: impl FnOnce(Rows<'_>) -> R,
+) -> Result<R, OutOfBounds> {
+    let ptr = mem.read_ptr(offset, len)?;
+    // SAFETY: the range is inside the view (checked by `read_ptr`), and the
+    // mapping behind every view outlives the device's objects (see
+    // `Mapping::new`), so it stays readable for this call. A host may write
+    // the bytes meanwhile; `Rows` reads through raw pointers only, so that
+    // can only make scores garbage.
+    let rows = unsafe { Rows::from_raw(ptr, len as usize, dtype) };
+    Ok(score(rows))
+}
 
 /// A shared mapping of the region file and the view through which all of
 /// the device's accesses go.

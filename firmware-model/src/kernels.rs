@@ -54,33 +54,6 @@ pub struct RowBlock {
 }
 
 impl RowBlock {
-    /// Reads `count` elements of `dtype` through `fill` into typed storage,
-    /// without converting them: for kernels that convert as they score.
-    pub fn load_raw<E>(
-        &mut self,
-        dtype: Dtype,
-        count: usize,
-        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
-    ) -> Result<crate::simd::Rows<'_>, E> {
-        use zerocopy::IntoBytes;
-        Ok(match dtype {
-            Dtype::F32 => {
-                self.floats.resize(count, 0.0);
-                fill(self.floats.as_mut_bytes())?;
-                crate::simd::Rows::F32(&self.floats)
-            }
-            Dtype::F16 | Dtype::Bf16 => {
-                self.halves.resize(count, 0);
-                fill(self.halves.as_mut_bytes())?;
-                if dtype == Dtype::F16 {
-                    crate::simd::Rows::F16(&self.halves)
-                } else {
-                    crate::simd::Rows::Bf16(&self.halves)
-                }
-            }
-        })
-    }
-
     /// Reads `count` elements of `dtype` through `fill` (which copies the
     /// stored little-endian bytes into the slice it is given) and returns
     /// them as f32.
@@ -114,23 +87,6 @@ impl RowBlock {
     }
 }
 
-/// Converts stored rows to f32 (the portable path's input).
-pub fn rows_to_f32(rows: crate::simd::Rows<'_>, out: &mut Vec<f32>) {
-    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-    out.clear();
-    match rows {
-        crate::simd::Rows::F32(v) => out.extend_from_slice(v),
-        crate::simd::Rows::F16(v) => {
-            out.resize(v.len(), 0.0);
-            v.reinterpret_cast::<half::f16>().convert_to_f32_slice(out);
-        }
-        crate::simd::Rows::Bf16(v) => {
-            out.resize(v.len(), 0.0);
-            v.reinterpret_cast::<half::bf16>().convert_to_f32_slice(out);
-        }
-    }
-}
-
 /// Scores stored rows: the SIMD kernel where the CPU has it, else the
 /// portable one. `scratch` holds the f32 rows of the portable path.
 pub fn score_stored(
@@ -142,7 +98,7 @@ pub fn score_stored(
     out: &mut Vec<f32>,
 ) {
     if !crate::simd::score_rows(rows, head_dim, queries, how, out) {
-        rows_to_f32(rows, scratch);
+        rows.to_f32(scratch);
         score_rows(scratch, head_dim, queries, how, out);
     }
 }
@@ -243,15 +199,50 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<Scored> {
     all.into_iter().map(|(score, index)| Scored { index, score }).collect()
 }
 
+/// A token's place in the ranking as one integer: ascending keys are
+/// [`rank`] order (higher score first, NaN last, then lower index), so
+/// selection and sorting compare integers instead of floats.
+///
+/// The key keeps the score: [`key_score`] gives it back, with -0.0 as 0.0
+/// and every NaN as the canonical NaN (the two cases `rank` cannot tell
+/// apart either).
+#[inline]
+pub fn rank_key(score: f32, index: u32) -> u64 {
+    // Order-preserving f32 -> u32 map, 0 for NaN; inverted so best is least.
+    let ordered = if score.is_nan() {
+        0
+    } else {
+        let bits = (score + 0.0).to_bits(); // -0.0 + 0.0 == +0.0
+        if bits >> 31 == 1 { !bits } else { bits | 1 << 31 }
+    };
+    (u64::from(!ordered) << 32) | u64::from(index)
+}
+
+/// The score a [`rank_key`] was made from.
+#[inline]
+pub fn key_score(key: u64) -> f32 {
+    let ordered = !((key >> 32) as u32);
+    match ordered {
+        0 => f32::NAN,
+        o if o >> 31 == 1 => f32::from_bits(o & !(1 << 31)),
+        o => f32::from_bits(!o),
+    }
+}
+
 /// Exact Top-K over scores that arrive block by block, in O(k) memory: a
 /// score is kept only if it ranks above the k-th best seen so far.
 #[derive(Debug, Default)]
 pub struct TopKStream {
     k: usize,
-    candidates: Vec<(f32, u32)>,
-    /// The k-th best kept so far, once k are known.
-    threshold: Option<(f32, u32)>,
+    /// Rank keys of every token that beat the threshold when seen.
+    candidates: Vec<u64>,
+    /// Rank key of the k-th best kept so far, once k are known.
+    threshold: Option<u64>,
 }
+
+/// Scores checked together against the threshold before any one is looked
+/// at: a branch per chunk instead of per score.
+const FILTER_CHUNK: usize = 8;
 
 impl TopKStream {
     /// Starts a selection of `k`, reusing this stream's buffer.
@@ -266,10 +257,33 @@ impl TopKStream {
         if self.k == 0 {
             return;
         }
-        for (i, &s) in scores.iter().enumerate() {
-            let entry = (s, first + i as u32);
-            if self.threshold.is_none_or(|t| rank(entry, t) == Ordering::Less) {
-                self.candidates.push(entry);
+        let threshold = self.threshold.map(|key| (key, key_score(key)));
+        match threshold {
+            // The hot case: once a real threshold is known, most chunks hold
+            // no score >= it (NaNs never are) and are skipped whole.
+            Some((threshold, t)) if !t.is_nan() => {
+                for (c, chunk) in scores.chunks(FILTER_CHUNK).enumerate() {
+                    if !chunk.iter().fold(false, |any, &s| any | (s >= t)) {
+                        continue;
+                    }
+                    let base = first + (c * FILTER_CHUNK) as u32;
+                    for (i, &s) in chunk.iter().enumerate() {
+                        if s >= t {
+                            let key = rank_key(s, base + i as u32);
+                            if key < threshold {
+                                self.candidates.push(key);
+                            }
+                        }
+                    }
+                }
+            }
+            threshold => {
+                for (i, &s) in scores.iter().enumerate() {
+                    let key = rank_key(s, first + i as u32);
+                    if threshold.is_none_or(|(t, _)| key < t) {
+                        self.candidates.push(key);
+                    }
+                }
             }
         }
         if self.candidates.len() >= 2 * self.k + 1024 {
@@ -281,19 +295,22 @@ impl TopKStream {
     fn shrink(&mut self) {
         let k = self.k;
         if self.candidates.len() > k {
-            self.candidates.select_nth_unstable_by(k - 1, |&a, &b| rank(a, b));
+            self.candidates.select_nth_unstable(k - 1);
             self.candidates.truncate(k);
         }
         if self.candidates.len() == k {
-            self.threshold = self.candidates.iter().copied().max_by(|&a, &b| rank(a, b));
+            self.threshold = self.candidates.iter().copied().max();
         }
     }
 
     /// The best `min(k, scores seen)`, best first.
     pub fn finish(&mut self) -> Vec<Scored> {
         self.shrink();
-        self.candidates.sort_unstable_by(|&a, &b| rank(a, b));
-        self.candidates.iter().map(|&(score, index)| Scored { index, score }).collect()
+        self.candidates.sort_unstable();
+        self.candidates
+            .iter()
+            .map(|&key| Scored { index: key as u32, score: key_score(key) })
+            .collect()
     }
 }
 
@@ -402,12 +419,11 @@ mod tests {
                 Dtype::Bf16 => (values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect(), Vec::new()),
             };
             let stored = match dtype {
-                Dtype::F32 => crate::simd::Rows::F32(&floats),
-                Dtype::F16 => crate::simd::Rows::F16(&halves),
-                Dtype::Bf16 => crate::simd::Rows::Bf16(&halves),
+                Dtype::F32 => crate::simd::Rows::f32(&floats),
+                Dtype::F16 | Dtype::Bf16 => crate::simd::Rows::halves(&halves, dtype),
             };
             let mut scalar_in = Vec::new();
-            rows_to_f32(stored, &mut scalar_in);
+            stored.to_f32(&mut scalar_in);
             let mut want = Vec::new();
             score_rows(&scalar_in, d, &queries, Aggregation::Max, &mut want);
             let mut got = Vec::new();
@@ -416,6 +432,44 @@ mod tests {
                 for (g, w) in got.iter().zip(&want) {
                     // Summation order differs: relative to the magnitude of the terms.
                     prop_assert!((g - w).abs() <= 1e-5 * d as f32, "{} vs {}", g, w);
+                }
+            }
+        }
+    }
+
+    /// The one-query instances (AVX-512 where the CPU has it) for every
+    /// head_dim they exist for, against the portable kernel.
+    #[test]
+    fn one_query_kernels_match_the_portable_kernel() {
+        for dtype in Dtype::ALL {
+            for d in [64usize, 128, 192, 256] {
+                let rows = 37;
+                let values: Vec<f32> =
+                    (0..rows * d).map(|i| ((i * 7919 % 1013) as f32 / 1013.0) - 0.5).collect();
+                let query: Vec<f32> = (0..d).map(|i| ((i * 31 % 17) as f32 - 8.0) / 8.0).collect();
+                let halves: Vec<u16> = match dtype {
+                    Dtype::F32 => Vec::new(),
+                    Dtype::F16 => {
+                        values.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect()
+                    }
+                    Dtype::Bf16 => {
+                        values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+                    }
+                };
+                let stored = match dtype {
+                    Dtype::F32 => crate::simd::Rows::f32(&values),
+                    Dtype::F16 | Dtype::Bf16 => crate::simd::Rows::halves(&halves, dtype),
+                };
+                let mut floats = Vec::new();
+                stored.to_f32(&mut floats);
+                let mut want = Vec::new();
+                score_rows(&floats, d, &query, Aggregation::Max, &mut want);
+                let mut got = Vec::new();
+                if crate::simd::score_rows(stored, d, &query, Aggregation::Max, &mut got) {
+                    assert_eq!(got.len(), rows);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((g - w).abs() <= 1e-5 * d as f32, "{dtype:?} d {d}: {g} vs {w}");
+                    }
                 }
             }
         }
@@ -465,18 +519,41 @@ mod tests {
         }
 
         #[test]
+        fn rank_keys_order_like_rank(a in 0u32..12, b in 0u32..12, ia in 0u32..4, ib in 0u32..4) {
+            let values = [f32::NAN, -f32::NAN, f32::NEG_INFINITY, -1.5, -0.0, 0.0, 1e-40,
+                2.0, 2.5, f32::MAX, f32::INFINITY, -1e-40];
+            let (x, y) = ((values[a as usize], ia), (values[b as usize], ib));
+            prop_assert_eq!(rank_key(x.0, x.1).cmp(&rank_key(y.0, y.1)), rank(x, y));
+            let back = key_score(rank_key(x.0, x.1));
+            prop_assert!(back.to_bits() == (x.0 + 0.0).to_bits() || (back.is_nan() && x.0.is_nan()));
+        }
+
+        #[test]
         fn streaming_selection_equals_the_whole(
-            scores in proptest::collection::vec(-30i16..30, 0..3000),
+            scores in proptest::collection::vec(-30i16..36, 0..3000),
             block in 1usize..700,
             k in 1usize..300,
         ) {
-            let scores: Vec<f32> = scores.iter().map(|&s| f32::from(s) / 4.0).collect();
+            // Coarse values for many ties, plus NaN, -0.0 and infinities.
+            let special = |s: i16| match s {
+                30 | 31 => f32::NAN,
+                32 => -0.0,
+                33 => f32::INFINITY,
+                34 => f32::NEG_INFINITY,
+                _ => f32::from(s) / 4.0,
+            };
+            let scores: Vec<f32> = scores.iter().map(|&s| special(s)).collect();
             let mut stream = TopKStream::default();
             stream.reset(k);
             for (b, chunk) in scores.chunks(block).enumerate() {
                 stream.push_block(chunk, (b * block) as u32);
             }
-            prop_assert_eq!(stream.finish(), top_k(&scores, k));
+            // Bit patterns, so NaN entries compare equal to themselves
+            // (the stream reports -0.0 as 0.0 and any NaN as the canonical one).
+            let bits = |v: Vec<Scored>| -> Vec<(u32, u32)> {
+                v.iter().map(|s| (s.index, key_score(rank_key(s.score, 0)).to_bits())).collect()
+            };
+            prop_assert_eq!(bits(stream.finish()), bits(top_k(&scores, k)));
         }
 
         #[test]

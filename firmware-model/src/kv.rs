@@ -32,12 +32,22 @@ use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligne
 
 use crate::kernels::{self, Aggregation, Scored};
 use crate::limits::LIMITS;
+use crate::simd::Rows;
 
 /// Memory the store lives in: device DRAM, addressed from its start.
 pub trait Dram {
     fn len(&self) -> u64;
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError>;
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError>;
+    /// Calls `score` with the `len` bytes at `offset` as rows of `dtype`,
+    /// read in place: the scan reads each key once, from DRAM, with no copy.
+    fn with_rows<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        dtype: Dtype,
+        score: impl FnOnce(Rows<'_>) -> R,
+    ) -> Result<R, KvError>;
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -75,6 +85,21 @@ impl Dram for &MemDram {
             .ok_or(KvError::OutOfRange { offset, len: data.len() as u64 })?;
         dst.copy_from_slice(data);
         Ok(())
+    }
+    fn with_rows<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        dtype: Dtype,
+        score: impl FnOnce(Rows<'_>) -> R,
+    ) -> Result<R, KvError> {
+        let mem = self.0.borrow();
+        let range = usize::try_from(offset)
+            .ok()
+            .zip(usize::try_from(len).ok())
+            .and_then(|(o, l)| Some(o..o.checked_add(l)?));
+        let bytes = range.and_then(|r| mem.get(r)).ok_or(KvError::OutOfRange { offset, len })?;
+        Ok(score(Rows::from_bytes(bytes, dtype)))
     }
 }
 
@@ -269,10 +294,10 @@ pub struct Appended {
     pub map: Vec<PageMapEntry>,
 }
 
-/// Buffers a Top-K reuses: one page of rows, its scores, the selection.
+/// Buffers a Top-K reuses: the portable kernel's f32 rows, a page's scores,
+/// the selection.
 #[derive(Debug, Default)]
 pub struct TopkScratch {
-    block: kernels::RowBlock,
     floats: Vec<f32>,
     scores: Vec<f32>,
     stream: kernels::TopKStream,
@@ -848,10 +873,10 @@ impl<D: Dram> KvStore<D> {
         for page in pages {
             let n = tpp.min(seq.tokens - page * tpp);
             let at = self.layout.frame_offset(seq.entry(page, layer, head).key_frame.get());
-            let rows =
-                s.block.load_raw(shape.dtype, (n as usize) * d, |out| self.dram.read(at, out))?;
             s.scores.clear();
-            kernels::score_stored(rows, d, queries, how, &mut s.floats, &mut s.scores);
+            self.dram.with_rows(at, n * shape.row_bytes(), shape.dtype, |rows| {
+                kernels::score_stored(rows, d, queries, how, &mut s.floats, &mut s.scores)
+            })?;
             s.stream.push_block(&s.scores, (page * tpp) as u32);
         }
         Ok(s.stream.finish())
@@ -959,7 +984,9 @@ impl<D: Dram> KvStore<D> {
 /// Checks a Top-K's queries (1..=max_group rows of head_dim) and k.
 fn check_topk(shape: SequenceShape, queries: &[f32], k: u32) -> Result<(), KvError> {
     let d = usize::from(shape.head_dim);
-    if queries.is_empty() || queries.len() % d != 0 || queries.len() / d > LIMITS.max_group as usize
+    if queries.is_empty()
+        || !queries.len().is_multiple_of(d)
+        || queries.len() / d > LIMITS.max_group as usize
     {
         return Err(KvError::Invalid(format!(
             "{} query elements is not 1..={} queries of head_dim {d}",

@@ -5,15 +5,111 @@
 //! reference the tests compare against.
 #![allow(unsafe_code)]
 
-use crate::kernels::{Aggregation, aggregate};
+use std::marker::PhantomData;
 
-/// Stored rows of one block, in their storage type.
+use crate::kernels::{Aggregation, aggregate};
+use crate::limits::Dtype;
+
+/// Stored rows of one block, in their storage type, read where they lie.
+///
+/// Device DRAM is shared with hosts that may write it at any time (a
+/// misbehaving host can rewrite committed rows), so the kernels never form a
+/// Rust reference into it: a `Rows` is a pointer, an element count and a
+/// dtype, read with unaligned vector loads. A concurrent write can only make
+/// the scores garbage; every element bit pattern is a valid number.
 #[derive(Debug, Clone, Copy)]
-pub enum Rows<'a> {
-    F32(&'a [f32]),
-    F16(&'a [u16]),
-    Bf16(&'a [u16]),
+pub struct Rows<'a> {
+    ptr: *const u8,
+    elements: usize,
+    dtype: Dtype,
+    _borrow: PhantomData<&'a [u8]>,
 }
+
+impl<'a> Rows<'a> {
+    pub fn f32(values: &'a [f32]) -> Self {
+        Self {
+            ptr: values.as_ptr().cast(),
+            elements: values.len(),
+            dtype: Dtype::F32,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// f16 or bf16 rows given as their bit patterns.
+    pub fn halves(bits: &'a [u16], dtype: Dtype) -> Self {
+        assert_ne!(dtype, Dtype::F32, "half-width rows need a 16-bit dtype");
+        Self { ptr: bits.as_ptr().cast(), elements: bits.len(), dtype, _borrow: PhantomData }
+    }
+
+    /// Little-endian stored bytes; a trailing partial element is ignored.
+    pub fn from_bytes(bytes: &'a [u8], dtype: Dtype) -> Self {
+        Self {
+            ptr: bytes.as_ptr(),
+            elements: bytes.len() / dtype.size(),
+            dtype,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Rows in memory that Rust does not own, such as a shared mapping.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads of `len` bytes for all of `'a`. Other
+    /// processes may write those bytes meanwhile.
+    pub unsafe fn from_raw(ptr: *const u8, len: usize, dtype: Dtype) -> Self {
+        Self { ptr, elements: len / dtype.size(), dtype, _borrow: PhantomData }
+    }
+
+    pub fn len(&self) -> usize {
+        self.elements
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.elements == 0
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// Every element as f32 (the portable kernel's input); `out` is refilled.
+    pub fn to_f32(&self, out: &mut Vec<f32>) {
+        out.clear();
+        out.reserve(self.elements);
+        for i in 0..self.elements {
+            out.push(self.get(i));
+        }
+    }
+
+    /// Element `i` as f32.
+    fn get(&self, i: usize) -> f32 {
+        assert!(i < self.elements);
+        let at = self.ptr.wrapping_add(i * self.dtype.size());
+        match self.dtype {
+            Dtype::F32 => {
+                // SAFETY: i < elements, so the 4 bytes at `at` are within the
+                // readable range the constructor was given.
+                f32::from_bits(u32::from_le(unsafe { at.cast::<u32>().read_unaligned() }))
+            }
+            Dtype::F16 => {
+                // SAFETY: as above, 2 bytes.
+                half::f16::from_bits(u16::from_le(unsafe { at.cast::<u16>().read_unaligned() }))
+                    .to_f32()
+            }
+            Dtype::Bf16 => {
+                // SAFETY: as above, 2 bytes.
+                half::bf16::from_bits(u16::from_le(unsafe { at.cast::<u16>().read_unaligned() }))
+                    .to_f32()
+            }
+        }
+    }
+}
+
+// SAFETY: a `Rows` only reads, through a pointer its constructor vouched for
+// over `'a`; sharing or sending that read-only view is as safe as `&[u8]`.
+unsafe impl Send for Rows<'_> {}
+// SAFETY: as for Send.
+unsafe impl Sync for Rows<'_> {}
 
 /// Scores every row of `rows` (`head_dim` elements each) against `queries`
 /// (G rows), appending one aggregated score per row to `out`. Returns false
@@ -29,7 +125,15 @@ pub fn score_rows(
     #[cfg(target_arch = "x86_64")]
     {
         let group = queries.len() / head_dim.max(1);
-        let fits = head_dim % 8 == 0 && head_dim > 0 && (1..=8).contains(&group);
+        if group == 1 && queries.len() == head_dim && std::arch::is_x86_feature_detected!("avx512f")
+        {
+            // SAFETY: AVX-512F, which the kernel is compiled for, was just
+            // detected; it checks the head_dim it supports itself.
+            if unsafe { x86::score_one_avx512(rows, head_dim, queries, out) } {
+                return true;
+            }
+        }
+        let fits = head_dim.is_multiple_of(8) && head_dim > 0 && (1..=8).contains(&group);
         if fits
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
@@ -49,7 +153,7 @@ pub fn score_rows(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Aggregation, Rows, aggregate};
+    use super::{Aggregation, Dtype, Rows, aggregate};
 
     /// Eight elements of row storage from `at`, as f32 lanes.
     ///
@@ -59,22 +163,21 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(rows: Rows<'_>, at: usize) -> __m256 {
-        match rows {
-            Rows::F32(v) => {
-                debug_assert!(at + 8 <= v.len());
-                // SAFETY: in bounds by the caller's contract; unaligned load.
-                unsafe { _mm256_loadu_ps(v.as_ptr().wrapping_add(at)) }
+        debug_assert!(at + 8 <= rows.elements);
+        match rows.dtype {
+            Dtype::F32 => {
+                // SAFETY: in bounds by the caller's contract; unaligned load
+                // through the pointer, no reference formed.
+                unsafe { _mm256_loadu_ps(rows.ptr.wrapping_add(at * 4).cast()) }
             }
-            Rows::F16(v) => {
-                debug_assert!(at + 8 <= v.len());
-                // SAFETY: eight u16s (16 bytes) in bounds by the contract.
-                let h = unsafe { _mm_loadu_si128(v.as_ptr().wrapping_add(at).cast()) };
+            Dtype::F16 => {
+                // SAFETY: eight 2-byte elements in bounds by the contract.
+                let h = unsafe { _mm_loadu_si128(rows.ptr.wrapping_add(at * 2).cast()) };
                 _mm256_cvtph_ps(h)
             }
-            Rows::Bf16(v) => {
-                debug_assert!(at + 8 <= v.len());
+            Dtype::Bf16 => {
                 // SAFETY: as for F16.
-                let h = unsafe { _mm_loadu_si128(v.as_ptr().wrapping_add(at).cast()) };
+                let h = unsafe { _mm_loadu_si128(rows.ptr.wrapping_add(at * 2).cast()) };
                 // bfloat16 is the top half of an f32.
                 _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
             }
@@ -101,6 +204,9 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s)))
     }
 
+    /// How far ahead of the row being scored its successors are prefetched.
+    const PREFETCH_ROWS: usize = 8;
+
     /// Needs AVX2, FMA and F16C; `head_dim % 8 == 0`, `group` in 1..=8 and
     /// `queries.len() == group * head_dim` (the caller checked all four).
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -112,64 +218,174 @@ mod x86 {
         how: Aggregation,
         out: &mut Vec<f32>,
     ) {
-        let len = match rows {
-            Rows::F32(v) => v.len(),
-            Rows::F16(v) | Rows::Bf16(v) => v.len(),
-        };
-        let n = len / d;
-        out.reserve(n);
-        let mut per_query = [0f32; 8];
-        // The loads below stay in bounds: base + d <= n * d <= len for the
-        // rows, g * d + d <= group * d == queries.len() for the queries, and
-        // every offset c advances in steps of 8 up to d (d % 8 == 0).
-        assert!(d % 8 == 0 && queries.len() == group * d && group <= 8);
-        for r in 0..n {
+        // The loads in the kernels stay in bounds: base + d <= n * d <= len
+        // for the rows, g * d + d <= group * d == queries.len() for the
+        // queries, and every offset advances in steps of 8 up to d.
+        assert!(d.is_multiple_of(8) && queries.len() == group * d && (1..=8).contains(&group));
+        out.reserve(rows.len() / d);
+        // One instance per group size, so the accumulators stay in registers.
+        match group {
+            1 => score_one(rows, d, queries, out),
+            2 => score_group::<2>(rows, d, queries, how, out),
+            3 => score_group::<3>(rows, d, queries, how, out),
+            4 => score_group::<4>(rows, d, queries, how, out),
+            5 => score_group::<5>(rows, d, queries, how, out),
+            6 => score_group::<6>(rows, d, queries, how, out),
+            7 => score_group::<7>(rows, d, queries, how, out),
+            _ => score_group::<8>(rows, d, queries, how, out),
+        }
+    }
+
+    /// Asks for the row `PREFETCH_ROWS` after row `r`: frames are 64 KiB
+    /// apart, and the hardware prefetcher restarts at each one.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn prefetch_ahead(rows: Rows<'_>, r: usize, row_bytes: usize) {
+        let ahead = rows.ptr.wrapping_add((r + PREFETCH_ROWS) * row_bytes);
+        for line in (0..row_bytes).step_by(64) {
+            // A prefetch is a hint that never faults, even past the end.
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+        }
+    }
+
+    /// One query: four independent FMA chains hide the FMA latency.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn score_one(rows: Rows<'_>, d: usize, query: &[f32], out: &mut Vec<f32>) {
+        let row_bytes = d * rows.dtype.size();
+        for r in 0..rows.len() / d {
+            prefetch_ahead(rows, r, row_bytes);
             let base = r * d;
-            if group == 1 {
-                // Four independent chains hide the FMA latency.
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut c = 0;
-                while c + 32 <= d {
-                    for (j, a) in acc.iter_mut().enumerate() {
-                        let at = c + 8 * j;
-                        // SAFETY: at + 8 <= c + 32 <= d (see above).
-                        let k = unsafe { load8(rows, base + at) };
-                        // SAFETY: as above, within the single query row.
-                        let q = unsafe { load_query(queries, at) };
-                        *a = _mm256_fmadd_ps(k, q, *a);
-                    }
-                    c += 32;
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c + 32 <= d {
+                for (j, a) in acc.iter_mut().enumerate() {
+                    let at = c + 8 * j;
+                    // SAFETY: at + 8 <= c + 32 <= d (see `score`).
+                    let k = unsafe { load8(rows, base + at) };
+                    // SAFETY: as above, within the single query row.
+                    let q = unsafe { load_query(query, at) };
+                    *a = _mm256_fmadd_ps(k, q, *a);
                 }
-                while c < d {
-                    // SAFETY: c + 8 <= d (see above).
-                    let k = unsafe { load8(rows, base + c) };
-                    // SAFETY: as above.
-                    let q = unsafe { load_query(queries, c) };
-                    acc[0] = _mm256_fmadd_ps(k, q, acc[0]);
-                    c += 8;
-                }
-                let sum =
-                    _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-                out.push(hsum(sum));
-            } else {
-                // One chain per query: each key block is loaded once per group.
-                let mut acc = [_mm256_setzero_ps(); 8];
-                let mut c = 0;
-                while c < d {
-                    // SAFETY: c + 8 <= d (see above).
-                    let k = unsafe { load8(rows, base + c) };
-                    for (g, a) in acc.iter_mut().enumerate().take(group) {
-                        // SAFETY: g < group, so g * d + c + 8 <= queries.len().
-                        let q = unsafe { load_query(queries, g * d + c) };
-                        *a = _mm256_fmadd_ps(k, q, *a);
-                    }
-                    c += 8;
-                }
-                for (g, a) in acc.iter().enumerate().take(group) {
-                    per_query[g] = hsum(*a);
-                }
-                out.push(aggregate(&per_query[..group], how));
+                c += 32;
             }
+            while c < d {
+                // SAFETY: c + 8 <= d (see `score`).
+                let k = unsafe { load8(rows, base + c) };
+                // SAFETY: as above.
+                let q = unsafe { load_query(query, c) };
+                acc[0] = _mm256_fmadd_ps(k, q, acc[0]);
+                c += 8;
+            }
+            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            out.push(hsum(sum));
+        }
+    }
+
+    /// A GQA group of G queries: each key block is loaded once and feeds G
+    /// independent chains.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn score_group<const G: usize>(
+        rows: Rows<'_>,
+        d: usize,
+        queries: &[f32],
+        how: Aggregation,
+        out: &mut Vec<f32>,
+    ) {
+        let row_bytes = d * rows.dtype.size();
+        let mut per_query = [0f32; G];
+        for r in 0..rows.len() / d {
+            prefetch_ahead(rows, r, row_bytes);
+            let base = r * d;
+            let mut acc = [_mm256_setzero_ps(); G];
+            let mut c = 0;
+            while c < d {
+                // SAFETY: c + 8 <= d (see `score`).
+                let k = unsafe { load8(rows, base + c) };
+                for (g, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: g < G == group, so g * d + c + 8 <= queries.len().
+                    let q = unsafe { load_query(queries, g * d + c) };
+                    *a = _mm256_fmadd_ps(k, q, *a);
+                }
+                c += 8;
+            }
+            for (p, a) in per_query.iter_mut().zip(&acc) {
+                *p = hsum(*a);
+            }
+            out.push(aggregate(&per_query, how));
+        }
+    }
+
+    /// Sixteen elements of row storage from `at`, as f32 lanes.
+    ///
+    /// # Safety
+    /// `at + 16` must not exceed the rows' length.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(rows: Rows<'_>, at: usize) -> __m512 {
+        debug_assert!(at + 16 <= rows.elements);
+        match rows.dtype {
+            // SAFETY: sixteen 4-byte elements in bounds by the contract.
+            Dtype::F32 => unsafe { _mm512_loadu_ps(rows.ptr.wrapping_add(at * 4).cast()) },
+            Dtype::F16 => {
+                // SAFETY: sixteen 2-byte elements in bounds by the contract.
+                let h = unsafe { _mm256_loadu_si256(rows.ptr.wrapping_add(at * 2).cast()) };
+                _mm512_cvtph_ps(h)
+            }
+            Dtype::Bf16 => {
+                // SAFETY: as for F16.
+                let h = unsafe { _mm256_loadu_si256(rows.ptr.wrapping_add(at * 2).cast()) };
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+    }
+
+    /// One query on AVX-512: the whole query lives in registers, so a row
+    /// costs only its own loads. Returns false for a head_dim it has no
+    /// instance for (the AVX2 kernel takes those).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn score_one_avx512(
+        rows: Rows<'_>,
+        d: usize,
+        query: &[f32],
+        out: &mut Vec<f32>,
+    ) -> bool {
+        if query.len() != d {
+            return false;
+        }
+        match d {
+            64 => score_one_in_registers::<4>(rows, query, out),
+            128 => score_one_in_registers::<8>(rows, query, out),
+            192 => score_one_in_registers::<12>(rows, query, out),
+            256 => score_one_in_registers::<16>(rows, query, out),
+            _ => return false,
+        }
+        true
+    }
+
+    /// `query.len() == 16 * C` (checked by the caller's match).
+    #[target_feature(enable = "avx512f")]
+    fn score_one_in_registers<const C: usize>(rows: Rows<'_>, query: &[f32], out: &mut Vec<f32>) {
+        let d = 16 * C;
+        assert_eq!(query.len(), d);
+        let mut q = [_mm512_setzero_ps(); C];
+        for (j, v) in q.iter_mut().enumerate() {
+            // SAFETY: 16 * j + 16 <= d == query.len().
+            *v = unsafe { _mm512_loadu_ps(query.as_ptr().wrapping_add(16 * j)) };
+        }
+        let row_bytes = d * rows.dtype.size();
+        out.reserve(rows.len() / d);
+        for r in 0..rows.len() / d {
+            prefetch_ahead(rows, r, row_bytes);
+            let base = r * d;
+            // Four chains hide the FMA latency.
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for (j, qj) in q.iter().enumerate() {
+                // SAFETY: base + 16 * j + 16 <= (r + 1) * d <= rows.len().
+                let k = unsafe { load16(rows, base + 16 * j) };
+                acc[j % 4] = _mm512_fmadd_ps(k, *qj, acc[j % 4]);
+            }
+            let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+            out.push(_mm512_reduce_add_ps(sum));
         }
     }
 }

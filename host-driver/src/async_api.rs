@@ -322,11 +322,11 @@ fn deliver(state: &mut State) -> Result<usize> {
     let cids = queue.reaped.take().expect("set above");
     let n = cids.len();
     for &cid in &cids {
-        if let Some(c) = state.queue().take(cid) {
-            if let Some(w) = state.waiters[usize::from(cid)].take() {
-                // A cancelled future has dropped its receiver: fine.
-                let _ = w.reply.send(c);
-            }
+        if let Some(c) = state.queue().take(cid)
+            && let Some(w) = state.waiters[usize::from(cid)].take()
+        {
+            // A cancelled future has dropped its receiver: fine.
+            let _ = w.reply.send(c);
         }
     }
     state.queue().reaped = Some(cids);
@@ -337,10 +337,10 @@ impl Drop for Shared {
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         let mut mailbox = self.device.mailbox_client();
-        if let Some(queue) = state.queue.take() {
-            if let Err(e) = queue.delete(&mut mailbox, &mut state.pool) {
-                tracing::warn!(error = %e, "deleting the async queue pair");
-            }
+        if let Some(queue) = state.queue.take()
+            && let Err(e) = queue.delete(&mut mailbox, &mut state.pool)
+        {
+            tracing::warn!(error = %e, "deleting the async queue pair");
         }
         state.pool.release(&mut mailbox);
     }

@@ -105,18 +105,18 @@ impl DmaPool {
         };
         let mut offset = buf.addr - chunk.addr;
         let mut len = buf.len;
-        if let Some((&next, &next_len)) = chunk.free.range(offset + len..).next() {
-            if next == offset + len {
-                chunk.free.remove(&next);
-                len += next_len;
-            }
+        if let Some((&next, &next_len)) = chunk.free.range(offset + len..).next()
+            && next == offset + len
+        {
+            chunk.free.remove(&next);
+            len += next_len;
         }
-        if let Some((&prev, &prev_len)) = chunk.free.range(..offset).next_back() {
-            if prev + prev_len == offset {
-                chunk.free.remove(&prev);
-                offset = prev;
-                len += prev_len;
-            }
+        if let Some((&prev, &prev_len)) = chunk.free.range(..offset).next_back()
+            && prev + prev_len == offset
+        {
+            chunk.free.remove(&prev);
+            offset = prev;
+            len += prev_len;
         }
         chunk.free.insert(offset, len);
     }

@@ -32,7 +32,7 @@ impl Backoff {
     pub(crate) fn wait(&mut self) {
         self.polls = self.polls.wrapping_add(1);
         // Look at the clock only now and then: it costs more than a poll.
-        if self.polls % 64 == 0 {
+        if self.polls.is_multiple_of(64) {
             let waited = self.start.elapsed();
             self.phase = if waited < Duration::from_micros(20) {
                 0

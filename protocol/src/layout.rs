@@ -86,7 +86,7 @@ impl RegionLayout {
             return Err(format!("DMA window starts at {:#x}", self.dma_window_offset));
         }
         let window_end = self.dma_window_offset.checked_add(self.dma_window_size);
-        if window_end != Some(self.dram_offset) || self.dram_offset % DRAM_ALIGN != 0 {
+        if window_end != Some(self.dram_offset) || !self.dram_offset.is_multiple_of(DRAM_ALIGN) {
             return Err(format!(
                 "DMA window {:#x}+{:#x} does not end at the aligned DRAM start {:#x}",
                 self.dma_window_offset, self.dma_window_size, self.dram_offset

@@ -342,13 +342,13 @@ const _: () = {
     assert!(CAP_HEADER_SIZE * (CAPABILITIES.len() as u64 + 1) <= DEVICE_STATUS_OFFSET);
     assert!(DEVICE_STATUS_OFFSET + DEVICE_STATUS_LENGTH <= MEMDEV_STATUS_OFFSET);
     assert!(MEMDEV_STATUS_OFFSET + MEMDEV_STATUS_LENGTH <= MAILBOX_OFFSET);
-    assert!(MAILBOX_OFFSET % 0x1000 == 0);
+    assert!(MAILBOX_OFFSET.is_multiple_of(0x1000));
     assert!(MAILBOX_OFFSET + MAILBOX_LENGTH <= PNM_OFFSET);
-    assert!(PNM_OFFSET % 0x1000 == 0);
+    assert!(PNM_OFFSET.is_multiple_of(0x1000));
     assert!(PNM_OFFSET + PNM_LENGTH <= REGISTER_BLOCK_SIZE);
     assert!(MAILBOX_PAYLOAD_SIZE_LOG2 >= 8 && MAILBOX_PAYLOAD_SIZE_LOG2 <= 20);
     assert!(pnm::DOORBELL_OFFSET < pnm::DOORBELL_PAGE);
-    assert!(pnm::DOORBELL_PAGE % 0x1000 == 0);
+    assert!(pnm::DOORBELL_PAGE.is_multiple_of(0x1000));
     // Every queue's doorbells and mask fit the doorbell page.
     assert!(
         pnm::DOORBELL_PAGE
@@ -478,7 +478,7 @@ const _: () = {
     while i < PNM_REGISTERS.len() {
         let prev = PNM_REGISTERS[i - 1];
         assert!(prev.offset + prev.bits as u64 / 8 <= PNM_REGISTERS[i].offset);
-        assert!(PNM_REGISTERS[i].offset % (PNM_REGISTERS[i].bits as u64 / 8) == 0);
+        assert!(PNM_REGISTERS[i].offset.is_multiple_of(PNM_REGISTERS[i].bits as u64 / 8));
         i += 1;
     }
 };

@@ -178,6 +178,13 @@ impl SharedMemory {
         Ok(())
     }
 
+    /// Pointer to `len` in-bounds bytes at `offset`, for code that reads
+    /// them in place (the scoring kernels) under the same rules as
+    /// [`read_bytes`](Self::read_bytes): raw reads only, no references.
+    pub fn read_ptr(&self, offset: u64, len: u64) -> Result<*const u8, OutOfBounds> {
+        self.range_ptr(offset, len).map(|p| p.cast_const())
+    }
+
     /// Sets `len` bytes at `offset` to `value`.
     pub fn fill(&self, offset: u64, len: u64, value: u8) -> Result<(), OutOfBounds> {
         let dst = self.range_ptr(offset, len)?;
