@@ -277,6 +277,39 @@ fn pnmctl_answers_in_text_and_json() {
 }
 
 #[test]
+fn pnmctl_bench_kernel_reports_every_case_in_process_and_through_the_device() {
+    let region = TempRegion::new("kbench");
+    let _device = DeviceProcess::start(region.path(), &["--size", "256MiB"]);
+    let path = region.path().to_str().unwrap();
+    let args = ["--tokens", "3000", "--dtypes", "f16,bf16,f32", "--groups", "1,3", "-k", "5,100"];
+    let out =
+        run("pnmctl", &[&["--device", path, "bench", "kernel", "--reps", "1"], &args[..]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let cases = report["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 3 * 2 * 2);
+    for case in cases {
+        assert_eq!(case["in_process"]["selected"], case["k"], "{case}");
+        assert!(case["roofline"]["memory_read_gb_per_s"].as_f64().unwrap() > 0.1, "{case}");
+        assert!(case["through_device"]["device_kernel_min_ms"].as_f64().unwrap() > 0.0);
+    }
+    // Without a device: the in-process figures alone, and a usage error for a bad grid.
+    let out = run(
+        "pnmctl",
+        &[
+            &["--device", "/nonexistent", "bench", "kernel", "--no-device", "--reps", "1"],
+            &args[..],
+        ]
+        .concat(),
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert!(report["cases"][0].get("through_device").is_none());
+    let out = run("pnmctl", &["bench", "kernel", "--no-device", "--groups", "9"]);
+    assert!(!out.status.success());
+}
+
+#[test]
 fn a_client_written_from_the_cxl_spec_gets_conformant_answers() {
     let region = TempRegion::new("spec");
     let _device = DeviceProcess::start(region.path(), &["--size", "1GiB"]);

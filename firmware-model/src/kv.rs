@@ -53,10 +53,11 @@ pub trait Dram {
     }
 }
 
-/// Device DRAM as a plain byte vector: for tests, benchmarks and tools that
+/// Device DRAM in process memory (a byte vector, or any buffer such as an
+/// anonymous mapping with huge pages): for tests, benchmarks and tools that
 /// run the store without a device.
 #[derive(Debug)]
-pub struct MemDram(std::cell::RefCell<Vec<u8>>);
+pub struct MemDram<B = Vec<u8>>(std::cell::RefCell<B>);
 
 impl MemDram {
     pub fn new(size: usize) -> Self {
@@ -64,12 +65,19 @@ impl MemDram {
     }
 }
 
-impl Dram for &MemDram {
+impl<B: AsRef<[u8]> + AsMut<[u8]>> MemDram<B> {
+    pub fn from_buffer(buffer: B) -> Self {
+        Self(std::cell::RefCell::new(buffer))
+    }
+}
+
+impl<B: AsRef<[u8]> + AsMut<[u8]>> Dram for &MemDram<B> {
     fn len(&self) -> u64 {
-        self.0.borrow().len() as u64
+        self.0.borrow().as_ref().len() as u64
     }
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError> {
         let mem = self.0.borrow();
+        let mem = mem.as_ref();
         let range = usize::try_from(offset).ok().and_then(|o| Some(o..o.checked_add(out.len())?));
         let src = range
             .and_then(|r| mem.get(r))
@@ -79,6 +87,7 @@ impl Dram for &MemDram {
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError> {
         let mut mem = self.0.borrow_mut();
+        let mem = mem.as_mut();
         let range = usize::try_from(offset).ok().and_then(|o| Some(o..o.checked_add(data.len())?));
         let dst = range
             .and_then(|r| mem.get_mut(r))
@@ -94,6 +103,7 @@ impl Dram for &MemDram {
         score: impl FnOnce(Rows<'_>) -> R,
     ) -> Result<R, KvError> {
         let mem = self.0.borrow();
+        let mem = mem.as_ref();
         let range = usize::try_from(offset)
             .ok()
             .zip(usize::try_from(len).ok())

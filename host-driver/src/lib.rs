@@ -13,6 +13,7 @@ pub mod kv;
 pub mod mailbox;
 pub mod notify;
 pub mod queue;
+pub mod roofline;
 mod sys;
 pub mod tensorfile;
 

@@ -51,23 +51,6 @@ fn time<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
     )
 }
 
-/// Single-thread memory read bandwidth (GB/s) over a buffer far larger than cache.
-fn read_bandwidth() -> f64 {
-    let words = (512usize << 20) / 8;
-    let data: Vec<u64> = (0..words as u64).collect();
-    let secs = time(5, || {
-        // Four independent sums so the loop is bound by loads, not adds.
-        let mut acc = [0u64; 4];
-        for c in data.chunks_exact(4) {
-            for i in 0..4 {
-                acc[i] = acc[i].wrapping_add(c[i]);
-            }
-        }
-        acc
-    });
-    (words * 8) as f64 / secs / 1e9
-}
-
 /// memcpy bandwidth (GB/s of bytes copied) between two large buffers.
 fn copy_bandwidth() -> f64 {
     let len = 256usize << 20;
@@ -108,7 +91,7 @@ fn rss_anon(pid: u32) -> u64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let read_gbs = read_bandwidth();
+    let read_gbs = pnm_host::roofline::Roofline::new(512 << 20)?.read_gb_per_s(5);
     let copy_gbs = copy_bandwidth();
 
     // KV load: rows stored straight into device DRAM, timed on a region

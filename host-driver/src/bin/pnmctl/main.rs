@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+mod kernel_bench;
+
 use clap::{Parser, Subcommand};
 use pnm_host::tensorfile::{self, Tensor};
 use pnm_host::{Aggregation, Device, DeviceOptions, Error, KvShape, Query, Sequence};
@@ -140,6 +142,51 @@ enum BenchAction {
         #[arg(long)]
         interrupts: bool,
     },
+    /// Scoring + Top-K kernel over a grid of shapes: in-process (the firmware
+    /// model) and through the device, against this machine's memory read
+    /// roofline measured in the same run (JSON).
+    Kernel {
+        /// Sequence lengths, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "32768,131072")]
+        tokens: Vec<u64>,
+        /// Key dtypes, comma separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "f16,bf16,f32")]
+        dtypes: Vec<DtypeArg>,
+        /// GQA group sizes, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        groups: Vec<u32>,
+        /// k values, comma separated.
+        #[arg(short, long, value_delimiter = ',', default_value = "64,2048")]
+        k: Vec<u32>,
+        #[arg(long, default_value_t = 128)]
+        head_dim: u16,
+        /// Timed runs per case (the minimum and median are reported).
+        #[arg(long, default_value_t = 9)]
+        reps: usize,
+        /// Only the in-process kernel: no device needed.
+        #[arg(long)]
+        no_device: bool,
+        /// Also time numpy and faiss-cpu on the same shapes (needs python3).
+        #[arg(long)]
+        reference: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DtypeArg {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl From<DtypeArg> for pnm_host::Dtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F16 => Self::F16,
+            DtypeArg::Bf16 => Self::Bf16,
+            DtypeArg::F32 => Self::F32,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -458,13 +505,47 @@ fn bench_topk(
     Ok(result?)
 }
 
-fn run(cli: &Cli) -> Result<(), CliError> {
+/// Opens the device named on the command line.
+fn open(cli: &Cli) -> Result<Device, Error> {
     let options = DeviceOptions {
         mailbox_timeout: Duration::from_millis(cli.timeout_ms),
         wait_ready: Some(Duration::from_millis(cli.wait_ms)),
         ..Default::default()
     };
-    let device = Device::open_with(&cli.device, &options)?;
+    Device::open_with(&cli.device, &options)
+}
+
+fn run(cli: &Cli) -> Result<(), CliError> {
+    if let Command::Bench {
+        action:
+            BenchAction::Kernel { tokens, dtypes, groups, k, head_dim, reps, no_device, reference },
+    } = &cli.command
+    {
+        let grid = kernel_bench::KernelGrid {
+            tokens: tokens.clone(),
+            dtypes: dtypes.iter().map(|&d| d.into()).collect(),
+            groups: groups.clone(),
+            ks: k.clone(),
+            head_dim: *head_dim,
+            reps: *reps,
+            reference: *reference,
+        };
+        let bad = |v: &[u64]| v.is_empty() || v.contains(&0);
+        if bad(&grid.tokens)
+            || grid.groups.iter().any(|&g| g == 0 || g > 8)
+            || bad(&grid.ks.iter().map(|&k| u64::from(k)).collect::<Vec<_>>())
+            || grid.dtypes.is_empty()
+            || grid.head_dim == 0
+            || grid.reps == 0
+        {
+            return Err(usage("--tokens, -k and --reps must be at least 1, --groups 1..=8"));
+        }
+        let device = if *no_device { None } else { Some(open(cli)?) };
+        let report = kernel_bench::run(&grid, device.as_ref())?;
+        println!("{}", serde_json::to_string_pretty(&report).expect("plain data"));
+        return Ok(());
+    }
+    let device = open(cli)?;
     match &cli.command {
         Command::Identify => emit(cli.json, &device.identify()?, |id| {
             format!(
@@ -723,6 +804,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                 }
             }
         }
+        Command::Bench { action: BenchAction::Kernel { .. } } => unreachable!("handled above"),
         Command::Bench {
             action: BenchAction::Topk { tokens, head_dim, k, group, reps, interrupts },
         } => {

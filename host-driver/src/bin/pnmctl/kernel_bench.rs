@@ -1,0 +1,208 @@
+//! `pnmctl bench kernel`: the scoring + Top-K kernel over a grid of shapes,
+//! in-process (the firmware model called directly) and through the device,
+//! each figure next to this machine's memory read roofline measured in the
+//! same run, and optionally numpy and faiss-cpu on the same shapes.
+
+use std::time::Instant;
+
+use pnm_firmware::kernels::Aggregation;
+use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkScratch};
+use pnm_host::roofline::Roofline;
+use pnm_host::{Device, Dtype, KvShape, Query};
+use serde_json::{Value, json};
+
+/// The grid and how to run it.
+#[derive(Debug, Clone)]
+pub struct KernelGrid {
+    pub tokens: Vec<u64>,
+    pub dtypes: Vec<Dtype>,
+    pub groups: Vec<u32>,
+    pub ks: Vec<u32>,
+    pub head_dim: u16,
+    pub reps: usize,
+    /// Also time numpy and faiss-cpu (through python3) on the same shapes.
+    pub reference: bool,
+}
+
+fn dtype_name(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F16 => "f16",
+        Dtype::Bf16 => "bf16",
+        Dtype::F32 => "f32",
+    }
+}
+
+/// Keys with values in about [-1, 1), stored as `dtype`.
+fn keys(dtype: Dtype, elements: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut out = Vec::with_capacity(elements * dtype.size());
+    for _ in 0..elements {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let v = (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
+        match dtype {
+            Dtype::F32 => out.extend_from_slice(&v.to_le_bytes()),
+            Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            Dtype::Bf16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+        }
+    }
+    out
+}
+
+/// (min, median) of `reps` timings of `f`, in seconds.
+fn timed(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+    f(); // warm-up: page tables, caches, branch history
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    (t[0], t[t.len() / 2])
+}
+
+/// Runs the grid; `device` adds the through-the-device figures.
+pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value> {
+    let roofline = Roofline::new(256 << 20).map_err(memory_error)?;
+    let d = usize::from(grid.head_dim);
+    let mut cases = Vec::new();
+    for &tokens in &grid.tokens {
+        for &dtype in &grid.dtypes {
+            let key_bytes = keys(dtype, tokens as usize * d, 0x9E37_79B9_7F4A_7C15 ^ tokens);
+            // The firmware's store in plain memory, holding exactly these keys.
+            let shape = SequenceShape { dtype, layers: 1, heads: 1, head_dim: grid.head_dim };
+            let dram = MemDram::from_buffer(
+                pnm_host::roofline::huge_page_buffer((16 << 20) + 2 * key_bytes.len() + (1 << 20))
+                    .map_err(memory_error)?,
+            );
+            let (mut store, _) = KvStore::open(&dram).map_err(firmware_error)?;
+            let id = store.create(shape).map_err(firmware_error)?;
+            let appended = store.append(id, tokens).map_err(firmware_error)?;
+            let row = shape.row_bytes() as usize;
+            let tpp = shape.tokens_per_page() as usize;
+            for (page, entry) in appended.map.iter().enumerate() {
+                let lo = page * tpp * row;
+                let hi = ((page + 1) * tpp * row).min(key_bytes.len());
+                let at = store.layout().frame_offset(entry.key_frame.get());
+                (&dram).write(at, &key_bytes[lo..hi]).map_err(firmware_error)?;
+            }
+            store.commit(id, tokens).map_err(firmware_error)?;
+            // The same keys in the device (values are not read by TOPK).
+            let on_device = match device {
+                Some(dev) => {
+                    let wire = KvShape { dtype, layers: 1, heads: 1, head_dim: grid.head_dim };
+                    let seq = dev.kv_create(wire)?;
+                    Some(dev.kv_append(&seq, &key_bytes, &key_bytes, tokens, &mut |_| {})?)
+                }
+                None => None,
+            };
+            for &group in &grid.groups {
+                let queries: Vec<f32> =
+                    (0..group as usize * d).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+                for &k in &grid.ks {
+                    let read_gbs = roofline.read_gb_per_s(3);
+                    let floor = key_bytes.len() as f64 / (read_gbs * 1e9);
+                    let mut scratch = TopkScratch::default();
+                    let mut selected = 0;
+                    let (local_min, local_median) = timed(grid.reps, || {
+                        let top = store
+                            .top_k_with(&mut scratch, id, 0, 0, &queries, Aggregation::Max, k)
+                            .expect("the benchmark's own arguments are valid");
+                        selected = top.len();
+                    });
+                    let mut case = json!({
+                        "tokens": tokens,
+                        "head_dim": d,
+                        "dtype": dtype_name(dtype),
+                        "group": group,
+                        "k": k,
+                        "key_bytes": key_bytes.len(),
+                        "roofline": {
+                            "memory_read_gb_per_s": read_gbs,
+                            "floor_ms": floor * 1e3,
+                        },
+                        "in_process": {
+                            "min_ms": local_min * 1e3,
+                            "median_ms": local_median * 1e3,
+                            "key_gb_per_s": key_bytes.len() as f64 / local_min / 1e9,
+                            "x_roofline_time": local_min / floor,
+                            "selected": selected,
+                        },
+                    });
+                    if let (Some(dev), Some(seq)) = (device, &on_device) {
+                        let query = Query::f32(&queries, d);
+                        let mut kernel_ns = Vec::new();
+                        let (host_min, host_median) = timed(grid.reps, || {
+                            let top = dev
+                                .topk(seq.id, 0, 0, &query, k)
+                                .expect("the benchmark's own arguments are valid");
+                            kernel_ns.push(top.device_ns as f64);
+                        });
+                        kernel_ns.sort_by(f64::total_cmp);
+                        let kernel_min = kernel_ns[0] / 1e9;
+                        case["through_device"] = json!({
+                            "host_min_ms": host_min * 1e3,
+                            "host_median_ms": host_median * 1e3,
+                            "device_kernel_min_ms": kernel_min * 1e3,
+                            "device_kernel_median_ms": kernel_ns[kernel_ns.len() / 2] / 1e6,
+                            "x_in_process": host_min / local_min,
+                            "x_roofline_time": host_min / floor,
+                        });
+                    }
+                    cases.push(case);
+                }
+            }
+            if let (Some(dev), Some(seq)) = (device, on_device) {
+                dev.kv_free(seq.id)?;
+            }
+        }
+    }
+    let reference = if grid.reference { python_reference(grid) } else { Value::Null };
+    Ok(json!({
+        "benchmark": "kernel",
+        "threads": 1,
+        "cases": cases,
+        "reference": reference,
+        "note": "min over reps (interference only slows a run down); x_roofline_time = time / (key bytes / memory read bandwidth measured just before the case)",
+    }))
+}
+
+/// numpy and faiss-cpu on the same shapes, single-threaded, or why not.
+fn python_reference(grid: &KernelGrid) -> Value {
+    let spec = json!({
+        "tokens": grid.tokens,
+        "dtypes": grid.dtypes.iter().map(|&d| dtype_name(d)).collect::<Vec<_>>(),
+        "groups": grid.groups,
+        "ks": grid.ks,
+        "head_dim": grid.head_dim,
+        "reps": grid.reps,
+    });
+    let output = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(include_str!("kernel_reference.py"))
+        .arg(spec.to_string())
+        // One thread, like the firmware kernel it is compared with.
+        .env("OMP_NUM_THREADS", "1")
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .env("MKL_NUM_THREADS", "1")
+        .output();
+    match output {
+        Ok(out) if out.status.success() => serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| json!({ "error": format!("unreadable reference output: {e}") })),
+        Ok(out) => json!({ "error": String::from_utf8_lossy(&out.stderr).trim().to_string() }),
+        Err(e) => json!({ "error": format!("python3: {e}") }),
+    }
+}
+
+/// No memory for a benchmark buffer.
+fn memory_error(e: std::io::Error) -> pnm_host::Error {
+    pnm_host::Error::Invalid(format!("benchmark buffer: {e}"))
+}
+
+/// A firmware-model error while building the in-process store.
+fn firmware_error(e: pnm_firmware::kv::KvError) -> pnm_host::Error {
+    pnm_host::Error::Invalid(format!("in-process store: {e}"))
+}
