@@ -310,6 +310,38 @@ fn pnmctl_bench_kernel_reports_every_case_in_process_and_through_the_device() {
 }
 
 #[test]
+fn pnmctl_model_answers_from_profiles_without_a_device() {
+    let out = run("pnmctl", &["--json", "model", "--model", "llama-3-70b", "--context", "131072"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The seed's formula: 2 x 80 layers x 8 KV heads x 128 x 2 bytes x 131072 = 40 GiB.
+    assert_eq!(v["kv_cache_bytes"], 40u64 << 30);
+    let answers = v["answers"].as_array().unwrap();
+    assert_eq!(answers.len(), 3, "every built-in profile");
+    let pnm = answers.iter().find(|a| a["profile"] == "cxl-pnm").unwrap();
+    assert!(pnm["near_memory_ms"].as_f64().unwrap() < pnm["stream_all_ms"].as_f64().unwrap());
+    let dir = std::env::temp_dir().join(format!("pnm-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let custom = dir.join("fast.toml");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/firmware-model/profiles/cxl-pnm.toml"
+    ))
+    .unwrap()
+    .replace("name = \"cxl-pnm\"", "name = \"doubled\"")
+    .replace("link_bandwidth_gb_per_s = 63.0", "link_bandwidth_gb_per_s = 126.0");
+    std::fs::write(&custom, text).unwrap();
+    let out = run("pnmctl", &["--json", "model", "--profile", custom.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["answers"][0]["profile"], "doubled");
+    std::fs::write(&custom, "name = 3").unwrap();
+    let out = run("pnmctl", &["model", "--profile", custom.to_str().unwrap()]);
+    assert!(!out.status.success(), "a malformed profile is an error");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn a_client_written_from_the_cxl_spec_gets_conformant_answers() {
     let region = TempRegion::new("spec");
     let _device = DeviceProcess::start(region.path(), &["--size", "1GiB"]);

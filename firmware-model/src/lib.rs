@@ -4,10 +4,12 @@
 //! - [`limits`]: what the firmware supports.
 //! - [`kv`]: the KV store's layout in device DRAM.
 //! - [`kernels`]: scoring, aggregation and Top-K selection.
+//! - [`timing`]: how long the modelled hardware would take (profiles in TOML).
 
 pub mod kernels;
 pub mod kv;
 pub mod limits;
 pub mod simd;
+pub mod timing;
 
 pub use limits::{Dtype, FirmwareLimits, LIMITS};

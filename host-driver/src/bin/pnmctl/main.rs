@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod kernel_bench;
+mod model;
 
 use clap::{Parser, Subcommand};
 use pnm_host::tensorfile::{self, Tensor};
@@ -72,6 +73,28 @@ enum Command {
         /// How a GQA group's scores combine.
         #[arg(long, value_enum, default_value = "max")]
         aggregation: AggregationArg,
+    },
+    /// What-if answers from the timing model's hardware profiles: KV cache
+    /// size, and per decode step the link bytes and modelled time with and
+    /// without near-memory Top-K. Needs no device.
+    Model {
+        /// A known model shape (llama-3-8b, llama-3-70b, llama-3-405b, qwen2-7b).
+        #[arg(long, default_value = "llama-3-70b")]
+        model: String,
+        /// Tokens of context per sequence.
+        #[arg(long, default_value_t = 131072)]
+        context: u64,
+        #[arg(long, default_value_t = 1)]
+        batch: u64,
+        /// KV element type.
+        #[arg(long, value_enum, default_value = "f16")]
+        dtype: DtypeArg,
+        /// Tokens selected per (layer, KV head) by near-memory Top-K.
+        #[arg(short, long, default_value_t = 2048)]
+        k: u64,
+        /// Profiles: built-in names or .toml files (default: every built-in).
+        #[arg(long, value_delimiter = ',')]
+        profile: Vec<String>,
     },
     /// Command-path benchmarks against the device (JSON).
     Bench {
@@ -516,6 +539,34 @@ fn open(cli: &Cli) -> Result<Device, Error> {
 }
 
 fn run(cli: &Cli) -> Result<(), CliError> {
+    if let Command::Model { model, context, batch, dtype, k, profile } = &cli.command {
+        if *context == 0 || *batch == 0 || *k == 0 {
+            return Err(usage("--context, --batch and -k must be at least 1"));
+        }
+        let profiles = if profile.is_empty() {
+            pnm_firmware::timing::HardwareProfile::built_in()
+        } else {
+            profile
+                .iter()
+                .map(|p| model::load_profile(p))
+                .collect::<Result<_, _>>()
+                .map_err(|e| usage(&e))?
+        };
+        let question = pnm_firmware::timing::StepQuestion {
+            model: model::model_shape(model).map_err(|e| usage(&e))?,
+            context: *context,
+            batch: *batch,
+            elem_bytes: pnm_host::Dtype::from(*dtype).size() as u64,
+            k: *k,
+        };
+        let (value, text) = model::answer(&question, &profiles);
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&value).expect("plain data"));
+        } else {
+            print!("{text}");
+        }
+        return Ok(());
+    }
     if let Command::Bench {
         action:
             BenchAction::Kernel { tokens, dtypes, groups, k, head_dim, reps, no_device, reference },
@@ -804,7 +855,9 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                 }
             }
         }
-        Command::Bench { action: BenchAction::Kernel { .. } } => unreachable!("handled above"),
+        Command::Bench { action: BenchAction::Kernel { .. } } | Command::Model { .. } => {
+            unreachable!("handled above")
+        }
         Command::Bench {
             action: BenchAction::Topk { tokens, head_dim, k, group, reps, interrupts },
         } => {
