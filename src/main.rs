@@ -264,6 +264,9 @@ struct StepReport {
     full_kv_bytes: u64,
     step_ms: f64,
     device_ms: f64,
+    /// What the device's timing profile says its hardware would take for
+    /// the step's commands, one after another.
+    modelled_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -284,6 +287,7 @@ struct Report {
     full_kv_bytes_per_step: f64,
     link_reduction: f64,
     mean_step_ms: f64,
+    mean_modelled_ms: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -444,6 +448,7 @@ fn main() -> anyhow::Result<()> {
                 top.tokens_scored as f64 / top.tokens as f64 / streams.len() as f64;
             report.step_ms += start.elapsed().as_secs_f64() * 1e3;
             report.device_ms += top.device_ns as f64 / 1e6;
+            report.modelled_ms += top.model_ns as f64 / 1e6;
             let n = top.indices.len() as u64;
             report.link_bytes += 64 + 32 + query.data.len() as u64 + 8 * n + 2 * n * row;
             report.full_kv_bytes += 2 * seq.tokens * row;
@@ -471,7 +476,7 @@ fn main() -> anyhow::Result<()> {
         report.attention_rel_error = error_sum / f64::from(error_count);
         if !args.json {
             println!(
-                "step {:>3}  ctx {:>7}  keys read {:>5.1}%  recall {:.4}  attn rel err {:.4}  link {:>7.2} MiB vs {:>8.1} MiB full KV  {:>7.1} ms/step (device {:.1} ms)",
+                "step {:>3}  ctx {:>7}  keys read {:>5.1}%  recall {:.4}  attn rel err {:.4}  link {:>7.2} MiB vs {:>8.1} MiB full KV  {:>7.1} ms/step (device {:.1} ms, modelled {:.2} ms)",
                 step,
                 report.context_tokens,
                 report.keys_read_fraction * 100.0,
@@ -481,6 +486,7 @@ fn main() -> anyhow::Result<()> {
                 report.full_kv_bytes as f64 / (1 << 20) as f64,
                 report.step_ms,
                 report.device_ms,
+                report.modelled_ms,
             );
         }
         steps.push(report);
@@ -504,6 +510,7 @@ fn main() -> anyhow::Result<()> {
         full_kv_bytes_per_step: mean(&|s| s.full_kv_bytes as f64),
         link_reduction: mean(&|s| s.full_kv_bytes as f64) / mean(&|s| s.link_bytes as f64).max(1.0),
         mean_step_ms: mean(&|s| s.step_ms),
+        mean_modelled_ms: mean(&|s| s.modelled_ms),
         steps,
     };
     if args.json {
@@ -553,6 +560,10 @@ fn main() -> anyhow::Result<()> {
             "time per decode step        {:.1} ms ({} Top-K+gather commands)",
             report.mean_step_ms,
             streams.len()
+        );
+        println!(
+            "modelled hardware time      {:.3} ms per step (the device's timing profile; `pnmctl model` for what-ifs)",
+            report.mean_modelled_ms
         );
     }
     if args.device.is_some() && !args.keep {

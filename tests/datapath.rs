@@ -481,3 +481,65 @@ fn page_selection_through_the_device() {
     e.buf1_len = (out.len as u32).into();
     assert_eq!(dev.submit_raw(&[e]).unwrap()[0].code, ReturnCode::INVALID_INPUT);
 }
+
+/// Every completion carries the time the device's timing profile gives for
+/// exactly that command (checked against the firmware model's arithmetic),
+/// and a device refuses a profile it cannot use.
+#[test]
+fn completions_carry_the_modelled_time_of_the_devices_profile() {
+    use pnm_firmware::timing::{HardwareProfile, Work, command_ns};
+    let region = TempRegion::new("model");
+    let profile_path = region.path().with_extension("toml");
+    let profile_text = r#"
+        name = "round"
+        description = "round numbers for the test"
+        internal_bandwidth_gb_per_s = 100.0
+        compute_gflop_per_s = 50.0
+        compute_units = 2
+        link_bandwidth_gb_per_s = 10.0
+        link_latency_ns = 300.0
+        command_overhead_ns = 700.0
+    "#;
+    std::fs::write(&profile_path, profile_text).unwrap();
+    let profile = HardwareProfile::from_toml(profile_text).unwrap();
+    let _device = DeviceProcess::start(
+        region.path(),
+        &["--size", "64MiB", "--profile", profile_path.to_str().unwrap()],
+    );
+    let dev = Device::open(region.path()).unwrap();
+    assert_eq!(dev.nop().unwrap().model_ns, 700);
+    let shape = KvShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 64 };
+    let l = load(&dev, shape, 5000, 11);
+    let queries: Vec<f32> = (0..2 * 64).map(|i| (i % 7) as f32 - 3.0).collect();
+    let query = Query::f32(&queries, 64);
+    let want = |tokens: u64, gathered: u64| {
+        let work = Work::TopK { tokens, head_dim: 64, elem_bytes: 2, group: 2, k: 10, gathered };
+        command_ns(&profile, work) as u64
+    };
+    let top = dev.topk(l.seq.id, 0, 0, &query, 10).unwrap();
+    assert_eq!(top.model_ns, want(5000, 0));
+    let mut rows = pnm_host::Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+    let selection = pnm_host::PageSelection { budget_tokens: 1024, sink_pages: 1, recent_pages: 1 };
+    let top = dev
+        .topk_gather_selected_into(
+            &l.seq,
+            0,
+            0,
+            &query,
+            10,
+            Aggregation::Max,
+            Some(selection),
+            &mut rows,
+        )
+        .unwrap();
+    assert!(top.tokens_scored < 5000);
+    assert_eq!(top.model_ns, want(top.tokens_scored, 10), "the model charges only the keys read");
+    drop(dev);
+    std::fs::remove_file(&profile_path).unwrap();
+
+    // A profile the device cannot use stops it at start, with the reason.
+    let out =
+        common::run("pnm-device", &["--path", "/dev/shm/never-created", "--profile", "warp-drive"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warp-drive"));
+}

@@ -237,9 +237,13 @@ fn wrong_abi_major_is_refused() {
     let mut device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
     assert_eq!(device.stop(), Some(0));
     let file = std::fs::OpenOptions::new().write(true).open(region.path()).unwrap();
-    let abi = ((regs::ABI_VERSION_MAJOR as u32 + 1) << 16).to_le_bytes();
+    let other = regs::ABI_VERSION_MAJOR + 1;
+    let abi = (u32::from(other) << 16).to_le_bytes();
     file.write_all_at(&abi, regs::PNM_OFFSET + pnm::ABI_VERSION).unwrap();
-    assert!(matches!(Device::open(region.path()), Err(Error::AbiMismatch { found_major: 2, .. })));
+    assert!(matches!(
+        Device::open(region.path()),
+        Err(Error::AbiMismatch { found_major, .. }) if found_major == other
+    ));
 }
 
 #[test]

@@ -5,6 +5,7 @@ use pnm_firmware::LIMITS;
 use pnm_firmware::kernels::{self, Aggregation, Scored};
 use pnm_firmware::kv::{Dram, KvError, KvStore, PageSelection, SequenceShape, TopkScratch};
 use pnm_firmware::simd::Rows;
+use pnm_firmware::timing::{self, HardwareProfile, Work};
 use pnm_protocol::queue::{
     FLAG_PAGE_SELECTION, GatherLayout, PageMapEntry, SubmissionEntry, TopkLayout,
     decode_page_selection, opcode,
@@ -60,15 +61,30 @@ pub struct Outcome {
     pub result0: u32,
     pub result1: u32,
     pub result2: u64,
+    /// What the command did, for its modelled time.
+    pub work: Work,
+    /// The modelled hardware's time for it (ns, saturating).
+    pub model_ns: u32,
 }
 
 impl Outcome {
     fn ok(result0: u32, result1: u32, result2: u64) -> Self {
-        Self { code: ReturnCode::SUCCESS, result0, result1, result2 }
+        Self {
+            code: ReturnCode::SUCCESS,
+            result0,
+            result1,
+            result2,
+            work: Work::Control,
+            model_ns: 0,
+        }
     }
 
     fn error(code: ReturnCode) -> Self {
-        Self { code, result0: 0, result1: 0, result2: 0 }
+        Self { code, ..Self::ok(0, 0, 0) }
+    }
+
+    fn with_work(self, work: Work) -> Self {
+        Self { work, ..self }
     }
 }
 
@@ -104,13 +120,15 @@ pub struct DataPath {
     pub mem: SharedMemory,
     pub layout: RegionLayout,
     pub kv: SharedStore,
+    /// The timing model's hardware: every completion carries its time.
+    pub profile: Arc<HardwareProfile>,
     scratch: Vec<u8>,
     topk: TopkScratch,
 }
 
 impl Clone for DataPath {
     fn clone(&self) -> Self {
-        Self::with_store(self.mem, self.layout, self.kv.clone())
+        Self::with_store(self.mem, self.layout, self.kv.clone(), self.profile.clone())
     }
 }
 
@@ -121,12 +139,22 @@ pub fn is_compute(opcode: u8) -> bool {
 }
 
 impl DataPath {
-    pub fn new(mem: SharedMemory, layout: RegionLayout, kv: KvStore<DramView>) -> Self {
-        Self::with_store(mem, layout, Arc::new(RwLock::new(kv)))
+    pub fn new(
+        mem: SharedMemory,
+        layout: RegionLayout,
+        kv: KvStore<DramView>,
+        profile: HardwareProfile,
+    ) -> Self {
+        Self::with_store(mem, layout, Arc::new(RwLock::new(kv)), Arc::new(profile))
     }
 
-    fn with_store(mem: SharedMemory, layout: RegionLayout, kv: SharedStore) -> Self {
-        Self { mem, layout, kv, scratch: Vec::new(), topk: TopkScratch::default() }
+    fn with_store(
+        mem: SharedMemory,
+        layout: RegionLayout,
+        kv: SharedStore,
+        profile: Arc<HardwareProfile>,
+    ) -> Self {
+        Self { mem, layout, kv, profile, scratch: Vec::new(), topk: TopkScratch::default() }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, KvStore<DramView>> {
@@ -160,13 +188,15 @@ impl DataPath {
 
     /// Executes one descriptor.
     pub fn execute(&mut self, sqe: &SubmissionEntry) -> Outcome {
-        match self.dispatch(sqe) {
+        let outcome = match self.dispatch(sqe) {
             Ok(outcome) => outcome,
             Err((code, reason)) => {
                 tracing::debug!(opcode = sqe.opcode, cid = sqe.command_id.get(), %code, %reason, "command refused");
                 Outcome::error(code)
             }
-        }
+        };
+        let model_ns = timing::command_ns(&self.profile, outcome.work);
+        Outcome { model_ns: model_ns.min(f64::from(u32::MAX)) as u32, ..outcome }
     }
 
     fn dispatch(&mut self, sqe: &SubmissionEntry) -> Result<Outcome, Refusal> {
@@ -322,8 +352,16 @@ impl DataPath {
         if with_rows {
             self.copy_rows(kv, sqe, &indices, out + result.key_rows(), out + result.value_rows())?;
         }
+        let work = Work::TopK {
+            tokens: scored,
+            head_dim: u64::from(shape.head_dim),
+            elem_bytes: shape.dtype.size() as u64,
+            group: u64::from(group),
+            k: top.len() as u64,
+            gathered: if with_rows { top.len() as u64 } else { 0 },
+        };
         let scored = scored.min(u64::from(u32::MAX)) as u32;
-        Ok(Outcome::ok(top.len() as u32, scored, kv.tokens(seq).unwrap_or(0)))
+        Ok(Outcome::ok(top.len() as u32, scored, kv.tokens(seq).unwrap_or(0)).with_work(work))
     }
 
     fn gather(
@@ -352,7 +390,12 @@ impl DataPath {
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
         self.copy_rows(kv, sqe, &indices, out + rows.key_rows(), out + rows.value_rows())?;
-        Ok(Outcome::ok(n, 0, 0))
+        let work = Work::Gather {
+            rows: u64::from(n),
+            head_dim: u64::from(shape.head_dim),
+            elem_bytes: shape.dtype.size() as u64,
+        };
+        Ok(Outcome::ok(n, 0, 0).with_work(work))
     }
 
     /// DMAs the K and V rows of `indices` to consecutive rows at `keys_at`

@@ -23,6 +23,7 @@ use crate::mailbox::{HealthCounters, KvGeometry, MailboxState, TimestampClock};
 use crate::notify::{NotifyServer, Peers};
 use crate::queues::{ComputeUnits, QueueTable};
 use crate::region::{Region, RegionConfig, RegionError};
+use pnm_firmware::timing::HardwareProfile;
 
 /// How often the heartbeat register advances.
 pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(10);
@@ -46,6 +47,13 @@ pub struct DeviceConfig {
     pub compute_units: Option<u32>,
     /// Notification socket (default: the region path + ".sock").
     pub socket: Option<PathBuf>,
+    /// The timing model's hardware (default: the built-in cxl-pnm profile).
+    pub profile: Option<HardwareProfile>,
+}
+
+/// The timing profile a device models unless told otherwise.
+pub fn default_profile() -> HardwareProfile {
+    HardwareProfile::named("cxl-pnm").expect("cxl-pnm is built in")
 }
 
 /// A device serving a region on its own thread until stopped.
@@ -63,7 +71,8 @@ impl RunningDevice {
     pub fn start(config: &DeviceConfig) -> Result<Self, RegionError> {
         let region = Region::open(&config.region)?;
         let socket = config.socket.clone().unwrap_or_else(|| socket_path(&config.region.path));
-        Self::serve(region, config.compute_units, Some(&socket))
+        let profile = config.profile.clone().unwrap_or_else(default_profile);
+        Self::serve(region, config.compute_units, Some(&socket), profile)
     }
 
     /// Serves an already opened region with `compute_units` threads
@@ -73,6 +82,7 @@ impl RunningDevice {
         region: Region,
         compute_units: Option<u32>,
         socket: Option<&Path>,
+        profile: HardwareProfile,
     ) -> Result<Self, RegionError> {
         // One core is the engine's (and the host's, when they share a
         // machine); compute units get the rest, at least one.
@@ -125,7 +135,8 @@ impl RunningDevice {
             queues: QueueTable::new(regs, layout, peers.clone()),
             dma: DmaAllocator::new(&layout),
         };
-        let datapath = DataPath::new(regs, layout, kv);
+        tracing::info!(profile = %profile.name, "timing model");
+        let datapath = DataPath::new(regs, layout, kv, profile);
         let io_err =
             |source: std::io::Error| RegionError::Map { path: region.path.clone(), source };
         let vectors: Vec<Arc<EventFd>> = (0..notify::VECTORS)
@@ -192,7 +203,7 @@ impl RunningDevice {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let socket =
             std::env::temp_dir().join(format!("cxl-pnm-embedded-{}-{n}.sock", std::process::id()));
-        Self::serve(region, compute_units, Some(&socket))
+        Self::serve(region, compute_units, Some(&socket), default_profile())
     }
 
     /// The notification socket, if the device serves one.

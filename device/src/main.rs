@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
 use pnm_device::{DeviceConfig, RegionConfig, RunningDevice};
+use pnm_firmware::timing::HardwareProfile;
 use pnm_protocol::layout::parse_size;
 
 /// Emulated CXL processing-near-memory device for LLM KV caches.
@@ -33,6 +34,10 @@ struct Args {
     /// and interrupts. Default: the region path + ".sock".
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Timing model: a built-in profile (cxl-pnm, cxl-expander, host-ddr)
+    /// or a .toml file; every completion carries the modelled time.
+    #[arg(long, default_value = "cxl-pnm")]
+    profile: String,
 }
 
 fn main() -> ExitCode {
@@ -55,6 +60,20 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
 
+    let profile = if args.profile.ends_with(".toml") {
+        std::fs::read_to_string(&args.profile)
+            .map_err(|e| e.to_string())
+            .and_then(|text| HardwareProfile::from_toml(&text).map_err(|e| e.to_string()))
+    } else {
+        HardwareProfile::named(&args.profile).map_err(|e| e.to_string())
+    };
+    let profile = match profile {
+        Ok(profile) => profile,
+        Err(e) => {
+            eprintln!("pnm-device: --profile {}: {e}", args.profile);
+            return ExitCode::FAILURE;
+        }
+    };
     let config = DeviceConfig {
         region: RegionConfig {
             path: args.path,
@@ -64,6 +83,7 @@ fn main() -> ExitCode {
         },
         compute_units: args.compute_units,
         socket: args.socket,
+        profile: Some(profile),
     };
     let mut device = match RunningDevice::start(&config) {
         Ok(device) => device,

@@ -90,6 +90,8 @@ pub struct TopK {
     pub tokens_scored: u64,
     /// Nanoseconds the device spent on the command.
     pub device_ns: u64,
+    /// Nanoseconds the modelled hardware would take (the device's profile).
+    pub model_ns: u64,
 }
 
 /// Query-aware page selection for a Top-K (PROTOCOL.md §6.1): score only
@@ -517,7 +519,14 @@ impl Device {
         if tokens_scored > tokens {
             return Err(Error::Protocol(format!("TOPK scored {tokens_scored} of {tokens} tokens")));
         }
-        Ok(TopK { indices, scores: read_f32s(sc), tokens, tokens_scored, device_ns: c.exec_ns })
+        Ok(TopK {
+            indices,
+            scores: read_f32s(sc),
+            tokens,
+            tokens_scored,
+            device_ns: c.exec_ns,
+            model_ns: c.model_ns,
+        })
     }
 
     /// Top-K of one (sequence, layer, head) against a query group.

@@ -25,7 +25,10 @@ pub struct Completion {
     pub result0: u32,
     pub result1: u32,
     pub result2: u64,
+    /// Nanoseconds the emulator spent on the command.
     pub exec_ns: u64,
+    /// Nanoseconds the device's timing model says its hardware would take.
+    pub model_ns: u64,
 }
 
 impl Completion {
@@ -278,7 +281,8 @@ impl QueuePair {
                 result0: cqe.result0.get(),
                 result1: cqe.result1.get(),
                 result2: cqe.result2.get(),
-                exec_ns: cqe.exec_ns.get(),
+                exec_ns: u64::from(cqe.exec_ns.get()),
+                model_ns: u64::from(cqe.model_ns.get()),
             });
         }
         if n > 0 {

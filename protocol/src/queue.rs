@@ -214,8 +214,11 @@ pub struct CompletionEntry {
     pub result0: U32,
     pub result1: U32,
     pub result2: U64,
-    /// Nanoseconds the device spent executing the command.
-    pub exec_ns: U64,
+    /// Nanoseconds this emulator spent executing the command (saturates).
+    pub exec_ns: U32,
+    /// Nanoseconds the modelled hardware would take, from the device's
+    /// timing profile (saturates; 0 if the device models no timing).
+    pub model_ns: U32,
     /// The device's SQ head after consuming this command.
     pub sq_head: U16,
     pub sq_id: U16,
@@ -303,6 +306,7 @@ const _: () = {
     assert!(size_of::<CompletionEntry>() == CQE_SIZE as usize);
     assert!(offset_of!(CompletionEntry, result2) == 0x08);
     assert!(offset_of!(CompletionEntry, exec_ns) == 0x10);
+    assert!(offset_of!(CompletionEntry, model_ns) == 0x14);
     assert!(offset_of!(CompletionEntry, sq_head) == 0x18);
     assert!(offset_of!(CompletionEntry, sq_id) == 0x1A);
     assert!(offset_of!(CompletionEntry, command_id) == 0x1C);

@@ -847,7 +847,16 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                 // JSON has no NaN or infinity: such scores print as null.
                 let scores: Vec<Option<f32>> =
                     top.scores.iter().map(|&s| s.is_finite().then_some(s)).collect();
-                println!("{}", serde_json::json!({ "indices": top.indices, "scores": scores }));
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "indices": top.indices,
+                        "scores": scores,
+                        "tokens_scored": top.tokens_scored,
+                        "device_ns": top.device_ns,
+                        "model_ns": top.model_ns,
+                    })
+                );
             } else {
                 println!("rank  token     score");
                 for (rank, (i, s)) in top.indices.iter().zip(&top.scores).enumerate() {
