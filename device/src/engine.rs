@@ -38,6 +38,9 @@ const RECLAIM_PERIOD: Duration = Duration::from_secs(1);
 /// leaves the CPU within a millisecond.
 const SPIN_TIME: Duration = Duration::from_micros(100);
 const YIELD_TIME: Duration = Duration::from_millis(1);
+/// Idle time before the engine sleeps while compute units are busy: long
+/// enough for a burst of submissions, short against any Top-K.
+const BUSY_UNITS_SPIN_TIME: Duration = Duration::from_micros(5);
 
 /// Device settings beyond the region.
 #[derive(Debug, Clone)]
@@ -275,6 +278,14 @@ impl Engine {
             }
             idle_polls = idle_polls.wrapping_add(1);
             let idle = idle_since.get_or_insert_with(Instant::now);
+            if self.units.busy() && idle.elapsed() >= BUSY_UNITS_SPIN_TIME {
+                // Compute units are running commands: give them this CPU.
+                // They post their completions themselves and wake the
+                // engine as the last one finishes; a host's doorbell
+                // meanwhile rings the wake vector as for any sleep.
+                self.sleep(stop);
+                continue;
+            }
             // poll_once reads the clock already; a spin needs no second read.
             if !idle_polls.is_multiple_of(64) || idle.elapsed() < SPIN_TIME {
                 std::hint::spin_loop();

@@ -3,8 +3,8 @@
 //! capability's doorbell page.
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -414,6 +414,8 @@ pub struct Job {
 pub struct ComputeUnits {
     jobs: Arc<(Mutex<VecDeque<Job>>, Condvar)>,
     stop: Arc<AtomicBool>,
+    /// Commands handed to the units and not yet completed.
+    in_flight: Arc<AtomicUsize>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -423,25 +425,39 @@ impl ComputeUnits {
     pub fn start(count: u32, datapath: &DataPath, wake: Arc<EventFd>) -> Self {
         let jobs = Arc::new((Mutex::new(VecDeque::new()), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let threads = (0..count)
             .map(|i| {
-                let (jobs, stop, wake) = (jobs.clone(), stop.clone(), wake.clone());
+                let unit = Unit {
+                    jobs: jobs.clone(),
+                    stop: stop.clone(),
+                    in_flight: in_flight.clone(),
+                    wake: wake.clone(),
+                    regs: datapath.mem,
+                };
                 let mut executor = datapath.clone();
                 std::thread::Builder::new()
                     .name(format!("pnm-cu{i}"))
-                    .spawn(move || run_unit(&jobs, &stop, &mut executor, &wake))
+                    .spawn(move || unit.run(&mut executor))
                     .expect("spawn a compute unit")
             })
             .collect();
-        Self { jobs, stop, threads }
+        Self { jobs, stop, in_flight, threads }
     }
 
     fn available(&self) -> bool {
         !self.threads.is_empty()
     }
 
+    /// True while commands handed to the units are still running: the
+    /// engine then sleeps instead of spinning, leaving the CPU to them.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Acquire) > 0
+    }
+
     fn submit(&self, job: Job) {
         let (queue, ready) = &*self.jobs;
+        self.in_flight.fetch_add(1, SeqCst);
         queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(job);
         ready.notify_one();
     }
@@ -457,55 +473,70 @@ impl Drop for ComputeUnits {
     }
 }
 
-fn run_unit(
-    jobs: &(Mutex<VecDeque<Job>>, Condvar),
-    stop: &AtomicBool,
-    executor: &mut DataPath,
-    wake: &EventFd,
-) {
-    let (queue, ready) = jobs;
-    let mut last_job = Instant::now();
-    loop {
-        let job = {
-            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-            loop {
-                if let Some(job) = q.pop_front() {
-                    break job;
+/// One compute-unit thread's view of the shared job queue.
+struct Unit {
+    jobs: Arc<(Mutex<VecDeque<Job>>, Condvar)>,
+    stop: Arc<AtomicBool>,
+    in_flight: Arc<AtomicUsize>,
+    /// The engine's wake vector.
+    wake: Arc<EventFd>,
+    regs: SharedMemory,
+}
+
+impl Unit {
+    fn run(&self, executor: &mut DataPath) {
+        let (queue, ready) = &*self.jobs;
+        let mut last_job = Instant::now();
+        loop {
+            let job = {
+                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                loop {
+                    if let Some(job) = q.pop_front() {
+                        break job;
+                    }
+                    if self.stop.load(std::sync::atomic::Ordering::Acquire) {
+                        return;
+                    }
+                    if last_job.elapsed() < UNIT_SPIN {
+                        // Recently busy: stay on the CPU; waking a sleeping
+                        // thread costs more than the next command takes to come.
+                        drop(q);
+                        std::thread::yield_now();
+                        q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                        continue;
+                    }
+                    // Bounded, so a stop is seen even without a notification.
+                    q = ready
+                        .wait_timeout(q, Duration::from_millis(100))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
                 }
-                if stop.load(std::sync::atomic::Ordering::Acquire) {
-                    return;
-                }
-                if last_job.elapsed() < UNIT_SPIN {
-                    // Recently busy: stay on the CPU; waking a sleeping
-                    // thread costs more than the next command takes to come.
-                    drop(q);
-                    std::thread::yield_now();
-                    q = queue.lock().unwrap_or_else(|e| e.into_inner());
-                    continue;
-                }
-                // Bounded, so a stop is seen even without a notification.
-                q = ready
-                    .wait_timeout(q, Duration::from_millis(100))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+            };
+            tracing::trace!(cid = job.sqe.command_id.get(), "compute unit starts");
+            let start = Instant::now();
+            let outcome = executor.execute(&job.sqe);
+            let exec_ns = start.elapsed().as_nanos() as u64;
+            tracing::trace!(cid = job.sqe.command_id.get(), exec_ns, code = %outcome.code, "compute unit done");
+            last_job = Instant::now();
+            // The engine slept while this ran; wake it now, while this CPU
+            // is still running, so it polls again by the time the host has
+            // read this completion and rung for the next command.
+            if self.in_flight.fetch_sub(1, SeqCst) == 1
+                && self.regs.load_u32(regs::PNM_OFFSET + pnm::DEVICE_SLEEPING, SeqCst) != 0
+            {
+                let _ = self.wake.write(1);
             }
-        };
-        tracing::trace!(cid = job.sqe.command_id.get(), "compute unit starts");
-        let start = Instant::now();
-        let outcome = executor.execute(&job.sqe);
-        let exec_ns = start.elapsed().as_nanos() as u64;
-        tracing::trace!(cid = job.sqe.command_id.get(), exec_ns, code = %outcome.code, "compute unit done");
-        last_job = Instant::now();
-        let mut cq = job.cq.lock().unwrap_or_else(|e| e.into_inner());
-        cq.post(Finished {
-            outcome,
-            exec_ns,
-            sq_head: job.sq_head,
-            command_id: job.sqe.command_id.get(),
-        });
-        if cq.maybe_signal() {
-            // A coalescing timer started: let the engine keep time for it.
-            let _ = wake.write(1);
+            let mut cq = job.cq.lock().unwrap_or_else(|e| e.into_inner());
+            cq.post(Finished {
+                outcome,
+                exec_ns,
+                sq_head: job.sq_head,
+                command_id: job.sqe.command_id.get(),
+            });
+            if cq.maybe_signal() {
+                // A coalescing timer started: let the engine keep time for it.
+                let _ = self.wake.write(1);
+            }
         }
     }
 }
