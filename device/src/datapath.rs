@@ -89,7 +89,20 @@ impl Outcome {
 }
 
 /// A refusal: the return code and why (for the log).
-type Refusal = (ReturnCode, String);
+pub type Refusal = (ReturnCode, String);
+
+/// A checked TOPK/TOPK_GATHER: its fields, queries and result buffer.
+#[derive(Debug)]
+struct TopkPlan {
+    shape: SequenceShape,
+    k: u32,
+    group: u32,
+    how: Aggregation,
+    queries: Vec<f32>,
+    out: u64,
+    result: TopkLayout,
+    with_rows: bool,
+}
 
 fn kv_error(e: KvError) -> Refusal {
     let code = match &e {
@@ -188,13 +201,17 @@ impl DataPath {
 
     /// Executes one descriptor.
     pub fn execute(&mut self, sqe: &SubmissionEntry) -> Outcome {
-        let outcome = match self.dispatch(sqe) {
-            Ok(outcome) => outcome,
-            Err((code, reason)) => {
-                tracing::debug!(opcode = sqe.opcode, cid = sqe.command_id.get(), %code, %reason, "command refused");
-                Outcome::error(code)
-            }
-        };
+        let outcome = self.dispatch(sqe);
+        self.modelled(sqe, outcome)
+    }
+
+    /// The completion of a command: its outcome or refusal, with the
+    /// modelled hardware time.
+    fn modelled(&self, sqe: &SubmissionEntry, outcome: Result<Outcome, Refusal>) -> Outcome {
+        let outcome = outcome.unwrap_or_else(|(code, reason)| {
+            tracing::debug!(opcode = sqe.opcode, cid = sqe.command_id.get(), %code, %reason, "command refused");
+            Outcome::error(code)
+        });
         let model_ns = timing::command_ns(&self.profile, outcome.work);
         Outcome { model_ns: model_ns.min(f64::from(u32::MAX)) as u32, ..outcome }
     }
@@ -283,6 +300,48 @@ impl DataPath {
         sqe: &SubmissionEntry,
         with_rows: bool,
     ) -> Result<Outcome, Refusal> {
+        let plan = self.plan_topk(kv, sqe, with_rows)?;
+        let (seq, layer, head, k) = (sqe.seq.get(), sqe.layer.get(), sqe.head.get(), plan.k);
+        let (top, scored): (Vec<Scored>, u64) = match sqe.flags {
+            0 => {
+                let top = kv
+                    .top_k_with(&mut self.topk, seq, layer, head, &plan.queries, plan.how, k)
+                    .map_err(kv_error)?;
+                (top, kv.tokens(seq).unwrap_or(0))
+            }
+            FLAG_PAGE_SELECTION => {
+                let (budget, sinks, recent) = decode_page_selection(sqe.selection.get());
+                let selection = PageSelection {
+                    budget_tokens: u64::from(budget),
+                    sink_pages: u32::from(sinks),
+                    recent_pages: u32::from(recent),
+                };
+                let s = kv
+                    .top_k_selected(
+                        &mut self.topk,
+                        seq,
+                        layer,
+                        head,
+                        &plan.queries,
+                        plan.how,
+                        k,
+                        selection,
+                    )
+                    .map_err(kv_error)?;
+                (s.top, s.tokens_scored)
+            }
+            other => return Err(invalid(format!("unknown TOPK flags {other:#04x}"))),
+        };
+        self.finish_topk(kv, sqe, &plan, &top, scored)
+    }
+
+    /// Checks a TOPK/TOPK_GATHER descriptor and reads its queries.
+    fn plan_topk(
+        &mut self,
+        kv: &KvStore<DramView>,
+        sqe: &SubmissionEntry,
+        with_rows: bool,
+    ) -> Result<TopkPlan, Refusal> {
         let seq = sqe.seq.get();
         let shape = kv.shape(seq).map_err(kv_error)?;
         let (k, group) = (sqe.count.get(), sqe.arg0.get());
@@ -316,52 +375,85 @@ impl DataPath {
         };
         let out =
             self.buffer("result buffer", sqe.buf1_addr.get(), sqe.buf1_len.get(), result.len())?;
-
         self.scratch.resize(query_bytes as usize, 0);
         self.mem
             .read_bytes(query_at, &mut self.scratch)
             .map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))?;
         let mut queries = Vec::new();
         kernels::to_f32(query_dtype, &self.scratch, &mut queries);
-        let (layer, head) = (sqe.layer.get(), sqe.head.get());
-        let (top, scored): (Vec<Scored>, u64) = match sqe.flags {
-            0 => {
-                let top = kv
-                    .top_k_with(&mut self.topk, seq, layer, head, &queries, how, k)
-                    .map_err(kv_error)?;
-                (top, kv.tokens(seq).unwrap_or(0))
-            }
-            FLAG_PAGE_SELECTION => {
-                let (budget, sinks, recent) = decode_page_selection(sqe.selection.get());
-                let selection = PageSelection {
-                    budget_tokens: u64::from(budget),
-                    sink_pages: u32::from(sinks),
-                    recent_pages: u32::from(recent),
-                };
-                let s = kv
-                    .top_k_selected(&mut self.topk, seq, layer, head, &queries, how, k, selection)
-                    .map_err(kv_error)?;
-                (s.top, s.tokens_scored)
-            }
-            other => return Err(invalid(format!("unknown TOPK flags {other:#04x}"))),
-        };
+        Ok(TopkPlan { shape, k, group, how, queries, out, result, with_rows })
+    }
+
+    /// Writes a Top-K's results (and rows) to the host and describes its work.
+    fn finish_topk(
+        &mut self,
+        kv: &KvStore<DramView>,
+        sqe: &SubmissionEntry,
+        plan: &TopkPlan,
+        top: &[Scored],
+        scored: u64,
+    ) -> Result<Outcome, Refusal> {
         let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
         let scores: Vec<f32> = top.iter().map(|s| s.score).collect();
-        self.write(out + result.indices(), indices.as_bytes())?;
-        self.write(out + result.scores(), scores.as_bytes())?;
-        if with_rows {
-            self.copy_rows(kv, sqe, &indices, out + result.key_rows(), out + result.value_rows())?;
+        self.write(plan.out + plan.result.indices(), indices.as_bytes())?;
+        self.write(plan.out + plan.result.scores(), scores.as_bytes())?;
+        if plan.with_rows {
+            let (keys, values) = (plan.result.key_rows(), plan.result.value_rows());
+            self.copy_rows(kv, sqe, &indices, plan.out + keys, plan.out + values)?;
         }
         let work = Work::TopK {
             tokens: scored,
-            head_dim: u64::from(shape.head_dim),
-            elem_bytes: shape.dtype.size() as u64,
-            group: u64::from(group),
+            head_dim: u64::from(plan.shape.head_dim),
+            elem_bytes: plan.shape.dtype.size() as u64,
+            group: u64::from(plan.group),
             k: top.len() as u64,
-            gathered: if with_rows { top.len() as u64 } else { 0 },
+            gathered: if plan.with_rows { top.len() as u64 } else { 0 },
         };
         let scored = scored.min(u64::from(u32::MAX)) as u32;
-        Ok(Outcome::ok(top.len() as u32, scored, kv.tokens(seq).unwrap_or(0)).with_work(work))
+        let tokens = kv.tokens(sqe.seq.get()).unwrap_or(0);
+        Ok(Outcome::ok(top.len() as u32, scored, tokens).with_work(work))
+    }
+
+    /// Tokens a TOPK/TOPK_GATHER would scan if it can be split across
+    /// compute units (an exact Top-K of a known sequence), else None.
+    pub fn splittable_tokens(&self, sqe: &SubmissionEntry) -> Option<u64> {
+        let exact_topk = matches!(sqe.opcode, opcode::TOPK | opcode::TOPK_GATHER) && sqe.flags == 0;
+        exact_topk.then(|| self.read().tokens(sqe.seq.get()).ok()).flatten()
+    }
+
+    /// One compute unit's part of a split Top-K: the best k of its share of
+    /// the first `tokens` tokens.
+    pub fn topk_part(
+        &mut self,
+        sqe: &SubmissionEntry,
+        tokens: u64,
+        part: (u32, u32),
+    ) -> Result<Vec<Scored>, Refusal> {
+        let store = self.kv.clone();
+        let kv = store.read().unwrap_or_else(|e| e.into_inner());
+        let plan = self.plan_topk(&kv, sqe, false)?;
+        let (seq, layer, head) = (sqe.seq.get(), sqe.layer.get(), sqe.head.get());
+        kv.top_k_part(&mut self.topk, seq, layer, head, &plan.queries, plan.how, plan.k, tokens, part)
+            .map_err(kv_error)
+    }
+
+    /// Completes a split Top-K from its parts: merges them exactly and
+    /// writes the results like an unsplit command.
+    pub fn finish_split(
+        &mut self,
+        sqe: &SubmissionEntry,
+        tokens: u64,
+        parts: Vec<Result<Vec<Scored>, Refusal>>,
+    ) -> Outcome {
+        let outcome = (|| {
+            let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
+            let store = self.kv.clone();
+            let kv = store.read().unwrap_or_else(|e| e.into_inner());
+            let plan = self.plan_topk(&kv, sqe, sqe.opcode == opcode::TOPK_GATHER)?;
+            let top = kernels::merge_top_k(&parts, plan.k as usize);
+            self.finish_topk(&kv, sqe, &plan, &top, tokens)
+        })();
+        self.modelled(sqe, outcome)
     }
 
     fn gather(

@@ -16,10 +16,11 @@ use pnm_protocol::queue::{
     MIN_QUEUE_ENTRIES, RING_ALIGN, SQE_SIZE, SubmissionEntry,
 };
 use pnm_protocol::regs::{self, pnm};
+use pnm_firmware::kernels::Scored;
 use pnm_protocol::{RegionLayout, ReturnCode, SharedMemory};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::datapath::{DataPath, Outcome, is_compute};
+use crate::datapath::{DataPath, Outcome, Refusal, is_compute};
 use crate::notify::Peers;
 
 /// Most commands taken from one queue before the engine moves to the next,
@@ -376,7 +377,7 @@ impl QueueTable {
             let sq_head = q.sq_head as u16;
             if units.available() && is_compute(sqe.opcode) {
                 tracing::trace!(qid, cid = sqe.command_id.get(), "to a compute unit");
-                units.submit(Job { sqe, sq_head, cq: q.cq.clone() });
+                units.submit_command(datapath, Job { sqe, sq_head, cq: q.cq.clone(), part: None });
                 continue;
             }
             // NOP measures the command path itself: no clock reads for it.
@@ -405,7 +406,26 @@ pub struct Job {
     sqe: SubmissionEntry,
     sq_head: u16,
     cq: Arc<Mutex<CompletionRing>>,
+    /// Set when the command is split across units: this job's share.
+    part: Option<(Arc<Split>, u32)>,
 }
+
+/// A Top-K split across compute units: each scans a share of the pages,
+/// the last to finish merges the shares (exactly) and completes it.
+#[derive(Debug)]
+pub struct Split {
+    parts: u32,
+    /// The sequence's committed tokens when the command was taken: every
+    /// part scans the same snapshot, even if a commit lands meanwhile.
+    tokens: u64,
+    results: Mutex<Vec<Option<Result<Vec<Scored>, Refusal>>>>,
+    remaining: AtomicUsize,
+    start: Instant,
+}
+
+/// Sequences shorter than this run on one unit: below it the hand-off to
+/// a second unit costs more than it saves.
+const SPLIT_MIN_TOKENS: u64 = 16384;
 
 /// The device's compute units: threads that run Top-K and gather while the
 /// engine keeps taking commands. Completions may therefore arrive out of
@@ -455,11 +475,35 @@ impl ComputeUnits {
         self.in_flight.load(Acquire) > 0
     }
 
-    fn submit(&self, job: Job) {
+    /// Hands a command to the units: an exact Top-K over a long sequence
+    /// as one part per unit, anything else whole.
+    fn submit_command(&self, datapath: &DataPath, job: Job) {
+        let parts = self.threads.len() as u32;
+        let tokens = datapath.splittable_tokens(&job.sqe).filter(|&t| t >= SPLIT_MIN_TOKENS);
         let (queue, ready) = &*self.jobs;
-        self.in_flight.fetch_add(1, SeqCst);
-        queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(job);
-        ready.notify_one();
+        match tokens {
+            Some(tokens) if parts > 1 => {
+                let split = Arc::new(Split {
+                    parts,
+                    tokens,
+                    results: Mutex::new((0..parts).map(|_| None).collect()),
+                    remaining: AtomicUsize::new(parts as usize),
+                    start: Instant::now(),
+                });
+                self.in_flight.fetch_add(parts as usize, SeqCst);
+                let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+                for part in 0..parts {
+                    q.push_back(Job { part: Some((split.clone(), part)), cq: job.cq.clone(), ..job });
+                }
+                drop(q);
+                ready.notify_all();
+            }
+            _ => {
+                self.in_flight.fetch_add(1, SeqCst);
+                queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(job);
+                ready.notify_one();
+            }
+        }
     }
 }
 
@@ -512,12 +556,31 @@ impl Unit {
                         .0;
                 }
             };
-            tracing::trace!(cid = job.sqe.command_id.get(), "compute unit starts");
+            tracing::trace!(cid = job.sqe.command_id.get(), part = ?job.part.as_ref().map(|p| p.1), "compute unit starts");
             let start = Instant::now();
-            let outcome = executor.execute(&job.sqe);
-            let exec_ns = start.elapsed().as_nanos() as u64;
-            tracing::trace!(cid = job.sqe.command_id.get(), exec_ns, code = %outcome.code, "compute unit done");
+            let finished = match &job.part {
+                None => Some((executor.execute(&job.sqe), start.elapsed().as_nanos() as u64)),
+                Some((split, part)) => {
+                    let result = executor.topk_part(&job.sqe, split.tokens, (*part, split.parts));
+                    split.results.lock().unwrap_or_else(|e| e.into_inner())[*part as usize] =
+                        Some(result);
+                    // The last part to finish completes the command.
+                    (split.remaining.fetch_sub(1, SeqCst) == 1).then(|| {
+                        let results = std::mem::take(
+                            &mut *split.results.lock().unwrap_or_else(|e| e.into_inner()),
+                        );
+                        let parts = results.into_iter().map(|r| r.expect("every part ran")).collect();
+                        let outcome = executor.finish_split(&job.sqe, split.tokens, parts);
+                        (outcome, split.start.elapsed().as_nanos() as u64)
+                    })
+                }
+            };
             last_job = Instant::now();
+            let Some((outcome, exec_ns)) = finished else {
+                self.in_flight.fetch_sub(1, SeqCst);
+                continue;
+            };
+            tracing::trace!(cid = job.sqe.command_id.get(), exec_ns, code = %outcome.code, "compute unit done");
             // The engine slept while this ran; wake it now, while this CPU
             // is still running, so it polls again by the time the host has
             // read this completion and rung for the next command.

@@ -317,10 +317,13 @@ impl TopKStream {
 /// Merges per-part Top-K lists (each already ranked, indices global) into
 /// the overall Top-K; exact because each part kept its own best `k`.
 pub fn merge_top_k(parts: &[Vec<Scored>], k: usize) -> Vec<Scored> {
-    let mut all: Vec<(f32, u32)> = parts.iter().flatten().map(|s| (s.score, s.index)).collect();
-    all.sort_unstable_by(|&a, &b| rank(a, b));
+    let mut all: Vec<u64> = parts.iter().flatten().map(|s| rank_key(s.score, s.index)).collect();
+    if all.len() > k && k > 0 {
+        all.select_nth_unstable(k - 1);
+    }
     all.truncate(k);
-    all.into_iter().map(|(score, index)| Scored { index, score }).collect()
+    all.sort_unstable();
+    all.into_iter().map(|key| Scored { index: key as u32, score: key_score(key) }).collect()
 }
 
 #[cfg(test)]

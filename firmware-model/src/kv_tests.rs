@@ -375,3 +375,56 @@ fn page_selection_with_a_full_budget_is_exact_and_bounds_are_sound() {
         );
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    /// Compute units each take a part; the merged parts are the single
+    /// thread's answer, exactly (same indices, same scores, same order).
+    #[test]
+    fn merged_parts_equal_the_single_thread_top_k(
+        dtype_i in 0usize..3,
+        tokens in 1u64..3000,
+        prefix_per_mille in 0u64..=1000,
+        parts in 1u32..7,
+        group in 1usize..=8,
+        k in 1u32..600,
+        seed in any::<u64>(),
+    ) {
+        let dtype = Dtype::ALL[dtype_i];
+        let shape = SequenceShape { dtype, layers: 1, heads: 1, head_dim: 64 };
+        let n = tokens as usize * 64;
+        let mut rng = lcg(seed);
+        // Coarse values, so ties between parts are common.
+        let keys: Vec<f32> = (0..n).map(|_| (rng() * 8.0).round() / 8.0).collect();
+        let queries: Vec<f32> = (0..group * 64).map(|_| (rng() * 4.0).round()).collect();
+        let dram = MemDram::new(DRAM);
+        let (mut store, _) = KvStore::open(&dram).unwrap();
+        let id = load(&mut store, shape, &keys, &keys, tokens, 700);
+        let snapshot = (tokens * prefix_per_mille / 1000).max(1);
+        let mut scratch = TopkScratch::default();
+        let bits = |v: &[Scored]| -> Vec<(u32, u32)> {
+            v.iter().map(|s| (s.index, s.score.to_bits())).collect()
+        };
+        let whole = store
+            .top_k_part(&mut scratch, id, 0, 0, &queries, Aggregation::Max, k, snapshot, (0, 1))
+            .unwrap();
+        let split: Vec<Vec<Scored>> = (0..parts)
+            .map(|p| {
+                store
+                    .top_k_part(&mut scratch, id, 0, 0, &queries, Aggregation::Max, k, snapshot, (p, parts))
+                    .unwrap()
+            })
+            .collect();
+        prop_assert_eq!(bits(&kernels::merge_top_k(&split, k as usize)), bits(&whole));
+        if snapshot == tokens {
+            let exact = store.top_k(id, 0, 0, &queries, Aggregation::Max, k).unwrap();
+            prop_assert_eq!(bits(&whole), bits(&exact));
+        }
+        prop_assert!(store
+            .top_k_part(&mut scratch, id, 0, 0, &queries, Aggregation::Max, k, tokens + 1, (0, 1))
+            .is_err());
+        prop_assert!(store
+            .top_k_part(&mut scratch, id, 0, 0, &queries, Aggregation::Max, k, tokens, (parts, parts))
+            .is_err());
+    }
+}
