@@ -543,3 +543,51 @@ fn completions_carry_the_modelled_time_of_the_devices_profile() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("warp-drive"));
 }
+
+/// A long sequence is split across compute units; the merged answer must be
+/// the single unit's, token for token and score for score, including fused
+/// rows, and with many split commands in flight at once.
+#[test]
+fn topk_split_across_compute_units_equals_one_unit() {
+    let shape = KvShape { dtype: Dtype::F16, layers: 1, heads: 2, head_dim: 64 };
+    let tokens = 40_000;
+    let answers = |units: &str| {
+        let region = TempRegion::new(&format!("split{units}"));
+        let _device =
+            DeviceProcess::start(region.path(), &["--size", "128MiB", "--compute-units", units]);
+        let dev = Device::open(region.path()).unwrap();
+        let loaded = load(&dev, shape, tokens, 5);
+        let mut rng = Rng(17);
+        let mut out = Vec::new();
+        let mut requests = Vec::new();
+        for (group, k) in [(1u32, 1u32), (1, 64), (4, 2048), (8, 8192), (2, 777)] {
+            let q: Vec<f32> = (0..group as usize * 64).map(|_| rng.next()).collect();
+            let (fused, rows) = dev
+                .topk_gather(&loaded.seq, 0, 1, &Query::f32(&q, 64), k, Aggregation::Max)
+                .unwrap();
+            assert_topk_matches(&fused, &reference(&loaded, 0, 1, &q, k as usize));
+            out.push((
+                fused.indices,
+                fused.scores.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                rows,
+            ));
+            let query = Query::f32(&q, 64);
+            requests.push(TopkRequest {
+                seq: loaded.seq.id,
+                layer: 0,
+                head: 0,
+                query,
+                k,
+                aggregation: Aggregation::Max,
+            });
+        }
+        // Many in flight: every answer is the one a lone command gets.
+        let batch: Vec<_> = requests.iter().cycle().take(40).cloned().collect();
+        for (r, got) in batch.iter().zip(dev.topk_batch(&batch).unwrap()) {
+            let alone = dev.topk(r.seq, r.layer, r.head, &r.query, r.k).unwrap();
+            assert_eq!(got.unwrap().indices, alone.indices);
+        }
+        out
+    };
+    assert_eq!(answers("1"), answers("3"));
+}

@@ -433,8 +433,18 @@ impl DataPath {
         let kv = store.read().unwrap_or_else(|e| e.into_inner());
         let plan = self.plan_topk(&kv, sqe, false)?;
         let (seq, layer, head) = (sqe.seq.get(), sqe.layer.get(), sqe.head.get());
-        kv.top_k_part(&mut self.topk, seq, layer, head, &plan.queries, plan.how, plan.k, tokens, part)
-            .map_err(kv_error)
+        kv.top_k_part(
+            &mut self.topk,
+            seq,
+            layer,
+            head,
+            &plan.queries,
+            plan.how,
+            plan.k,
+            tokens,
+            part,
+        )
+        .map_err(kv_error)
     }
 
     /// Completes a split Top-K from its parts: merges them exactly and

@@ -87,12 +87,10 @@ impl RunningDevice {
         socket: Option<&Path>,
         profile: HardwareProfile,
     ) -> Result<Self, RegionError> {
-        // One core is the engine's (and the host's, when they share a
-        // machine); compute units get the rest, at least one.
-        let compute_units = compute_units.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get().saturating_sub(1).max(1) as u32)
-        });
+        // One unit per core: the engine sleeps while units compute, so a
+        // long Top-K gets every core, split into one share per unit.
+        let compute_units = compute_units
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
         let region = Arc::new(region);
         let regs = region.regs();
         let p = regs::PNM_OFFSET;

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
 
+use pnm_firmware::kernels::Scored;
 use pnm_protocol::commands::CreateQueuePairInput;
 use pnm_protocol::queue::{
     self, CQE_SIZE, CompletionEntry, IRQ_NONE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS,
     MIN_QUEUE_ENTRIES, RING_ALIGN, SQE_SIZE, SubmissionEntry,
 };
 use pnm_protocol::regs::{self, pnm};
-use pnm_firmware::kernels::Scored;
 use pnm_protocol::{RegionLayout, ReturnCode, SharedMemory};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -410,6 +410,9 @@ pub struct Job {
     part: Option<(Arc<Split>, u32)>,
 }
 
+/// One share's best k, or why the share was refused.
+type PartResult = Result<Vec<Scored>, Refusal>;
+
 /// A Top-K split across compute units: each scans a share of the pages,
 /// the last to finish merges the shares (exactly) and completes it.
 #[derive(Debug)]
@@ -418,7 +421,7 @@ pub struct Split {
     /// The sequence's committed tokens when the command was taken: every
     /// part scans the same snapshot, even if a commit lands meanwhile.
     tokens: u64,
-    results: Mutex<Vec<Option<Result<Vec<Scored>, Refusal>>>>,
+    results: Mutex<Vec<Option<PartResult>>>,
     remaining: AtomicUsize,
     start: Instant,
 }
@@ -493,7 +496,11 @@ impl ComputeUnits {
                 self.in_flight.fetch_add(parts as usize, SeqCst);
                 let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
                 for part in 0..parts {
-                    q.push_back(Job { part: Some((split.clone(), part)), cq: job.cq.clone(), ..job });
+                    q.push_back(Job {
+                        part: Some((split.clone(), part)),
+                        cq: job.cq.clone(),
+                        ..job
+                    });
                 }
                 drop(q);
                 ready.notify_all();
@@ -569,7 +576,8 @@ impl Unit {
                         let results = std::mem::take(
                             &mut *split.results.lock().unwrap_or_else(|e| e.into_inner()),
                         );
-                        let parts = results.into_iter().map(|r| r.expect("every part ran")).collect();
+                        let parts =
+                            results.into_iter().map(|r| r.expect("every part ran")).collect();
                         let outcome = executor.finish_split(&job.sqe, split.tokens, parts);
                         (outcome, split.start.elapsed().as_nanos() as u64)
                     })
