@@ -240,9 +240,9 @@ pub struct TopKStream {
     threshold: Option<u64>,
 }
 
-/// Scores checked together against the threshold before any one is looked
-/// at: a branch per chunk instead of per score.
-const FILTER_CHUNK: usize = 8;
+/// Scores compared with the threshold into one bit mask (at most 32, the
+/// mask's width); only set bits are looked at one by one.
+const FILTER_CHUNK: usize = 32;
 
 impl TopKStream {
     /// Starts a selection of `k`, reusing this stream's buffer.
@@ -263,16 +263,20 @@ impl TopKStream {
             // no score >= it (NaNs never are) and are skipped whole.
             Some((threshold, t)) if !t.is_nan() => {
                 for (c, chunk) in scores.chunks(FILTER_CHUNK).enumerate() {
-                    if !chunk.iter().fold(false, |any, &s| any | (s >= t)) {
-                        continue;
-                    }
+                    // One bit per score >= t (the compiler turns this into
+                    // a vector compare and a mask move), then only the set
+                    // bits are looked at.
+                    let mut passed = chunk
+                        .iter()
+                        .enumerate()
+                        .fold(0u32, |m, (i, &s)| m | (u32::from(s >= t) << i));
                     let base = first + (c * FILTER_CHUNK) as u32;
-                    for (i, &s) in chunk.iter().enumerate() {
-                        if s >= t {
-                            let key = rank_key(s, base + i as u32);
-                            if key < threshold {
-                                self.candidates.push(key);
-                            }
+                    while passed != 0 {
+                        let i = passed.trailing_zeros();
+                        passed &= passed - 1;
+                        let key = rank_key(chunk[i as usize], base + i);
+                        if key < threshold {
+                            self.candidates.push(key);
                         }
                     }
                 }
