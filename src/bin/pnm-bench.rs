@@ -177,7 +177,7 @@ fn main() -> anyhow::Result<()> {
     let region = PathBuf::from(format!("/dev/shm/cxl-pnm-bench-{}", std::process::id()));
     let mut child = Command::new(exe_dir.join("pnm-device"))
         .args(["--path".as_ref(), region.as_os_str(), "--size".as_ref(), "1GiB".as_ref()])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,pnm_device::region=error")
         .stdout(Stdio::null())
         .spawn()?;
     let options = DeviceOptions { wait_ready: Some(Duration::from_secs(10)), ..Default::default() };

@@ -79,7 +79,11 @@ impl DeviceProcess {
             .arg(region)
             .args(extra)
             // PNM_TEST_DEVICE_LOG=debug (say) shows what a test's device did.
-            .env("RUST_LOG", std::env::var("PNM_TEST_DEVICE_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("PNM_TEST_DEVICE_LOG")
+                    .unwrap_or_else(|_| "warn,pnm_device::region=error".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -169,7 +173,7 @@ impl Drop for DeviceProcess {
 pub fn run(binary: &str, args: &[&str]) -> Output {
     let child = Command::new(bin(binary))
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,pnm_device::region=error")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
