@@ -591,3 +591,49 @@ fn topk_split_across_compute_units_equals_one_unit() {
     };
     assert_eq!(answers("1"), answers("3"));
 }
+
+/// A high-priority queue's Top-K overtakes a flood of Top-Ks already
+/// waiting from a normal queue, and the flood still completes in full.
+#[test]
+fn high_priority_queue_overtakes_a_queued_flood() {
+    let region = TempRegion::new("prio");
+    let _device =
+        DeviceProcess::start(region.path(), &["--size", "128MiB", "--compute-units", "1"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 128 };
+    let loaded = load(&dev, shape, 32768, 23);
+    let q: Vec<f32> = (0..128).map(|i| (i % 5) as f32 - 2.0).collect();
+    let flood: Vec<TopkRequest> = (0..48)
+        .map(|_| TopkRequest {
+            seq: loaded.seq.id,
+            layer: 0,
+            head: 0,
+            query: Query::f32(&q, 128),
+            k: 64,
+            aggregation: Aggregation::Max,
+        })
+        .collect();
+    let normal = dev.handle(pnm_host::QueueOptions::default()).unwrap();
+    let high =
+        dev.handle(pnm_host::QueueOptions { high_priority: true, ..Default::default() }).unwrap();
+    let alone = high.topk(loaded.seq.id, 0, 0, &Query::f32(&q, 128), 64).unwrap();
+    let start = std::time::Instant::now();
+    let (flood_done, high_done) = std::thread::scope(|s| {
+        let flooding = s.spawn(|| {
+            let answers = normal.topk_batch(&flood).unwrap();
+            assert!(answers.iter().all(|a| a.as_ref().unwrap().indices == alone.indices));
+            start.elapsed()
+        });
+        // Let the flood reach the device's compute-unit queue first.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let got = high.topk(loaded.seq.id, 0, 0, &Query::f32(&q, 128), 64).unwrap();
+        assert_eq!(got.indices, alone.indices);
+        let high_done = start.elapsed();
+        (flooding.join().unwrap(), high_done)
+    });
+    // Served after at most the job running and a few more, not the 48.
+    assert!(
+        high_done.as_secs_f64() < 0.5 * flood_done.as_secs_f64(),
+        "high priority done at {high_done:?}, the flood at {flood_done:?}"
+    );
+}

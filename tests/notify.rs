@@ -50,7 +50,9 @@ fn coalesced_interrupts_fire_on_count_and_on_time() {
     let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
     let dev = open(region.path(), false);
     let irq = InterruptConfig { vector: 3, coalesce_count: 16, coalesce_usec: 300 };
-    let q = dev.handle(QueueOptions { entries: 64, interrupts: Some(irq) }).unwrap();
+    let q = dev
+        .handle(QueueOptions { entries: 64, interrupts: Some(irq), ..Default::default() })
+        .unwrap();
     // Fewer completions than the count: only the timer can signal them.
     for n in [1, 3, 15] {
         let start = Instant::now();
@@ -88,7 +90,9 @@ fn many_queues_and_threads_each_completion_matched_once() {
             scope.spawn(move || {
                 let interrupts =
                     (t % 2 == 1).then_some(InterruptConfig { vector: t % 8, ..Default::default() });
-                let q = dev.handle(QueueOptions { entries: 16, interrupts }).unwrap();
+                let q = dev
+                    .handle(QueueOptions { entries: 16, interrupts, ..Default::default() })
+                    .unwrap();
                 for i in 0..150u16 {
                     let head = (t + i) % 4;
                     let got = q.topk(seq.id, 0, head, &Query::f32(query, 16), 25).unwrap();
@@ -140,7 +144,7 @@ fn a_host_killed_mid_flight_leaves_the_device_healthy() {
     let handles: Vec<Device> = loop {
         let attempt: Result<Vec<Device>, Error> = (0..63)
             .map(|_| {
-                let h = dev.handle(QueueOptions { entries: 8, interrupts: None })?;
+                let h = dev.handle(QueueOptions { entries: 8, ..Default::default() })?;
                 h.nop()?;
                 Ok(h)
             })

@@ -284,6 +284,49 @@ mod tests {
     }
 
     #[test]
+    fn queue_pairs_take_a_priority_and_refuse_unknown_ones() {
+        use pnm_protocol::commands::{QUEUE_PRIORITY_HIGH, QUEUE_PRIORITY_NORMAL};
+        let now = Instant::now();
+        let mut s = state();
+        let window = s.layout.dma_window_offset;
+        let input = |at: u64, priority: u8, reserved: u8| CreateQueuePairInput {
+            sq_addr: (window + at).into(),
+            cq_addr: (window + at + 64 * 16).into(),
+            entries: 16.into(),
+            irq_vector: pnm_protocol::queue::IRQ_NONE.into(),
+            owner_pid: 0.into(),
+            peer_id: 0.into(),
+            coalesce_count: 0.into(),
+            coalesce_usec: 0.into(),
+            priority,
+            reserved: [reserved, 0, 0, 0, 0, 0, 0],
+        };
+        for (i, priority) in [QUEUE_PRIORITY_NORMAL, QUEUE_PRIORITY_HIGH].into_iter().enumerate() {
+            let at = 4096 * i as u64;
+            assert!(
+                s.execute(Opcode::CREATE_QUEUE_PAIR, input(at, priority, 0).as_bytes(), now)
+                    .is_ok()
+            );
+        }
+        for (priority, reserved) in [(2, 0), (0xFF, 0), (QUEUE_PRIORITY_HIGH, 1)] {
+            assert_eq!(
+                s.execute(
+                    Opcode::CREATE_QUEUE_PAIR,
+                    input(8192, priority, reserved).as_bytes(),
+                    now
+                ),
+                Err(ReturnCode::INVALID_INPUT)
+            );
+        }
+        // The pre-priority 32-byte input is a length error, not a normal queue.
+        let short = &input(8192, 0, 0).as_bytes()[..32].to_vec();
+        assert_eq!(
+            s.execute(Opcode::CREATE_QUEUE_PAIR, short, now),
+            Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
+        );
+    }
+
+    #[test]
     fn timestamp_is_zero_until_set_then_advances() {
         let t0 = Instant::now();
         let mut s = state();

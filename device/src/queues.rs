@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use nix::sys::eventfd::EventFd;
 
 use pnm_firmware::kernels::Scored;
-use pnm_protocol::commands::CreateQueuePairInput;
+use pnm_protocol::commands::{
+    CreateQueuePairInput, HIGH_PRIORITY_BURST, QUEUE_PRIORITY_HIGH, QUEUE_PRIORITY_NORMAL,
+};
 use pnm_protocol::queue::{
     self, CQE_SIZE, CompletionEntry, IRQ_NONE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS,
     MIN_QUEUE_ENTRIES, RING_ALIGN, SQE_SIZE, SubmissionEntry,
@@ -142,6 +144,8 @@ impl CompletionRing {
 struct QueuePair {
     sq_addr: u64,
     entries: u32,
+    /// High priority: served first by the engine and the compute units.
+    high: bool,
     owner_pid: u32,
     /// The peer its interrupts go to, if any.
     peer: Option<u16>,
@@ -227,6 +231,14 @@ impl QueueTable {
         if sq < cq + cq_len && cq < sq + sq_len {
             return Err(ReturnCode::INVALID_INPUT);
         }
+        let high = match input.priority {
+            QUEUE_PRIORITY_NORMAL => false,
+            QUEUE_PRIORITY_HIGH => true,
+            _ => return Err(ReturnCode::INVALID_INPUT),
+        };
+        if input.reserved != [0; 7] {
+            return Err(ReturnCode::INVALID_INPUT);
+        }
         let qid =
             self.queues.iter().position(Option::is_none).ok_or(ReturnCode::RESOURCES_EXHAUSTED)?;
         let qid = qid as u16;
@@ -251,6 +263,7 @@ impl QueueTable {
         self.queues[usize::from(qid)] = Some(QueuePair {
             sq_addr: sq,
             entries,
+            high,
             owner_pid: input.owner_pid.get(),
             peer,
             sq_head: 0,
@@ -337,9 +350,12 @@ impl QueueTable {
     /// was taken.
     pub fn poll(&mut self, datapath: &mut DataPath, units: &ComputeUnits) -> bool {
         let mut worked = false;
-        for qid in 0..self.queues.len() {
-            if self.queues[qid].is_some() {
-                worked |= self.serve(qid as u16, datapath, units);
+        // High-priority queues first, then the rest; every queue every pass.
+        for high in [true, false] {
+            for qid in 0..self.queues.len() {
+                if self.queues[qid].as_ref().is_some_and(|q| q.high == high) {
+                    worked |= self.serve(qid as u16, datapath, units);
+                }
             }
         }
         worked
@@ -377,7 +393,8 @@ impl QueueTable {
             let sq_head = q.sq_head as u16;
             if units.available() && is_compute(sqe.opcode) {
                 tracing::trace!(qid, cid = sqe.command_id.get(), "to a compute unit");
-                units.submit_command(datapath, Job { sqe, sq_head, cq: q.cq.clone(), part: None });
+                let job = Job { sqe, sq_head, cq: q.cq.clone(), high: q.high, part: None };
+                units.submit_command(datapath, job);
                 continue;
             }
             // NOP measures the command path itself: no clock reads for it.
@@ -406,8 +423,58 @@ pub struct Job {
     sqe: SubmissionEntry,
     sq_head: u16,
     cq: Arc<Mutex<CompletionRing>>,
+    /// From a high-priority queue: taken before normal jobs.
+    high: bool,
     /// Set when the command is split across units: this job's share.
     part: Option<(Arc<Split>, u32)>,
+}
+
+/// Jobs waiting for a compute unit, in two classes: high-priority jobs go
+/// first, but after [`HIGH_PRIORITY_BURST`] of them in a row a waiting
+/// normal job gets its turn, so neither class starves.
+#[derive(Debug)]
+pub struct JobQueue<T> {
+    high: VecDeque<T>,
+    normal: VecDeque<T>,
+    /// High-priority jobs taken since the last normal one.
+    streak: u32,
+}
+
+impl<T> Default for JobQueue<T> {
+    fn default() -> Self {
+        Self { high: VecDeque::new(), normal: VecDeque::new(), streak: 0 }
+    }
+}
+
+/// What the queue needs to know of a job.
+pub trait Prioritized {
+    fn high(&self) -> bool;
+}
+
+impl Prioritized for Job {
+    fn high(&self) -> bool {
+        self.high
+    }
+}
+
+impl<T: Prioritized> JobQueue<T> {
+    pub fn push(&mut self, job: T) {
+        if job.high() { self.high.push_back(job) } else { self.normal.push_back(job) }
+    }
+
+    pub fn pop(&mut self) -> Option<T> {
+        let normal_turn = self.streak >= HIGH_PRIORITY_BURST && !self.normal.is_empty();
+        match (normal_turn, self.high.is_empty()) {
+            (false, false) => {
+                self.streak += 1;
+                self.high.pop_front()
+            }
+            _ => {
+                self.streak = 0;
+                self.normal.pop_front().or_else(|| self.high.pop_front())
+            }
+        }
+    }
 }
 
 /// One share's best k, or why the share was refused.
@@ -435,7 +502,7 @@ const SPLIT_MIN_TOKENS: u64 = 16384;
 /// order; each names its command id.
 #[derive(Debug)]
 pub struct ComputeUnits {
-    jobs: Arc<(Mutex<VecDeque<Job>>, Condvar)>,
+    jobs: Arc<(Mutex<JobQueue<Job>>, Condvar)>,
     stop: Arc<AtomicBool>,
     /// Commands handed to the units and not yet completed.
     in_flight: Arc<AtomicUsize>,
@@ -446,7 +513,7 @@ impl ComputeUnits {
     /// Starts `count` units (0: the engine runs everything itself). `wake`
     /// is the engine's wake vector, rung when a coalescing timer starts.
     pub fn start(count: u32, datapath: &DataPath, wake: Arc<EventFd>) -> Self {
-        let jobs = Arc::new((Mutex::new(VecDeque::new()), Condvar::new()));
+        let jobs = Arc::new((Mutex::new(JobQueue::default()), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let threads = (0..count)
@@ -496,18 +563,14 @@ impl ComputeUnits {
                 self.in_flight.fetch_add(parts as usize, SeqCst);
                 let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
                 for part in 0..parts {
-                    q.push_back(Job {
-                        part: Some((split.clone(), part)),
-                        cq: job.cq.clone(),
-                        ..job
-                    });
+                    q.push(Job { part: Some((split.clone(), part)), cq: job.cq.clone(), ..job });
                 }
                 drop(q);
                 ready.notify_all();
             }
             _ => {
                 self.in_flight.fetch_add(1, SeqCst);
-                queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(job);
+                queue.lock().unwrap_or_else(|e| e.into_inner()).push(job);
                 ready.notify_one();
             }
         }
@@ -526,7 +589,7 @@ impl Drop for ComputeUnits {
 
 /// One compute-unit thread's view of the shared job queue.
 struct Unit {
-    jobs: Arc<(Mutex<VecDeque<Job>>, Condvar)>,
+    jobs: Arc<(Mutex<JobQueue<Job>>, Condvar)>,
     stop: Arc<AtomicBool>,
     in_flight: Arc<AtomicUsize>,
     /// The engine's wake vector.
@@ -542,7 +605,7 @@ impl Unit {
             let job = {
                 let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
-                    if let Some(job) = q.pop_front() {
+                    if let Some(job) = q.pop() {
                         break job;
                     }
                     if self.stop.load(std::sync::atomic::Ordering::Acquire) {
@@ -627,4 +690,52 @@ fn signal(regs: SharedMemory, qid: u16, irq: &mut Interrupt) {
     }
     irq.pending = 0;
     irq.first_pending = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Tagged(bool, u32);
+
+    impl Prioritized for Tagged {
+        fn high(&self) -> bool {
+            self.0
+        }
+    }
+
+    fn drain(q: &mut JobQueue<Tagged>) -> Vec<(bool, u32)> {
+        std::iter::from_fn(|| q.pop().map(|t| (t.0, t.1))).collect()
+    }
+
+    #[test]
+    fn high_priority_goes_first_in_bursts_and_normal_is_never_starved() {
+        let mut q = JobQueue::default();
+        for i in 0..3 {
+            q.push(Tagged(false, i));
+        }
+        for i in 0..10 {
+            q.push(Tagged(true, i));
+        }
+        let order = drain(&mut q);
+        let burst = HIGH_PRIORITY_BURST as usize;
+        // A burst of high, one normal, another burst, ... each class FIFO.
+        assert!(order[..burst].iter().all(|j| j.0));
+        assert_eq!(order[burst], (false, 0));
+        assert!(order[burst + 1..2 * burst + 1].iter().all(|j| j.0));
+        assert_eq!(order[2 * burst + 1], (false, 1));
+        let highs: Vec<u32> = order.iter().filter(|j| j.0).map(|j| j.1).collect();
+        let normals: Vec<u32> = order.iter().filter(|j| !j.0).map(|j| j.1).collect();
+        assert_eq!(highs, (0..10).collect::<Vec<_>>());
+        assert_eq!(normals, vec![0, 1, 2]);
+        // One class alone is plain FIFO.
+        for i in 0..6 {
+            q.push(Tagged(false, i));
+        }
+        assert_eq!(drain(&mut q), (0..6).map(|i| (false, i)).collect::<Vec<_>>());
+        for i in 0..6 {
+            q.push(Tagged(true, i));
+        }
+        assert_eq!(drain(&mut q), (0..6).map(|i| (true, i)).collect::<Vec<_>>());
+    }
 }

@@ -71,7 +71,8 @@ impl AsyncQueue {
     /// A new queue pair on `device` with `entries` per ring and interrupts
     /// on `vector` of this host. Must be called inside a tokio runtime.
     pub fn new(device: &Device, entries: u16, irq: InterruptConfig) -> Result<Self> {
-        let handle = device.handle(QueueOptions { entries, interrupts: Some(irq) })?;
+        let handle =
+            device.handle(QueueOptions { entries, interrupts: Some(irq), ..Default::default() })?;
         let (queue, pool) = handle.take_queue()?;
         let client = handle.notify_client().cloned().expect("interrupt handles have a peer");
         let fd = client

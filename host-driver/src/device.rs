@@ -83,11 +83,14 @@ pub struct QueueOptions {
     pub entries: u16,
     /// Interrupt-driven waits (needs the notification socket); None polls.
     pub interrupts: Option<InterruptConfig>,
+    /// A high-priority queue: the device serves its commands before normal
+    /// queues' (PROTOCOL.md §5.7), for latency-critical work.
+    pub high_priority: bool,
 }
 
 impl Default for QueueOptions {
     fn default() -> Self {
-        Self { entries: 256, interrupts: None }
+        Self { entries: 256, interrupts: None, high_priority: false }
     }
 }
 

@@ -254,9 +254,8 @@ impl Device {
                 self.capabilities().pnm,
                 &mut mailbox,
                 &mut pool,
-                options.entries,
                 self.notifier(),
-                options.interrupts,
+                options,
             )
             .inspect_err(|_| pool.release(&mut mailbox))?;
             *dp = Some(DataPath {

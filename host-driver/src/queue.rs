@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use std::time::{Duration, Instant};
 
-use pnm_protocol::commands::{CreateQueuePairInput, CreateQueuePairOutput, DeleteQueuePairInput};
+use pnm_protocol::commands::{
+    CreateQueuePairInput, CreateQueuePairOutput, DeleteQueuePairInput, QUEUE_PRIORITY_HIGH,
+    QUEUE_PRIORITY_NORMAL,
+};
 use pnm_protocol::queue::{self, CQE_SIZE, CompletionEntry, IRQ_NONE, SQE_SIZE, SubmissionEntry};
 use pnm_protocol::regs::pnm;
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
@@ -119,16 +122,16 @@ enum Slot {
 }
 
 impl QueuePair {
-    /// Creates a polled queue pair of `entries` (a power of two).
+    /// Creates a queue pair as `options` ask (entries a power of two).
     pub(crate) fn create(
         regs: SharedMemory,
         pnm_cap: u64,
         mailbox: &mut MailboxClient,
         pool: &mut DmaPool,
-        entries: u16,
         notifier: Option<Notifier>,
-        irq: Option<InterruptConfig>,
+        options: crate::device::QueueOptions,
     ) -> Result<Self> {
+        let crate::device::QueueOptions { entries, interrupts: irq, high_priority } = options;
         if irq.is_some() && notifier.is_none() {
             return Err(Error::Invalid("interrupts need the device's notification socket".into()));
         }
@@ -143,6 +146,8 @@ impl QueuePair {
             peer_id: notifier.as_ref().map_or(0, |n| n.client.peer_id).into(),
             coalesce_count: irq.map_or(0, |i| i.coalesce_count).into(),
             coalesce_usec: irq.map_or(0, |i| i.coalesce_usec).into(),
+            priority: if high_priority { QUEUE_PRIORITY_HIGH } else { QUEUE_PRIORITY_NORMAL },
+            reserved: [0; 7],
         };
         let out = mailbox.execute(Opcode::CREATE_QUEUE_PAIR, input.as_bytes())?;
         let qid = CreateQueuePairOutput::read_from_bytes(&out)

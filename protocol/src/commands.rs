@@ -413,7 +413,20 @@ pub struct CreateQueuePairInput {
     /// Interrupt coalescing: signal at the latest this many microseconds
     /// after the first pending completion (0: no time limit beyond the count).
     pub coalesce_usec: U32,
+    /// Arbitration class: [`QUEUE_PRIORITY_NORMAL`] or [`QUEUE_PRIORITY_HIGH`].
+    pub priority: u8,
+    pub reserved: [u8; 7],
 }
+
+/// A queue served in turn with the others.
+pub const QUEUE_PRIORITY_NORMAL: u8 = 0;
+/// A queue served first, in the engine and at the compute units: for
+/// latency-critical work (decode-step Top-Ks) next to bulk work (appends,
+/// prefill). Normal work still gets one of every [`HIGH_PRIORITY_BURST`] + 1
+/// compute-unit turns while both wait, so it is never starved.
+pub const QUEUE_PRIORITY_HIGH: u8 = 1;
+/// Consecutive high-priority jobs a compute unit takes while normal ones wait.
+pub const HIGH_PRIORITY_BURST: u32 = 4;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
@@ -490,7 +503,8 @@ const _: () = {
     assert!(size_of::<IdentifyPnmOutput>() == 0x70);
     assert!(offset_of!(IdentifyPnmOutput, kv_frame_size) == 0x40);
     assert!(offset_of!(IdentifyPnmOutput, kv_frames_offset) == 0x60);
-    assert!(size_of::<CreateQueuePairInput>() == 0x20);
+    assert!(size_of::<CreateQueuePairInput>() == 0x28);
+    assert!(offset_of!(CreateQueuePairInput, priority) == 0x20);
     assert!(offset_of!(CreateQueuePairInput, peer_id) == 0x18);
     assert!(offset_of!(CreateQueuePairInput, coalesce_usec) == 0x1C);
     assert!(offset_of!(CreateQueuePairInput, entries) == 0x10);

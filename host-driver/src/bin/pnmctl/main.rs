@@ -378,7 +378,7 @@ fn bench_nop(
                 vector: i % pnm_protocol::notify::VECTORS,
                 ..irq
             });
-            device.handle(pnm_host::QueueOptions { entries, interrupts })
+            device.handle(pnm_host::QueueOptions { entries, interrupts, ..Default::default() })
         })
         .collect::<Result<_, _>>()?;
     // Warm up: creates each queue pair and its buffers.
@@ -477,7 +477,11 @@ fn bench_topk(
         return Err(usage("--tokens, --head-dim, -k, --group and --reps must be at least 1"));
     }
     let irq = interrupts.then(pnm_host::InterruptConfig::default);
-    let dev = device.handle(pnm_host::QueueOptions { entries: 64, interrupts: irq })?;
+    let dev = device.handle(pnm_host::QueueOptions {
+        entries: 64,
+        interrupts: irq,
+        ..Default::default()
+    })?;
     let shape = KvShape { dtype: pnm_host::Dtype::F16, layers: 1, heads: 1, head_dim };
     // Keys with small random values, as f16 bit patterns.
     let mut state = 0x2545_F491_4F6C_DD1Du64;
