@@ -637,3 +637,35 @@ fn high_priority_queue_overtakes_a_queued_flood() {
         "high priority done at {high_done:?}, the flood at {flood_done:?}"
     );
 }
+
+/// TOPK_GATHER read in place: the same rows as the copying form, and each
+/// view's DMA buffer returns to the pool when it is dropped.
+#[test]
+fn gathered_rows_read_in_place_match_and_views_free_their_buffers() {
+    let region = TempRegion::new("view");
+    // A 64 MiB region has an 8 MiB DMA window: leaked 1 MiB result buffers
+    // would run it dry within a few dozen views.
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = KvShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 128 };
+    let loaded = load(&dev, shape, 4096, 31);
+    let q: Vec<f32> = (0..128).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
+    let query = Query::f32(&q, 128);
+    let (fused, rows) = dev.topk_gather(&loaded.seq, 0, 0, &query, 2048, Aggregation::Max).unwrap();
+    for _ in 0..200 {
+        let view =
+            dev.topk_gather_view(&loaded.seq, 0, 0, &query, 2048, Aggregation::Max, None).unwrap();
+        assert_eq!(view.top.indices, fused.indices);
+        assert_eq!(view.len(), 2048);
+        let row = view.row_bytes();
+        let (mut k, mut v) = (vec![0u8; row], vec![0u8; row]);
+        for i in [0, 1, 1000, 2047] {
+            view.key_row(i, &mut k);
+            view.value_row(i, &mut v);
+            assert_eq!(k, rows.keys[i * row..(i + 1) * row]);
+            assert_eq!(v, rows.values[i * row..(i + 1) * row]);
+        }
+    }
+    // The handle is free again once the last view is gone.
+    assert_eq!(dev.topk(loaded.seq.id, 0, 0, &query, 5).unwrap().indices[..5], fused.indices[..5]);
+}

@@ -133,6 +133,65 @@ impl Rows {
     }
 }
 
+/// The result of [`Device::topk_gather_view`]: the Top-K, and its K and V
+/// rows still in the DMA buffer the device wrote them to (freed on drop).
+#[derive(Debug)]
+pub struct GatheredView<'a> {
+    session: Session<'a>,
+    out: DmaBuf,
+    layout: TopkLayout,
+    pub top: TopK,
+}
+
+impl GatheredView<'_> {
+    /// Bytes of one K or V row.
+    pub fn row_bytes(&self) -> usize {
+        self.layout.row_bytes as usize
+    }
+
+    /// Rows in the view (one per selected token, best first).
+    pub fn len(&self) -> usize {
+        self.top.indices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.top.indices.is_empty()
+    }
+
+    /// Copies K row `i` (of the i-th selected token) into `out`, which must
+    /// hold [`row_bytes`](Self::row_bytes).
+    pub fn key_row(&self, i: usize, out: &mut [u8]) {
+        self.read_row(self.layout.key_rows(), i, out);
+    }
+
+    /// Copies V row `i` into `out`, like [`key_row`](Self::key_row).
+    pub fn value_row(&self, i: usize, out: &mut [u8]) {
+        self.read_row(self.layout.value_rows(), i, out);
+    }
+
+    fn read_row(&self, block: u64, i: usize, out: &mut [u8]) {
+        assert!(i < self.len(), "row {i} of {}", self.len());
+        assert_eq!(out.len(), self.row_bytes(), "one row");
+        let at = self.out.addr + block + i as u64 * self.layout.row_bytes;
+        self.session.mem().read_bytes(at, out).expect("DMA buffer in the region");
+    }
+
+    /// Copies every row into `rows` (resizing its buffers).
+    pub fn copy_into(&self, rows: &mut Rows) {
+        let (keys, values) =
+            (self.out.addr + self.layout.key_rows(), self.out.addr + self.layout.value_rows());
+        let n = self.len() as u64;
+        rows.read_from(self.session.mem(), keys, values, n, self.layout.row_bytes);
+    }
+}
+
+impl Drop for GatheredView<'_> {
+    fn drop(&mut self) {
+        let out = self.out;
+        self.session.free(&[out]);
+    }
+}
+
 /// One Top-K request of a batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TopkRequest {
@@ -188,6 +247,7 @@ fn read_u32s(bytes: &[u8]) -> Vec<u32> {
 }
 
 /// A locked data path plus what a command needs from the device.
+#[derive(Debug)]
 struct Session<'a> {
     dp: MutexGuard<'a, Option<DataPath>>,
     device: &'a Device,
@@ -668,6 +728,28 @@ impl Device {
         selection: Option<PageSelection>,
         rows: &mut Rows,
     ) -> Result<TopK> {
+        let view = self.topk_gather_view(seq, layer, head, query, k, aggregation, selection)?;
+        view.copy_into(rows);
+        Ok(view.top.clone())
+    }
+
+    /// TOPK_GATHER whose rows stay where the device wrote them, in this
+    /// handle's DMA window, until the view is dropped: nothing is copied
+    /// unless the caller asks (`key_row`, `copy_into`), and a consumer that
+    /// reads rows once (an attention kernel, a DMA to a GPU) reads them
+    /// there. The view holds this handle's data path; other commands on the
+    /// same handle wait until it is dropped.
+    #[allow(clippy::too_many_arguments)] // the command's fields
+    pub fn topk_gather_view(
+        &self,
+        seq: &Sequence,
+        layer: u16,
+        head: u16,
+        query: &Query,
+        k: u32,
+        aggregation: Aggregation,
+        selection: Option<PageSelection>,
+    ) -> Result<GatheredView<'_>> {
         let mut s = self.session()?;
         let layout = TopkLayout { k: u64::from(k), row_bytes: seq.shape.row_bytes() };
         let out = s.alloc(layout.len())?;
@@ -684,15 +766,15 @@ impl Device {
             e.selection =
                 page_selection(sel.budget_tokens, sel.sink_pages, sel.recent_pages).into();
         }
-        let result = s.run(e).and_then(|c| {
-            let top = Self::read_topk(s.mem(), &c, k, out, layout)?;
-            let (keys_at, values_at) =
-                (out.addr + layout.key_rows(), out.addr + layout.value_rows());
-            rows.read_from(s.mem(), keys_at, values_at, top.indices.len() as u64, layout.row_bytes);
-            Ok(top)
-        });
-        s.free(&[out, q]);
-        result
+        let top = s.run(e).and_then(|c| Self::read_topk(s.mem(), &c, k, out, layout));
+        s.free(&[q]);
+        match top {
+            Ok(top) => Ok(GatheredView { session: s, out, layout, top }),
+            Err(err) => {
+                s.free(&[out]);
+                Err(err)
+            }
+        }
     }
 
     /// Runs raw descriptors (command ids are assigned here) on the driver's

@@ -20,7 +20,9 @@ pub mod tensorfile;
 pub use async_api::AsyncQueue;
 pub use device::{Device, DeviceOptions, DeviceStatus, QueueOptions};
 pub use error::{Error, Result};
-pub use kv::{Aggregation, KvShape, PageSelection, Query, Rows, Sequence, TopK, TopkRequest};
+pub use kv::{
+    Aggregation, GatheredView, KvShape, PageSelection, Query, Rows, Sequence, TopK, TopkRequest,
+};
 pub use pnm_protocol::Dtype;
 pub use queue::{Completion, InterruptConfig};
 pub use sys::default_sigpipe;
