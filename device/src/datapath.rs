@@ -3,7 +3,9 @@
 
 use pnm_firmware::LIMITS;
 use pnm_firmware::kernels::{self, Aggregation, Scored};
-use pnm_firmware::kv::{Dram, KvError, KvStore, PageSelection, SequenceShape, TopkScratch};
+use pnm_firmware::kv::{
+    Dram, KvError, KvStore, PageSelection, SequenceShape, TopkQuery, TopkScratch,
+};
 use pnm_firmware::simd::Rows;
 use pnm_firmware::timing::{self, HardwareProfile, Work};
 use pnm_protocol::queue::{
@@ -102,6 +104,20 @@ struct TopkPlan {
     out: u64,
     result: TopkLayout,
     with_rows: bool,
+}
+
+impl TopkPlan {
+    /// The Top-K `sqe` asks for, as the KV store takes it.
+    fn query<'a>(&'a self, sqe: &SubmissionEntry) -> TopkQuery<'a> {
+        TopkQuery {
+            seq: sqe.seq.get(),
+            layer: sqe.layer.get(),
+            head: sqe.head.get(),
+            queries: &self.queries,
+            how: self.how,
+            k: self.k,
+        }
+    }
 }
 
 fn kv_error(e: KvError) -> Refusal {
@@ -301,13 +317,10 @@ impl DataPath {
         with_rows: bool,
     ) -> Result<Outcome, Refusal> {
         let plan = self.plan_topk(kv, sqe, with_rows)?;
-        let (seq, layer, head, k) = (sqe.seq.get(), sqe.layer.get(), sqe.head.get(), plan.k);
         let (top, scored): (Vec<Scored>, u64) = match sqe.flags {
             0 => {
-                let top = kv
-                    .top_k_with(&mut self.topk, seq, layer, head, &plan.queries, plan.how, k)
-                    .map_err(kv_error)?;
-                (top, kv.tokens(seq).unwrap_or(0))
+                let top = kv.top_k_with(&mut self.topk, plan.query(sqe)).map_err(kv_error)?;
+                (top, kv.tokens(sqe.seq.get()).unwrap_or(0))
             }
             FLAG_PAGE_SELECTION => {
                 let (budget, sinks, recent) = decode_page_selection(sqe.selection.get());
@@ -317,16 +330,7 @@ impl DataPath {
                     recent_pages: u32::from(recent),
                 };
                 let s = kv
-                    .top_k_selected(
-                        &mut self.topk,
-                        seq,
-                        layer,
-                        head,
-                        &plan.queries,
-                        plan.how,
-                        k,
-                        selection,
-                    )
+                    .top_k_selected(&mut self.topk, plan.query(sqe), selection)
                     .map_err(kv_error)?;
                 (s.top, s.tokens_scored)
             }
@@ -436,19 +440,7 @@ impl DataPath {
         let store = self.kv.clone();
         let kv = store.read().unwrap_or_else(|e| e.into_inner());
         let plan = self.plan_topk(&kv, sqe, false)?;
-        let (seq, layer, head) = (sqe.seq.get(), sqe.layer.get(), sqe.head.get());
-        kv.top_k_part(
-            &mut self.topk,
-            seq,
-            layer,
-            head,
-            &plan.queries,
-            plan.how,
-            plan.k,
-            tokens,
-            part,
-        )
-        .map_err(kv_error)
+        kv.top_k_part(&mut self.topk, plan.query(sqe), tokens, part).map_err(kv_error)
     }
 
     /// Completes a split Top-K from its parts: merges them exactly and

@@ -304,6 +304,19 @@ pub struct Appended {
     pub map: Vec<PageMapEntry>,
 }
 
+/// What a Top-K asks of one (sequence, layer, KV head).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TopkQuery<'a> {
+    pub seq: u32,
+    pub layer: u16,
+    pub head: u16,
+    /// G queries of head_dim f32 each (a GQA group), row after row.
+    pub queries: &'a [f32],
+    /// How a group's G scores of a token combine into its score.
+    pub how: Aggregation,
+    pub k: u32,
+}
+
 /// Buffers a Top-K reuses: the portable kernel's f32 rows, a page's scores,
 /// the selection.
 #[derive(Debug, Default)]
@@ -839,55 +852,37 @@ impl<D: Dram> KvStore<D> {
 
     /// Exact Top-K of (seq, layer, head) against a group of queries (f32,
     /// `G x head_dim`), over committed tokens.
-    pub fn top_k(
-        &self,
-        seq_id: u32,
-        layer: u16,
-        head: u16,
-        queries: &[f32],
-        how: Aggregation,
-        k: u32,
-    ) -> Result<Vec<Scored>, KvError> {
-        self.top_k_with(&mut TopkScratch::default(), seq_id, layer, head, queries, how, k)
+    pub fn top_k(&self, query: TopkQuery<'_>) -> Result<Vec<Scored>, KvError> {
+        self.top_k_with(&mut TopkScratch::default(), query)
     }
 
     /// [`top_k`](Self::top_k) with caller-owned buffers, so repeated calls
     /// allocate nothing.
-    #[allow(clippy::too_many_arguments)] // the command's fields plus the scratch
     pub fn top_k_with(
         &self,
         scratch: &mut TopkScratch,
-        seq_id: u32,
-        layer: u16,
-        head: u16,
-        queries: &[f32],
-        how: Aggregation,
-        k: u32,
+        query: TopkQuery<'_>,
     ) -> Result<Vec<Scored>, KvError> {
+        let TopkQuery { seq: seq_id, layer, head, queries, k, .. } = query;
         let seq = self.sequence(seq_id)?;
         check_stream(seq, layer, head)?;
         check_topk(seq.shape, queries, k)?;
         let pages = seq.tokens.div_ceil(seq.shape.tokens_per_page());
-        self.scan_pages(scratch, seq, layer, head, queries, how, k, seq.tokens, 0..pages)
+        self.scan_pages(scratch, seq, query, seq.tokens, 0..pages)
     }
 
     /// Exact Top-K over part `part` of `parts` of the first `tokens`
     /// committed tokens, split at page boundaries so parts read disjoint
     /// frames. Merging every part's answer ([`kernels::merge_top_k`]) gives
     /// exactly [`top_k`](Self::top_k) over those tokens.
-    #[allow(clippy::too_many_arguments)] // the command's fields plus the part
     pub fn top_k_part(
         &self,
         scratch: &mut TopkScratch,
-        seq_id: u32,
-        layer: u16,
-        head: u16,
-        queries: &[f32],
-        how: Aggregation,
-        k: u32,
+        query: TopkQuery<'_>,
         tokens: u64,
         (part, parts): (u32, u32),
     ) -> Result<Vec<Scored>, KvError> {
+        let TopkQuery { seq: seq_id, layer, head, queries, k, .. } = query;
         let seq = self.sequence(seq_id)?;
         check_stream(seq, layer, head)?;
         check_topk(seq.shape, queries, k)?;
@@ -900,24 +895,20 @@ impl<D: Dram> KvStore<D> {
         let pages = tokens.div_ceil(seq.shape.tokens_per_page());
         let (part, parts) = (u64::from(part), u64::from(parts));
         let range = pages * part / parts..pages * (part + 1) / parts;
-        self.scan_pages(scratch, seq, layer, head, queries, how, k, tokens, range)
+        self.scan_pages(scratch, seq, query, tokens, range)
     }
 
-    /// Scores the committed tokens of `pages` (ascending) and selects the
-    /// best `k` of them.
-    #[allow(clippy::too_many_arguments)] // a Top-K's fields plus the pages
+    /// Scores the first `tokens` tokens of `seq` that lie in `pages`
+    /// (ascending) and selects the best `k` of them.
     fn scan_pages(
         &self,
         scratch: &mut TopkScratch,
         seq: &Sequence,
-        layer: u16,
-        head: u16,
-        queries: &[f32],
-        how: Aggregation,
-        k: u32,
+        query: TopkQuery<'_>,
         tokens: u64,
         pages: impl Iterator<Item = u64>,
     ) -> Result<Vec<Scored>, KvError> {
+        let TopkQuery { layer, head, queries, how, k, .. } = query;
         let shape = seq.shape;
         let d = usize::from(shape.head_dim);
         let tpp = shape.tokens_per_page();
@@ -937,23 +928,18 @@ impl<D: Dram> KvStore<D> {
 
     /// Top-K over the pages [`PageSelection`] picks; exact over them. With a
     /// budget of at least the sequence's tokens it is the exact Top-K.
-    #[allow(clippy::too_many_arguments)] // the command's fields plus the scratch
     pub fn top_k_selected(
         &self,
         scratch: &mut TopkScratch,
-        seq_id: u32,
-        layer: u16,
-        head: u16,
-        queries: &[f32],
-        how: Aggregation,
-        k: u32,
+        query: TopkQuery<'_>,
         selection: PageSelection,
     ) -> Result<Selected, KvError> {
+        let TopkQuery { seq: seq_id, layer, head, queries, how, k } = query;
         let seq = self.sequence(seq_id)?;
         check_stream(seq, layer, head)?;
         let tokens = seq.tokens;
         if selection.budget_tokens >= tokens {
-            let top = self.top_k_with(scratch, seq_id, layer, head, queries, how, k)?;
+            let top = self.top_k_with(scratch, query)?;
             return Ok(Selected { top, tokens_scored: tokens });
         }
         let shape = seq.shape;
@@ -997,8 +983,7 @@ impl<D: Dram> KvStore<D> {
             take(p, &mut chosen, &mut used);
         }
         let chosen_pages = (0..pages).filter(|&p| chosen[p as usize]);
-        let top =
-            self.scan_pages(scratch, seq, layer, head, queries, how, k, tokens, chosen_pages)?;
+        let top = self.scan_pages(scratch, seq, query, tokens, chosen_pages)?;
         Ok(Selected { top, tokens_scored: used })
     }
 

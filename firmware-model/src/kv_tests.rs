@@ -143,7 +143,7 @@ proptest! {
         let id = load(&mut store, shape, &keys, &values, tokens, chunk);
         let layer = layers - 1;
         let head = heads / 2;
-        let got = store.top_k(id, layer, head, &queries, Aggregation::Max, k).unwrap();
+        let got = store.top_k(TopkQuery { seq: id, layer, head, queries: &queries, how: Aggregation::Max, k }).unwrap();
         let want = naive_top_k(shape, &keys, tokens, layer, head, &queries, k as usize);
         prop_assert_eq!(got.len(), want.len());
         prop_assert_eq!(got.len() as u64, u64::from(k).min(tokens));
@@ -196,14 +196,35 @@ fn store_persists_across_reopen_and_rolls_back_uncommitted_tokens() {
         let (mut store, _) = KvStore::open(&dram).unwrap();
         let id = load(&mut store, shape, &keys, &keys, 1000, 333);
         store.append(id, 10).unwrap(); // reserved, never committed
-        let before = store.top_k(id, 1, 0, &q, Aggregation::Max, 50).unwrap();
+        let before = store
+            .top_k(TopkQuery {
+                seq: id,
+                layer: 1,
+                head: 0,
+                queries: &q,
+                how: Aggregation::Max,
+                k: 50,
+            })
+            .unwrap();
         (id, before, store.list(), store.free_frames())
     };
     let (mut store, report) = KvStore::open(&dram).unwrap();
     assert!(!report.formatted);
     assert_eq!(report.sequences, 1);
     assert!(report.dropped.is_empty());
-    assert_eq!(store.top_k(id, 1, 0, &q, Aggregation::Max, 50).unwrap(), before);
+    assert_eq!(
+        store
+            .top_k(TopkQuery {
+                seq: id,
+                layer: 1,
+                head: 0,
+                queries: &q,
+                how: Aggregation::Max,
+                k: 50
+            })
+            .unwrap(),
+        before
+    );
     assert_eq!(store.free_frames(), free);
     let after = store.list();
     assert_eq!(after[0].tokens, listed[0].tokens);
@@ -234,7 +255,14 @@ fn exhaustion_changes_nothing_and_freed_frames_are_reused() {
     assert_eq!(store.free_frames(), total);
     store.append(other, fits).unwrap();
     assert!(matches!(
-        store.top_k(id, 0, 0, &[0.0; 256], Aggregation::Max, 1),
+        store.top_k(TopkQuery {
+            seq: id,
+            layer: 0,
+            head: 0,
+            queries: &[0.0; 256],
+            how: Aggregation::Max,
+            k: 1
+        }),
         Err(KvError::NoSuchSequence(_))
     ));
 }
@@ -260,13 +288,98 @@ fn bad_arguments_are_refused() {
     store.commit(id, 5).unwrap();
     assert!(store.commit(id, 4).is_err(), "backwards");
     let q = [0.5f32; 8];
-    assert!(store.top_k(id, 2, 0, &q, Aggregation::Max, 1).is_err(), "layer");
-    assert!(store.top_k(id, 0, 2, &q, Aggregation::Max, 1).is_err(), "head");
-    assert!(store.top_k(id, 0, 0, &q[..7], Aggregation::Max, 1).is_err(), "head_dim");
-    assert!(store.top_k(id, 0, 0, &[0.5; 72], Aggregation::Max, 1).is_err(), "group of 9");
-    assert!(store.top_k(id, 0, 0, &q, Aggregation::Max, 0).is_err(), "k = 0");
-    assert!(store.top_k(id, 0, 0, &q, Aggregation::Max, LIMITS.max_k + 1).is_err());
-    assert_eq!(store.top_k(id, 0, 0, &q, Aggregation::Max, 100).unwrap().len(), 5, "k > tokens");
+    assert!(
+        store
+            .top_k(TopkQuery {
+                seq: id,
+                layer: 2,
+                head: 0,
+                queries: &q,
+                how: Aggregation::Max,
+                k: 1
+            })
+            .is_err(),
+        "layer"
+    );
+    assert!(
+        store
+            .top_k(TopkQuery {
+                seq: id,
+                layer: 0,
+                head: 2,
+                queries: &q,
+                how: Aggregation::Max,
+                k: 1
+            })
+            .is_err(),
+        "head"
+    );
+    assert!(
+        store
+            .top_k(TopkQuery {
+                seq: id,
+                layer: 0,
+                head: 0,
+                queries: &q[..7],
+                how: Aggregation::Max,
+                k: 1
+            })
+            .is_err(),
+        "head_dim"
+    );
+    assert!(
+        store
+            .top_k(TopkQuery {
+                seq: id,
+                layer: 0,
+                head: 0,
+                queries: &[0.5; 72],
+                how: Aggregation::Max,
+                k: 1
+            })
+            .is_err(),
+        "group of 9"
+    );
+    assert!(
+        store
+            .top_k(TopkQuery {
+                seq: id,
+                layer: 0,
+                head: 0,
+                queries: &q,
+                how: Aggregation::Max,
+                k: 0
+            })
+            .is_err(),
+        "k = 0"
+    );
+    assert!(
+        store
+            .top_k(TopkQuery {
+                seq: id,
+                layer: 0,
+                head: 0,
+                queries: &q,
+                how: Aggregation::Max,
+                k: LIMITS.max_k + 1
+            })
+            .is_err()
+    );
+    assert_eq!(
+        store
+            .top_k(TopkQuery {
+                seq: id,
+                layer: 0,
+                head: 0,
+                queries: &q,
+                how: Aggregation::Max,
+                k: 100
+            })
+            .unwrap()
+            .len(),
+        5,
+        "k > tokens"
+    );
     assert!(store.row_locations(id, 0, 0, &[5]).is_err(), "uncommitted token");
     assert!(store.row_locations(id, 0, 0, &[4]).is_ok());
     assert!(store.page_map(id, 0, 2).is_err());
@@ -305,7 +418,16 @@ fn nan_and_infinite_keys_have_the_documented_order() {
     let keys =
         [1.0, 0.0, f32::NAN, 0.0, f32::INFINITY, 0.0, 2.0, 0.0, f32::NEG_INFINITY, 0.0, 2.0, 0.0];
     let id = load(&mut store, shape, &keys, &keys, 6, 6);
-    let got = store.top_k(id, 0, 0, &[1.0, 1.0], Aggregation::Max, 6).unwrap();
+    let got = store
+        .top_k(TopkQuery {
+            seq: id,
+            layer: 0,
+            head: 0,
+            queries: &[1.0, 1.0],
+            how: Aggregation::Max,
+            k: 6,
+        })
+        .unwrap();
     let order: Vec<u32> = got.iter().map(|s| s.index).collect();
     // +inf first, ties (2.0) by index, -inf, then the NaN key last.
     assert_eq!(order, [2, 3, 5, 0, 4, 1]);
@@ -330,10 +452,24 @@ fn page_selection_with_a_full_budget_is_exact_and_bounds_are_sound() {
     let mut scratch = TopkScratch::default();
     for group in [1usize, 4] {
         let q: Vec<f32> = (0..64 * group).map(|_| rng()).collect();
-        let exact = store.top_k(id, 0, 0, &q, Aggregation::Max, 50).unwrap();
+        let exact = store
+            .top_k(TopkQuery {
+                seq: id,
+                layer: 0,
+                head: 0,
+                queries: &q,
+                how: Aggregation::Max,
+                k: 50,
+            })
+            .unwrap();
         let all = PageSelection { budget_tokens: tokens, sink_pages: 1, recent_pages: 1 };
-        let full =
-            store.top_k_selected(&mut scratch, id, 0, 0, &q, Aggregation::Max, 50, all).unwrap();
+        let full = store
+            .top_k_selected(
+                &mut scratch,
+                TopkQuery { seq: id, layer: 0, head: 0, queries: &q, how: Aggregation::Max, k: 50 },
+                all,
+            )
+            .unwrap();
         assert_eq!(full.top, exact);
         assert_eq!(full.tokens_scored, tokens);
         // Each page's bound is at least every score in it (stored values).
@@ -364,7 +500,11 @@ fn page_selection_with_a_full_budget_is_exact_and_bounds_are_sound() {
         // A budget of a quarter reads about a quarter, keeps sinks and recent pages.
         let quarter = PageSelection { budget_tokens: tokens / 4, sink_pages: 1, recent_pages: 1 };
         let some = store
-            .top_k_selected(&mut scratch, id, 0, 0, &q, Aggregation::Max, 50, quarter)
+            .top_k_selected(
+                &mut scratch,
+                TopkQuery { seq: id, layer: 0, head: 0, queries: &q, how: Aggregation::Max, k: 50 },
+                quarter,
+            )
             .unwrap();
         assert!(some.tokens_scored <= tokens / 4 && some.tokens_scored >= tokens / 4 - tpp);
         assert_eq!(some.top.len(), 50);
@@ -406,25 +546,27 @@ proptest! {
             v.iter().map(|s| (s.index, s.score.to_bits())).collect()
         };
         let whole = store
-            .top_k_part(&mut scratch, id, 0, 0, &queries, Aggregation::Max, k, snapshot, (0, 1))
+            .top_k_part(&mut scratch, TopkQuery { seq: id, layer: 0, head: 0, queries: &queries, how: Aggregation::Max, k }, snapshot, (0, 1))
             .unwrap();
         let split: Vec<Vec<Scored>> = (0..parts)
             .map(|p| {
                 store
-                    .top_k_part(&mut scratch, id, 0, 0, &queries, Aggregation::Max, k, snapshot, (p, parts))
+                    .top_k_part(&mut scratch, TopkQuery { seq: id, layer: 0, head: 0, queries: &queries, how: Aggregation::Max, k }, snapshot, (p, parts))
                     .unwrap()
             })
             .collect();
         prop_assert_eq!(bits(&kernels::merge_top_k(&split, k as usize)), bits(&whole));
         if snapshot == tokens {
-            let exact = store.top_k(id, 0, 0, &queries, Aggregation::Max, k).unwrap();
+            let exact = store.top_k(TopkQuery { seq: id, layer: 0, head: 0, queries: &queries, how: Aggregation::Max, k }).unwrap();
             prop_assert_eq!(bits(&whole), bits(&exact));
         }
-        prop_assert!(store
-            .top_k_part(&mut scratch, id, 0, 0, &queries, Aggregation::Max, k, tokens + 1, (0, 1))
-            .is_err());
-        prop_assert!(store
-            .top_k_part(&mut scratch, id, 0, 0, &queries, Aggregation::Max, k, tokens, (parts, parts))
-            .is_err());
+        let refused = store
+            .top_k_part(&mut scratch, TopkQuery { seq: id, layer: 0, head: 0, queries: &queries, how: Aggregation::Max, k }, tokens + 1, (0, 1))
+            .is_err();
+        prop_assert!(refused);
+        let refused = store
+            .top_k_part(&mut scratch, TopkQuery { seq: id, layer: 0, head: 0, queries: &queries, how: Aggregation::Max, k }, tokens, (parts, parts))
+            .is_err();
+        prop_assert!(refused);
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use pnm_device::RunningDevice;
 use pnm_firmware::kernels::Aggregation;
-use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkScratch};
+use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
 use pnm_host::tensorfile::{self, Tensor};
 use pnm_host::{Device, DeviceOptions, Dtype, KvShape, Query};
 use serde_json::json;
@@ -150,7 +150,17 @@ fn main() -> anyhow::Result<()> {
     let mut scratch = TopkScratch::default();
     let mut in_process = || {
         let top = store
-            .top_k_with(&mut scratch, id, 0, 0, &query, Aggregation::Max, args.k)
+            .top_k_with(
+                &mut scratch,
+                TopkQuery {
+                    seq: id,
+                    layer: 0,
+                    head: 0,
+                    queries: &query,
+                    how: Aggregation::Max,
+                    k: args.k,
+                },
+            )
             .expect("topk");
         let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
         let rows = store.row_locations(id, 0, 0, &indices).expect("rows");

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use pnm_firmware::kernels::Aggregation;
-use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkScratch};
+use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
 use pnm_host::roofline::Roofline;
 use pnm_host::{Device, Dtype, KvShape, Query};
 use serde_json::{Value, json};
@@ -102,13 +102,33 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                     let mut selected = 0;
                     let (local_min, local_median) = timed(grid.reps, || {
                         let top = store
-                            .top_k_with(&mut scratch, id, 0, 0, &queries, Aggregation::Max, k)
+                            .top_k_with(
+                                &mut scratch,
+                                TopkQuery {
+                                    seq: id,
+                                    layer: 0,
+                                    head: 0,
+                                    queries: &queries,
+                                    how: Aggregation::Max,
+                                    k,
+                                },
+                            )
                             .expect("the benchmark's own arguments are valid");
                         selected = top.len();
                     });
                     let (plain_min, _) = timed(grid.reps, || {
                         plain_store
-                            .top_k_with(&mut scratch, plain_id, 0, 0, &queries, Aggregation::Max, k)
+                            .top_k_with(
+                                &mut scratch,
+                                TopkQuery {
+                                    seq: plain_id,
+                                    layer: 0,
+                                    head: 0,
+                                    queries: &queries,
+                                    how: Aggregation::Max,
+                                    k,
+                                },
+                            )
                             .expect("the benchmark's own arguments are valid");
                     });
                     let mut case = json!({
