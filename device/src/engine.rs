@@ -33,11 +33,44 @@ pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(10);
 const LONGEST_SLEEP: Duration = Duration::from_millis(5);
 /// How often the engine looks for queues and buffers whose owner died.
 const RECLAIM_PERIOD: Duration = Duration::from_secs(1);
-/// Idle time the engine spins, then yields, before it sleeps: a host that
-/// sends commands back to back never pays a wake-up, and an idle device
-/// leaves the CPU within a millisecond.
+/// Idle time the engine spins (then yields, up to its adaptive polling
+/// budget) before it sleeps: a host that sends commands back to back never
+/// pays a wake-up.
 const SPIN_TIME: Duration = Duration::from_micros(100);
-const YIELD_TIME: Duration = Duration::from_millis(1);
+/// Bounds of the adaptive polling budget, and where it starts.
+const MIN_POLL_TIME: Duration = Duration::from_micros(100);
+const MAX_POLL_TIME: Duration = Duration::from_millis(2);
+const INITIAL_POLL_TIME: Duration = Duration::from_millis(1);
+
+/// How long the engine keeps polling after its last work before it sleeps,
+/// adapted to the gaps between bursts of work: a gap that a sleep had to
+/// cover but that polling up to [`MAX_POLL_TIME`] would have caught raises
+/// the budget to cover such gaps (the host stops paying wake-ups); a gap
+/// far longer halves it (an idle device sleeps sooner and uses less CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IdlePolicy {
+    budget: Duration,
+}
+
+impl Default for IdlePolicy {
+    fn default() -> Self {
+        Self { budget: INITIAL_POLL_TIME }
+    }
+}
+
+impl IdlePolicy {
+    /// Work came `gap` after the engine went idle; `slept` if it slept.
+    fn observe(&mut self, gap: Duration, slept: bool) {
+        if !slept {
+            return; // polling caught it: the budget works
+        }
+        self.budget = if gap <= MAX_POLL_TIME {
+            (gap * 5 / 4).clamp(MIN_POLL_TIME, MAX_POLL_TIME).max(self.budget)
+        } else {
+            (self.budget / 2).max(MIN_POLL_TIME)
+        };
+    }
+}
 /// Idle time before the engine sleeps while compute units are busy: long
 /// enough for a burst of submissions, short against any Top-K.
 const BUSY_UNITS_SPIN_TIME: Duration = Duration::from_micros(5);
@@ -268,9 +301,14 @@ impl Engine {
     fn run(&mut self, stop: &AtomicBool) {
         let mut idle_since: Option<Instant> = None;
         let mut idle_polls = 0u32;
+        let mut policy = IdlePolicy::default();
+        let mut slept = false;
         while !stop.load(Acquire) {
             if self.poll_once() {
-                idle_since = None;
+                if let Some(idle) = idle_since.take() {
+                    policy.observe(idle.elapsed(), slept);
+                }
+                slept = false;
                 idle_polls = 0;
                 continue;
             }
@@ -285,14 +323,15 @@ impl Engine {
                 continue;
             }
             // poll_once reads the clock already; a spin needs no second read.
-            if !idle_polls.is_multiple_of(64) || idle.elapsed() < SPIN_TIME {
+            if !idle_polls.is_multiple_of(64) || idle.elapsed() < SPIN_TIME.min(policy.budget) {
                 std::hint::spin_loop();
-            } else if idle.elapsed() < YIELD_TIME {
+            } else if idle.elapsed() < policy.budget {
                 std::thread::yield_now();
             } else {
                 // Still idle after a timed-out sleep: sleep again at once
                 // (idle_since stays put); work found by poll_once resets it.
                 self.sleep(stop);
+                slept = true;
             }
         }
     }
@@ -428,5 +467,34 @@ impl Engine {
         self.regs.store_u64(regs::MEMDEV_STATUS_OFFSET, memdev_status::READY, Release);
         // Clearing the request last tells the host the reset is complete.
         self.regs.store_u32(p + pnm::RESET_CONTROL, 0, Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_polling_budget_follows_the_gaps_between_bursts() {
+        let us = Duration::from_micros;
+        let mut p = IdlePolicy::default();
+        assert_eq!(p.budget, INITIAL_POLL_TIME);
+        // Gaps polling caught change nothing.
+        p.observe(us(900), false);
+        assert_eq!(p.budget, INITIAL_POLL_TIME);
+        // A 1.5 ms gap that needed a wake-up: next time poll through it.
+        p.observe(us(1500), true);
+        assert_eq!(p.budget, us(1875));
+        // Never past the cap.
+        p.observe(us(1990), true);
+        assert_eq!(p.budget, MAX_POLL_TIME);
+        // Long quiet spells halve it, down to the floor.
+        for _ in 0..10 {
+            p.observe(Duration::from_millis(50), true);
+        }
+        assert_eq!(p.budget, MIN_POLL_TIME);
+        // A short gap after a sleep brings it back up only as far as needed.
+        p.observe(us(400), true);
+        assert_eq!(p.budget, us(500));
     }
 }
