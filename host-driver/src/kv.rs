@@ -135,9 +135,12 @@ impl Rows {
 
 /// The result of [`Device::topk_gather_view`]: the Top-K, and its K and V
 /// rows still in the DMA buffer the device wrote them to (freed on drop).
+///
+/// The view holds only its buffer, not the handle: other commands may run
+/// on the same handle meanwhile.
 #[derive(Debug)]
 pub struct GatheredView<'a> {
-    session: Session<'a>,
+    device: &'a Device,
     out: DmaBuf,
     layout: TopkLayout,
     pub top: TopK,
@@ -173,7 +176,7 @@ impl GatheredView<'_> {
         assert!(i < self.len(), "row {i} of {}", self.len());
         assert_eq!(out.len(), self.row_bytes(), "one row");
         let at = self.out.addr + block + i as u64 * self.layout.row_bytes;
-        self.session.mem().read_bytes(at, out).expect("DMA buffer in the region");
+        self.device.region().read_bytes(at, out).expect("DMA buffer in the region");
     }
 
     /// Copies every row into `rows` (resizing its buffers).
@@ -181,14 +184,18 @@ impl GatheredView<'_> {
         let (keys, values) =
             (self.out.addr + self.layout.key_rows(), self.out.addr + self.layout.value_rows());
         let n = self.len() as u64;
-        rows.read_from(self.session.mem(), keys, values, n, self.layout.row_bytes);
+        rows.read_from(self.device.region(), keys, values, n, self.layout.row_bytes);
     }
 }
 
 impl Drop for GatheredView<'_> {
     fn drop(&mut self) {
-        let out = self.out;
-        self.session.free(&[out]);
+        match self.device.session() {
+            Ok(mut s) => s.free(&[self.out]),
+            // The data path cannot fail once it exists, and it existed to
+            // make this view; a buffer lost here is reclaimed with the process.
+            Err(e) => tracing::warn!(error = %e, "a gathered view's buffer was not freed"),
+        }
     }
 }
 
@@ -737,8 +744,7 @@ impl Device {
     /// handle's DMA window, until the view is dropped: nothing is copied
     /// unless the caller asks (`key_row`, `copy_into`), and a consumer that
     /// reads rows once (an attention kernel, a DMA to a GPU) reads them
-    /// there. The view holds this handle's data path; other commands on the
-    /// same handle wait until it is dropped.
+    /// there. Other commands may run on the handle while a view lives.
     #[allow(clippy::too_many_arguments)] // the command's fields
     pub fn topk_gather_view(
         &self,
@@ -769,7 +775,7 @@ impl Device {
         let top = s.run(e).and_then(|c| Self::read_topk(s.mem(), &c, k, out, layout));
         s.free(&[q]);
         match top {
-            Ok(top) => Ok(GatheredView { session: s, out, layout, top }),
+            Ok(top) => Ok(GatheredView { device: self, out, layout, top }),
             Err(err) => {
                 s.free(&[out]);
                 Err(err)
