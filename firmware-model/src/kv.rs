@@ -77,20 +77,16 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Dram for &MemDram<B> {
     }
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError> {
         let mem = self.0.borrow();
-        let mem = mem.as_ref();
-        let range = usize::try_from(offset).ok().and_then(|o| Some(o..o.checked_add(out.len())?));
-        let src = range
-            .and_then(|r| mem.get(r))
+        let src = byte_range(offset, out.len() as u64)
+            .and_then(|r| mem.as_ref().get(r))
             .ok_or(KvError::OutOfRange { offset, len: out.len() as u64 })?;
         out.copy_from_slice(src);
         Ok(())
     }
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError> {
         let mut mem = self.0.borrow_mut();
-        let mem = mem.as_mut();
-        let range = usize::try_from(offset).ok().and_then(|o| Some(o..o.checked_add(data.len())?));
-        let dst = range
-            .and_then(|r| mem.get_mut(r))
+        let dst = byte_range(offset, data.len() as u64)
+            .and_then(|r| mem.as_mut().get_mut(r))
             .ok_or(KvError::OutOfRange { offset, len: data.len() as u64 })?;
         dst.copy_from_slice(data);
         Ok(())
@@ -103,14 +99,17 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Dram for &MemDram<B> {
         score: impl FnOnce(Rows<'_>) -> R,
     ) -> Result<R, KvError> {
         let mem = self.0.borrow();
-        let mem = mem.as_ref();
-        let range = usize::try_from(offset)
-            .ok()
-            .zip(usize::try_from(len).ok())
-            .and_then(|(o, l)| Some(o..o.checked_add(l)?));
-        let bytes = range.and_then(|r| mem.get(r)).ok_or(KvError::OutOfRange { offset, len })?;
+        let bytes = byte_range(offset, len)
+            .and_then(|r| mem.as_ref().get(r))
+            .ok_or(KvError::OutOfRange { offset, len })?;
         Ok(score(Rows::from_bytes(bytes, dtype)))
     }
+}
+
+/// `[offset, offset + len)` as indices, if it fits in `usize`.
+fn byte_range(offset: u64, len: u64) -> Option<std::ops::Range<usize>> {
+    let (start, len) = (usize::try_from(offset).ok()?, usize::try_from(len).ok()?);
+    Some(start..start.checked_add(len)?)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -848,6 +847,44 @@ impl<D: Dram> KvStore<D> {
 
     pub fn tokens(&self, seq_id: u32) -> Result<u64, KvError> {
         Ok(self.sequence(seq_id)?.tokens)
+    }
+
+    /// Creates a sequence holding `tokens` tokens of `keys` and `values`
+    /// (each `[layers, heads, tokens, head_dim]` in the stored dtype), written
+    /// straight into its frames and committed: how tools and benchmarks fill
+    /// a store without a device.
+    pub fn create_with_rows(
+        &mut self,
+        shape: SequenceShape,
+        keys: &[u8],
+        values: &[u8],
+        tokens: u64,
+    ) -> Result<u32, KvError> {
+        let stream_bytes = tokens * shape.row_bytes();
+        let total = stream_bytes * shape.streams();
+        if keys.len() as u64 != total || values.len() as u64 != total {
+            return Err(KvError::Invalid(format!(
+                "{tokens} tokens of this shape are {total} bytes of K and of V"
+            )));
+        }
+        let id = self.create(shape)?;
+        let appended = self.append(id, tokens)?;
+        let tpp = shape.tokens_per_page();
+        let streams = shape.streams() as usize;
+        for (i, entry) in appended.map.iter().enumerate() {
+            let (page, stream) = ((i / streams) as u64, (i % streams) as u64);
+            let first = page * tpp;
+            let rows = first..(first + tpp).min(tokens);
+            let at = stream * stream_bytes;
+            let (lo, hi) = (
+                (at + rows.start * shape.row_bytes()) as usize,
+                (at + rows.end * shape.row_bytes()) as usize,
+            );
+            self.dram.write(self.layout.frame_offset(entry.key_frame.get()), &keys[lo..hi])?;
+            self.dram.write(self.layout.frame_offset(entry.value_frame.get()), &values[lo..hi])?;
+        }
+        self.commit(id, tokens)?;
+        Ok(id)
     }
 
     /// Exact Top-K of (seq, layer, head) against a group of queries (f32,

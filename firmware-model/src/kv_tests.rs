@@ -570,3 +570,39 @@ proptest! {
         prop_assert!(refused);
     }
 }
+
+/// The one-call loader stores every row where the token-by-token appends
+/// put it, for every (layer, head), and refuses buffers of the wrong size.
+#[test]
+fn create_with_rows_stores_what_appends_store() {
+    let shape = SequenceShape { dtype: Dtype::F16, layers: 2, heads: 3, head_dim: 32 };
+    let tokens = 1500; // several pages, the last one partial
+    let n = 6 * tokens as usize * 32;
+    let mut rng = lcg(77);
+    let keys: Vec<f32> = (0..n).map(|_| rng()).collect();
+    let values: Vec<f32> = (0..n).map(|_| rng()).collect();
+    let dram = MemDram::new(DRAM);
+    let (mut store, _) = KvStore::open(&dram).unwrap();
+    let reference = load(&mut store, shape, &keys, &values, tokens, 97);
+    let (k_bytes, v_bytes) = (encode(shape.dtype, &keys), encode(shape.dtype, &values));
+    let loaded = store.create_with_rows(shape, &k_bytes, &v_bytes, tokens).unwrap();
+    assert_eq!(store.tokens(loaded).unwrap(), tokens);
+    let all: Vec<u32> = (0..tokens as u32).collect();
+    let row = shape.row_bytes() as usize;
+    let read = |at: u64| {
+        let mut out = vec![0u8; row];
+        store.dram().read(at, &mut out).unwrap();
+        out
+    };
+    for layer in 0..2 {
+        for head in 0..3 {
+            let want = store.row_locations(reference, layer, head, &all).unwrap();
+            let got = store.row_locations(loaded, layer, head, &all).unwrap();
+            for (w, g) in want.iter().zip(&got) {
+                assert_eq!(read(w.key), read(g.key));
+                assert_eq!(read(w.value), read(g.value));
+            }
+        }
+    }
+    assert!(store.create_with_rows(shape, &k_bytes[2..], &v_bytes, tokens).is_err());
+}

@@ -135,17 +135,7 @@ fn main() -> anyhow::Result<()> {
     let dram = MemDram::new((64 << 20) + one.bytes(args.tokens) as usize * 3);
     let (mut store, _) = KvStore::open(&dram)?;
     let fshape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 128 };
-    let id = store.create(fshape)?;
-    let appended = store.append(id, args.tokens)?;
-    let tpp = fshape.tokens_per_page();
-    for (page, e) in appended.map.iter().enumerate() {
-        let lo = page as u64 * tpp;
-        let hi = (lo + tpp).min(args.tokens);
-        let (a, b) = ((lo * 256) as usize, (hi * 256) as usize);
-        (&dram).write(store.layout().frame_offset(e.key_frame.get()), &k_rows[a..b])?;
-        (&dram).write(store.layout().frame_offset(e.value_frame.get()), &v_rows[a..b])?;
-    }
-    store.commit(id, args.tokens)?;
+    let id = store.create_with_rows(fshape, &k_rows, &v_rows, args.tokens)?;
     let mut out = vec![0u8; args.k as usize * 512];
     let mut scratch = TopkScratch::default();
     let mut in_process = || {

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use pnm_firmware::kernels::Aggregation;
-use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
+use pnm_firmware::kv::{KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
 use pnm_host::roofline::Roofline;
 use pnm_host::{Device, Dtype, KvShape, Query};
 use serde_json::{Value, json};
@@ -221,7 +221,8 @@ fn python_reference(grid: &KernelGrid) -> Value {
     }
 }
 
-/// A firmware store in `dram` holding one (layer, head) of `keys`.
+/// A firmware store in `dram` holding one (layer, head) of `keys` (values
+/// are not read by a Top-K; the keys stand in for them).
 fn store_with<'d, B: AsRef<[u8]> + AsMut<[u8]>>(
     dram: &'d MemDram<B>,
     shape: SequenceShape,
@@ -229,17 +230,7 @@ fn store_with<'d, B: AsRef<[u8]> + AsMut<[u8]>>(
     tokens: u64,
 ) -> pnm_host::Result<(KvStore<&'d MemDram<B>>, u32)> {
     let (mut store, _) = KvStore::open(dram).map_err(firmware_error)?;
-    let id = store.create(shape).map_err(firmware_error)?;
-    let appended = store.append(id, tokens).map_err(firmware_error)?;
-    let row = shape.row_bytes() as usize;
-    let tpp = shape.tokens_per_page() as usize;
-    for (page, entry) in appended.map.iter().enumerate() {
-        let lo = page * tpp * row;
-        let hi = ((page + 1) * tpp * row).min(keys.len());
-        let at = store.layout().frame_offset(entry.key_frame.get());
-        dram.write(at, &keys[lo..hi]).map_err(firmware_error)?;
-    }
-    store.commit(id, tokens).map_err(firmware_error)?;
+    let id = store.create_with_rows(shape, keys, keys, tokens).map_err(firmware_error)?;
     Ok((store, id))
 }
 
