@@ -50,19 +50,36 @@ fn keys(dtype: Dtype, elements: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// (min, median) of `reps` timings of `f`, in seconds.
-fn timed(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
-    f(); // warm-up: page tables, caches, branch history
-    let mut t: Vec<f64> = (0..reps.max(1))
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed().as_secs_f64()
+/// (min, median) of `reps` timings of each of `runs`, in seconds, taken in
+/// rounds so that a quiet or a noisy spell of a shared machine falls on all
+/// of them alike and their ratios hold. In a round each run goes once
+/// untimed (`run(false)`: it refills the caches and TLB and wakes the
+/// device, which the other runs disturbed), then [`TIMED_PER_ROUND`] times
+/// back to back, timed (`run(true)`): the steady state of a decode loop.
+fn interleaved(reps: usize, runs: &mut [&mut dyn FnMut(bool)]) -> Vec<(f64, f64)> {
+    let rounds = reps.max(1).div_ceil(TIMED_PER_ROUND);
+    let mut times = vec![Vec::with_capacity(rounds * TIMED_PER_ROUND); runs.len()];
+    for _ in 0..rounds {
+        for (run, t) in runs.iter_mut().zip(&mut times) {
+            run(false);
+            for _ in 0..TIMED_PER_ROUND {
+                let start = Instant::now();
+                run(true);
+                t.push(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            (t[0], t[t.len() / 2])
         })
-        .collect();
-    t.sort_by(f64::total_cmp);
-    (t[0], t[t.len() / 2])
+        .collect()
 }
+
+/// Timed runs of each kind in a row within one round of [`interleaved`].
+const TIMED_PER_ROUND: usize = 3;
 
 /// Runs the grid; `device` adds the through-the-device figures.
 pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value> {
@@ -96,41 +113,54 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                 let queries: Vec<f32> =
                     (0..group as usize * d).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
                 for &k in &grid.ks {
-                    let read_gbs = roofline.read_gb_per_s(3);
-                    let floor = key_bytes.len() as f64 / (read_gbs * 1e9);
+                    let mut read_gbs = 0f64;
                     let mut scratch = TopkScratch::default();
                     let mut selected = 0;
-                    let (local_min, local_median) = timed(grid.reps, || {
+                    let query_of = |seq| TopkQuery {
+                        seq,
+                        layer: 0,
+                        head: 0,
+                        queries: &queries,
+                        how: Aggregation::Max,
+                        k,
+                    };
+                    let mut kernel_ns = Vec::new();
+                    let mut model_ns = 0;
+                    let mut roof = |_| read_gbs = read_gbs.max(roofline.read_gb_per_s(1));
+                    let mut local = |_| {
                         let top = store
-                            .top_k_with(
-                                &mut scratch,
-                                TopkQuery {
-                                    seq: id,
-                                    layer: 0,
-                                    head: 0,
-                                    queries: &queries,
-                                    how: Aggregation::Max,
-                                    k,
-                                },
-                            )
+                            .top_k_with(&mut scratch, query_of(id))
                             .expect("the benchmark's own arguments are valid");
                         selected = top.len();
-                    });
-                    let (plain_min, _) = timed(grid.reps, || {
+                    };
+                    let mut plain_scratch = TopkScratch::default();
+                    let mut plain = |_| {
                         plain_store
-                            .top_k_with(
-                                &mut scratch,
-                                TopkQuery {
-                                    seq: plain_id,
-                                    layer: 0,
-                                    head: 0,
-                                    queries: &queries,
-                                    how: Aggregation::Max,
-                                    k,
-                                },
-                            )
+                            .top_k_with(&mut plain_scratch, query_of(plain_id))
                             .expect("the benchmark's own arguments are valid");
-                    });
+                    };
+                    let wire_query = Query::f32(&queries, d);
+                    let mut through_device = |timed: bool| {
+                        if let (Some(dev), Some(seq)) = (device, &on_device) {
+                            let top = dev
+                                .topk(seq.id, 0, 0, &wire_query, k)
+                                .expect("the benchmark's own arguments are valid");
+                            if timed {
+                                kernel_ns.push(top.device_ns as f64);
+                            }
+                            model_ns = top.model_ns;
+                        }
+                    };
+                    let timings = interleaved(
+                        grid.reps,
+                        &mut [&mut roof, &mut local, &mut plain, &mut through_device],
+                    );
+                    let [_, (local_min, local_median), (plain_min, _), (host_min, host_median)] =
+                        timings[..]
+                    else {
+                        unreachable!("four runs, four timings")
+                    };
+                    let floor = key_bytes.len() as f64 / (read_gbs * 1e9);
                     let mut case = json!({
                         "tokens": tokens,
                         "head_dim": d,
@@ -152,17 +182,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                             "small_pages_x_roofline_time": plain_min / floor,
                         },
                     });
-                    if let (Some(dev), Some(seq)) = (device, &on_device) {
-                        let query = Query::f32(&queries, d);
-                        let mut kernel_ns = Vec::new();
-                        let mut model_ns = 0;
-                        let (host_min, host_median) = timed(grid.reps, || {
-                            let top = dev
-                                .topk(seq.id, 0, 0, &query, k)
-                                .expect("the benchmark's own arguments are valid");
-                            kernel_ns.push(top.device_ns as f64);
-                            model_ns = top.model_ns;
-                        });
+                    if device.is_some() {
                         kernel_ns.sort_by(f64::total_cmp);
                         let kernel_min = kernel_ns[0] / 1e9;
                         case["through_device"] = json!({
@@ -190,7 +210,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
         "threads": 1,
         "cases": cases,
         "reference": reference,
-        "note": "min over reps (interference only slows a run down); x_roofline_time = time / (key bytes / memory read bandwidth measured just before the case)",
+        "note": "each case runs in rounds (roofline read, in-process on huge pages, in-process on 4 KiB pages, through the device; each once untimed, then 3 timed runs back to back) so machine noise falls on all alike; min over rounds (interference only slows a run down); x_roofline_time = time / (key bytes / best memory read bandwidth over the rounds)",
     }))
 }
 
