@@ -522,3 +522,217 @@ impl DataPath {
         Ok(())
     }
 }
+
+/// Every field of a descriptor is host input: random descriptors, biased to
+/// the edges (window bounds, device DRAM, wrapping addresses, the loaded
+/// sequence's limits), must get a spec return code and change nothing but
+/// the buffers they address; a refused one changes nothing at all.
+#[cfg(test)]
+mod hostile_descriptors {
+    use pnm_firmware::kv::SequenceShape;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::region::Region;
+
+    const TOKENS: u64 = 300;
+    /// Stands for the fixture's loaded sequence in generated descriptors.
+    const LOADED: u32 = u32::MAX - 1;
+
+    struct Fixture {
+        // Owns the mapping `datapath` works on.
+        region: Region,
+        datapath: DataPath,
+        seq: u32,
+    }
+
+    fn fixture() -> Fixture {
+        let region = Region::embedded(8 << 20, None).expect("memfd region");
+        let (mem, layout) = (region.regs(), region.layout);
+        let (kv, _) = KvStore::open(DramView::new(mem, &layout)).expect("fresh store");
+        let profile = crate::engine::default_profile();
+        let datapath = DataPath::new(mem, layout, kv, profile);
+        // 2 layers x 2 heads: four streams of rows.
+        let shape = SequenceShape { dtype: Dtype::F32, layers: 2, heads: 2, head_dim: 16 };
+        let bytes: Vec<u8> =
+            (0..TOKENS * shape.row_bytes() * 4).map(|i| (i * 7 % 251) as u8).collect();
+        let seq = datapath
+            .kv
+            .write()
+            .unwrap()
+            .create_with_rows(shape, &bytes, &bytes, TOKENS)
+            .expect("the fixture's sequence fits");
+        Fixture { region, datapath, seq }
+    }
+
+    /// An address near something interesting, or anywhere.
+    fn address(layout: RegionLayout) -> impl Strategy<Value = u64> {
+        let window_end = layout.dma_window_offset + layout.dma_window_size;
+        prop_oneof![
+            4 => (0..8192u64).prop_map(move |o| layout.dma_window_offset + o),
+            1 => (1..8192u64).prop_map(move |o| window_end - o),
+            1 => (0..4096u64).prop_map(move |o| layout.dram_offset + o),
+            1 => 0..4096u64,
+            1 => (0..64u64).prop_map(|o| u64::MAX - o),
+            1 => any::<u64>(),
+        ]
+    }
+
+    fn length() -> impl Strategy<Value = u32> {
+        prop_oneof![3 => 0..4096u32, 1 => 4096..(1u32 << 20), 1 => any::<u32>()]
+    }
+
+    fn small_or_any() -> impl Strategy<Value = u32> {
+        prop_oneof![2 => 0..8u32, 2 => 0..(TOKENS as u32 + 64), 1 => any::<u32>()]
+    }
+
+    fn descriptor(layout: RegionLayout, seq: u32) -> impl Strategy<Value = SubmissionEntry> {
+        let opcodes = prop_oneof![
+            Just(opcode::NOP),
+            Just(opcode::KV_CREATE),
+            Just(opcode::KV_APPEND),
+            Just(opcode::KV_COMMIT),
+            Just(opcode::KV_FREE),
+            Just(opcode::KV_LIST),
+            Just(opcode::KV_MAP),
+            Just(opcode::TOPK),
+            Just(opcode::GATHER),
+            Just(opcode::TOPK_GATHER),
+            any::<u8>(),
+        ];
+        let ids = prop_oneof![3 => Just(seq), 1 => 0..4u32, 1 => any::<u32>()];
+        (
+            (opcodes, ids, 0..4u16, 0..4u16, any::<u8>().prop_map(|f| f & 3)),
+            (small_or_any(), small_or_any(), small_or_any()),
+            (address(layout), length(), address(layout), length()),
+        )
+            .prop_map(
+                |((op, seq, layer, head, flags), (count, arg0, arg1), (b0, l0, b1, l1))| {
+                    let mut e = SubmissionEntry { opcode: op, flags, ..Default::default() };
+                    e.seq = seq.into();
+                    e.layer = layer.into();
+                    e.head = head.into();
+                    e.count = count.into();
+                    e.arg0 = arg0.into();
+                    e.arg1 = arg1.into();
+                    e.buf0_addr = b0.into();
+                    e.buf0_len = l0.into();
+                    e.buf1_addr = b1.into();
+                    e.buf1_len = l1.into();
+                    e
+                },
+            )
+    }
+
+    /// A data-path command that would succeed, with one field (or none)
+    /// taken from a hostile descriptor: the edges of each check.
+    fn near_valid(layout: RegionLayout, seq: u32) -> impl Strategy<Value = SubmissionEntry> {
+        let ops = prop_oneof![Just(opcode::TOPK), Just(opcode::TOPK_GATHER), Just(opcode::GATHER)];
+        (ops, 1..=64u32, 1..=4u32, 0..2u16, 0..2u16, 0..12usize, descriptor(layout, seq)).prop_map(
+            move |(op, k, group, layer, head, field, hostile)| {
+                let w = layout.dma_window_offset;
+                let mut e = SubmissionEntry { opcode: op, ..Default::default() };
+                e.seq = seq.into();
+                e.layer = layer.into();
+                e.head = head.into();
+                e.count = k.into();
+                e.arg0 = group.into();
+                // Queries (f32, G x 16) or indices (zeros: token 0).
+                e.buf0_addr = w.into();
+                e.buf0_len = if op == opcode::GATHER { 4 * k } else { 64 * group }.into();
+                e.buf1_addr = (w + 8192).into();
+                e.buf1_len = (64 << 10).into();
+                match field {
+                    0 => e.opcode = hostile.opcode,
+                    1 => e.seq = hostile.seq,
+                    2 => e.layer = hostile.layer,
+                    3 => e.head = hostile.head,
+                    4 => e.count = hostile.count,
+                    5 => e.arg0 = hostile.arg0,
+                    6 => e.arg1 = hostile.arg1,
+                    7 => e.flags = hostile.flags,
+                    8 => e.buf0_addr = hostile.buf0_addr,
+                    9 => e.buf0_len = hostile.buf0_len,
+                    10 => e.buf1_addr = hostile.buf1_addr,
+                    _ => e.buf1_len = hostile.buf1_len,
+                }
+                e
+            },
+        )
+    }
+
+    /// The region's bytes outside `[at, at + len)` ranges that lie in it.
+    fn outside(mem: SharedMemory, keep: &[(u64, u32)]) -> Vec<u8> {
+        let mut all = vec![0u8; mem.len() as usize];
+        mem.read_bytes(0, &mut all).unwrap();
+        for &(at, len) in keep {
+            if let Some(end) = at.checked_add(u64::from(len)).filter(|&e| e <= mem.len()) {
+                all[at as usize..end as usize].fill(0);
+            }
+        }
+        all
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn get_a_spec_code_and_touch_only_their_buffers(
+            sqes in prop::collection::vec(
+                prop_oneof![
+                    descriptor(fixture_layout(), LOADED),
+                    near_valid(fixture_layout(), LOADED),
+                ],
+                1..6,
+            )
+        ) {
+            let Fixture { region, mut datapath, seq } = fixture();
+            let mem = region.regs();
+            for mut sqe in sqes {
+                if sqe.seq.get() == LOADED {
+                    sqe.seq = seq.into();
+                }
+                let buffers = [
+                    (sqe.buf0_addr.get(), sqe.buf0_len.get()),
+                    (sqe.buf1_addr.get(), sqe.buf1_len.get()),
+                ];
+                let before_all = outside(mem, &[]);
+                let before = outside(mem, &buffers);
+                let outcome = datapath.execute(&sqe);
+                prop_assert!(
+                    ReturnCode::ALL.iter().any(|(c, _)| *c == outcome.code),
+                    "{:#04x} gave a code outside the spec: {:?}", sqe.opcode, outcome.code
+                );
+                prop_assert!(
+                    outcome.code != ReturnCode::INTERNAL_ERROR,
+                    "{:#04x} hit an internal error", sqe.opcode
+                );
+                if outcome.code.is_success() {
+                    let mutates = matches!(
+                        sqe.opcode,
+                        opcode::KV_CREATE | opcode::KV_APPEND | opcode::KV_COMMIT | opcode::KV_FREE
+                    );
+                    let layout = region.layout;
+                    let mut after = outside(mem, &buffers);
+                    let mut before = before;
+                    if mutates {
+                        // The store lives in device DRAM: compare up to it.
+                        after.truncate(layout.dram_offset as usize);
+                        before.truncate(layout.dram_offset as usize);
+                    }
+                    prop_assert!(after == before, "{:#04x} wrote outside its buffers", sqe.opcode);
+                } else {
+                    prop_assert!(
+                        outside(mem, &[]) == before_all,
+                        "refused {:#04x} ({:?}) changed memory", sqe.opcode, outcome.code
+                    );
+                }
+            }
+        }
+    }
+
+    /// The layout every fixture has (all are made alike).
+    fn fixture_layout() -> RegionLayout {
+        RegionLayout::new(8 << 20, None).expect("8 MiB is a valid region")
+    }
+}
