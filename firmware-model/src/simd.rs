@@ -204,9 +204,6 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<0b01>(s, s)))
     }
 
-    /// How far ahead of the row being scored its successors are prefetched.
-    const PREFETCH_ROWS: usize = 8;
-
     /// Needs AVX2, FMA and F16C; `head_dim % 8 == 0`, `group` in 1..=8 and
     /// `queries.len() == group * head_dim` (the caller checked all four).
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -236,24 +233,10 @@ mod x86 {
         }
     }
 
-    /// Asks for the row `PREFETCH_ROWS` after row `r`: frames are 64 KiB
-    /// apart, and the hardware prefetcher restarts at each one.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn prefetch_ahead(rows: Rows<'_>, r: usize, row_bytes: usize) {
-        let ahead = rows.ptr.wrapping_add((r + PREFETCH_ROWS) * row_bytes);
-        for line in (0..row_bytes).step_by(64) {
-            // A prefetch is a hint that never faults, even past the end.
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-        }
-    }
-
     /// One query: four independent FMA chains hide the FMA latency.
     #[target_feature(enable = "avx2,fma,f16c")]
     fn score_one(rows: Rows<'_>, d: usize, query: &[f32], out: &mut Vec<f32>) {
-        let row_bytes = d * rows.dtype.size();
         for r in 0..rows.len() / d {
-            prefetch_ahead(rows, r, row_bytes);
             let base = r * d;
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut c = 0;
@@ -291,10 +274,8 @@ mod x86 {
         how: Aggregation,
         out: &mut Vec<f32>,
     ) {
-        let row_bytes = d * rows.dtype.size();
         let mut per_query = [0f32; G];
         for r in 0..rows.len() / d {
-            prefetch_ahead(rows, r, row_bytes);
             let base = r * d;
             let mut acc = [_mm256_setzero_ps(); G];
             let mut c = 0;
@@ -372,10 +353,8 @@ mod x86 {
             // SAFETY: 16 * j + 16 <= d == query.len().
             *v = unsafe { _mm512_loadu_ps(query.as_ptr().wrapping_add(16 * j)) };
         }
-        let row_bytes = d * rows.dtype.size();
         out.reserve(rows.len() / d);
         for r in 0..rows.len() / d {
-            prefetch_ahead(rows, r, row_bytes);
             let base = r * d;
             // Four chains hide the FMA latency.
             let mut acc = [_mm512_setzero_ps(); 4];
