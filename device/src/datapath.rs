@@ -418,15 +418,15 @@ impl DataPath {
         Ok(Outcome::ok(top.len() as u32, scored, tokens).with_work(work))
     }
 
-    /// Tokens a TOPK/TOPK_GATHER would scan if it is worth splitting
-    /// across compute units, else None. Splitting pays for a GQA group
-    /// (G >= 2: compute-bound, measured 0.56-0.82x the one-unit time here);
-    /// a single query is bound by one memory stream and gained nothing
-    /// measurable, so it runs whole and needs no merge.
+    /// Tokens an exact TOPK/TOPK_GATHER would scan, for splitting it
+    /// across compute units (page-selected Top-Ks run whole). A GQA group is
+    /// compute-bound and split measured 0.5-0.7x the one-unit time here; a
+    /// single query on device DRAM in 4 KiB pages waits on page walks more
+    /// than on bandwidth, and split measured 0.8-0.9x (128K tokens) and
+    /// 0.7-0.8x (32K).
     pub fn splittable_tokens(&self, sqe: &SubmissionEntry) -> Option<u64> {
         let exact_topk = matches!(sqe.opcode, opcode::TOPK | opcode::TOPK_GATHER) && sqe.flags == 0;
-        let grouped = sqe.arg0.get() >= 2;
-        (exact_topk && grouped).then(|| self.read().tokens(sqe.seq.get()).ok()).flatten()
+        exact_topk.then(|| self.read().tokens(sqe.seq.get()).ok()).flatten()
     }
 
     /// One compute unit's part of a split Top-K: the best k of its share of
