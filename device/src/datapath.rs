@@ -161,6 +161,15 @@ impl Clone for DataPath {
     }
 }
 
+/// Top-Ks shorter than this run on one unit: below it the hand-off to a
+/// second unit costs more than it saves.
+const SPLIT_MIN_TOKENS: u64 = 16384;
+
+/// A single query's Top-K is split only if each share has at least this
+/// many tokens per selected one (measured: 32K tokens k 64 gains, k 2048
+/// loses; 128K k 2048 gains).
+const SPLIT_TOKENS_PER_K: u64 = 16;
+
 /// True for commands that only read the store and may take long: the
 /// engine hands them to a compute unit.
 pub fn is_compute(opcode: u8) -> bool {
@@ -418,15 +427,22 @@ impl DataPath {
         Ok(Outcome::ok(top.len() as u32, scored, tokens).with_work(work))
     }
 
-    /// Tokens an exact TOPK/TOPK_GATHER would scan, for splitting it
-    /// across compute units (page-selected Top-Ks run whole). A GQA group is
-    /// compute-bound and split measured 0.5-0.7x the one-unit time here; a
-    /// single query on device DRAM in 4 KiB pages waits on page walks more
-    /// than on bandwidth, and split measured 0.8-0.9x (128K tokens) and
-    /// 0.7-0.8x (32K).
-    pub fn splittable_tokens(&self, sqe: &SubmissionEntry) -> Option<u64> {
+    /// The tokens an exact TOPK/TOPK_GATHER scans, if splitting it into
+    /// `parts` shares across compute units pays; page-selected Top-Ks run
+    /// whole. Every share keeps its own best k and the last merges them, so
+    /// a share must be long next to k: a single query's scan is short work
+    /// (bound by memory), and at 32K tokens k 2048 split measured 1.3x
+    /// slower. A GQA group's scan is compute-bound and pays even then.
+    pub fn splittable_tokens(&self, sqe: &SubmissionEntry, parts: u32) -> Option<u64> {
         let exact_topk = matches!(sqe.opcode, opcode::TOPK | opcode::TOPK_GATHER) && sqe.flags == 0;
-        exact_topk.then(|| self.read().tokens(sqe.seq.get()).ok()).flatten()
+        if !exact_topk || parts < 2 {
+            return None;
+        }
+        let tokens = self.read().tokens(sqe.seq.get()).ok()?;
+        let k = u64::from(sqe.count.get());
+        let long_shares =
+            sqe.arg0.get() >= 2 || tokens / u64::from(parts) >= SPLIT_TOKENS_PER_K * k;
+        (tokens >= SPLIT_MIN_TOKENS && long_shares).then_some(tokens)
     }
 
     /// One compute unit's part of a split Top-K: the best k of its share of

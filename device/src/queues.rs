@@ -493,10 +493,6 @@ pub struct Split {
     start: Instant,
 }
 
-/// Sequences shorter than this run on one unit: below it the hand-off to
-/// a second unit costs more than it saves.
-const SPLIT_MIN_TOKENS: u64 = 16384;
-
 /// The device's compute units: threads that run Top-K and gather while the
 /// engine keeps taking commands. Completions may therefore arrive out of
 /// order; each names its command id.
@@ -562,10 +558,10 @@ impl ComputeUnits {
     /// as one part per unit, anything else whole.
     fn submit_command(&self, datapath: &DataPath, job: Job) {
         let parts = self.threads.len() as u32;
-        let tokens = datapath.splittable_tokens(&job.sqe).filter(|&t| t >= SPLIT_MIN_TOKENS);
+        let tokens = datapath.splittable_tokens(&job.sqe, parts);
         let (queue, ready) = &*self.jobs;
         match tokens {
-            Some(tokens) if parts > 1 => {
+            Some(tokens) => {
                 let split = Arc::new(Split {
                     parts,
                     tokens,
