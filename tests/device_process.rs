@@ -314,6 +314,29 @@ fn pnmctl_bench_kernel_reports_every_case_in_process_and_through_the_device() {
 }
 
 #[test]
+fn pnmctl_bench_topk_reports_the_path_against_the_device_kernel_and_in_process() {
+    let region = TempRegion::new("tbench");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let path = region.path().to_str().unwrap();
+    for extra in [&["--group", "1"][..], &["--group", "2", "--interrupts"][..]] {
+        let base =
+            ["--device", path, "bench", "topk", "--tokens", "3000", "-k", "40", "--reps", "3"];
+        let out = run("pnmctl", &[&base[..], extra].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        for field in ["host_latency_ms", "device_kernel_ms", "in_process_ms", "x_in_process"] {
+            assert!(report[field].as_f64().unwrap() > 0.0, "{field}: {report}");
+        }
+        let ratio =
+            report["host_latency_ms"].as_f64().unwrap() / report["in_process_ms"].as_f64().unwrap();
+        assert!((report["x_in_process"].as_f64().unwrap() - ratio).abs() < 1e-9, "{report}");
+        assert_eq!(report["k"], 40);
+    }
+    let out = run("pnmctl", &["--device", path, "bench", "topk", "-k", "0"]);
+    assert!(!out.status.success(), "k 0 is a usage error");
+}
+
+#[test]
 fn pnmctl_model_answers_from_profiles_without_a_device() {
     let out = run("pnmctl", &["--json", "model", "--model", "llama-3-70b", "--context", "131072"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

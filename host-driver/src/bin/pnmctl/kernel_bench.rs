@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use pnm_firmware::kernels::Aggregation;
-use pnm_firmware::kv::{KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
+use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
 use pnm_host::roofline::Roofline;
 use pnm_host::{Device, Dtype, KvShape, Query};
 use serde_json::{Value, json};
@@ -243,7 +243,7 @@ fn python_reference(grid: &KernelGrid) -> Value {
 
 /// A firmware store in `dram` holding one (layer, head) of `keys` (values
 /// are not read by a Top-K; the keys stand in for them).
-fn store_with<'d, B: AsRef<[u8]> + AsMut<[u8]>>(
+pub fn store_with<'d, B: AsRef<[u8]> + AsMut<[u8]>>(
     dram: &'d MemDram<B>,
     shape: SequenceShape,
     keys: &[u8],
@@ -254,8 +254,35 @@ fn store_with<'d, B: AsRef<[u8]> + AsMut<[u8]>>(
     Ok((store, id))
 }
 
+/// The firmware's TOPK_GATHER called in-process: the best `k` of (seq,
+/// 0, 0) for `queries`, their K and V rows copied into `keys` and `values`
+/// as the device copies them into a host buffer.
+pub fn topk_gather_in_process<B: AsRef<[u8]> + AsMut<[u8]>>(
+    store: &KvStore<&MemDram<B>>,
+    scratch: &mut TopkScratch,
+    seq: u32,
+    queries: &[f32],
+    k: u32,
+    keys: &mut Vec<u8>,
+    values: &mut Vec<u8>,
+) -> pnm_host::Result<usize> {
+    let query = TopkQuery { seq, layer: 0, head: 0, queries, how: Aggregation::Max, k };
+    let top = store.top_k_with(scratch, query).map_err(firmware_error)?;
+    let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
+    let row = store.shape(seq).map_err(firmware_error)?.row_bytes() as usize;
+    keys.resize(indices.len() * row, 0);
+    values.resize(indices.len() * row, 0);
+    let locations = store.row_locations(seq, 0, 0, &indices).map_err(firmware_error)?;
+    for (i, at) in locations.iter().enumerate() {
+        let dram = store.dram();
+        dram.read(at.key, &mut keys[i * row..][..row]).map_err(firmware_error)?;
+        dram.read(at.value, &mut values[i * row..][..row]).map_err(firmware_error)?;
+    }
+    Ok(top.len())
+}
+
 /// No memory for a benchmark buffer.
-fn memory_error(e: std::io::Error) -> pnm_host::Error {
+pub fn memory_error(e: std::io::Error) -> pnm_host::Error {
     pnm_host::Error::Invalid(format!("benchmark buffer: {e}"))
 }
 

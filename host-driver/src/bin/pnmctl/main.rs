@@ -513,7 +513,21 @@ fn bench_topk(
             (0x3000u16 | (state as u16 & 0x83FF)).to_le_bytes()
         })
         .collect();
-    let seq = dev.kv_create(shape)?;
+    // The same rows in the firmware's store in this process (huge pages):
+    // the kernel a host would otherwise call itself.
+    let wire = shape;
+    let shape = pnm_firmware::kv::SequenceShape {
+        dtype: wire.dtype,
+        layers: wire.layers,
+        heads: wire.heads,
+        head_dim: wire.head_dim,
+    };
+    let dram_bytes = (16 << 20) + 2 * rows.len() + (1 << 20);
+    let local = pnm_firmware::kv::MemDram::from_buffer(
+        pnm_host::roofline::huge_page_buffer(dram_bytes).map_err(kernel_bench::memory_error)?,
+    );
+    let (store, local_seq) = kernel_bench::store_with(&local, shape, &rows, tokens)?;
+    let seq = dev.kv_create(wire)?;
     let result = (|| {
         let seq = dev.kv_append(&seq, &rows, &rows, tokens, &mut |_| {})?;
         let q: Vec<f32> = (0..group as usize * usize::from(head_dim))
@@ -522,11 +536,27 @@ fn bench_topk(
         let query = Query::f32(&q, usize::from(head_dim));
         // Output buffers reused across steps, as a decode loop would.
         let mut rows = pnm_host::Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
-        dev.topk_gather_into(&seq, 0, 0, &query, k, Aggregation::Max, &mut rows)?; // warm-up
+        let mut scratch = pnm_firmware::kv::TopkScratch::default();
+        let (mut local_keys, mut local_values) = (Vec::new(), Vec::new());
+        let mut in_process = || {
+            kernel_bench::topk_gather_in_process(
+                &store,
+                &mut scratch,
+                local_seq,
+                &q,
+                k,
+                &mut local_keys,
+                &mut local_values,
+            )
+        };
+        // Warm-up of each.
+        dev.topk_gather_into(&seq, 0, 0, &query, k, Aggregation::Max, &mut rows)?;
+        in_process()?;
         let mut host = Vec::with_capacity(reps);
         let mut in_place = Vec::with_capacity(reps);
+        let mut local = Vec::with_capacity(reps);
         let mut device_ns = Vec::with_capacity(reps);
-        // Alternating, so drift in the machine's speed hits both alike.
+        // Alternating, so drift in the machine's speed hits all alike.
         for _ in 0..reps {
             let start = std::time::Instant::now();
             let top = dev.topk_gather_into(&seq, 0, 0, &query, k, Aggregation::Max, &mut rows)?;
@@ -536,8 +566,13 @@ fn bench_topk(
             let view = dev.topk_gather_view(&seq, 0, 0, &query, k, Aggregation::Max, None)?;
             in_place.push(start.elapsed().as_secs_f64());
             device_ns.push(view.top.device_ns as f64 / 1e9);
+            drop(view);
+            let start = std::time::Instant::now();
+            in_process()?;
+            local.push(start.elapsed().as_secs_f64());
         }
-        let (host, in_place, kernel) = (median(host), median(in_place), median(device_ns));
+        let (host, in_place, kernel, local) =
+            (median(host), median(in_place), median(device_ns), median(local));
         Ok::<_, Error>(serde_json::json!({
             "benchmark": "topk_gather",
             "mode": if interrupts { "interrupt" } else { "polled" },
@@ -547,14 +582,18 @@ fn bench_topk(
             "k": k,
             "group": group,
             "reps": reps,
+            "compute_units": device.identify_pnm()?.compute_units,
             "host_latency_ms": host * 1e3,
             "host_latency_rows_in_place_ms": in_place * 1e3,
             "device_kernel_ms": kernel * 1e3,
+            "in_process_ms": local * 1e3,
             "command_path_overhead_ratio": host / kernel,
             "command_path_overhead_ratio_rows_in_place": in_place / kernel,
-            "note": "host latency with the rows copied into the caller's buffers (topk_gather_into) and with them read in place in the DMA buffer (topk_gather_view); device kernel = the completion's Execution Time, which includes the device writing the rows",
+            "x_in_process": host / local,
+            "x_in_process_rows_in_place": in_place / local,
+            "note": "medians; host latency with the rows copied into the caller's buffers (topk_gather_into) and with them read in place in the DMA buffer (topk_gather_view); device kernel = the completion's Execution Time, which includes the device writing the rows; in_process = the firmware's Top-K and row copy called in this process on one thread, on the same rows in huge pages",
             "commands_per_second": 1.0 / host,
-            "key_gb_per_s": shape.bytes(tokens) as f64 / kernel / 1e9,
+            "key_gb_per_s": wire.bytes(tokens) as f64 / kernel / 1e9,
         }))
     })();
     let _ = dev.kv_free(seq.id);
