@@ -108,7 +108,7 @@ impl MailboxClient {
         // Release: payload and Command are visible before the doorbell.
         self.regs.store_u32(control_at, control | mailbox::CONTROL_DOORBELL, Release);
         if let Some(n) = &self.notifier {
-            n.after_doorbell(self.regs);
+            n.after_doorbell(self.regs, true);
         }
 
         let start = Instant::now();

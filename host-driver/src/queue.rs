@@ -67,6 +67,9 @@ impl Default for InterruptConfig {
     }
 }
 
+/// How long a host that has just woken the device steps off its CPU.
+const WAKE_NAP: Duration = Duration::from_micros(1);
+
 /// How the host learns of completions and the device of submissions.
 #[derive(Debug, Clone)]
 pub(crate) struct Notifier {
@@ -78,10 +81,19 @@ pub(crate) struct Notifier {
 impl Notifier {
     /// After a doorbell store: wake the device if it went to sleep. The
     /// SeqCst fence pairs with the device's (see the engine's `sleep`).
-    pub fn after_doorbell(&self, regs: SharedMemory) {
+    /// `polling`: the caller will spin for the answer (not block on an
+    /// interrupt), so it first steps off its CPU for a moment.
+    pub fn after_doorbell(&self, regs: SharedMemory, polling: bool) {
         std::sync::atomic::fence(SeqCst);
         if regs.load_u32(self.sleeping, SeqCst) != 0 {
             self.client.wake_device();
+            if polling {
+                // On a virtual machine that runs its vCPUs on fewer host
+                // CPUs, a waiter spinning at once keeps the engine's vCPU
+                // from running (wake-up p50 174 us; 83 us after this nap).
+                // A waiter that blocks on an interrupt steps off anyway.
+                std::thread::sleep(WAKE_NAP);
+            }
         }
     }
 }
@@ -252,7 +264,7 @@ impl QueuePair {
             self.regs.store_u32(self.sq_doorbell, self.sq_tail, Release);
             self.unrung = false;
             if let Some(n) = &self.notifier {
-                n.after_doorbell(self.regs);
+                n.after_doorbell(self.regs, self.irq.is_none());
             }
         }
     }
