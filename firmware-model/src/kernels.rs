@@ -263,13 +263,9 @@ impl TopKStream {
             // no score >= it (NaNs never are) and are skipped whole.
             Some((threshold, t)) if !t.is_nan() => {
                 for (c, chunk) in scores.chunks(FILTER_CHUNK).enumerate() {
-                    // One bit per score >= t (the compiler turns this into
-                    // a vector compare and a mask move), then only the set
-                    // bits are looked at.
-                    let mut passed = chunk
-                        .iter()
-                        .enumerate()
-                        .fold(0u32, |m, (i, &s)| m | (u32::from(s >= t) << i));
+                    // One bit per score >= t (vector compares and mask
+                    // moves), then only the set bits are looked at.
+                    let mut passed = crate::simd::at_least_mask(chunk, t);
                     let base = first + (c * FILTER_CHUNK) as u32;
                     while passed != 0 {
                         let i = passed.trailing_zeros();
@@ -526,6 +522,21 @@ mod tests {
                 prop_assert_eq!(g.0, w.0);
                 prop_assert!(g.1 == w.1 || (g.1.is_nan() && w.1.is_nan()));
             }
+        }
+
+        #[test]
+        fn vector_threshold_mask_equals_the_scalar_test(
+            picks in proptest::collection::vec(0usize..9, 32),
+            // Full chunks take the vector path, shorter ones the scalar one.
+            len in prop_oneof![Just(32usize), 0usize..32],
+            t_pick in 0usize..9,
+        ) {
+            let values = [f32::NAN, f32::NEG_INFINITY, -1.5, -0.0, 0.0, 1e-40, 2.0,
+                f32::INFINITY, -f32::NAN];
+            let scores: Vec<f32> = picks[..len].iter().map(|&i| values[i]).collect();
+            let t = values[t_pick];
+            let want = scores.iter().enumerate().fold(0u32, |m, (i, &s)| m | (u32::from(s >= t) << i));
+            prop_assert_eq!(crate::simd::at_least_mask(&scores, t), want);
         }
 
         #[test]

@@ -149,11 +149,40 @@ pub fn score_rows(
     false
 }
 
+/// One bit per score that is >= `t` (bit i for `scores[i]`; a NaN never
+/// is), for at most 32 scores: the Top-K filter's test, 8 lanes at a time.
+pub fn at_least_mask(scores: &[f32], t: f32) -> u32 {
+    assert!(scores.len() <= 32, "a mask holds 32 scores");
+    #[cfg(target_arch = "x86_64")]
+    if scores.len() == 32 && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2, which the function is compiled for, was just
+        // detected, and it takes exactly the 32 scores checked above.
+        return unsafe { x86::at_least_mask32(scores, t) };
+    }
+    scores.iter().enumerate().fold(0u32, |m, (i, &s)| m | (u32::from(s >= t) << i))
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Aggregation, Dtype, Rows, aggregate};
+
+    /// `scores.len() == 32` (checked by the caller).
+    #[target_feature(enable = "avx2")]
+    pub(super) fn at_least_mask32(scores: &[f32], t: f32) -> u32 {
+        assert_eq!(scores.len(), 32);
+        let t = _mm256_set1_ps(t);
+        let mut mask = 0u32;
+        for j in 0..4 {
+            // SAFETY: 8 * j + 8 <= 32 == scores.len().
+            let v = unsafe { _mm256_loadu_ps(scores.as_ptr().wrapping_add(8 * j)) };
+            // Ordered: a NaN score compares false, as `s >= t` does.
+            let ge = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(v, t)) as u32;
+            mask |= ge << (8 * j);
+        }
+        mask
+    }
 
     /// Eight elements of row storage from `at`, as f32 lanes.
     ///
