@@ -298,10 +298,11 @@ impl TopKStream {
     fn shrink(&mut self) {
         let k = self.k;
         if self.candidates.len() > k {
-            self.candidates.select_nth_unstable(k - 1);
+            // The k-th best lands at k - 1 with the better ones before it.
+            let kth = *self.candidates.select_nth_unstable(k - 1).1;
             self.candidates.truncate(k);
-        }
-        if self.candidates.len() == k {
+            self.threshold = Some(kth);
+        } else if self.candidates.len() == k {
             self.threshold = self.candidates.iter().copied().max();
         }
     }
