@@ -54,6 +54,9 @@ impl Dram for DramView {
         crate::sys::with_rows(self.mem, offset, len, dtype, score)
             .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })
     }
+    fn prefetch(&self, offset: u64, len: u64) {
+        self.mem.prefetch(offset, len);
+    }
 }
 
 /// What a command produced for its completion entry.
@@ -528,6 +531,7 @@ impl DataPath {
             kv.row_locations(seq, sqe.layer.get(), sqe.head.get(), indices).map_err(kv_error)?;
         let dram = self.layout.dram_offset;
         for (i, loc) in locations.iter().enumerate() {
+            kv.prefetch_gather(&locations, i, row);
             let i = i as u64;
             let moved = self
                 .mem

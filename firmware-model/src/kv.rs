@@ -51,6 +51,10 @@ pub trait Dram {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// A hint that `len` bytes at `offset` are about to be read.
+    fn prefetch(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
 }
 
 /// Device DRAM in process memory (a byte vector, or any buffer such as an
@@ -103,6 +107,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Dram for &MemDram<B> {
             .and_then(|r| mem.as_ref().get(r))
             .ok_or(KvError::OutOfRange { offset, len })?;
         Ok(score(Rows::from_bytes(bytes, dtype)))
+    }
+    fn prefetch(&self, offset: u64, len: u64) {
+        let mem = self.0.borrow();
+        if let Some(bytes) = byte_range(offset, len).and_then(|r| mem.as_ref().get(r)) {
+            crate::simd::prefetch(bytes);
+        }
     }
 }
 
@@ -1024,6 +1034,18 @@ impl<D: Dram> KvStore<D> {
         Ok(Selected { top, tokens_scored: used })
     }
 
+    /// Before copying row `i` of a gather: asks for the K and V rows
+    /// [`GATHER_PREFETCH_ROWS`] further on. A gather's rows lie scattered
+    /// over DRAM, each a cache (and on small pages a TLB) miss; asking for
+    /// the next ones while this one is copied overlaps the misses (2048 K
+    /// and V rows of 256 bytes: 120 -> 70 us in-process).
+    pub fn prefetch_gather(&self, locations: &[RowLocation], i: usize, row_bytes: u64) {
+        if let Some(next) = locations.get(i + GATHER_PREFETCH_ROWS) {
+            self.dram.prefetch(next.key, row_bytes);
+            self.dram.prefetch(next.value, row_bytes);
+        }
+    }
+
     /// DRAM offsets of the K and V rows of `indices` in (seq, layer, head).
     pub fn row_locations(
         &self,
@@ -1056,6 +1078,10 @@ impl<D: Dram> KvStore<D> {
             .collect()
     }
 }
+
+/// How far ahead of the row being copied a gather prefetches (4 to 16
+/// measured alike).
+pub const GATHER_PREFETCH_ROWS: usize = 8;
 
 /// Checks a Top-K's queries (1..=max_group rows of head_dim) and k.
 fn check_topk(shape: SequenceShape, queries: &[f32], k: u32) -> Result<(), KvError> {

@@ -149,6 +149,21 @@ pub fn score_rows(
     false
 }
 
+/// Asks the CPU to start loading `bytes` into its caches (a hint).
+pub fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in (0..bytes.len()).step_by(64) {
+        // SAFETY: the address is inside `bytes`, and a prefetch never faults.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                bytes.as_ptr().wrapping_add(line).cast(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
 /// One bit per score that is >= `t` (bit i for `scores[i]`; a NaN never
 /// is), for at most 32 scores: the Top-K filter's test, 8 lanes at a time.
 pub fn at_least_mask(scores: &[f32], t: f32) -> u32 {
