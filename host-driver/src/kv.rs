@@ -844,3 +844,83 @@ fn sequence_from_wire(w: &WireSequenceInfo) -> Result<Sequence> {
         tokens_per_page: tpp,
     })
 }
+
+/// A Top-K result is what the device hands back: random completions and
+/// result buffers either decode into a result that keeps every promise
+/// (at most k tokens, each inside the sequence, none twice) or are refused
+/// as a protocol error, never a panic.
+#[cfg(test)]
+mod rogue_topk_results {
+    use pnm_protocol::ReturnCode;
+    use pnm_protocol::queue::TopkLayout;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::queue::Completion;
+
+    fn completion(n: u32, scored: u32, tokens: u64) -> Completion {
+        Completion {
+            command_id: 0,
+            opcode: pnm_protocol::queue::opcode::TOPK,
+            code: ReturnCode::SUCCESS,
+            result0: n,
+            result1: scored,
+            result2: tokens,
+            exec_ns: 0,
+            model_ns: 0,
+        }
+    }
+
+    /// Decodes `indices` (and arbitrary score bits) as the device's answer.
+    fn decode(k: u32, c: &Completion, indices: &[u32], scores: &[u32]) -> Result<TopK> {
+        let map = memmap2::MmapOptions::new().len(1 << 16).map_anon().expect("anonymous memory");
+        let mapping = crate::sys::Mapping::new(map.into());
+        let mem = mapping.view();
+        let layout = TopkLayout { k: u64::from(k), row_bytes: 0 };
+        let out = DmaBuf { addr: 4096, len: layout.len() };
+        let bytes = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        mem.write_bytes(out.addr + layout.indices(), &bytes(&indices[..k as usize])).unwrap();
+        mem.write_bytes(out.addr + layout.scores(), &bytes(&scores[..k as usize])).unwrap();
+        Device::read_topk(mem, c, k, out, layout)
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_is_refused_and_what_passes_keeps_its_promises(
+            k in 1u32..64,
+            n in prop_oneof![0u32..70, any::<u32>()],
+            scored in prop_oneof![0u32..300, any::<u32>()],
+            tokens in prop_oneof![0u64..300, any::<u64>()],
+            indices in prop::collection::vec(prop_oneof![0u32..300, any::<u32>()], 64),
+            scores in prop::collection::vec(any::<u32>(), 64),
+        ) {
+            match decode(k, &completion(n, scored, tokens), &indices, &scores) {
+                Ok(top) => {
+                    prop_assert_eq!(top.indices.len() as u32, n);
+                    prop_assert!(n <= k && u64::from(n) <= tokens);
+                    prop_assert!(top.indices.iter().all(|&i| u64::from(i) < tokens));
+                    let mut sorted = top.indices.clone();
+                    sorted.sort_unstable();
+                    sorted.dedup();
+                    prop_assert_eq!(sorted.len(), top.indices.len(), "repeats passed");
+                    prop_assert!(top.tokens_scored <= tokens);
+                }
+                Err(e) => prop_assert!(matches!(e, Error::Protocol(_)), "{e}"),
+            }
+        }
+
+        #[test]
+        fn a_well_formed_answer_is_accepted_as_is(
+            k in 1u32..64,
+            picks in prop::collection::btree_set(0u32..500, 64),
+            scores in prop::collection::vec(any::<u32>(), 64),
+        ) {
+            let indices: Vec<u32> = picks.into_iter().collect();
+            let c = completion(k, 500, 500);
+            let top = decode(k, &c, &indices, &scores).expect("a valid answer");
+            prop_assert_eq!(&top.indices[..], &indices[..k as usize]);
+            let bits: Vec<u32> = top.scores.iter().map(|s| s.to_bits()).collect();
+            prop_assert_eq!(&bits[..], &scores[..k as usize]);
+        }
+    }
+}
