@@ -133,7 +133,6 @@ pub fn bench_nop(
 }
 
 /// Median of a sample.
-/// The median of `v`.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
