@@ -14,6 +14,8 @@ fn percentile_us(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1e3
 }
 
+/// NOP round trips on `queues` queues: QD1 latency, throughput at `depth`,
+/// wake-up from idle and NOPs paced 1.5 ms apart.
 pub fn bench_nop(
     device: &Device,
     queues: u16,
@@ -138,6 +140,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
+/// TOPK_GATHER latency through the device against the device's own kernel
+/// time and against the same Top-K and row copy called in-process.
 pub fn bench_topk(
     device: &Device,
     tokens: u64,
