@@ -543,6 +543,50 @@ impl DataPath {
     }
 }
 
+#[cfg(test)]
+mod split_rule {
+    use pnm_firmware::kv::SequenceShape;
+
+    use super::*;
+    use crate::region::Region;
+
+    /// A Top-K of `group` queries and `k` over a `tokens`-token sequence.
+    fn splits(tokens: u64, group: u32, k: u32, flags: u8, parts: u32) -> Option<u64> {
+        let region = Region::embedded(32 << 20, None).expect("memfd region");
+        let (mem, layout) = (region.regs(), region.layout);
+        let (kv, _) = KvStore::open(DramView::new(mem, &layout)).expect("fresh store");
+        let datapath = DataPath::new(mem, layout, kv, crate::engine::default_profile());
+        let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 16 };
+        let rows = vec![0u8; (tokens * shape.row_bytes()) as usize];
+        let seq = datapath
+            .kv
+            .write()
+            .unwrap()
+            .create_with_rows(shape, &rows, &rows, tokens)
+            .expect("fits the region");
+        let mut sqe = SubmissionEntry { opcode: opcode::TOPK_GATHER, flags, ..Default::default() };
+        sqe.seq = seq.into();
+        sqe.count = k.into();
+        sqe.arg0 = group.into();
+        datapath.splittable_tokens(&sqe, parts)
+    }
+
+    #[test]
+    fn long_topks_split_when_each_share_is_long_next_to_k() {
+        // A single query: shares of 20K tokens, 16 per selected one needed.
+        assert_eq!(splits(40_000, 1, 64, 0, 2), Some(40_000));
+        assert_eq!(splits(40_000, 1, 1250, 0, 2), Some(40_000));
+        assert_eq!(splits(40_000, 1, 1251, 0, 2), None);
+        assert_eq!(splits(40_000, 1, 64, 0, 3), Some(40_000));
+        // A GQA group is compute-bound: split even at a large k.
+        assert_eq!(splits(40_000, 4, 8192, 0, 2), Some(40_000));
+        // Too short, page-selected, or nobody to share with: whole.
+        assert_eq!(splits(16_000, 4, 64, 0, 2), None);
+        assert_eq!(splits(40_000, 4, 64, FLAG_PAGE_SELECTION, 2), None);
+        assert_eq!(splits(40_000, 4, 64, 0, 1), None);
+    }
+}
+
 /// Every field of a descriptor is host input: random descriptors, biased to
 /// the edges (window bounds, device DRAM, wrapping addresses, the loaded
 /// sequence's limits), must get a spec return code and change nothing but
