@@ -382,3 +382,39 @@ fn a_client_written_from_the_cxl_spec_gets_conformant_answers() {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }
+
+/// The CPUs each compute-unit thread of `pid` may run on.
+fn unit_cpus(pid: u32) -> Vec<String> {
+    let mut lists = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if name.starts_with("pnm-cu") {
+            let status = std::fs::read_to_string(task.join("status")).unwrap();
+            let line = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
+            lists.push(line.split_whitespace().nth(1).unwrap().to_string());
+        }
+    }
+    lists.sort();
+    lists
+}
+
+#[test]
+fn compute_units_are_pinned_one_per_cpu_unless_told_not_to() {
+    let region = TempRegion::new("pin");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut device = DeviceProcess::start(region.path(), &["--size", "16MiB"]);
+    let pinned = unit_cpus(device.pid());
+    assert_eq!(pinned.len(), cpus, "one unit per CPU by default");
+    let mut distinct = pinned.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), cpus, "each on its own CPU: {pinned:?}");
+    assert!(pinned.iter().all(|l| !l.contains(['-', ','])), "one CPU each: {pinned:?}");
+    device.stop();
+    let device = DeviceProcess::start(region.path(), &["--no-pin"]);
+    let free = unit_cpus(device.pid());
+    let whole = std::fs::read_to_string(format!("/proc/{}/status", device.pid())).unwrap();
+    let whole = whole.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
+    let whole = whole.split_whitespace().nth(1).unwrap();
+    assert!(free.iter().all(|l| l == whole), "--no-pin leaves {free:?} on {whole}");
+}

@@ -76,12 +76,26 @@ impl IdlePolicy {
 /// enough for a burst of submissions, short against any Top-K.
 const BUSY_UNITS_SPIN_TIME: Duration = Duration::from_micros(5);
 
+/// The device's compute units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitConfig {
+    /// Threads (default: the machine's cores).
+    pub count: Option<u32>,
+    /// Pin each unit to its own CPU when the process may use enough CPUs.
+    pub pin: bool,
+}
+
+impl Default for UnitConfig {
+    fn default() -> Self {
+        Self { count: None, pin: true }
+    }
+}
+
 /// Device settings beyond the region.
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
     pub region: RegionConfig,
-    /// Compute-unit threads (default: the machine's cores).
-    pub compute_units: Option<u32>,
+    pub units: UnitConfig,
     /// Notification socket (default: the region path + ".sock").
     pub socket: Option<PathBuf>,
     /// The timing model's hardware (default: the built-in cxl-pnm profile).
@@ -109,21 +123,22 @@ impl RunningDevice {
         let region = Region::open(&config.region)?;
         let socket = config.socket.clone().unwrap_or_else(|| socket_path(&config.region.path));
         let profile = config.profile.clone().unwrap_or_else(default_profile);
-        Self::serve(region, config.compute_units, Some(&socket), profile)
+        Self::serve(region, config.units, Some(&socket), profile)
     }
 
-    /// Serves an already opened region with `compute_units` threads
-    /// (default: the machine's cores), listening for notification peers on
-    /// `socket` (None: hosts can only poll).
+    /// Serves an already opened region with the compute units `units` asks
+    /// for, listening for notification peers on `socket` (None: hosts can
+    /// only poll).
     pub fn serve(
         region: Region,
-        compute_units: Option<u32>,
+        units: UnitConfig,
         socket: Option<&Path>,
         profile: HardwareProfile,
     ) -> Result<Self, RegionError> {
         // One unit per core: the engine sleeps while units compute, so a
         // long Top-K gets every core, split into one share per unit.
-        let compute_units = compute_units
+        let compute_units = units
+            .count
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
         let region = Arc::new(region);
         let regs = region.regs();
@@ -209,7 +224,7 @@ impl RunningDevice {
         let engine = {
             let stop = stop.clone();
             let now = Instant::now();
-            let units = ComputeUnits::start(compute_units, &datapath, wake.clone());
+            let units = ComputeUnits::start(compute_units, units.pin, &datapath, wake.clone());
             let mut engine = Engine {
                 regs,
                 state,
@@ -238,7 +253,8 @@ impl RunningDevice {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let socket =
             std::env::temp_dir().join(format!("cxl-pnm-embedded-{}-{n}.sock", std::process::id()));
-        Self::serve(region, compute_units, Some(&socket), default_profile())
+        let units = UnitConfig { count: compute_units, ..UnitConfig::default() };
+        Self::serve(region, units, Some(&socket), default_profile())
     }
 
     /// The notification socket, if the device serves one.

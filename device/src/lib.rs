@@ -13,5 +13,5 @@ pub mod queues;
 pub mod region;
 mod sys;
 
-pub use engine::{DeviceConfig, RunningDevice};
+pub use engine::{DeviceConfig, RunningDevice, UnitConfig};
 pub use region::{Region, RegionConfig, RegionError};

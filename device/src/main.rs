@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
-use pnm_device::{DeviceConfig, RegionConfig, RunningDevice};
+use pnm_device::{DeviceConfig, RegionConfig, RunningDevice, UnitConfig};
 use pnm_firmware::timing::HardwareProfile;
 use pnm_protocol::layout::parse_size;
 
@@ -27,6 +27,10 @@ struct Args {
     /// Compute-unit threads (default: the machine's cores).
     #[arg(long)]
     compute_units: Option<u32>,
+    /// Leave the compute units to the scheduler instead of pinning each to
+    /// its own CPU (e.g. when several devices share the machine's CPUs).
+    #[arg(long)]
+    no_pin: bool,
     /// Overwrite a file that is not a valid region or has another size.
     #[arg(long)]
     reformat: bool,
@@ -81,7 +85,7 @@ fn main() -> ExitCode {
             dma_window: args.dma_window,
             reformat: args.reformat,
         },
-        compute_units: args.compute_units,
+        units: UnitConfig { count: args.compute_units, pin: !args.no_pin },
         socket: args.socket,
         profile: Some(profile),
     };

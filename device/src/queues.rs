@@ -508,7 +508,7 @@ pub struct ComputeUnits {
 impl ComputeUnits {
     /// Starts `count` units (0: the engine runs everything itself). `wake`
     /// is the engine's wake vector, rung when a coalescing timer starts.
-    pub fn start(count: u32, datapath: &DataPath, wake: Arc<EventFd>) -> Self {
+    pub fn start(count: u32, pin: bool, datapath: &DataPath, wake: Arc<EventFd>) -> Self {
         let jobs = Arc::new((Mutex::new(JobQueue::default()), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -518,7 +518,7 @@ impl ComputeUnits {
         // whole benchmark case (a split GQA Top-K at 128K tokens: 2.7-6.9 ms,
         // pinned 3.6-3.9 ms).
         let cpus = allowed_cpus();
-        let pinned = cpus.len() >= count as usize;
+        let pinned = pin && cpus.len() >= count as usize;
         let threads = (0..count)
             .map(|i| {
                 let cpu = pinned.then(|| cpus[i as usize]);
