@@ -207,9 +207,12 @@ impl RunningDevice {
             None => None,
         };
 
+        // The compute units run (each on its CPU) before the device says so.
+        let units = ComputeUnits::start(compute_units, units.pin, &datapath, wake.clone());
+
         // Everything above is published by this Release store: a host that
-        // sees Mailbox Ready sees a complete register block and, if there is
-        // one, a listening notification socket.
+        // sees Mailbox Ready sees a complete register block, running compute
+        // units and, if there is one, a listening notification socket.
         regs.store_u64(regs::MEMDEV_STATUS_OFFSET, memdev_status::READY, Release);
         tracing::info!(
             path = %region.path.display(),
@@ -224,7 +227,6 @@ impl RunningDevice {
         let engine = {
             let stop = stop.clone();
             let now = Instant::now();
-            let units = ComputeUnits::start(compute_units, units.pin, &datapath, wake.clone());
             let mut engine = Engine {
                 regs,
                 state,

@@ -519,8 +519,12 @@ impl ComputeUnits {
         // pinned 3.6-3.9 ms).
         let cpus = allowed_cpus();
         let pinned = pin && cpus.len() >= count as usize;
+        // Every unit has pinned itself before the device goes on (and
+        // reports Ready): nothing runs on a unit that is still moving.
+        let placed = Arc::new(std::sync::Barrier::new(count as usize + 1));
         let threads = (0..count)
             .map(|i| {
+                let placed = placed.clone();
                 let cpu = pinned.then(|| cpus[i as usize]);
                 let unit = Unit {
                     jobs: jobs.clone(),
@@ -536,11 +540,13 @@ impl ComputeUnits {
                         if let Some(cpu) = cpu {
                             pin_to(cpu);
                         }
+                        placed.wait();
                         unit.run(&mut executor)
                     })
                     .expect("spawn a compute unit")
             })
             .collect();
+        placed.wait();
         Self { jobs, stop, in_flight, threads }
     }
 
