@@ -175,6 +175,15 @@ const SPLIT_MIN_TOKENS: u64 = 16384;
 /// 0.7-1.0x the unsplit latency in quiet spells, 1.3x in a noisy one.)
 const SPLIT_TOKENS_PER_K: u64 = 8;
 
+/// Shares per compute unit when each stays long next to k (see
+/// [`DataPath::split_plan`]).
+const SHARES_PER_UNIT: u32 = 4;
+
+/// Tokens per selected one a share needs before a Top-K is cut into
+/// [`SHARES_PER_UNIT`] shares per unit: then the merge of all the shares'
+/// best k stays small next to the scan.
+const FINE_SHARE_TOKENS_PER_K: u64 = 64;
+
 /// True for commands that only read the store and may take long: the
 /// engine hands them to a compute unit.
 pub fn is_compute(opcode: u8) -> bool {
@@ -432,21 +441,38 @@ impl DataPath {
         Ok(Outcome::ok(top.len() as u32, scored, tokens).with_work(work))
     }
 
-    /// The tokens an exact TOPK/TOPK_GATHER scans, if splitting it into
-    /// `parts` shares across compute units pays; page-selected Top-Ks run
-    /// whole. Every share keeps its own best k and the last merges them, so
-    /// for a single query (a short, memory-bound scan) a share must be long
-    /// next to k; a GQA group's scan is compute-bound and pays regardless.
-    pub fn splittable_tokens(&self, sqe: &SubmissionEntry, parts: u32) -> Option<u64> {
+    /// How to split an exact TOPK/TOPK_GATHER across `units` compute units:
+    /// the tokens every share scans and the number of shares, or None to run
+    /// it whole (page-selected Top-Ks always are). Every share keeps its own
+    /// best k and the last merges them, so for a single query (a short,
+    /// memory-bound scan) a share must be long next to k; a GQA group's scan
+    /// is compute-bound and pays regardless. Where shares stay long next to
+    /// k there are several per unit, taken in turn from the job queue: a
+    /// unit that starts late (woken from sleep, or on a busier CPU) then
+    /// scans fewer of them instead of holding up the merge.
+    pub fn split_plan(&self, sqe: &SubmissionEntry, units: u32) -> Option<(u64, u32)> {
         let exact_topk = matches!(sqe.opcode, opcode::TOPK | opcode::TOPK_GATHER) && sqe.flags == 0;
-        if !exact_topk || parts < 2 {
+        if !exact_topk || units < 2 {
             return None;
         }
-        let tokens = self.read().tokens(sqe.seq.get()).ok()?;
-        let k = u64::from(sqe.count.get());
-        let long_shares =
-            sqe.arg0.get() >= 2 || tokens / u64::from(parts) >= SPLIT_TOKENS_PER_K * k;
-        (tokens >= SPLIT_MIN_TOKENS && long_shares).then_some(tokens)
+        let (tokens, shape) = {
+            let kv = self.read();
+            (kv.tokens(sqe.seq.get()).ok()?, kv.shape(sqe.seq.get()).ok()?)
+        };
+        let k = u64::from(sqe.count.get()).max(1);
+        let share = |parts: u32| tokens / u64::from(parts);
+        let long_shares = sqe.arg0.get() >= 2 || share(units) >= SPLIT_TOKENS_PER_K * k;
+        if tokens < SPLIT_MIN_TOKENS || !long_shares {
+            return None;
+        }
+        let pages = tokens.div_ceil(shape.tokens_per_page());
+        let fine = units.saturating_mul(SHARES_PER_UNIT);
+        let parts = if share(fine) >= FINE_SHARE_TOKENS_PER_K * k && u64::from(fine) <= pages {
+            fine
+        } else {
+            units
+        };
+        Some((tokens, parts))
     }
 
     /// One compute unit's part of a split Top-K: the best k of its share of
@@ -551,8 +577,9 @@ mod split_rule {
     use super::*;
     use crate::region::Region;
 
-    /// A Top-K of `group` queries and `k` over a `tokens`-token sequence.
-    fn splits(tokens: u64, group: u32, k: u32, flags: u8, parts: u32) -> Option<u64> {
+    /// The split plan for a Top-K of `group` queries and `k` over a
+    /// `tokens`-token sequence on `units` units.
+    fn plan(tokens: u64, group: u32, k: u32, flags: u8, units: u32) -> Option<(u64, u32)> {
         let region = Region::embedded(32 << 20, None).expect("memfd region");
         let (mem, layout) = (region.regs(), region.layout);
         let (kv, _) = KvStore::open(DramView::new(mem, &layout)).expect("fresh store");
@@ -569,22 +596,25 @@ mod split_rule {
         sqe.seq = seq.into();
         sqe.count = k.into();
         sqe.arg0 = group.into();
-        datapath.splittable_tokens(&sqe, parts)
+        datapath.split_plan(&sqe, units)
     }
 
     #[test]
     fn long_topks_split_when_each_share_is_long_next_to_k() {
-        // A single query: shares of 20K tokens, 8 per selected one needed.
-        assert_eq!(splits(40_000, 1, 64, 0, 2), Some(40_000));
-        assert_eq!(splits(40_000, 1, 2500, 0, 2), Some(40_000));
-        assert_eq!(splits(40_000, 1, 2501, 0, 2), None);
-        assert_eq!(splits(40_000, 1, 64, 0, 3), Some(40_000));
+        // A single query on 2 units: shares of 20K tokens, 8 per selected
+        // one needed; 4 shares per unit from 64 per selected one.
+        assert_eq!(plan(40_000, 1, 64, 0, 2), Some((40_000, 8)));
+        assert_eq!(plan(40_000, 1, 78, 0, 2), Some((40_000, 8)));
+        assert_eq!(plan(40_000, 1, 79, 0, 2), Some((40_000, 2)));
+        assert_eq!(plan(40_000, 1, 2500, 0, 2), Some((40_000, 2)));
+        assert_eq!(plan(40_000, 1, 2501, 0, 2), None);
+        assert_eq!(plan(40_000, 1, 64, 0, 3), Some((40_000, 3)));
         // A GQA group is compute-bound: split even at a large k.
-        assert_eq!(splits(40_000, 4, 8192, 0, 2), Some(40_000));
+        assert_eq!(plan(40_000, 4, 8192, 0, 2), Some((40_000, 2)));
         // Too short, page-selected, or nobody to share with: whole.
-        assert_eq!(splits(16_000, 4, 64, 0, 2), None);
-        assert_eq!(splits(40_000, 4, 64, FLAG_PAGE_SELECTION, 2), None);
-        assert_eq!(splits(40_000, 4, 64, 0, 1), None);
+        assert_eq!(plan(16_000, 4, 64, 0, 2), None);
+        assert_eq!(plan(40_000, 4, 64, FLAG_PAGE_SELECTION, 2), None);
+        assert_eq!(plan(40_000, 4, 64, 0, 1), None);
     }
 }
 

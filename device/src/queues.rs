@@ -561,13 +561,12 @@ impl ComputeUnits {
     }
 
     /// Hands a command to the units: an exact Top-K over a long sequence
-    /// as one part per unit, anything else whole.
+    /// as shares (see [`DataPath::split_plan`]), anything else whole.
     fn submit_command(&self, datapath: &DataPath, job: Job) {
-        let parts = self.threads.len() as u32;
-        let tokens = datapath.splittable_tokens(&job.sqe, parts);
+        let units = self.threads.len() as u32;
         let (queue, ready) = &*self.jobs;
-        match tokens {
-            Some(tokens) => {
+        match datapath.split_plan(&job.sqe, units) {
+            Some((tokens, parts)) => {
                 let split = Arc::new(Split {
                     parts,
                     tokens,
