@@ -465,14 +465,12 @@ impl DataPath {
         if tokens < SPLIT_MIN_TOKENS || !long_shares {
             return None;
         }
-        let pages = tokens.div_ceil(shape.tokens_per_page());
+        // Shares are whole pages: never more shares than pages.
+        let pages = u32::try_from(tokens.div_ceil(shape.tokens_per_page())).unwrap_or(u32::MAX);
         let fine = units.saturating_mul(SHARES_PER_UNIT);
-        let parts = if share(fine) >= FINE_SHARE_TOKENS_PER_K * k && u64::from(fine) <= pages {
-            fine
-        } else {
-            units
-        };
-        Some((tokens, parts))
+        let parts = if share(fine) >= FINE_SHARE_TOKENS_PER_K * k { fine } else { units };
+        let parts = parts.min(pages);
+        (parts >= 2).then_some((tokens, parts))
     }
 
     /// One compute unit's part of a split Top-K: the best k of its share of
@@ -611,6 +609,8 @@ mod split_rule {
         assert_eq!(plan(40_000, 1, 64, 0, 3), Some((40_000, 3)));
         // A GQA group is compute-bound: split even at a large k.
         assert_eq!(plan(40_000, 4, 8192, 0, 2), Some((40_000, 2)));
+        // Shares are whole pages (20 here), however many units there are.
+        assert_eq!(plan(40_000, 4, 64, 0, 64), Some((40_000, 20)));
         // Too short, page-selected, or nobody to share with: whole.
         assert_eq!(plan(16_000, 4, 64, 0, 2), None);
         assert_eq!(plan(40_000, 4, 64, FLAG_PAGE_SELECTION, 2), None);
