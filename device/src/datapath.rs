@@ -568,28 +568,41 @@ impl DataPath {
     }
 }
 
+/// For tests: a data path over a fresh embedded region of `size` bytes
+/// holding one sequence of `tokens` tokens with `rows` as both its keys and
+/// its values. The region must outlive the data path.
+#[cfg(test)]
+fn loaded_datapath(
+    size: u64,
+    shape: pnm_firmware::kv::SequenceShape,
+    rows: &[u8],
+    tokens: u64,
+) -> (crate::region::Region, DataPath, u32) {
+    let region = crate::region::Region::embedded(size, None).expect("memfd region");
+    let (mem, layout) = (region.regs(), region.layout);
+    let (kv, _) = KvStore::open(DramView::new(mem, &layout)).expect("fresh store");
+    let datapath = DataPath::new(mem, layout, kv, crate::engine::default_profile());
+    let seq = datapath
+        .kv
+        .write()
+        .unwrap()
+        .create_with_rows(shape, rows, rows, tokens)
+        .expect("the test's sequence fits its region");
+    (region, datapath, seq)
+}
+
 #[cfg(test)]
 mod split_rule {
     use pnm_firmware::kv::SequenceShape;
 
     use super::*;
-    use crate::region::Region;
 
     /// The split plan for a Top-K of `group` queries and `k` over a
     /// `tokens`-token sequence on `units` units.
     fn plan(tokens: u64, group: u32, k: u32, flags: u8, units: u32) -> Option<(u64, u32)> {
-        let region = Region::embedded(32 << 20, None).expect("memfd region");
-        let (mem, layout) = (region.regs(), region.layout);
-        let (kv, _) = KvStore::open(DramView::new(mem, &layout)).expect("fresh store");
-        let datapath = DataPath::new(mem, layout, kv, crate::engine::default_profile());
         let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 16 };
         let rows = vec![0u8; (tokens * shape.row_bytes()) as usize];
-        let seq = datapath
-            .kv
-            .write()
-            .unwrap()
-            .create_with_rows(shape, &rows, &rows, tokens)
-            .expect("fits the region");
+        let (_region, datapath, seq) = loaded_datapath(32 << 20, shape, &rows, tokens);
         let mut sqe = SubmissionEntry { opcode: opcode::TOPK_GATHER, flags, ..Default::default() };
         sqe.seq = seq.into();
         sqe.count = k.into();
@@ -642,21 +655,11 @@ mod hostile_descriptors {
     }
 
     fn fixture() -> Fixture {
-        let region = Region::embedded(8 << 20, None).expect("memfd region");
-        let (mem, layout) = (region.regs(), region.layout);
-        let (kv, _) = KvStore::open(DramView::new(mem, &layout)).expect("fresh store");
-        let profile = crate::engine::default_profile();
-        let datapath = DataPath::new(mem, layout, kv, profile);
         // 2 layers x 2 heads: four streams of rows.
         let shape = SequenceShape { dtype: Dtype::F32, layers: 2, heads: 2, head_dim: 16 };
         let bytes: Vec<u8> =
             (0..TOKENS * shape.row_bytes() * 4).map(|i| (i * 7 % 251) as u8).collect();
-        let seq = datapath
-            .kv
-            .write()
-            .unwrap()
-            .create_with_rows(shape, &bytes, &bytes, TOKENS)
-            .expect("the fixture's sequence fits");
+        let (region, datapath, seq) = loaded_datapath(8 << 20, shape, &bytes, TOKENS);
         Fixture { region, datapath, seq }
     }
 
