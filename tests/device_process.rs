@@ -331,6 +331,10 @@ fn pnmctl_bench_topk_reports_the_path_against_the_device_kernel_and_in_process()
             report["host_latency_ms"].as_f64().unwrap() / report["in_process_ms"].as_f64().unwrap();
         assert!((report["x_in_process"].as_f64().unwrap() - ratio).abs() < 1e-9, "{report}");
         assert_eq!(report["k"], 40);
+        // The command path: positive, and ordered as quantiles are.
+        let path = &report["command_path_us"];
+        let (p50, p99) = (path["p50"].as_f64().unwrap(), path["p99"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p50 <= path["p90"].as_f64().unwrap() && p50 <= p99, "{report}");
     }
     let out = run("pnmctl", &["--device", path, "bench", "topk", "-k", "0"]);
     assert!(!out.status.success(), "k 0 is a usage error");

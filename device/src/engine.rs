@@ -322,12 +322,14 @@ impl Engine {
         let mut idle_polls = 0u32;
         let mut policy = IdlePolicy::default();
         let mut slept = false;
+        let mut spinning = true;
         while !stop.load(Acquire) {
             if self.poll_once() {
                 if let Some(idle) = idle_since.take() {
                     policy.observe(idle.elapsed(), slept);
                 }
                 slept = false;
+                spinning = true;
                 idle_polls = 0;
                 continue;
             }
@@ -339,12 +341,25 @@ impl Engine {
                 // engine as the last one finishes; a host's doorbell
                 // meanwhile rings the wake vector as for any sleep.
                 self.sleep(stop);
+                // Awake again: the next idle pass reads the clock (it is
+                // past the spin by now) rather than spin 64 polls blind
+                // while a host sharing this CPU waits for the completion.
+                spinning = false;
                 continue;
             }
-            // poll_once reads the clock already; a spin needs no second read.
-            if !idle_polls.is_multiple_of(64) || idle.elapsed() < SPIN_TIME.min(policy.budget) {
+            // The clock costs more than a poll: a spin looks at it only
+            // every 64 polls.
+            if spinning && !idle_polls.is_multiple_of(64) {
                 std::hint::spin_loop();
-            } else if idle.elapsed() < policy.budget {
+                continue;
+            }
+            let idle_for = idle.elapsed();
+            spinning = idle_for < SPIN_TIME.min(policy.budget);
+            if spinning {
+                std::hint::spin_loop();
+            } else if idle_for < policy.budget {
+                // After every poll: a compute unit or a host sharing this
+                // CPU gets it back within a poll, not within a spin.
                 std::thread::yield_now();
             } else {
                 // Still idle after a timed-out sleep: sleep again at once

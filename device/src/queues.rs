@@ -490,7 +490,8 @@ pub struct Split {
     tokens: u64,
     results: Mutex<Vec<Option<PartResult>>>,
     remaining: AtomicUsize,
-    start: Instant,
+    /// When the first share started: Execution Time runs from there.
+    start: std::sync::OnceLock<Instant>,
 }
 
 /// The device's compute units: threads that run Top-K and gather while the
@@ -572,7 +573,7 @@ impl ComputeUnits {
                     tokens,
                     results: Mutex::new((0..parts).map(|_| None).collect()),
                     remaining: AtomicUsize::new(parts as usize),
-                    start: Instant::now(),
+                    start: std::sync::OnceLock::new(),
                 });
                 self.in_flight.fetch_add(parts as usize, SeqCst);
                 let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -668,6 +669,7 @@ impl Unit {
             let finished = match &job.part {
                 None => Some((executor.execute(&job.sqe), start.elapsed().as_nanos() as u64)),
                 Some((split, part)) => {
+                    split.start.get_or_init(|| start);
                     let result = executor.topk_part(&job.sqe, split.tokens, (*part, split.parts));
                     split.results.lock().unwrap_or_else(|e| e.into_inner())[*part as usize] =
                         Some(result);
@@ -679,7 +681,8 @@ impl Unit {
                         let parts =
                             results.into_iter().map(|r| r.expect("every part ran")).collect();
                         let outcome = executor.finish_split(&job.sqe, split.tokens, parts);
-                        (outcome, split.start.elapsed().as_nanos() as u64)
+                        let first = split.start.get().copied().unwrap_or(start);
+                        (outcome, first.elapsed().as_nanos() as u64)
                     })
                 }
             };
@@ -689,13 +692,16 @@ impl Unit {
                 continue;
             };
             tracing::trace!(cid = job.sqe.command_id.get(), exec_ns, code = %outcome.code, "compute unit done");
-            // The engine slept while this ran; wake it now, while this CPU
-            // is still running, so it polls again by the time the host has
-            // read this completion and rung for the next command.
-            if self.in_flight.fetch_sub(1, SeqCst) == 1
-                && self.regs.load_u32(regs::PNM_OFFSET + pnm::DEVICE_SLEEPING, SeqCst) != 0
-            {
-                let _ = self.wake.write(1);
+            // The engine slept while this ran. Clear Device Sleeping first,
+            // so a host that reads this completion and rings at once does
+            // not pay for waking the engine as well; post; then wake the
+            // engine, off the path to the host. No lost wake-up: whoever
+            // rings after the clear is seen by the engine this wake starts.
+            let sleeping = regs::PNM_OFFSET + pnm::DEVICE_SLEEPING;
+            let wake_engine = self.in_flight.fetch_sub(1, SeqCst) == 1
+                && self.regs.load_u32(sleeping, SeqCst) != 0;
+            if wake_engine {
+                self.regs.store_u32(sleeping, 0, SeqCst);
             }
             let mut cq = job.cq.lock().unwrap_or_else(|e| e.into_inner());
             cq.post(Finished {
@@ -704,8 +710,10 @@ impl Unit {
                 sq_head: job.sq_head,
                 command_id: job.sqe.command_id.get(),
             });
-            if cq.maybe_signal() {
-                // A coalescing timer started: let the engine keep time for it.
+            // A started coalescing timer needs the engine to keep time too.
+            let timer_started = cq.maybe_signal();
+            drop(cq);
+            if wake_engine || timer_started {
                 let _ = self.wake.write(1);
             }
         }

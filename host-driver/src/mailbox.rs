@@ -22,11 +22,19 @@ pub(crate) struct Backoff {
     start: Instant,
     polls: u32,
     phase: u8,
+    /// How long the wait spins before it yields.
+    spin: Duration,
 }
 
 impl Backoff {
     pub(crate) fn new() -> Self {
-        Self { start: Instant::now(), polls: 0, phase: 0 }
+        Self { start: Instant::now(), polls: 0, phase: 0, spin: Duration::from_micros(20) }
+    }
+
+    /// Yields from the first poll: for a wait known to be long, whose CPU a
+    /// thread that must run first (on a small machine, the device's) may need.
+    pub(crate) fn yielding() -> Self {
+        Self { start: Instant::now(), polls: 0, phase: 1, spin: Duration::ZERO }
     }
 
     pub(crate) fn wait(&mut self) {
@@ -34,7 +42,7 @@ impl Backoff {
         // Look at the clock only now and then: it costs more than a poll.
         if self.polls.is_multiple_of(64) {
             let waited = self.start.elapsed();
-            self.phase = if waited < Duration::from_micros(20) {
+            self.phase = if waited < self.spin {
                 0
             } else if waited < Duration::from_millis(5) {
                 // Yielding keeps the thread runnable: on a virtual machine a

@@ -134,6 +134,14 @@ pub struct QueuePair {
 /// before a shorter command would cost more than it gives.)
 const NAP_MIN_EXEC: Duration = Duration::from_millis(2);
 
+/// A polled wait yields from its first poll, instead of spinning 20 us
+/// first, when the command's typical execution time is at least this long:
+/// on a machine with few cores, the compute unit that must start the
+/// command, or post its completion, may be waiting for this CPU. (One
+/// compute unit, 32K-token Top-K: 53-62 us from doorbell to completion
+/// beyond the kernel time in noisy runs, 29-36 us yielding at once.)
+const YIELD_MIN_EXEC: Duration = Duration::from_micros(50);
+
 /// A command id's state.
 #[derive(Debug, Clone, Copy)]
 enum Slot {
@@ -349,17 +357,15 @@ impl QueuePair {
     pub fn wait(&mut self, cid: u16, timeout: Duration) -> Result<Completion> {
         self.ring();
         let start = Instant::now();
-        if self.irq.is_none() {
-            let typical = Duration::from_nanos(u64::from(
-                self.typical_exec_ns[usize::from(self.opcode_of(cid))],
-            ));
-            if typical >= NAP_MIN_EXEC && self.reap()? == 0 {
-                // Half the typical time, so that a command quicker than
-                // usual, or a slow wake from the nap, costs little.
-                std::thread::sleep((typical / 2).min(timeout));
-            }
+        let typical =
+            Duration::from_nanos(u64::from(self.typical_exec_ns[usize::from(self.opcode_of(cid))]));
+        if self.irq.is_none() && typical >= NAP_MIN_EXEC && self.reap()? == 0 {
+            // Half the typical time, so that a command quicker than usual,
+            // or a slow wake from the nap, costs little.
+            std::thread::sleep((typical / 2).min(timeout));
         }
-        let mut backoff = Backoff::new();
+        let mut backoff =
+            if typical >= YIELD_MIN_EXEC { Backoff::yielding() } else { Backoff::new() };
         loop {
             if let Some(c) = self.take(cid) {
                 return Ok(c);
