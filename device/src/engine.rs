@@ -341,9 +341,16 @@ impl Engine {
                 // engine as the last one finishes; a host's doorbell
                 // meanwhile rings the wake vector as for any sleep.
                 self.sleep(stop);
-                // Awake again: the next idle pass reads the clock (it is
-                // past the spin by now) rather than spin 64 polls blind
-                // while a host sharing this CPU waits for the completion.
+                if !self.units.busy() {
+                    // The units' last completion is work the host answers:
+                    // the polling budget runs from it, not from the hand-off
+                    // (a host's wake-ups of this engine at 32K tokens k 2048:
+                    // 2-8 per 100 commands, 1-5 with this).
+                    idle_since = Some(Instant::now());
+                }
+                // Awake again: the next idle pass reads the clock rather than
+                // spin 64 polls blind while a host sharing this CPU waits for
+                // the completion.
                 spinning = false;
                 continue;
             }
