@@ -121,9 +121,39 @@ pub struct QueuePair {
     unrung: bool,
     /// Command ids reaped, for a caller that tracks them (the async API).
     pub(crate) reaped: Option<Vec<u16>>,
-    /// Per opcode, a moving average of the device's Execution Time (ns):
-    /// how long a polled waiter may nap before it starts polling.
-    typical_exec_ns: Box<[u32; 256]>,
+    /// Per opcode, the device's recent Execution Times: how long a polled
+    /// waiter may nap, and whether it should spin at all.
+    recent_exec: Box<[RecentExec; 256]>,
+}
+
+/// The last few Execution Times of one opcode. The typical time is their
+/// minimum: one slow outlier (a first scan faulting its pages in, a vCPU
+/// stall) must not make the next waits nap past their completions, while a
+/// command that really got longer is known as such after [`RecentExec::LEN`]
+/// runs. (A moving average that had seen a cold 10 ms scan napped several
+/// milliseconds on the 0.2 ms commands after it.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct RecentExec {
+    ns: [u32; RecentExec::LEN],
+    next: u8,
+    /// How many times were recorded, up to LEN.
+    filled: u8,
+}
+
+impl RecentExec {
+    const LEN: usize = 4;
+
+    fn record(&mut self, ns: u32) {
+        self.ns[usize::from(self.next)] = ns;
+        self.next = ((usize::from(self.next) + 1) % Self::LEN) as u8;
+        self.filled = (self.filled + 1).min(Self::LEN as u8);
+    }
+
+    /// The shortest recent time (zero before any was recorded).
+    fn typical(&self) -> Duration {
+        let recorded = &self.ns[..usize::from(self.filled)];
+        Duration::from_nanos(recorded.iter().copied().min().map_or(0, u64::from))
+    }
 }
 
 /// A polled wait naps first when the command's typical execution time is
@@ -228,7 +258,7 @@ impl QueuePair {
             free: (0..entries - 1).rev().collect(),
             reaped: None,
             unrung: false,
-            typical_exec_ns: Box::new([0; 256]),
+            recent_exec: Box::new([RecentExec::default(); 256]),
         })
     }
 
@@ -312,9 +342,7 @@ impl QueuePair {
                 reaped.push(cid);
             }
             if ReturnCode(cqe.return_code()).is_success() {
-                let typical = &mut self.typical_exec_ns[usize::from(opcode)];
-                let exec = u64::from(cqe.exec_ns.get());
-                *typical = ((3 * u64::from(*typical) + exec) / 4) as u32;
+                self.recent_exec[usize::from(opcode)].record(cqe.exec_ns.get());
             }
             self.slots[usize::from(cid)] = Slot::Done(Completion {
                 command_id: cid,
@@ -357,8 +385,7 @@ impl QueuePair {
     pub fn wait(&mut self, cid: u16, timeout: Duration) -> Result<Completion> {
         self.ring();
         let start = Instant::now();
-        let typical =
-            Duration::from_nanos(u64::from(self.typical_exec_ns[usize::from(self.opcode_of(cid))]));
+        let typical = self.recent_exec[usize::from(self.opcode_of(cid))].typical();
         if self.irq.is_none() && typical >= NAP_MIN_EXEC && self.reap()? == 0 {
             // Half the typical time, so that a command quicker than usual,
             // or a slow wake from the nap, costs little.
@@ -477,5 +504,27 @@ impl QueuePair {
             }
         }
         Ok(results.into_iter().map(|c| c.expect("every command finished")).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RecentExec;
+    use std::time::Duration;
+
+    #[test]
+    fn a_slow_outlier_does_not_raise_the_typical_time_but_a_lasting_change_does() {
+        let mut recent = RecentExec::default();
+        assert_eq!(recent.typical(), Duration::ZERO, "nothing recorded: no nap");
+        recent.record(10_000_000); // a cold first scan
+        assert_eq!(recent.typical(), Duration::from_millis(10));
+        recent.record(200_000);
+        assert_eq!(recent.typical(), Duration::from_micros(200), "one fast run is enough");
+        for _ in 0..3 {
+            recent.record(5_000_000);
+        }
+        assert_eq!(recent.typical(), Duration::from_micros(200), "still within the window");
+        recent.record(5_000_000);
+        assert_eq!(recent.typical(), Duration::from_millis(5), "known after LEN runs");
     }
 }
