@@ -14,9 +14,9 @@ use crate::queue::Notifier;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Waits between polls: spins for the first 20 us (yielding every 64
-/// polls), yields until 5 ms, then sleeps 50 us at a time. Time-based, so a short wait stays on the
-/// CPU (a sleeping thread's wake-up costs far more than a NOP) and a long
-/// one does not burn a core.
+/// polls), yields until 5 ms, then sleeps 50 us at a time. Time-based, so a
+/// short wait stays on the CPU (a sleeping thread's wake-up costs far more
+/// than a NOP) and a long one does not burn a core.
 #[derive(Debug)]
 pub(crate) struct Backoff {
     start: Instant,
