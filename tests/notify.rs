@@ -168,11 +168,11 @@ fn a_host_killed_mid_flight_leaves_the_device_healthy() {
 fn long_commands_run_on_compute_units_while_the_engine_keeps_serving() {
     let region = TempRegion::new("cu");
     let _device =
-        DeviceProcess::start(region.path(), &["--size", "256MiB", "--compute-units", "1"]);
+        DeviceProcess::start(region.path(), &["--size", "512MiB", "--compute-units", "1"]);
     let dev = open(region.path(), false);
-    // A long Top-K: 1 head of 400K f32 keys of 32 dims, 8 queries.
+    // A long Top-K: 1 head of 800K f32 keys of 32 dims, 8 queries.
     let shape = KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 32 };
-    let tokens = 400_000u64;
+    let tokens = 800_000u64;
     let keys: Vec<u8> =
         (0..shape.bytes(tokens) / 4).flat_map(|i| ((i % 977) as f32).to_le_bytes()).collect();
     let seq = dev.kv_create(shape).unwrap();
@@ -182,24 +182,26 @@ fn long_commands_run_on_compute_units_while_the_engine_keeps_serving() {
     let other = dev.handle(QueueOptions::default()).unwrap();
     other.nop().unwrap();
     let t0 = Instant::now();
-    let (long_done, nops_done) = std::thread::scope(|scope| {
+    let (long_done, nop_times) = std::thread::scope(|scope| {
         let long = scope.spawn(|| {
             let top = dev.topk(seq.id, 0, 0, &Query::f32(&query, 32), 100).unwrap();
             assert_eq!(top.tokens, tokens);
             Instant::now()
         });
-        // While it runs, another queue's NOPs keep completing.
+        // While it runs, another queue's NOPs keep completing. (Counted,
+        // not timed: on a loaded machine each may wait out a time slice.)
         std::thread::sleep(Duration::from_millis(2));
-        for _ in 0..10 {
+        let mut nop_times = Vec::new();
+        while !long.is_finished() {
             other.nop().unwrap();
+            nop_times.push(Instant::now());
         }
-        let nops_done = Instant::now();
-        (long.join().unwrap(), nops_done)
+        (long.join().unwrap(), nop_times)
     });
+    let served = nop_times.iter().filter(|&&t| t < long_done).count();
     assert!(
-        nops_done <= long_done,
-        "the NOPs (done at {:?}) finish while the Top-K (done at {:?}) still runs",
-        nops_done - t0,
+        served >= 3,
+        "{served} NOPs completed while the Top-K ran (done at {:?})",
         long_done - t0
     );
 }
