@@ -51,6 +51,13 @@ pub fn bench_nop(
             .map(|h| {
                 let batch = &batch;
                 scope.spawn(move || -> Worker {
+                    // Warm up for 20 ms: a new thread may start on the
+                    // engine's CPU, and the scheduler takes some milliseconds
+                    // to spread two busy threads over two idle CPUs.
+                    let warm = std::time::Instant::now();
+                    while warm.elapsed() < std::time::Duration::from_millis(20) {
+                        h.submit_raw(std::slice::from_ref(&nop))?;
+                    }
                     let mut lat = Vec::with_capacity(samples);
                     for _ in 0..samples {
                         let start = std::time::Instant::now();
