@@ -14,7 +14,7 @@ use crate::queue::Notifier;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Waits between polls: spins for the first 20 us (yielding every 64
-/// polls after the first 2 us), yields until 5 ms, then sleeps 50 us at a time. Time-based, so a
+/// polls), yields until 5 ms, then sleeps 50 us at a time. Time-based, so a
 /// short wait stays on the CPU (a sleeping thread's wake-up costs far more
 /// than a NOP) and a long one does not burn a core.
 #[derive(Debug)]
@@ -41,15 +41,12 @@ impl Backoff {
         self.polls = self.polls.wrapping_add(1);
         // Look at the clock only now and then: it costs more than a poll.
         if self.polls.is_multiple_of(64) {
-            let waited = self.start.elapsed();
-            if self.phase == 0 && waited >= Duration::from_micros(2) {
+            if self.phase == 0 {
                 // A spin steps aside now and then: the device's engine may
                 // share this CPU (QD1 NOP p99 130 us -> 0.5-0.8 us here).
-                // Not in the first 2 us, where most answers come (QD1 NOP
-                // p99 0.7 us): there a yield to some other busy thread could
-                // cost a whole time slice.
                 std::thread::yield_now();
             }
+            let waited = self.start.elapsed();
             self.phase = if waited < self.spin {
                 0
             } else if waited < Duration::from_millis(5) {
