@@ -43,7 +43,10 @@ impl Backoff {
         if self.polls.is_multiple_of(64) {
             if self.phase == 0 {
                 // A spin steps aside now and then: the device's engine may
-                // share this CPU (QD1 NOP p99 130 us -> 0.5-0.8 us here).
+                // share this CPU, and this VM's scheduler packs busy threads
+                // onto one vCPU (`sched_vcpu_pack`). QD1 NOP p99 130 us ->
+                // 0.5-1.1 us; waiting 2 us before the first yield left a
+                // quarter of the NOPs at 17-30 us in most runs.
                 std::thread::yield_now();
             }
             let waited = self.start.elapsed();
