@@ -34,6 +34,9 @@ pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(10);
 const LONGEST_SLEEP: Duration = Duration::from_millis(10);
 /// How often the engine looks for queues and buffers whose owner died.
 const RECLAIM_PERIOD: Duration = Duration::from_secs(1);
+/// A Mailbox Lock seen held by the same word for this long has its holder
+/// checked for life (a command holds it for microseconds).
+const LOCK_CHECK_AFTER: Duration = Duration::from_millis(20);
 /// Idle time the engine spins (then yields, up to its adaptive polling
 /// budget) before it sleeps: a host that sends commands back to back never
 /// pays a wake-up.
@@ -236,6 +239,7 @@ impl RunningDevice {
                 wake: wake.clone(),
                 last_beat: now,
                 last_reclaim: now,
+                lock_seen: None,
             };
             std::thread::Builder::new()
                 .name("pnm-engine".into())
@@ -305,6 +309,8 @@ struct Engine {
     wake: Arc<EventFd>,
     last_beat: Instant,
     last_reclaim: Instant,
+    /// The Mailbox Lock word last seen held, and since when.
+    lock_seen: Option<(u64, Instant)>,
 }
 
 /// True if process `pid` no longer exists (in this pid namespace).
@@ -414,6 +420,7 @@ impl Engine {
         if now.duration_since(self.last_beat) >= HEARTBEAT_PERIOD {
             self.regs.fetch_add_u64(regs::PNM_OFFSET + pnm::HEARTBEAT, 1);
             self.last_beat = now;
+            self.watch_mailbox_lock(now);
         }
         if self.regs.load_u32(regs::PNM_OFFSET + pnm::RESET_CONTROL, Acquire) & pnm::RESET_REQUEST
             != 0
@@ -443,6 +450,47 @@ impl Engine {
             }
         }
         worked
+    }
+
+    /// Takes the Mailbox Lock back from a holder that died or overstayed
+    /// its lease, so a crashed host cannot shut every other one out of the
+    /// mailbox. Runs once per heartbeat.
+    fn watch_mailbox_lock(&mut self, now: Instant) {
+        let at = regs::PNM_OFFSET + pnm::MAILBOX_LOCK;
+        let value = self.regs.load_u64(at, Acquire);
+        let since = match self.lock_seen {
+            _ if value == 0 => {
+                self.lock_seen = None;
+                return;
+            }
+            Some((seen, since)) if seen == value => since,
+            _ => {
+                self.lock_seen = Some((value, now));
+                return;
+            }
+        };
+        let held = now.duration_since(since);
+        let holder = pnm::mailbox_lock_holder(value);
+        let lease = Duration::from_millis(pnm::MAILBOX_LOCK_LEASE_MS.into());
+        let why = if held >= LOCK_CHECK_AFTER && (holder == 0 || process_gone(holder)) {
+            "its holder exited"
+        } else if held >= lease {
+            "its holder overstayed the lease"
+        } else {
+            return;
+        };
+        // Exactly this word: a holder that released it meanwhile keeps its release.
+        if self.regs.compare_exchange_u64(at, value, 0).is_ok() {
+            let breaks_at = regs::PNM_OFFSET + pnm::MAILBOX_LOCK_BREAKS;
+            let breaks = self.regs.load_u32(breaks_at, Relaxed).wrapping_add(1);
+            self.regs.store_u32(breaks_at, breaks, Relaxed);
+            tracing::warn!(
+                holder,
+                held_ms = held.as_millis() as u64,
+                "Mailbox Lock taken back: {why}"
+            );
+        }
+        self.lock_seen = None;
     }
 
     /// Runs the command the host put in the mailbox and clears the doorbell.

@@ -311,6 +311,10 @@ fn write_register_block(regs_view: SharedMemory, layout: &RegionLayout, fresh: b
     regs_view.store_u32(p + pnm::DOORBELL_OFFSET, pnm::DOORBELL_PAGE as u32, Relaxed);
     regs_view.store_u32(p + pnm::IRQ_MASK_OFFSET, pnm::IRQ_MASK_PAGE as u32, Relaxed);
     regs_view.store_u32(p + pnm::DEVICE_SLEEPING, 0, Relaxed);
+    // A lock left by a host of an earlier device guards nothing now.
+    regs_view.store_u64(p + pnm::MAILBOX_LOCK, 0, Relaxed);
+    regs_view.store_u32(p + pnm::MAILBOX_LOCK_LEASE, pnm::MAILBOX_LOCK_LEASE_MS, Relaxed);
+    regs_view.store_u32(p + pnm::MAILBOX_LOCK_BREAKS, 0, Relaxed);
     if fresh {
         regs_view.store_u32(p + pnm::RESET_COUNT, 0, Relaxed);
         regs_view.store_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, 0, Relaxed);

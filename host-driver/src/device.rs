@@ -74,6 +74,10 @@ pub struct DeviceStatus {
     pub device_pid: u32,
     pub reset_count: u32,
     pub dirty_shutdown_count: u32,
+    /// The Mailbox Lock word (0: free; else holder PID in [31:0]).
+    pub mailbox_lock: u64,
+    /// Locks the device took back from dead or overstaying holders.
+    pub mailbox_lock_breaks: u32,
 }
 
 /// How a device handle's queue pair is set up.
@@ -195,8 +199,14 @@ impl Device {
         let notifier = notify
             .clone()
             .map(|client| Notifier { client, sleeping: caps.pnm + pnm::DEVICE_SLEEPING });
-        let mut client =
-            MailboxClient::new(regs, caps.mailbox, 1 << payload_log2, p + pnm::HEARTBEAT, notifier);
+        let mut client = MailboxClient::new(
+            regs,
+            caps.mailbox,
+            1 << payload_log2,
+            p + pnm::MAILBOX_LOCK,
+            p + pnm::HEARTBEAT,
+            notifier,
+        );
         client.timeout = options.mailbox_timeout;
 
         let device = Self {
@@ -348,6 +358,8 @@ impl Device {
             device_pid: self.regs.load_u32(p + pnm::DEVICE_PID, Relaxed),
             reset_count: self.regs.load_u32(p + pnm::RESET_COUNT, Relaxed),
             dirty_shutdown_count: self.regs.load_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, Relaxed),
+            mailbox_lock: self.regs.load_u64(p + pnm::MAILBOX_LOCK, Acquire),
+            mailbox_lock_breaks: self.regs.load_u32(p + pnm::MAILBOX_LOCK_BREAKS, Relaxed),
         }
     }
 
@@ -368,17 +380,21 @@ impl Device {
     /// Requests a device reset (mailbox back to idle, volatile state
     /// cleared, device DRAM kept) and waits up to `bound` for it.
     pub fn reset(&self, bound: Duration) -> Result<()> {
-        let _mailbox = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
+        let mut mailbox = self.mailbox.lock().unwrap_or_else(|e| e.into_inner());
         let at = self.caps.pnm + pnm::RESET_CONTROL;
-        self.regs.store_u32(at, pnm::RESET_REQUEST, Release);
         let start = Instant::now();
-        let mut backoff = Backoff::new();
-        while self.regs.load_u32(at, Acquire) & pnm::RESET_REQUEST != 0 {
-            if start.elapsed() >= bound {
-                return Err(Error::ResetTimeout(bound));
+        // Under the Mailbox Lock: a reset must not cut into another host's command.
+        mailbox.with_lock(|| {
+            self.regs.store_u32(at, pnm::RESET_REQUEST, Release);
+            let mut backoff = Backoff::new();
+            while self.regs.load_u32(at, Acquire) & pnm::RESET_REQUEST != 0 {
+                if start.elapsed() >= bound {
+                    return Err(Error::ResetTimeout(bound));
+                }
+                backoff.wait();
             }
-            backoff.wait();
-        }
+            Ok(())
+        })??;
         self.wait_ready(bound.saturating_sub(start.elapsed()))
     }
 }

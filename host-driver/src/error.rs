@@ -16,9 +16,15 @@ pub enum Error {
     #[error("device at {path} is not ready (memory device status {status:#x}: {reason})")]
     NotReady { path: PathBuf, status: u64, reason: &'static str },
     #[error(
-        "mailbox busy: the doorbell is already set (another caller, or a command that never completed)"
+        "mailbox busy: the doorbell stayed set (a command that never completed, or a client that ignores the Mailbox Lock)"
     )]
     MailboxBusy,
+    #[error("the Mailbox Lock stayed held by pid {holder_pid} for {waited:?}")]
+    MailboxLockTimeout { holder_pid: u32, waited: Duration },
+    #[error(
+        "{opcode}: the device broke this host's Mailbox Lock (held past its lease); the answer may be another host's and was discarded"
+    )]
+    MailboxLockLost { opcode: Opcode },
     #[error(
         "{opcode} did not complete within {waited:?}{}",
         if *heartbeat_stopped { " and the device heartbeat stopped: the device is likely dead" } else { "" }

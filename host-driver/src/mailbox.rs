@@ -1,10 +1,11 @@
 //! The primary mailbox client, following the spec's caller flow
 //! (CXL 3.1 §8.2.8.4.4) as Linux `cxl_pci` does.
 
+use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::time::{Duration, Instant};
 
-use pnm_protocol::regs::mailbox;
+use pnm_protocol::regs::{mailbox, pnm};
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
 
 use crate::error::{Error, Result};
@@ -69,12 +70,69 @@ impl Backoff {
     }
 }
 
+/// Longest Mailbox Lock lease a host believes a device publishes.
+const MAX_LOCK_LEASE: Duration = Duration::from_secs(60);
+
+/// A fresh nonce for each Mailbox Lock acquisition: with the PID it makes
+/// every lock word unique, so a holder never releases a lock that the
+/// device broke and another host then took.
+fn next_nonce() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Start each process somewhere different: PIDs are reused.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let _ = NEXT.compare_exchange(0, seed | 1, Relaxed, Relaxed);
+    NEXT.fetch_add(1, Relaxed)
+}
+
+/// A held Mailbox Lock; released (or found broken) by [`MailboxLock::release`].
+#[derive(Debug)]
+struct MailboxLock {
+    at: u64,
+    value: u64,
+}
+
+impl MailboxLock {
+    /// Takes the lock, waiting at most `bound` for its holder to release it
+    /// (or for the device to break a dead or overstaying holder's).
+    fn acquire(regs: SharedMemory, at: u64, bound: Duration) -> Result<Self> {
+        let value = pnm::mailbox_lock_value(std::process::id(), next_nonce());
+        let start = Instant::now();
+        let mut backoff = Backoff::new();
+        loop {
+            match regs.compare_exchange_u64(at, 0, value) {
+                Ok(_) => return Ok(Self { at, value }),
+                Err(held) => {
+                    let waited = start.elapsed();
+                    if waited >= bound {
+                        return Err(Error::MailboxLockTimeout {
+                            holder_pid: pnm::mailbox_lock_holder(held),
+                            waited,
+                        });
+                    }
+                    backoff.wait();
+                }
+            }
+        }
+    }
+
+    /// Releases the lock; false if it was no longer ours (the device broke
+    /// it), in which case another host may have used the mailbox meanwhile.
+    fn release(self, regs: SharedMemory) -> bool {
+        regs.compare_exchange_u64(self.at, self.value, 0).is_ok()
+    }
+}
+
 /// A client of one mailbox.
 #[derive(Debug)]
 pub struct MailboxClient {
     regs: SharedMemory,
     /// Offset of the mailbox capability in the register block.
     base: u64,
+    /// Where the Mailbox Lock is, and the device's lease on it.
+    lock_at: u64,
+    lock_lease: Duration,
     payload_size: u64,
     /// Where the device's heartbeat counter is, to tell a dead device from a slow one.
     heartbeat_at: u64,
@@ -88,10 +146,23 @@ impl MailboxClient {
         regs: SharedMemory,
         base: u64,
         payload_size: u64,
+        lock_at: u64,
         heartbeat_at: u64,
         notifier: Option<Notifier>,
     ) -> Self {
-        Self { regs, base, payload_size, heartbeat_at, notifier, timeout: DEFAULT_TIMEOUT }
+        // The device publishes its lease; a wild value must not make a wait unbounded.
+        let lease_at = lock_at - pnm::MAILBOX_LOCK + pnm::MAILBOX_LOCK_LEASE;
+        let lease = Duration::from_millis(u64::from(regs.load_u32(lease_at, Relaxed)));
+        Self {
+            regs,
+            base,
+            lock_at,
+            lock_lease: lease.min(MAX_LOCK_LEASE),
+            payload_size,
+            heartbeat_at,
+            notifier,
+            timeout: DEFAULT_TIMEOUT,
+        }
     }
 
     pub fn payload_size(&self) -> u64 {
@@ -99,17 +170,54 @@ impl MailboxClient {
     }
 
     /// Runs one command and returns its output payload.
+    ///
+    /// The primary mailbox holds one command at a time for the whole
+    /// device, so the command runs under the Mailbox Lock (PROTOCOL.md
+    /// §3.4): other processes and guests wait for it, and the answer is
+    /// returned only if the lock was still ours when it was read.
     pub fn execute(&mut self, opcode: Opcode, input: &[u8]) -> Result<Vec<u8>> {
         let span = tracing::debug_span!("mailbox", %opcode, input_len = input.len());
         let _entered = span.enter();
         if input.len() as u64 > self.payload_size {
             return Err(Error::InputTooLarge { opcode, len: input.len(), max: self.payload_size });
         }
-        let control_at = self.base + mailbox::CONTROL;
-        let control = self.regs.load_u32(control_at, Acquire);
-        if control & mailbox::CONTROL_DOORBELL != 0 {
-            return Err(Error::MailboxBusy);
+        // A holder that stopped is broken after the lease: wait that long
+        // at most, plus one command's time.
+        let lock = MailboxLock::acquire(self.regs, self.lock_at, self.lock_lease + self.timeout)?;
+        let result = self.execute_locked(opcode, input);
+        if !lock.release(self.regs) {
+            tracing::warn!(%opcode, "the device broke our Mailbox Lock; the answer is discarded");
+            return Err(Error::MailboxLockLost { opcode });
         }
+        result
+    }
+
+    /// Runs `f` under the Mailbox Lock, for register operations that must
+    /// not cut into another host's command (a reset).
+    pub(crate) fn with_lock<R>(&mut self, f: impl FnOnce() -> R) -> Result<R> {
+        let lock = MailboxLock::acquire(self.regs, self.lock_at, self.lock_lease + self.timeout)?;
+        let result = f();
+        // A broken lock changes nothing for a reset: it has happened.
+        lock.release(self.regs);
+        Ok(result)
+    }
+
+    fn execute_locked(&mut self, opcode: Opcode, input: &[u8]) -> Result<Vec<u8>> {
+        let control_at = self.base + mailbox::CONTROL;
+        // A doorbell still set under the lock is a command whose caller
+        // died or gave up waiting: the device still completes it.
+        let start = Instant::now();
+        let mut backoff = Backoff::new();
+        let control = loop {
+            let control = self.regs.load_u32(control_at, Acquire);
+            if control & mailbox::CONTROL_DOORBELL == 0 {
+                break control;
+            }
+            if start.elapsed() >= self.timeout {
+                return Err(Error::MailboxBusy);
+            }
+            backoff.wait();
+        };
         self.regs
             .write_bytes(self.base + mailbox::PAYLOAD, input)
             .expect("payload fits: checked against the advertised payload size");

@@ -284,6 +284,18 @@ pub mod pnm {
     /// Interrupt Mask Offset (32 bit, RO): where the per-queue interrupt
     /// mask registers start, from the capability's start.
     pub const IRQ_MASK_OFFSET: u64 = 0x068;
+    /// Mailbox Lock (64 bit, RW): 0 while free; else [31:0] the holder's
+    /// PID and [63:32] a nonce the holder chose. Hosts that share the
+    /// device take it (compare-and-swap from 0) around every use of the
+    /// primary mailbox; the device frees it when its holder dies or
+    /// overstays [`MAILBOX_LOCK_LEASE_MS`].
+    pub const MAILBOX_LOCK: u64 = 0x070;
+    /// Mailbox Lock Lease (32 bit, RO): milliseconds a holder may keep the
+    /// Mailbox Lock before the device takes it back.
+    pub const MAILBOX_LOCK_LEASE: u64 = 0x078;
+    /// Mailbox Lock Breaks (32 bit, RO): locks the device took back from a
+    /// dead or overstaying holder since it started.
+    pub const MAILBOX_LOCK_BREAKS: u64 = 0x07C;
 
     /// Start of the doorbell page.
     pub const DOORBELL_PAGE: u64 = 0x1000;
@@ -298,10 +310,24 @@ pub mod pnm {
     pub const RESET_REQUEST: u32 = 1;
     pub const SHUTDOWN_RUNNING: u32 = 0;
     pub const SHUTDOWN_CLEAN: u32 = 1;
+    /// The Mailbox Lock Lease this device publishes: far above any mailbox
+    /// command's run time (microseconds) and the host's default command
+    /// timeout (2 s), so only a stopped or hostile holder outlives it.
+    pub const MAILBOX_LOCK_LEASE_MS: u32 = 5_000;
+
+    /// The Mailbox Lock word of a holder.
+    pub const fn mailbox_lock_value(pid: u32, nonce: u32) -> u64 {
+        ((nonce as u64) << 32) | pid as u64
+    }
+
+    /// The holder PID in a Mailbox Lock word.
+    pub const fn mailbox_lock_holder(value: u64) -> u32 {
+        value as u32
+    }
 }
 
 /// ABI version of this crate: bump major on incompatible change.
-pub const ABI_VERSION_MAJOR: u16 = 2;
+pub const ABI_VERSION_MAJOR: u16 = 3;
 pub const ABI_VERSION_MINOR: u16 = 0;
 pub const ABI_VERSION: u32 = ((ABI_VERSION_MAJOR as u32) << 16) | ABI_VERSION_MINOR as u32;
 
@@ -449,7 +475,7 @@ pub const MAILBOX_REGISTERS: [RegisterDef; 6] = [
 ];
 
 /// The PNM capability's registers, in address order.
-pub const PNM_REGISTERS: [RegisterDef; 20] = [
+pub const PNM_REGISTERS: [RegisterDef; 23] = [
     reg(pnm::MAGIC, 64, "Magic"),
     reg(pnm::ABI_VERSION, 32, "ABI Version"),
     reg(pnm::COMPUTE_UNITS, 32, "Compute Units"),
@@ -470,6 +496,9 @@ pub const PNM_REGISTERS: [RegisterDef; 20] = [
     reg(pnm::DOORBELL_OFFSET, 32, "Doorbell Offset"),
     reg(pnm::DEVICE_SLEEPING, 32, "Device Sleeping"),
     reg(pnm::IRQ_MASK_OFFSET, 32, "Interrupt Mask Offset"),
+    reg(pnm::MAILBOX_LOCK, 64, "Mailbox Lock"),
+    reg(pnm::MAILBOX_LOCK_LEASE, 32, "Mailbox Lock Lease"),
+    reg(pnm::MAILBOX_LOCK_BREAKS, 32, "Mailbox Lock Breaks"),
 ];
 
 const _: () = {

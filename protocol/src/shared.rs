@@ -141,6 +141,20 @@ impl SharedMemory {
         unsafe { AtomicU64::from_ptr(p) }.fetch_add(value, Ordering::AcqRel)
     }
 
+    /// Atomically replaces a 64-bit word that holds `current` with `new`
+    /// (AcqRel on success, Acquire on failure); returns the word it found.
+    /// The cross-process locks in the region are built on it.
+    pub fn compare_exchange_u64(&self, offset: u64, current: u64, new: u64) -> Result<u64, u64> {
+        let p = self.scalar_ptr(offset, 8).cast::<u64>();
+        // SAFETY: as in `load_u64`.
+        unsafe { AtomicU64::from_ptr(p) }.compare_exchange(
+            current,
+            new,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+    }
+
     /// Copies bytes out of shared memory.
     ///
     /// Ordering with the writer comes from the protocol around the copy (an
