@@ -9,6 +9,7 @@ use common::{DeviceProcess, TempRegion, bin};
 use pnm_host::{
     Device, DeviceOptions, Dtype, Error, InterruptConfig, KvShape, Query, QueueOptions,
 };
+use pnm_protocol::ReturnCode;
 use pnm_protocol::queue::{SubmissionEntry, opcode};
 
 fn nop() -> SubmissionEntry {
@@ -137,12 +138,13 @@ fn a_host_killed_mid_flight_leaves_the_device_healthy() {
     assert!(host.try_wait().unwrap().is_none(), "the host is running");
     host.kill().unwrap();
     host.wait().unwrap();
-    // A new host attaches and can use every queue pair the device has: the
-    // dead host's 32 (and its DMA buffers) were reclaimed.
+    // A new host attaches and gets its whole share of queue pairs (half the
+    // device's): the dead host's 32 (and its DMA buffers) were reclaimed.
     let dev = open(region.path(), false);
+    let share = pnm_protocol::queue::MAX_QUEUE_PAIRS_PER_OWNER as usize;
     let start = Instant::now();
     let handles: Vec<Device> = loop {
-        let attempt: Result<Vec<Device>, Error> = (0..63)
+        let attempt: Result<Vec<Device>, Error> = (0..share)
             .map(|_| {
                 let h = dev.handle(QueueOptions { entries: 8, ..Default::default() })?;
                 h.nop()?;
@@ -162,6 +164,11 @@ fn a_host_killed_mid_flight_leaves_the_device_healthy() {
         h.nop().unwrap();
     }
     assert!(dev.health_info().is_ok());
+    // One more is past this host's share; another host still gets queues.
+    let extra = dev.handle(QueueOptions { entries: 8, ..Default::default() }).unwrap();
+    assert!(
+        matches!(extra.nop(), Err(e) if e.return_code() == Some(ReturnCode::RESOURCES_EXHAUSTED))
+    );
 }
 
 #[test]

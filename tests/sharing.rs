@@ -174,3 +174,145 @@ fn a_mailbox_holder_that_hangs_is_broken_after_the_lease() {
     assert!(waited < lease + Duration::from_secs(1), "lock broken late: {waited:?}");
     assert_eq!(dev.status().mailbox_lock_breaks, 1);
 }
+
+const APPEND_HEADS: u16 = 2;
+const APPEND_DIM: u16 = 64;
+/// Tokens each killed appender tries to add: several KV_APPEND chunks.
+const CHILD_TOKENS: u64 = 40_000;
+
+fn append_shape() -> pnm_host::KvShape {
+    pnm_host::KvShape {
+        dtype: pnm_protocol::Dtype::F16,
+        layers: 1,
+        heads: APPEND_HEADS,
+        head_dim: APPEND_DIM,
+    }
+}
+
+/// K and V rows ([1][heads][tokens][dim], f16) that only `seed` writes.
+fn append_rows(seed: u64, tokens: u64) -> (Vec<u8>, Vec<u8>) {
+    let n = (tokens * u64::from(APPEND_HEADS) * u64::from(APPEND_DIM)) as usize;
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        half::f16::from_f32((state >> 40) as f32 / (1u64 << 24) as f32 * 8.0 - 4.0).to_le_bytes()
+    };
+    let keys = (0..n).flat_map(|_| next()).collect();
+    let values = (0..n).flat_map(|_| next()).collect();
+    (keys, values)
+}
+
+/// One stream's rows `[from, from + tokens)` of a `[heads][tokens][dim]` array.
+fn stream_rows(rows: &[u8], tokens: u64, head: u16) -> &[u8] {
+    let row = usize::from(APPEND_DIM) * 2;
+    let start = usize::from(head) * tokens as usize * row;
+    &rows[start..start + tokens as usize * row]
+}
+
+/// Appends [`CHILD_TOKENS`] rows of its seed to the sequence it is given.
+#[test]
+fn child_appender() {
+    let Some((region, seed, seq)) = child_args() else { return };
+    let dev = Device::open(&region).unwrap();
+    let sequence = dev.kv_sequence(seq as u32).unwrap();
+    let (keys, values) = append_rows(u64::from(seed), CHILD_TOKENS);
+    println!("start");
+    dev.kv_append(&sequence, &keys, &values, CHILD_TOKENS, &mut |_| {}).unwrap();
+    println!("appended");
+}
+
+#[test]
+fn appenders_killed_at_random_moments_leave_exactly_the_rows_of_completed_appends() {
+    use std::io::{BufRead, BufReader};
+    let region = TempRegion::new("killappend");
+    let _device = DeviceProcess::start(region.path(), &["--size", "256MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let seq = dev.kv_create(append_shape()).unwrap();
+    // What the sequence must hold: per head, K rows and V rows in order.
+    let mut expected = vec![(Vec::new(), Vec::new()); usize::from(APPEND_HEADS)];
+    let add = |rows: &(Vec<u8>, Vec<u8>), tokens: u64, expected: &mut Vec<(Vec<u8>, Vec<u8>)>| {
+        for (h, (k, v)) in expected.iter_mut().enumerate() {
+            k.extend_from_slice(stream_rows(&rows.0, tokens, h as u16));
+            v.extend_from_slice(stream_rows(&rows.1, tokens, h as u16));
+        }
+    };
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut random = move |bound: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % bound.max(1)
+    };
+    let exe = std::env::current_exe().unwrap();
+    let (mut completed, mut rolled_back) = (0, 0);
+    let mut append_time = Duration::ZERO;
+    for round in 0..21u64 {
+        let before = dev.kv_sequence(seq.id).unwrap().tokens;
+        let mut child = Command::new(&exe)
+            .args(["child_appender", "--exact", "--nocapture", "--test-threads", "1"])
+            .env(CHILD_ENV, format!("{}:{round}:{}", region.path().display(), seq.id))
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("start") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "appender exited before starting");
+        }
+        let started = Instant::now();
+        if round == 0 {
+            // The first runs to the end: how long an append takes here.
+            assert!(child.wait().unwrap().success());
+            append_time = started.elapsed();
+        } else {
+            // SIGKILL at a random moment of the append (or just after it).
+            let at = random(append_time.as_micros() as u64 * 6 / 5);
+            std::thread::sleep(Duration::from_micros(at));
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        let after = dev.kv_sequence(seq.id).unwrap().tokens;
+        let rows = append_rows(round, CHILD_TOKENS);
+        if after == before + CHILD_TOKENS {
+            completed += 1;
+            add(&rows, CHILD_TOKENS, &mut expected);
+        } else {
+            assert_eq!(after, before, "round {round}: a killed append left a part of its rows");
+            rolled_back += 1;
+        }
+        // Another process appends next, at once: it waits (bounded) for the
+        // dead appender's reservation to be rolled back, then lands after
+        // exactly the committed rows.
+        let own = append_rows(1000 + round, 300);
+        let current = dev.kv_sequence(seq.id).unwrap();
+        let grown = dev.kv_append(&current, &own.0, &own.1, 300, &mut |_| {}).unwrap();
+        assert_eq!(grown.tokens, after + 300);
+        add(&own, 300, &mut expected);
+    }
+    println!(
+        "{completed} appends completed, {rolled_back} killed midway (append: {append_time:?})"
+    );
+    assert!(rolled_back >= 5, "too few kills landed inside an append to test anything");
+
+    // Every stored row, compared with its source.
+    let tokens = dev.kv_sequence(seq.id).unwrap().tokens;
+    for head in 0..APPEND_HEADS {
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for start in (0..tokens as u32).step_by(4096) {
+            let end = (start + 4096).min(tokens as u32);
+            let indices: Vec<u32> = (start..end).collect();
+            let rows = dev.gather(&seq, 0, head, &indices).unwrap();
+            keys.extend_from_slice(&rows.keys);
+            values.extend_from_slice(&rows.values);
+        }
+        let (want_k, want_v) = &expected[usize::from(head)];
+        assert!(&keys == want_k, "head {head}: stored keys differ from the completed appends'");
+        assert!(&values == want_v, "head {head}: stored values differ from the completed appends'");
+    }
+}

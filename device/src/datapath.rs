@@ -4,12 +4,13 @@
 use pnm_firmware::LIMITS;
 use pnm_firmware::kernels::{self, Aggregation, Scored};
 use pnm_firmware::kv::{
-    Dram, KvError, KvStore, PageSelection, SequenceShape, TopkQuery, TopkScratch,
+    CommitMode, Dram, KvError, KvStore, PageSelection, SequenceShape, TopkQuery, TopkScratch,
+    Writer,
 };
 use pnm_firmware::simd::Rows;
 use pnm_firmware::timing::{self, HardwareProfile, Work};
 use pnm_protocol::queue::{
-    FLAG_PAGE_SELECTION, GatherLayout, PageMapEntry, SubmissionEntry, TopkLayout,
+    self as queue, FLAG_PAGE_SELECTION, GatherLayout, PageMapEntry, SubmissionEntry, TopkLayout,
     decode_page_selection, opcode,
 };
 use pnm_protocol::{Dtype, RegionLayout, ReturnCode, SharedMemory};
@@ -97,8 +98,11 @@ impl Outcome {
 pub type Refusal = (ReturnCode, String);
 
 /// A checked TOPK/TOPK_GATHER: its fields, queries and result buffer.
+/// Made once per command: the queries are read from the host's buffer and
+/// converted once, so a host that rewrites the buffer mid-command cannot
+/// have a split command's shares scored against different queries.
 #[derive(Debug)]
-struct TopkPlan {
+pub struct TopkPlan {
     shape: SequenceShape,
     k: u32,
     group: u32,
@@ -131,6 +135,9 @@ fn kv_error(e: KvError) -> Refusal {
             ReturnCode::RESOURCES_EXHAUSTED
         }
         KvError::OutOfRange { .. } | KvError::TooSmall(_) => ReturnCode::INTERNAL_ERROR,
+        // Another queue's append is between its KV_APPEND and KV_COMMIT.
+        KvError::AppendInProgress { .. } => ReturnCode::BUSY,
+        KvError::NotTheWriter { .. } => ReturnCode::INVALID_INPUT,
     };
     (code, e.to_string())
 }
@@ -238,9 +245,10 @@ impl DataPath {
         self.mem.write_bytes(addr, bytes).map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))
     }
 
-    /// Executes one descriptor.
-    pub fn execute(&mut self, sqe: &SubmissionEntry) -> Outcome {
-        let outcome = self.dispatch(sqe);
+    /// Executes one descriptor that arrived on the queue `writer` names
+    /// (its reservations are that queue's).
+    pub fn execute(&mut self, sqe: &SubmissionEntry, writer: Writer) -> Outcome {
+        let outcome = self.dispatch(sqe, writer);
         self.modelled(sqe, outcome)
     }
 
@@ -255,7 +263,7 @@ impl DataPath {
         Outcome { model_ns: model_ns.min(f64::from(u32::MAX)) as u32, ..outcome }
     }
 
-    fn dispatch(&mut self, sqe: &SubmissionEntry) -> Result<Outcome, Refusal> {
+    fn dispatch(&mut self, sqe: &SubmissionEntry, from: Writer) -> Result<Outcome, Refusal> {
         let seq = sqe.seq.get();
         let store = self.kv.clone();
         let writer = || store.write().unwrap_or_else(|e| e.into_inner());
@@ -279,20 +287,32 @@ impl DataPath {
                 let count = u64::from(sqe.count.get());
                 let mut kv = writer();
                 let shape = kv.shape(seq).map_err(kv_error)?;
+                kv.check_append(seq, from).map_err(kv_error)?;
                 let reserved = kv.reserved(seq).map_err(kv_error)?;
                 let tpp = shape.tokens_per_page();
                 let pages = (reserved + count).div_ceil(tpp) - reserved / tpp;
                 let need = pages * u64::from(shape.layers) * u64::from(shape.heads) * 8;
                 let out =
                     self.buffer("page map buffer", sqe.buf0_addr.get(), sqe.buf0_len.get(), need)?;
-                let appended = kv.append(seq, count).map_err(kv_error)?;
+                let appended = kv.append_as(seq, count, from).map_err(kv_error)?;
                 self.write(out, appended.map.as_bytes())?;
                 let first = u32::try_from(appended.first_token)
                     .map_err(|_| invalid("token index over 2^32"))?;
                 Ok(Outcome::ok(first, appended.first_page as u32, pages))
             }
             opcode::KV_COMMIT => {
-                let tokens = writer().commit(seq, u64::from(sqe.count.get())).map_err(kv_error)?;
+                let mode = match sqe.flags {
+                    0 => CommitMode::Publish,
+                    queue::KV_COMMIT_DEFER => CommitMode::Defer,
+                    queue::KV_COMMIT_ABORT => {
+                        let tokens = writer().abort_append(seq, from).map_err(kv_error)?;
+                        return Ok(Outcome::ok(tokens as u32, 0, tokens));
+                    }
+                    other => return Err(invalid(format!("KV_COMMIT flags {other:#x}"))),
+                };
+                let tokens = writer()
+                    .commit_as(seq, u64::from(sqe.count.get()), from, mode)
+                    .map_err(kv_error)?;
                 Ok(Outcome::ok(tokens as u32, 0, tokens))
             }
             opcode::KV_FREE => {
@@ -473,17 +493,25 @@ impl DataPath {
         (parts >= 2).then_some((tokens, parts))
     }
 
+    /// Checks a Top-K that will be split and reads its queries, once for
+    /// all its shares and the merge.
+    pub fn plan_split(&mut self, sqe: &SubmissionEntry) -> Result<TopkPlan, Refusal> {
+        let store = self.kv.clone();
+        let kv = store.read().unwrap_or_else(|e| e.into_inner());
+        self.plan_topk(&kv, sqe, sqe.opcode == opcode::TOPK_GATHER)
+    }
+
     /// One compute unit's part of a split Top-K: the best k of its share of
     /// the first `tokens` tokens.
     pub fn topk_part(
         &mut self,
         sqe: &SubmissionEntry,
+        plan: &TopkPlan,
         tokens: u64,
         part: (u32, u32),
     ) -> Result<Vec<Scored>, Refusal> {
         let store = self.kv.clone();
         let kv = store.read().unwrap_or_else(|e| e.into_inner());
-        let plan = self.plan_topk(&kv, sqe, false)?;
         kv.top_k_part(&mut self.topk, plan.query(sqe), tokens, part).map_err(kv_error)
     }
 
@@ -492,6 +520,7 @@ impl DataPath {
     pub fn finish_split(
         &mut self,
         sqe: &SubmissionEntry,
+        plan: &TopkPlan,
         tokens: u64,
         parts: Vec<Result<Vec<Scored>, Refusal>>,
     ) -> Outcome {
@@ -499,9 +528,8 @@ impl DataPath {
             let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
             let store = self.kv.clone();
             let kv = store.read().unwrap_or_else(|e| e.into_inner());
-            let plan = self.plan_topk(&kv, sqe, sqe.opcode == opcode::TOPK_GATHER)?;
             let top = kernels::merge_top_k(&parts, plan.k as usize);
-            self.finish_topk(&kv, sqe, &plan, &top, tokens)
+            self.finish_topk(&kv, sqe, plan, &top, tokens)
         })();
         self.modelled(sqe, outcome)
     }
@@ -628,6 +656,51 @@ mod split_rule {
         assert_eq!(plan(16_000, 4, 64, 0, 2), None);
         assert_eq!(plan(40_000, 4, 64, FLAG_PAGE_SELECTION, 2), None);
         assert_eq!(plan(40_000, 4, 64, 0, 1), None);
+    }
+
+    /// A split command's queries are read once, when it is taken: a host
+    /// that rewrites its query buffer while the shares run changes nothing.
+    #[test]
+    fn a_split_topk_scores_every_share_against_the_queries_it_was_given() {
+        let shape = SequenceShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 16 };
+        let tokens = 40_000u64;
+        let rows: Vec<u8> = (0..tokens * 16)
+            .flat_map(|i| ((i * 2_654_435_761 % 1000) as f32 / 500.0 - 1.0).to_le_bytes())
+            .collect();
+        let (region, mut datapath, seq) = loaded_datapath(64 << 20, shape, &rows, tokens);
+        let mem = region.regs();
+        let window = region.layout.dma_window_offset;
+        let (query_at, out_at) = (window, window + 4096);
+        let query = |sign: f32| -> Vec<u8> {
+            (0..16).flat_map(|i| (sign * (i as f32 * 0.37).sin()).to_le_bytes()).collect()
+        };
+        let mut sqe = SubmissionEntry { opcode: opcode::TOPK, ..Default::default() };
+        sqe.seq = seq.into();
+        sqe.count = 64.into();
+        sqe.arg0 = 1.into();
+        sqe.buf0_addr = query_at.into();
+        sqe.buf0_len = 64.into();
+        sqe.buf1_addr = out_at.into();
+        sqe.buf1_len = (8 * 64).into();
+        let read_result = || {
+            let mut out = vec![0u8; 8 * 64];
+            mem.read_bytes(out_at, &mut out).unwrap();
+            out
+        };
+        // The answer to the original queries, unsplit.
+        mem.write_bytes(query_at, &query(1.0)).unwrap();
+        assert_eq!(datapath.execute(&sqe, Writer(1)).code, ReturnCode::SUCCESS);
+        let want = read_result();
+        mem.fill(out_at, 8 * 64, 0).unwrap();
+
+        let (tokens, parts) = datapath.split_plan(&sqe, 2).expect("long enough to split");
+        let plan = datapath.plan_split(&sqe).unwrap();
+        // The host overwrites its queries after the command was taken.
+        mem.write_bytes(query_at, &query(-1.0)).unwrap();
+        let shares =
+            (0..parts).map(|p| datapath.topk_part(&sqe, &plan, tokens, (p, parts))).collect();
+        assert_eq!(datapath.finish_split(&sqe, &plan, tokens, shares).code, ReturnCode::SUCCESS);
+        assert_eq!(read_result(), want);
     }
 }
 
@@ -796,7 +869,7 @@ mod hostile_descriptors {
                 ];
                 let before_all = outside(mem, &[]);
                 let before = outside(mem, &buffers);
-                let outcome = datapath.execute(&sqe);
+                let outcome = datapath.execute(&sqe, Writer(1));
                 prop_assert!(
                     ReturnCode::ALL.iter().any(|(c, _)| *c == outcome.code),
                     "{:#04x} gave a code outside the spec: {:?}", sqe.opcode, outcome.code

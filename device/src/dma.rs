@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use pnm_protocol::RegionLayout;
-use pnm_protocol::commands::DMA_GRANULE;
+use pnm_protocol::commands::{DMA_GRANULE, DMA_WINDOW_SHARE_PER_OWNER};
+use pnm_protocol::{RegionLayout, ReturnCode};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allocation {
@@ -28,11 +28,19 @@ impl DmaAllocator {
         Self { start, end, allocations: BTreeMap::new() }
     }
 
-    /// Allocates `size` bytes (rounded up to the granule); None if no gap fits.
-    pub fn allocate(&mut self, size: u64, owner_pid: u32) -> Option<u64> {
-        let len = size.checked_next_multiple_of(DMA_GRANULE)?;
-        if len == 0 {
-            return None;
+    /// Allocates `size` bytes (rounded up to the granule) for `owner_pid`.
+    /// Refused: size or owner 0 (Invalid Input); no gap fits, or the owner
+    /// would hold more than its share of the window (Resources Exhausted).
+    pub fn allocate(&mut self, size: u64, owner_pid: u32) -> Result<u64, ReturnCode> {
+        if owner_pid == 0 || size == 0 {
+            return Err(ReturnCode::INVALID_INPUT);
+        }
+        let len =
+            size.checked_next_multiple_of(DMA_GRANULE).ok_or(ReturnCode::RESOURCES_EXHAUSTED)?;
+        let held: u64 =
+            self.allocations.values().filter(|a| a.owner_pid == owner_pid).map(|a| a.len).sum();
+        if held + len > (self.end - self.start) / DMA_WINDOW_SHARE_PER_OWNER {
+            return Err(ReturnCode::RESOURCES_EXHAUSTED);
         }
         let mut cursor = self.start;
         for (&addr, a) in &self.allocations {
@@ -41,11 +49,11 @@ impl DmaAllocator {
             }
             cursor = addr + a.len;
         }
-        if self.end.checked_sub(cursor)? < len {
-            return None;
+        if self.end.saturating_sub(cursor) < len {
+            return Err(ReturnCode::RESOURCES_EXHAUSTED);
         }
         self.allocations.insert(cursor, Allocation { len, owner_pid });
-        Some(cursor)
+        Ok(cursor)
     }
 
     /// Frees the allocation starting at `addr`; false if there is none.
@@ -56,7 +64,7 @@ impl DmaAllocator {
     /// Frees every allocation `is_dead` says has no owner any more.
     pub fn reclaim(&mut self, is_dead: impl Fn(u32) -> bool) -> usize {
         let before = self.allocations.len();
-        self.allocations.retain(|_, a| a.owner_pid == 0 || !is_dead(a.owner_pid));
+        self.allocations.retain(|_, a| !is_dead(a.owner_pid));
         before - self.allocations.len()
     }
 
@@ -73,25 +81,33 @@ impl DmaAllocator {
 mod tests {
     use super::*;
 
+    const FULL: Result<u64, ReturnCode> = Err(ReturnCode::RESOURCES_EXHAUSTED);
+
     #[test]
     fn first_fit_with_reuse_and_exhaustion() {
         let layout = RegionLayout::new(4 << 20, None).unwrap();
         let mut dma = DmaAllocator::new(&layout);
         let window_end = layout.dma_window_offset + layout.dma_window_size;
+        let half = layout.dma_window_size / 2;
         let a = dma.allocate(1, 7).unwrap();
         assert_eq!(a, layout.dma_window_offset);
         let b = dma.allocate(8192, 7).unwrap();
         assert_eq!(b, a + 4096);
         assert!(dma.free(a));
         assert!(!dma.free(a), "double free is refused");
-        assert_eq!(dma.allocate(4096, 8), Some(a), "the gap is reused");
-        assert_eq!(dma.allocate(0, 1), None);
-        assert_eq!(dma.allocate(u64::MAX, 1), None);
-        let rest = window_end - (b + 8192);
-        let c = dma.allocate(rest, 9).unwrap();
-        assert_eq!(c + rest, window_end);
-        assert_eq!(dma.allocate(1, 9), None, "window full");
+        assert_eq!(dma.allocate(4096, 8), Ok(a), "the gap is reused");
+        assert_eq!(dma.allocate(0, 1), Err(ReturnCode::INVALID_INPUT));
+        assert_eq!(dma.allocate(4096, 0), Err(ReturnCode::INVALID_INPUT), "owner 0 is nobody");
+        assert_eq!(dma.allocate(u64::MAX, 1), FULL);
+        // One owner gets at most half the window, however it asks.
+        assert_eq!(dma.allocate(half + 4096, 9), FULL);
+        let c = dma.allocate(half - 4096, 9).unwrap();
+        assert_eq!(dma.allocate(8192, 9), FULL, "past its share");
+        let rest = window_end - (c + half - 4096);
+        let d = dma.allocate(rest, 10).unwrap();
+        assert_eq!(d + rest, window_end);
+        assert_eq!(dma.allocate(1, 11), FULL, "window full");
         assert_eq!(dma.reclaim(|pid| pid == 7), 1);
-        assert_eq!(dma.allocate(8192, 1), Some(b));
+        assert_eq!(dma.allocate(8192, 1), Ok(b));
     }
 }

@@ -313,13 +313,22 @@ struct Engine {
     lock_seen: Option<(u64, Instant)>,
 }
 
-/// True if process `pid` no longer exists (in this pid namespace).
+/// True if process `pid` no longer runs (in this pid namespace): it does
+/// not exist, or it is a zombie its parent has not reaped yet (its memory
+/// and file descriptors are gone already). PID 0 names no process.
 fn process_gone(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
-    matches!(
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-        Err(nix::errno::Errno::ESRCH)
-    )
+    let Ok(raw) = i32::try_from(pid) else { return false };
+    if raw == 0 {
+        return true;
+    }
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None) {
+        Err(nix::errno::Errno::ESRCH) => true,
+        _ => std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            // The state follows the parenthesised command name.
+            .and_then(|stat| stat.rsplit(") ").next().and_then(|r| r.chars().next()))
+            .is_some_and(|state| state == 'Z' || state == 'X'),
+    }
 }
 
 impl Engine {
@@ -435,13 +444,18 @@ impl Engine {
         }
         worked |= self.state.queues.poll(&mut self.datapath, &self.units);
         self.state.queues.flush_interrupts(now);
+        let mut departed = false;
         for peer in self.peers.take_departed() {
+            departed = true;
             let n = self.state.queues.reclaim_peer(peer);
             if n > 0 {
                 tracing::warn!(peer, queues = n, "notification peer left; its queue pairs deleted");
             }
         }
-        if now.duration_since(self.last_reclaim) >= RECLAIM_PERIOD {
+        // A peer's connection closes when its process dies: look for dead
+        // owners now rather than at the next period, so what a killed host
+        // held (polled queues, buffers, KV reservations) is freed at once.
+        if departed || now.duration_since(self.last_reclaim) >= RECLAIM_PERIOD {
             self.last_reclaim = now;
             let queues = self.state.queues.reclaim(process_gone);
             let buffers = self.state.dma.reclaim(process_gone);
@@ -449,7 +463,30 @@ impl Engine {
                 tracing::warn!(queues, buffers, "reclaimed resources of exited hosts");
             }
         }
+        self.roll_back_gone_writers();
         worked
+    }
+
+    /// Rolls back the KV reservations of queues deleted since the last
+    /// pass (by their host, by owner death, peer departure or reset): an
+    /// append whose writer is gone leaves no rows behind, and the next
+    /// writer's commit cannot cover them.
+    fn roll_back_gone_writers(&mut self) {
+        let gone = self.state.queues.take_gone();
+        if gone.is_empty() {
+            return;
+        }
+        let mut kv = self.datapath.kv.write().unwrap_or_else(|e| e.into_inner());
+        for writer in gone {
+            match kv.abandon(writer) {
+                Ok(rolled) => {
+                    for (seq, tokens) in rolled {
+                        tracing::warn!(seq, tokens, "append abandoned by its queue; rolled back");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "rolling back an abandoned append"),
+            }
+        }
     }
 
     /// Takes the Mailbox Lock back from a holder that died or overstayed

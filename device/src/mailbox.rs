@@ -131,13 +131,7 @@ impl MailboxState {
             Opcode::ALLOCATE_DMA => {
                 let input = AllocateDmaInput::read_from_bytes(input)
                     .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
-                if input.size.get() == 0 {
-                    return Err(ReturnCode::INVALID_INPUT);
-                }
-                let addr = self
-                    .dma
-                    .allocate(input.size.get(), input.owner_pid.get())
-                    .ok_or(ReturnCode::RESOURCES_EXHAUSTED)?;
+                let addr = self.dma.allocate(input.size.get(), input.owner_pid.get())?;
                 Ok(DmaBufferAddr { addr: addr.into() }.as_bytes().to_vec())
             }
             Opcode::FREE_DMA => {
@@ -294,7 +288,7 @@ mod tests {
             cq_addr: (window + at + 64 * 16).into(),
             entries: 16.into(),
             irq_vector: pnm_protocol::queue::IRQ_NONE.into(),
-            owner_pid: 0.into(),
+            owner_pid: 4242.into(),
             peer_id: 0.into(),
             coalesce_count: 0.into(),
             coalesce_usec: 0.into(),

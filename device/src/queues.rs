@@ -16,14 +16,15 @@ use pnm_protocol::commands::{
 };
 use pnm_protocol::queue::{
     self, CQE_SIZE, CompletionEntry, IRQ_NONE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS,
-    MIN_QUEUE_ENTRIES, RING_ALIGN, SQE_SIZE, SubmissionEntry,
+    MAX_QUEUE_PAIRS_PER_OWNER, MIN_QUEUE_ENTRIES, RING_ALIGN, SQE_SIZE, SubmissionEntry,
 };
 use pnm_protocol::regs::{self, pnm};
 use pnm_protocol::{RegionLayout, ReturnCode, SharedMemory};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::datapath::{DataPath, Outcome, Refusal, is_compute};
+use crate::datapath::{DataPath, Outcome, Refusal, TopkPlan, is_compute};
 use crate::notify::Peers;
+use pnm_firmware::kv::Writer;
 
 /// Most commands taken from one queue before the engine moves to the next,
 /// so no queue starves another.
@@ -147,6 +148,8 @@ struct QueuePair {
     /// High priority: served first by the engine and the compute units.
     high: bool,
     owner_pid: u32,
+    /// Names this queue's KV reservations; never reused while the device runs.
+    writer: Writer,
     /// The peer its interrupts go to, if any.
     peer: Option<u16>,
     sq_head: u32,
@@ -174,6 +177,10 @@ pub struct QueueTable {
     layout: RegionLayout,
     peers: Peers,
     queues: Vec<Option<QueuePair>>,
+    /// Writers handed out so far (0 is [`Writer::LOCAL`]).
+    writers: u64,
+    /// Writers of deleted queues whose KV reservations are yet to be rolled back.
+    gone: Vec<Writer>,
 }
 
 fn sq_doorbell(qid: u16) -> u64 {
@@ -190,7 +197,14 @@ fn irq_mask(qid: u16) -> u64 {
 
 impl QueueTable {
     pub fn new(regs: SharedMemory, layout: RegionLayout, peers: Peers) -> Self {
-        Self { regs, layout, peers, queues: (0..MAX_QUEUE_PAIRS).map(|_| None).collect() }
+        Self {
+            regs,
+            layout,
+            peers,
+            queues: (0..MAX_QUEUE_PAIRS).map(|_| None).collect(),
+            writers: 0,
+            gone: Vec::new(),
+        }
     }
 
     fn in_window(&self, addr: u64, len: u64) -> bool {
@@ -239,6 +253,15 @@ impl QueueTable {
         if input.reserved != [0; 7] {
             return Err(ReturnCode::INVALID_INPUT);
         }
+        // Every queue has an owner to reclaim it from (0 names no process).
+        let owner_pid = input.owner_pid.get();
+        if owner_pid == 0 {
+            return Err(ReturnCode::INVALID_INPUT);
+        }
+        let held = self.queues.iter().flatten().filter(|q| q.owner_pid == owner_pid).count();
+        if held as u32 >= MAX_QUEUE_PAIRS_PER_OWNER {
+            return Err(ReturnCode::RESOURCES_EXHAUSTED);
+        }
         let qid =
             self.queues.iter().position(Option::is_none).ok_or(ReturnCode::RESOURCES_EXHAUSTED)?;
         let qid = qid as u16;
@@ -260,11 +283,13 @@ impl QueueTable {
             outstanding: 0,
             deleted: false,
         };
+        self.writers += 1;
         self.queues[usize::from(qid)] = Some(QueuePair {
             sq_addr: sq,
             entries,
             high,
             owner_pid: input.owner_pid.get(),
+            writer: Writer(self.writers),
             peer,
             sq_head: 0,
             tail_error: false,
@@ -275,21 +300,40 @@ impl QueueTable {
     }
 
     pub fn delete(&mut self, qid: u16) -> Result<(), ReturnCode> {
-        let slot = self.queues.get_mut(usize::from(qid)).ok_or(ReturnCode::INVALID_INPUT)?;
-        if slot.take().is_none() {
+        if self.queues.get(usize::from(qid)).is_none_or(Option::is_none) {
             return Err(ReturnCode::INVALID_INPUT);
         }
+        self.remove(usize::from(qid));
         tracing::info!(qid, "queue pair deleted");
         Ok(())
+    }
+
+    /// Empties a slot; the queue's KV reservations are rolled back by the
+    /// engine ([`Self::take_gone`]) before it serves another command.
+    fn remove(&mut self, slot: usize) {
+        if let Some(q) = self.queues[slot].take() {
+            self.gone.push(q.writer);
+        }
+    }
+
+    /// Writers of queues deleted since the last call.
+    pub fn take_gone(&mut self) -> Vec<Writer> {
+        std::mem::take(&mut self.gone)
     }
 
     /// Deletes every queue whose owner `is_dead` reports gone.
     pub fn reclaim(&mut self, is_dead: impl Fn(u32) -> bool) -> usize {
         let mut n = 0;
-        for (qid, slot) in self.queues.iter_mut().enumerate() {
-            if slot.as_ref().is_some_and(|q| q.owner_pid != 0 && is_dead(q.owner_pid)) {
-                tracing::warn!(qid, "owner process gone; queue pair reclaimed");
-                *slot = None;
+        for qid in 0..self.queues.len() {
+            if let Some(q) = &self.queues[qid]
+                && is_dead(q.owner_pid)
+            {
+                tracing::warn!(
+                    qid,
+                    owner_pid = q.owner_pid,
+                    "owner process gone; queue pair reclaimed"
+                );
+                self.remove(qid);
                 n += 1;
             }
         }
@@ -299,9 +343,9 @@ impl QueueTable {
     /// Deletes every queue whose interrupts go to `peer` (it disconnected).
     pub fn reclaim_peer(&mut self, peer: u16) -> usize {
         let mut n = 0;
-        for slot in &mut self.queues {
-            if slot.as_ref().is_some_and(|q| q.peer == Some(peer)) {
-                *slot = None;
+        for qid in 0..self.queues.len() {
+            if self.queues[qid].as_ref().is_some_and(|q| q.peer == Some(peer)) {
+                self.remove(qid);
                 n += 1;
             }
         }
@@ -338,7 +382,7 @@ impl QueueTable {
     }
 
     pub fn clear(&mut self) {
-        self.queues.iter_mut().for_each(|q| *q = None);
+        (0..self.queues.len()).for_each(|qid| self.remove(qid));
     }
 
     pub fn active(&self) -> usize {
@@ -393,16 +437,23 @@ impl QueueTable {
             let sq_head = q.sq_head as u16;
             if units.available() && is_compute(sqe.opcode) {
                 tracing::trace!(qid, cid = sqe.command_id.get(), "to a compute unit");
-                let job = Job { sqe, sq_head, cq: q.cq.clone(), high: q.high, part: None };
+                let job = Job {
+                    sqe,
+                    sq_head,
+                    cq: q.cq.clone(),
+                    high: q.high,
+                    writer: q.writer,
+                    part: None,
+                };
                 units.submit_command(datapath, job);
                 continue;
             }
             // NOP measures the command path itself: no clock reads for it.
             let (outcome, exec_ns) = if sqe.opcode == queue::opcode::NOP {
-                (datapath.execute(&sqe), 0)
+                (datapath.execute(&sqe, q.writer), 0)
             } else {
                 let start = Instant::now();
-                let outcome = datapath.execute(&sqe);
+                let outcome = datapath.execute(&sqe, q.writer);
                 (outcome, start.elapsed().as_nanos() as u64)
             };
             tracing::trace!(qid, opcode = queue::opcode::name(sqe.opcode), cid = sqe.command_id.get(), code = %outcome.code, exec_ns);
@@ -425,6 +476,9 @@ pub struct Job {
     cq: Arc<Mutex<CompletionRing>>,
     /// From a high-priority queue: taken before normal jobs.
     high: bool,
+    /// The queue's writer (compute commands reserve nothing, but every
+    /// command runs as its queue).
+    writer: Writer,
     /// Set when the command is split across units: this job's share.
     part: Option<(Arc<Split>, u32)>,
 }
@@ -488,6 +542,8 @@ pub struct Split {
     /// The sequence's committed tokens when the command was taken: every
     /// part scans the same snapshot, even if a commit lands meanwhile.
     tokens: u64,
+    /// The command's checked fields and queries, read from the host once.
+    plan: TopkPlan,
     results: Mutex<Vec<Option<PartResult>>>,
     remaining: AtomicUsize,
     /// When the first share started: Execution Time runs from there.
@@ -563,14 +619,19 @@ impl ComputeUnits {
 
     /// Hands a command to the units: an exact Top-K over a long sequence
     /// as shares (see [`DataPath::split_plan`]), anything else whole.
-    fn submit_command(&self, datapath: &DataPath, job: Job) {
+    fn submit_command(&self, datapath: &mut DataPath, job: Job) {
         let units = self.threads.len() as u32;
         let (queue, ready) = &*self.jobs;
-        match datapath.split_plan(&job.sqe, units) {
-            Some((tokens, parts)) => {
+        // A command the plan refuses runs whole, to be refused as usual.
+        let split = datapath.split_plan(&job.sqe, units).and_then(|(tokens, parts)| {
+            datapath.plan_split(&job.sqe).ok().map(|plan| (tokens, parts, plan))
+        });
+        match split {
+            Some((tokens, parts, plan)) => {
                 let split = Arc::new(Split {
                     parts,
                     tokens,
+                    plan,
                     results: Mutex::new((0..parts).map(|_| None).collect()),
                     remaining: AtomicUsize::new(parts as usize),
                     start: std::sync::OnceLock::new(),
@@ -667,10 +728,18 @@ impl Unit {
             tracing::trace!(cid = job.sqe.command_id.get(), part = ?job.part.as_ref().map(|p| p.1), "compute unit starts");
             let start = Instant::now();
             let finished = match &job.part {
-                None => Some((executor.execute(&job.sqe), start.elapsed().as_nanos() as u64)),
+                None => Some((
+                    executor.execute(&job.sqe, job.writer),
+                    start.elapsed().as_nanos() as u64,
+                )),
                 Some((split, part)) => {
                     split.start.get_or_init(|| start);
-                    let result = executor.topk_part(&job.sqe, split.tokens, (*part, split.parts));
+                    let result = executor.topk_part(
+                        &job.sqe,
+                        &split.plan,
+                        split.tokens,
+                        (*part, split.parts),
+                    );
                     split.results.lock().unwrap_or_else(|e| e.into_inner())[*part as usize] =
                         Some(result);
                     // The last part to finish completes the command.
@@ -680,7 +749,8 @@ impl Unit {
                         );
                         let parts =
                             results.into_iter().map(|r| r.expect("every part ran")).collect();
-                        let outcome = executor.finish_split(&job.sqe, split.tokens, parts);
+                        let outcome =
+                            executor.finish_split(&job.sqe, &split.plan, split.tokens, parts);
                         let first = split.start.get().copied().unwrap_or(start);
                         (outcome, first.elapsed().as_nanos() as u64)
                     })

@@ -138,6 +138,34 @@ pub enum KvError {
     OutOfRange { offset: u64, len: u64 },
     #[error("device DRAM of {0} bytes is too small for a KV store")]
     TooSmall(u64),
+    #[error(
+        "sequence {seq} has an append in progress by another writer ({reserved} tokens reserved \
+         past the {tokens} committed); appends to one sequence are serialized"
+    )]
+    AppendInProgress { seq: u32, tokens: u64, reserved: u64 },
+    #[error("sequence {seq}: a commit may cover only rows this writer reserved")]
+    NotTheWriter { seq: u32 },
+}
+
+/// Who reserved a sequence's uncommitted tokens: the device names each
+/// queue pair's commands by one (the pair's id and its creation's
+/// generation), so a reservation dies with the queue that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Writer(pub u64);
+
+impl Writer {
+    /// The writer of in-process uses of the store (tools, tests).
+    pub const LOCAL: Self = Self(0);
+}
+
+/// What a KV_COMMIT does with the rows it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitMode {
+    /// Fold the rows into the page bounds and make them valid.
+    Publish,
+    /// Fold the rows into the page bounds but keep them invisible: a
+    /// multi-chunk append publishes all its rows at once, or none.
+    Defer,
 }
 
 const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"PNMKVST1");
@@ -276,8 +304,15 @@ impl SequenceShape {
 struct Sequence {
     slot: u32,
     shape: SequenceShape,
+    /// Committed tokens: what Top-K and gather see.
     tokens: u64,
+    /// Tokens with frames: committed plus the writer's reservation.
     reserved: u64,
+    /// Tokens whose keys are folded into the page bounds (a deferred
+    /// commit folds without publishing).
+    folded: u64,
+    /// Who holds the reservation `tokens..reserved`, if any.
+    writer: Option<Writer>,
     pt_frames: Vec<u32>,
     /// The page table, page-major, then layer, then head.
     map: Vec<PageMapEntry>,
@@ -302,6 +337,9 @@ pub struct LoadReport {
     pub sequences: usize,
     /// Descriptors found inconsistent and dropped, with the reason.
     pub dropped: Vec<String>,
+    /// Sequences whose uncommitted tail (a dead writer's) was dropped or
+    /// whose last page's bounds were rebuilt.
+    pub rolled_back: usize,
 }
 
 /// Result of KV_APPEND.
@@ -456,6 +494,26 @@ impl<D: Dram> KvStore<D> {
                 }
             }
         }
+        // A writer that died with the last device left pages past the
+        // committed tokens, and perhaps uncommitted keys folded into the
+        // last page's bounds (a deferred commit): drop the one, rebuild
+        // the other from committed keys.
+        let tails: Vec<u32> = self
+            .sequences
+            .iter()
+            .filter(|(_, s)| {
+                let tpp = s.shape.tokens_per_page();
+                s.pages() > s.tokens.div_ceil(tpp) || s.tokens % tpp != 0
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in tails {
+            let seq = self.sequences.get_mut(&id).expect("listed above");
+            // Unknown: what the dead writer folded.
+            seq.folded = seq.tokens + 1;
+            self.truncate_to_committed(id)?;
+            report.rolled_back += 1;
+        }
         Ok(())
     }
 
@@ -503,7 +561,16 @@ impl<D: Dram> KvStore<D> {
             check_frame(e.key_frame.get())?;
             check_frame(e.value_frame.get())?;
         }
-        Ok(Sequence { slot, shape, tokens, reserved: tokens, pt_frames, map })
+        Ok(Sequence {
+            slot,
+            shape,
+            tokens,
+            reserved: tokens,
+            folded: tokens,
+            writer: None,
+            pt_frames,
+            map,
+        })
     }
 
     fn read_page_table(
@@ -627,6 +694,8 @@ impl<D: Dram> KvStore<D> {
             shape,
             tokens: 0,
             reserved: 0,
+            folded: 0,
+            writer: None,
             pt_frames: Vec::new(),
             map: Vec::new(),
         };
@@ -636,9 +705,36 @@ impl<D: Dram> KvStore<D> {
         Ok(id)
     }
 
-    /// Reserves `count` more tokens, allocating pages as needed. Nothing
-    /// changes if DRAM cannot hold them.
+    /// Whether `writer` may append to the sequence now: not while another
+    /// writer's reservation is open.
+    pub fn check_append(&self, seq_id: u32, writer: Writer) -> Result<(), KvError> {
+        let seq = self.sequence(seq_id)?;
+        if seq.reserved > seq.tokens && seq.writer != Some(writer) {
+            return Err(KvError::AppendInProgress {
+                seq: seq_id,
+                tokens: seq.tokens,
+                reserved: seq.reserved,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reserves `count` more tokens for the local writer; see [`Self::append_as`].
     pub fn append(&mut self, seq_id: u32, count: u64) -> Result<Appended, KvError> {
+        self.append_as(seq_id, count, Writer::LOCAL)
+    }
+
+    /// Reserves `count` more tokens for `writer`, allocating pages as
+    /// needed. Nothing changes if DRAM cannot hold them, or if another
+    /// writer holds a reservation on the sequence (appends to one sequence
+    /// are serialized: the other writer commits or is rolled back first).
+    pub fn append_as(
+        &mut self,
+        seq_id: u32,
+        count: u64,
+        writer: Writer,
+    ) -> Result<Appended, KvError> {
+        self.check_append(seq_id, writer)?;
         let seq = self.sequence(seq_id)?;
         if count == 0 {
             return Err(KvError::Invalid("appending 0 tokens".into()));
@@ -709,6 +805,7 @@ impl<D: Dram> KvStore<D> {
             return Err(e);
         }
         seq.reserved = reserved;
+        seq.writer = Some(writer);
         let first_page = first_token / tpp;
         let map = seq.map[(first_page * shape.streams()) as usize..].to_vec();
         self.sequences.insert(seq_id, seq);
@@ -738,24 +835,64 @@ impl<D: Dram> KvStore<D> {
         Ok(seq.map[(first * streams) as usize..(end * streams) as usize].to_vec())
     }
 
-    /// Makes tokens valid up to `tokens`, folding their keys into the page bounds.
+    /// Makes tokens valid up to `tokens` for the local writer; see [`Self::commit_as`].
     pub fn commit(&mut self, seq_id: u32, tokens: u64) -> Result<u64, KvError> {
+        self.commit_as(seq_id, tokens, Writer::LOCAL, CommitMode::Publish)
+    }
+
+    /// Folds the keys of tokens up to `tokens` into the page bounds and,
+    /// when `mode` publishes, makes them valid. Only the writer holding the
+    /// reservation may commit into it. Returns the committed token count.
+    pub fn commit_as(
+        &mut self,
+        seq_id: u32,
+        tokens: u64,
+        writer: Writer,
+        mode: CommitMode,
+    ) -> Result<u64, KvError> {
         let seq = self.sequence(seq_id)?;
-        if tokens < seq.tokens || tokens > seq.reserved {
+        if tokens < seq.folded.max(seq.tokens) || tokens > seq.reserved {
             return Err(KvError::Invalid(format!(
-                "commit to {tokens} tokens: must be within committed {} ..= reserved {}",
-                seq.tokens, seq.reserved
+                "commit to {tokens} tokens: must be within committed {} (folded {}) ..= reserved {}",
+                seq.tokens, seq.folded, seq.reserved
             )));
         }
+        if seq.reserved > seq.tokens && seq.writer != Some(writer) {
+            return Err(KvError::NotTheWriter { seq: seq_id });
+        }
+        let from = seq.folded.max(seq.tokens);
+        self.fold_bounds(seq_id, from, tokens)?;
+        let mut seq = self.sequences.remove(&seq_id).expect("looked up above");
+        seq.folded = tokens;
+        if mode == CommitMode::Defer {
+            let committed = seq.tokens;
+            self.sequences.insert(seq_id, seq);
+            return Ok(committed);
+        }
+        seq.tokens = tokens;
+        if seq.tokens == seq.reserved {
+            seq.writer = None;
+        }
+        let written = self.write_descriptor(seq_id, &seq);
+        if written.is_err() {
+            seq.tokens = self.sequence_tokens_in_dram(seq.slot).unwrap_or(seq.tokens);
+        }
+        self.sequences.insert(seq_id, seq);
+        written.map(|()| tokens)
+    }
+
+    /// Folds the keys of tokens `from..tokens` into their pages' bounds.
+    fn fold_bounds(&mut self, seq_id: u32, from: u64, tokens: u64) -> Result<(), KvError> {
+        let seq = self.sequence(seq_id)?;
         let shape = seq.shape;
         let tpp = shape.tokens_per_page();
         let d = usize::from(shape.head_dim);
         let row = shape.row_bytes();
         let mut block = kernels::RowBlock::default();
         let mut bounds = vec![0u8; 8 * d];
-        let mut page = seq.tokens / tpp;
+        let mut page = from / tpp;
         while page * tpp < tokens {
-            let start = (page * tpp).max(seq.tokens);
+            let start = (page * tpp).max(from);
             let end = ((page + 1) * tpp).min(tokens);
             for layer in 0..shape.layers {
                 for head in 0..shape.heads {
@@ -775,14 +912,89 @@ impl<D: Dram> KvStore<D> {
             }
             page += 1;
         }
-        let mut seq = self.sequences.remove(&seq_id).expect("looked up above");
-        seq.tokens = tokens;
-        let written = self.write_descriptor(seq_id, &seq);
-        if written.is_err() {
-            seq.tokens = self.sequence_tokens_in_dram(seq.slot).unwrap_or(seq.tokens);
+        Ok(())
+    }
+
+    /// Gives up `writer`'s reservation on one sequence (its append failed
+    /// midway): the sequence keeps exactly its committed tokens. Nothing to
+    /// give up is fine; another writer's reservation is refused.
+    pub fn abort_append(&mut self, seq_id: u32, writer: Writer) -> Result<u64, KvError> {
+        let seq = self.sequence(seq_id)?;
+        if seq.reserved == seq.tokens && seq.folded == seq.tokens {
+            return Ok(seq.tokens);
         }
+        if seq.writer != Some(writer) {
+            return Err(KvError::NotTheWriter { seq: seq_id });
+        }
+        self.truncate_to_committed(seq_id)?;
+        Ok(self.sequence(seq_id)?.tokens)
+    }
+
+    /// Rolls back every reservation `writer` holds (its queue is gone: the
+    /// host died or deleted it mid-append): the sequence keeps exactly its
+    /// committed tokens. Returns (sequence, tokens dropped) per rollback.
+    pub fn abandon(&mut self, writer: Writer) -> Result<Vec<(u32, u64)>, KvError> {
+        let held: Vec<u32> = self
+            .sequences
+            .iter()
+            .filter(|(_, s)| s.writer == Some(writer) && s.reserved > s.tokens)
+            .map(|(&id, _)| id)
+            .collect();
+        let mut rolled = Vec::new();
+        for id in held {
+            let dropped = self.sequence(id)?.reserved - self.sequence(id)?.tokens;
+            self.truncate_to_committed(id)?;
+            rolled.push((id, dropped));
+        }
+        Ok(rolled)
+    }
+
+    /// Drops a sequence's uncommitted tail: pages past its committed tokens
+    /// go back to the free frames, and bounds that a deferred commit folded
+    /// past them are rebuilt from committed keys only.
+    fn truncate_to_committed(&mut self, seq_id: u32) -> Result<(), KvError> {
+        let mut seq = self.sequences.remove(&seq_id).ok_or(KvError::NoSuchSequence(seq_id))?;
+        let shape = seq.shape;
+        let tpp = shape.tokens_per_page();
+        let keep_pages = seq.tokens.div_ceil(tpp);
+        let streams = shape.streams();
+        let keep_entries = (keep_pages * streams) as usize;
+        let keep_pt = (keep_pages * streams).div_ceil(PT_ENTRIES_PER_FRAME) as usize;
+        let boundary = seq.tokens / tpp;
+        let rebuild_boundary = seq.folded > seq.tokens && seq.tokens % tpp != 0;
+        let dropped: Vec<PageMapEntry> = seq.map.drain(keep_entries.min(seq.map.len())..).collect();
+        let dropped_pt: Vec<u32> =
+            seq.pt_frames.drain(keep_pt.min(seq.pt_frames.len())..).collect();
+        seq.reserved = seq.tokens;
+        seq.writer = None;
+        // The descriptor, with the shorter page table, is the commit point.
+        let written = self.write_descriptor(seq_id, &seq);
+        if let Err(e) = written {
+            // DRAM still holds the old descriptor: keep its frames.
+            seq.map.extend(dropped);
+            seq.pt_frames.extend(dropped_pt);
+            self.sequences.insert(seq_id, seq);
+            return Err(e);
+        }
+        for f in dropped.iter().flat_map(|e| [e.key_frame.get(), e.value_frame.get()]) {
+            self.set_used(f, false);
+        }
+        for f in dropped_pt {
+            self.set_used(f, false);
+        }
+        let committed = seq.tokens;
+        seq.folded = committed;
         self.sequences.insert(seq_id, seq);
-        written.map(|()| tokens)
+        if rebuild_boundary {
+            for layer in 0..shape.layers {
+                for head in 0..shape.heads {
+                    let entry = self.sequence(seq_id)?.entry(boundary, layer, head);
+                    self.reset_bounds(entry.key_frame.get())?;
+                }
+            }
+            self.fold_bounds(seq_id, boundary * tpp, committed)?;
+        }
+        Ok(())
     }
 
     fn sequence_tokens_in_dram(&self, slot: u32) -> Result<u64, KvError> {

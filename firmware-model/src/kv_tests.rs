@@ -606,3 +606,149 @@ fn create_with_rows_stores_what_appends_store() {
     }
     assert!(store.create_with_rows(shape, &k_bytes[2..], &v_bytes, tokens).is_err());
 }
+
+/// Writes rows `first..first + n` of a one-stream sequence (`keys` and
+/// `values` are [tokens][d]) where the append's page map says.
+fn write_stream_rows<D: Dram>(
+    store: &KvStore<D>,
+    shape: SequenceShape,
+    a: &Appended,
+    keys: &[f32],
+    values: &[f32],
+    n: u64,
+) {
+    let (d, tpp, row) = (usize::from(shape.head_dim), shape.tokens_per_page(), shape.row_bytes());
+    for t in a.first_token..a.first_token + n {
+        let e = a.map[(t / tpp - a.first_page) as usize];
+        let src = t as usize * d;
+        let within = (t % tpp) * row;
+        let k = encode(shape.dtype, &keys[src..src + d]);
+        let v = encode(shape.dtype, &values[src..src + d]);
+        store.dram.write(store.layout.frame_offset(e.key_frame.get()) + within, &k).unwrap();
+        store.dram.write(store.layout.frame_offset(e.value_frame.get()) + within, &v).unwrap();
+    }
+}
+
+/// A store holding only the first `tokens` rows, loaded the ordinary way:
+/// what a rolled-back store must equal.
+fn reference(shape: SequenceShape, keys: &[f32], tokens: u64) -> (KvStore<&'static MemDram>, u32) {
+    let (mut store, _) = KvStore::open(fresh_dram()).unwrap();
+    let d = usize::from(shape.head_dim);
+    let rows = &keys[..tokens as usize * d];
+    let id = load(&mut store, shape, rows, rows, tokens, 1000);
+    (store, id)
+}
+
+fn all_bounds<D: Dram>(store: &KvStore<D>, id: u32) -> Vec<(Vec<f32>, Vec<f32>)> {
+    let pages = store.sequence(id).unwrap().pages();
+    (0..pages).map(|p| store.page_bounds(id, 0, 0, p).unwrap()).collect()
+}
+
+#[test]
+fn reservations_belong_to_their_writer_and_roll_back_exactly() {
+    let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 64 };
+    let mut rng = lcg(11);
+    let keys: Vec<f32> = (0..3000 * 64).map(|_| rng() * 4.0).collect();
+    let (a, b) = (Writer(1), Writer(2));
+    let (mut store, _) = KvStore::open(fresh_dram()).unwrap();
+    let id = store.create(shape).unwrap();
+    let empty_free = store.free_frames();
+
+    let first = store.append_as(id, 700, a).unwrap();
+    write_stream_rows(&store, shape, &first, &keys, &keys, 700);
+    assert_eq!(store.commit_as(id, 700, a, CommitMode::Publish).unwrap(), 700);
+
+    // A's next append, folded but not yet published.
+    let second = store.append_as(id, 600, a).unwrap();
+    assert_eq!(second.first_token, 700);
+    write_stream_rows(&store, shape, &second, &keys, &keys, 600);
+    assert_eq!(store.commit_as(id, 1300, a, CommitMode::Defer).unwrap(), 700, "not valid yet");
+    assert_eq!(store.tokens(id).unwrap(), 700);
+    // Another writer can neither append nor commit into A's reservation.
+    assert!(matches!(
+        store.append_as(id, 10, b),
+        Err(KvError::AppendInProgress { tokens: 700, reserved: 1300, .. })
+    ));
+    assert_eq!(
+        store.commit_as(id, 1300, b, CommitMode::Publish),
+        Err(KvError::NotTheWriter { seq: id })
+    );
+
+    // A's queue goes: exactly the committed rows stay, with the frames and
+    // bounds of a store that never saw the rest.
+    assert_eq!(store.abandon(a).unwrap(), vec![(id, 600)]);
+    assert_eq!(store.abandon(a).unwrap(), vec![], "nothing left to roll back");
+    let (reference700, ref_id) = reference(shape, &keys, 700);
+    assert_eq!(store.tokens(id).unwrap(), 700);
+    assert_eq!(store.reserved(id).unwrap(), 700);
+    assert_eq!(empty_free - store.free_frames(), frames_used(&reference700));
+    assert_eq!(all_bounds(&store, id), all_bounds(&reference700, ref_id));
+
+    // B appends now, from where the committed rows end.
+    let third = store.append_as(id, 300, b).unwrap();
+    assert_eq!(third.first_token, 700);
+    write_stream_rows(&store, shape, &third, &keys, &keys, 300);
+    assert_eq!(store.commit_as(id, 1000, b, CommitMode::Publish).unwrap(), 1000);
+    let q: Vec<f32> = (0..64).map(|_| rng()).collect();
+    let query = TopkQuery { seq: id, layer: 0, head: 0, queries: &q, how: Aggregation::Max, k: 40 };
+    let got: Vec<(u32, f32)> =
+        store.top_k(query).unwrap().iter().map(|s| (s.index, s.score)).collect();
+    let want = naive_top_k(shape, &keys[..1000 * 64], 1000, 0, 0, &q, 40);
+    assert_eq!(
+        got.iter().map(|g| g.0).collect::<Vec<_>>(),
+        want.iter().map(|w| w.0).collect::<Vec<_>>()
+    );
+
+    // A failed append given up explicitly.
+    let fourth = store.append_as(id, 100, b).unwrap();
+    write_stream_rows(&store, shape, &fourth, &keys, &keys, 100);
+    store.commit_as(id, 1050, b, CommitMode::Defer).unwrap();
+    assert_eq!(store.abort_append(id, a), Err(KvError::NotTheWriter { seq: id }));
+    assert_eq!(store.abort_append(id, b).unwrap(), 1000);
+    let (reference1000, ref_id) = reference(shape, &keys, 1000);
+    assert_eq!(all_bounds(&store, id), all_bounds(&reference1000, ref_id));
+}
+
+/// Frames a store uses.
+fn frames_used(store: &KvStore<&'static MemDram>) -> u64 {
+    let (empty, _) = KvStore::open(fresh_dram()).unwrap();
+    empty.free_frames() - store.free_frames()
+}
+
+/// Test DRAM that lives as long as the test process.
+fn fresh_dram() -> &'static MemDram {
+    Box::leak(Box::new(MemDram::new(DRAM)))
+}
+
+#[test]
+fn a_writer_that_died_with_the_device_is_rolled_back_at_open() {
+    let shape = SequenceShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 32 };
+    let tpp = shape.tokens_per_page();
+    let mut rng = lcg(5);
+    let total = 3 * tpp + 100;
+    let keys: Vec<f32> = (0..total as usize * 32).map(|_| rng()).collect();
+    let dram = MemDram::new(DRAM);
+    let committed = tpp + 10;
+    let (id, free_before) = {
+        let (mut store, _) = KvStore::open(&dram).unwrap();
+        let id = store.create(shape).unwrap();
+        let a = store.append_as(id, committed, Writer(3)).unwrap();
+        write_stream_rows(&store, shape, &a, &keys, &keys, committed);
+        store.commit_as(id, committed, Writer(3), CommitMode::Publish).unwrap();
+        let free_before = store.free_frames();
+        // Into the last page and two more, folded, never published.
+        let rest = total - committed;
+        let b = store.append_as(id, rest, Writer(3)).unwrap();
+        write_stream_rows(&store, shape, &b, &keys, &keys, rest);
+        store.commit_as(id, total, Writer(3), CommitMode::Defer).unwrap();
+        (id, free_before)
+        // The device dies here: nothing is rolled back in DRAM.
+    };
+    let (store, report) = KvStore::open(&dram).unwrap();
+    assert_eq!(report.rolled_back, 1);
+    assert_eq!(store.tokens(id).unwrap(), committed);
+    assert_eq!(store.reserved(id).unwrap(), committed);
+    assert_eq!(store.free_frames(), free_before, "the dead writer's pages are free again");
+    let (reference, ref_id) = reference(shape, &keys, committed);
+    assert_eq!(all_bounds(&store, id), all_bounds(&reference, ref_id));
+}

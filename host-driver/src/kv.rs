@@ -5,11 +5,11 @@ use std::sync::MutexGuard;
 use std::time::Duration;
 
 use pnm_protocol::queue::{
-    FLAG_PAGE_SELECTION, GatherLayout, KV_FRAME_SIZE, PageMapEntry,
+    self as queue, FLAG_PAGE_SELECTION, GatherLayout, KV_FRAME_SIZE, PageMapEntry,
     SequenceInfo as WireSequenceInfo, SubmissionEntry, TopkLayout, opcode, page_selection,
     topk_arg1,
 };
-use pnm_protocol::{Dtype, SharedMemory};
+use pnm_protocol::{Dtype, ReturnCode, SharedMemory};
 use serde::Serialize;
 use zerocopy::FromBytes;
 
@@ -300,6 +300,15 @@ impl Session<'_> {
     fn mem(&self) -> SharedMemory {
         self.device.region()
     }
+
+    /// Deletes this handle's queue pair (a new one is made on next use):
+    /// for a queue whose state the host no longer knows.
+    fn discard_queue(&mut self) {
+        if let Some(dp) = self.dp.take() {
+            let mut mailbox = self.device.mailbox_client();
+            dp.shutdown(&mut mailbox);
+        }
+    }
 }
 
 impl Device {
@@ -416,8 +425,13 @@ impl Device {
 
     /// Appends `tokens` tokens of K and V rows, each laid out
     /// `[layers][heads][tokens][head_dim]` in the sequence's dtype. Rows are
-    /// written straight into device DRAM; each chunk is committed as it
-    /// lands. `progress` is told the tokens done so far.
+    /// written straight into device DRAM, chunk by chunk; each chunk's keys
+    /// are folded into the page bounds as it lands, and the last commit
+    /// makes every row valid at once: the append is atomic. If it fails (or
+    /// this process dies) midway, the device rolls the reservation back and
+    /// the sequence keeps exactly the tokens it had. Another writer's append
+    /// to the same sequence in progress: `Queue` with Busy. `progress` is
+    /// told the tokens written so far.
     pub fn kv_append(
         &self,
         seq: &Sequence,
@@ -446,89 +460,130 @@ impl Device {
         let mut map_raw = vec![0u8; map_room as usize];
         let mut done = 0;
         let mut current = *seq;
-        let result = (|| {
-            // Pipelined: the next chunk's KV_APPEND goes in ahead of this
-            // chunk's KV_COMMIT, so the host copies chunk i+1 into device
-            // DRAM while the device folds chunk i's keys into its bounds.
-            let append = |s: &mut Session<'_>, n: u64| -> Result<u16> {
-                let mut e = with_buf(sqe(opcode::KV_APPEND, seq.id), 0, map_buf, map_room);
-                e.count = (n as u32).into();
-                s.push(e)
-            };
-            let mut next_append = Some(append(&mut s, APPEND_CHUNK.min(tokens))?);
-            let mut pending_commit: Option<u16> = None;
-            s.ring();
-            while let Some(append_cid) = next_append.take() {
-                let n = APPEND_CHUNK.min(tokens - done);
-                let appended = s.wait(append_cid);
-                let c = match appended {
-                    Ok(c) => c,
-                    Err(e) => {
-                        // Let the chunk before land, then report.
-                        if let Some(cid) = pending_commit.take() {
-                            current.tokens = u64::from(s.wait(cid)?.result0);
-                        }
-                        return Err(e);
-                    }
+        let mut reserved_any = false;
+        // Another writer's append in progress (Busy): wait for it, bounded.
+        let deadline = std::time::Instant::now() + self.command_timeout();
+        let result = loop {
+            let attempt = (|| {
+                // Pipelined: the next chunk's KV_APPEND goes in ahead of this
+                // chunk's KV_COMMIT, so the host copies chunk i+1 into device
+                // DRAM while the device folds chunk i's keys into its bounds.
+                let append = |s: &mut Session<'_>, n: u64| -> Result<u16> {
+                    let mut e = with_buf(sqe(opcode::KV_APPEND, seq.id), 0, map_buf, map_room);
+                    e.count = (n as u32).into();
+                    s.push(e)
                 };
-                let (first, first_page, pages) =
-                    (u64::from(c.result0), u64::from(c.result1), c.result2);
-                if first_page != first / tpp || pages != (first + n).div_ceil(tpp) - first_page {
+                let mut next_append = Some(append(&mut s, APPEND_CHUNK.min(tokens))?);
+                let mut pending_commit: Option<u16> = None;
+                s.ring();
+                while let Some(append_cid) = next_append.take() {
+                    let n = APPEND_CHUNK.min(tokens - done);
+                    let appended = s.wait(append_cid);
+                    let c = match appended {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Let the chunk before land, then report.
+                            if let Some(cid) = pending_commit.take() {
+                                s.wait(cid)?;
+                            }
+                            return Err(e);
+                        }
+                    };
+                    reserved_any = true;
+                    let (first, first_page, pages) =
+                        (u64::from(c.result0), u64::from(c.result1), c.result2);
+                    if done == 0 {
+                        // Where this append starts: the caller's view of the
+                        // sequence may be older than another writer's append.
+                        current.tokens = first;
+                    }
+                    if first_page != first / tpp || pages != (first + n).div_ceil(tpp) - first_page
+                    {
+                        return Err(Error::Protocol(format!(
+                            "KV_APPEND mapped pages {first_page}+{pages} for tokens {first}+{n}"
+                        )));
+                    }
+                    let map_len = (pages * streams * 8) as usize;
+                    s.mem()
+                        .read_bytes(map_buf.addr, &mut map_raw[..map_len])
+                        .expect("DMA buffer in the region");
+                    let map = <[PageMapEntry]>::ref_from_bytes(&map_raw[..map_len])
+                        .expect("whole entries");
+                    for (i, entry) in map.iter().enumerate() {
+                        let page = first_page + i as u64 / streams;
+                        let stream = i as u64 % streams;
+                        let lo = (page * tpp).max(first);
+                        let hi = ((page + 1) * tpp).min(first + n);
+                        let len = (hi - lo) * row;
+                        let src = ((stream * tokens + (lo - first + done)) * row) as usize;
+                        for (frame, data) in
+                            [(entry.key_frame.get(), keys), (entry.value_frame.get(), values)]
+                        {
+                            if frame >= frame_count {
+                                return Err(Error::Protocol(format!(
+                                    "page map names frame {frame} of {frame_count}"
+                                )));
+                            }
+                            let dst = dram
+                                + frames_offset
+                                + u64::from(frame) * u64::from(KV_FRAME_SIZE)
+                                + (lo % tpp) * row;
+                            s.mem()
+                                .write_bytes(dst, &data[src..src + len as usize])
+                                .map_err(|e| Error::Protocol(e.to_string()))?;
+                        }
+                    }
+                    if let Some(cid) = pending_commit.take() {
+                        s.wait(cid)?;
+                        progress(done);
+                    }
+                    done += n;
+                    if done < tokens {
+                        next_append = Some(append(&mut s, APPEND_CHUNK.min(tokens - done))?);
+                    }
+                    let mut commit = sqe(opcode::KV_COMMIT, seq.id);
+                    commit.count = ((first + n) as u32).into();
+                    if done < tokens {
+                        commit.flags = queue::KV_COMMIT_DEFER;
+                    }
+                    pending_commit = Some(s.push(commit)?);
+                    s.ring();
+                }
+                let start = current.tokens;
+                if let Some(cid) = pending_commit {
+                    current.tokens = u64::from(s.wait(cid)?.result0);
+                }
+                if current.tokens != start + tokens {
                     return Err(Error::Protocol(format!(
-                        "KV_APPEND mapped pages {first_page}+{pages} for tokens {first}+{n}"
+                        "KV_COMMIT left {} tokens valid after appending {tokens} at {start}",
+                        current.tokens
                     )));
                 }
-                let map_len = (pages * streams * 8) as usize;
-                s.mem()
-                    .read_bytes(map_buf.addr, &mut map_raw[..map_len])
-                    .expect("DMA buffer in the region");
-                let map =
-                    <[PageMapEntry]>::ref_from_bytes(&map_raw[..map_len]).expect("whole entries");
-                for (i, entry) in map.iter().enumerate() {
-                    let page = first_page + i as u64 / streams;
-                    let stream = i as u64 % streams;
-                    let lo = (page * tpp).max(first);
-                    let hi = ((page + 1) * tpp).min(first + n);
-                    let len = (hi - lo) * row;
-                    let src = ((stream * tokens + (lo - first + done)) * row) as usize;
-                    for (frame, data) in
-                        [(entry.key_frame.get(), keys), (entry.value_frame.get(), values)]
-                    {
-                        if frame >= frame_count {
-                            return Err(Error::Protocol(format!(
-                                "page map names frame {frame} of {frame_count}"
-                            )));
-                        }
-                        let dst = dram
-                            + frames_offset
-                            + u64::from(frame) * u64::from(KV_FRAME_SIZE)
-                            + (lo % tpp) * row;
-                        s.mem()
-                            .write_bytes(dst, &data[src..src + len as usize])
-                            .map_err(|e| Error::Protocol(e.to_string()))?;
-                    }
+                current.reserved_tokens = current.tokens;
+                progress(done);
+                Ok(current)
+            })();
+            match attempt {
+                Err(Error::Queue { code: ReturnCode::BUSY, .. })
+                    if !reserved_any && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(2));
                 }
-                if let Some(cid) = pending_commit.take() {
-                    current.tokens = u64::from(s.wait(cid)?.result0);
-                    progress(current.tokens - seq.tokens);
-                }
-                done += n;
-                if done < tokens {
-                    next_append = Some(append(&mut s, APPEND_CHUNK.min(tokens - done))?);
-                }
-                let mut commit = sqe(opcode::KV_COMMIT, seq.id);
-                commit.count = ((first + n) as u32).into();
-                pending_commit = Some(s.push(commit)?);
-                s.ring();
+                other => break other,
             }
-            if let Some(cid) = pending_commit {
-                current.tokens = u64::from(s.wait(cid)?.result0);
-            }
-            current.reserved_tokens = current.tokens;
-            progress(done);
-            Ok(current)
-        })();
+        };
         s.free(&[map_buf]);
+        if result.is_err() && reserved_any {
+            // Give the reservation up now rather than when this queue goes:
+            // a later append on this queue must not commit these rows.
+            let mut abort = sqe(opcode::KV_COMMIT, seq.id);
+            abort.flags = queue::KV_COMMIT_ABORT;
+            if let Err(e) = s.run(abort) {
+                // Deleting the queue rolls the reservation back as well.
+                tracing::warn!(error = %e, seq = seq.id, "could not abort a failed append");
+                s.discard_queue();
+            }
+        }
         result
     }
 

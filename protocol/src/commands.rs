@@ -472,6 +472,9 @@ pub type FreeDmaInput = DmaBufferAddr;
 
 /// Granule of DMA window allocations.
 pub const DMA_GRANULE: u64 = 4096;
+/// One owner process may hold at most this fraction (1/n) of the host DMA
+/// window: a greedy host leaves room for others.
+pub const DMA_WINDOW_SHARE_PER_OWNER: u64 = 2;
 
 const _: () = {
     use std::mem::offset_of;

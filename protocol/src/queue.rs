@@ -19,6 +19,9 @@ pub const MAX_QUEUE_ENTRIES: u32 = 4096;
 pub const MIN_QUEUE_ENTRIES: u32 = 2;
 /// Most queue pairs a device serves.
 pub const MAX_QUEUE_PAIRS: u32 = 64;
+/// Most queue pairs one owner process may hold: a greedy host leaves room
+/// for others.
+pub const MAX_QUEUE_PAIRS_PER_OWNER: u32 = MAX_QUEUE_PAIRS / 2;
 /// `irq_vector` value of a polled queue (no interrupts).
 pub const IRQ_NONE: u16 = 0xFFFF;
 /// Ring buffers are aligned to this many bytes.
@@ -105,6 +108,16 @@ impl Aggregation {
     }
 }
 
+/// KV_COMMIT flag: fold the rows' keys into the page bounds now but make
+/// them valid only with a later commit without this flag, so an append in
+/// many chunks becomes visible all at once (or, if its queue goes away
+/// first, not at all).
+pub const KV_COMMIT_DEFER: u8 = 1 << 0;
+/// KV_COMMIT flag: give up this queue's reservation on the sequence (an
+/// append that failed midway); `count` is ignored and the sequence keeps
+/// exactly its committed tokens.
+pub const KV_COMMIT_ABORT: u8 = 1 << 1;
+
 /// Queue command opcodes.
 pub mod opcode {
     /// Does nothing; completes with Success. For measuring the command path.
@@ -118,7 +131,10 @@ pub mod opcode {
     /// token, result1 = first page in the map, result2 = pages in the map.
     pub const KV_APPEND: u8 = 0x02;
     /// Make tokens valid up to `count` (a token count, not a delta); the
-    /// device folds their keys into the per-page bounds. result0 = tokens.
+    /// device folds their keys into the per-page bounds. Only the queue
+    /// that reserved the tokens may commit them. Flags
+    /// [`KV_COMMIT_DEFER`](super::KV_COMMIT_DEFER): fold but keep them
+    /// invalid until a commit without it. result0 = tokens valid.
     pub const KV_COMMIT: u8 = 0x03;
     /// Free sequence `seq` and all its pages.
     pub const KV_FREE: u8 = 0x04;
