@@ -11,7 +11,7 @@ use nix::sys::signal::Signal;
 use pnm_host::{Device, Error};
 use pnm_protocol::commands::{CEL_UUID, GetLogInput};
 use pnm_protocol::regs::{self, pnm};
-use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
+use pnm_protocol::{Dtype, Opcode, RegionLayout, ReturnCode};
 use zerocopy::IntoBytes;
 
 const SHORT: Duration = Duration::from_millis(300);
@@ -421,4 +421,54 @@ fn compute_units_are_pinned_one_per_cpu_unless_told_not_to() {
     let whole = whole.lines().find(|l| l.starts_with("Cpus_allowed_list:")).unwrap();
     let whole = whole.split_whitespace().nth(1).unwrap();
     assert!(free.iter().all(|l| l == whole), "--no-pin leaves {free:?} on {whole}");
+}
+
+#[test]
+fn a_damaged_kv_store_stops_the_start_and_only_reformat_discards_it() {
+    let region = TempRegion::new("damaged");
+    let mut device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = pnm_host::KvShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 64 };
+    let seq = dev.kv_create(shape).unwrap();
+    let rows = vec![0x3Cu8; 64 * 2 * 10];
+    dev.kv_append(&seq, &rows, &rows, 10, &mut |_| {}).unwrap();
+    let dram = dev.layout().dram_offset;
+    drop(dev);
+    assert_eq!(device.stop(), Some(0));
+
+    // Random bytes over the KV superblock.
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(region.path()).unwrap();
+    let noise: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    file.write_all_at(&noise, dram).unwrap();
+    let before = std::fs::read(region.path()).unwrap();
+    let out = run("pnm-device", &["--path", region.path().to_str().unwrap()]);
+    assert!(!out.status.success(), "a damaged store must not be served");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("KV superblock is damaged") && stderr.contains("--reformat"),
+        "{stderr}"
+    );
+    assert!(std::fs::read(region.path()).unwrap() == before, "the refused start changed the file");
+
+    // --reformat discards it, keeping the region's size.
+    let _device = DeviceProcess::start(region.path(), &["--reformat"]);
+    let dev = Device::open(region.path()).unwrap();
+    assert_eq!(dev.layout().size, 64 << 20);
+    assert!(dev.kv_list().unwrap().is_empty());
+    assert_eq!(dev.health_info().unwrap().dirty_shutdown_count, 0);
+}
+
+#[test]
+fn reformat_discards_a_valid_region_too() {
+    let region = TempRegion::new("reformat");
+    let mut device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = pnm_host::KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 16 };
+    dev.kv_create(shape).unwrap();
+    drop(dev);
+    assert_eq!(device.stop(), Some(0));
+    let _device = DeviceProcess::start(region.path(), &["--reformat"]);
+    let dev = Device::open(region.path()).unwrap();
+    assert!(dev.kv_list().unwrap().is_empty(), "--reformat starts afresh");
+    assert_eq!(dev.layout().size, 64 << 20);
 }

@@ -134,7 +134,9 @@ fn kv_error(e: KvError) -> Refusal {
         KvError::DramExhausted { .. } | KvError::TooManySequences(_) => {
             ReturnCode::RESOURCES_EXHAUSTED
         }
-        KvError::OutOfRange { .. } | KvError::TooSmall(_) => ReturnCode::INTERNAL_ERROR,
+        KvError::OutOfRange { .. } | KvError::TooSmall(_) | KvError::Damaged(_) => {
+            ReturnCode::INTERNAL_ERROR
+        }
         // Another queue's append is between its KV_APPEND and KV_COMMIT.
         KvError::AppendInProgress { .. } => ReturnCode::BUSY,
         KvError::NotTheWriter { .. } => ReturnCode::INVALID_INPUT,

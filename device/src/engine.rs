@@ -145,6 +145,12 @@ impl RunningDevice {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
         let region = Arc::new(region);
         let regs = region.regs();
+        let layout = region.layout;
+        // The store first: a damaged one stops the start before anything
+        // in the region says a device ran.
+        let (kv, report) = KvStore::open(DramView::new(regs, &layout)).map_err(|e| {
+            RegionError::KvStore { path: region.path.clone(), reason: e.to_string() }
+        })?;
         let p = regs::PNM_OFFSET;
         let mut dirty_count = regs.load_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, Acquire);
         if region.dirty_shutdown {
@@ -157,12 +163,14 @@ impl RunningDevice {
         regs.store_u32(p + pnm::MAX_QUEUE_PAIRS, pnm_protocol::queue::MAX_QUEUE_PAIRS, Relaxed);
         regs.store_u32(p + pnm::DEVICE_PID, std::process::id(), Relaxed);
         regs.store_u32(p + pnm::SHUTDOWN_STATE, pnm::SHUTDOWN_RUNNING, Relaxed);
-        let layout = region.layout;
-        let (kv, report) = KvStore::open(DramView::new(regs, &layout)).map_err(|e| {
-            RegionError::KvStore { path: region.path.clone(), reason: e.to_string() }
-        })?;
         for dropped in &report.dropped {
             tracing::warn!(%dropped, "KV store: inconsistent sequence dropped");
+        }
+        if report.rolled_back > 0 {
+            tracing::warn!(
+                sequences = report.rolled_back,
+                "KV store: appends left unfinished by the last device rolled back"
+            );
         }
         tracing::info!(
             formatted = report.formatted,

@@ -312,6 +312,27 @@ mod tests {
                 Err(ReturnCode::INVALID_INPUT)
             );
         }
+        // Every queue needs an owner to be reclaimed from.
+        let mut ownerless = input(8192, QUEUE_PRIORITY_NORMAL, 0);
+        ownerless.owner_pid = 0.into();
+        assert_eq!(
+            s.execute(Opcode::CREATE_QUEUE_PAIR, ownerless.as_bytes(), now),
+            Err(ReturnCode::INVALID_INPUT)
+        );
+        // One owner gets half the device's queue pairs (2 made above).
+        let per_owner = pnm_protocol::queue::MAX_QUEUE_PAIRS_PER_OWNER as u64;
+        for i in 2..per_owner {
+            let at = 8192 * i;
+            assert!(s.execute(Opcode::CREATE_QUEUE_PAIR, input(at, 0, 0).as_bytes(), now).is_ok());
+        }
+        let at = 8192 * per_owner;
+        assert_eq!(
+            s.execute(Opcode::CREATE_QUEUE_PAIR, input(at, 0, 0).as_bytes(), now),
+            Err(ReturnCode::RESOURCES_EXHAUSTED)
+        );
+        let mut other = input(at, 0, 0);
+        other.owner_pid = 4243.into();
+        assert!(s.execute(Opcode::CREATE_QUEUE_PAIR, other.as_bytes(), now).is_ok());
         // The pre-priority 32-byte input is a length error, not a normal queue.
         let short = &input(8192, 0, 0).as_bytes()[..32].to_vec();
         assert_eq!(

@@ -31,7 +31,10 @@ struct Args {
     /// its own CPU (e.g. when several devices share the machine's CPUs).
     #[arg(long)]
     no_pin: bool,
-    /// Overwrite a file that is not a valid region or has another size.
+    /// Start afresh: discard the region's contents (every stored sequence),
+    /// also when the file is not a valid region or has another size.
+    /// Without it the device keeps what it finds, and refuses to start on
+    /// a damaged or foreign file rather than overwrite it.
     #[arg(long)]
     reformat: bool,
     /// Notification socket (ivshmem-server protocol) for eventfd doorbells

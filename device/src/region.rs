@@ -39,7 +39,10 @@ pub enum RegionError {
          pass --reformat to overwrite it"
     )]
     NotARegion { path: PathBuf, reason: String },
-    #[error("KV store in {path}: {reason}")]
+    #[error(
+        "KV store in {path}: {reason}; the device will not discard it on its own: \
+         pass --reformat to start afresh (every stored sequence is lost)"
+    )]
     KvStore { path: PathBuf, reason: String },
     #[error("cannot size or map region {path}: {source}")]
     Map { path: PathBuf, source: std::io::Error },
@@ -116,44 +119,47 @@ impl Region {
         let existing_len = lock.metadata().map_err(map_err)?.len();
 
         // Decide between keeping an existing region and formatting one.
+        // --reformat always starts afresh, whatever the file holds.
         let existing = if existing_len == 0 {
             None
         } else {
             match inspect(&lock, existing_len) {
                 Ok(layout) => Some(layout),
                 Err(reason) if config.reformat => {
-                    tracing::warn!(%reason, path = %path.display(), "reformatting");
+                    tracing::warn!(%reason, path = %path.display(), "--reformat: overwriting");
                     None
                 }
                 Err(reason) => return Err(RegionError::NotARegion { path, reason }),
             }
         };
         let (layout, keep) = match existing {
+            Some(layout) if config.reformat => {
+                // A valid region keeps its size and window unless told otherwise.
+                tracing::warn!(path = %path.display(), "--reformat: discarding every stored sequence");
+                let size = config.size.unwrap_or(layout.size);
+                let window =
+                    config.dma_window.or((size == layout.size).then_some(layout.dma_window_size));
+                (RegionLayout::new(size, window)?, false)
+            }
             Some(layout) => {
                 if let Some(requested) = config.size.filter(|&s| s != layout.size) {
-                    if !config.reformat {
-                        return Err(RegionError::SizeMismatch {
-                            path,
-                            existing: layout.size,
-                            requested,
-                        });
-                    }
-                    (RegionLayout::new(requested, config.dma_window)?, false)
-                } else if let Some(requested) = config
+                    return Err(RegionError::SizeMismatch {
+                        path,
+                        existing: layout.size,
+                        requested,
+                    });
+                }
+                if let Some(requested) = config
                     .dma_window
                     .filter(|&w| RegionLayout::new(layout.size, Some(w)) != Ok(layout))
                 {
-                    if !config.reformat {
-                        return Err(RegionError::WindowMismatch {
-                            path,
-                            existing: layout.dma_window_size,
-                            requested,
-                        });
-                    }
-                    (RegionLayout::new(layout.size, config.dma_window)?, false)
-                } else {
-                    (layout, true)
+                    return Err(RegionError::WindowMismatch {
+                        path,
+                        existing: layout.dma_window_size,
+                        requested,
+                    });
                 }
+                (layout, true)
             }
             None => (
                 RegionLayout::new(config.size.unwrap_or(DEFAULT_REGION_SIZE), config.dma_window)?,
@@ -162,10 +168,7 @@ impl Region {
         };
 
         if !keep {
-            // Truncating to zero first discards old contents without
-            // touching every page; the file reads back as zeros.
-            lock.set_len(0).map_err(map_err)?;
-            lock.set_len(layout.size).map_err(map_err)?;
+            discard_contents(&lock, existing_len, layout.size).map_err(map_err)?;
         }
         let map = MmapOptions::new().len(layout.size as usize).map_raw(&*lock).map_err(map_err)?;
         // Huge pages for device DRAM where the kernel allows them (tmpfs
@@ -180,6 +183,14 @@ impl Region {
         }
         let mapping = Mapping::new(map);
         let view = mapping.view();
+        // A damaged KV store stops the start before the device writes
+        // anything: only --reformat discards contents.
+        if keep {
+            let dram = crate::datapath::DramView::new(view, &layout);
+            if let Err(e) = pnm_firmware::kv::KvStore::check_superblock(&dram) {
+                return Err(RegionError::KvStore { path, reason: e.to_string() });
+            }
+        }
         let dirty_shutdown = keep
             && view.load_u32(regs::PNM_OFFSET + pnm::SHUTDOWN_STATE, Acquire)
                 != pnm::SHUTDOWN_CLEAN;
@@ -321,6 +332,26 @@ fn write_register_block(regs_view: SharedMemory, layout: &RegionLayout, fresh: b
         // A fresh region has no previous device to have shut down dirtily.
         regs_view.store_u32(p + pnm::SHUTDOWN_STATE, pnm::SHUTDOWN_CLEAN, Relaxed);
     }
+}
+
+/// Makes the file `size` bytes of zeros. A file that keeps its size has its
+/// pages punched out rather than being truncated: a host that still maps it
+/// (waiting for the device to come back) reads zeros instead of dying of
+/// SIGBUS on a page past a shrunken end.
+fn discard_contents(file: &File, existing: u64, size: u64) -> std::io::Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    if existing == size && size > 0 {
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(file, punch, 0, size as i64) {
+            Ok(()) => return Ok(()),
+            // A file system without hole punching: truncate after all.
+            Err(e) => tracing::debug!(error = %e, "hole punching refused; truncating"),
+        }
+    }
+    // Truncating to zero first discards old contents without touching
+    // every page; the file reads back as zeros.
+    file.set_len(0)?;
+    file.set_len(size)
 }
 
 fn write_block(view: SharedMemory, offset: u64, bytes: &[u8]) {

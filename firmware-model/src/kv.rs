@@ -145,6 +145,8 @@ pub enum KvError {
     AppendInProgress { seq: u32, tokens: u64, reserved: u64 },
     #[error("sequence {seq}: a commit may cover only rows this writer reserved")]
     NotTheWriter { seq: u32 },
+    #[error("the KV superblock is damaged or foreign ({0})")]
+    Damaged(String),
 }
 
 /// Who reserved a sequence's uncommitted tokens: the device names each
@@ -415,20 +417,13 @@ pub struct KvStore<D: Dram> {
 }
 
 impl<D: Dram> KvStore<D> {
-    /// Opens the store in `dram`, formatting it if no valid superblock for
-    /// this DRAM size is found.
+    /// Opens the store in `dram`. DRAM that was never formatted (an all-zero
+    /// superblock) is formatted; a superblock that is neither zero nor valid
+    /// for this DRAM size is [`KvError::Damaged`]: the caller decides whether
+    /// to discard the contents, never this function.
     pub fn open(dram: D) -> Result<(Self, LoadReport), KvError> {
         let layout = StoreLayout::for_dram(dram.len())?;
-        let mut sb = Superblock::new_zeroed();
-        dram.read(0, sb.as_mut_bytes())?;
-        let matches = sb.magic.get() == SUPERBLOCK_MAGIC
-            && sb.version.get() == SUPERBLOCK_VERSION
-            && sb.frame_size.get() == KV_FRAME_SIZE
-            && sb.frame_count.get() == layout.frame_count
-            && sb.max_sequences.get() == layout.max_sequences
-            && sb.seq_table_offset.get() == layout.seq_table_offset
-            && sb.bounds_offset.get() == layout.bounds_offset
-            && sb.frames_offset.get() == layout.frames_offset;
+        let valid = Self::check_superblock(&dram)?;
         let words = (layout.frame_count as usize).div_ceil(64);
         let mut store = Self {
             dram,
@@ -439,7 +434,9 @@ impl<D: Dram> KvStore<D> {
             free_frames: u64::from(layout.frame_count),
         };
         let mut report = LoadReport::default();
-        if matches {
+        if valid {
+            let mut sb = Superblock::new_zeroed();
+            store.dram.read(0, sb.as_mut_bytes())?;
             store.next_seq = sb.next_seq.get().max(1);
             store.load_sequences(&mut report)?;
         } else {
@@ -448,6 +445,37 @@ impl<D: Dram> KvStore<D> {
         }
         report.sequences = store.sequences.len();
         Ok((store, report))
+    }
+
+    /// Reads the superblock without changing anything: true if it is a
+    /// valid store's, false if DRAM was never formatted (all zero),
+    /// [`KvError::Damaged`] otherwise.
+    pub fn check_superblock(dram: &D) -> Result<bool, KvError> {
+        let layout = StoreLayout::for_dram(dram.len())?;
+        let mut sb = Superblock::new_zeroed();
+        dram.read(0, sb.as_mut_bytes())?;
+        let mismatch = [
+            (sb.magic.get() == SUPERBLOCK_MAGIC, "magic"),
+            (sb.version.get() == SUPERBLOCK_VERSION, "version"),
+            (sb.frame_size.get() == KV_FRAME_SIZE, "frame size"),
+            (sb.frame_count.get() == layout.frame_count, "frame count"),
+            (sb.max_sequences.get() == layout.max_sequences, "max sequences"),
+            (sb.seq_table_offset.get() == layout.seq_table_offset, "sequence table offset"),
+            (sb.bounds_offset.get() == layout.bounds_offset, "bounds offset"),
+            (sb.frames_offset.get() == layout.frames_offset, "frames offset"),
+        ]
+        .into_iter()
+        .find(|(ok, _)| !ok)
+        .map(|(_, field)| field);
+        let never_formatted = sb.as_bytes().iter().all(|&b| b == 0);
+        match mismatch {
+            None => Ok(true),
+            Some(_) if never_formatted => Ok(false),
+            Some(field) => Err(KvError::Damaged(format!(
+                "its {field} does not match a store of {} bytes",
+                dram.len()
+            ))),
+        }
     }
 
     fn format(&mut self) -> Result<(), KvError> {
