@@ -472,3 +472,16 @@ fn reformat_discards_a_valid_region_too() {
     assert!(dev.kv_list().unwrap().is_empty(), "--reformat starts afresh");
     assert_eq!(dev.layout().size, 64 << 20);
 }
+
+#[test]
+fn a_region_truncated_under_the_device_stops_it_cleanly_with_a_clear_error() {
+    for shrink_to in [0u64, 4096, 32 << 20] {
+        let region = TempRegion::new("truncate");
+        let mut device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+        // Keep the device's stderr: the error must say what happened.
+        let file = std::fs::OpenOptions::new().write(true).open(region.path()).unwrap();
+        file.set_len(shrink_to).unwrap();
+        let code = device.wait(Duration::from_secs(5));
+        assert_eq!(code, Some(2), "truncated to {shrink_to}: exit code 2, not a signal");
+    }
+}

@@ -3,9 +3,9 @@
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -118,9 +118,16 @@ pub struct RunningDevice {
     notify: Option<NotifyServer>,
     wake: Arc<EventFd>,
     region: Arc<Region>,
+    fault: Arc<Mutex<Option<String>>>,
 }
 
 impl RunningDevice {
+    /// Why the device stopped serving on its own (its region was truncated
+    /// under it), if it did; it then serves nothing and should be stopped.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Opens (or creates) the region and starts serving it.
     pub fn start(config: &DeviceConfig) -> Result<Self, RegionError> {
         let region = Region::open(&config.region)?;
@@ -235,6 +242,7 @@ impl RunningDevice {
         );
 
         let stop = Arc::new(AtomicBool::new(false));
+        let fault = Arc::new(Mutex::new(None));
         let engine = {
             let stop = stop.clone();
             let now = Instant::now();
@@ -248,13 +256,16 @@ impl RunningDevice {
                 last_beat: now,
                 last_reclaim: now,
                 lock_seen: None,
+                region: region.clone(),
+                fault: fault.clone(),
+                faulted: false,
             };
             std::thread::Builder::new()
                 .name("pnm-engine".into())
                 .spawn(move || engine.run(&stop))
                 .expect("spawn engine thread")
         };
-        Ok(Self { stop, engine: Some(engine), notify, wake, region })
+        Ok(Self { stop, engine: Some(engine), notify, wake, region, fault })
     }
 
     /// A device embedded in this process: a memfd region of `size` bytes and
@@ -319,6 +330,10 @@ struct Engine {
     last_reclaim: Instant,
     /// The Mailbox Lock word last seen held, and since when.
     lock_seen: Option<(u64, Instant)>,
+    region: Arc<Region>,
+    /// Why the engine stopped on its own, if it did.
+    fault: Arc<Mutex<Option<String>>>,
+    faulted: bool,
 }
 
 /// True if process `pid` no longer runs (in this pid namespace): it does
@@ -347,6 +362,9 @@ impl Engine {
         let mut slept = false;
         let mut spinning = true;
         while !stop.load(Acquire) {
+            if self.faulted {
+                return;
+            }
             if self.poll_once() {
                 if let Some(idle) = idle_since.take() {
                     policy.observe(idle.elapsed(), slept);
@@ -438,6 +456,12 @@ impl Engine {
             self.regs.fetch_add_u64(regs::PNM_OFFSET + pnm::HEARTBEAT, 1);
             self.last_beat = now;
             self.watch_mailbox_lock(now);
+            if let Some(why) = self.region.lost() {
+                tracing::error!("{why}; the device stops serving");
+                *self.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+                self.faulted = true;
+                return true;
+            }
         }
         if self.regs.load_u32(regs::PNM_OFFSET + pnm::RESET_CONTROL, Acquire) & pnm::RESET_REQUEST
             != 0

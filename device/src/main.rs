@@ -99,10 +99,48 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match signals.wait() {
-        Ok(signal) => tracing::info!(?signal, "stopping"),
-        Err(e) => tracing::error!(error = %e, "waiting for signals failed; stopping"),
-    }
+    let fault = wait_for_stop(&signals, &device);
     device.stop();
-    ExitCode::SUCCESS
+    match fault {
+        Some(why) => {
+            eprintln!("pnm-device: {why}");
+            ExitCode::from(2)
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+/// Waits for SIGINT or SIGTERM, or for the device to stop serving on its
+/// own (its region truncated under it), whose reason it returns.
+fn wait_for_stop(signals: &SigSet, device: &RunningDevice) -> Option<String> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    use std::os::fd::AsFd;
+    let fd = match SignalFd::with_flags(signals, SfdFlags::SFD_CLOEXEC) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, "no signalfd; stopping");
+            return None;
+        }
+    };
+    loop {
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(100u8)) {
+            Ok(n) if n > 0 => {
+                if let Ok(Some(info)) = fd.read_signal() {
+                    tracing::info!(signal = info.ssi_signo, "stopping");
+                }
+                return None;
+            }
+            Err(e) if e != nix::errno::Errno::EINTR => {
+                tracing::error!(error = %e, "waiting for signals failed; stopping");
+                return None;
+            }
+            _ => {
+                if let Some(why) = device.fault() {
+                    return Some(why);
+                }
+            }
+        }
+    }
 }

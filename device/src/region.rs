@@ -236,6 +236,27 @@ impl Region {
         self.mapping.flush()
     }
 
+    /// Why the region can no longer be served, if it cannot: its file was
+    /// shrunk under the device (a host with write access can truncate it).
+    /// Seen either by the file's size or by a SIGBUS the device absorbed.
+    pub fn lost(&self) -> Option<String> {
+        let size = self.lock.metadata().map(|m| m.len()).unwrap_or(self.layout.size);
+        if size < self.layout.size {
+            Some(format!(
+                "the region file {} shrank to {size} bytes under the device (it maps {})",
+                self.path.display(),
+                self.layout.size
+            ))
+        } else if self.mapping.lost() {
+            Some(format!(
+                "an access to region {} faulted (SIGBUS): its file was truncated",
+                self.path.display()
+            ))
+        } else {
+            None
+        }
+    }
+
     /// A new descriptor of the region file (for the notification protocol,
     /// which hands the shared memory to its clients).
     pub fn dup_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
@@ -383,4 +404,30 @@ pub fn small_page_advice(path: &Path) -> Option<String> {
              hugetlbfs with `vm.nr_hugepages` reserved"
         )
     })
+}
+
+#[cfg(test)]
+mod truncation {
+    use super::*;
+
+    /// A read of a page past the file's new end raises SIGBUS; the guard
+    /// turns it into zeros and a reason to stop, and the process lives.
+    #[test]
+    fn an_access_past_a_truncated_end_is_absorbed_and_reported() {
+        let path = std::env::temp_dir().join(format!("cxl-pnm-trunc-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let config = RegionConfig { path: path.clone(), size: Some(4 << 20), ..Default::default() };
+        let region = Region::open(&config).unwrap();
+        let regs = region.regs();
+        let magic_at = regs::PNM_OFFSET + pnm::MAGIC;
+        assert_eq!(regs.load_u64(magic_at, Acquire), pnm::MAGIC_VALUE);
+        assert!(region.lost().is_none());
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(0).unwrap();
+        // This load faults; the guard maps zero pages over the region.
+        assert_eq!(regs.load_u64(magic_at, Acquire), 0);
+        assert!(region.mapping.lost(), "the fault was seen");
+        assert!(region.lost().unwrap().contains("shrank to 0 bytes"));
+        drop(region);
+        std::fs::remove_file(&path).unwrap();
+    }
 }

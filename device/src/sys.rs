@@ -2,7 +2,10 @@
 //! [`SharedMemory`] view, and letting the kernels read device DRAM in place.
 #![allow(unsafe_code)]
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use memmap2::MmapRaw;
+use nix::libc;
 use pnm_firmware::simd::Rows;
 use pnm_protocol::{Dtype, OutOfBounds, SharedMemory};
 
@@ -32,6 +35,18 @@ pub struct Mapping {
     // Kept alive for as long as `view` (and its copies inside this crate) are used.
     map: MmapRaw,
     view: SharedMemory,
+    /// Its SIGBUS guard slot.
+    guard: Option<usize>,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // Before memmap2 unmaps it: the handler must not patch a range
+        // that something else may map next.
+        if let Some(slot) = self.guard.take() {
+            unguard(slot);
+        }
+    }
 }
 
 impl Mapping {
@@ -42,14 +57,105 @@ impl Mapping {
         // own objects, which the device joins before dropping the mapping.
         // This crate never forms references into the mapping.
         let view = unsafe { SharedMemory::new(map.as_mut_ptr(), map.len()) };
-        Self { map, view }
+        let guard = guard(map.as_mut_ptr() as usize, map.len());
+        Self { map, view, guard }
     }
 
     pub fn view(&self) -> SharedMemory {
         self.view
     }
 
+    /// True once the file behind the mapping was found shorter than it (a
+    /// SIGBUS was absorbed; the mapping now holds zeros): stop serving.
+    pub fn lost(&self) -> bool {
+        self.guard.is_some_and(|slot| LOST[slot].load(Ordering::Acquire))
+    }
+
     pub fn flush(&self) -> std::io::Result<()> {
         self.map.flush()
     }
+}
+
+/// Mappings of region files this process serves, as (start, length): a
+/// SIGBUS inside one means its file shrank under the device (any process
+/// with write access can truncate it). Fixed slots, lock-free, because the
+/// signal handler reads them.
+const GUARDED_SLOTS: usize = 64;
+static GUARDED: [(AtomicUsize, AtomicUsize); GUARDED_SLOTS] =
+    [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; GUARDED_SLOTS];
+/// Per slot: set by the handler when it replaced that shrunken mapping.
+static LOST: [AtomicBool; GUARDED_SLOTS] = [const { AtomicBool::new(false) }; GUARDED_SLOTS];
+
+/// Guards `[start, start + len)` (a region mapping) against SIGBUS: a fault
+/// in it replaces the whole mapping with zero pages, so the faulting
+/// access and every later one complete, and [`Mapping::lost`] turns true.
+/// Returns the slot to release with [`unguard`], or None if all are taken.
+fn guard(start: usize, len: usize) -> Option<usize> {
+    install_sigbus_handler();
+    for (i, (s, l)) in GUARDED.iter().enumerate() {
+        if s.compare_exchange(0, start, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            LOST[i].store(false, Ordering::Release);
+            l.store(len, Ordering::Release);
+            return Some(i);
+        }
+    }
+    None
+}
+
+fn unguard(slot: usize) {
+    let (s, l) = &GUARDED[slot];
+    l.store(0, Ordering::Release);
+    s.store(0, Ordering::Release);
+}
+
+fn install_sigbus_handler() {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let action = SigAction::new(
+            SigHandler::SigAction(on_sigbus),
+            SaFlags::SA_SIGINFO | SaFlags::SA_NODEFER,
+            SigSet::empty(),
+        );
+        // SAFETY: `on_sigbus` is async-signal-safe: it reads atomics, calls
+        // mmap (a system call) and stores an atomic. Installed once.
+        if let Err(e) = unsafe { sigaction(Signal::SIGBUS, &action) } {
+            tracing::warn!(error = %e, "no SIGBUS guard: a truncated region will kill the device");
+        }
+    });
+}
+
+extern "C" fn on_sigbus(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid, aligned siginfo to an SA_SIGINFO
+    // handler for the handler's duration.
+    let info = unsafe { &*info };
+    // SAFETY: for SIGBUS the kernel fills in si_addr, the faulting address.
+    let addr = unsafe { info.si_addr() } as usize;
+    for (slot, (s, l)) in GUARDED.iter().enumerate() {
+        let (start, len) = (s.load(Ordering::Acquire), l.load(Ordering::Acquire));
+        if start != 0 && (start..start + len).contains(&addr) {
+            // SAFETY: replaces exactly a mapping this process made and still
+            // holds (its slot is released before it is unmapped) with
+            // private zero pages of the same size: every pointer into it
+            // stays valid, and reads see zeros instead of faulting again.
+            let replaced = unsafe {
+                libc::mmap(
+                    start as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if replaced != libc::MAP_FAILED {
+                LOST[slot].store(true, Ordering::Release);
+                return;
+            }
+        }
+    }
+    // Not a region fault (or it could not be patched): die of it as usual.
+    // SAFETY: resetting a disposition to the default is async-signal-safe;
+    // returning re-runs the faulting access, which then kills the process.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
 }
