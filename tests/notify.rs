@@ -228,3 +228,71 @@ fn the_notification_socket_speaks_the_ivshmem_server_protocol() {
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
 }
+
+#[test]
+fn the_socket_path_is_never_taken_from_a_live_device_or_a_file() {
+    let region = TempRegion::new("sock-a");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let socket = pnm_protocol::notify::socket_path(region.path());
+    // A second device pointed at the first one's socket is refused, and the
+    // first keeps its socket.
+    let other = TempRegion::new("sock-b");
+    let out = common::run(
+        "pnm-device",
+        &[
+            "--path",
+            other.path().to_str().unwrap(),
+            "--size",
+            "64MiB",
+            "--socket",
+            socket.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("served by another device"));
+    assert!(open(region.path(), true).nop().is_ok(), "the first device still has its socket");
+    // A regular file at the socket path is neither deleted nor replaced.
+    let file = std::env::temp_dir().join(format!("cxl-pnm-not-a-socket-{}", std::process::id()));
+    std::fs::write(&file, b"keep me").unwrap();
+    let out = common::run(
+        "pnm-device",
+        &[
+            "--path",
+            other.path().to_str().unwrap(),
+            "--size",
+            "64MiB",
+            "--socket",
+            file.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
+fn clients_that_never_read_their_socket_delay_no_one() {
+    let region = TempRegion::new("silent");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let socket = pnm_protocol::notify::socket_path(region.path());
+    // 20 peers that connect and never read a byte.
+    let silent: Vec<std::os::unix::net::UnixStream> =
+        (0..20).map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap()).collect();
+    // Every new interrupt-driven host still gets its vectors at once: its
+    // handshake must finish within a 250 ms read timeout, host after host
+    // (each announced to the silent peers, whose socket buffers fill up).
+    for _ in 0..60 {
+        let dev = Device::open_with(
+            region.path(),
+            &DeviceOptions {
+                interrupts: true,
+                mailbox_timeout: Duration::from_millis(250),
+                ..Default::default()
+            },
+        )
+        .expect("handshake despite silent peers");
+        dev.nop().unwrap();
+    }
+    drop(silent);
+}

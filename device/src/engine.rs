@@ -217,8 +217,8 @@ impl RunningDevice {
         let notify = match socket {
             Some(path) => {
                 let shm = region.dup_fd().map_err(io_err)?;
-                let server =
-                    NotifyServer::start(path, peers.clone(), vectors, shm).map_err(io_err)?;
+                let server = NotifyServer::start(path, peers.clone(), vectors, shm)
+                    .map_err(|source| RegionError::Socket { path: path.to_path_buf(), source })?;
                 tracing::info!(socket = %path.display(), "notification socket listening");
                 Some(server)
             }

@@ -63,24 +63,43 @@ fn new_vector() -> std::io::Result<EventFd> {
         .map_err(std::io::Error::from)
 }
 
-/// Sends one protocol message: an i64, optionally with one fd.
-fn send(stream: &UnixStream, value: i64, fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+/// The fd a queued message carries.
+#[derive(Debug, Clone)]
+enum Carried {
+    None,
+    /// The region's fd.
+    Shm,
+    Vector(Arc<EventFd>),
+}
+
+/// Most messages queued for one client before it counts as not reading its
+/// socket and is disconnected: room for every peer's vectors twice over.
+const MAX_OUTBOX: usize = 2 * MAX_PEERS as usize * VECTORS as usize;
+
+/// Sends one protocol message (an i64, optionally with one fd) without
+/// blocking: Ok(false) if the client's socket buffer is full.
+fn send(stream: &UnixStream, value: i64, fd: Option<BorrowedFd<'_>>) -> std::io::Result<bool> {
     let bytes = value.to_le_bytes();
     let iov = [IoSlice::new(&bytes)];
     let raw: [RawFd; 1] = [fd.map_or(-1, |f| f.as_raw_fd())];
     let cmsg = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage] = if fd.is_some() { &cmsg } else { &[] };
-    let sent = sendmsg::<()>(stream.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
-    if sent != bytes.len() {
-        return Err(std::io::Error::other("short write on the notification socket"));
+    let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+    match sendmsg::<()>(stream.as_raw_fd(), &iov, cmsgs, flags, None) {
+        Ok(sent) if sent == bytes.len() => Ok(true),
+        Ok(_) => Err(std::io::Error::other("short write on the notification socket")),
+        Err(nix::errno::Errno::EAGAIN) => Ok(false),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 /// The server thread and what it shares.
 #[derive(Debug)]
 pub struct NotifyServer {
     pub path: PathBuf,
+    /// (device, inode) of the socket this server bound: on stop it removes
+    /// the path only if it still names that socket.
+    bound: (u64, u64),
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -88,23 +107,80 @@ pub struct NotifyServer {
 struct Client {
     id: u16,
     stream: UnixStream,
+    /// Messages not yet sent: the server never blocks on one client, so a
+    /// client that stops reading delays nobody else.
+    outbox: std::collections::VecDeque<(i64, Carried)>,
+}
+
+impl Client {
+    fn queue(&mut self, value: i64, fd: Carried) {
+        self.outbox.push_back((value, fd));
+    }
+
+    /// Sends what the socket takes now. Err: the client is gone, or it
+    /// let [`MAX_OUTBOX`] messages pile up.
+    fn flush(&mut self, shm: &OwnedFd) -> std::io::Result<()> {
+        while let Some((value, fd)) = self.outbox.front() {
+            let borrowed = match fd {
+                Carried::None => None,
+                Carried::Shm => Some(shm.as_fd()),
+                Carried::Vector(v) => Some(v.as_fd()),
+            };
+            if !send(&self.stream, *value, borrowed)? {
+                break;
+            }
+            self.outbox.pop_front();
+        }
+        if self.outbox.len() > MAX_OUTBOX {
+            return Err(std::io::Error::other(format!(
+                "{} notification messages unread: the client does not read its socket",
+                self.outbox.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl NotifyServer {
-    /// Listens on `path` (a stale socket file there is replaced). The
-    /// device's own vectors are `device_vectors`; `shm` is the region's fd.
+    /// Listens on `path`. A stale socket there (nobody accepts on it) is
+    /// replaced; a live one (another device's) or anything that is not a
+    /// socket is refused, never deleted. The socket gets the region's
+    /// access rule: owner and group only. The device's own vectors are
+    /// `device_vectors`; `shm` is the region's fd.
     pub fn start(
         path: &Path,
         peers: Peers,
         device_vectors: Vec<Arc<EventFd>>,
         shm: OwnedFd,
     ) -> std::io::Result<Self> {
-        match std::fs::remove_file(path) {
-            Ok(()) => {}
+        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket; not replacing it", path.display()),
+                ));
+            }
+            Ok(_) => match UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        format!("{} is served by another device", path.display()),
+                    ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(socket = %path.display(), "replacing a stale socket");
+                    std::fs::remove_file(path)?;
+                }
+                Err(e) => return Err(e),
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
         let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+        let meta = std::fs::symlink_metadata(path)?;
+        let bound = (meta.dev(), meta.ino());
         listener.set_nonblocking(true)?;
         peers.lock().peers.insert(DEVICE_PEER, Peer { vectors: device_vectors });
         let stop = Arc::new(AtomicBool::new(false));
@@ -114,7 +190,7 @@ impl NotifyServer {
                 .name("pnm-notify".into())
                 .spawn(move || serve(&listener, &peers, &shm, &stop))?
         };
-        Ok(Self { path: path.to_path_buf(), stop, thread: Some(thread) })
+        Ok(Self { path: path.to_path_buf(), bound, stop, thread: Some(thread) })
     }
 }
 
@@ -124,7 +200,11 @@ impl Drop for NotifyServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
+        use std::os::unix::fs::MetadataExt;
+        // Only our own socket: another device may have taken the path since.
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.bound) {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -132,7 +212,14 @@ fn serve(listener: &UnixListener, peers: &Peers, shm: &OwnedFd, stop: &AtomicBoo
     let mut clients: Vec<Client> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        fds.extend(clients.iter().map(|c| PollFd::new(c.stream.as_fd(), PollFlags::POLLIN)));
+        fds.extend(clients.iter().map(|c| {
+            let events = if c.outbox.is_empty() {
+                PollFlags::POLLIN
+            } else {
+                PollFlags::POLLIN | PollFlags::POLLOUT
+            };
+            PollFd::new(c.stream.as_fd(), events)
+        }));
         // A bounded wait, so a stop request is seen within 100 ms.
         if let Err(e) = poll(&mut fds, PollTimeout::from(100u16)) {
             if e != nix::errno::Errno::EINTR {
@@ -141,28 +228,34 @@ fn serve(listener: &UnixListener, peers: &Peers, shm: &OwnedFd, stop: &AtomicBoo
             }
             continue;
         }
-        let ready: Vec<bool> =
-            fds.iter().map(|f| f.revents().is_some_and(|r| !r.is_empty())).collect();
+        let revents: Vec<PollFlags> =
+            fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())).collect();
         drop(fds);
         // Clients send nothing: readable means closed (or misbehaving).
         let mut gone = Vec::new();
-        for (i, client) in clients.iter().enumerate() {
-            if ready[i + 1] {
+        for (i, client) in clients.iter_mut().enumerate() {
+            let events = revents[i + 1];
+            if events.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
                 let mut buf = [0u8; 64];
                 match std::io::Read::read(&mut &client.stream, &mut buf) {
-                    Ok(0) | Err(_) => gone.push(i),
-                    Ok(_) => tracing::debug!(peer = client.id, "ignoring bytes from a client"),
+                    Ok(0) => gone.push(client.id),
+                    Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => gone.push(client.id),
+                    _ => tracing::debug!(peer = client.id, "ignoring bytes from a client"),
                 }
+            } else if events.contains(PollFlags::POLLOUT)
+                && let Err(e) = client.flush(shm)
+            {
+                tracing::warn!(peer = client.id, error = %e, "notification client dropped");
+                gone.push(client.id);
             }
         }
-        for i in gone.into_iter().rev() {
-            let client = clients.remove(i);
-            depart(peers, &clients, client.id);
+        for id in gone {
+            drop_client(peers, &mut clients, id, shm);
         }
-        if ready[0] {
+        if !revents[0].is_empty() {
             match listener.accept() {
-                Ok((stream, _)) => match admit(stream, peers, shm, &clients) {
-                    Ok(client) => clients.push(client),
+                Ok((stream, _)) => match admit(stream, peers, &mut clients, shm) {
+                    Ok(()) => {}
                     Err(e) => tracing::warn!(error = %e, "notification client refused"),
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -172,55 +265,85 @@ fn serve(listener: &UnixListener, peers: &Peers, shm: &OwnedFd, stop: &AtomicBoo
     }
 }
 
-/// Gives a new client its id, the region, every peer's vectors and its own.
+/// Queues a message for every client and sends what each takes now;
+/// clients that fail are dropped (and their departure announced).
+fn broadcast(peers: &Peers, clients: &mut Vec<Client>, shm: &OwnedFd, messages: &[(i64, Carried)]) {
+    let mut failed = Vec::new();
+    for client in clients.iter_mut() {
+        for (value, fd) in messages {
+            client.queue(*value, fd.clone());
+        }
+        if let Err(e) = client.flush(shm) {
+            tracing::warn!(peer = client.id, error = %e, "notification client dropped");
+            failed.push(client.id);
+        }
+    }
+    for id in failed {
+        drop_client(peers, clients, id, shm);
+    }
+}
+
+/// Disconnects client `id` if it is still connected (a departure it
+/// triggers may have dropped it already) and announces its departure.
+fn drop_client(peers: &Peers, clients: &mut Vec<Client>, id: u16, shm: &OwnedFd) {
+    if let Some(at) = clients.iter().position(|c| c.id == id) {
+        clients.remove(at);
+        depart(peers, clients, id, shm);
+    }
+}
+
+/// Gives a new client its id, the region, every peer's vectors and its
+/// own, and announces it to the others; nothing here waits for a client.
 fn admit(
     stream: UnixStream,
     peers: &Peers,
+    clients: &mut Vec<Client>,
     shm: &OwnedFd,
-    clients: &[Client],
-) -> std::io::Result<Client> {
-    stream.set_nonblocking(false)?;
-    stream.set_write_timeout(Some(Duration::from_secs(1)))?;
-    let mut table = peers.lock();
-    let id = (1..MAX_PEERS)
-        .find(|id| !table.peers.contains_key(id))
-        .ok_or_else(|| std::io::Error::other("no free peer id"))?;
-    let vectors: Vec<Arc<EventFd>> =
-        (0..VECTORS).map(|_| new_vector().map(Arc::new)).collect::<Result<_, _>>()?;
-    send(&stream, PROTOCOL_VERSION, None)?;
-    send(&stream, i64::from(id), None)?;
-    send(&stream, -1, Some(shm.as_fd()))?;
-    for (&peer, p) in &table.peers {
-        for v in &p.vectors {
-            send(&stream, i64::from(peer), Some(v.as_fd()))?;
-        }
-    }
-    for v in &vectors {
-        send(&stream, i64::from(id), Some(v.as_fd()))?;
-    }
-    // Tell the others about the newcomer; a client that cannot take it is
-    // dropped when its connection fails.
-    for other in clients {
-        for v in &vectors {
-            if let Err(e) = send(&other.stream, i64::from(id), Some(v.as_fd())) {
-                tracing::warn!(peer = other.id, error = %e, "announcing a peer");
-            }
-        }
-    }
-    table.peers.insert(id, Peer { vectors });
+) -> std::io::Result<()> {
+    stream.set_nonblocking(true)?;
+    let (id, vectors) = {
+        let mut table = peers.lock();
+        let id = (1..MAX_PEERS)
+            .find(|id| !table.peers.contains_key(id))
+            .ok_or_else(|| std::io::Error::other("no free peer id"))?;
+        let vectors: Vec<Arc<EventFd>> =
+            (0..VECTORS).map(|_| new_vector().map(Arc::new)).collect::<Result<_, _>>()?;
+        table.peers.insert(id, Peer { vectors: vectors.clone() });
+        (id, vectors)
+    };
     tracing::info!(peer = id, "notification peer connected");
-    Ok(Client { id, stream })
+    // The others first: a departure this causes is then in the table the
+    // newcomer's handshake is made from.
+    let announce: Vec<(i64, Carried)> =
+        vectors.iter().map(|v| (i64::from(id), Carried::Vector(v.clone()))).collect();
+    broadcast(peers, clients, shm, &announce);
+    let mut client = Client { id, stream, outbox: Default::default() };
+    client.queue(PROTOCOL_VERSION, Carried::None);
+    client.queue(i64::from(id), Carried::None);
+    client.queue(-1, Carried::Shm);
+    for (&peer, p) in peers.lock().peers.iter().filter(|(peer, _)| **peer != id) {
+        for v in &p.vectors {
+            client.queue(i64::from(peer), Carried::Vector(v.clone()));
+        }
+    }
+    for v in vectors {
+        client.queue(i64::from(id), Carried::Vector(v));
+    }
+    clients.push(client);
+    if let Err(e) = clients.last_mut().expect("pushed above").flush(shm) {
+        drop_client(peers, clients, id, shm);
+        return Err(e);
+    }
+    Ok(())
 }
 
-fn depart(peers: &Peers, clients: &[Client], id: u16) {
+fn depart(peers: &Peers, clients: &mut Vec<Client>, id: u16, shm: &OwnedFd) {
     {
         let mut table = peers.lock();
         table.peers.remove(&id);
         table.departed.push(id);
     }
     peers.pending.store(true, Ordering::Release);
-    for other in clients {
-        let _ = send(&other.stream, i64::from(id), None);
-    }
     tracing::info!(peer = id, "notification peer left");
+    broadcast(peers, clients, shm, &[(i64::from(id), Carried::None)]);
 }

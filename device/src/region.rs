@@ -44,6 +44,8 @@ pub enum RegionError {
          pass --reformat to start afresh (every stored sequence is lost)"
     )]
     KvStore { path: PathBuf, reason: String },
+    #[error("notification socket {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
     #[error("cannot size or map region {path}: {source}")]
     Map { path: PathBuf, source: std::io::Error },
 }
