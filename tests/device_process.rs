@@ -485,3 +485,35 @@ fn a_region_truncated_under_the_device_stops_it_cleanly_with_a_clear_error() {
         assert_eq!(code, Some(2), "truncated to {shrink_to}: exit code 2, not a signal");
     }
 }
+
+#[test]
+fn pnmctl_status_tells_running_hung_dead_and_stopped_apart() {
+    let region = TempRegion::new("status");
+    let path = region.path().to_str().unwrap();
+    let state = |want_code: i32, want: &str| {
+        let out = run("pnmctl", &["--device", path, "--json", "status"]);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(json["state"], want, "{json}");
+        assert_eq!(out.status.code(), Some(want_code), "{want}");
+        json
+    };
+    let mut device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let json = state(0, "running");
+    assert_eq!(json["device_pid"], device.pid());
+    device.freeze();
+    state(4, "hung");
+    device.signal(Signal::SIGCONT);
+    state(0, "running");
+    device.signal(Signal::SIGKILL);
+    device.wait(Duration::from_secs(5)).unwrap();
+    state(3, "dead");
+    let mut device = DeviceProcess::start(region.path(), &[]);
+    assert_eq!(device.stop(), Some(0));
+    state(2, "stopped");
+    // Not a region at all: an error, exit 1.
+    let text = TempRegion::new("status-text");
+    std::fs::write(text.path(), vec![7u8; 1 << 16]).unwrap();
+    let out = run("pnmctl", &["--device", text.path().to_str().unwrap(), "status"]);
+    assert_eq!(out.status.code(), Some(1));
+}

@@ -345,24 +345,120 @@ impl Device {
 
     /// Live register status.
     pub fn status(&self) -> DeviceStatus {
-        let p = self.caps.pnm;
-        let memdev = self.regs.load_u64(self.caps.memdev_status, Acquire);
-        DeviceStatus {
-            memdev_status: memdev,
-            fatal: memdev & memdev_status::FATAL != 0,
-            fw_halt: memdev & memdev_status::FW_HALT != 0,
-            media_ready: memdev_status::media_status(memdev) == memdev_status::MEDIA_READY,
-            mailbox_ready: memdev & memdev_status::MAILBOX_READY != 0,
-            heartbeat: self.regs.load_u64(p + pnm::HEARTBEAT, Acquire),
-            heartbeat_period_us: self.regs.load_u32(p + pnm::HEARTBEAT_PERIOD_US, Relaxed),
-            device_pid: self.regs.load_u32(p + pnm::DEVICE_PID, Relaxed),
-            reset_count: self.regs.load_u32(p + pnm::RESET_COUNT, Relaxed),
-            dirty_shutdown_count: self.regs.load_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, Relaxed),
-            mailbox_lock: self.regs.load_u64(p + pnm::MAILBOX_LOCK, Acquire),
-            mailbox_lock_breaks: self.regs.load_u32(p + pnm::MAILBOX_LOCK_BREAKS, Relaxed),
-        }
+        read_status(self.regs, &self.caps)
     }
 
+    /// What state the device serving `path` is in, from its registers and
+    /// its process, without needing it ready (as `open` does): running,
+    /// hung, stopped cleanly, or dead. Watches the heartbeat for up to
+    /// `bound` (a few heartbeat periods are enough).
+    pub fn probe(path: impl AsRef<Path>, bound: Duration) -> Result<Liveness> {
+        let path = path.as_ref().to_path_buf();
+        let open_err = |source| Error::Open { path: path.clone(), source };
+        let file = OpenOptions::new().read(true).open(&path).map_err(open_err)?;
+        let len = file.metadata().map_err(open_err)?.len();
+        let not_a_device = |reason: String| Error::NotADevice { path: path.clone(), reason };
+        if len < REGISTER_BLOCK_SIZE {
+            return Err(not_a_device(format!(
+                "{len} bytes is smaller than the {REGISTER_BLOCK_SIZE}-byte register block"
+            )));
+        }
+        // Only the register block: nothing else is read.
+        let map = MmapOptions::new()
+            .len(REGISTER_BLOCK_SIZE as usize)
+            .map_raw_read_only(&file)
+            .map_err(open_err)?;
+        let mapping = Mapping::new(map);
+        let regs = mapping.view();
+        let caps = discover(regs).map_err(not_a_device)?;
+        let first = read_status(regs, &caps);
+        let start = Instant::now();
+        let mut beating = false;
+        while !beating && start.elapsed() < bound {
+            std::thread::sleep(Duration::from_millis(2));
+            beating = regs.load_u64(caps.pnm + pnm::HEARTBEAT, Acquire) != first.heartbeat;
+        }
+        let status = read_status(regs, &caps);
+        let shutdown = regs.load_u32(caps.pnm + pnm::SHUTDOWN_STATE, Acquire);
+        let pid = status.device_pid;
+        let state = if beating {
+            DeviceState::Running
+        } else if pid != 0 && process_runs(pid) {
+            DeviceState::Hung
+        } else if pid == 0 && shutdown == pnm::SHUTDOWN_CLEAN {
+            DeviceState::Stopped
+        } else {
+            DeviceState::Dead
+        };
+        Ok(Liveness { state, status })
+    }
+}
+
+/// A device's state as [`Device::probe`] finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceState {
+    /// The heartbeat advances: a device process serves the region.
+    Running,
+    /// Its process exists but the heartbeat stands still (stopped by a
+    /// signal or a debugger, or stuck).
+    Hung,
+    /// Stopped in order (SIGINT/SIGTERM): nobody serves the region.
+    Stopped,
+    /// Gone without an orderly stop (killed, crashed): nobody serves the
+    /// region, and the next device counts a dirty shutdown.
+    Dead,
+}
+
+impl DeviceState {
+    /// The exit code `pnmctl status` gives this state.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Self::Running => 0,
+            Self::Stopped => 2,
+            Self::Dead => 3,
+            Self::Hung => 4,
+        }
+    }
+}
+
+/// [`Device::probe`]'s answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Liveness {
+    pub state: DeviceState,
+    #[serde(flatten)]
+    pub status: DeviceStatus,
+}
+
+/// True if process `pid` exists and is not a zombie (in this PID namespace).
+fn process_runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        // The state follows the parenthesised command name.
+        .and_then(|stat| stat.rsplit(") ").next().and_then(|r| r.chars().next()))
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+fn read_status(regs: SharedMemory, caps: &CapabilityMap) -> DeviceStatus {
+    let p = caps.pnm;
+    let memdev = regs.load_u64(caps.memdev_status, Acquire);
+    DeviceStatus {
+        memdev_status: memdev,
+        fatal: memdev & memdev_status::FATAL != 0,
+        fw_halt: memdev & memdev_status::FW_HALT != 0,
+        media_ready: memdev_status::media_status(memdev) == memdev_status::MEDIA_READY,
+        mailbox_ready: memdev & memdev_status::MAILBOX_READY != 0,
+        heartbeat: regs.load_u64(p + pnm::HEARTBEAT, Acquire),
+        heartbeat_period_us: regs.load_u32(p + pnm::HEARTBEAT_PERIOD_US, Relaxed),
+        device_pid: regs.load_u32(p + pnm::DEVICE_PID, Relaxed),
+        reset_count: regs.load_u32(p + pnm::RESET_COUNT, Relaxed),
+        dirty_shutdown_count: regs.load_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, Relaxed),
+        mailbox_lock: regs.load_u64(p + pnm::MAILBOX_LOCK, Acquire),
+        mailbox_lock_breaks: regs.load_u32(p + pnm::MAILBOX_LOCK_BREAKS, Relaxed),
+    }
+}
+
+impl Device {
     /// True if the heartbeat advances within `bound`.
     pub fn is_alive(&self, bound: Duration) -> bool {
         let at = self.caps.pnm + pnm::HEARTBEAT;

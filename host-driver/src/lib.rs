@@ -18,7 +18,7 @@ mod sys;
 pub mod tensorfile;
 
 pub use async_api::AsyncQueue;
-pub use device::{Device, DeviceOptions, DeviceStatus, QueueOptions};
+pub use device::{Device, DeviceOptions, DeviceState, DeviceStatus, Liveness, QueueOptions};
 pub use error::{Error, Result};
 pub use kv::{
     Aggregation, GatheredView, KvShape, PageSelection, Query, Rows, Sequence, TopK, TopkRequest,

@@ -48,7 +48,9 @@ enum Command {
     Logs,
     /// Identify PNM (C000h): region layout, compute units, firmware limits.
     PnmInfo,
-    /// Live register status: readiness, heartbeat, serving pid, counters.
+    /// The device's state, also on a region nobody serves: running (exit
+    /// 0), stopped in order (2), dead, i.e. gone without an orderly stop
+    /// (3), or hung (4); then readiness, heartbeat, pid, counters.
     Status,
     /// Reset the device (mailbox and volatile state; device DRAM is kept).
     Reset,
@@ -267,8 +269,61 @@ fn main() -> ExitCode {
         .init();
     pnm_host::default_sigpipe();
     let cli = Cli::parse();
+    if let Command::Status = cli.command {
+        return status(&cli);
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pnmctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pnmctl status`: the device's state and registers; the exit code tells
+/// running (0) from stopped (2), dead (3) and hung (4); 1 is an error (no
+/// such file, not a region).
+fn status(cli: &Cli) -> ExitCode {
+    // Ten heartbeats: a live device beats within one.
+    let bound = Duration::from_millis(100);
+    match Device::probe(&cli.device, bound) {
+        Ok(live) => {
+            emit(cli.json, &live, |l| {
+                let s = &l.status;
+                let state = match l.state {
+                    pnm_host::DeviceState::Running => "running",
+                    pnm_host::DeviceState::Hung => {
+                        "hung (its process exists but the heartbeat stands still)"
+                    }
+                    pnm_host::DeviceState::Stopped => "stopped (in order; nobody serves it)",
+                    pnm_host::DeviceState::Dead => {
+                        "dead (gone without an orderly stop; nobody serves it)"
+                    }
+                };
+                format!(
+                    "state               {state}\nmedia ready         {}\nmailbox ready       {}\n\
+                     fatal / fw halt     {} / {}\nheartbeat           {} (every {} us)\n\
+                     device pid          {}\nresets              {}\ndirty shutdowns     {}\n\
+                     mailbox lock        {}\nlock breaks         {}\n",
+                    s.media_ready,
+                    s.mailbox_ready,
+                    s.fatal,
+                    s.fw_halt,
+                    s.heartbeat,
+                    s.heartbeat_period_us,
+                    s.device_pid,
+                    s.reset_count,
+                    s.dirty_shutdown_count,
+                    match s.mailbox_lock {
+                        0 => "free".to_string(),
+                        held => format!("held by pid {}", held as u32),
+                    },
+                    s.mailbox_lock_breaks,
+                )
+            });
+            ExitCode::from(live.state.exit_code())
+        }
         Err(e) => {
             eprintln!("pnmctl: {e}");
             ExitCode::FAILURE
@@ -304,6 +359,8 @@ enum CliError {
     Tensor(#[from] tensorfile::TensorError),
     #[error("{0}")]
     Usage(String),
+    #[error("{error} ({left})")]
+    Left { error: Error, left: String },
 }
 
 fn usage(reason: impl Into<String>) -> CliError {
@@ -545,25 +602,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                 p.heartbeat_period_us,
             )
         }),
-        Command::Status => {
-            let status = device.status();
-            emit(cli.json, &status, |s| {
-                format!(
-                    "media ready         {}\nmailbox ready       {}\nfatal / fw halt     {} / {}\n\
-                     heartbeat           {} (every {} us)\ndevice pid          {}\nresets              {}\n\
-                     dirty shutdowns     {}\n",
-                    s.media_ready,
-                    s.mailbox_ready,
-                    s.fatal,
-                    s.fw_halt,
-                    s.heartbeat,
-                    s.heartbeat_period_us,
-                    s.device_pid,
-                    s.reset_count,
-                    s.dirty_shutdown_count,
-                )
-            });
-        }
+        Command::Status => unreachable!("answered without opening the device"),
         Command::Reset => {
             device.reset(Duration::from_millis(cli.timeout_ms))?;
             let status = device.status();
@@ -602,8 +641,22 @@ fn run(cli: &Cli) -> Result<(), CliError> {
             let loaded = match device.kv_append(&sequence, &k.data, &v.data, tokens, &mut |_| {}) {
                 Ok(loaded) => loaded,
                 Err(e) => {
+                    // The append is atomic: the sequence holds none of it.
+                    let stuck = matches!(e, Error::QueueTimeout { .. } | Error::Timeout { .. });
+                    if created && stuck {
+                        // The queue timed out: a free on it would wait out
+                        // another timeout. Say what is left instead.
+                        return Err(CliError::Left {
+                            error: e,
+                            left: format!(
+                                "sequence {} was created and is left empty; \
+                                 `pnmctl kv free --seq {}` removes it",
+                                sequence.id, sequence.id
+                            ),
+                        });
+                    }
                     if created {
-                        // Do not leave a half-loaded sequence behind.
+                        // Do not leave an empty sequence behind.
                         let _ = device.kv_free(sequence.id);
                     }
                     return Err(e.into());
