@@ -9,14 +9,7 @@ use common::{DeviceProcess, TempRegion, bin};
 
 #[test]
 fn pnmctl_kv_topk_and_gather_match_numpy() {
-    let has_numpy =
-        Command::new("python3").args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
-    if !has_numpy {
-        assert!(
-            std::env::var_os("PNM_REQUIRE_NUMPY").is_none(),
-            "PNM_REQUIRE_NUMPY is set but numpy is missing"
-        );
-        eprintln!("skipping: python3 with numpy is not available (pip install numpy)");
+    if !common::numpy_available() {
         return;
     }
     let region = TempRegion::new("numpy");

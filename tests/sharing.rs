@@ -316,3 +316,29 @@ fn appenders_killed_at_random_moments_leave_exactly_the_rows_of_completed_append
         assert!(&values == want_v, "head {head}: stored values differ from the completed appends'");
     }
 }
+
+/// The load test (tests/load_sharing.py) in small: 8 concurrent `pnmctl
+/// topk` processes for 5 s, every answer checked against NumPy. The full
+/// run (32 processes, 60 s) and its figures are in docs/PERFORMANCE.md.
+#[test]
+fn concurrent_pnmctl_processes_all_get_numpy_checked_answers() {
+    if !common::numpy_available() {
+        return;
+    }
+    let region = TempRegion::new("load");
+    let _device = DeviceProcess::start(region.path(), &["--size", "256MiB"]);
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/load_sharing.py"))
+        .arg("--pnmctl")
+        .arg(common::bin("pnmctl"))
+        .arg("--pnm-device")
+        .arg(common::bin("pnm-device"))
+        .arg("--device")
+        .arg(region.path())
+        .args(["--procs", "8", "--seconds", "5", "--alone-seconds", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}

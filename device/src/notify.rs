@@ -73,8 +73,8 @@ enum Carried {
 }
 
 /// Most messages queued for one client before it counts as not reading its
-/// socket and is disconnected: room for every peer's vectors twice over.
-const MAX_OUTBOX: usize = 2 * MAX_PEERS as usize * VECTORS as usize;
+/// socket and is disconnected: a handshake's, with room to spare.
+const MAX_OUTBOX: usize = 4 * (3 + 2 * VECTORS as usize);
 
 /// Sends one protocol message (an i64, optionally with one fd) without
 /// blocking: Ok(false) if the client's socket buffer is full.
@@ -250,7 +250,7 @@ fn serve(listener: &UnixListener, peers: &Peers, shm: &OwnedFd, stop: &AtomicBoo
             }
         }
         for id in gone {
-            drop_client(peers, &mut clients, id, shm);
+            drop_client(peers, &mut clients, id);
         }
         if !revents[0].is_empty() {
             match listener.accept() {
@@ -265,35 +265,20 @@ fn serve(listener: &UnixListener, peers: &Peers, shm: &OwnedFd, stop: &AtomicBoo
     }
 }
 
-/// Queues a message for every client and sends what each takes now;
-/// clients that fail are dropped (and their departure announced).
-fn broadcast(peers: &Peers, clients: &mut Vec<Client>, shm: &OwnedFd, messages: &[(i64, Carried)]) {
-    let mut failed = Vec::new();
-    for client in clients.iter_mut() {
-        for (value, fd) in messages {
-            client.queue(*value, fd.clone());
-        }
-        if let Err(e) = client.flush(shm) {
-            tracing::warn!(peer = client.id, error = %e, "notification client dropped");
-            failed.push(client.id);
-        }
-    }
-    for id in failed {
-        drop_client(peers, clients, id, shm);
-    }
-}
-
-/// Disconnects client `id` if it is still connected (a departure it
-/// triggers may have dropped it already) and announces its departure.
-fn drop_client(peers: &Peers, clients: &mut Vec<Client>, id: u16, shm: &OwnedFd) {
+/// Disconnects client `id` if it is still connected.
+fn drop_client(peers: &Peers, clients: &mut Vec<Client>, id: u16) {
     if let Some(at) = clients.iter().position(|c| c.id == id) {
         clients.remove(at);
-        depart(peers, clients, id, shm);
+        depart(peers, id);
     }
 }
 
-/// Gives a new client its id, the region, every peer's vectors and its
-/// own, and announces it to the others; nothing here waits for a client.
+/// Gives a new client its id, the region, the device's vectors and its
+/// own. Host peers talk only to the device, never to each other, so no
+/// peer hears of the others: a join or a leave costs the others nothing
+/// (with every peer's vectors sent to every client, 32 hosts coming and
+/// going paid O(peers) fd passes per join; see PERFORMANCE.md). Nothing
+/// here waits for the client.
 fn admit(
     stream: UnixStream,
     peers: &Peers,
@@ -301,43 +286,40 @@ fn admit(
     shm: &OwnedFd,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(true)?;
-    let (id, vectors) = {
+    let mut client = {
         let mut table = peers.lock();
         let id = (1..MAX_PEERS)
             .find(|id| !table.peers.contains_key(id))
             .ok_or_else(|| std::io::Error::other("no free peer id"))?;
         let vectors: Vec<Arc<EventFd>> =
             (0..VECTORS).map(|_| new_vector().map(Arc::new)).collect::<Result<_, _>>()?;
-        table.peers.insert(id, Peer { vectors: vectors.clone() });
-        (id, vectors)
-    };
-    tracing::info!(peer = id, "notification peer connected");
-    // The others first: a departure this causes is then in the table the
-    // newcomer's handshake is made from.
-    let announce: Vec<(i64, Carried)> =
-        vectors.iter().map(|v| (i64::from(id), Carried::Vector(v.clone()))).collect();
-    broadcast(peers, clients, shm, &announce);
-    let mut client = Client { id, stream, outbox: Default::default() };
-    client.queue(PROTOCOL_VERSION, Carried::None);
-    client.queue(i64::from(id), Carried::None);
-    client.queue(-1, Carried::Shm);
-    for (&peer, p) in peers.lock().peers.iter().filter(|(peer, _)| **peer != id) {
-        for v in &p.vectors {
-            client.queue(i64::from(peer), Carried::Vector(v.clone()));
+        let mut client = Client { id, stream, outbox: Default::default() };
+        client.queue(PROTOCOL_VERSION, Carried::None);
+        client.queue(i64::from(id), Carried::None);
+        client.queue(-1, Carried::Shm);
+        if let Some(device) = table.peers.get(&DEVICE_PEER) {
+            for v in &device.vectors {
+                client.queue(i64::from(DEVICE_PEER), Carried::Vector(v.clone()));
+            }
         }
-    }
-    for v in vectors {
-        client.queue(i64::from(id), Carried::Vector(v));
-    }
-    clients.push(client);
-    if let Err(e) = clients.last_mut().expect("pushed above").flush(shm) {
-        drop_client(peers, clients, id, shm);
+        for v in &vectors {
+            client.queue(i64::from(id), Carried::Vector(v.clone()));
+        }
+        table.peers.insert(id, Peer { vectors });
+        client
+    };
+    let id = client.id;
+    tracing::info!(peer = id, "notification peer connected");
+    if let Err(e) = client.flush(shm) {
+        clients.push(client);
+        drop_client(peers, clients, id);
         return Err(e);
     }
+    clients.push(client);
     Ok(())
 }
 
-fn depart(peers: &Peers, clients: &mut Vec<Client>, id: u16, shm: &OwnedFd) {
+fn depart(peers: &Peers, id: u16) {
     {
         let mut table = peers.lock();
         table.peers.remove(&id);
@@ -345,5 +327,4 @@ fn depart(peers: &Peers, clients: &mut Vec<Client>, id: u16, shm: &OwnedFd) {
     }
     peers.pending.store(true, Ordering::Release);
     tracing::info!(peer = id, "notification peer left");
-    broadcast(peers, clients, shm, &[(i64::from(id), Carried::None)]);
 }
