@@ -517,3 +517,60 @@ fn pnmctl_status_tells_running_hung_dead_and_stopped_apart() {
     let out = run("pnmctl", &["--device", text.path().to_str().unwrap(), "status"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn a_kv_load_that_times_out_reports_what_is_left_without_a_second_timeout() {
+    use pnm_host::tensorfile::{Tensor, write_npy};
+    let region = TempRegion::new("loadstuck");
+    let device = DeviceProcess::start(region.path(), &["--size", "1GiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    // Large enough that the load is still running when the device stops.
+    let (heads, tokens, dim) = (8usize, 65_536usize, 128usize);
+    let data: Vec<u8> =
+        (0..heads * tokens * dim).flat_map(|i| ((i % 61) as u16).to_le_bytes()).collect();
+    let tensor = Tensor { dtype: Dtype::F16, shape: vec![1, heads, tokens, dim], data };
+    let dir = std::env::temp_dir().join(format!("cxl-pnm-loadstuck-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (k, v) = (dir.join("k.npy"), dir.join("v.npy"));
+    write_npy(&k, &tensor).unwrap();
+    write_npy(&v, &tensor).unwrap();
+    drop(tensor);
+    let child = std::process::Command::new(common::bin("pnmctl"))
+        .args(["--device", region.path().to_str().unwrap()])
+        .args(["--timeout-ms", "1000", "--command-timeout-ms", "1000", "kv", "load"])
+        .env("RUST_LOG", "pnm_host=debug")
+        .arg("--keys")
+        .arg(&k)
+        .arg("--values")
+        .arg(&v)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Stop the device as soon as the sequence exists: the load is stuck.
+    let start = Instant::now();
+    let seq = loop {
+        if let Some(s) = dev.kv_list().unwrap().first() {
+            break s.id;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the load never created its sequence");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    device.freeze();
+    let frozen = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let waited = frozen.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains(&format!("sequence {seq} was created and is left empty")), "{stderr}");
+    // One timeout, not two: the free on the stuck queue is not attempted.
+    assert!(
+        waited < Duration::from_millis(1900),
+        "pnmctl took {waited:?} after the device stopped:\n{stderr}"
+    );
+    device.signal(Signal::SIGCONT);
+    let left = dev.kv_sequence(seq).unwrap();
+    assert_eq!(left.tokens, 0, "the atomic append left nothing");
+    dev.kv_free(seq).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

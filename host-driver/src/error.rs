@@ -51,6 +51,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// True for errors that say the device did not answer in time (it may
+    /// be stopped, hung or overloaded): another command would likely wait
+    /// out its timeout too.
+    pub fn device_unresponsive(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout { .. }
+                | Self::QueueTimeout { .. }
+                | Self::MailboxBusy
+                | Self::MailboxLockTimeout { .. }
+        )
+    }
+
     /// The spec return code, if the device answered with one.
     pub fn return_code(&self) -> Option<ReturnCode> {
         match self {

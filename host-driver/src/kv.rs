@@ -224,6 +224,11 @@ impl DataPath {
         let mut pool = self.pool;
         if let Err(e) = self.queue.delete(mailbox, &mut pool) {
             tracing::warn!(error = %e, "deleting the queue pair");
+            if e.device_unresponsive() {
+                // Every further command would wait out its timeout too: the
+                // device reclaims the rest by owner when this process ends.
+                return;
+            }
         }
         pool.release(mailbox);
     }
@@ -306,7 +311,11 @@ impl Session<'_> {
     fn discard_queue(&mut self) {
         if let Some(dp) = self.dp.take() {
             let mut mailbox = self.device.mailbox_client();
+            // Bounded short, as at drop: the device may be stuck.
+            let timeout = mailbox.timeout;
+            mailbox.timeout = timeout.min(Duration::from_millis(500));
             dp.shutdown(&mut mailbox);
+            mailbox.timeout = timeout;
         }
     }
 }
@@ -482,8 +491,11 @@ impl Device {
                     let c = match appended {
                         Ok(c) => c,
                         Err(e) => {
-                            // Let the chunk before land, then report.
-                            if let Some(cid) = pending_commit.take() {
+                            // Let the chunk before land, then report; unless
+                            // the device stopped answering (a second wait).
+                            if let Some(cid) = pending_commit.take()
+                                && !e.device_unresponsive()
+                            {
                                 s.wait(cid)?;
                             }
                             return Err(e);
@@ -573,16 +585,23 @@ impl Device {
             }
         };
         s.free(&[map_buf]);
-        if result.is_err() && reserved_any {
-            // Give the reservation up now rather than when this queue goes:
-            // a later append on this queue must not commit these rows.
-            let mut abort = sqe(opcode::KV_COMMIT, seq.id);
-            abort.flags = queue::KV_COMMIT_ABORT;
-            if let Err(e) = s.run(abort) {
-                // Deleting the queue rolls the reservation back as well.
-                tracing::warn!(error = %e, seq = seq.id, "could not abort a failed append");
+        match &result {
+            Err(e) if reserved_any && e.device_unresponsive() => {
+                // An abort would wait out another timeout: delete the queue
+                // instead (that rolls the reservation back as well).
                 s.discard_queue();
             }
+            Err(_) if reserved_any => {
+                // Give the reservation up now rather than when this queue
+                // goes: a later append on it must not commit these rows.
+                let mut abort = sqe(opcode::KV_COMMIT, seq.id);
+                abort.flags = queue::KV_COMMIT_ABORT;
+                if let Err(e) = s.run(abort) {
+                    tracing::warn!(error = %e, seq = seq.id, "could not abort a failed append");
+                    s.discard_queue();
+                }
+            }
+            _ => {}
         }
         result
     }

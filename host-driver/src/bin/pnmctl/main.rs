@@ -26,6 +26,9 @@ struct Cli {
     /// Mailbox command timeout in milliseconds.
     #[arg(long, global = true, default_value_t = 2000)]
     timeout_ms: u64,
+    /// Queue command timeout in milliseconds (Top-K, gather, KV commands).
+    #[arg(long, global = true, default_value_t = 10_000)]
+    command_timeout_ms: u64,
     /// Wait up to this many milliseconds for the device to become ready.
     #[arg(long, global = true, default_value_t = 0)]
     wait_ms: u64,
@@ -414,6 +417,7 @@ fn kv_shape_of(keys: &Tensor, values: &Tensor) -> Result<(KvShape, u64), CliErro
 fn open(cli: &Cli) -> Result<Device, Error> {
     let options = DeviceOptions {
         mailbox_timeout: Duration::from_millis(cli.timeout_ms),
+        command_timeout: Duration::from_millis(cli.command_timeout_ms),
         wait_ready: Some(Duration::from_millis(cli.wait_ms)),
         ..Default::default()
     };
@@ -642,7 +646,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                 Ok(loaded) => loaded,
                 Err(e) => {
                     // The append is atomic: the sequence holds none of it.
-                    let stuck = matches!(e, Error::QueueTimeout { .. } | Error::Timeout { .. });
+                    let stuck = e.device_unresponsive();
                     if created && stuck {
                         // The queue timed out: a free on it would wait out
                         // another timeout. Say what is left instead.
