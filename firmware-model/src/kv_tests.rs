@@ -752,3 +752,155 @@ fn a_writer_that_died_with_the_device_is_rolled_back_at_open() {
     let (reference, ref_id) = reference(shape, &keys, committed);
     assert_eq!(all_bounds(&store, id), all_bounds(&reference, ref_id));
 }
+
+/// Rows as the model keeps them: (key, value).
+type ModelRows = Vec<(Vec<f32>, Vec<f32>)>;
+
+/// One step of the reservation model test.
+#[derive(Debug, Clone)]
+enum WriterOp {
+    /// Writer `w` reserves `n` tokens and writes their rows.
+    Append(u64, u64),
+    /// Writer `w` commits everything it reserved; deferred or published.
+    Commit(u64, bool),
+    Abort(u64),
+    /// Writer `w`'s queue goes away.
+    Abandon(u64),
+    /// The device restarts on the same DRAM.
+    Reopen,
+}
+
+fn writer_op() -> impl Strategy<Value = WriterOp> {
+    prop_oneof![
+        4 => (1u64..4, 1u64..1500).prop_map(|(w, n)| WriterOp::Append(w, n)),
+        3 => (1u64..4, any::<bool>()).prop_map(|(w, d)| WriterOp::Commit(w, d)),
+        1 => (1u64..4).prop_map(WriterOp::Abort),
+        1 => (1u64..4).prop_map(WriterOp::Abandon),
+        1 => Just(WriterOp::Reopen),
+    ]
+}
+
+/// A key or value row only (writer, token, nonce) writes. Each step's rows
+/// lie in a band of their own, so bounds folded from rows that were never
+/// published show.
+fn model_row(w: u64, token: u64, nonce: u64, value: bool) -> Vec<f32> {
+    let band = if nonce.is_multiple_of(2) { nonce as f32 * 40.0 } else { nonce as f32 * -40.0 };
+    (0..16u64)
+        .map(|d| {
+            let x = (w * 7919 + token * 31 + d * 17 + u64::from(value)) % 2003;
+            band + x as f32 / 100.0
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// Appends by three writers, interleaved with commits (deferred or
+    /// published), aborts, abandoned queues and restarts, against a model:
+    /// the committed rows are exactly those of published appends, in order;
+    /// the frames in use are exactly the committed pages'; the page bounds
+    /// are exactly the committed keys' minima and maxima.
+    #[test]
+    fn reservations_keep_exactly_the_published_rows(ops in prop::collection::vec(writer_op(), 1..24)) {
+        let shape = SequenceShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 16 };
+        let tpp = shape.tokens_per_page();
+        let dram = MemDram::new(16 << 20);
+        let (mut store, _) = KvStore::open(&dram).unwrap();
+        let empty = store.free_frames();
+        let id = store.create(shape).unwrap();
+        // Committed (key, value) rows; the open reservation: (writer, rows).
+        let mut committed: ModelRows = Vec::new();
+        let mut open: Option<(u64, ModelRows)> = None;
+        for (nonce, op) in ops.into_iter().enumerate() {
+            let nonce = nonce as u64;
+            match op {
+                WriterOp::Append(w, n) => {
+                    let result = store.append_as(id, n, Writer(w));
+                    if open.as_ref().is_some_and(|(holder, _)| *holder != w) {
+                        prop_assert!(matches!(result, Err(KvError::AppendInProgress { .. })), "{result:?}");
+                        continue;
+                    }
+                    let a = result.unwrap();
+                    let pending = open.get_or_insert_with(|| (w, Vec::new()));
+                    prop_assert_eq!(a.first_token, (committed.len() + pending.1.len()) as u64);
+                    for t in a.first_token..a.first_token + n {
+                        let e = a.map[(t / tpp - a.first_page) as usize];
+                        let (k, v) = (model_row(w, t, nonce, false), model_row(w, t, nonce, true));
+                        let at = (t % tpp) * shape.row_bytes();
+                        store.dram().write(store.layout().frame_offset(e.key_frame.get()) + at, &encode(Dtype::F32, &k)).unwrap();
+                        store.dram().write(store.layout().frame_offset(e.value_frame.get()) + at, &encode(Dtype::F32, &v)).unwrap();
+                        pending.1.push((k, v));
+                    }
+                }
+                WriterOp::Commit(w, defer) => {
+                    let reserved = store.reserved(id).unwrap();
+                    let mode = if defer { CommitMode::Defer } else { CommitMode::Publish };
+                    let result = store.commit_as(id, reserved, Writer(w), mode);
+                    match &open {
+                        Some((holder, _)) if *holder != w => {
+                            prop_assert_eq!(result, Err(KvError::NotTheWriter { seq: id }));
+                        }
+                        _ => {
+                            let tokens = result.unwrap();
+                            if !defer && let Some((_, rows)) = open.take() {
+                                committed.extend(rows);
+                            }
+                            prop_assert_eq!(tokens, committed.len() as u64);
+                        }
+                    }
+                }
+                WriterOp::Abort(w) => {
+                    let result = store.abort_append(id, Writer(w));
+                    match &open {
+                        Some((holder, _)) if *holder != w => {
+                            prop_assert_eq!(result, Err(KvError::NotTheWriter { seq: id }));
+                        }
+                        _ => {
+                            prop_assert_eq!(result.unwrap(), committed.len() as u64);
+                            open = None;
+                        }
+                    }
+                }
+                WriterOp::Abandon(w) => {
+                    store.abandon(Writer(w)).unwrap();
+                    if open.as_ref().is_some_and(|(holder, _)| *holder == w) {
+                        open = None;
+                    }
+                }
+                WriterOp::Reopen => {
+                    drop(store);
+                    store = KvStore::open(&dram).unwrap().0;
+                    open = None;
+                }
+            }
+            // Committed rows, exactly.
+            let tokens = committed.len() as u64;
+            prop_assert_eq!(store.tokens(id).unwrap(), tokens);
+            if tokens > 0 {
+                let indices: Vec<u32> = (0..tokens as u32).collect();
+                let locations = store.row_locations(id, 0, 0, &indices).unwrap();
+                for (t, loc) in locations.iter().enumerate() {
+                    let mut raw = vec![0u8; shape.row_bytes() as usize];
+                    store.dram().read(loc.key, &mut raw).unwrap();
+                    prop_assert_eq!(&raw, &encode(Dtype::F32, &committed[t].0), "key row {}", t);
+                    store.dram().read(loc.value, &mut raw).unwrap();
+                    prop_assert_eq!(&raw, &encode(Dtype::F32, &committed[t].1), "value row {}", t);
+                }
+            }
+            if open.is_none() {
+                // Frames: two per committed page, one page-table frame.
+                let pages = tokens.div_ceil(tpp);
+                prop_assert_eq!(empty - store.free_frames(), 2 * pages + u64::from(pages > 0));
+                // Bounds: exactly the committed keys'.
+                for page in 0..pages {
+                    let rows = &committed[(page * tpp) as usize..((page + 1) * tpp).min(tokens) as usize];
+                    let mins: Vec<f32> = (0..16).map(|d| rows.iter().map(|r| r.0[d]).fold(f32::INFINITY, f32::min)).collect();
+                    let maxs: Vec<f32> = (0..16).map(|d| rows.iter().map(|r| r.0[d]).fold(f32::NEG_INFINITY, f32::max)).collect();
+                    let (got_min, got_max) = store.page_bounds(id, 0, 0, page).unwrap();
+                    prop_assert_eq!(&got_min[..16], &mins[..], "page {} minima", page);
+                    prop_assert_eq!(&got_max[..16], &maxs[..], "page {} maxima", page);
+                }
+            }
+        }
+    }
+}

@@ -80,6 +80,7 @@ fn queue_hint(code: ReturnCode) -> &'static str {
         ReturnCode::RESOURCES_EXHAUSTED => " (device DRAM or the sequence table is full)",
         ReturnCode::INVALID_PHYSICAL_ADDRESS => " (a buffer lies outside the host DMA window)",
         ReturnCode::INVALID_PAYLOAD_LENGTH => " (a buffer is too small for the command)",
+        ReturnCode::BUSY => " (another writer's append to this sequence is in progress)",
         _ => "",
     }
 }
