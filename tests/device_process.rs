@@ -574,3 +574,17 @@ fn a_kv_load_that_times_out_reports_what_is_left_without_a_second_timeout() {
     dev.kv_free(seq).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn only_the_owner_and_group_may_open_the_region_and_its_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let region = TempRegion::new("modes");
+    // A region left open to everyone (by a wide umask, or by hand).
+    std::fs::write(region.path(), []).unwrap();
+    std::fs::set_permissions(region.path(), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(region.path()) & 0o007, 0, "the region is closed to others");
+    let socket = pnm_protocol::notify::socket_path(region.path());
+    assert_eq!(mode(&socket) & 0o007, 0, "the socket is closed to others");
+}

@@ -99,6 +99,8 @@ impl Region {
             .mode(0o660)
             .open(&path)
             .map_err(|source| RegionError::Open { path: path.clone(), source })?;
+        restrict_to_owner_and_group(&file, &path)
+            .map_err(|source| RegionError::Open { path: path.clone(), source })?;
         Self::from_file(file, config)
     }
 
@@ -355,6 +357,23 @@ fn write_register_block(regs_view: SharedMemory, layout: &RegionLayout, fresh: b
         // A fresh region has no previous device to have shut down dirtily.
         regs_view.store_u32(p + pnm::SHUTDOWN_STATE, pnm::SHUTDOWN_CLEAN, Relaxed);
     }
+}
+
+/// The region is the trust boundary (PROTOCOL.md §1.1): whoever can open
+/// it can read every host's KV and write every register. A file that lets
+/// other users in (created elsewhere, or by a wide umask) loses those bits.
+fn restrict_to_owner_and_group(file: &File, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o007 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format!("{:o}", mode & 0o777),
+            "the region was open to other users; access restricted to owner and group"
+        );
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o770))?;
+    }
+    Ok(())
 }
 
 /// Makes the file `size` bytes of zeros. A file that keeps its size has its
