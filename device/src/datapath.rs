@@ -45,6 +45,16 @@ impl Dram for DramView {
             .write_bytes(offset, data)
             .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })
     }
+    fn store_u64(&self, offset: u64, value: u64) -> Result<(), KvError> {
+        self.mem
+            .check(offset, 8)
+            .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })?;
+        if !offset.is_multiple_of(8) {
+            return Err(KvError::OutOfRange { offset, len: 8 });
+        }
+        self.mem.store_u64(offset, value, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
     fn with_rows<R>(
         &self,
         offset: u64,

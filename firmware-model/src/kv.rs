@@ -39,6 +39,12 @@ pub trait Dram {
     fn len(&self) -> u64;
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError>;
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError>;
+    /// Stores an 8-byte aligned little-endian word in one store, so that a
+    /// device killed at any instruction leaves either the old or the new
+    /// word (the descriptors' commit points rely on it).
+    fn store_u64(&self, offset: u64, value: u64) -> Result<(), KvError> {
+        self.write(offset, &value.to_le_bytes())
+    }
     /// Calls `score` with the `len` bytes at `offset` as rows of `dtype`,
     /// read in place: the scan reads each key once, from DRAM, with no copy.
     fn with_rows<R>(
@@ -213,8 +219,23 @@ struct Descriptor {
     pt_frames: [U32; MAX_PT_FRAMES],
 }
 
+/// Offsets in a descriptor of its state word, committed tokens, the
+/// (pages, page-table frame count) pair, and the page-table frame list.
+const DESCRIPTOR_COMMIT_FIELDS: (usize, usize, usize, usize) = (
+    std::mem::offset_of!(Descriptor, state),
+    std::mem::offset_of!(Descriptor, tokens),
+    std::mem::offset_of!(Descriptor, pages),
+    std::mem::offset_of!(Descriptor, pt_frames),
+);
+
 const _: () = {
     assert!(size_of::<Superblock>() == 0x38);
+    // The word stores in `write_descriptor`: 8-byte aligned, pages and
+    // page-table frame count side by side.
+    assert!(std::mem::offset_of!(Descriptor, tokens) == 0x10);
+    assert!(std::mem::offset_of!(Descriptor, pages) == 0x18);
+    assert!(std::mem::offset_of!(Descriptor, pt_frame_count) == 0x1C);
+    assert!(DESCRIPTOR_SIZE.is_multiple_of(8));
     assert!(size_of::<Descriptor>() == DESCRIPTOR_SIZE as usize);
     assert!(std::mem::offset_of!(Descriptor, pt_frames) == 0x20);
 };
@@ -687,6 +708,11 @@ impl<D: Dram> KvStore<D> {
         self.sequences.get(&seq).ok_or(KvError::NoSuchSequence(seq))
     }
 
+    /// Writes a sequence's descriptor so that a device killed at any
+    /// instruction of it leaves a consistent one: the page-table frame list
+    /// first (entries past the count are inert), then pages and page-table
+    /// frame count in one 8-byte store, then the committed tokens in one,
+    /// and the state word last (a half-made new descriptor stays free).
     fn write_descriptor(&self, seq_id: u32, seq: &Sequence) -> Result<(), KvError> {
         let mut pt_frames = [U32::ZERO; MAX_PT_FRAMES];
         for (dst, &src) in pt_frames.iter_mut().zip(&seq.pt_frames) {
@@ -704,7 +730,18 @@ impl<D: Dram> KvStore<D> {
             pt_frame_count: (seq.pt_frames.len() as u32).into(),
             pt_frames,
         };
-        self.dram.write(self.layout.descriptor(seq.slot), d.as_bytes())
+        let at = self.layout.descriptor(seq.slot);
+        let bytes = d.as_bytes();
+        let (state, tokens, sizes, frames) = DESCRIPTOR_COMMIT_FIELDS;
+        let used = frames + 4 * seq.pt_frames.len();
+        self.dram.write(at + frames as u64, &bytes[frames..used])?;
+        // Identity and shape: fixed for a live sequence, so rewriting them
+        // changes nothing; a new descriptor is not live until its state is.
+        self.dram.write(at + 4, &bytes[4..tokens])?;
+        let word = |from: usize| u64::from_le_bytes(bytes[from..from + 8].try_into().expect("8"));
+        self.dram.store_u64(at + sizes as u64, word(sizes))?;
+        self.dram.store_u64(at + tokens as u64, word(tokens))?;
+        self.dram.write(at + state as u64, &bytes[state..state + 4])
     }
 
     /// Creates an empty sequence, returning its id.
