@@ -212,6 +212,57 @@ fn stream_rows(rows: &[u8], tokens: u64, head: u16) -> &[u8] {
     &rows[start..start + tokens as usize * row]
 }
 
+/// Starts [`child_appender`] on `seq` with rows of `seed`; returns once it
+/// is about to append.
+fn start_appender(region: &Path, seed: u64, seq: u32) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["child_appender", "--exact", "--nocapture", "--test-threads", "1"])
+        .env(CHILD_ENV, format!("{}:{seed}:{seq}", region.display()))
+        .env("RUST_LOG", "off")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("start") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "appender exited before starting");
+    }
+    // Keep reading: a closed pipe would fail the appender's next print.
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    child
+}
+
+/// A random number below its argument, from `seed`.
+fn xorshift(mut state: u64) -> impl FnMut(u64) -> u64 {
+    move |bound| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound.max(1)
+    }
+}
+
+/// Every row stored in `seq`, per head, equals `expected` (K rows, V rows).
+fn assert_rows(dev: &Device, seq: &pnm_host::Sequence, expected: &[(Vec<u8>, Vec<u8>)]) {
+    let tokens = dev.kv_sequence(seq.id).unwrap().tokens;
+    for head in 0..APPEND_HEADS {
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for start in (0..tokens as u32).step_by(4096) {
+            let indices: Vec<u32> = (start..(start + 4096).min(tokens as u32)).collect();
+            let rows = dev.gather(seq, 0, head, &indices).unwrap();
+            keys.extend_from_slice(&rows.keys);
+            values.extend_from_slice(&rows.values);
+        }
+        let (want_k, want_v) = &expected[usize::from(head)];
+        assert!(&keys == want_k, "head {head}: stored keys differ from the completed appends'");
+        assert!(&values == want_v, "head {head}: stored values differ from the completed appends'");
+    }
+}
+
 /// Appends [`CHILD_TOKENS`] rows of its seed to the sequence it is given.
 #[test]
 fn child_appender() {
@@ -226,7 +277,6 @@ fn child_appender() {
 
 #[test]
 fn appenders_killed_at_random_moments_leave_exactly_the_rows_of_completed_appends() {
-    use std::io::{BufRead, BufReader};
     let region = TempRegion::new("killappend");
     let _device = DeviceProcess::start(region.path(), &["--size", "256MiB"]);
     let dev = Device::open(region.path()).unwrap();
@@ -239,33 +289,12 @@ fn appenders_killed_at_random_moments_leave_exactly_the_rows_of_completed_append
             v.extend_from_slice(stream_rows(&rows.1, tokens, h as u16));
         }
     };
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut random = move |bound: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % bound.max(1)
-    };
-    let exe = std::env::current_exe().unwrap();
+    let mut random = xorshift(0x2545_F491_4F6C_DD1D);
     let (mut completed, mut rolled_back) = (0, 0);
     let mut append_time = Duration::ZERO;
     for round in 0..21u64 {
         let before = dev.kv_sequence(seq.id).unwrap().tokens;
-        let mut child = Command::new(&exe)
-            .args(["child_appender", "--exact", "--nocapture", "--test-threads", "1"])
-            .env(CHILD_ENV, format!("{}:{round}:{}", region.path().display(), seq.id))
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        while !line.contains("start") {
-            line.clear();
-            assert!(out.read_line(&mut line).unwrap() > 0, "appender exited before starting");
-        }
+        let mut child = start_appender(region.path(), round, seq.id);
         let started = Instant::now();
         if round == 0 {
             // The first runs to the end: how long an append takes here.
@@ -302,20 +331,7 @@ fn appenders_killed_at_random_moments_leave_exactly_the_rows_of_completed_append
     assert!(rolled_back >= 5, "too few kills landed inside an append to test anything");
 
     // Every stored row, compared with its source.
-    let tokens = dev.kv_sequence(seq.id).unwrap().tokens;
-    for head in 0..APPEND_HEADS {
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        for start in (0..tokens as u32).step_by(4096) {
-            let end = (start + 4096).min(tokens as u32);
-            let indices: Vec<u32> = (start..end).collect();
-            let rows = dev.gather(&seq, 0, head, &indices).unwrap();
-            keys.extend_from_slice(&rows.keys);
-            values.extend_from_slice(&rows.values);
-        }
-        let (want_k, want_v) = &expected[usize::from(head)];
-        assert!(&keys == want_k, "head {head}: stored keys differ from the completed appends'");
-        assert!(&values == want_v, "head {head}: stored values differ from the completed appends'");
-    }
+    assert_rows(&dev, &seq, &expected);
 }
 
 /// The load test (tests/load_sharing.py) in small: 8 concurrent `pnmctl
@@ -342,4 +358,51 @@ fn concurrent_pnmctl_processes_all_get_numpy_checked_answers() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+}
+
+#[test]
+fn devices_killed_at_random_moments_of_an_append_keep_exactly_the_completed_rows() {
+    let region = TempRegion::new("killdevice");
+    let mut device = DeviceProcess::start(region.path(), &["--size", "256MiB"]);
+    let seq = Device::open(region.path()).unwrap().kv_create(append_shape()).unwrap();
+    let mut expected = vec![(Vec::new(), Vec::new()); usize::from(APPEND_HEADS)];
+    let add = |rows: &(Vec<u8>, Vec<u8>), expected: &mut Vec<(Vec<u8>, Vec<u8>)>| {
+        for (h, (k, v)) in expected.iter_mut().enumerate() {
+            k.extend_from_slice(stream_rows(&rows.0, CHILD_TOKENS, h as u16));
+            v.extend_from_slice(stream_rows(&rows.1, CHILD_TOKENS, h as u16));
+        }
+    };
+    let mut random = xorshift(0x9E37_79B9_7F4A_7C15);
+    let (mut completed, mut rolled_back) = (0, 0);
+    let mut append_time = Duration::ZERO;
+    for round in 0..11u64 {
+        let before = Device::open(region.path()).unwrap().kv_sequence(seq.id).unwrap().tokens;
+        let mut child = start_appender(region.path(), 500 + round, seq.id);
+        let started = Instant::now();
+        if round == 0 {
+            assert!(child.wait().unwrap().success());
+            append_time = started.elapsed();
+        } else {
+            // The device dies at a random moment of the append; its host
+            // with it (it would only wait out its timeout).
+            std::thread::sleep(Duration::from_micros(random(append_time.as_micros() as u64)));
+            device.signal(nix::sys::signal::Signal::SIGKILL);
+            device.wait(Duration::from_secs(5)).expect("killed device exits");
+            let _ = child.kill();
+            child.wait().unwrap();
+            device = DeviceProcess::start(region.path(), &[]);
+        }
+        let after = Device::open(region.path()).unwrap().kv_sequence(seq.id).unwrap().tokens;
+        if after == before + CHILD_TOKENS {
+            completed += 1;
+            add(&append_rows(500 + round, CHILD_TOKENS), &mut expected);
+        } else {
+            assert_eq!(after, before, "round {round}: a part of an append survived the device");
+            rolled_back += 1;
+        }
+    }
+    println!("{completed} appends completed, {rolled_back} cut by a device kill");
+    assert!(rolled_back >= 3, "too few kills landed inside an append to test anything");
+    let dev = Device::open(region.path()).unwrap();
+    assert_rows(&dev, &seq, &expected);
 }
