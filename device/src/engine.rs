@@ -21,8 +21,9 @@ use crate::datapath::{DataPath, DramView};
 use crate::dma::DmaAllocator;
 use crate::mailbox::{HealthCounters, KvGeometry, MailboxState, TimestampClock};
 use crate::notify::{NotifyServer, Peers};
-use crate::queues::{ComputeUnits, QueueTable};
+use crate::queues::QueueTable;
 use crate::region::{Region, RegionConfig, RegionError};
+use crate::units::ComputeUnits;
 use pnm_firmware::timing::HardwareProfile;
 
 /// How often the heartbeat register advances.

@@ -12,6 +12,7 @@ pub mod notify;
 pub mod queues;
 pub mod region;
 mod sys;
+mod units;
 
 pub use engine::{DeviceConfig, RunningDevice, UnitConfig};
 pub use region::{Region, RegionConfig, RegionError};
