@@ -290,6 +290,45 @@ struct Report {
     mean_modelled_ms: f64,
 }
 
+/// Refuses a synthetic cache this machine cannot hold, before generating it:
+/// K and V in host memory, and (embedded) the device region beside them.
+fn check_memory(args: &Args) -> anyhow::Result<()> {
+    let shape = KvShape {
+        dtype: args.dtype.into(),
+        layers: args.layers,
+        heads: args.kv_heads,
+        head_dim: args.head_dim,
+    };
+    let tokens = args.tokens + u64::from(args.steps);
+    let host = shape.bytes(tokens) * 2;
+    let region = if args.device.is_some() {
+        0
+    } else {
+        args.size.unwrap_or_else(|| ((host as f64 * 1.1) as u64 + (192 << 20)).next_power_of_two())
+    };
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib << 10)
+    });
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if let Some(available) = available
+        && host + region > available
+    {
+        bail!(
+            "the synthetic cache needs {:.1} GiB of K and V in host memory{}; this machine has \
+             {:.1} GiB available: lower --tokens, --layers, --kv-heads or --head-dim",
+            gib(host),
+            if region > 0 {
+                format!(" plus a {:.1} GiB embedded device region", gib(region))
+            } else {
+                String::new()
+            },
+            gib(available)
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -300,8 +339,18 @@ fn main() -> anyhow::Result<()> {
         .init();
     pnm_host::default_sigpipe();
     let args = Args::parse();
-    if args.group == 0 || args.k == 0 || args.tokens == 0 {
-        bail!("--group, -k and --tokens must be at least 1");
+    if args.group == 0 || args.k == 0 || args.tokens == 0 || args.steps == 0 {
+        bail!("--group, -k, --tokens and --steps must be at least 1");
+    }
+    if args.kv.is_none() {
+        if u64::from(args.k) > args.tokens {
+            bail!(
+                "-k {} is more than the {} tokens of the context: every token would be selected",
+                args.k,
+                args.tokens
+            );
+        }
+        check_memory(&args)?;
     }
     let mut rng = Rng::new(args.seed);
     let cache = match &args.kv {

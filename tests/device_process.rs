@@ -588,3 +588,37 @@ fn only_the_owner_and_group_may_open_the_region_and_its_socket() {
     let socket = pnm_protocol::notify::socket_path(region.path());
     assert_eq!(mode(&socket) & 0o007, 0, "the socket is closed to others");
 }
+
+#[test]
+fn impossible_device_requests_are_refused_up_front_and_leave_no_file() {
+    let region = TempRegion::new("refused");
+    let path = region.path().to_str().unwrap();
+    for (args, says) in [
+        (vec!["--size", "3MiB"], "not a power of two"),
+        (vec!["--size", "1TiB"], "does not fit"),
+        (vec!["--compute-units", "0"], "compute-units"),
+    ] {
+        let out = run("pnm-device", &[&["--path", path][..], &args].concat());
+        assert!(!out.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!region.path().exists(), "{args:?} left a file behind");
+    }
+}
+
+#[test]
+fn the_main_job_refuses_what_it_cannot_do_with_the_numbers() {
+    let main_job = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cxl-pnm"))
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    assert!(main_job(&["--steps", "0"]).contains("--steps must be at least 1"));
+    assert!(main_job(&["--tokens", "100", "-k", "200"]).contains("more than the 100 tokens"));
+    let huge = main_job(&["--tokens", "600000", "--layers", "32", "--head-dim", "256"]);
+    assert!(huge.contains("GiB of K and V in host memory") && huge.contains("available"), "{huge}");
+}

@@ -24,8 +24,8 @@ struct Args {
     /// Host DMA window size of a new region (default: size/8, 1MiB..=256MiB).
     #[arg(long, value_parser = parse_size)]
     dma_window: Option<u64>,
-    /// Compute-unit threads (default: the machine's cores).
-    #[arg(long)]
+    /// Compute-unit threads, 1-256 (default: the machine's cores).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=256))]
     compute_units: Option<u32>,
     /// Leave the compute units to the scheduler instead of pinning each to
     /// its own CPU (e.g. when several devices share the machine's CPUs).

@@ -44,6 +44,12 @@ pub enum RegionError {
          pass --reformat to start afresh (every stored sequence is lost)"
     )]
     KvStore { path: PathBuf, reason: String },
+    #[error(
+        "a {} MiB region does not fit where {path} lives: {} MiB free; ask for less with --size",
+        size >> 20,
+        room >> 20
+    )]
+    NoRoom { path: PathBuf, size: u64, room: u64 },
     #[error("notification socket {path}: {source}")]
     Socket { path: PathBuf, source: std::io::Error },
     #[error("cannot size or map region {path}: {source}")]
@@ -88,20 +94,34 @@ impl Region {
     /// Opens (or creates) and locks the region described by `config`.
     pub fn open(config: &RegionConfig) -> Result<Self, RegionError> {
         let path = config.path.clone();
+        // A bad request is refused before a file is created for it.
+        if let Some(size) = config.size {
+            RegionLayout::new(size, config.dma_window)?;
+        }
         if let Some(advice) = small_page_advice(&path) {
             tracing::warn!("{advice}");
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o660)
-            .open(&path)
-            .map_err(|source| RegionError::Open { path: path.clone(), source })?;
+        let open = |create_new: bool| {
+            OpenOptions::new().read(true).write(true).create_new(create_new).mode(0o660).open(&path)
+        };
+        // Whether this start made the file: a start that fails leaves
+        // nothing behind then.
+        let (file, created) = match open(true) {
+            Ok(file) => (file, true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let file = open(false)
+                    .map_err(|source| RegionError::Open { path: path.clone(), source })?;
+                (file, false)
+            }
+            Err(source) => return Err(RegionError::Open { path, source }),
+        };
         restrict_to_owner_and_group(&file, &path)
             .map_err(|source| RegionError::Open { path: path.clone(), source })?;
-        Self::from_file(file, config)
+        Self::from_file(file, config).inspect_err(|_| {
+            if created && std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
+                let _ = std::fs::remove_file(&path);
+            }
+        })
     }
 
     /// Locks and maps an already open file (a memfd for an embedded device).
@@ -172,6 +192,7 @@ impl Region {
         };
 
         if !keep {
+            check_room(&lock, &path, existing_len, layout.size)?;
             discard_contents(&lock, existing_len, layout.size).map_err(map_err)?;
         }
         let map = MmapOptions::new().len(layout.size as usize).map_raw(&*lock).map_err(map_err)?;
@@ -372,6 +393,23 @@ fn restrict_to_owner_and_group(file: &File, path: &Path) -> std::io::Result<()> 
             "the region was open to other users; access restricted to owner and group"
         );
         file.set_permissions(std::fs::Permissions::from_mode(mode & 0o770))?;
+    }
+    Ok(())
+}
+
+/// Refuses a region its file system cannot hold: a tmpfs (or hugetlbfs)
+/// smaller than the region would take it, advertise it, and fail later
+/// (SIGBUS, or the OOM killer) once hosts fill device DRAM.
+fn check_room(file: &File, path: &Path, existing: u64, size: u64) -> Result<(), RegionError> {
+    let Ok(fs) = nix::sys::statvfs::fstatvfs(file) else { return Ok(()) };
+    if fs.blocks() == 0 {
+        return Ok(()); // no size accounting (a memfd's internal mount)
+    }
+    let free = fs.blocks_available().saturating_mul(fs.fragment_size());
+    // The old contents are discarded, so their room counts as free.
+    let room = free.saturating_add(existing);
+    if size > room {
+        return Err(RegionError::NoRoom { path: path.to_path_buf(), size, room });
     }
     Ok(())
 }
