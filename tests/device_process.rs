@@ -622,3 +622,40 @@ fn the_main_job_refuses_what_it_cannot_do_with_the_numbers() {
     let huge = main_job(&["--tokens", "600000", "--layers", "32", "--head-dim", "256"]);
     assert!(huge.contains("GiB of K and V in host memory") && huge.contains("available"), "{huge}");
 }
+
+#[test]
+fn broken_firmware_limits_name_the_field_the_value_and_the_limit() {
+    let region = TempRegion::new("limits");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let limits = dev.identify_pnm().unwrap();
+    let message = |e: Error| e.to_string();
+    let wide = pnm_host::KvShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 512 };
+    let said = message(dev.kv_create(wide).unwrap_err());
+    assert!(
+        said.contains(&format!(
+            "head_dim 512 is outside this device's limit 1..={}",
+            limits.max_head_dim
+        )),
+        "{said}"
+    );
+    let shape = pnm_host::KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 4 };
+    let seq = dev.kv_create(shape).unwrap();
+    let rows = vec![0u8; 16 * 4];
+    let seq = dev.kv_append(&seq, &rows, &rows, 4, &mut |_| {}).unwrap();
+    let one = pnm_host::Query::f32(&[1.0; 4], 4);
+    let said = message(dev.topk(seq.id, 0, 0, &one, 9000).unwrap_err());
+    assert!(
+        said.contains(&format!("k 9000 is outside this device's limit 1..={}", limits.max_k)),
+        "{said}"
+    );
+    let nine = pnm_host::Query::f32(&[1.0; 36], 4);
+    let said = message(dev.topk(seq.id, 0, 0, &nine, 2).unwrap_err());
+    assert!(
+        said.contains(&format!(
+            "group (queries per KV head) 9 is outside this device's limit 1..={}",
+            limits.max_group
+        )),
+        "{said}"
+    );
+}

@@ -36,6 +36,19 @@ fn dtype_name<S: serde::Serializer>(d: &Dtype, s: S) -> std::result::Result<S::O
     s.serialize_str(d.name())
 }
 
+impl std::fmt::Display for KvShape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} layers x {} KV heads x {} dims of {}",
+            self.layers,
+            self.heads,
+            self.head_dim,
+            self.dtype.name()
+        )
+    }
+}
+
 impl KvShape {
     pub fn row_bytes(&self) -> u64 {
         u64::from(self.head_dim) * self.dtype.size() as u64
@@ -217,6 +230,27 @@ pub(crate) struct DataPath {
     pool: DmaPool,
     frames_offset: u64,
     frame_count: u32,
+    /// The device's firmware limits (Identify PNM), checked before a
+    /// command goes out so a refusal names the field, value and limit.
+    limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_k: u32,
+    max_group: u32,
+    max_head_dim: u32,
+}
+
+impl Limits {
+    fn check(what: &str, value: u32, max: u32) -> Result<()> {
+        if value == 0 || value > max {
+            return Err(Error::Invalid(format!(
+                "{what} {value} is outside this device's limit 1..={max}"
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl DataPath {
@@ -348,6 +382,11 @@ impl Device {
                 pool,
                 frames_offset: info.kv_frames_offset,
                 frame_count: info.kv_frame_count,
+                limits: Limits {
+                    max_k: info.max_k,
+                    max_group: info.max_group,
+                    max_head_dim: info.max_head_dim,
+                },
             });
         }
         Ok(Session { dp, device: self })
@@ -368,16 +407,22 @@ impl Device {
 
     /// Creates an empty sequence.
     pub fn kv_create(&self, shape: KvShape) -> Result<Sequence> {
+        let mut s = self.session()?;
+        Limits::check("head_dim", u32::from(shape.head_dim), s.dp().limits.max_head_dim)?;
+        if shape.layers == 0 || shape.heads == 0 {
+            return Err(Error::Invalid(format!("a sequence of {shape} holds nothing")));
+        }
         let mut e = sqe(opcode::KV_CREATE, 0);
         e.layer = shape.layers.into();
         e.head = shape.heads.into();
         e.arg0 = u32::from(shape.head_dim).into();
         e.arg1 = shape.dtype.code().into();
-        let c = self.session()?.run(e)?;
+        let c = s.run(e)?;
+        drop(s);
         let expected = pnm_protocol::queue::tokens_per_page(u32::from(shape.head_dim), shape.dtype);
         if c.result1 != expected {
             return Err(Error::Protocol(format!(
-                "{} tokens per page for {shape:?}, expected {expected}",
+                "{} tokens per page for {shape}, expected {expected}",
                 c.result1
             )));
         }
@@ -453,7 +498,7 @@ impl Device {
         let expected = shape.bytes(tokens);
         if keys.len() as u64 != expected || values.len() as u64 != expected {
             return Err(Error::Invalid(format!(
-                "{tokens} tokens of {shape:?} need {expected} bytes each of K and V; got {} and {}",
+                "{tokens} tokens of {shape} need {expected} bytes each of K and V; got {} and {}",
                 keys.len(),
                 values.len()
             )));
@@ -613,6 +658,9 @@ impl Device {
         layout: TopkLayout,
         with_rows: bool,
     ) -> Result<(SubmissionEntry, DmaBuf)> {
+        let limits = s.dp().limits;
+        Limits::check("k", r.k, limits.max_k)?;
+        Limits::check("GQA group (queries per KV head)", r.query.group, limits.max_group)?;
         let q = s.alloc(r.query.data.len() as u64)?;
         s.mem().write_bytes(q.addr, &r.query.data).expect("DMA buffer in the region");
         let op = if with_rows { opcode::TOPK_GATHER } else { opcode::TOPK };

@@ -634,7 +634,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                     let existing = device.kv_sequence(*id)?;
                     if existing.shape != shape {
                         return Err(usage(format!(
-                            "sequence {id} is {:?}; the arrays are {shape:?}",
+                            "sequence {id} is {}; the arrays are {shape}",
                             existing.shape
                         )));
                     }
