@@ -66,6 +66,7 @@ struct Args {
     /// Decode steps; each appends one token first.
     #[arg(long, default_value_t = 8)]
     steps: u32,
+    /// Seed of the synthetic cache and the queries: the same seed, the same run.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Size of the embedded device's region (default: what the cache needs).

@@ -659,3 +659,68 @@ fn broken_firmware_limits_name_the_field_the_value_and_the_limit() {
         "{said}"
     );
 }
+
+/// Options of `help` (clap's `-h` output) that have no description.
+fn undescribed(help: &str) -> Vec<String> {
+    let lines: Vec<&str> = help.lines().collect();
+    let mut missing = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        if !trimmed.starts_with('-') {
+            continue;
+        }
+        let indent = line.len() - trimmed.len();
+        // Same-line layout: the flag, two or more spaces, the text.
+        let same_line = trimmed.split("  ").filter(|p| !p.trim().is_empty()).count() > 1;
+        // Next-line layout: a deeper-indented, non-empty line follows.
+        let next_line = lines.get(i + 1).is_some_and(|n| {
+            let t = n.trim_start();
+            !t.is_empty() && n.len() - t.len() > indent && !t.starts_with('-')
+        });
+        if !same_line && !next_line {
+            missing.push(trimmed.to_string());
+        }
+    }
+    missing
+}
+
+#[test]
+fn every_option_of_every_command_says_what_it_does() {
+    let pnmctl_commands: &[&[&str]] = &[
+        &["identify"],
+        &["health"],
+        &["timestamp"],
+        &["logs"],
+        &["pnm-info"],
+        &["status"],
+        &["reset"],
+        &["kv", "load"],
+        &["kv", "list"],
+        &["kv", "free"],
+        &["topk"],
+        &["gather"],
+        &["model"],
+        &["bench", "kernel"],
+        &["bench", "nop"],
+        &["bench", "topk"],
+    ];
+    let mut missing = Vec::new();
+    for command in pnmctl_commands {
+        let out = run("pnmctl", &[*command, &["-h"]].concat());
+        let help = String::from_utf8_lossy(&out.stdout);
+        missing.extend(undescribed(&help).into_iter().map(|o| format!("pnmctl {command:?}: {o}")));
+    }
+    let out = run("pnm-device", &["-h"]);
+    missing.extend(
+        undescribed(&String::from_utf8_lossy(&out.stdout))
+            .into_iter()
+            .map(|o| format!("pnm-device: {o}")),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cxl-pnm")).arg("-h").output().unwrap();
+    missing.extend(
+        undescribed(&String::from_utf8_lossy(&out.stdout))
+            .into_iter()
+            .map(|o| format!("cxl-pnm: {o}")),
+    );
+    assert!(missing.is_empty(), "options without a description:\n{}", missing.join("\n"));
+}

@@ -64,10 +64,13 @@ enum Command {
     },
     /// Top-K tokens of one (sequence, layer, KV head) for a query or GQA group.
     Topk {
+        /// The sequence (its id, as `kv load` prints it and `kv list` shows).
         #[arg(long)]
         seq: u32,
+        /// The layer, from 0.
         #[arg(long)]
         layer: u16,
+        /// The KV head within the layer, from 0.
         #[arg(long)]
         head: u16,
         /// Query .npy: [head_dim] or [G, head_dim], float16/32/64.
@@ -109,17 +112,22 @@ enum Command {
     },
     /// The K and V rows of chosen tokens, written as .npy files [n, head_dim].
     Gather {
+        /// The sequence (its id, as `kv load` prints it and `kv list` shows).
         #[arg(long)]
         seq: u32,
+        /// The layer, from 0.
         #[arg(long)]
         layer: u16,
+        /// The KV head within the layer, from 0.
         #[arg(long)]
         head: u16,
         /// Token indices, comma separated (e.g. 3,17,42).
         #[arg(long, value_delimiter = ',', required = true)]
         indices: Vec<u32>,
+        /// Where to write the K rows (.npy, [n, head_dim], the sequence's dtype).
         #[arg(long)]
         out_keys: PathBuf,
+        /// Where to write the V rows (.npy, [n, head_dim], the sequence's dtype).
         #[arg(long)]
         out_values: PathBuf,
     },
@@ -245,6 +253,7 @@ enum KvAction {
     List,
     /// Free a sequence and its device DRAM.
     Free {
+        /// The sequence (its id, as `kv load` prints it and `kv list` shows).
         #[arg(long)]
         seq: u32,
     },
