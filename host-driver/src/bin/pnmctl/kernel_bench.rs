@@ -205,6 +205,14 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
         }
     }
     let reference = if grid.reference { python_reference(grid) } else { Value::Null };
+    // Asked for and not there (no python3 or numpy): a failure, not a
+    // report that silently lacks it.
+    if let Some(error) = reference.get("error") {
+        return Err(pnm_host::Error::Invalid(format!(
+            "--reference needs python3 with numpy (faiss-cpu adds its figures when installed): {}",
+            error.as_str().unwrap_or("unknown error")
+        )));
+    }
     Ok(json!({
         "benchmark": "kernel",
         "threads": 1,

@@ -235,15 +235,16 @@ enum AggregationArg {
 #[derive(Debug, Subcommand)]
 enum KvAction {
     /// Load K and V arrays shaped [layers, kv_heads, tokens, head_dim].
+    #[command(group(clap::ArgGroup::new("source").required(true).args(["keys", "safetensors"])))]
     Load {
-        /// Keys .npy (float16, float32 or float64).
-        #[arg(long, requires = "values", conflicts_with = "safetensors")]
+        /// Keys .npy (float16, float32 or float64), with --values.
+        #[arg(long, requires = "values")]
         keys: Option<PathBuf>,
         /// Values .npy, same shape and type as the keys.
         #[arg(long, requires = "keys")]
         values: Option<PathBuf>,
-        /// A safetensors file with tensors named `k` and `v` (F16, BF16, F32).
-        #[arg(long, required_unless_present = "keys")]
+        /// Or: a safetensors file with tensors named `k` and `v` (F16, BF16, F32).
+        #[arg(long)]
         safetensors: Option<PathBuf>,
         /// Append to this existing sequence instead of creating one.
         #[arg(long)]
@@ -497,7 +498,8 @@ fn run(cli: &Cli) -> Result<(), CliError> {
             format!(
                 "firmware revision   {}\ntotal capacity      {}\nvolatile only       {}\n\
                  persistent only     {}\npartition alignment {}\nLSA size            {}\n\
-                 poison list max     {}\n",
+                 poison list max     {}\n(capacities are in the spec's 256 MiB units, rounded \
+                 down; `pnmctl pnm-info` gives device DRAM to the byte)\n",
                 id.fw_revision,
                 bytes(id.total_capacity_bytes),
                 bytes(id.volatile_only_capacity_bytes),
@@ -743,6 +745,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                     serde_json::json!({
                         "indices": top.indices,
                         "scores": scores,
+                        "tokens": top.tokens,
                         "tokens_scored": top.tokens_scored,
                         "device_ns": top.device_ns,
                         "model_ns": top.model_ns,
