@@ -206,6 +206,7 @@ fn many_commands_in_flight_each_completion_matched_once() {
                 query: Query::f32(&q, 32),
                 k: 1 + (i % 40) as u32,
                 aggregation: Aggregation::Max,
+                selection: None,
             }
         })
         .collect();
@@ -579,6 +580,7 @@ fn topk_split_across_compute_units_equals_one_unit() {
                 query,
                 k,
                 aggregation: Aggregation::Max,
+                selection: None,
             });
         }
         // Many in flight: every answer is the one a lone command gets.
@@ -613,6 +615,7 @@ fn high_priority_queue_overtakes_a_queued_flood() {
             query: Query::f32(&q, 128),
             k: 64,
             aggregation: Aggregation::Max,
+            selection: None,
         })
         .collect();
     let normal = dev.handle(pnm_host::QueueOptions::default()).unwrap();

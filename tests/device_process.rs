@@ -724,3 +724,37 @@ fn every_option_of_every_command_says_what_it_does() {
     );
     assert!(missing.is_empty(), "options without a description:\n{}", missing.join("\n"));
 }
+
+#[test]
+fn pnmctl_topk_takes_a_page_selection_budget() {
+    use pnm_host::tensorfile::{Tensor, write_npy};
+    let region = TempRegion::new("budget");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = pnm_host::KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 64 };
+    let tokens = 4096u64; // 16 pages of 256 tokens
+    let keys: Vec<u8> = (0..tokens * 64)
+        .flat_map(|i| (((i * 7919) % 1000) as f32 / 500.0 - 1.0).to_le_bytes())
+        .collect();
+    let seq = dev.kv_create(shape).unwrap();
+    dev.kv_append(&seq, &keys, &keys, tokens, &mut |_| {}).unwrap();
+    let query = std::env::temp_dir().join(format!("cxl-pnm-budget-q-{}.npy", std::process::id()));
+    let q: Vec<u8> = (0..64).flat_map(|i| ((i as f32 * 0.37).sin()).to_le_bytes()).collect();
+    write_npy(&query, &Tensor { dtype: Dtype::F32, shape: vec![64], data: q }).unwrap();
+    let topk = |extra: &[&str]| -> serde_json::Value {
+        let id = seq.id.to_string();
+        let base = ["--device", region.path().to_str().unwrap(), "--json", "topk", "--seq", &id];
+        let rest = ["--layer", "0", "--head", "0", "--query", query.to_str().unwrap(), "-k", "16"];
+        let out = run("pnmctl", &[&base[..], &rest, extra].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let exact = topk(&[]);
+    assert_eq!(exact["tokens_scored"], tokens);
+    // A budget of every token is the exact Top-K.
+    assert_eq!(topk(&["--budget", "4096"])["indices"], exact["indices"]);
+    // A small one scores only the pages it can afford.
+    let cheap = topk(&["--budget", "1024", "--sink-pages", "1", "--recent-pages", "1"]);
+    assert_eq!(cheap["tokens_scored"], 1024);
+    std::fs::remove_file(&query).unwrap();
+}

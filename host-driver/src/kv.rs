@@ -221,6 +221,9 @@ pub struct TopkRequest {
     pub query: Query,
     pub k: u32,
     pub aggregation: Aggregation,
+    /// Score only the pages page selection picks (None: every token, the
+    /// exact Top-K).
+    pub selection: Option<PageSelection>,
 }
 
 /// The driver's data-path state: its queue pair and DMA buffers.
@@ -675,6 +678,11 @@ impl Device {
         e.count = r.k.into();
         e.arg0 = r.query.group.into();
         e.arg1 = topk_arg1(r.query.dtype, r.aggregation.code()).into();
+        if let Some(sel) = r.selection {
+            e.flags = FLAG_PAGE_SELECTION;
+            e.selection =
+                page_selection(sel.budget_tokens, sel.sink_pages, sel.recent_pages).into();
+        }
         Ok((e, q))
     }
 
@@ -726,6 +734,7 @@ impl Device {
             query: query.clone(),
             k,
             aggregation: Aggregation::Max,
+            selection: None,
         };
         self.topk_batch(std::slice::from_ref(&req))?.pop().expect("one request, one answer")
     }
@@ -878,19 +887,22 @@ impl Device {
         let mut s = self.session()?;
         let layout = TopkLayout { k: u64::from(k), row_bytes: seq.shape.row_bytes() };
         let out = s.alloc(layout.len())?;
-        let req = TopkRequest { seq: seq.id, layer, head, query: query.clone(), k, aggregation };
-        let (mut e, q) = match Self::topk_entry(&mut s, &req, out, layout, true) {
+        let req = TopkRequest {
+            seq: seq.id,
+            layer,
+            head,
+            query: query.clone(),
+            k,
+            aggregation,
+            selection,
+        };
+        let (e, q) = match Self::topk_entry(&mut s, &req, out, layout, true) {
             Ok(built) => built,
             Err(err) => {
                 s.free(&[out]);
                 return Err(err);
             }
         };
-        if let Some(sel) = selection {
-            e.flags = FLAG_PAGE_SELECTION;
-            e.selection =
-                page_selection(sel.budget_tokens, sel.sink_pages, sel.recent_pages).into();
-        }
         let top = s.run(e).and_then(|c| Self::read_topk(s.mem(), &c, k, out, layout));
         s.free(&[q]);
         match top {

@@ -82,6 +82,17 @@ enum Command {
         /// How a GQA group's scores combine.
         #[arg(long, value_enum, default_value = "max")]
         aggregation: AggregationArg,
+        /// Query-aware page selection: score at most this many tokens, the
+        /// pages whose key bounds promise the most (default: every token,
+        /// the exact Top-K).
+        #[arg(long)]
+        budget: Option<u32>,
+        /// With --budget: leading pages always scored (attention sinks).
+        #[arg(long, default_value_t = 1, requires = "budget")]
+        sink_pages: u8,
+        /// With --budget: trailing pages always scored (recent tokens).
+        #[arg(long, default_value_t = 2, requires = "budget")]
+        recent_pages: u8,
     },
     /// What-if answers from the timing model's hardware profiles: KV cache
     /// size, and per decode step the link bytes and modelled time with and
@@ -703,7 +714,17 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                 format!("freed sequence {seq}\n")
             });
         }
-        Command::Topk { seq, layer, head, query, k, aggregation } => {
+        Command::Topk {
+            seq,
+            layer,
+            head,
+            query,
+            k,
+            aggregation,
+            budget,
+            sink_pages,
+            recent_pages,
+        } => {
             let sequence = device.kv_sequence(*seq)?;
             check_stream(&sequence, *layer, *head)?;
             if *k == 0 {
@@ -733,6 +754,11 @@ fn run(cli: &Cli) -> Result<(), CliError> {
                 query,
                 k: *k,
                 aggregation,
+                selection: budget.map(|budget_tokens| pnm_host::PageSelection {
+                    budget_tokens,
+                    sink_pages: *sink_pages,
+                    recent_pages: *recent_pages,
+                }),
             };
             let top =
                 device.topk_batch(std::slice::from_ref(&request))?.pop().expect("one answer")?;
