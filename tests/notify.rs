@@ -237,36 +237,20 @@ fn the_socket_path_is_never_taken_from_a_live_device_or_a_file() {
     // A second device pointed at the first one's socket is refused, and the
     // first keeps its socket.
     let other = TempRegion::new("sock-b");
-    let out = common::run(
-        "pnm-device",
-        &[
-            "--path",
-            other.path().to_str().unwrap(),
-            "--size",
-            "64MiB",
-            "--socket",
-            socket.to_str().unwrap(),
-        ],
-    );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("served by another device"));
+    // A second device on another region with `socket` as its socket: refused, saying `why`.
+    let refused = |socket: &std::path::Path, why: &str| {
+        let (path, socket) = (other.path().to_str().unwrap(), socket.to_str().unwrap());
+        let out =
+            common::run("pnm-device", &["--path", path, "--size", "64MiB", "--socket", socket]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why));
+    };
+    refused(&socket, "served by another device");
     assert!(open(region.path(), true).nop().is_ok(), "the first device still has its socket");
     // A regular file at the socket path is neither deleted nor replaced.
     let file = std::env::temp_dir().join(format!("cxl-pnm-not-a-socket-{}", std::process::id()));
     std::fs::write(&file, b"keep me").unwrap();
-    let out = common::run(
-        "pnm-device",
-        &[
-            "--path",
-            other.path().to_str().unwrap(),
-            "--size",
-            "64MiB",
-            "--socket",
-            file.to_str().unwrap(),
-        ],
-    );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a socket"));
+    refused(&file, "not a socket");
     assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     std::fs::remove_file(&file).unwrap();
 }
