@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use common::{DeviceProcess, TempRegion};
 use pnm_host::{Aggregation, AsyncQueue, Device, Dtype, Error, InterruptConfig, KvShape, Query};
-use pnm_protocol::queue::{SubmissionEntry, opcode};
+use pnm_protocol::queue::{QueueOpcode, SubmissionEntry};
 
 fn nop() -> SubmissionEntry {
-    SubmissionEntry { opcode: opcode::NOP, ..Default::default() }
+    SubmissionEntry { opcode: QueueOpcode::NOP, ..Default::default() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

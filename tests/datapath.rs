@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use common::{DeviceProcess, TempRegion};
 use pnm_host::{Aggregation, Device, Dtype, Error, KvShape, Query, Sequence, TopkRequest};
 use pnm_protocol::ReturnCode;
-use pnm_protocol::queue::{SubmissionEntry, TopkLayout, opcode};
+use pnm_protocol::queue::{QueueOpcode, SubmissionEntry, TopkLayout};
 
 struct Rng(u64);
 
@@ -239,7 +239,7 @@ fn malformed_descriptors_get_error_statuses_and_the_device_keeps_serving() {
     let out = dev.dma_buffer(&[], TopkLayout { k: 8, row_bytes: 64 }.len()).unwrap();
     let sentinel = dev.dma_buffer(&[0xA5; 4096], 0).unwrap();
     let topk = |f: &dyn Fn(&mut SubmissionEntry)| {
-        let mut e = SubmissionEntry { opcode: opcode::TOPK_GATHER, ..Default::default() };
+        let mut e = SubmissionEntry { opcode: QueueOpcode::TOPK_GATHER, ..Default::default() };
         e.seq = loaded.seq.id.into();
         e.count = 8.into();
         e.arg0 = 1.into();
@@ -252,7 +252,7 @@ fn malformed_descriptors_get_error_statuses_and_the_device_keeps_serving() {
     };
     let cases: Vec<(SubmissionEntry, ReturnCode)> = vec![
         (topk(&|_| {}), ReturnCode::SUCCESS),
-        (topk(&|e| e.opcode = 0x7F), ReturnCode::UNSUPPORTED),
+        (topk(&|e| e.opcode = QueueOpcode(0x7F)), ReturnCode::UNSUPPORTED),
         (topk(&|e| e.seq = 424242.into()), ReturnCode::INVALID_HANDLE),
         (topk(&|e| e.layer = 1.into()), ReturnCode::INVALID_INPUT),
         (topk(&|e| e.head = 9.into()), ReturnCode::INVALID_INPUT),
@@ -274,7 +274,7 @@ fn malformed_descriptors_get_error_statuses_and_the_device_keeps_serving() {
         (topk(&|e| e.buf1_addr = (u64::MAX - 8).into()), ReturnCode::INVALID_PHYSICAL_ADDRESS),
         (
             {
-                let mut e = SubmissionEntry { opcode: opcode::GATHER, ..Default::default() };
+                let mut e = SubmissionEntry { opcode: QueueOpcode::GATHER, ..Default::default() };
                 e.seq = loaded.seq.id.into();
                 e.count = 1.into();
                 e.buf0_addr = query.addr.into(); // index 0: fine
@@ -287,7 +287,8 @@ fn malformed_descriptors_get_error_statuses_and_the_device_keeps_serving() {
         ),
         (
             {
-                let mut e = SubmissionEntry { opcode: opcode::KV_CREATE, ..Default::default() };
+                let mut e =
+                    SubmissionEntry { opcode: QueueOpcode::KV_CREATE, ..Default::default() };
                 e.layer = 1.into();
                 e.head = 1.into();
                 e.arg0 = 300.into();
@@ -297,14 +298,15 @@ fn malformed_descriptors_get_error_statuses_and_the_device_keeps_serving() {
         ),
         (
             {
-                let mut e = SubmissionEntry { opcode: opcode::KV_COMMIT, ..Default::default() };
+                let mut e =
+                    SubmissionEntry { opcode: QueueOpcode::KV_COMMIT, ..Default::default() };
                 e.seq = loaded.seq.id.into();
                 e.count = 101.into();
                 e
             },
             ReturnCode::INVALID_INPUT,
         ),
-        (SubmissionEntry { opcode: opcode::NOP, ..Default::default() }, ReturnCode::SUCCESS),
+        (SubmissionEntry { opcode: QueueOpcode::NOP, ..Default::default() }, ReturnCode::SUCCESS),
     ];
     let entries: Vec<SubmissionEntry> = cases.iter().map(|(e, _)| *e).collect();
     let completions = dev.submit_raw(&entries).unwrap();
@@ -314,7 +316,7 @@ fn malformed_descriptors_get_error_statuses_and_the_device_keeps_serving() {
     // An index beyond the sequence: refused before any row moves.
     let bad_index = dev.dma_buffer(&[0, 0, 0, 0, 200, 0, 0, 0], 0).unwrap();
     let before = dev.read_dma(out);
-    let mut e = SubmissionEntry { opcode: opcode::GATHER, ..Default::default() };
+    let mut e = SubmissionEntry { opcode: QueueOpcode::GATHER, ..Default::default() };
     e.seq = loaded.seq.id.into();
     e.count = 2.into();
     e.buf0_addr = bad_index.addr.into();
@@ -472,7 +474,7 @@ fn page_selection_through_the_device() {
     // Unknown flags are refused.
     let buf = dev.dma_buffer(&[0u8; 256], 0).unwrap();
     let out = dev.dma_buffer(&[], 40 * 8).unwrap();
-    let mut e = SubmissionEntry { opcode: opcode::TOPK, flags: 0x80, ..Default::default() };
+    let mut e = SubmissionEntry { opcode: QueueOpcode::TOPK, flags: 0x80, ..Default::default() };
     e.seq = loaded.seq.id.into();
     e.count = 40.into();
     e.arg0 = 1.into();

@@ -10,10 +10,10 @@ use pnm_host::{
     Device, DeviceOptions, Dtype, Error, InterruptConfig, KvShape, Query, QueueOptions,
 };
 use pnm_protocol::ReturnCode;
-use pnm_protocol::queue::{SubmissionEntry, opcode};
+use pnm_protocol::queue::{QueueOpcode, SubmissionEntry};
 
 fn nop() -> SubmissionEntry {
-    SubmissionEntry { opcode: opcode::NOP, ..Default::default() }
+    SubmissionEntry { opcode: QueueOpcode::NOP, ..Default::default() }
 }
 
 fn open(path: &std::path::Path, interrupts: bool) -> Device {

@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use pnm_protocol::RegionLayout;
 use pnm_protocol::commands::{DMA_GRANULE, DMA_WINDOW_SHARE_PER_OWNER};
-use pnm_protocol::{RegionLayout, ReturnCode};
+
+use crate::refusal::{Reason, Refusal};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allocation {
@@ -31,16 +33,25 @@ impl DmaAllocator {
     /// Allocates `size` bytes (rounded up to the granule) for `owner_pid`.
     /// Refused: size or owner 0 (Invalid Input); no gap fits, or the owner
     /// would hold more than its share of the window (Resources Exhausted).
-    pub fn allocate(&mut self, size: u64, owner_pid: u32) -> Result<u64, ReturnCode> {
-        if owner_pid == 0 || size == 0 {
-            return Err(ReturnCode::INVALID_INPUT);
+    pub fn allocate(&mut self, size: u64, owner_pid: u32) -> Result<u64, Refusal> {
+        if owner_pid == 0 {
+            return Err(Refusal::invalid(Reason::NoOwner));
         }
-        let len =
-            size.checked_next_multiple_of(DMA_GRANULE).ok_or(ReturnCode::RESOURCES_EXHAUSTED)?;
+        if size == 0 {
+            return Err(Refusal::invalid(Reason::EmptyDmaBuffer));
+        }
+        let full = Refusal::exhausted(Reason::DmaWindowFull { want: size });
+        let len = size.checked_next_multiple_of(DMA_GRANULE).ok_or(full.clone())?;
         let held: u64 =
             self.allocations.values().filter(|a| a.owner_pid == owner_pid).map(|a| a.len).sum();
-        if held + len > (self.end - self.start) / DMA_WINDOW_SHARE_PER_OWNER {
-            return Err(ReturnCode::RESOURCES_EXHAUSTED);
+        let share = (self.end - self.start) / DMA_WINDOW_SHARE_PER_OWNER;
+        if held.saturating_add(len) > share {
+            return Err(Refusal::exhausted(Reason::DmaShare {
+                owner: owner_pid,
+                held,
+                want: len,
+                share,
+            }));
         }
         let mut cursor = self.start;
         for (&addr, a) in &self.allocations {
@@ -50,7 +61,7 @@ impl DmaAllocator {
             cursor = addr + a.len;
         }
         if self.end.saturating_sub(cursor) < len {
-            return Err(ReturnCode::RESOURCES_EXHAUSTED);
+            return Err(full);
         }
         self.allocations.insert(cursor, Allocation { len, owner_pid });
         Ok(cursor)
@@ -80,6 +91,7 @@ impl DmaAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pnm_protocol::ReturnCode;
 
     const FULL: Result<u64, ReturnCode> = Err(ReturnCode::RESOURCES_EXHAUSTED);
 
@@ -95,19 +107,23 @@ mod tests {
         assert_eq!(b, a + 4096);
         assert!(dma.free(a));
         assert!(!dma.free(a), "double free is refused");
-        assert_eq!(dma.allocate(4096, 8), Ok(a), "the gap is reused");
-        assert_eq!(dma.allocate(0, 1), Err(ReturnCode::INVALID_INPUT));
-        assert_eq!(dma.allocate(4096, 0), Err(ReturnCode::INVALID_INPUT), "owner 0 is nobody");
-        assert_eq!(dma.allocate(u64::MAX, 1), FULL);
+        assert_eq!(dma.allocate(4096, 8).map_err(|r| r.code), Ok(a), "the gap is reused");
+        assert_eq!(dma.allocate(0, 1).map_err(|r| r.code), Err(ReturnCode::INVALID_INPUT));
+        assert_eq!(
+            dma.allocate(4096, 0).map_err(|r| r.code),
+            Err(ReturnCode::INVALID_INPUT),
+            "owner 0 is nobody"
+        );
+        assert_eq!(dma.allocate(u64::MAX, 1).map_err(|r| r.code), FULL);
         // One owner gets at most half the window, however it asks.
-        assert_eq!(dma.allocate(half + 4096, 9), FULL);
+        assert_eq!(dma.allocate(half + 4096, 9).map_err(|r| r.code), FULL);
         let c = dma.allocate(half - 4096, 9).unwrap();
-        assert_eq!(dma.allocate(8192, 9), FULL, "past its share");
+        assert_eq!(dma.allocate(8192, 9).map_err(|r| r.code), FULL, "past its share");
         let rest = window_end - (c + half - 4096);
         let d = dma.allocate(rest, 10).unwrap();
         assert_eq!(d + rest, window_end);
-        assert_eq!(dma.allocate(1, 11), FULL, "window full");
+        assert_eq!(dma.allocate(1, 11).map_err(|r| r.code), FULL, "window full");
         assert_eq!(dma.reclaim(|pid| pid == 7), 1);
-        assert_eq!(dma.allocate(8192, 1), Ok(b));
+        assert_eq!(dma.allocate(8192, 1).map_err(|r| r.code), Ok(b));
     }
 }

@@ -17,11 +17,12 @@ use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
 
 use pnm_firmware::kv::KvStore;
 
-use crate::datapath::{DataPath, DramView};
 use crate::dma::DmaAllocator;
+use crate::executor::{DramView, Executor};
 use crate::mailbox::{HealthCounters, KvGeometry, MailboxState, TimestampClock};
 use crate::notify::{NotifyServer, Peers};
 use crate::queues::QueueTable;
+use crate::refusal::{Reason, Refusal};
 use crate::region::{Region, RegionConfig, RegionError};
 use crate::units::ComputeUnits;
 use pnm_firmware::timing::HardwareProfile;
@@ -205,7 +206,7 @@ impl RunningDevice {
             dma: DmaAllocator::new(&layout),
         };
         tracing::info!(profile = %profile.name, "timing model");
-        let datapath = DataPath::new(regs, layout, kv, profile);
+        let executor = Executor::new(regs, layout, kv, profile);
         let io_err =
             |source: std::io::Error| RegionError::Map { path: region.path.clone(), source };
         let vectors: Vec<Arc<EventFd>> = (0..notify::VECTORS)
@@ -227,7 +228,7 @@ impl RunningDevice {
         };
 
         // The compute units run (each on its CPU) before the device says so.
-        let units = ComputeUnits::start(compute_units, units.pin, &datapath, wake.clone());
+        let units = ComputeUnits::start(compute_units, units.pin, &executor, wake.clone());
 
         // Everything above is published by this Release store: a host that
         // sees Mailbox Ready sees a complete register block, running compute
@@ -250,7 +251,7 @@ impl RunningDevice {
             let mut engine = Engine {
                 regs,
                 state,
-                datapath,
+                executor,
                 units,
                 peers,
                 wake: wake.clone(),
@@ -323,7 +324,7 @@ impl Drop for RunningDevice {
 struct Engine {
     regs: SharedMemory,
     state: MailboxState,
-    datapath: DataPath,
+    executor: Executor,
     units: ComputeUnits,
     peers: Peers,
     wake: Arc<EventFd>,
@@ -475,7 +476,7 @@ impl Engine {
             self.serve_mailbox(control);
             worked = true;
         }
-        worked |= self.state.queues.poll(&mut self.datapath, &self.units);
+        worked |= self.state.queues.poll(&mut self.executor, &self.units);
         self.state.queues.flush_interrupts(now);
         let mut departed = false;
         for peer in self.peers.take_departed() {
@@ -509,7 +510,7 @@ impl Engine {
         if gone.is_empty() {
             return;
         }
-        let mut kv = self.datapath.kv.write().unwrap_or_else(|e| e.into_inner());
+        let mut kv = self.executor.kv.write().unwrap_or_else(|e| e.into_inner());
         for writer in gone {
             match kv.abandon(writer) {
                 Ok(rolled) => {
@@ -571,7 +572,7 @@ impl Engine {
         let opcode = Opcode(opcode);
         let span = tracing::debug_span!("mailbox", %opcode, input_len).entered();
         let result = if u64::from(input_len) > regs::MAILBOX_PAYLOAD_SIZE {
-            Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
+            Err(Refusal::new(ReturnCode::INVALID_PAYLOAD_LENGTH, Reason::PayloadTooLong(input_len)))
         } else {
             let mut input = vec![0u8; input_len as usize];
             self.regs
@@ -587,13 +588,13 @@ impl Engine {
                     .expect("payload area is inside the register block");
                 (ReturnCode::SUCCESS, output.len() as u32)
             }
-            Err(code) => (code, 0),
+            Err(refusal) => {
+                tracing::info!(%opcode, code = %refusal.code, reason = %refusal.reason, "mailbox command refused");
+                (refusal.code, 0)
+            }
         };
         tracing::debug!(parent: &span, %code, output_len, "done");
         drop(span);
-        if !code.is_success() {
-            tracing::info!(%opcode, %code, "mailbox command failed");
-        }
         self.regs.store_u64(
             mb + mailbox::COMMAND,
             mailbox::encode_command(opcode.0, output_len),

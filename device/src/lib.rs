@@ -4,12 +4,13 @@
 //! memfd for an embedded device), gives the CXL registers their semantics and
 //! serves the mailbox on a dedicated engine thread.
 
-pub mod datapath;
 pub mod dma;
 pub mod engine;
+pub mod executor;
 pub mod mailbox;
 pub mod notify;
 pub mod queues;
+pub mod refusal;
 pub mod region;
 mod sys;
 mod units;

@@ -1,4 +1,4 @@
-//! Mailbox command handlers: input bytes in, output bytes or a return code out.
+//! Mailbox command handlers: input bytes in, output bytes or a refusal out.
 //!
 //! Pure apart from the clock, so every command and every bad input can be
 //! tested without a region.
@@ -15,10 +15,11 @@ use pnm_protocol::commands::{
 use pnm_protocol::queue::{KV_FRAME_SIZE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS};
 use pnm_protocol::regs::{ABI_VERSION, MAILBOX_PAYLOAD_SIZE};
 use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
-use zerocopy::{FromBytes, IntoBytes};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 use crate::dma::DmaAllocator;
 use crate::queues::QueueTable;
+use crate::refusal::{Reason, Refusal};
 
 /// The device's Timestamp: unset until the host sets it, then advancing
 /// with the device's monotonic clock.
@@ -67,6 +68,19 @@ pub struct MailboxState {
     pub dma: DmaAllocator,
 }
 
+/// Reads a command's fixed-size input.
+fn read_input<T: FromBytes + KnownLayout + Immutable>(
+    command: Opcode,
+    input: &[u8],
+) -> Result<T, Refusal> {
+    T::read_from_bytes(input).map_err(|_| {
+        Refusal::new(
+            ReturnCode::INVALID_PAYLOAD_LENGTH,
+            Reason::InputLength { command, expected: size_of::<T>(), got: input.len() },
+        )
+    })
+}
+
 /// The Command Effects Log: every supported opcode with its effects.
 pub fn command_effects_log() -> Vec<u8> {
     Opcode::ALL
@@ -86,19 +100,24 @@ impl MailboxState {
         opcode: Opcode,
         input: &[u8],
         now: Instant,
-    ) -> Result<Vec<u8>, ReturnCode> {
-        let expected = opcode.input_len().ok_or(ReturnCode::UNSUPPORTED)?;
+    ) -> Result<Vec<u8>, Refusal> {
+        let expected = opcode
+            .input_len()
+            .ok_or(Refusal::new(ReturnCode::UNSUPPORTED, Reason::UnsupportedCommand(opcode)))?;
         if input.len() != expected {
-            return Err(ReturnCode::INVALID_PAYLOAD_LENGTH);
+            return Err(Refusal::new(
+                ReturnCode::INVALID_PAYLOAD_LENGTH,
+                Reason::InputLength { command: opcode, expected, got: input.len() },
+            ));
         }
+
         match opcode {
             Opcode::GET_TIMESTAMP => {
                 let out = GetTimestampOutput { timestamp_ns: self.clock.get(now).into() };
                 Ok(out.as_bytes().to_vec())
             }
             Opcode::SET_TIMESTAMP => {
-                let input = SetTimestampInput::read_from_bytes(input)
-                    .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+                let input = read_input::<SetTimestampInput>(opcode, input)?;
                 self.clock.set(input.timestamp_ns.get(), now);
                 Ok(Vec::new())
             }
@@ -110,53 +129,48 @@ impl MailboxState {
                 };
                 Ok([header.as_bytes(), cel.as_bytes()].concat())
             }
-            Opcode::GET_LOG => self.get_log(input),
+            Opcode::GET_LOG => self.get_log(read_input(opcode, input)?),
             Opcode::IDENTIFY_MEMORY_DEVICE => Ok(self.identify().as_bytes().to_vec()),
             Opcode::GET_HEALTH_INFO => Ok(self.health_info().as_bytes().to_vec()),
             Opcode::IDENTIFY_PNM => Ok(self.identify_pnm().as_bytes().to_vec()),
             Opcode::CREATE_QUEUE_PAIR => {
-                let input = CreateQueuePairInput::read_from_bytes(input)
-                    .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+                let input = read_input::<CreateQueuePairInput>(opcode, input)?;
                 let queue_id = self.queues.create(&input)?;
                 Ok(CreateQueuePairOutput { queue_id: queue_id.into(), reserved: [0; 6] }
                     .as_bytes()
                     .to_vec())
             }
             Opcode::DELETE_QUEUE_PAIR => {
-                let input = DeleteQueuePairInput::read_from_bytes(input)
-                    .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+                let input = read_input::<DeleteQueuePairInput>(opcode, input)?;
                 self.queues.delete(input.queue_id.get())?;
                 Ok(Vec::new())
             }
             Opcode::ALLOCATE_DMA => {
-                let input = AllocateDmaInput::read_from_bytes(input)
-                    .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+                let input = read_input::<AllocateDmaInput>(opcode, input)?;
                 let addr = self.dma.allocate(input.size.get(), input.owner_pid.get())?;
                 Ok(DmaBufferAddr { addr: addr.into() }.as_bytes().to_vec())
             }
             Opcode::FREE_DMA => {
-                let input = DmaBufferAddr::read_from_bytes(input)
-                    .map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+                let input = read_input::<DmaBufferAddr>(opcode, input)?;
                 if !self.dma.free(input.addr.get()) {
-                    return Err(ReturnCode::INVALID_INPUT);
+                    return Err(Refusal::invalid(Reason::NoSuchDmaBuffer(input.addr.get())));
                 }
                 Ok(Vec::new())
             }
-            _ => Err(ReturnCode::UNSUPPORTED),
+            _ => Err(Refusal::new(ReturnCode::UNSUPPORTED, Reason::UnsupportedCommand(opcode))),
         }
     }
 
-    fn get_log(&self, input: &[u8]) -> Result<Vec<u8>, ReturnCode> {
-        let input =
-            GetLogInput::read_from_bytes(input).map_err(|_| ReturnCode::INVALID_PAYLOAD_LENGTH)?;
+    fn get_log(&self, input: GetLogInput) -> Result<Vec<u8>, Refusal> {
         if input.log_id != CEL_UUID {
-            return Err(ReturnCode::INVALID_LOG);
+            return Err(Refusal::new(ReturnCode::INVALID_LOG, Reason::UnknownLog));
         }
         let log = command_effects_log();
         let offset = input.offset.get() as u64;
         let length = input.length.get() as u64;
-        if length > MAILBOX_PAYLOAD_SIZE || offset + length > log.len() as u64 {
-            return Err(ReturnCode::INVALID_INPUT);
+        let size = log.len() as u64;
+        if length > MAILBOX_PAYLOAD_SIZE || offset + length > size {
+            return Err(Refusal::invalid(Reason::LogRange { offset, length, size }));
         }
         Ok(log[offset as usize..(offset + length) as usize].to_vec())
     }
@@ -251,7 +265,10 @@ mod tests {
     fn unknown_opcodes_are_unsupported() {
         let now = Instant::now();
         for op in [0x0000, 0x0001, 0x4300, 0xC0FF, 0xFFFF] {
-            assert_eq!(state().execute(Opcode(op), &[], now), Err(ReturnCode::UNSUPPORTED));
+            assert_eq!(
+                state().execute(Opcode(op), &[], now).map_err(|r| r.code),
+                Err(ReturnCode::UNSUPPORTED)
+            );
         }
     }
 
@@ -260,19 +277,19 @@ mod tests {
         let now = Instant::now();
         let mut s = state();
         assert_eq!(
-            s.execute(Opcode::IDENTIFY_MEMORY_DEVICE, &[0], now),
+            s.execute(Opcode::IDENTIFY_MEMORY_DEVICE, &[0], now).map_err(|r| r.code),
             Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
         );
         assert_eq!(
-            s.execute(Opcode::SET_TIMESTAMP, &[0; 7], now),
+            s.execute(Opcode::SET_TIMESTAMP, &[0; 7], now).map_err(|r| r.code),
             Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
         );
         assert_eq!(
-            s.execute(Opcode::SET_TIMESTAMP, &[0; 9], now),
+            s.execute(Opcode::SET_TIMESTAMP, &[0; 9], now).map_err(|r| r.code),
             Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
         );
         assert_eq!(
-            s.execute(Opcode::GET_LOG, &[0; 0x17], now),
+            s.execute(Opcode::GET_LOG, &[0; 0x17], now).map_err(|r| r.code),
             Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
         );
     }
@@ -308,7 +325,8 @@ mod tests {
                     Opcode::CREATE_QUEUE_PAIR,
                     input(8192, priority, reserved).as_bytes(),
                     now
-                ),
+                )
+                .map_err(|r| r.code),
                 Err(ReturnCode::INVALID_INPUT)
             );
         }
@@ -316,7 +334,7 @@ mod tests {
         let mut ownerless = input(8192, QUEUE_PRIORITY_NORMAL, 0);
         ownerless.owner_pid = 0.into();
         assert_eq!(
-            s.execute(Opcode::CREATE_QUEUE_PAIR, ownerless.as_bytes(), now),
+            s.execute(Opcode::CREATE_QUEUE_PAIR, ownerless.as_bytes(), now).map_err(|r| r.code),
             Err(ReturnCode::INVALID_INPUT)
         );
         // One owner gets half the device's queue pairs (2 made above).
@@ -327,7 +345,8 @@ mod tests {
         }
         let at = 8192 * per_owner;
         assert_eq!(
-            s.execute(Opcode::CREATE_QUEUE_PAIR, input(at, 0, 0).as_bytes(), now),
+            s.execute(Opcode::CREATE_QUEUE_PAIR, input(at, 0, 0).as_bytes(), now)
+                .map_err(|r| r.code),
             Err(ReturnCode::RESOURCES_EXHAUSTED)
         );
         let mut other = input(at, 0, 0);
@@ -336,7 +355,7 @@ mod tests {
         // The pre-priority 32-byte input is a length error, not a normal queue.
         let short = &input(8192, 0, 0).as_bytes()[..32].to_vec();
         assert_eq!(
-            s.execute(Opcode::CREATE_QUEUE_PAIR, short, now),
+            s.execute(Opcode::CREATE_QUEUE_PAIR, short, now).map_err(|r| r.code),
             Err(ReturnCode::INVALID_PAYLOAD_LENGTH)
         );
     }
@@ -370,11 +389,20 @@ mod tests {
         assert_eq!(s.execute(Opcode::GET_LOG, req.as_bytes(), now).unwrap(), &cel[4..8]);
         // Reads past the end, and unknown logs.
         req.length = size.into();
-        assert_eq!(s.execute(Opcode::GET_LOG, req.as_bytes(), now), Err(ReturnCode::INVALID_INPUT));
+        assert_eq!(
+            s.execute(Opcode::GET_LOG, req.as_bytes(), now).map_err(|r| r.code),
+            Err(ReturnCode::INVALID_INPUT)
+        );
         req.offset = u32::MAX.into();
-        assert_eq!(s.execute(Opcode::GET_LOG, req.as_bytes(), now), Err(ReturnCode::INVALID_INPUT));
+        assert_eq!(
+            s.execute(Opcode::GET_LOG, req.as_bytes(), now).map_err(|r| r.code),
+            Err(ReturnCode::INVALID_INPUT)
+        );
         req.log_id[0] ^= 1;
-        assert_eq!(s.execute(Opcode::GET_LOG, req.as_bytes(), now), Err(ReturnCode::INVALID_LOG));
+        assert_eq!(
+            s.execute(Opcode::GET_LOG, req.as_bytes(), now).map_err(|r| r.code),
+            Err(ReturnCode::INVALID_LOG)
+        );
     }
 
     #[test]

@@ -10,15 +10,17 @@ use nix::sys::eventfd::EventFd;
 
 use pnm_protocol::commands::{CreateQueuePairInput, QUEUE_PRIORITY_HIGH, QUEUE_PRIORITY_NORMAL};
 use pnm_protocol::queue::{
-    self, CQE_SIZE, CompletionEntry, IRQ_NONE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS,
-    MAX_QUEUE_PAIRS_PER_OWNER, MIN_QUEUE_ENTRIES, RING_ALIGN, SQE_SIZE, SubmissionEntry,
+    CQE_SIZE, CompletionEntry, IRQ_NONE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS,
+    MAX_QUEUE_PAIRS_PER_OWNER, MIN_QUEUE_ENTRIES, QueueCommand, QueueOpcode, RING_ALIGN, SQE_SIZE,
+    SubmissionEntry,
 };
 use pnm_protocol::regs::{self, pnm};
 use pnm_protocol::{RegionLayout, ReturnCode, SharedMemory};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::datapath::{DataPath, Outcome, is_compute};
+use crate::executor::{Executor, Outcome};
 use crate::notify::Peers;
+use crate::refusal::{Buffer, Limit, Reason, Refusal};
 use crate::units::{ComputeUnits, Job};
 use pnm_firmware::kv::Writer;
 
@@ -201,19 +203,43 @@ impl QueueTable {
         }
     }
 
-    fn in_window(&self, addr: u64, len: u64) -> bool {
+    /// Checks that both rings start on a 64-byte boundary, then that both
+    /// lie in the host DMA window.
+    fn check_rings(&self, rings: [(Buffer, u64, u64); 2]) -> Result<(), Refusal> {
+        for (buffer, addr, _) in rings {
+            if !addr.is_multiple_of(RING_ALIGN) {
+                return Err(Refusal::invalid(Reason::Misaligned {
+                    buffer,
+                    addr,
+                    align: RING_ALIGN,
+                }));
+            }
+        }
         let start = self.layout.dma_window_offset;
         let end = start + self.layout.dma_window_size;
-        addr >= start && addr.checked_add(len).is_some_and(|e| e <= end)
+        for (buffer, addr, len) in rings {
+            if addr < start || addr.checked_add(len).is_none_or(|e| e > end) {
+                return Err(Refusal::new(
+                    ReturnCode::INVALID_PHYSICAL_ADDRESS,
+                    Reason::OutsideDmaWindow { buffer, addr, len },
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Creates a queue pair, returning its id.
-    pub fn create(&mut self, input: &CreateQueuePairInput) -> Result<u16, ReturnCode> {
+    pub fn create(&mut self, input: &CreateQueuePairInput) -> Result<u16, Refusal> {
         let entries = u32::from(input.entries.get());
         let (sq, cq) = (input.sq_addr.get(), input.cq_addr.get());
         if !entries.is_power_of_two() || !(MIN_QUEUE_ENTRIES..=MAX_QUEUE_ENTRIES).contains(&entries)
         {
-            return Err(ReturnCode::INVALID_INPUT);
+            return Err(Refusal::invalid(Reason::OutOfLimit {
+                limit: Limit::QueueEntries,
+                value: entries.into(),
+                min: MIN_QUEUE_ENTRIES.into(),
+                max: MAX_QUEUE_ENTRIES.into(),
+            }));
         }
         let irq = match input.irq_vector.get() {
             IRQ_NONE => None,
@@ -221,46 +247,53 @@ impl QueueTable {
                 let peer = input.peer_id.get();
                 // Only host peers' vectors: the device does not interrupt itself.
                 if peer == pnm_protocol::notify::DEVICE_PEER {
-                    return Err(ReturnCode::INVALID_INPUT);
+                    return Err(Refusal::invalid(Reason::DevicePeer(peer)));
                 }
-                let fd = self.peers.vector(peer, vector).ok_or(ReturnCode::INVALID_INPUT)?;
+                let fd = self
+                    .peers
+                    .vector(peer, vector)
+                    .ok_or(Refusal::invalid(Reason::NoSuchVector { peer, vector }))?;
                 let count = u32::from(input.coalesce_count.get()).clamp(1, entries);
                 let delay = Duration::from_micros(u64::from(input.coalesce_usec.get()));
                 Some(Interrupt { fd, peer, count, delay, pending: 0, first_pending: None })
             }
         };
         let (sq_len, cq_len) = (u64::from(entries) * SQE_SIZE, u64::from(entries) * CQE_SIZE);
-        if sq % RING_ALIGN != 0 || cq % RING_ALIGN != 0 {
-            return Err(ReturnCode::INVALID_INPUT);
-        }
-        if !self.in_window(sq, sq_len) || !self.in_window(cq, cq_len) {
-            return Err(ReturnCode::INVALID_PHYSICAL_ADDRESS);
-        }
+        self.check_rings([
+            (Buffer::SubmissionRing, sq, sq_len),
+            (Buffer::CompletionRing, cq, cq_len),
+        ])?;
         if sq < cq + cq_len && cq < sq + sq_len {
-            return Err(ReturnCode::INVALID_INPUT);
+            return Err(Refusal::invalid(Reason::RingsOverlap));
         }
         let high = match input.priority {
             QUEUE_PRIORITY_NORMAL => false,
             QUEUE_PRIORITY_HIGH => true,
-            _ => return Err(ReturnCode::INVALID_INPUT),
+            other => return Err(Refusal::invalid(Reason::UnknownPriority(other))),
         };
         if input.reserved != [0; 7] {
-            return Err(ReturnCode::INVALID_INPUT);
+            return Err(Refusal::invalid(Reason::ReservedNotZero));
         }
         // Every queue has an owner to reclaim it from (0 names no process).
         let owner_pid = input.owner_pid.get();
         if owner_pid == 0 {
-            return Err(ReturnCode::INVALID_INPUT);
+            return Err(Refusal::invalid(Reason::NoOwner));
         }
         let held = self.queues.iter().flatten().filter(|q| q.owner_pid == owner_pid).count();
         if held as u32 >= MAX_QUEUE_PAIRS_PER_OWNER {
-            return Err(ReturnCode::RESOURCES_EXHAUSTED);
+            return Err(Refusal::exhausted(Reason::OwnerQueueLimit {
+                owner: owner_pid,
+                max: MAX_QUEUE_PAIRS_PER_OWNER,
+            }));
         }
-        let qid =
-            self.queues.iter().position(Option::is_none).ok_or(ReturnCode::RESOURCES_EXHAUSTED)?;
+        let qid = self
+            .queues
+            .iter()
+            .position(Option::is_none)
+            .ok_or(Refusal::exhausted(Reason::NoFreeQueue))?;
         let qid = qid as u16;
         // A fresh completion ring reads as all-old-phase, whatever the host left there.
-        self.regs.fill(cq, cq_len, 0).map_err(|_| ReturnCode::INTERNAL_ERROR)?;
+        self.regs.fill(cq, cq_len, 0)?;
         self.regs.store_u32(sq_doorbell(qid), 0, Relaxed);
         self.regs.store_u32(irq_mask(qid), 0, Relaxed);
         self.regs.store_u32(cq_doorbell(qid), 0, Release);
@@ -293,9 +326,9 @@ impl QueueTable {
         Ok(qid)
     }
 
-    pub fn delete(&mut self, qid: u16) -> Result<(), ReturnCode> {
+    pub fn delete(&mut self, qid: u16) -> Result<(), Refusal> {
         if self.queues.get(usize::from(qid)).is_none_or(Option::is_none) {
-            return Err(ReturnCode::INVALID_INPUT);
+            return Err(Refusal::invalid(Reason::NoSuchQueue(qid)));
         }
         self.remove(usize::from(qid));
         tracing::info!(qid, "queue pair deleted");
@@ -386,20 +419,20 @@ impl QueueTable {
     /// Serves every queue once, up to a batch each: quick commands run
     /// here, Top-K and gather go to the compute units. True if any command
     /// was taken.
-    pub fn poll(&mut self, datapath: &mut DataPath, units: &ComputeUnits) -> bool {
+    pub fn poll(&mut self, executor: &mut Executor, units: &ComputeUnits) -> bool {
         let mut worked = false;
         // High-priority queues first, then the rest; every queue every pass.
         for high in [true, false] {
             for qid in 0..self.queues.len() {
                 if self.queues[qid].as_ref().is_some_and(|q| q.high == high) {
-                    worked |= self.serve(qid as u16, datapath, units);
+                    worked |= self.serve(qid as u16, executor, units);
                 }
             }
         }
         worked
     }
 
-    fn serve(&mut self, qid: u16, datapath: &mut DataPath, units: &ComputeUnits) -> bool {
+    fn serve(&mut self, qid: u16, executor: &mut Executor, units: &ComputeUnits) -> bool {
         let regs = self.regs;
         let q = self.queues[usize::from(qid)].as_mut().expect("caller checked");
         let tail = regs.load_u32(sq_doorbell(qid), Acquire);
@@ -429,22 +462,28 @@ impl QueueTable {
             q.sq_head = (q.sq_head + 1) % q.entries;
             taken += 1;
             let sq_head = q.sq_head as u16;
-            if units.available() && is_compute(sqe.opcode) {
-                tracing::trace!(qid, cid = sqe.command_id.get(), "to a compute unit");
-                let job = Job::new(sqe, sq_head, q.cq.clone(), q.high, q.writer);
-                units.submit_command(datapath, job);
-                continue;
+            let command_id = sqe.command_id.get();
+            if units.available() && sqe.opcode.is_compute() {
+                // Decoded here, so a unit gets only well-formed commands;
+                // one that does not decode is refused below, inline.
+                if let Ok(command) = QueueCommand::decode(&sqe) {
+                    tracing::trace!(qid, cid = command_id, "to a compute unit");
+                    let job =
+                        Job::new(command, command_id, sq_head, q.cq.clone(), q.high, q.writer);
+                    units.submit_command(executor, job);
+                    continue;
+                }
             }
             // NOP measures the command path itself: no clock reads for it.
-            let (outcome, exec_ns) = if sqe.opcode == queue::opcode::NOP {
-                (datapath.execute(&sqe, q.writer), 0)
+            let (outcome, exec_ns) = if sqe.opcode == QueueOpcode::NOP {
+                (executor.execute_entry(&sqe, q.writer), 0)
             } else {
                 let start = Instant::now();
-                let outcome = datapath.execute(&sqe, q.writer);
+                let outcome = executor.execute_entry(&sqe, q.writer);
                 (outcome, start.elapsed().as_nanos() as u64)
             };
-            tracing::trace!(qid, opcode = queue::opcode::name(sqe.opcode), cid = sqe.command_id.get(), code = %outcome.code, exec_ns);
-            q.cq().post(Finished { outcome, exec_ns, sq_head, command_id: sqe.command_id.get() });
+            tracing::trace!(qid, opcode = %sqe.opcode, cid = command_id, code = %outcome.code, exec_ns);
+            q.cq().post(Finished { outcome, exec_ns, sq_head, command_id });
             inline += 1;
         }
         if inline > 0 {

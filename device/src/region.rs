@@ -211,7 +211,7 @@ impl Region {
         // A damaged KV store stops the start before the device writes
         // anything: only --reformat discards contents.
         if keep {
-            let dram = crate::datapath::DramView::new(view, &layout);
+            let dram = crate::executor::DramView::new(view, &layout);
             if let Err(e) = pnm_firmware::kv::KvStore::check_superblock(&dram) {
                 return Err(RegionError::KvStore { path, reason: e.to_string() });
             }

@@ -12,11 +12,12 @@ use nix::sys::eventfd::EventFd;
 use pnm_firmware::kernels::Scored;
 use pnm_firmware::kv::Writer;
 use pnm_protocol::SharedMemory;
-use pnm_protocol::queue::SubmissionEntry;
+use pnm_protocol::queue::QueueCommand;
 use pnm_protocol::regs::{self, pnm};
 
-use crate::datapath::{DataPath, Refusal, TopkPlan};
+use crate::executor::{Executor, TopkPlan};
 use crate::queues::{CompletionRing, Finished};
+use crate::refusal::Refusal;
 use pnm_protocol::commands::HIGH_PRIORITY_BURST;
 
 /// How long an idle compute unit keeps polling for work before it sleeps.
@@ -25,7 +26,8 @@ const UNIT_SPIN: Duration = Duration::from_micros(200);
 /// A command for a compute unit.
 #[derive(Debug)]
 pub struct Job {
-    sqe: SubmissionEntry,
+    command: QueueCommand,
+    command_id: u16,
     sq_head: u16,
     cq: Arc<Mutex<CompletionRing>>,
     /// From a high-priority queue: taken before normal jobs.
@@ -41,13 +43,14 @@ impl Job {
     /// A whole command from a queue (split into shares, if at all, by
     /// [`ComputeUnits::submit_command`]).
     pub(crate) fn new(
-        sqe: SubmissionEntry,
+        command: QueueCommand,
+        command_id: u16,
         sq_head: u16,
         cq: Arc<Mutex<CompletionRing>>,
         high: bool,
         writer: Writer,
     ) -> Self {
-        Self { sqe, sq_head, cq, high, writer, part: None }
+        Self { command, command_id, sq_head, cq, high, writer, part: None }
     }
 }
 
@@ -133,7 +136,7 @@ pub struct ComputeUnits {
 impl ComputeUnits {
     /// Starts `count` units (0: the engine runs everything itself). `wake`
     /// is the engine's wake vector, rung when a coalescing timer starts.
-    pub fn start(count: u32, pin: bool, datapath: &DataPath, wake: Arc<EventFd>) -> Self {
+    pub fn start(count: u32, pin: bool, executor: &Executor, wake: Arc<EventFd>) -> Self {
         let jobs = Arc::new((Mutex::new(JobQueue::default()), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(AtomicUsize::new(0));
@@ -156,9 +159,9 @@ impl ComputeUnits {
                     stop: stop.clone(),
                     in_flight: in_flight.clone(),
                     wake: wake.clone(),
-                    regs: datapath.mem,
+                    regs: executor.mem,
                 };
-                let mut executor = datapath.clone();
+                let mut executor = executor.clone();
                 std::thread::Builder::new()
                     .name(format!("pnm-cu{i}"))
                     .spawn(move || {
@@ -186,13 +189,19 @@ impl ComputeUnits {
     }
 
     /// Hands a command to the units: an exact Top-K over a long sequence
-    /// as shares (see [`DataPath::split_plan`]), anything else whole.
-    pub(crate) fn submit_command(&self, datapath: &mut DataPath, job: Job) {
+    /// as shares (see [`Executor::split_plan`]), anything else whole.
+    pub(crate) fn submit_command(&self, executor: &mut Executor, job: Job) {
         let units = self.threads.len() as u32;
         let (queue, ready) = &*self.jobs;
+        let (topk, with_rows) = match job.command {
+            QueueCommand::Topk(c) => (Some(c), false),
+            QueueCommand::TopkGather(c) => (Some(c), true),
+            _ => (None, false),
+        };
         // A command the plan refuses runs whole, to be refused as usual.
-        let split = datapath.split_plan(&job.sqe, units).and_then(|(tokens, parts)| {
-            datapath.plan_split(&job.sqe).ok().map(|plan| (tokens, parts, plan))
+        let split = topk.and_then(|c| {
+            let (tokens, parts) = executor.split_plan(&c, units)?;
+            executor.plan_split(c, with_rows).ok().map(|plan| (tokens, parts, plan))
         });
         match split {
             Some((tokens, parts, plan)) => {
@@ -265,7 +274,7 @@ struct Unit {
 }
 
 impl Unit {
-    fn run(&self, executor: &mut DataPath) {
+    fn run(&self, executor: &mut Executor) {
         let (queue, ready) = &*self.jobs;
         let mut last_job = Instant::now();
         loop {
@@ -293,21 +302,17 @@ impl Unit {
                         .0;
                 }
             };
-            tracing::trace!(cid = job.sqe.command_id.get(), part = ?job.part.as_ref().map(|p| p.1), "compute unit starts");
+            tracing::trace!(cid = job.command_id, part = ?job.part.as_ref().map(|p| p.1), "compute unit starts");
             let start = Instant::now();
             let finished = match &job.part {
                 None => Some((
-                    executor.execute(&job.sqe, job.writer),
+                    executor.execute(&job.command, job.writer),
                     start.elapsed().as_nanos() as u64,
                 )),
                 Some((split, part)) => {
                     split.start.get_or_init(|| start);
-                    let result = executor.topk_part(
-                        &job.sqe,
-                        &split.plan,
-                        split.tokens,
-                        (*part, split.parts),
-                    );
+                    let result =
+                        executor.topk_part(&split.plan, split.tokens, (*part, split.parts));
                     split.results.lock().unwrap_or_else(|e| e.into_inner())[*part as usize] =
                         Some(result);
                     // The last part to finish completes the command.
@@ -317,8 +322,7 @@ impl Unit {
                         );
                         let parts =
                             results.into_iter().map(|r| r.expect("every part ran")).collect();
-                        let outcome =
-                            executor.finish_split(&job.sqe, &split.plan, split.tokens, parts);
+                        let outcome = executor.finish_split(&split.plan, split.tokens, parts);
                         let first = split.start.get().copied().unwrap_or(start);
                         (outcome, first.elapsed().as_nanos() as u64)
                     })
@@ -329,7 +333,7 @@ impl Unit {
                 self.in_flight.fetch_sub(1, SeqCst);
                 continue;
             };
-            tracing::trace!(cid = job.sqe.command_id.get(), exec_ns, code = %outcome.code, "compute unit done");
+            tracing::trace!(cid = job.command_id, exec_ns, code = %outcome.code, "compute unit done");
             // The engine slept while this ran. Clear Device Sleeping first,
             // so a host that reads this completion and rings at once does
             // not pay for waking the engine as well; post; then wake the
@@ -346,7 +350,7 @@ impl Unit {
                 outcome,
                 exec_ns,
                 sq_head: job.sq_head,
-                command_id: job.sqe.command_id.get(),
+                command_id: job.command_id,
             });
             // A started coalescing timer needs the engine to keep time too.
             let timer_started = cq.maybe_signal();

@@ -13,7 +13,9 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use pnm_protocol::SharedMemory;
-use pnm_protocol::queue::{SubmissionEntry, TopkLayout, opcode, topk_arg1};
+use pnm_protocol::queue::{
+    HostBuffer, QueueCommand, QueueOpcode, Stream, SubmissionEntry, Topk, TopkLayout,
+};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
@@ -107,7 +109,7 @@ impl AsyncQueue {
         Ok(rx)
     }
 
-    async fn complete(rx: oneshot::Receiver<Completion>, op: u8) -> Result<Completion> {
+    async fn complete(rx: oneshot::Receiver<Completion>, op: QueueOpcode) -> Result<Completion> {
         rx.await.map_err(|_| {
             Error::Protocol(format!(
                 "{} was abandoned: the queue's reaper stopped",
@@ -146,7 +148,7 @@ impl AsyncQueue {
     }
 
     pub async fn nop(&self) -> Result<Completion> {
-        self.submit(SubmissionEntry { opcode: opcode::NOP, ..Default::default() }).await?.ok()
+        self.submit(QueueCommand::Nop.encode(0)).await?.ok()
     }
 
     fn alloc(&self, len: u64) -> Result<DmaBuf> {
@@ -211,20 +213,21 @@ impl AsyncQueue {
         };
         let regs = self.shared.regs;
         regs.write_bytes(q.addr, &query.data).expect("DMA buffer in the region");
-        let sqe = SubmissionEntry {
-            opcode: if rows { opcode::TOPK_GATHER } else { opcode::TOPK },
-            seq: seq.id.into(),
-            layer: layer.into(),
-            head: head.into(),
-            count: k.into(),
-            arg0: query.group.into(),
-            arg1: topk_arg1(query.dtype, aggregation.code()).into(),
-            buf0_addr: q.addr.into(),
-            buf0_len: (query.data.len() as u32).into(),
-            buf1_addr: out.addr.into(),
-            buf1_len: (layout.len().min(u64::from(u32::MAX)) as u32).into(),
-            ..Default::default()
+        let topk = Topk {
+            stream: Stream { seq: seq.id, layer, head },
+            k,
+            group: query.group,
+            query_dtype: query.dtype,
+            aggregation,
+            selection: None,
+            queries: HostBuffer { addr: q.addr, len: query.data.len() as u32 },
+            results: HostBuffer {
+                addr: out.addr,
+                len: layout.len().min(u64::from(u32::MAX)) as u32,
+            },
         };
+        let sqe =
+            if rows { QueueCommand::TopkGather(topk) } else { QueueCommand::Topk(topk) }.encode(0);
         let result = async {
             let c = self.submit(sqe).await?.ok()?;
             let top = Device::read_topk(regs, &c, k, out, layout)?;

@@ -5,9 +5,9 @@ use std::sync::MutexGuard;
 use std::time::Duration;
 
 use pnm_protocol::queue::{
-    self as queue, FLAG_PAGE_SELECTION, GatherLayout, KV_FRAME_SIZE, PageMapEntry,
-    SequenceInfo as WireSequenceInfo, SubmissionEntry, TopkLayout, opcode, page_selection,
-    topk_arg1,
+    CommitMode, Gather, GatherLayout, HostBuffer, KV_FRAME_SIZE, KvAppend, KvCommit, KvCreate,
+    KvFree, KvList, PageMapEntry, QueueCommand, SequenceInfo as WireSequenceInfo, Stream,
+    SubmissionEntry, Topk, TopkLayout,
 };
 use pnm_protocol::{Dtype, ReturnCode, SharedMemory};
 use serde::Serialize;
@@ -107,15 +107,7 @@ pub struct TopK {
     pub model_ns: u64,
 }
 
-/// Query-aware page selection for a Top-K (PROTOCOL.md §6.1): score only
-/// the pages whose key bounds promise the most, within a token budget that
-/// includes the always-kept first and last pages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageSelection {
-    pub budget_tokens: u32,
-    pub sink_pages: u8,
-    pub recent_pages: u8,
-}
+pub use pnm_protocol::queue::PageSelection;
 
 /// Gathered rows, in the sequence's dtype: row i of `keys` and of `values`
 /// belongs to the i-th requested token.
@@ -271,21 +263,14 @@ impl DataPath {
     }
 }
 
-fn sqe(op: u8, seq: u32) -> SubmissionEntry {
-    SubmissionEntry { opcode: op, seq: seq.into(), ..Default::default() }
+/// The first `len` bytes of `buf`, as a command names them.
+fn host_buffer(buf: DmaBuf, len: u64) -> HostBuffer {
+    HostBuffer { addr: buf.addr, len: len.min(u64::from(u32::MAX)) as u32 }
 }
 
-fn with_buf(mut e: SubmissionEntry, slot: usize, buf: DmaBuf, len: u64) -> SubmissionEntry {
-    let len = len.min(u64::from(u32::MAX)) as u32;
-    if slot == 0 {
-        e.buf0_addr = buf.addr.into();
-        e.buf0_len = len.into();
-    } else {
-        e.buf1_addr = buf.addr.into();
-        e.buf1_len = len.into();
-    }
-    e
-}
+/// Bytes of one sequence list entry and of one page map entry.
+const SEQUENCE_INFO: u64 = size_of::<WireSequenceInfo>() as u64;
+const PAGE_MAP_ENTRY: u64 = size_of::<PageMapEntry>() as u64;
 
 fn read_f32s(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
@@ -320,8 +305,8 @@ impl Session<'_> {
     }
 
     /// Queues a command without ringing the doorbell.
-    fn push(&mut self, e: SubmissionEntry) -> Result<u16> {
-        self.dp().queue.push(e)
+    fn push(&mut self, command: &QueueCommand) -> Result<u16> {
+        self.dp().queue.push(command.encode(0))
     }
 
     fn ring(&mut self) {
@@ -334,9 +319,9 @@ impl Session<'_> {
         self.dp().queue.wait(cid, timeout)?.ok()
     }
 
-    fn run(&mut self, e: SubmissionEntry) -> Result<Completion> {
+    fn run(&mut self, command: &QueueCommand) -> Result<Completion> {
         let timeout = self.device.command_timeout();
-        self.dp().queue.execute(e, timeout)?.ok()
+        self.dp().queue.execute(command.encode(0), timeout)?.ok()
     }
 
     fn mem(&self) -> SharedMemory {
@@ -405,7 +390,7 @@ impl Device {
 
     /// NOP through the queue: the command path's round trip.
     pub fn nop(&self) -> Result<Completion> {
-        self.session()?.run(sqe(opcode::NOP, 0))
+        self.session()?.run(&QueueCommand::Nop)
     }
 
     /// Creates an empty sequence.
@@ -415,12 +400,12 @@ impl Device {
         if shape.layers == 0 || shape.heads == 0 {
             return Err(Error::Invalid(format!("a sequence of {shape} holds nothing")));
         }
-        let mut e = sqe(opcode::KV_CREATE, 0);
-        e.layer = shape.layers.into();
-        e.head = shape.heads.into();
-        e.arg0 = u32::from(shape.head_dim).into();
-        e.arg1 = shape.dtype.code().into();
-        let c = s.run(e)?;
+        let c = s.run(&QueueCommand::KvCreate(KvCreate {
+            layers: shape.layers,
+            heads: shape.heads,
+            head_dim: shape.head_dim,
+            dtype: shape.dtype,
+        }))?;
         drop(s);
         let expected = pnm_protocol::queue::tokens_per_page(u32::from(shape.head_dim), shape.dtype);
         if c.result1 != expected {
@@ -443,11 +428,13 @@ impl Device {
         let mut s = self.session()?;
         let mut room = 64u32;
         loop {
-            let buf = s.alloc(u64::from(room) * 32)?;
-            let mut e = with_buf(sqe(opcode::KV_LIST, 0), 0, buf, u64::from(room) * 32);
-            e.count = room.into();
-            let c = s.run(e);
-            let mut raw = vec![0u8; (u64::from(room) * 32) as usize];
+            let len = u64::from(room) * SEQUENCE_INFO;
+            let buf = s.alloc(len)?;
+            let c = s.run(&QueueCommand::KvList(KvList {
+                max_entries: room,
+                out: host_buffer(buf, len),
+            }));
+            let mut raw = vec![0u8; len as usize];
             s.mem().read_bytes(buf.addr, &mut raw).expect("DMA buffer in the region");
             s.free(&[buf]);
             let c = c?;
@@ -477,7 +464,7 @@ impl Device {
 
     /// Frees a sequence and its device DRAM.
     pub fn kv_free(&self, id: u32) -> Result<()> {
-        self.session()?.run(sqe(opcode::KV_FREE, id)).map(drop)
+        self.session()?.run(&QueueCommand::KvFree(KvFree { seq: id })).map(drop)
     }
 
     /// Appends `tokens` tokens of K and V rows, each laid out
@@ -512,7 +499,7 @@ impl Device {
         let tpp = u64::from(seq.tokens_per_page);
         let streams = u64::from(shape.layers) * u64::from(shape.heads);
         let row = shape.row_bytes();
-        let map_room = (APPEND_CHUNK / tpp + 2) * streams * 8;
+        let map_room = (APPEND_CHUNK / tpp + 2) * streams * PAGE_MAP_ENTRY;
         let map_buf = s.alloc(map_room)?;
         let mut map_raw = vec![0u8; map_room as usize];
         let mut done = 0;
@@ -526,9 +513,11 @@ impl Device {
                 // chunk's KV_COMMIT, so the host copies chunk i+1 into device
                 // DRAM while the device folds chunk i's keys into its bounds.
                 let append = |s: &mut Session<'_>, n: u64| -> Result<u16> {
-                    let mut e = with_buf(sqe(opcode::KV_APPEND, seq.id), 0, map_buf, map_room);
-                    e.count = (n as u32).into();
-                    s.push(e)
+                    s.push(&QueueCommand::KvAppend(KvAppend {
+                        seq: seq.id,
+                        tokens: n as u32,
+                        page_map: host_buffer(map_buf, map_room),
+                    }))
                 };
                 let mut next_append = Some(append(&mut s, APPEND_CHUNK.min(tokens))?);
                 let mut pending_commit: Option<u16> = None;
@@ -563,7 +552,7 @@ impl Device {
                             "KV_APPEND mapped pages {first_page}+{pages} for tokens {first}+{n}"
                         )));
                     }
-                    let map_len = (pages * streams * 8) as usize;
+                    let map_len = (pages * streams * PAGE_MAP_ENTRY) as usize;
                     s.mem()
                         .read_bytes(map_buf.addr, &mut map_raw[..map_len])
                         .expect("DMA buffer in the region");
@@ -601,12 +590,12 @@ impl Device {
                     if done < tokens {
                         next_append = Some(append(&mut s, APPEND_CHUNK.min(tokens - done))?);
                     }
-                    let mut commit = sqe(opcode::KV_COMMIT, seq.id);
-                    commit.count = ((first + n) as u32).into();
-                    if done < tokens {
-                        commit.flags = queue::KV_COMMIT_DEFER;
-                    }
-                    pending_commit = Some(s.push(commit)?);
+                    let commit = KvCommit {
+                        seq: seq.id,
+                        valid_tokens: (first + n) as u32,
+                        mode: if done < tokens { CommitMode::Defer } else { CommitMode::Publish },
+                    };
+                    pending_commit = Some(s.push(&QueueCommand::KvCommit(commit))?);
                     s.ring();
                 }
                 let start = current.tokens;
@@ -642,9 +631,8 @@ impl Device {
             Err(_) if reserved_any => {
                 // Give the reservation up now rather than when this queue
                 // goes: a later append on it must not commit these rows.
-                let mut abort = sqe(opcode::KV_COMMIT, seq.id);
-                abort.flags = queue::KV_COMMIT_ABORT;
-                if let Err(e) = s.run(abort) {
+                let abort = KvCommit { seq: seq.id, valid_tokens: 0, mode: CommitMode::Abort };
+                if let Err(e) = s.run(&QueueCommand::KvCommit(abort)) {
                     tracing::warn!(error = %e, seq = seq.id, "could not abort a failed append");
                     s.discard_queue();
                 }
@@ -660,30 +648,23 @@ impl Device {
         out: DmaBuf,
         layout: TopkLayout,
         with_rows: bool,
-    ) -> Result<(SubmissionEntry, DmaBuf)> {
+    ) -> Result<(QueueCommand, DmaBuf)> {
         let limits = s.dp().limits;
         Limits::check("k", r.k, limits.max_k)?;
         Limits::check("GQA group (queries per KV head)", r.query.group, limits.max_group)?;
         let q = s.alloc(r.query.data.len() as u64)?;
         s.mem().write_bytes(q.addr, &r.query.data).expect("DMA buffer in the region");
-        let op = if with_rows { opcode::TOPK_GATHER } else { opcode::TOPK };
-        let mut e = with_buf(
-            with_buf(sqe(op, r.seq), 0, q, r.query.data.len() as u64),
-            1,
-            out,
-            layout.len(),
-        );
-        e.layer = r.layer.into();
-        e.head = r.head.into();
-        e.count = r.k.into();
-        e.arg0 = r.query.group.into();
-        e.arg1 = topk_arg1(r.query.dtype, r.aggregation.code()).into();
-        if let Some(sel) = r.selection {
-            e.flags = FLAG_PAGE_SELECTION;
-            e.selection =
-                page_selection(sel.budget_tokens, sel.sink_pages, sel.recent_pages).into();
-        }
-        Ok((e, q))
+        let topk = Topk {
+            stream: Stream { seq: r.seq, layer: r.layer, head: r.head },
+            k: r.k,
+            group: r.query.group,
+            query_dtype: r.query.dtype,
+            aggregation: r.aggregation,
+            selection: r.selection,
+            queries: host_buffer(q, r.query.data.len() as u64),
+            results: host_buffer(out, layout.len()),
+        };
+        Ok((if with_rows { QueueCommand::TopkGather(topk) } else { QueueCommand::Topk(topk) }, q))
     }
 
     pub(crate) fn read_topk(
@@ -750,9 +731,9 @@ impl Device {
                 let layout = TopkLayout { k: u64::from(r.k), row_bytes: 0 };
                 let out = s.alloc(layout.len())?;
                 bufs.push(out);
-                let (e, q) = Self::topk_entry(&mut s, r, out, layout, false)?;
+                let (command, q) = Self::topk_entry(&mut s, r, out, layout, false)?;
                 bufs.push(q);
-                entries.push(e);
+                entries.push(command.encode(0));
                 outs.push((out, layout));
             }
             let timeout = self.command_timeout();
@@ -779,7 +760,7 @@ impl Device {
         }
         let mut s = self.session()?;
         let layout = GatherLayout { n: indices.len() as u64, row_bytes: seq.shape.row_bytes() };
-        let idx = s.alloc(4 * indices.len() as u64)?;
+        let idx = s.alloc(size_of_val(indices) as u64)?;
         let out = s.alloc(layout.len());
         let out = match out {
             Ok(out) => out,
@@ -790,29 +771,27 @@ impl Device {
         };
         let raw: Vec<u8> = indices.iter().flat_map(|i| i.to_le_bytes()).collect();
         s.mem().write_bytes(idx.addr, &raw).expect("DMA buffer in the region");
-        let mut e = with_buf(
-            with_buf(sqe(opcode::GATHER, seq.id), 0, idx, raw.len() as u64),
-            1,
-            out,
-            layout.len(),
-        );
-        e.layer = layer.into();
-        e.head = head.into();
-        e.count = (indices.len() as u32).into();
-        let result = s.run(e).and_then(|c| {
-            if c.result0 as usize != indices.len() {
-                return Err(Error::Protocol(format!(
-                    "GATHER moved {} of {} rows",
-                    c.result0,
-                    indices.len()
-                )));
-            }
-            let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
-            let (keys_at, values_at) =
-                (out.addr + layout.key_rows(), out.addr + layout.value_rows());
-            rows.read_from(s.mem(), keys_at, values_at, layout.n, layout.row_bytes);
-            Ok(rows)
-        });
+        let result = s
+            .run(&QueueCommand::Gather(Gather {
+                stream: Stream { seq: seq.id, layer, head },
+                rows: indices.len() as u32,
+                indices: host_buffer(idx, raw.len() as u64),
+                out: host_buffer(out, layout.len()),
+            }))
+            .and_then(|c| {
+                if c.result0 as usize != indices.len() {
+                    return Err(Error::Protocol(format!(
+                        "GATHER moved {} of {} rows",
+                        c.result0,
+                        indices.len()
+                    )));
+                }
+                let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+                let (keys_at, values_at) =
+                    (out.addr + layout.key_rows(), out.addr + layout.value_rows());
+                rows.read_from(s.mem(), keys_at, values_at, layout.n, layout.row_bytes);
+                Ok(rows)
+            });
         s.free(&[idx, out]);
         result
     }
@@ -896,14 +875,14 @@ impl Device {
             aggregation,
             selection,
         };
-        let (e, q) = match Self::topk_entry(&mut s, &req, out, layout, true) {
+        let (command, q) = match Self::topk_entry(&mut s, &req, out, layout, true) {
             Ok(built) => built,
             Err(err) => {
                 s.free(&[out]);
                 return Err(err);
             }
         };
-        let top = s.run(e).and_then(|c| Self::read_topk(s.mem(), &c, k, out, layout));
+        let top = s.run(&command).and_then(|c| Self::read_topk(s.mem(), &c, k, out, layout));
         s.free(&[q]);
         match top {
             Ok(top) => Ok(GatheredView { device: self, out, layout, top }),
@@ -1015,7 +994,7 @@ mod rogue_topk_results {
     fn completion(n: u32, scored: u32, tokens: u64) -> Completion {
         Completion {
             command_id: 0,
-            opcode: pnm_protocol::queue::opcode::TOPK,
+            opcode: pnm_protocol::queue::QueueOpcode::TOPK,
             code: ReturnCode::SUCCESS,
             result0: n,
             result1: scored,

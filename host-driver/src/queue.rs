@@ -9,7 +9,9 @@ use pnm_protocol::commands::{
     CreateQueuePairInput, CreateQueuePairOutput, DeleteQueuePairInput, QUEUE_PRIORITY_HIGH,
     QUEUE_PRIORITY_NORMAL,
 };
-use pnm_protocol::queue::{self, CQE_SIZE, CompletionEntry, IRQ_NONE, SQE_SIZE, SubmissionEntry};
+use pnm_protocol::queue::{
+    self, CQE_SIZE, CompletionEntry, IRQ_NONE, QueueOpcode, SQE_SIZE, SubmissionEntry,
+};
 use pnm_protocol::regs::pnm;
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
 use zerocopy::{FromBytes, IntoBytes};
@@ -23,7 +25,7 @@ use crate::notify::NotifyClient;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {
     pub command_id: u16,
-    pub opcode: u8,
+    pub opcode: QueueOpcode,
     pub code: ReturnCode,
     pub result0: u32,
     pub result1: u32,
@@ -45,8 +47,8 @@ impl Completion {
     }
 }
 
-pub fn opcode_name(op: u8) -> &'static str {
-    queue::opcode::name(op).unwrap_or("unknown command")
+pub fn opcode_name(op: QueueOpcode) -> &'static str {
+    op.name().unwrap_or("unknown command")
 }
 
 /// Interrupts for a queue pair: which of this host's vectors, and how the
@@ -177,7 +179,7 @@ const YIELD_MIN_EXEC: Duration = Duration::from_micros(50);
 enum Slot {
     Free,
     /// Submitted, not completed: its opcode.
-    InFlight(u8),
+    InFlight(QueueOpcode),
     /// Completed, not yet claimed by its waiter.
     Done(Completion),
 }
@@ -342,7 +344,7 @@ impl QueuePair {
                 reaped.push(cid);
             }
             if ReturnCode(cqe.return_code()).is_success() {
-                self.recent_exec[usize::from(opcode)].record(cqe.exec_ns.get());
+                self.recent_exec[usize::from(opcode.0)].record(cqe.exec_ns.get());
             }
             self.slots[usize::from(cid)] = Slot::Done(Completion {
                 command_id: cid,
@@ -374,10 +376,10 @@ impl QueuePair {
         }
     }
 
-    fn opcode_of(&self, cid: u16) -> u8 {
+    fn opcode_of(&self, cid: u16) -> QueueOpcode {
         match self.slots.get(usize::from(cid)) {
             Some(&Slot::InFlight(op)) => op,
-            _ => 0,
+            _ => QueueOpcode::NOP,
         }
     }
 
@@ -385,7 +387,7 @@ impl QueuePair {
     pub fn wait(&mut self, cid: u16, timeout: Duration) -> Result<Completion> {
         self.ring();
         let start = Instant::now();
-        let typical = self.recent_exec[usize::from(self.opcode_of(cid))].typical();
+        let typical = self.recent_exec[usize::from(self.opcode_of(cid).0)].typical();
         if self.irq.is_none() && typical >= NAP_MIN_EXEC && self.reap()? == 0 {
             // Half the typical time, so that a command quicker than usual,
             // or a slow wake from the nap, costs little.

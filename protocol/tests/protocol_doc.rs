@@ -2,7 +2,7 @@
 //! `<!-- table: NAME -->` is parsed and compared with the constants.
 
 use pnm_protocol::commands::{self, *};
-use pnm_protocol::queue::{self, CompletionEntry, SequenceInfo, SubmissionEntry};
+use pnm_protocol::queue::{CompletionEntry, QueueOpcode, SequenceInfo, SubmissionEntry};
 use pnm_protocol::regs::{self, CAPABILITIES, MAILBOX_REGISTERS, PNM_REGISTERS};
 use pnm_protocol::{Opcode, ReturnCode};
 
@@ -114,7 +114,9 @@ fn queue_opcode_table_matches() {
     let rows = table("queue-opcodes");
     let documented: Vec<(u8, &str)> =
         rows.iter().map(|r| (num(&r[0]) as u8, r[1].as_str())).collect();
-    assert_eq!(documented, queue::opcode::ALL.to_vec());
+    let code: Vec<(u8, &str)> =
+        QueueOpcode::ALL.iter().map(|op| (op.0, op.name().expect("named"))).collect();
+    assert_eq!(documented, code);
 }
 
 #[test]

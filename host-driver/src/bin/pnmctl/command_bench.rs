@@ -24,7 +24,7 @@ pub fn bench_nop(
     samples: usize,
     seconds: f64,
 ) -> Result<serde_json::Value, CliError> {
-    use pnm_protocol::queue::{SubmissionEntry, opcode};
+    use pnm_protocol::queue::{QueueOpcode, SubmissionEntry};
     let entries = (u32::from(depth) + 1).next_power_of_two().clamp(64, 4096) as u16;
     // Each queue its own vector: one thread waits on each (a vector shared by
     // two waiting threads would let one consume the other's wake-up).
@@ -41,7 +41,7 @@ pub fn bench_nop(
     for h in &handles {
         h.nop()?;
     }
-    let nop = SubmissionEntry { opcode: opcode::NOP, ..Default::default() };
+    let nop = SubmissionEntry { opcode: QueueOpcode::NOP, ..Default::default() };
     let batch = vec![nop; usize::from(depth)];
     /// Per queue: QD1 latencies (ns), commands done and seconds of the throughput run.
     type Worker = Result<(Vec<u64>, u64, f64), Error>;

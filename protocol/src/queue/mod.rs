@@ -2,12 +2,23 @@
 //! command descriptors, completion entries, and the KV frame geometry the
 //! host needs to write rows straight into device DRAM.
 //!
+//! What each command's fields mean is written once, in [`command`]: the
+//! host encodes a [`QueueCommand`], the device decodes one.
+//!
 //! Addresses in descriptors are byte offsets from the start of the region
 //! (the device's view of host memory, like a bus address); every buffer must
 //! lie wholly inside the host DMA window.
 
+use std::fmt;
+
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+mod command;
+pub use command::{
+    CommitMode, DecodeError, Gather, HostBuffer, KvAppend, KvCommit, KvCreate, KvFree, KvList,
+    KvMap, PageSelection, QueueCommand, SqeField, Stream, Topk,
+};
 
 /// Bytes per submission queue entry.
 pub const SQE_SIZE: u64 = 64;
@@ -118,60 +129,100 @@ pub const KV_COMMIT_DEFER: u8 = 1 << 0;
 /// exactly its committed tokens.
 pub const KV_COMMIT_ABORT: u8 = 1 << 1;
 
-/// Queue command opcodes.
-pub mod opcode {
-    /// Does nothing; completes with Success. For measuring the command path.
-    pub const NOP: u8 = 0x00;
-    /// Create a KV sequence. layer = layers, head = kv heads,
-    /// arg0 = head_dim, arg1 = dtype. result0 = sequence id,
-    /// result1 = tokens per page.
-    pub const KV_CREATE: u8 = 0x01;
-    /// Reserve `count` tokens at the end of sequence `seq`. buf0 receives
-    /// the page map of every page the new tokens touch. result0 = first new
-    /// token, result1 = first page in the map, result2 = pages in the map.
-    pub const KV_APPEND: u8 = 0x02;
-    /// Make tokens valid up to `count` (a token count, not a delta); the
-    /// device folds their keys into the per-page bounds. Only the queue
-    /// that reserved the tokens may commit them. Flags
-    /// [`KV_COMMIT_DEFER`](super::KV_COMMIT_DEFER): fold but keep them
-    /// invalid until a commit without it. result0 = tokens valid.
-    pub const KV_COMMIT: u8 = 0x03;
-    /// Free sequence `seq` and all its pages.
-    pub const KV_FREE: u8 = 0x04;
-    /// List sequences into buf0 (`count` entries at most). result0 = live
-    /// sequences, result1 = entries written.
-    pub const KV_LIST: u8 = 0x05;
-    /// Write the page map of pages [arg0, arg0 + count) of `seq` into buf0.
-    /// result0 = pages written.
-    pub const KV_MAP: u8 = 0x06;
-    /// Top-K: score every valid token of (seq, layer, head) against the
-    /// arg0 = G queries in buf0 (dtype arg1 & 0xFF, aggregation arg1 >> 8),
-    /// write the best k = `count` to buf1 as a [`TopkLayout`].
-    /// result0 = results written = min(k, tokens).
-    pub const TOPK: u8 = 0x10;
-    /// Gather the K and V rows of the `count` u32 token indices in buf0
-    /// into buf1 as a [`GatherLayout`]. result0 = rows.
-    pub const GATHER: u8 = 0x11;
-    /// TOPK then GATHER of the selected tokens, in one command; buf1 is a
-    /// [`TopkLayout`] with rows. result0 = results.
-    pub const TOPK_GATHER: u8 = 0x12;
+/// A queue command opcode. An open newtype, as on the wire: a value this
+/// crate does not name is still representable, and is refused with
+/// Unsupported, never trusted. What each command's fields mean is
+/// [`QueueCommand`]'s to say.
+#[derive(
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+#[repr(transparent)]
+pub struct QueueOpcode(pub u8);
 
-    /// Every opcode with its name, in numeric order.
-    pub const ALL: [(u8, &str); 10] = [
-        (NOP, "NOP"),
-        (KV_CREATE, "KV_CREATE"),
-        (KV_APPEND, "KV_APPEND"),
-        (KV_COMMIT, "KV_COMMIT"),
-        (KV_FREE, "KV_FREE"),
-        (KV_LIST, "KV_LIST"),
-        (KV_MAP, "KV_MAP"),
-        (TOPK, "TOPK"),
-        (GATHER, "GATHER"),
-        (TOPK_GATHER, "TOPK_GATHER"),
+impl QueueOpcode {
+    /// Does nothing; completes with Success. For measuring the command path.
+    pub const NOP: Self = Self(0x00);
+    /// Create a KV sequence ([`KvCreate`]).
+    pub const KV_CREATE: Self = Self(0x01);
+    /// Reserve tokens at the end of a sequence ([`KvAppend`]).
+    pub const KV_APPEND: Self = Self(0x02);
+    /// Make reserved tokens valid, or give them up ([`KvCommit`]).
+    pub const KV_COMMIT: Self = Self(0x03);
+    /// Free a sequence and all its pages ([`KvFree`]).
+    pub const KV_FREE: Self = Self(0x04);
+    /// List sequences ([`KvList`]).
+    pub const KV_LIST: Self = Self(0x05);
+    /// Read part of a sequence's page map ([`KvMap`]).
+    pub const KV_MAP: Self = Self(0x06);
+    /// Score a stream's keys against queries and return the best k ([`Topk`]).
+    pub const TOPK: Self = Self(0x10);
+    /// Copy the K and V rows of given tokens to the host ([`Gather`]).
+    pub const GATHER: Self = Self(0x11);
+    /// TOPK, then GATHER of the selected tokens, in one command.
+    pub const TOPK_GATHER: Self = Self(0x12);
+
+    /// Every opcode this crate names, in numeric order.
+    pub const ALL: [Self; 10] = [
+        Self::NOP,
+        Self::KV_CREATE,
+        Self::KV_APPEND,
+        Self::KV_COMMIT,
+        Self::KV_FREE,
+        Self::KV_LIST,
+        Self::KV_MAP,
+        Self::TOPK,
+        Self::GATHER,
+        Self::TOPK_GATHER,
     ];
 
-    pub fn name(op: u8) -> Option<&'static str> {
-        ALL.iter().find(|(o, _)| *o == op).map(|(_, n)| *n)
+    /// The command's name, if this crate knows it.
+    pub const fn name(self) -> Option<&'static str> {
+        Some(match self.0 {
+            0x00 => "NOP",
+            0x01 => "KV_CREATE",
+            0x02 => "KV_APPEND",
+            0x03 => "KV_COMMIT",
+            0x04 => "KV_FREE",
+            0x05 => "KV_LIST",
+            0x06 => "KV_MAP",
+            0x10 => "TOPK",
+            0x11 => "GATHER",
+            0x12 => "TOPK_GATHER",
+            _ => return None,
+        })
+    }
+
+    /// True for the commands that only read the KV store and may take long
+    /// (a device runs them on its compute units).
+    pub const fn is_compute(self) -> bool {
+        matches!(self.0, 0x10..=0x12)
+    }
+}
+
+impl fmt::Debug for QueueOpcode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => write!(f, "{:02X}h ({name})", self.0),
+            None => write!(f, "{:02X}h", self.0),
+        }
+    }
+}
+
+impl fmt::Display for QueueOpcode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
     }
 }
 
@@ -191,7 +242,7 @@ pub mod opcode {
 )]
 #[repr(C)]
 pub struct SubmissionEntry {
-    pub opcode: u8,
+    pub opcode: QueueOpcode,
     pub flags: u8,
     /// Chosen by the host; unique among the queue's commands in flight.
     pub command_id: U16,
@@ -204,7 +255,7 @@ pub struct SubmissionEntry {
     pub buf0_addr: U64,
     pub buf1_addr: U64,
     /// TOPK/TOPK_GATHER with [`FLAG_PAGE_SELECTION`]: [31:0] token budget,
-    /// [39:32] sink pages, [47:40] recent pages (see [`page_selection`]).
+    /// [39:32] sink pages, [47:40] recent pages (see [`PageSelection`]).
     pub selection: U64,
     pub buf0_len: U32,
     pub buf1_len: U32,
@@ -342,21 +393,30 @@ pub struct TopkLayout {
 }
 
 impl TopkLayout {
+    /// Bytes per result entry in each of the index and score arrays.
+    const ENTRY: u64 = size_of::<u32>() as u64;
+    /// Rows start on a cache line.
+    const ROWS_ALIGN: u64 = 64;
+
     pub const fn indices(&self) -> u64 {
         0
     }
     pub const fn scores(&self) -> u64 {
-        4 * self.k
+        Self::ENTRY * self.k
     }
     pub const fn key_rows(&self) -> u64 {
-        (8 * self.k).next_multiple_of(64)
+        (2 * Self::ENTRY * self.k).next_multiple_of(Self::ROWS_ALIGN)
     }
     pub const fn value_rows(&self) -> u64 {
         self.key_rows() + self.k * self.row_bytes
     }
     /// Bytes buf1 must hold.
     pub const fn len(&self) -> u64 {
-        if self.row_bytes == 0 { 8 * self.k } else { self.value_rows() + self.k * self.row_bytes }
+        if self.row_bytes == 0 {
+            2 * Self::ENTRY * self.k
+        } else {
+            self.value_rows() + self.k * self.row_bytes
+        }
     }
     pub const fn is_empty(&self) -> bool {
         self.k == 0
@@ -393,21 +453,6 @@ pub const fn tokens_per_page(head_dim: u32, dtype: Dtype) -> u32 {
 /// TOPK flag: score only the pages `selection` picks (query-aware page
 /// selection by per-page key bounds) instead of every token.
 pub const FLAG_PAGE_SELECTION: u8 = 1 << 0;
-
-/// Encodes the `selection` field.
-pub const fn page_selection(budget_tokens: u32, sink_pages: u8, recent_pages: u8) -> u64 {
-    budget_tokens as u64 | ((sink_pages as u64) << 32) | ((recent_pages as u64) << 40)
-}
-
-/// Decodes the `selection` field into (budget tokens, sink pages, recent pages).
-pub const fn decode_page_selection(field: u64) -> (u32, u8, u8) {
-    (field as u32, (field >> 32) as u8, (field >> 40) as u8)
-}
-
-/// Encoding of TOPK's arg1: query dtype in [7:0], aggregation in [15:8].
-pub const fn topk_arg1(query_dtype: Dtype, aggregation: u8) -> u32 {
-    query_dtype.code() | ((aggregation as u32) << 8)
-}
 
 #[cfg(test)]
 mod tests {

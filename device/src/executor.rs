@@ -1,21 +1,24 @@
-//! Executes queue commands against the KV store, with every field of the
-//! descriptor validated before anything is read or written.
+//! Executes queue commands against the KV store: one handler per command,
+//! every field validated before anything is read or written.
 
 use pnm_firmware::LIMITS;
-use pnm_firmware::kernels::{self, Aggregation, Scored};
+use pnm_firmware::kernels::{self, Scored};
 use pnm_firmware::kv::{
-    CommitMode, Dram, KvError, KvStore, PageSelection, SequenceShape, TopkQuery, TopkScratch,
-    Writer,
+    self, CommitMode as KvCommitMode, Dram, KvError, KvStore, SequenceShape, TopkQuery,
+    TopkScratch, Writer,
 };
 use pnm_firmware::simd::Rows;
 use pnm_firmware::timing::{self, HardwareProfile, Work};
 use pnm_protocol::queue::{
-    self as queue, FLAG_PAGE_SELECTION, GatherLayout, PageMapEntry, SubmissionEntry, TopkLayout,
-    decode_page_selection, opcode,
+    CommitMode, Gather, GatherLayout, HostBuffer, KvAppend, KvCommit, KvCreate, KvFree, KvList,
+    KvMap, PageMapEntry, QueueCommand, QueueOpcode, SequenceInfo, Stream, SubmissionEntry, Topk,
+    TopkLayout,
 };
 use pnm_protocol::{Dtype, RegionLayout, ReturnCode, SharedMemory};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use zerocopy::IntoBytes;
+
+use crate::refusal::{Buffer, Limit, Reason, Refusal};
 
 /// Device DRAM as the firmware sees it: offsets from the DRAM start.
 #[derive(Debug, Clone, Copy)]
@@ -104,19 +107,15 @@ impl Outcome {
     }
 }
 
-/// A refusal: the return code and why (for the log).
-pub type Refusal = (ReturnCode, String);
-
-/// A checked TOPK/TOPK_GATHER: its fields, queries and result buffer.
-/// Made once per command: the queries are read from the host's buffer and
-/// converted once, so a host that rewrites the buffer mid-command cannot
-/// have a split command's shares scored against different queries.
+/// A checked TOPK/TOPK_GATHER: the command, its queries and its result
+/// buffer. Made once per command: the queries are read from the host's
+/// buffer and converted once, so a host that rewrites the buffer
+/// mid-command cannot have a split command's shares scored against
+/// different queries.
 #[derive(Debug)]
 pub struct TopkPlan {
+    command: Topk,
     shape: SequenceShape,
-    k: u32,
-    group: u32,
-    how: Aggregation,
     queries: Vec<f32>,
     out: u64,
     result: TopkLayout,
@@ -124,49 +123,29 @@ pub struct TopkPlan {
 }
 
 impl TopkPlan {
-    /// The Top-K `sqe` asks for, as the KV store takes it.
-    fn query<'a>(&'a self, sqe: &SubmissionEntry) -> TopkQuery<'a> {
+    /// The Top-K as the KV store takes it.
+    fn query(&self) -> TopkQuery<'_> {
+        let Stream { seq, layer, head } = self.command.stream;
         TopkQuery {
-            seq: sqe.seq.get(),
-            layer: sqe.layer.get(),
-            head: sqe.head.get(),
+            seq,
+            layer,
+            head,
             queries: &self.queries,
-            how: self.how,
-            k: self.k,
+            how: self.command.aggregation,
+            k: self.command.k,
         }
     }
 }
 
-fn kv_error(e: KvError) -> Refusal {
-    let code = match &e {
-        KvError::NoSuchSequence(_) => ReturnCode::INVALID_HANDLE,
-        KvError::Invalid(_) | KvError::SequenceTooLong { .. } => ReturnCode::INVALID_INPUT,
-        KvError::DramExhausted { .. } | KvError::TooManySequences(_) => {
-            ReturnCode::RESOURCES_EXHAUSTED
-        }
-        KvError::OutOfRange { .. } | KvError::TooSmall(_) | KvError::Damaged(_) => {
-            ReturnCode::INTERNAL_ERROR
-        }
-        // Another queue's append is between its KV_APPEND and KV_COMMIT.
-        KvError::AppendInProgress { .. } => ReturnCode::BUSY,
-        KvError::NotTheWriter { .. } => ReturnCode::INVALID_INPUT,
-    };
-    (code, e.to_string())
-}
-
-fn invalid(reason: impl Into<String>) -> Refusal {
-    (ReturnCode::INVALID_INPUT, reason.into())
-}
-
-/// The engine's data-path executor.
 /// The KV store, shared by the engine and the compute units: Top-K and
 /// gather read it concurrently; KV_CREATE/APPEND/COMMIT/FREE change it
 /// alone (so a sequence is never freed under a running Top-K).
 pub type SharedStore = Arc<RwLock<KvStore<DramView>>>;
 
-/// An executor of queue commands; each thread has its own.
+/// An executor of queue commands; the engine and each compute unit have
+/// their own (scratch buffers), sharing the store.
 #[derive(Debug)]
-pub struct DataPath {
+pub struct Executor {
     /// The whole region (host buffers are addressed from its start).
     pub mem: SharedMemory,
     pub layout: RegionLayout,
@@ -177,7 +156,7 @@ pub struct DataPath {
     topk: TopkScratch,
 }
 
-impl Clone for DataPath {
+impl Clone for Executor {
     fn clone(&self) -> Self {
         Self::with_store(self.mem, self.layout, self.kv.clone(), self.profile.clone())
     }
@@ -189,13 +168,12 @@ const SPLIT_MIN_TOKENS: u64 = 16384;
 
 /// A single query's Top-K is split only if each share has at least this
 /// many tokens per selected one: every share keeps its own best k, so a
-/// share close to k in length does the selection's work twice over. (At
-/// 32K tokens and k 2048, two shares of 8 tokens per selected one measured
-/// 0.7-1.0x the unsplit latency in quiet spells, 1.3x in a noisy one.)
+/// share close to k in length does the selection's work twice over
+/// (measured: docs/PERFORMANCE.md, "Through the device").
 const SPLIT_TOKENS_PER_K: u64 = 8;
 
 /// Shares per compute unit when each stays long next to k (see
-/// [`DataPath::split_plan`]).
+/// [`Executor::split_plan`]).
 const SHARES_PER_UNIT: u32 = 4;
 
 /// Tokens per selected one a share needs before a Top-K is cut into
@@ -203,13 +181,24 @@ const SHARES_PER_UNIT: u32 = 4;
 /// best k stays small next to the scan.
 const FINE_SHARE_TOKENS_PER_K: u64 = 64;
 
-/// True for commands that only read the store and may take long: the
-/// engine hands them to a compute unit.
-pub fn is_compute(opcode: u8) -> bool {
-    matches!(opcode, opcode::TOPK | opcode::GATHER | opcode::TOPK_GATHER)
+/// Bytes of one page map entry, one sequence list entry, one token index.
+const PAGE_MAP_ENTRY: u64 = size_of::<PageMapEntry>() as u64;
+const SEQUENCE_INFO: u64 = size_of::<SequenceInfo>() as u64;
+const TOKEN_INDEX: u64 = size_of::<u32>() as u64;
+
+fn limit(limit: Limit, value: u32, max: u32) -> Result<(), Refusal> {
+    if value == 0 || value > max {
+        return Err(Refusal::invalid(Reason::OutOfLimit {
+            limit,
+            value: value.into(),
+            min: 1,
+            max: max.into(),
+        }));
+    }
+    Ok(())
 }
 
-impl DataPath {
+impl Executor {
     pub fn new(
         mem: SharedMemory,
         layout: RegionLayout,
@@ -232,222 +221,203 @@ impl DataPath {
         self.kv.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Checks that `[addr, addr + len)` is a host buffer of at least `need`
-    /// bytes inside the host DMA window.
-    fn buffer(&self, which: &str, addr: u64, len: u32, need: u64) -> Result<u64, Refusal> {
-        let len = u64::from(len);
+    fn write_store(&self) -> RwLockWriteGuard<'_, KvStore<DramView>> {
+        self.kv.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that `buf` lies inside the host DMA window and holds at
+    /// least `need` bytes; its address.
+    fn buffer(&self, which: Buffer, buf: HostBuffer, need: u64) -> Result<u64, Refusal> {
+        let len = u64::from(buf.len);
         if len < need {
-            return Err((
+            return Err(Refusal::new(
                 ReturnCode::INVALID_PAYLOAD_LENGTH,
-                format!("{which} holds {len} bytes, needs {need}"),
+                Reason::BufferTooShort { buffer: which, len, need },
             ));
         }
         let window = self.layout.dma_window_offset
             ..self.layout.dma_window_offset + self.layout.dma_window_size;
-        match addr.checked_add(len) {
-            Some(end) if window.contains(&addr) && end <= window.end => Ok(addr),
-            _ => Err((
+        match buf.addr.checked_add(len) {
+            Some(end) if window.contains(&buf.addr) && end <= window.end => Ok(buf.addr),
+            _ => Err(Refusal::new(
                 ReturnCode::INVALID_PHYSICAL_ADDRESS,
-                format!("{which} {addr:#x}+{len:#x} is not inside the host DMA window"),
+                Reason::OutsideDmaWindow { buffer: which, addr: buf.addr, len },
             )),
         }
     }
 
     fn write(&self, addr: u64, bytes: &[u8]) -> Result<(), Refusal> {
-        self.mem.write_bytes(addr, bytes).map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))
+        Ok(self.mem.write_bytes(addr, bytes)?)
     }
 
-    /// Executes one descriptor that arrived on the queue `writer` names
-    /// (its reservations are that queue's).
-    pub fn execute(&mut self, sqe: &SubmissionEntry, writer: Writer) -> Outcome {
-        let outcome = self.dispatch(sqe, writer);
-        self.modelled(sqe, outcome)
+    /// Decodes and executes one descriptor that arrived on the queue
+    /// `writer` names (its reservations are that queue's).
+    pub fn execute_entry(&mut self, sqe: &SubmissionEntry, writer: Writer) -> Outcome {
+        let outcome = QueueCommand::decode(sqe)
+            .map_err(Refusal::from)
+            .and_then(|command| self.dispatch(&command, writer));
+        self.modelled(sqe.opcode, outcome)
+    }
+
+    /// Executes one decoded command from the queue `writer` names.
+    pub fn execute(&mut self, command: &QueueCommand, writer: Writer) -> Outcome {
+        let outcome = self.dispatch(command, writer);
+        self.modelled(command.opcode(), outcome)
     }
 
     /// The completion of a command: its outcome or refusal, with the
     /// modelled hardware time.
-    fn modelled(&self, sqe: &SubmissionEntry, outcome: Result<Outcome, Refusal>) -> Outcome {
-        let outcome = outcome.unwrap_or_else(|(code, reason)| {
-            tracing::debug!(opcode = sqe.opcode, cid = sqe.command_id.get(), %code, %reason, "command refused");
-            Outcome::error(code)
+    fn modelled(&self, opcode: QueueOpcode, outcome: Result<Outcome, Refusal>) -> Outcome {
+        let outcome = outcome.unwrap_or_else(|refusal| {
+            tracing::debug!(%opcode, code = %refusal.code, reason = %refusal.reason, "command refused");
+            Outcome::error(refusal.code)
         });
         let model_ns = timing::command_ns(&self.profile, outcome.work);
         Outcome { model_ns: model_ns.min(f64::from(u32::MAX)) as u32, ..outcome }
     }
 
-    fn dispatch(&mut self, sqe: &SubmissionEntry, from: Writer) -> Result<Outcome, Refusal> {
-        let seq = sqe.seq.get();
-        let store = self.kv.clone();
-        let writer = || store.write().unwrap_or_else(|e| e.into_inner());
-        match sqe.opcode {
-            opcode::NOP => Ok(Outcome::ok(0, 0, 0)),
-            opcode::KV_CREATE => {
-                let head_dim =
-                    u16::try_from(sqe.arg0.get()).map_err(|_| invalid("head_dim too large"))?;
-                let dtype =
-                    Dtype::from_code(sqe.arg1.get()).ok_or_else(|| invalid("unknown dtype"))?;
-                let shape = SequenceShape {
-                    dtype,
-                    layers: sqe.layer.get(),
-                    heads: sqe.head.get(),
-                    head_dim,
-                };
-                let id = writer().create(shape).map_err(kv_error)?;
-                Ok(Outcome::ok(id, shape.tokens_per_page() as u32, 0))
-            }
-            opcode::KV_APPEND => {
-                let count = u64::from(sqe.count.get());
-                let mut kv = writer();
-                let shape = kv.shape(seq).map_err(kv_error)?;
-                kv.check_append(seq, from).map_err(kv_error)?;
-                let reserved = kv.reserved(seq).map_err(kv_error)?;
-                let tpp = shape.tokens_per_page();
-                let pages = (reserved + count).div_ceil(tpp) - reserved / tpp;
-                let need = pages * u64::from(shape.layers) * u64::from(shape.heads) * 8;
-                let out =
-                    self.buffer("page map buffer", sqe.buf0_addr.get(), sqe.buf0_len.get(), need)?;
-                let appended = kv.append_as(seq, count, from).map_err(kv_error)?;
-                self.write(out, appended.map.as_bytes())?;
-                let first = u32::try_from(appended.first_token)
-                    .map_err(|_| invalid("token index over 2^32"))?;
-                Ok(Outcome::ok(first, appended.first_page as u32, pages))
-            }
-            opcode::KV_COMMIT => {
-                let mode = match sqe.flags {
-                    0 => CommitMode::Publish,
-                    queue::KV_COMMIT_DEFER => CommitMode::Defer,
-                    queue::KV_COMMIT_ABORT => {
-                        let tokens = writer().abort_append(seq, from).map_err(kv_error)?;
-                        return Ok(Outcome::ok(tokens as u32, 0, tokens));
-                    }
-                    other => return Err(invalid(format!("KV_COMMIT flags {other:#x}"))),
-                };
-                let tokens = writer()
-                    .commit_as(seq, u64::from(sqe.count.get()), from, mode)
-                    .map_err(kv_error)?;
-                Ok(Outcome::ok(tokens as u32, 0, tokens))
-            }
-            opcode::KV_FREE => {
-                writer().free(seq).map_err(kv_error)?;
-                Ok(Outcome::ok(0, 0, 0))
-            }
-            opcode::KV_LIST => {
-                let list = self.read().list();
-                let room = u64::from(sqe.buf0_len.get()) / 32;
-                let n = (list.len() as u64).min(u64::from(sqe.count.get())).min(room);
-                let out =
-                    self.buffer("list buffer", sqe.buf0_addr.get(), sqe.buf0_len.get(), n * 32)?;
-                self.write(out, list[..n as usize].as_bytes())?;
-                Ok(Outcome::ok(list.len() as u32, n as u32, 0))
-            }
-            opcode::KV_MAP => {
-                let (first, count) = (u64::from(sqe.arg0.get()), u64::from(sqe.count.get()));
-                let map: Vec<PageMapEntry> =
-                    self.read().page_map(seq, first, count).map_err(kv_error)?;
-                let out = self.buffer(
-                    "page map buffer",
-                    sqe.buf0_addr.get(),
-                    sqe.buf0_len.get(),
-                    map.as_bytes().len() as u64,
-                )?;
-                self.write(out, map.as_bytes())?;
-                Ok(Outcome::ok(count as u32, 0, 0))
-            }
-            opcode::TOPK | opcode::TOPK_GATHER => {
-                let kv = store.read().unwrap_or_else(|e| e.into_inner());
-                self.topk(&kv, sqe, sqe.opcode == opcode::TOPK_GATHER)
-            }
-            opcode::GATHER => {
-                let kv = store.read().unwrap_or_else(|e| e.into_inner());
-                self.gather(&kv, sqe)
-            }
-            other => Err((ReturnCode::UNSUPPORTED, format!("opcode {other:#04x}"))),
+    fn dispatch(&mut self, command: &QueueCommand, from: Writer) -> Result<Outcome, Refusal> {
+        match *command {
+            QueueCommand::Nop => Ok(Outcome::ok(0, 0, 0)),
+            QueueCommand::KvCreate(c) => self.handle_kv_create(c),
+            QueueCommand::KvAppend(c) => self.handle_kv_append(c, from),
+            QueueCommand::KvCommit(c) => self.handle_kv_commit(c, from),
+            QueueCommand::KvFree(c) => self.handle_kv_free(c),
+            QueueCommand::KvList(c) => self.handle_kv_list(c),
+            QueueCommand::KvMap(c) => self.handle_kv_map(c),
+            QueueCommand::Topk(c) => self.handle_topk(c, false),
+            QueueCommand::TopkGather(c) => self.handle_topk(c, true),
+            QueueCommand::Gather(c) => self.handle_gather(c),
         }
     }
 
-    fn topk(
-        &mut self,
-        kv: &KvStore<DramView>,
-        sqe: &SubmissionEntry,
-        with_rows: bool,
-    ) -> Result<Outcome, Refusal> {
-        let plan = self.plan_topk(kv, sqe, with_rows)?;
-        let (top, scored): (Vec<Scored>, u64) = match sqe.flags {
-            0 => {
-                let top = kv.top_k_with(&mut self.topk, plan.query(sqe)).map_err(kv_error)?;
-                (top, kv.tokens(sqe.seq.get()).unwrap_or(0))
-            }
-            FLAG_PAGE_SELECTION => {
-                let (budget, sinks, recent) = decode_page_selection(sqe.selection.get());
-                let selection = PageSelection {
-                    budget_tokens: u64::from(budget),
-                    sink_pages: u32::from(sinks),
-                    recent_pages: u32::from(recent),
-                };
-                let s = kv
-                    .top_k_selected(&mut self.topk, plan.query(sqe), selection)
-                    .map_err(kv_error)?;
-                (s.top, s.tokens_scored)
-            }
-            other => return Err(invalid(format!("unknown TOPK flags {other:#04x}"))),
+    fn handle_kv_create(&mut self, c: KvCreate) -> Result<Outcome, Refusal> {
+        let shape = SequenceShape {
+            dtype: c.dtype,
+            layers: c.layers,
+            heads: c.heads,
+            head_dim: c.head_dim,
         };
-        self.finish_topk(kv, sqe, &plan, &top, scored)
+        let id = self.write_store().create(shape)?;
+        Ok(Outcome::ok(id, shape.tokens_per_page() as u32, 0))
     }
 
-    /// Checks a TOPK/TOPK_GATHER descriptor and reads its queries.
+    fn handle_kv_append(&mut self, c: KvAppend, from: Writer) -> Result<Outcome, Refusal> {
+        let count = u64::from(c.tokens);
+        let store = self.kv.clone();
+        let mut kv = store.write().unwrap_or_else(|e| e.into_inner());
+        let shape = kv.shape(c.seq)?;
+        kv.check_append(c.seq, from)?;
+        let reserved = kv.reserved(c.seq)?;
+        let tpp = shape.tokens_per_page();
+        let pages = (reserved + count).div_ceil(tpp) - reserved / tpp;
+        let need = pages * u64::from(shape.layers) * u64::from(shape.heads) * PAGE_MAP_ENTRY;
+        let out = self.buffer(Buffer::PageMap, c.page_map, need)?;
+        let appended = kv.append_as(c.seq, count, from)?;
+        self.write(out, appended.map.as_bytes())?;
+        let first = u32::try_from(appended.first_token)
+            .map_err(|_| Refusal::invalid(Reason::TokenIndexOverflow(appended.first_token)))?;
+        Ok(Outcome::ok(first, appended.first_page as u32, pages))
+    }
+
+    fn handle_kv_commit(&mut self, c: KvCommit, from: Writer) -> Result<Outcome, Refusal> {
+        let mut kv = self.write_store();
+        let tokens = match c.mode {
+            CommitMode::Abort => kv.abort_append(c.seq, from)?,
+            CommitMode::Publish => {
+                kv.commit_as(c.seq, c.valid_tokens.into(), from, KvCommitMode::Publish)?
+            }
+            CommitMode::Defer => {
+                kv.commit_as(c.seq, c.valid_tokens.into(), from, KvCommitMode::Defer)?
+            }
+        };
+        Ok(Outcome::ok(tokens as u32, 0, tokens))
+    }
+
+    fn handle_kv_free(&mut self, c: KvFree) -> Result<Outcome, Refusal> {
+        self.write_store().free(c.seq)?;
+        Ok(Outcome::ok(0, 0, 0))
+    }
+
+    fn handle_kv_list(&mut self, c: KvList) -> Result<Outcome, Refusal> {
+        let list = self.read().list();
+        let room = u64::from(c.out.len) / SEQUENCE_INFO;
+        let n = (list.len() as u64).min(u64::from(c.max_entries)).min(room);
+        let out = self.buffer(Buffer::SequenceList, c.out, n * SEQUENCE_INFO)?;
+        self.write(out, list[..n as usize].as_bytes())?;
+        Ok(Outcome::ok(list.len() as u32, n as u32, 0))
+    }
+
+    fn handle_kv_map(&mut self, c: KvMap) -> Result<Outcome, Refusal> {
+        let map: Vec<PageMapEntry> =
+            self.read().page_map(c.seq, c.first_page.into(), c.pages.into())?;
+        let out = self.buffer(Buffer::PageMap, c.out, map.as_bytes().len() as u64)?;
+        self.write(out, map.as_bytes())?;
+        Ok(Outcome::ok(c.pages, 0, 0))
+    }
+
+    fn handle_topk(&mut self, c: Topk, with_rows: bool) -> Result<Outcome, Refusal> {
+        let store = self.kv.clone();
+        let kv = store.read().unwrap_or_else(|e| e.into_inner());
+        let plan = self.plan_topk(&kv, c, with_rows)?;
+        let (top, scored): (Vec<Scored>, u64) = match c.selection {
+            None => {
+                let top = kv.top_k_with(&mut self.topk, plan.query())?;
+                (top, kv.tokens(c.stream.seq).unwrap_or(0))
+            }
+            Some(selection) => {
+                let selection = kv::PageSelection {
+                    budget_tokens: u64::from(selection.budget_tokens),
+                    sink_pages: u32::from(selection.sink_pages),
+                    recent_pages: u32::from(selection.recent_pages),
+                };
+                let s = kv.top_k_selected(&mut self.topk, plan.query(), selection)?;
+                (s.top, s.tokens_scored)
+            }
+        };
+        self.finish_topk(&kv, &plan, &top, scored)
+    }
+
+    /// Checks a TOPK/TOPK_GATHER against the firmware's limits, the
+    /// sequence and the DMA window, and reads its queries.
     fn plan_topk(
         &mut self,
         kv: &KvStore<DramView>,
-        sqe: &SubmissionEntry,
+        c: Topk,
         with_rows: bool,
     ) -> Result<TopkPlan, Refusal> {
-        let seq = sqe.seq.get();
-        let shape = kv.shape(seq).map_err(kv_error)?;
-        let (k, group) = (sqe.count.get(), sqe.arg0.get());
-        if k == 0 || k > LIMITS.max_k {
-            return Err(invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
-        }
-        if group == 0 || group > LIMITS.max_group {
-            return Err(invalid(format!("group {group} not in 1..={}", LIMITS.max_group)));
-        }
-        let arg1 = sqe.arg1.get();
-        let query_dtype =
-            Dtype::from_code(arg1 & 0xFF).ok_or_else(|| invalid("unknown query dtype"))?;
-        let how = Aggregation::from_code((arg1 >> 8) as u8)
-            .filter(|_| arg1 >> 16 == 0)
-            .ok_or_else(|| invalid("unknown aggregation"))?;
-        let query_bytes = u64::from(group) * u64::from(shape.head_dim) * query_dtype.size() as u64;
-        if u64::from(sqe.buf0_len.get()) != query_bytes {
-            return Err((
+        let shape = kv.shape(c.stream.seq)?;
+        limit(Limit::K, c.k, LIMITS.max_k)?;
+        limit(Limit::Group, c.group, LIMITS.max_group)?;
+        let query_bytes =
+            u64::from(c.group) * u64::from(shape.head_dim) * c.query_dtype.size() as u64;
+        if u64::from(c.queries.len) != query_bytes {
+            return Err(Refusal::new(
                 ReturnCode::INVALID_PAYLOAD_LENGTH,
-                format!(
-                    "query buffer holds {} bytes, {group} queries need {query_bytes}",
-                    sqe.buf0_len.get()
-                ),
+                Reason::BufferLength {
+                    buffer: Buffer::Queries,
+                    len: c.queries.len.into(),
+                    need: query_bytes,
+                },
             ));
         }
-        let query_at =
-            self.buffer("query buffer", sqe.buf0_addr.get(), sqe.buf0_len.get(), query_bytes)?;
+        let query_at = self.buffer(Buffer::Queries, c.queries, query_bytes)?;
         let result = TopkLayout {
-            k: u64::from(k),
+            k: u64::from(c.k),
             row_bytes: if with_rows { shape.row_bytes() } else { 0 },
         };
-        let out =
-            self.buffer("result buffer", sqe.buf1_addr.get(), sqe.buf1_len.get(), result.len())?;
+        let out = self.buffer(Buffer::Results, c.results, result.len())?;
         self.scratch.resize(query_bytes as usize, 0);
-        self.mem
-            .read_bytes(query_at, &mut self.scratch)
-            .map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))?;
+        self.mem.read_bytes(query_at, &mut self.scratch)?;
         let mut queries = Vec::new();
-        kernels::to_f32(query_dtype, &self.scratch, &mut queries);
-        Ok(TopkPlan { shape, k, group, how, queries, out, result, with_rows })
+        kernels::to_f32(c.query_dtype, &self.scratch, &mut queries);
+        Ok(TopkPlan { command: c, shape, queries, out, result, with_rows })
     }
 
     /// Writes a Top-K's results (and rows) to the host and describes its work.
     fn finish_topk(
         &mut self,
         kv: &KvStore<DramView>,
-        sqe: &SubmissionEntry,
         plan: &TopkPlan,
         top: &[Scored],
         scored: u64,
@@ -458,23 +428,23 @@ impl DataPath {
         self.write(plan.out + plan.result.scores(), scores.as_bytes())?;
         if plan.with_rows {
             let (keys, values) = (plan.result.key_rows(), plan.result.value_rows());
-            self.copy_rows(kv, sqe, &indices, plan.out + keys, plan.out + values)?;
+            self.copy_rows(kv, plan.command.stream, &indices, plan.out + keys, plan.out + values)?;
         }
         let work = Work::TopK {
             tokens: scored,
             head_dim: u64::from(plan.shape.head_dim),
             elem_bytes: plan.shape.dtype.size() as u64,
-            group: u64::from(plan.group),
+            group: u64::from(plan.command.group),
             k: top.len() as u64,
             gathered: if plan.with_rows { top.len() as u64 } else { 0 },
         };
         let scored = scored.min(u64::from(u32::MAX)) as u32;
-        let tokens = kv.tokens(sqe.seq.get()).unwrap_or(0);
+        let tokens = kv.tokens(plan.command.stream.seq).unwrap_or(0);
         Ok(Outcome::ok(top.len() as u32, scored, tokens).with_work(work))
     }
 
-    /// How to split an exact TOPK/TOPK_GATHER across `units` compute units:
-    /// the tokens every share scans and the number of shares, or None to run
+    /// How to split an exact Top-K across `units` compute units: the
+    /// tokens every share scans and the number of shares, or None to run
     /// it whole (page-selected Top-Ks always are). Every share keeps its own
     /// best k and the last merges them, so for a single query (a short,
     /// memory-bound scan) a share must be long next to k; a GQA group's scan
@@ -482,18 +452,17 @@ impl DataPath {
     /// k there are several per unit, taken in turn from the job queue: a
     /// unit that starts late (woken from sleep, or on a busier CPU) then
     /// scans fewer of them instead of holding up the merge.
-    pub fn split_plan(&self, sqe: &SubmissionEntry, units: u32) -> Option<(u64, u32)> {
-        let exact_topk = matches!(sqe.opcode, opcode::TOPK | opcode::TOPK_GATHER) && sqe.flags == 0;
-        if !exact_topk || units < 2 {
+    pub fn split_plan(&self, c: &Topk, units: u32) -> Option<(u64, u32)> {
+        if c.selection.is_some() || units < 2 {
             return None;
         }
         let (tokens, shape) = {
             let kv = self.read();
-            (kv.tokens(sqe.seq.get()).ok()?, kv.shape(sqe.seq.get()).ok()?)
+            (kv.tokens(c.stream.seq).ok()?, kv.shape(c.stream.seq).ok()?)
         };
-        let k = u64::from(sqe.count.get()).max(1);
+        let k = u64::from(c.k).max(1);
         let share = |parts: u32| tokens / u64::from(parts);
-        let long_shares = sqe.arg0.get() >= 2 || share(units) >= SPLIT_TOKENS_PER_K * k;
+        let long_shares = c.group >= 2 || share(units) >= SPLIT_TOKENS_PER_K * k;
         if tokens < SPLIT_MIN_TOKENS || !long_shares {
             return None;
         }
@@ -507,31 +476,29 @@ impl DataPath {
 
     /// Checks a Top-K that will be split and reads its queries, once for
     /// all its shares and the merge.
-    pub fn plan_split(&mut self, sqe: &SubmissionEntry) -> Result<TopkPlan, Refusal> {
+    pub fn plan_split(&mut self, c: Topk, with_rows: bool) -> Result<TopkPlan, Refusal> {
         let store = self.kv.clone();
         let kv = store.read().unwrap_or_else(|e| e.into_inner());
-        self.plan_topk(&kv, sqe, sqe.opcode == opcode::TOPK_GATHER)
+        self.plan_topk(&kv, c, with_rows)
     }
 
     /// One compute unit's part of a split Top-K: the best k of its share of
     /// the first `tokens` tokens.
     pub fn topk_part(
         &mut self,
-        sqe: &SubmissionEntry,
         plan: &TopkPlan,
         tokens: u64,
         part: (u32, u32),
     ) -> Result<Vec<Scored>, Refusal> {
         let store = self.kv.clone();
         let kv = store.read().unwrap_or_else(|e| e.into_inner());
-        kv.top_k_part(&mut self.topk, plan.query(sqe), tokens, part).map_err(kv_error)
+        Ok(kv.top_k_part(&mut self.topk, plan.query(), tokens, part)?)
     }
 
     /// Completes a split Top-K from its parts: merges them exactly and
     /// writes the results like an unsplit command.
     pub fn finish_split(
         &mut self,
-        sqe: &SubmissionEntry,
         plan: &TopkPlan,
         tokens: u64,
         parts: Vec<Result<Vec<Scored>, Refusal>>,
@@ -540,44 +507,36 @@ impl DataPath {
             let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
             let store = self.kv.clone();
             let kv = store.read().unwrap_or_else(|e| e.into_inner());
-            let top = kernels::merge_top_k(&parts, plan.k as usize);
-            self.finish_topk(&kv, sqe, plan, &top, tokens)
+            let top = kernels::merge_top_k(&parts, plan.command.k as usize);
+            self.finish_topk(&kv, plan, &top, tokens)
         })();
-        self.modelled(sqe, outcome)
+        let opcode = if plan.with_rows { QueueOpcode::TOPK_GATHER } else { QueueOpcode::TOPK };
+        self.modelled(opcode, outcome)
     }
 
-    fn gather(
-        &mut self,
-        kv: &KvStore<DramView>,
-        sqe: &SubmissionEntry,
-    ) -> Result<Outcome, Refusal> {
-        let seq = sqe.seq.get();
-        let shape = kv.shape(seq).map_err(kv_error)?;
-        let n = sqe.count.get();
-        if n == 0 {
-            return Err(invalid("gathering 0 rows"));
-        }
-        let index_bytes = u64::from(n) * 4;
-        let at =
-            self.buffer("index buffer", sqe.buf0_addr.get(), sqe.buf0_len.get(), index_bytes)?;
-        let rows = GatherLayout { n: u64::from(n), row_bytes: shape.row_bytes() };
-        let out = self.buffer("row buffer", sqe.buf1_addr.get(), sqe.buf1_len.get(), rows.len())?;
+    fn handle_gather(&mut self, c: Gather) -> Result<Outcome, Refusal> {
+        let store = self.kv.clone();
+        let kv = store.read().unwrap_or_else(|e| e.into_inner());
+        let shape = kv.shape(c.stream.seq)?;
+        limit(Limit::GatherRows, c.rows, u32::MAX)?;
+        let index_bytes = u64::from(c.rows) * TOKEN_INDEX;
+        let at = self.buffer(Buffer::Indices, c.indices, index_bytes)?;
+        let rows = GatherLayout { n: u64::from(c.rows), row_bytes: shape.row_bytes() };
+        let out = self.buffer(Buffer::Rows, c.out, rows.len())?;
         self.scratch.resize(index_bytes as usize, 0);
-        self.mem
-            .read_bytes(at, &mut self.scratch)
-            .map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))?;
+        self.mem.read_bytes(at, &mut self.scratch)?;
         let indices: Vec<u32> = self
             .scratch
-            .chunks_exact(4)
+            .chunks_exact(TOKEN_INDEX as usize)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        self.copy_rows(kv, sqe, &indices, out + rows.key_rows(), out + rows.value_rows())?;
+        self.copy_rows(&kv, c.stream, &indices, out + rows.key_rows(), out + rows.value_rows())?;
         let work = Work::Gather {
-            rows: u64::from(n),
+            rows: u64::from(c.rows),
             head_dim: u64::from(shape.head_dim),
             elem_bytes: shape.dtype.size() as u64,
         };
-        Ok(Outcome::ok(n, 0, 0).with_work(work))
+        Ok(Outcome::ok(c.rows, 0, 0).with_work(work))
     }
 
     /// DMAs the K and V rows of `indices` to consecutive rows at `keys_at`
@@ -585,43 +544,38 @@ impl DataPath {
     fn copy_rows(
         &self,
         kv: &KvStore<DramView>,
-        sqe: &SubmissionEntry,
+        stream: Stream,
         indices: &[u32],
         keys_at: u64,
         values_at: u64,
     ) -> Result<(), Refusal> {
-        let seq = sqe.seq.get();
-        let row = kv.shape(seq).map_err(kv_error)?.row_bytes();
-        let locations =
-            kv.row_locations(seq, sqe.layer.get(), sqe.head.get(), indices).map_err(kv_error)?;
+        let row = kv.shape(stream.seq)?.row_bytes();
+        let locations = kv.row_locations(stream.seq, stream.layer, stream.head, indices)?;
         let dram = self.layout.dram_offset;
         for (i, loc) in locations.iter().enumerate() {
             kv.prefetch_gather(&locations, i, row);
             let i = i as u64;
-            let moved = self
-                .mem
-                .copy_within(dram + loc.key, keys_at + i * row, row)
-                .and_then(|()| self.mem.copy_within(dram + loc.value, values_at + i * row, row));
-            moved.map_err(|e| (ReturnCode::INTERNAL_ERROR, e.to_string()))?;
+            self.mem.copy_within(dram + loc.key, keys_at + i * row, row)?;
+            self.mem.copy_within(dram + loc.value, values_at + i * row, row)?;
         }
         Ok(())
     }
 }
 
-/// For tests: a data path over a fresh embedded region of `size` bytes
+/// For tests: an executor over a fresh embedded region of `size` bytes
 /// holding one sequence of `tokens` tokens with `rows` as both its keys and
-/// its values. The region must outlive the data path.
+/// its values. The region must outlive the executor.
 #[cfg(test)]
-fn loaded_datapath(
+fn loaded_executor(
     size: u64,
     shape: pnm_firmware::kv::SequenceShape,
     rows: &[u8],
     tokens: u64,
-) -> (crate::region::Region, DataPath, u32) {
+) -> (crate::region::Region, Executor, u32) {
     let region = crate::region::Region::embedded(size, None).expect("memfd region");
     let (mem, layout) = (region.regs(), region.layout);
     let (kv, _) = KvStore::open(DramView::new(mem, &layout)).expect("fresh store");
-    let datapath = DataPath::new(mem, layout, kv, crate::engine::default_profile());
+    let datapath = Executor::new(mem, layout, kv, crate::engine::default_profile());
     let seq = datapath
         .kv
         .write()
@@ -642,12 +596,16 @@ mod split_rule {
     fn plan(tokens: u64, group: u32, k: u32, flags: u8, units: u32) -> Option<(u64, u32)> {
         let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 16 };
         let rows = vec![0u8; (tokens * shape.row_bytes()) as usize];
-        let (_region, datapath, seq) = loaded_datapath(32 << 20, shape, &rows, tokens);
-        let mut sqe = SubmissionEntry { opcode: opcode::TOPK_GATHER, flags, ..Default::default() };
+        let (_region, datapath, seq) = loaded_executor(32 << 20, shape, &rows, tokens);
+        let mut sqe =
+            SubmissionEntry { opcode: QueueOpcode::TOPK_GATHER, flags, ..Default::default() };
         sqe.seq = seq.into();
         sqe.count = k.into();
         sqe.arg0 = group.into();
-        datapath.split_plan(&sqe, units)
+        let Ok(QueueCommand::TopkGather(topk)) = QueueCommand::decode(&sqe) else {
+            panic!("a TOPK_GATHER")
+        };
+        datapath.split_plan(&topk, units)
     }
 
     #[test]
@@ -666,7 +624,7 @@ mod split_rule {
         assert_eq!(plan(40_000, 4, 64, 0, 64), Some((40_000, 20)));
         // Too short, page-selected, or nobody to share with: whole.
         assert_eq!(plan(16_000, 4, 64, 0, 2), None);
-        assert_eq!(plan(40_000, 4, 64, FLAG_PAGE_SELECTION, 2), None);
+        assert_eq!(plan(40_000, 4, 64, pnm_protocol::queue::FLAG_PAGE_SELECTION, 2), None);
         assert_eq!(plan(40_000, 4, 64, 0, 1), None);
     }
 
@@ -679,14 +637,14 @@ mod split_rule {
         let rows: Vec<u8> = (0..tokens * 16)
             .flat_map(|i| ((i * 2_654_435_761 % 1000) as f32 / 500.0 - 1.0).to_le_bytes())
             .collect();
-        let (region, mut datapath, seq) = loaded_datapath(64 << 20, shape, &rows, tokens);
+        let (region, mut datapath, seq) = loaded_executor(64 << 20, shape, &rows, tokens);
         let mem = region.regs();
         let window = region.layout.dma_window_offset;
         let (query_at, out_at) = (window, window + 4096);
         let query = |sign: f32| -> Vec<u8> {
             (0..16).flat_map(|i| (sign * (i as f32 * 0.37).sin()).to_le_bytes()).collect()
         };
-        let mut sqe = SubmissionEntry { opcode: opcode::TOPK, ..Default::default() };
+        let mut sqe = SubmissionEntry { opcode: QueueOpcode::TOPK, ..Default::default() };
         sqe.seq = seq.into();
         sqe.count = 64.into();
         sqe.arg0 = 1.into();
@@ -701,17 +659,17 @@ mod split_rule {
         };
         // The answer to the original queries, unsplit.
         mem.write_bytes(query_at, &query(1.0)).unwrap();
-        assert_eq!(datapath.execute(&sqe, Writer(1)).code, ReturnCode::SUCCESS);
+        assert_eq!(datapath.execute_entry(&sqe, Writer(1)).code, ReturnCode::SUCCESS);
         let want = read_result();
         mem.fill(out_at, 8 * 64, 0).unwrap();
 
-        let (tokens, parts) = datapath.split_plan(&sqe, 2).expect("long enough to split");
-        let plan = datapath.plan_split(&sqe).unwrap();
+        let Ok(QueueCommand::Topk(topk)) = QueueCommand::decode(&sqe) else { panic!("a TOPK") };
+        let (tokens, parts) = datapath.split_plan(&topk, 2).expect("long enough to split");
+        let plan = datapath.plan_split(topk, false).unwrap();
         // The host overwrites its queries after the command was taken.
         mem.write_bytes(query_at, &query(-1.0)).unwrap();
-        let shares =
-            (0..parts).map(|p| datapath.topk_part(&sqe, &plan, tokens, (p, parts))).collect();
-        assert_eq!(datapath.finish_split(&sqe, &plan, tokens, shares).code, ReturnCode::SUCCESS);
+        let shares = (0..parts).map(|p| datapath.topk_part(&plan, tokens, (p, parts))).collect();
+        assert_eq!(datapath.finish_split(&plan, tokens, shares).code, ReturnCode::SUCCESS);
         assert_eq!(read_result(), want);
     }
 }
@@ -735,7 +693,7 @@ mod hostile_descriptors {
     struct Fixture {
         // Owns the mapping `datapath` works on.
         region: Region,
-        datapath: DataPath,
+        datapath: Executor,
         seq: u32,
     }
 
@@ -744,7 +702,7 @@ mod hostile_descriptors {
         let shape = SequenceShape { dtype: Dtype::F32, layers: 2, heads: 2, head_dim: 16 };
         let bytes: Vec<u8> =
             (0..TOKENS * shape.row_bytes() * 4).map(|i| (i * 7 % 251) as u8).collect();
-        let (region, datapath, seq) = loaded_datapath(8 << 20, shape, &bytes, TOKENS);
+        let (region, datapath, seq) = loaded_executor(8 << 20, shape, &bytes, TOKENS);
         Fixture { region, datapath, seq }
     }
 
@@ -771,17 +729,8 @@ mod hostile_descriptors {
 
     fn descriptor(layout: RegionLayout, seq: u32) -> impl Strategy<Value = SubmissionEntry> {
         let opcodes = prop_oneof![
-            Just(opcode::NOP),
-            Just(opcode::KV_CREATE),
-            Just(opcode::KV_APPEND),
-            Just(opcode::KV_COMMIT),
-            Just(opcode::KV_FREE),
-            Just(opcode::KV_LIST),
-            Just(opcode::KV_MAP),
-            Just(opcode::TOPK),
-            Just(opcode::GATHER),
-            Just(opcode::TOPK_GATHER),
-            any::<u8>(),
+            10 => proptest::sample::select(QueueOpcode::ALL.to_vec()),
+            1 => any::<u8>().prop_map(QueueOpcode),
         ];
         let ids = prop_oneof![3 => Just(seq), 1 => 0..4u32, 1 => any::<u32>()];
         (
@@ -810,7 +759,11 @@ mod hostile_descriptors {
     /// A data-path command that would succeed, with one field (or none)
     /// taken from a hostile descriptor: the edges of each check.
     fn near_valid(layout: RegionLayout, seq: u32) -> impl Strategy<Value = SubmissionEntry> {
-        let ops = prop_oneof![Just(opcode::TOPK), Just(opcode::TOPK_GATHER), Just(opcode::GATHER)];
+        let ops = prop_oneof![
+            Just(QueueOpcode::TOPK),
+            Just(QueueOpcode::TOPK_GATHER),
+            Just(QueueOpcode::GATHER)
+        ];
         (ops, 1..=64u32, 1..=4u32, 0..2u16, 0..2u16, 0..12usize, descriptor(layout, seq)).prop_map(
             move |(op, k, group, layer, head, field, hostile)| {
                 let w = layout.dma_window_offset;
@@ -822,7 +775,7 @@ mod hostile_descriptors {
                 e.arg0 = group.into();
                 // Queries (f32, G x 16) or indices (zeros: token 0).
                 e.buf0_addr = w.into();
-                e.buf0_len = if op == opcode::GATHER { 4 * k } else { 64 * group }.into();
+                e.buf0_len = if op == QueueOpcode::GATHER { 4 * k } else { 64 * group }.into();
                 e.buf1_addr = (w + 8192).into();
                 e.buf1_len = (64 << 10).into();
                 match field {
@@ -881,19 +834,22 @@ mod hostile_descriptors {
                 ];
                 let before_all = outside(mem, &[]);
                 let before = outside(mem, &buffers);
-                let outcome = datapath.execute(&sqe, Writer(1));
+                let outcome = datapath.execute_entry(&sqe, Writer(1));
                 prop_assert!(
                     ReturnCode::ALL.iter().any(|(c, _)| *c == outcome.code),
-                    "{:#04x} gave a code outside the spec: {:?}", sqe.opcode, outcome.code
+                    "{} gave a code outside the spec: {:?}", sqe.opcode, outcome.code
                 );
                 prop_assert!(
                     outcome.code != ReturnCode::INTERNAL_ERROR,
-                    "{:#04x} hit an internal error", sqe.opcode
+                    "{} hit an internal error", sqe.opcode
                 );
                 if outcome.code.is_success() {
                     let mutates = matches!(
                         sqe.opcode,
-                        opcode::KV_CREATE | opcode::KV_APPEND | opcode::KV_COMMIT | opcode::KV_FREE
+                        QueueOpcode::KV_CREATE
+                            | QueueOpcode::KV_APPEND
+                            | QueueOpcode::KV_COMMIT
+                            | QueueOpcode::KV_FREE
                     );
                     let layout = region.layout;
                     let mut after = outside(mem, &buffers);
@@ -903,11 +859,11 @@ mod hostile_descriptors {
                         after.truncate(layout.dram_offset as usize);
                         before.truncate(layout.dram_offset as usize);
                     }
-                    prop_assert!(after == before, "{:#04x} wrote outside its buffers", sqe.opcode);
+                    prop_assert!(after == before, "{} wrote outside its buffers", sqe.opcode);
                 } else {
                     prop_assert!(
                         outside(mem, &[]) == before_all,
-                        "refused {:#04x} ({:?}) changed memory", sqe.opcode, outcome.code
+                        "refused {} ({:?}) changed memory", sqe.opcode, outcome.code
                     );
                 }
             }
