@@ -18,9 +18,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use pnm_device::RunningDevice;
-use pnm_host::tensorfile::{self, Tensor};
 use pnm_host::{Aggregation, Device, Dtype, KvShape, PageSelection, Query, Rows, Sequence};
 use pnm_protocol::layout::parse_size;
+use pnm_tools::tensorfile::{self, Tensor};
 use serde::Serialize;
 use synthetic::{HEAVY_HITTER_FRACTION, Rng, Stream};
 
@@ -331,13 +331,7 @@ fn check_memory(args: &Args) -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    pnm_logging::init("warn");
     pnm_host::default_sigpipe();
     let args = Args::parse();
     if args.group == 0 || args.k == 0 || args.tokens == 0 || args.steps == 0 {

@@ -81,3 +81,23 @@ fn device_and_host_never_depend_on_each_other() {
     assert!(!depends("pnm-host", "pnm-device"));
     assert!(graph["pnm-protocol"].is_empty(), "the protocol crate depends on no other");
 }
+
+/// An engine that links the driver library compiles only what the driver
+/// needs: no CLI, no logging setup, no config parser, no firmware model.
+#[test]
+fn the_driver_library_links_no_tool() {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["tree", "-p", "pnm-host", "-e", "normal", "--prefix", "none", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8_lossy(&out.stdout);
+    for tool in ["clap ", "tracing-subscriber ", "toml ", "pnm-firmware ", "serde_json ", "half "] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(tool)),
+            "pnm-host's dependency tree holds {tool}:\n{tree}"
+        );
+    }
+}

@@ -520,7 +520,7 @@ fn pnmctl_status_tells_running_hung_dead_and_stopped_apart() {
 
 #[test]
 fn a_kv_load_that_times_out_reports_what_is_left_without_a_second_timeout() {
-    use pnm_host::tensorfile::{Tensor, write_npy};
+    use pnm_tools::tensorfile::{Tensor, write_npy};
     let region = TempRegion::new("loadstuck");
     let device = DeviceProcess::start(region.path(), &["--size", "1GiB"]);
     let dev = Device::open(region.path()).unwrap();
@@ -670,8 +670,11 @@ fn undescribed(help: &str) -> Vec<String> {
             continue;
         }
         let indent = line.len() - trimmed.len();
-        // Same-line layout: the flag, two or more spaces, the text.
-        let same_line = trimmed.split("  ").filter(|p| !p.trim().is_empty()).count() > 1;
+        // Same-line layout: the flag, two or more spaces, the text; a
+        // default or the possible values alone say nothing of what it does.
+        let text = trimmed.split_once("  ").map_or("", |(_, rest)| rest);
+        let said = text.split('[').next().unwrap_or("").trim();
+        let same_line = !said.is_empty();
         // Next-line layout: a deeper-indented, non-empty line follows.
         let next_line = lines.get(i + 1).is_some_and(|n| {
             let t = n.trim_start();
@@ -703,6 +706,8 @@ fn every_option_of_every_command_says_what_it_does() {
         &["bench", "kernel"],
         &["bench", "nop"],
         &["bench", "topk"],
+        &["bench", "datapath"],
+        &[],
     ];
     let mut missing = Vec::new();
     for command in pnmctl_commands {
@@ -723,11 +728,15 @@ fn every_option_of_every_command_says_what_it_does() {
             .map(|o| format!("cxl-pnm: {o}")),
     );
     assert!(missing.is_empty(), "options without a description:\n{}", missing.join("\n"));
+    // A command that needs no device does not offer device options.
+    let model = run("pnmctl", &["model", "-h"]);
+    let help = String::from_utf8_lossy(&model.stdout);
+    assert!(!help.contains("--device") && !help.contains("--timeout-ms"), "{help}");
 }
 
 #[test]
 fn pnmctl_topk_takes_a_page_selection_budget() {
-    use pnm_host::tensorfile::{Tensor, write_npy};
+    use pnm_tools::tensorfile::{Tensor, write_npy};
     let region = TempRegion::new("budget");
     let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
     let dev = Device::open(region.path()).unwrap();

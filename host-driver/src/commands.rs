@@ -5,14 +5,14 @@ use pnm_protocol::commands::{
     IdentifyOutput, IdentifyPnmOutput, SetTimestampInput, SupportedLogEntry, SupportedLogsHeader,
 };
 use pnm_protocol::{Opcode, ReturnCode};
-use serde::Serialize;
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
 
 /// Identify Memory Device, decoded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Identify {
     pub fw_revision: String,
     pub total_capacity_bytes: u64,
@@ -32,7 +32,8 @@ pub struct Identify {
 }
 
 /// Get Health Info, decoded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct HealthInfo {
     pub maintenance_needed: bool,
     pub performance_degraded: bool,
@@ -49,17 +50,19 @@ pub struct HealthInfo {
 }
 
 /// One entry of Get Supported Logs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct SupportedLog {
     pub uuid: String,
-    #[serde(skip)]
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub id: [u8; 16],
     pub is_command_effects_log: bool,
     pub size: u32,
 }
 
 /// One Command Effects Log entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct CelEntry {
     pub opcode: u16,
     pub name: Option<&'static str>,
@@ -67,7 +70,8 @@ pub struct CelEntry {
 }
 
 /// Identify PNM, decoded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct PnmInfo {
     pub abi_version: String,
     pub fw_revision: String,

@@ -62,7 +62,8 @@ pub struct CapabilityMap {
 }
 
 /// Live status read from the registers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct DeviceStatus {
     pub memdev_status: u64,
     pub fatal: bool,
@@ -395,8 +396,9 @@ impl Device {
 }
 
 /// A device's state as [`Device::probe`] finds it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "lowercase"))]
 pub enum DeviceState {
     /// The heartbeat advances: a device process serves the region.
     Running,
@@ -423,10 +425,11 @@ impl DeviceState {
 }
 
 /// [`Device::probe`]'s answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Liveness {
     pub state: DeviceState,
-    #[serde(flatten)]
+    #[cfg_attr(feature = "serde", serde(flatten))]
     pub status: DeviceStatus,
 }
 

@@ -10,7 +10,6 @@ use pnm_protocol::queue::{
     SubmissionEntry, Topk, TopkLayout,
 };
 use pnm_protocol::{Dtype, ReturnCode, SharedMemory};
-use serde::Serialize;
 use zerocopy::FromBytes;
 
 use crate::device::Device;
@@ -23,15 +22,17 @@ use crate::queue::{Completion, QueuePair};
 const APPEND_CHUNK: u64 = 8192;
 
 /// The shape of a sequence's KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct KvShape {
-    #[serde(serialize_with = "dtype_name")]
+    #[cfg_attr(feature = "serde", serde(serialize_with = "dtype_name"))]
     pub dtype: Dtype,
     pub layers: u16,
     pub heads: u16,
     pub head_dim: u16,
 }
 
+#[cfg(feature = "serde")]
 fn dtype_name<S: serde::Serializer>(d: &Dtype, s: S) -> std::result::Result<S::Ok, S::Error> {
     s.serialize_str(d.name())
 }
@@ -61,10 +62,11 @@ impl KvShape {
 }
 
 /// A sequence as the device lists it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Sequence {
     pub id: u32,
-    #[serde(flatten)]
+    #[cfg_attr(feature = "serde", serde(flatten))]
     pub shape: KvShape,
     pub tokens: u64,
     pub reserved_tokens: u64,
@@ -93,7 +95,8 @@ impl Query {
 pub use pnm_protocol::queue::Aggregation;
 
 /// A Top-K answer: token indices and scores, best first.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct TopK {
     pub indices: Vec<u32>,
     pub scores: Vec<f32>,

@@ -4,6 +4,7 @@
 //! and checks it is a ready cxl-pnm device; typed methods run mailbox
 //! commands and validate every byte the device sends back.
 
+#[cfg(feature = "async")]
 pub mod async_api;
 pub mod commands;
 pub mod device;
@@ -13,10 +14,9 @@ pub mod kv;
 pub mod mailbox;
 pub mod notify;
 pub mod queue;
-pub mod roofline;
 mod sys;
-pub mod tensorfile;
 
+#[cfg(feature = "async")]
 pub use async_api::AsyncQueue;
 pub use device::{Device, DeviceOptions, DeviceState, DeviceStatus, Liveness, QueueOptions};
 pub use error::{Error, Result};

@@ -51,6 +51,7 @@ pub fn own_received_fd(raw: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
 }
 
 /// Registers an owned descriptor with tokio's reactor.
+#[cfg(feature = "async")]
 pub fn register_async_fd(
     fd: std::os::fd::OwnedFd,
 ) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {

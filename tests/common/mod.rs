@@ -27,7 +27,16 @@ pub fn bin(name: &str) -> PathBuf {
         };
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--bins", "-p", "pnm-device", "-p", "pnm-host", "--profile"])
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "pnm-device",
+                "-p",
+                "pnm-tools",
+                "--profile",
+            ])
             .arg(&profile)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()

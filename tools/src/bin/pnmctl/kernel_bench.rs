@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use pnm_firmware::kernels::Aggregation;
 use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
-use pnm_host::roofline::Roofline;
 use pnm_host::{Device, Dtype, KvShape, Query};
+use pnm_tools::roofline::Roofline;
 use serde_json::{Value, json};
 
 /// The grid and how to run it.
@@ -95,7 +95,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
             let shape = SequenceShape { dtype, layers: 1, heads: 1, head_dim: grid.head_dim };
             let dram_bytes = (16 << 20) + 2 * key_bytes.len() + (1 << 20);
             let huge = MemDram::from_buffer(
-                pnm_host::roofline::huge_page_buffer(dram_bytes).map_err(memory_error)?,
+                pnm_tools::roofline::huge_page_buffer(dram_bytes).map_err(memory_error)?,
             );
             let plain = MemDram::new(dram_bytes);
             let (store, id) = store_with(&huge, shape, &key_bytes, tokens)?;

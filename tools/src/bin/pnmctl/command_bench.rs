@@ -189,7 +189,7 @@ pub fn bench_topk(
     };
     let dram_bytes = (16 << 20) + 2 * rows.len() + (1 << 20);
     let local = pnm_firmware::kv::MemDram::from_buffer(
-        pnm_host::roofline::huge_page_buffer(dram_bytes).map_err(kernel_bench::memory_error)?,
+        pnm_tools::roofline::huge_page_buffer(dram_bytes).map_err(kernel_bench::memory_error)?,
     );
     let (store, local_seq) = kernel_bench::store_with(&local, shape, &rows, tokens)?;
     let seq = dev.kv_create(wire)?;

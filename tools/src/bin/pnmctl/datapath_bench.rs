@@ -1,25 +1,24 @@
-//! `pnm-bench`: data-path benchmarks, printed as JSON.
+//! `pnmctl bench datapath`: the data path end to end, printed as JSON.
 //!
 //! Every figure comes with this machine's roofline measured in the same run
 //! (memory read bandwidth and memcpy bandwidth), so ratios survive a noisy
-//! or different machine. Run with `cargo run --release --bin pnm-bench`.
+//! or different machine. Needs `pnm-device` next to `pnmctl` (build both:
+//! `cargo build --release --workspace`).
 
 use std::hint::black_box;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use pnm_device::RunningDevice;
 use pnm_firmware::kernels::Aggregation;
 use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
-use pnm_host::tensorfile::{self, Tensor};
 use pnm_host::{Device, DeviceOptions, Dtype, KvShape, Query};
+use pnm_tools::tensorfile::{self, Tensor};
 use serde_json::json;
 
-#[derive(Debug, Parser)]
-#[command(about = "cxl-pnm data-path benchmarks (JSON on stdout)")]
-struct Args {
+#[derive(Debug, clap::Args)]
+pub struct DatapathArgs {
     /// Tokens in the Top-K benchmark's sequence.
     #[arg(long, default_value_t = 32768)]
     tokens: u64,
@@ -89,9 +88,19 @@ fn rss_anon(pid: u32) -> u64 {
     proc_status_kib(pid, "RssAnon:") * 1024
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    let read_gbs = pnm_host::roofline::Roofline::new(512 << 20)?.read_gb_per_s(5);
+pub fn run(args: &DatapathArgs) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(
+        args.tokens > 0 && args.k > 0 && args.reps > 0 && args.load_mib > 0,
+        "--tokens, -k, --reps and --load-mib must be at least 1"
+    );
+    let exe_dir = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
+    let device_exe = exe_dir.join("pnm-device");
+    anyhow::ensure!(
+        device_exe.exists(),
+        "{} is missing: build it beside pnmctl (cargo build --release --workspace)",
+        device_exe.display()
+    );
+    let read_gbs = pnm_tools::roofline::Roofline::new(512 << 20)?.read_gb_per_s(5);
     let copy_gbs = copy_bandwidth();
 
     // KV load: rows stored straight into device DRAM, timed on a region
@@ -173,9 +182,8 @@ fn main() -> anyhow::Result<()> {
 
     // Memory beyond the region: a separate pnm-device process and this
     // process's driver, after a load and Top-Ks.
-    let exe_dir = std::env::current_exe()?.parent().map(PathBuf::from).unwrap_or_default();
     let region = PathBuf::from(format!("/dev/shm/cxl-pnm-bench-{}", std::process::id()));
-    let mut child = Command::new(exe_dir.join("pnm-device"))
+    let mut child = Command::new(&device_exe)
         .args(["--path".as_ref(), region.as_os_str(), "--size".as_ref(), "1GiB".as_ref()])
         .env("RUST_LOG", "warn,pnm_device::region=error")
         .stdout(Stdio::null())
@@ -290,9 +298,12 @@ fn main() -> anyhow::Result<()> {
         "memory_beyond_region": {
             "device_process_rss_anon_mib": device_rss as f64 / (1 << 20) as f64,
             "pnmctl_topk_max_rss_mib": pnmctl_max_rss as f64 / (1 << 20) as f64,
-            "note": "device: private memory (RssAnon) after a 512 MiB load and Top-Ks; pnmctl: peak RSS (VmHWM) of a whole topk run, binary and libraries included",
+            "note": format!(
+                "device: private memory (RssAnon) after a {} MiB load and Top-Ks; pnmctl: peak \
+                 RSS (VmHWM) of a whole topk run, binary and libraries included",
+                2 * args.load_mib
+            ),
         },
     });
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    Ok(())
+    Ok(report)
 }

@@ -1,0 +1,990 @@
+//! `pnmctl`: talk to a cxl-pnm device from the command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+mod command_bench;
+mod datapath_bench;
+mod kernel_bench;
+mod model;
+
+use clap::{Parser, Subcommand};
+use pnm_host::{Aggregation, Device, DeviceOptions, Error, KvShape, Query, Sequence};
+use pnm_tools::tensorfile::{self, Tensor};
+use serde::Serialize;
+
+/// Control a cxl-pnm device.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The device's region file.
+    #[arg(long, default_value = "/dev/shm/cxl-pnm0", help_heading = "Device")]
+    device: PathBuf,
+    /// Mailbox command timeout in milliseconds.
+    #[arg(long, default_value_t = 2000, help_heading = "Device")]
+    timeout_ms: u64,
+    /// Queue command timeout in milliseconds (Top-K, gather, KV commands).
+    #[arg(long, default_value_t = 10_000, help_heading = "Device")]
+    command_timeout_ms: u64,
+    /// Wait up to this many milliseconds for the device to become ready.
+    #[arg(long, default_value_t = 0, help_heading = "Device")]
+    wait_ms: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Identify Memory Device (4000h).
+    Identify,
+    /// Get Health Info (4200h).
+    Health,
+    /// Get or set the device timestamp (0300h / 0301h).
+    Timestamp {
+        #[command(subcommand)]
+        action: Option<TimestampAction>,
+    },
+    /// The Command Effects Log: every command the device supports (0400h / 0401h).
+    Logs,
+    /// Identify PNM (C000h): region layout, compute units, firmware limits.
+    PnmInfo,
+    /// The device's state, also on a region nobody serves: running (exit
+    /// 0), stopped in order (2), dead, i.e. gone without an orderly stop
+    /// (3), or hung (4); then readiness, heartbeat, pid, counters.
+    Status,
+    /// Reset the device (mailbox and volatile state; device DRAM is kept).
+    Reset,
+    /// The KV store: load, list and free sequences.
+    Kv {
+        #[command(subcommand)]
+        action: KvAction,
+    },
+    /// Top-K tokens of one (sequence, layer, KV head) for a query or GQA group.
+    Topk(TopkArgs),
+    /// What-if answers from the timing model's hardware profiles: KV cache
+    /// size, and per decode step the link bytes and modelled time with and
+    /// without near-memory Top-K. Needs no device.
+    Model(ModelArgs),
+    /// Command-path benchmarks against the device (JSON).
+    Bench {
+        #[command(subcommand)]
+        action: BenchAction,
+    },
+    /// The K and V rows of chosen tokens, written as .npy files [n, head_dim].
+    Gather(GatherArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchAction {
+    /// NOP round trips: latency at queue depth 1, throughput at --depth.
+    Nop(NopArgs),
+    /// TOPK_GATHER through the device: host-observed latency against the
+    /// device's own kernel time (the command path's overhead as a ratio).
+    Topk(BenchTopkArgs),
+    /// Scoring + Top-K kernel over a grid of shapes: in-process (the firmware
+    /// model) and through the device, against this machine's memory read
+    /// roofline measured in the same run (JSON).
+    Kernel(KernelArgs),
+    /// The data path end to end on an embedded device and a pnm-device
+    /// process: KV load bandwidth against memcpy, Top-K + gather through
+    /// the device against the same kernel in-process, the device's idle
+    /// CPU and the memory it and the driver use beyond the region (JSON).
+    Datapath(datapath_bench::DatapathArgs),
+}
+
+/// One (sequence, layer, KV head): the rows a Top-K scores or a gather reads.
+#[derive(Debug, clap::Args)]
+struct StreamArgs {
+    /// The sequence (its id, as `kv load` prints it and `kv list` shows).
+    #[arg(long)]
+    seq: u32,
+    /// The layer, from 0.
+    #[arg(long)]
+    layer: u16,
+    /// The KV head within the layer, from 0.
+    #[arg(long)]
+    head: u16,
+}
+
+/// `pnmctl topk`.
+#[derive(Debug, clap::Args)]
+struct TopkArgs {
+    #[command(flatten)]
+    stream: StreamArgs,
+    /// Query .npy: [head_dim] or [G, head_dim], float16/32/64.
+    #[arg(long)]
+    query: PathBuf,
+    /// How many tokens to select.
+    #[arg(short, long)]
+    k: u32,
+    /// How a GQA group's scores combine.
+    #[arg(long, value_enum, default_value = "max")]
+    aggregation: AggregationArg,
+    /// Query-aware page selection: score at most this many tokens, the
+    /// pages whose key bounds promise the most (default: every token,
+    /// the exact Top-K).
+    #[arg(long)]
+    budget: Option<u32>,
+    /// With --budget: leading pages always scored (attention sinks).
+    #[arg(long, default_value_t = 1, requires = "budget")]
+    sink_pages: u8,
+    /// With --budget: trailing pages always scored (recent tokens).
+    #[arg(long, default_value_t = 2, requires = "budget")]
+    recent_pages: u8,
+}
+
+/// `pnmctl model`.
+#[derive(Debug, clap::Args)]
+struct ModelArgs {
+    /// A known model shape (llama-3-8b, llama-3-70b, llama-3-405b, qwen2-7b).
+    #[arg(long, default_value = "llama-3-70b")]
+    model: String,
+    /// Tokens of context per sequence.
+    #[arg(long, default_value_t = 131072)]
+    context: u64,
+    /// Sequences decoded together in one step (the batch).
+    #[arg(long, default_value_t = 1)]
+    batch: u64,
+    /// KV element type.
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: DtypeArg,
+    /// Tokens selected per (layer, KV head) by near-memory Top-K.
+    #[arg(short, long, default_value_t = 2048)]
+    k: u64,
+    /// Profiles: built-in names or .toml files (default: every built-in).
+    #[arg(long, value_delimiter = ',')]
+    profile: Vec<String>,
+}
+
+/// `pnmctl gather`.
+#[derive(Debug, clap::Args)]
+struct GatherArgs {
+    #[command(flatten)]
+    stream: StreamArgs,
+    /// Token indices, comma separated (e.g. 3,17,42).
+    #[arg(long, value_delimiter = ',', required = true)]
+    indices: Vec<u32>,
+    /// Where to write the K rows (.npy, [n, head_dim], the sequence's dtype).
+    #[arg(long)]
+    out_keys: PathBuf,
+    /// Where to write the V rows (.npy, [n, head_dim], the sequence's dtype).
+    #[arg(long)]
+    out_values: PathBuf,
+}
+
+/// `pnmctl bench nop`.
+#[derive(Debug, clap::Args)]
+struct NopArgs {
+    /// Queue pairs, one thread each.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+    /// Commands in flight per queue for the throughput run (doorbells batched).
+    #[arg(long, default_value_t = 32)]
+    depth: u16,
+    /// Wait on interrupts instead of polling.
+    #[arg(long)]
+    interrupts: bool,
+    /// Interrupt coalescing count (with --interrupts).
+    #[arg(long, default_value_t = 1)]
+    coalesce: u16,
+    /// Round trips timed for the latency figures (per queue).
+    #[arg(long, default_value_t = 20000)]
+    samples: usize,
+    /// Seconds of the throughput run.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    /// Run the matrix: polled and interrupt, 1/2/4 queues, depth 1/8/32/128
+    /// (one JSON array; --queues, --depth and --interrupts are ignored).
+    #[arg(long)]
+    sweep: bool,
+}
+
+/// `pnmctl bench topk`.
+#[derive(Debug, clap::Args)]
+struct BenchTopkArgs {
+    /// Tokens in the benchmark sequence (f16, one KV head).
+    #[arg(long, default_value_t = 32768)]
+    tokens: u64,
+    /// Elements per key row.
+    #[arg(long, default_value_t = 128)]
+    head_dim: u16,
+    /// Tokens selected (and rows gathered) per command.
+    #[arg(short, long, default_value_t = 2048)]
+    k: u32,
+    /// Queries per command (a GQA group).
+    #[arg(long, default_value_t = 1)]
+    group: u32,
+    /// Timed commands (the median and percentiles are reported).
+    #[arg(long, default_value_t = 50)]
+    reps: usize,
+    /// Wait on interrupts instead of polling.
+    #[arg(long)]
+    interrupts: bool,
+}
+
+/// `pnmctl bench kernel`.
+#[derive(Debug, clap::Args)]
+struct KernelArgs {
+    /// Sequence lengths, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "32768,131072")]
+    tokens: Vec<u64>,
+    /// Key dtypes, comma separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "f16,bf16,f32")]
+    dtypes: Vec<DtypeArg>,
+    /// GQA group sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    groups: Vec<u32>,
+    /// k values, comma separated.
+    #[arg(short, long, value_delimiter = ',', default_value = "64,2048")]
+    k: Vec<u32>,
+    /// Elements per key row.
+    #[arg(long, default_value_t = 128)]
+    head_dim: u16,
+    /// Timed runs per case (the minimum and median are reported).
+    #[arg(long, default_value_t = 9)]
+    reps: usize,
+    /// Only the in-process kernel: no device needed.
+    #[arg(long)]
+    no_device: bool,
+    /// Also time numpy and faiss-cpu on the same shapes (needs python3).
+    #[arg(long)]
+    reference: bool,
+}
+
+/// `pnmctl kv load`.
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["keys", "safetensors"])))]
+struct LoadArgs {
+    /// Keys .npy (float16, float32 or float64), with --values.
+    #[arg(long, requires = "values")]
+    keys: Option<PathBuf>,
+    /// Values .npy, same shape and type as the keys.
+    #[arg(long, requires = "keys")]
+    values: Option<PathBuf>,
+    /// Or: a safetensors file with tensors named `k` and `v` (F16, BF16, F32).
+    #[arg(long)]
+    safetensors: Option<PathBuf>,
+    /// Append to this existing sequence instead of creating one.
+    #[arg(long)]
+    seq: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DtypeArg {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl From<DtypeArg> for pnm_host::Dtype {
+    fn from(d: DtypeArg) -> Self {
+        match d {
+            DtypeArg::F16 => Self::F16,
+            DtypeArg::Bf16 => Self::Bf16,
+            DtypeArg::F32 => Self::F32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AggregationArg {
+    Max,
+    Mean,
+}
+
+#[derive(Debug, Subcommand)]
+enum KvAction {
+    /// Load K and V arrays shaped [layers, kv_heads, tokens, head_dim].
+    Load(LoadArgs),
+    /// List the sequences in device DRAM.
+    List,
+    /// Free a sequence and its device DRAM.
+    Free {
+        /// The sequence (its id, as `kv load` prints it and `kv list` shows).
+        #[arg(long)]
+        seq: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TimestampAction {
+    /// Read the timestamp (the default).
+    Get,
+    /// Set the timestamp: to --ns, or to this machine's clock.
+    Set {
+        /// Nanoseconds since the Unix epoch.
+        #[arg(long)]
+        ns: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    pnm_logging::init("warn");
+    pnm_host::default_sigpipe();
+    let cli = Cli::parse();
+    if let Command::Status = cli.command {
+        return status(&cli);
+    }
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("pnmctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `pnmctl status`: the device's state and registers; the exit code tells
+/// running (0) from stopped (2), dead (3) and hung (4); 1 is an error (no
+/// such file, not a region).
+fn status(cli: &Cli) -> ExitCode {
+    // Ten heartbeats: a live device beats within one.
+    let bound = Duration::from_millis(100);
+    match Device::probe(&cli.device, bound) {
+        Ok(live) => {
+            emit(cli.json, &live, |l| {
+                let s = &l.status;
+                let state = match l.state {
+                    pnm_host::DeviceState::Running => "running",
+                    pnm_host::DeviceState::Hung => {
+                        "hung (its process exists but the heartbeat stands still)"
+                    }
+                    pnm_host::DeviceState::Stopped => "stopped (in order; nobody serves it)",
+                    pnm_host::DeviceState::Dead => {
+                        "dead (gone without an orderly stop; nobody serves it)"
+                    }
+                };
+                format!(
+                    "state               {state}\nmedia ready         {}\nmailbox ready       {}\n\
+                     fatal / fw halt     {} / {}\nheartbeat           {} (every {} us)\n\
+                     device pid          {}\nresets              {}\ndirty shutdowns     {}\n\
+                     mailbox lock        {}\nlock breaks         {}\n",
+                    s.media_ready,
+                    s.mailbox_ready,
+                    s.fatal,
+                    s.fw_halt,
+                    s.heartbeat,
+                    s.heartbeat_period_us,
+                    s.device_pid,
+                    s.reset_count,
+                    s.dirty_shutdown_count,
+                    match s.mailbox_lock {
+                        0 => "free".to_string(),
+                        held => format!("held by pid {}", held as u32),
+                    },
+                    s.mailbox_lock_breaks,
+                )
+            });
+            ExitCode::from(live.state.exit_code())
+        }
+        Err(e) => {
+            eprintln!("pnmctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn emit<T: Serialize>(json: bool, value: &T, text: impl FnOnce(&T) -> String) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value).expect("plain data serializes"));
+    } else {
+        print!("{}", text(value));
+    }
+}
+
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {} ({n} B)", UNITS[unit]) }
+}
+
+/// Errors of the CLI: the driver's, or the user's files.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Driver(#[from] Error),
+    #[error(transparent)]
+    Tensor(#[from] tensorfile::TensorError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{error} ({left})")]
+    Left { error: Error, left: String },
+}
+
+fn usage(reason: impl Into<String>) -> CliError {
+    CliError::Usage(reason.into())
+}
+
+/// Checks (layer, head) against a sequence's shape, for a clear message.
+fn check_stream(seq: &Sequence, layer: u16, head: u16) -> Result<(), CliError> {
+    if layer >= seq.shape.layers || head >= seq.shape.heads {
+        return Err(usage(format!(
+            "layer {layer} / head {head} out of range: sequence {} has {} layers x {} KV heads",
+            seq.id, seq.shape.layers, seq.shape.heads
+        )));
+    }
+    Ok(())
+}
+
+fn kv_shape_of(keys: &Tensor, values: &Tensor) -> Result<(KvShape, u64), CliError> {
+    let [layers, heads, tokens, head_dim] = keys.shape[..] else {
+        return Err(usage(format!(
+            "keys have shape {:?}; expected [layers, kv_heads, tokens, head_dim]",
+            keys.shape
+        )));
+    };
+    if values.shape != keys.shape || values.dtype != keys.dtype {
+        return Err(usage(format!(
+            "values ({:?} {}) do not match keys ({:?} {})",
+            values.shape,
+            values.dtype.name(),
+            keys.shape,
+            keys.dtype.name()
+        )));
+    }
+    let narrow = |v: usize, what: &str| {
+        u16::try_from(v).map_err(|_| usage(format!("{what} {v} is too large")))
+    };
+    let shape = KvShape {
+        dtype: keys.dtype,
+        layers: narrow(layers, "layers")?,
+        heads: narrow(heads, "kv_heads")?,
+        head_dim: narrow(head_dim, "head_dim")?,
+    };
+    if tokens == 0 || shape.layers == 0 || shape.heads == 0 || shape.head_dim == 0 {
+        return Err(usage(format!("empty KV shape {:?}", keys.shape)));
+    }
+    Ok((shape, tokens as u64))
+}
+
+/// Percentile of sorted nanosecond samples, in microseconds.
+/// Opens the device named on the command line.
+fn open(cli: &Cli) -> Result<Device, Error> {
+    let options = DeviceOptions {
+        mailbox_timeout: Duration::from_millis(cli.timeout_ms),
+        command_timeout: Duration::from_millis(cli.command_timeout_ms),
+        wait_ready: Some(Duration::from_millis(cli.wait_ms)),
+        ..Default::default()
+    };
+    Device::open_with(&cli.device, &options)
+}
+
+fn run(cli: &Cli) -> Result<(), CliError> {
+    match &cli.command {
+        Command::Model(args) => model_command(cli, args),
+        Command::Bench { action } => bench(cli, action),
+        Command::Status => unreachable!("answered without opening the device"),
+        Command::Identify => identify(cli, &open(cli)?),
+        Command::Health => health(cli, &open(cli)?),
+        Command::Timestamp { action } => timestamp(cli, &open(cli)?, action.as_ref()),
+        Command::Logs => logs(cli, &open(cli)?),
+        Command::PnmInfo => pnm_info(cli, &open(cli)?),
+        Command::Reset => reset(cli, &open(cli)?),
+        Command::Kv { action: KvAction::Load(args) } => kv_load(cli, &open(cli)?, args),
+        Command::Kv { action: KvAction::List } => kv_list(cli, &open(cli)?),
+        Command::Kv { action: KvAction::Free { seq } } => kv_free(cli, &open(cli)?, *seq),
+        Command::Topk(args) => topk(cli, &open(cli)?, args),
+        Command::Gather(args) => gather(cli, &open(cli)?, args),
+    }
+}
+
+fn print_json(value: &impl Serialize) {
+    println!("{}", serde_json::to_string_pretty(value).expect("plain data serializes"));
+}
+
+/// `pnmctl model`: needs no device.
+fn model_command(cli: &Cli, args: &ModelArgs) -> Result<(), CliError> {
+    let ModelArgs { model, context, batch, dtype, k, profile } = args;
+    if *context == 0 || *batch == 0 || *k == 0 {
+        return Err(usage("--context, --batch and -k must be at least 1"));
+    }
+    let profiles = if profile.is_empty() {
+        pnm_firmware::timing::HardwareProfile::built_in()
+    } else {
+        profile.iter().map(|p| model::load_profile(p)).collect::<Result<_, _>>().map_err(usage)?
+    };
+    let question = pnm_firmware::timing::StepQuestion {
+        model: model::model_shape(model).map_err(usage)?,
+        context: *context,
+        batch: *batch,
+        elem_bytes: pnm_host::Dtype::from(*dtype).size() as u64,
+        k: *k,
+    };
+    let (value, text) = model::answer(&question, &profiles);
+    if cli.json {
+        print_json(&value);
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+/// `pnmctl bench ...`: every benchmark prints JSON.
+fn bench(cli: &Cli, action: &BenchAction) -> Result<(), CliError> {
+    match action {
+        BenchAction::Kernel(args) => bench_kernel(cli, args),
+        BenchAction::Topk(args) => bench_topk(cli, args),
+        BenchAction::Nop(args) => bench_nop(cli, args),
+        BenchAction::Datapath(args) => {
+            print_json(&datapath_bench::run(args).map_err(|e| usage(format!("{e:#}")))?);
+            Ok(())
+        }
+    }
+}
+
+fn bench_kernel(cli: &Cli, args: &KernelArgs) -> Result<(), CliError> {
+    let KernelArgs { tokens, dtypes, groups, k, head_dim, reps, no_device, reference } = args;
+    let grid = kernel_bench::KernelGrid {
+        tokens: tokens.clone(),
+        dtypes: dtypes.iter().map(|&d| d.into()).collect(),
+        groups: groups.clone(),
+        ks: k.clone(),
+        head_dim: *head_dim,
+        reps: *reps,
+        reference: *reference,
+    };
+    let bad = |v: &[u64]| v.is_empty() || v.contains(&0);
+    if bad(&grid.tokens)
+        || grid.groups.iter().any(|&g| g == 0 || g > 8)
+        || bad(&grid.ks.iter().map(|&k| u64::from(k)).collect::<Vec<_>>())
+        || grid.dtypes.is_empty()
+        || grid.head_dim == 0
+        || grid.reps == 0
+    {
+        return Err(usage("--tokens, -k and --reps must be at least 1, --groups 1..=8"));
+    }
+    let device = if *no_device { None } else { Some(open(cli)?) };
+    print_json(&kernel_bench::run(&grid, device.as_ref())?);
+    Ok(())
+}
+
+fn bench_topk(cli: &Cli, args: &BenchTopkArgs) -> Result<(), CliError> {
+    let BenchTopkArgs { tokens, head_dim, k, group, reps, interrupts } = args;
+    let device = open(cli)?;
+    let report =
+        command_bench::bench_topk(&device, *tokens, *head_dim, *k, *group, *reps, *interrupts)?;
+    print_json(&report);
+    Ok(())
+}
+
+fn bench_nop(cli: &Cli, args: &NopArgs) -> Result<(), CliError> {
+    let NopArgs { queues, depth, interrupts, coalesce, samples, seconds, sweep } = args;
+    if *queues == 0 || *depth == 0 || *samples == 0 {
+        return Err(usage("--queues, --depth and --samples must be at least 1"));
+    }
+    let device = open(cli)?;
+    let irq = |on: bool| {
+        on.then_some(pnm_host::InterruptConfig {
+            vector: 0,
+            coalesce_count: *coalesce,
+            coalesce_usec: if *coalesce > 1 { 50 } else { 0 },
+        })
+    };
+    if !*sweep {
+        let report = command_bench::bench_nop(
+            &device,
+            *queues,
+            *depth,
+            irq(*interrupts),
+            *samples,
+            *seconds,
+        )?;
+        print_json(&report);
+        return Ok(());
+    }
+    let cases: Vec<(bool, u16, u16)> = [false, true]
+        .into_iter()
+        .flat_map(|i| {
+            [1u16, 2, 4].into_iter().flat_map(move |q| [1u16, 8, 32, 128].map(|d| (i, q, d)))
+        })
+        .collect();
+    let progress = Progress::new("bench nop --sweep", cases.len());
+    let mut reports = Vec::new();
+    for (n, (interrupts, queues, depth)) in cases.into_iter().enumerate() {
+        progress.step(
+            n,
+            &format!(
+                "{} queues, depth {depth}, {}",
+                queues,
+                if interrupts { "interrupts" } else { "polled" }
+            ),
+        );
+        reports.push(command_bench::bench_nop(
+            &device,
+            queues,
+            depth,
+            irq(interrupts),
+            *samples,
+            *seconds,
+        )?);
+    }
+    progress.done();
+    print_json(&reports);
+    Ok(())
+}
+
+/// Progress of long work on stderr, when stderr is a terminal (scripts
+/// reading the JSON on stdout see nothing of it).
+struct Progress {
+    what: &'static str,
+    total: usize,
+    on_terminal: bool,
+}
+
+impl Progress {
+    fn new(what: &'static str, total: usize) -> Self {
+        use std::io::IsTerminal;
+        Self { what, total, on_terminal: std::io::stderr().is_terminal() }
+    }
+
+    fn step(&self, done: usize, now: &str) {
+        if self.on_terminal {
+            eprint!("\r\x1b[K{}: {}/{} {now}", self.what, done + 1, self.total);
+        }
+    }
+
+    fn done(&self) {
+        if self.on_terminal {
+            eprintln!("\r\x1b[K{}: {} cases done", self.what, self.total);
+        }
+    }
+}
+
+/// `pnmctl identify`: Identify Memory Device (4000h).
+fn identify(cli: &Cli, device: &Device) -> Result<(), CliError> {
+    emit(cli.json, &device.identify()?, |id| {
+        format!(
+            "firmware revision   {}\ntotal capacity      {}\nvolatile only       {}\n\
+             persistent only     {}\npartition alignment {}\nLSA size            {}\n\
+             poison list max     {}\n(capacities are in the spec's 256 MiB units, rounded \
+             down; `pnmctl pnm-info` gives device DRAM to the byte)\n",
+            id.fw_revision,
+            bytes(id.total_capacity_bytes),
+            bytes(id.volatile_only_capacity_bytes),
+            bytes(id.persistent_only_capacity_bytes),
+            bytes(id.partition_alignment_bytes),
+            id.lsa_size,
+            id.poison_list_max_records,
+        )
+    });
+    Ok(())
+}
+
+/// `pnmctl health`: Get Health Info (4200h).
+fn health(cli: &Cli, device: &Device) -> Result<(), CliError> {
+    emit(cli.json, &device.health_info()?, |h| {
+        let flags: Vec<&str> = [
+            (h.maintenance_needed, "maintenance needed"),
+            (h.performance_degraded, "performance degraded"),
+            (h.hardware_replacement_needed, "hardware replacement needed"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        format!(
+            "health              {}\nmedia status        {}\nlife used           {}\n\
+             temperature         {}\ndirty shutdowns     {}\ncorrected errors    {} volatile, {} persistent\n",
+            if flags.is_empty() { "normal".to_string() } else { flags.join(", ") },
+            match h.media_status {
+                0 => "normal".to_string(),
+                other => format!("{other:#04x}"),
+            },
+            h.life_used_percent.map_or("not reported".into(), |p| format!("{p}%")),
+            h.temperature_celsius.map_or("not reported".into(), |t| format!("{t} C")),
+            h.dirty_shutdown_count,
+            h.corrected_volatile_error_count,
+            h.corrected_persistent_error_count,
+        )
+    });
+    Ok(())
+}
+
+/// `pnmctl timestamp`: Get / Set Timestamp (0300h / 0301h).
+fn timestamp(cli: &Cli, device: &Device, action: Option<&TimestampAction>) -> Result<(), CliError> {
+    #[derive(Serialize)]
+    struct Timestamp {
+        timestamp_ns: u64,
+    }
+    if let Some(TimestampAction::Set { ns }) = action {
+        let ns = ns.unwrap_or_else(|| {
+            SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+        });
+        device.set_timestamp(ns)?;
+    }
+    let value = Timestamp { timestamp_ns: device.get_timestamp()? };
+    emit(cli.json, &value, |t| {
+        if t.timestamp_ns == 0 {
+            "timestamp not set\n".into()
+        } else {
+            let secs = t.timestamp_ns / 1_000_000_000;
+            format!(
+                "{} ns ({secs}.{:09} s since the Unix epoch)\n",
+                t.timestamp_ns,
+                t.timestamp_ns % 1_000_000_000
+            )
+        }
+    });
+    Ok(())
+}
+
+/// `pnmctl logs`: Get Supported Logs and the Command Effects Log.
+fn logs(cli: &Cli, device: &Device) -> Result<(), CliError> {
+    #[derive(Serialize)]
+    struct Logs {
+        supported_logs: Vec<pnm_host::commands::SupportedLog>,
+        command_effects_log: Vec<pnm_host::commands::CelEntry>,
+    }
+    let logs = Logs {
+        supported_logs: device.supported_logs()?,
+        command_effects_log: device.command_effects_log()?,
+    };
+    emit(cli.json, &logs, |l| {
+        let mut out = String::new();
+        for log in &l.supported_logs {
+            out += &format!(
+                "log {} ({} bytes){}\n",
+                log.uuid,
+                log.size,
+                if log.is_command_effects_log { " Command Effects Log" } else { "" }
+            );
+        }
+        out += "opcode  effects  command\n";
+        for e in &l.command_effects_log {
+            out += &format!(
+                "{:04X}h   {:04X}h    {}\n",
+                e.opcode,
+                e.effects,
+                e.name.unwrap_or("(unknown)")
+            );
+        }
+        out
+    });
+    Ok(())
+}
+
+/// `pnmctl pnm-info`: Identify PNM (C000h).
+fn pnm_info(cli: &Cli, device: &Device) -> Result<(), CliError> {
+    emit(cli.json, &device.identify_pnm()?, |p| {
+        format!(
+            "ABI version         {}\nfirmware revision   {}\ncompute units       {}\n\
+             region              {}\nhost DMA window     {:#x}, {}\ndevice DRAM         {:#x}, {}\n\
+             dtypes              {}\nmax head dim        {}\nmax k               {}\n\
+             max GQA group       {}\nKV frames           {} x {} KiB\nmax sequences       {}\n\
+             queue pairs         {} x {} entries\nheartbeat period    {} us\n",
+            p.abi_version,
+            p.fw_revision,
+            p.compute_units,
+            bytes(p.region_size),
+            p.dma_window_offset,
+            bytes(p.dma_window_size),
+            p.dram_offset,
+            bytes(p.dram_size),
+            p.dtypes.join(", "),
+            p.max_head_dim,
+            p.max_k,
+            p.max_group,
+            p.kv_frame_count,
+            p.kv_frame_size >> 10,
+            p.max_sequences,
+            p.max_queue_pairs,
+            p.max_queue_entries,
+            p.heartbeat_period_us,
+        )
+    });
+    Ok(())
+}
+
+/// `pnmctl reset`.
+fn reset(cli: &Cli, device: &Device) -> Result<(), CliError> {
+    device.reset(Duration::from_millis(cli.timeout_ms))?;
+    let status = device.status();
+    emit(cli.json, &status, |s| format!("reset complete (resets so far: {})\n", s.reset_count));
+    Ok(())
+}
+
+/// `pnmctl kv load`.
+fn kv_load(cli: &Cli, device: &Device, args: &LoadArgs) -> Result<(), CliError> {
+    let LoadArgs { keys, values, safetensors, seq } = args;
+    let (k, v) = match (keys, values, safetensors) {
+        (Some(k), Some(v), _) => (tensorfile::read_npy(k)?, tensorfile::read_npy(v)?),
+        (_, _, Some(path)) => {
+            let mut tensors = tensorfile::read_safetensors(path)?;
+            let mut take = |name: &str| {
+                tensors
+                    .remove(name)
+                    .ok_or_else(|| usage(format!("{} has no tensor '{name}'", path.display())))
+            };
+            (take("k")?, take("v")?)
+        }
+        _ => return Err(usage("give --keys and --values, or --safetensors")),
+    };
+    let (shape, tokens) = kv_shape_of(&k, &v)?;
+    let (sequence, created) = match seq {
+        Some(id) => {
+            let existing = device.kv_sequence(*id)?;
+            if existing.shape != shape {
+                return Err(usage(format!(
+                    "sequence {id} is {}; the arrays are {shape}",
+                    existing.shape
+                )));
+            }
+            (existing, false)
+        }
+        None => (device.kv_create(shape)?, true),
+    };
+    let loaded = match device.kv_append(&sequence, &k.data, &v.data, tokens, &mut |_| {}) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            // The append is atomic: the sequence holds none of it.
+            let stuck = e.device_unresponsive();
+            if created && stuck {
+                // The queue timed out: a free on it would wait out
+                // another timeout. Say what is left instead.
+                return Err(CliError::Left {
+                    error: e,
+                    left: format!(
+                        "sequence {} was created and is left empty; \
+                             `pnmctl kv free --seq {}` removes it",
+                        sequence.id, sequence.id
+                    ),
+                });
+            }
+            if created {
+                // Do not leave an empty sequence behind.
+                let _ = device.kv_free(sequence.id);
+            }
+            return Err(e.into());
+        }
+    };
+    emit(cli.json, &loaded, |s| format!("{}\n", s.id));
+    Ok(())
+}
+
+/// `pnmctl kv list`.
+fn kv_list(cli: &Cli, device: &Device) -> Result<(), CliError> {
+    let list = device.kv_list()?;
+    emit(cli.json, &list, |list| {
+        let mut out = String::from("seq     dtype  layers  kv_heads  head_dim  tokens\n");
+        for s in list {
+            out += &format!(
+                "{:<7} {:<6} {:<7} {:<9} {:<9} {}\n",
+                s.id,
+                s.shape.dtype.name(),
+                s.shape.layers,
+                s.shape.heads,
+                s.shape.head_dim,
+                s.tokens
+            );
+        }
+        out
+    });
+    Ok(())
+}
+
+/// `pnmctl kv free`.
+fn kv_free(cli: &Cli, device: &Device, seq: u32) -> Result<(), CliError> {
+    device.kv_free(seq)?;
+    emit(cli.json, &serde_json::json!({ "freed": seq }), |_| format!("freed sequence {seq}\n"));
+    Ok(())
+}
+
+/// `pnmctl topk`.
+fn topk(cli: &Cli, device: &Device, args: &TopkArgs) -> Result<(), CliError> {
+    let TopkArgs { stream, query, k, aggregation, budget, sink_pages, recent_pages } = args;
+    let StreamArgs { seq, layer, head } = stream;
+    let sequence = device.kv_sequence(*seq)?;
+    check_stream(&sequence, *layer, *head)?;
+    if *k == 0 {
+        return Err(usage("k must be at least 1"));
+    }
+    let q = tensorfile::read_npy(query)?;
+    let d = usize::from(sequence.shape.head_dim);
+    let group = match q.shape[..] {
+        [n] if n == d => 1,
+        [g, n] if n == d && g >= 1 => g,
+        _ => {
+            return Err(usage(format!(
+                "query has shape {:?}; expected [{d}] or [G, {d}] for sequence {seq}",
+                q.shape
+            )));
+        }
+    };
+    let query = Query { dtype: q.dtype, group: group as u32, data: q.data };
+    let aggregation = match aggregation {
+        AggregationArg::Max => Aggregation::Max,
+        AggregationArg::Mean => Aggregation::Mean,
+    };
+    let request = pnm_host::TopkRequest {
+        seq: *seq,
+        layer: *layer,
+        head: *head,
+        query,
+        k: *k,
+        aggregation,
+        selection: budget.map(|budget_tokens| pnm_host::PageSelection {
+            budget_tokens,
+            sink_pages: *sink_pages,
+            recent_pages: *recent_pages,
+        }),
+    };
+    let top = device.topk_batch(std::slice::from_ref(&request))?.pop().expect("one answer")?;
+    if cli.json {
+        // JSON has no NaN or infinity: such scores print as null.
+        let scores: Vec<Option<f32>> =
+            top.scores.iter().map(|&s| s.is_finite().then_some(s)).collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "indices": top.indices,
+                "scores": scores,
+                "tokens": top.tokens,
+                "tokens_scored": top.tokens_scored,
+                "device_ns": top.device_ns,
+                "model_ns": top.model_ns,
+            })
+        );
+    } else {
+        println!("rank  token     score");
+        for (rank, (i, s)) in top.indices.iter().zip(&top.scores).enumerate() {
+            println!("{rank:<5} {i:<9} {s}");
+        }
+    }
+    Ok(())
+}
+
+/// `pnmctl gather`.
+fn gather(cli: &Cli, device: &Device, args: &GatherArgs) -> Result<(), CliError> {
+    let GatherArgs { stream, indices, out_keys, out_values } = args;
+    let StreamArgs { seq, layer, head } = stream;
+    let sequence = device.kv_sequence(*seq)?;
+    check_stream(&sequence, *layer, *head)?;
+    if let Some(bad) = indices.iter().find(|&&i| u64::from(i) >= sequence.tokens) {
+        return Err(usage(format!(
+            "token {bad} out of range: sequence {seq} has {} tokens",
+            sequence.tokens
+        )));
+    }
+    let rows = device.gather(&sequence, *layer, *head, indices)?;
+    let shape = vec![indices.len(), usize::from(sequence.shape.head_dim)];
+    let dtype = sequence.shape.dtype;
+    tensorfile::write_npy(out_keys, &Tensor { dtype, shape: shape.clone(), data: rows.keys })?;
+    tensorfile::write_npy(out_values, &Tensor { dtype, shape, data: rows.values })?;
+    emit(cli.json, &serde_json::json!({ "rows": indices.len() }), |_| {
+        format!(
+            "wrote {} rows to {} and {}\n",
+            indices.len(),
+            out_keys.display(),
+            out_values.display()
+        )
+    });
+    Ok(())
+}
