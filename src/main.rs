@@ -18,7 +18,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use pnm_device::RunningDevice;
-use pnm_host::{Aggregation, Device, Dtype, KvShape, PageSelection, Query, Rows, Sequence};
+use pnm_host::{Device, Dtype, KvShape, PageSelection, Query, Rows, Sequence, TopkRequest};
 use pnm_protocol::layout::parse_size;
 use pnm_tools::tensorfile::{self, Tensor};
 use serde::Serialize;
@@ -478,16 +478,9 @@ fn main() -> anyhow::Result<()> {
                 sink_pages: 1,
                 recent_pages: 2,
             });
-            let top = device.topk_gather_selected_into(
-                &seq,
-                layer,
-                head,
-                &query,
-                args.k,
-                Aggregation::Max,
-                selection,
-                &mut rows,
-            )?;
+            let request =
+                TopkRequest { selection, ..TopkRequest::new(&seq, layer, head, &query, args.k) };
+            let top = device.topk_gather_into(&request, &mut rows)?;
             report.keys_read_fraction +=
                 top.tokens_scored as f64 / top.tokens as f64 / streams.len() as f64;
             report.step_ms += start.elapsed().as_secs_f64() * 1e3;

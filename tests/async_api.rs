@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{DeviceProcess, TempRegion};
-use pnm_host::{Aggregation, AsyncQueue, Device, Dtype, Error, InterruptConfig, KvShape, Query};
+use pnm_host::{AsyncQueue, Device, Dtype, Error, InterruptConfig, KvShape, Query, TopkRequest};
 use pnm_protocol::queue::{QueueOpcode, SubmissionEntry};
 
 fn nop() -> SubmissionEntry {
@@ -30,7 +30,11 @@ async fn many_tasks_many_commands_each_answered_once() {
     let want: Vec<Vec<u32>> = queries
         .iter()
         .enumerate()
-        .map(|(j, q)| dev.topk(seq.id, 0, (j % 2) as u16, &Query::f32(q, 64), 40).unwrap().indices)
+        .map(|(j, q)| {
+            dev.topk(&TopkRequest::new(&seq, 0, (j % 2) as u16, &Query::f32(q, 64), 40))
+                .unwrap()
+                .indices
+        })
         .collect();
 
     let queue = AsyncQueue::new(&dev, 32, InterruptConfig::default()).unwrap();
@@ -42,15 +46,15 @@ async fn many_tasks_many_commands_each_answered_once() {
                 let j = (t + i) % 8;
                 let (head, query) = ((j % 2) as u16, Query::f32(&queries[j], 64));
                 if i % 3 == 0 {
-                    let (top, keys, values) = queue
-                        .topk_gather(&seq, 0, head, &query, 40, Aggregation::Max)
+                    let (top, rows) = queue
+                        .topk_gather(&TopkRequest::new(&seq, 0, head, &query, 40))
                         .await
                         .unwrap();
                     assert_eq!(top.indices, want[j], "task {t} command {i}");
-                    assert_eq!((keys.len(), values.len()), (40 * 128, 40 * 128));
+                    assert_eq!((rows.keys.len(), rows.values.len()), (40 * 128, 40 * 128));
                 } else {
                     let top =
-                        queue.topk(&seq, 0, head, &query, 40, Aggregation::Max).await.unwrap();
+                        queue.topk(&TopkRequest::new(&seq, 0, head, &query, 40)).await.unwrap();
                     assert_eq!(top.indices, want[j], "task {t} command {i}");
                 }
                 queue.nop().await.unwrap();

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{DeviceProcess, TempRegion};
-use pnm_host::{Aggregation, Device, Dtype, Error, KvShape, Query, Sequence, TopkRequest};
+use pnm_host::{Device, Dtype, Error, KvShape, Query, Sequence, TopkRequest};
 use pnm_protocol::ReturnCode;
 use pnm_protocol::queue::{QueueOpcode, SubmissionEntry, TopkLayout};
 
@@ -158,12 +158,20 @@ fn topk_and_gather_match_the_reference_for_every_dtype_and_group() {
             let q: Vec<f32> = (0..group as usize * 64).map(|_| rng.next()).collect();
             for k in [1u32, 17, 256] {
                 let (layer, head) = ((group % 2) as u16, (k % 3) as u16);
-                let got = dev.topk(loaded.seq.id, layer, head, &Query::f32(&q, 64), k).unwrap();
+                let got = dev
+                    .topk(&TopkRequest::new(&loaded.seq, layer, head, &Query::f32(&q, 64), k))
+                    .unwrap();
                 assert_eq!(got.tokens, loaded.seq.tokens);
                 assert_topk_matches(&got, &reference(&loaded, layer, head, &q, k as usize));
 
                 let (fused, rows) = dev
-                    .topk_gather(&loaded.seq, layer, head, &Query::f32(&q, 64), k, Aggregation::Max)
+                    .topk_gather(&TopkRequest::new(
+                        &loaded.seq,
+                        layer,
+                        head,
+                        &Query::f32(&q, 64),
+                        k,
+                    ))
                     .unwrap();
                 assert_eq!(fused.indices, got.indices, "fused TOPK selects the same tokens");
                 let gathered = dev.gather(&loaded.seq, layer, head, &got.indices).unwrap();
@@ -181,7 +189,8 @@ fn topk_and_gather_match_the_reference_for_every_dtype_and_group() {
         }
         // k larger than the sequence: every token, best first.
         let q: Vec<f32> = (0..64).map(|_| rng.next()).collect();
-        let all = dev.topk(loaded.seq.id, 1, 2, &Query::f32(&q, 64), 8192).unwrap();
+        let all =
+            dev.topk(&TopkRequest::new(&loaded.seq, 1, 2, &Query::f32(&q, 64), 8192)).unwrap();
         assert_eq!(all.indices.len() as u64, loaded.seq.tokens);
         dev.kv_free(loaded.seq.id).unwrap();
     }
@@ -196,18 +205,15 @@ fn many_commands_in_flight_each_completion_matched_once() {
     let loaded = load(&dev, shape, 1500, 5);
     let mut rng = Rng(1234);
     // More requests than the queue has entries, some of them malformed.
-    let requests: Vec<TopkRequest> = (0..700)
-        .map(|i| {
-            let q: Vec<f32> = (0..32).map(|_| rng.next()).collect();
-            TopkRequest {
-                seq: loaded.seq.id,
-                layer: if i % 97 == 0 { 5 } else { 0 },
-                head: (i % 2) as u16,
-                query: Query::f32(&q, 32),
-                k: 1 + (i % 40) as u32,
-                aggregation: Aggregation::Max,
-                selection: None,
-            }
+    let queries: Vec<Query> = (0..700)
+        .map(|_| Query::f32(&(0..32).map(|_| rng.next()).collect::<Vec<f32>>(), 32))
+        .collect();
+    let requests: Vec<TopkRequest> = queries
+        .iter()
+        .enumerate()
+        .map(|(i, query)| TopkRequest {
+            layer: if i % 97 == 0 { 5 } else { 0 },
+            ..TopkRequest::new(&loaded.seq, 0, (i % 2) as u16, query, 1 + (i % 40) as u32)
         })
         .collect();
     let answers = dev.topk_batch(&requests).unwrap();
@@ -339,7 +345,7 @@ fn dram_exhaustion_is_an_error_that_overwrites_nothing_and_freed_pages_are_reuse
     let shape = KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 256 };
     let first = load(&dev, shape, 2000, 21);
     let q: Vec<f32> = (0..256).map(|i| (i as f32).sin()).collect();
-    let before = dev.topk(first.seq.id, 0, 0, &Query::f32(&q, 256), 50).unwrap();
+    let before = dev.topk(&TopkRequest::new(&first.seq, 0, 0, &Query::f32(&q, 256), 50)).unwrap();
 
     let big = 100_000u64;
     let zeros = vec![0u8; shape.bytes(big) as usize];
@@ -348,7 +354,7 @@ fn dram_exhaustion_is_an_error_that_overwrites_nothing_and_freed_pages_are_reuse
         Err(e) => assert_eq!(e.return_code(), Some(ReturnCode::RESOURCES_EXHAUSTED), "{e}"),
         Ok(_) => panic!("a 16 MiB device cannot hold 200 MB of KV"),
     }
-    let after = dev.topk(first.seq.id, 0, 0, &Query::f32(&q, 256), 50).unwrap();
+    let after = dev.topk(&TopkRequest::new(&first.seq, 0, 0, &Query::f32(&q, 256), 50)).unwrap();
     assert_eq!(after.indices, before.indices, "existing data intact");
     assert_eq!(after.scores, before.scores);
 
@@ -374,7 +380,10 @@ fn the_store_outlives_the_host_and_the_device_process() {
     let (id, before) = {
         let dev = Device::open(region.path()).unwrap();
         let loaded = load(&dev, shape, 1234, 8);
-        (loaded.seq.id, dev.topk(loaded.seq.id, 1, 1, &Query::f32(&q, 128), 33).unwrap())
+        (
+            loaded.seq.id,
+            dev.topk(&TopkRequest::new(&loaded.seq, 1, 1, &Query::f32(&q, 128), 33)).unwrap(),
+        )
     };
     // Another host process's view: a new driver instance.
     let dev = Device::open(region.path()).unwrap();
@@ -385,7 +394,7 @@ fn the_store_outlives_the_host_and_the_device_process() {
     let dev = Device::open(region.path()).unwrap();
     let seq = dev.kv_sequence(id).unwrap();
     assert_eq!((seq.tokens, seq.shape), (1234, shape));
-    let after = dev.topk(id, 1, 1, &Query::f32(&q, 128), 33).unwrap();
+    let after = dev.topk(&TopkRequest::new(&seq, 1, 1, &Query::f32(&q, 128), 33)).unwrap();
     assert_eq!((after.indices, after.scores), (before.indices, before.scores));
 }
 
@@ -420,7 +429,8 @@ fn long_appends_pipeline_in_chunks_and_sequences_grow_a_token_at_a_time() {
     assert_eq!(loaded.seq.tokens, 20_005);
     let q: Vec<f32> = (0..32).map(|_| rng.next()).collect();
     for head in 0..2 {
-        let got = dev.topk(loaded.seq.id, 0, head, &Query::f32(&q, 32), 300).unwrap();
+        let got =
+            dev.topk(&TopkRequest::new(&loaded.seq, 0, head, &Query::f32(&q, 32), 300)).unwrap();
         assert_topk_matches(&got, &reference(&loaded, 0, head, &q, 300));
         let last = dev.gather(&loaded.seq, 0, head, &[20_004, 0, 8191, 8192]).unwrap();
         let row = shape.row_bytes() as usize;
@@ -448,18 +458,12 @@ fn page_selection_through_the_device() {
     let q: Vec<f32> = (0..64).map(|i| ((i * 5) as f32).cos()).collect();
     let query = Query::f32(&q, 64);
     let mut rows = pnm_host::Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
-    let exact = dev.topk(loaded.seq.id, 0, 0, &query, 40).unwrap();
+    let exact = dev.topk(&TopkRequest::new(&loaded.seq, 0, 0, &query, 40)).unwrap();
     assert_eq!(exact.tokens_scored, 6000);
     let run = |budget: u32, rows: &mut pnm_host::Rows| {
         let sel = pnm_host::PageSelection { budget_tokens: budget, sink_pages: 1, recent_pages: 1 };
-        dev.topk_gather_selected_into(
-            &loaded.seq,
-            0,
-            0,
-            &query,
-            40,
-            Aggregation::Max,
-            Some(sel),
+        dev.topk_gather_into(
+            &TopkRequest::new(&loaded.seq, 0, 0, &query, 40).with_selection(sel),
             rows,
         )
     };
@@ -519,19 +523,13 @@ fn completions_carry_the_modelled_time_of_the_devices_profile() {
         let work = Work::TopK { tokens, head_dim: 64, elem_bytes: 2, group: 2, k: 10, gathered };
         command_ns(&profile, work) as u64
     };
-    let top = dev.topk(l.seq.id, 0, 0, &query, 10).unwrap();
+    let top = dev.topk(&TopkRequest::new(&l.seq, 0, 0, &query, 10)).unwrap();
     assert_eq!(top.model_ns, want(5000, 0));
     let mut rows = pnm_host::Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
     let selection = pnm_host::PageSelection { budget_tokens: 1024, sink_pages: 1, recent_pages: 1 };
     let top = dev
-        .topk_gather_selected_into(
-            &l.seq,
-            0,
-            0,
-            &query,
-            10,
-            Aggregation::Max,
-            Some(selection),
+        .topk_gather_into(
+            &TopkRequest::new(&l.seq, 0, 0, &query, 10).with_selection(selection),
             &mut rows,
         )
         .unwrap();
@@ -562,11 +560,11 @@ fn topk_split_across_compute_units_equals_one_unit() {
         let loaded = load(&dev, shape, tokens, 5);
         let mut rng = Rng(17);
         let mut out = Vec::new();
-        let mut requests = Vec::new();
+        let mut wanted = Vec::new();
         for (group, k) in [(1u32, 1u32), (1, 64), (4, 2048), (8, 8192), (2, 777)] {
             let q: Vec<f32> = (0..group as usize * 64).map(|_| rng.next()).collect();
             let (fused, rows) = dev
-                .topk_gather(&loaded.seq, 0, 1, &Query::f32(&q, 64), k, Aggregation::Max)
+                .topk_gather(&TopkRequest::new(&loaded.seq, 0, 1, &Query::f32(&q, 64), k))
                 .unwrap();
             assert_topk_matches(&fused, &reference(&loaded, 0, 1, &q, k as usize));
             out.push((
@@ -574,21 +572,16 @@ fn topk_split_across_compute_units_equals_one_unit() {
                 fused.scores.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
                 rows,
             ));
-            let query = Query::f32(&q, 64);
-            requests.push(TopkRequest {
-                seq: loaded.seq.id,
-                layer: 0,
-                head: 0,
-                query,
-                k,
-                aggregation: Aggregation::Max,
-                selection: None,
-            });
+            wanted.push((Query::f32(&q, 64), k));
         }
+        let requests: Vec<TopkRequest> = wanted
+            .iter()
+            .map(|(query, k)| TopkRequest::new(&loaded.seq, 0, 0, query, *k))
+            .collect();
         // Many in flight: every answer is the one a lone command gets.
-        let batch: Vec<_> = requests.iter().cycle().take(40).cloned().collect();
+        let batch: Vec<_> = requests.iter().cycle().take(40).copied().collect();
         for (r, got) in batch.iter().zip(dev.topk_batch(&batch).unwrap()) {
-            let alone = dev.topk(r.seq, r.layer, r.head, &r.query, r.k).unwrap();
+            let alone = dev.topk(r).unwrap();
             assert_eq!(got.unwrap().indices, alone.indices);
         }
         out
@@ -609,21 +602,12 @@ fn high_priority_queue_overtakes_a_queued_flood() {
     let q: Vec<f32> = (0..128).map(|i| (i % 5) as f32 - 2.0).collect();
     // Long next to the head start below even on a fast machine (a 16 MiB
     // scan from cache takes 0.3 ms here).
-    let flood: Vec<TopkRequest> = (0..160)
-        .map(|_| TopkRequest {
-            seq: loaded.seq.id,
-            layer: 0,
-            head: 0,
-            query: Query::f32(&q, 128),
-            k: 64,
-            aggregation: Aggregation::Max,
-            selection: None,
-        })
-        .collect();
+    let query = Query::f32(&q, 128);
+    let flood = vec![TopkRequest::new(&loaded.seq, 0, 0, &query, 64); 160];
     let normal = dev.handle(pnm_host::QueueOptions::default()).unwrap();
     let high =
         dev.handle(pnm_host::QueueOptions { high_priority: true, ..Default::default() }).unwrap();
-    let alone = high.topk(loaded.seq.id, 0, 0, &Query::f32(&q, 128), 64).unwrap();
+    let alone = high.topk(&TopkRequest::new(&loaded.seq, 0, 0, &Query::f32(&q, 128), 64)).unwrap();
     let start = std::time::Instant::now();
     let (flood_done, high_done) = std::thread::scope(|s| {
         let flooding = s.spawn(|| {
@@ -633,7 +617,8 @@ fn high_priority_queue_overtakes_a_queued_flood() {
         });
         // Let the flood reach the device's compute-unit queue first.
         std::thread::sleep(std::time::Duration::from_millis(5));
-        let got = high.topk(loaded.seq.id, 0, 0, &Query::f32(&q, 128), 64).unwrap();
+        let got =
+            high.topk(&TopkRequest::new(&loaded.seq, 0, 0, &Query::f32(&q, 128), 64)).unwrap();
         assert_eq!(got.indices, alone.indices);
         let high_done = start.elapsed();
         (flooding.join().unwrap(), high_done)
@@ -658,17 +643,18 @@ fn gathered_rows_read_in_place_match_and_views_free_their_buffers() {
     let loaded = load(&dev, shape, 4096, 31);
     let q: Vec<f32> = (0..128).map(|i| ((i * 7) % 11) as f32 - 5.0).collect();
     let query = Query::f32(&q, 128);
-    let (fused, rows) = dev.topk_gather(&loaded.seq, 0, 0, &query, 2048, Aggregation::Max).unwrap();
+    let (fused, rows) =
+        dev.topk_gather(&TopkRequest::new(&loaded.seq, 0, 0, &query, 2048)).unwrap();
     for _ in 0..200 {
         let view =
-            dev.topk_gather_view(&loaded.seq, 0, 0, &query, 2048, Aggregation::Max, None).unwrap();
+            dev.topk_gather_view(&TopkRequest::new(&loaded.seq, 0, 0, &query, 2048)).unwrap();
         assert_eq!(view.top.indices, fused.indices);
         assert_eq!(view.len(), 2048);
         let row = view.row_bytes();
         let (mut k, mut v) = (vec![0u8; row], vec![0u8; row]);
         // The handle keeps working while a view lives (it holds only its buffer).
         assert_eq!(
-            dev.topk(loaded.seq.id, 0, 0, &query, 3).unwrap().indices[..],
+            dev.topk(&TopkRequest::new(&loaded.seq, 0, 0, &query, 3)).unwrap().indices[..],
             fused.indices[..3]
         );
         for i in [0, 1, 1000, 2047] {

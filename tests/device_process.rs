@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{DeviceProcess, TempRegion, open, run};
 use nix::sys::signal::Signal;
-use pnm_host::{Device, Error};
+use pnm_host::{Device, Error, TopkRequest};
 use pnm_protocol::commands::{CEL_UUID, GetLogInput};
 use pnm_protocol::regs::{self, pnm};
 use pnm_protocol::{Dtype, Opcode, RegionLayout, ReturnCode};
@@ -644,13 +644,13 @@ fn broken_firmware_limits_name_the_field_the_value_and_the_limit() {
     let rows = vec![0u8; 16 * 4];
     let seq = dev.kv_append(&seq, &rows, &rows, 4, &mut |_| {}).unwrap();
     let one = pnm_host::Query::f32(&[1.0; 4], 4);
-    let said = message(dev.topk(seq.id, 0, 0, &one, 9000).unwrap_err());
+    let said = message(dev.topk(&TopkRequest::new(&seq, 0, 0, &one, 9000)).unwrap_err());
     assert!(
         said.contains(&format!("k 9000 is outside this device's limit 1..={}", limits.max_k)),
         "{said}"
     );
     let nine = pnm_host::Query::f32(&[1.0; 36], 4);
-    let said = message(dev.topk(seq.id, 0, 0, &nine, 2).unwrap_err());
+    let said = message(dev.topk(&TopkRequest::new(&seq, 0, 0, &nine, 2)).unwrap_err());
     assert!(
         said.contains(&format!(
             "group (queries per KV head) 9 is outside this device's limit 1..={}",

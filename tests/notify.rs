@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::{DeviceProcess, TempRegion, bin};
 use pnm_host::{
-    Device, DeviceOptions, Dtype, Error, InterruptConfig, KvShape, Query, QueueOptions,
+    Device, DeviceOptions, Dtype, Error, InterruptConfig, KvShape, Query, QueueOptions, TopkRequest,
 };
 use pnm_protocol::ReturnCode;
 use pnm_protocol::queue::{QueueOpcode, SubmissionEntry};
@@ -82,8 +82,9 @@ fn many_queues_and_threads_each_completion_matched_once() {
     let seq = dev.kv_append(&seq, &keys, &keys, tokens, &mut |_| {}).unwrap();
     // The answer each head must give, computed once on the default queue.
     let query: Vec<f32> = (0..16).map(|i| (i as f32 * 0.3).sin()).collect();
-    let want: Vec<_> =
-        (0..4).map(|h| dev.topk(seq.id, 0, h, &Query::f32(&query, 16), 25).unwrap()).collect();
+    let want: Vec<_> = (0..4)
+        .map(|h| dev.topk(&TopkRequest::new(&seq, 0, h, &Query::f32(&query, 16), 25)).unwrap())
+        .collect();
     std::thread::scope(|scope| {
         for t in 0..8u16 {
             let dev = &dev;
@@ -96,7 +97,9 @@ fn many_queues_and_threads_each_completion_matched_once() {
                     .unwrap();
                 for i in 0..150u16 {
                     let head = (t + i) % 4;
-                    let got = q.topk(seq.id, 0, head, &Query::f32(query, 16), 25).unwrap();
+                    let got = q
+                        .topk(&TopkRequest::new(&seq, 0, head, &Query::f32(query, 16), 25))
+                        .unwrap();
                     assert_eq!(
                         got.indices,
                         want[usize::from(head)].indices,
@@ -191,7 +194,8 @@ fn long_commands_run_on_compute_units_while_the_engine_keeps_serving() {
     let t0 = Instant::now();
     let (long_done, nop_times) = std::thread::scope(|scope| {
         let long = scope.spawn(|| {
-            let top = dev.topk(seq.id, 0, 0, &Query::f32(&query, 32), 100).unwrap();
+            let top =
+                dev.topk(&TopkRequest::new(&seq, 0, 0, &Query::f32(&query, 32), 100)).unwrap();
             assert_eq!(top.tokens, tokens);
             Instant::now()
         });

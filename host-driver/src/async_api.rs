@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use crate::device::{Device, QueueOptions};
 use crate::dma::{DmaBuf, DmaPool};
 use crate::error::{Error, Result};
-use crate::kv::{Aggregation, Query, Rows, Sequence, TopK};
+use crate::kv::{Rows, TopK, TopkRequest};
 use crate::queue::{Completion, InterruptConfig, QueuePair, opcode_name};
 
 struct Waiter {
@@ -164,43 +164,24 @@ impl AsyncQueue {
         }
     }
 
-    /// Top-K of one (sequence, layer, head): TOPK.
-    pub async fn topk(
-        &self,
-        seq: &Sequence,
-        layer: u16,
-        head: u16,
-        query: &Query,
-        k: u32,
-        aggregation: Aggregation,
-    ) -> Result<TopK> {
-        let request = TopkArgs { seq, layer, head, query, k, aggregation };
+    /// One Top-K: TOPK.
+    pub async fn topk(&self, request: &TopkRequest<'_>) -> Result<TopK> {
         Ok(self.run_topk(request, false).await?.0)
     }
 
     /// Top-K and the selected K and V rows (in the sequence's dtype):
     /// TOPK_GATHER.
-    pub async fn topk_gather(
-        &self,
-        seq: &Sequence,
-        layer: u16,
-        head: u16,
-        query: &Query,
-        k: u32,
-        aggregation: Aggregation,
-    ) -> Result<(TopK, Vec<u8>, Vec<u8>)> {
-        let request = TopkArgs { seq, layer, head, query, k, aggregation };
+    pub async fn topk_gather(&self, request: &TopkRequest<'_>) -> Result<(TopK, Rows)> {
         let (top, rows) = self.run_topk(request, true).await?;
-        let (keys, values) = rows.expect("TOPK_GATHER returns rows");
-        Ok((top, keys, values))
+        Ok((top, rows.expect("TOPK_GATHER returns rows")))
     }
 
     async fn run_topk(
         &self,
-        args: TopkArgs<'_>,
+        request: &TopkRequest<'_>,
         rows: bool,
-    ) -> Result<(TopK, Option<(Vec<u8>, Vec<u8>)>)> {
-        let TopkArgs { seq, layer, head, query, k, aggregation } = args;
+    ) -> Result<(TopK, Option<Rows>)> {
+        let TopkRequest { seq, layer, head, query, k, aggregation, selection } = *request;
         let row_bytes = seq.shape.row_bytes();
         let layout = TopkLayout { k: u64::from(k), row_bytes: if rows { row_bytes } else { 0 } };
         let q = self.alloc(query.data.len() as u64)?;
@@ -219,7 +200,7 @@ impl AsyncQueue {
             group: query.group,
             query_dtype: query.dtype,
             aggregation,
-            selection: None,
+            selection,
             queries: HostBuffer { addr: q.addr, len: query.data.len() as u32 },
             results: HostBuffer {
                 addr: out.addr,
@@ -241,7 +222,7 @@ impl AsyncQueue {
                     n,
                     row_bytes,
                 );
-                (r.keys, r.values)
+                r
             });
             Ok((top, selected))
         }
@@ -249,15 +230,6 @@ impl AsyncQueue {
         self.free(&[q, out]);
         result
     }
-}
-
-struct TopkArgs<'a> {
-    seq: &'a Sequence,
-    layer: u16,
-    head: u16,
-    query: &'a Query,
-    k: u32,
-    aggregation: Aggregation,
 }
 
 impl Drop for AsyncQueue {

@@ -207,18 +207,47 @@ impl Drop for GatheredView<'_> {
     }
 }
 
-/// One Top-K request of a batch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TopkRequest {
-    pub seq: u32,
+/// A Top-K, as every call takes it (`topk`, `topk_batch`, `topk_gather`,
+/// `topk_gather_into`, `topk_gather_view`, and the async API's): which
+/// stream, which queries, how many tokens, how the group's scores combine,
+/// and which pages to score. Borrows the sequence and the queries, so a
+/// decode loop builds one per step without copying either.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TopkRequest<'a> {
+    pub seq: &'a Sequence,
     pub layer: u16,
     pub head: u16,
-    pub query: Query,
+    pub query: &'a Query,
     pub k: u32,
     pub aggregation: Aggregation,
     /// Score only the pages page selection picks (None: every token, the
     /// exact Top-K).
     pub selection: Option<PageSelection>,
+}
+
+impl<'a> TopkRequest<'a> {
+    /// The exact Top-K of `k` tokens of (seq, layer, head), a GQA group's
+    /// scores combined by their max.
+    pub fn new(seq: &'a Sequence, layer: u16, head: u16, query: &'a Query, k: u32) -> Self {
+        Self { seq, layer, head, query, k, aggregation: Aggregation::Max, selection: None }
+    }
+
+    pub fn with_aggregation(self, aggregation: Aggregation) -> Self {
+        Self { aggregation, ..self }
+    }
+
+    /// Scores only the pages `selection` picks.
+    pub fn with_selection(self, selection: PageSelection) -> Self {
+        Self { selection: Some(selection), ..self }
+    }
+
+    /// Where the results (and rows, `with_rows`) land in the output buffer.
+    fn layout(&self, with_rows: bool) -> TopkLayout {
+        TopkLayout {
+            k: u64::from(self.k),
+            row_bytes: if with_rows { self.seq.shape.row_bytes() } else { 0 },
+        }
+    }
 }
 
 /// The driver's data-path state: its queue pair and DMA buffers.
@@ -647,7 +676,7 @@ impl Device {
 
     fn topk_entry(
         s: &mut Session<'_>,
-        r: &TopkRequest,
+        r: &TopkRequest<'_>,
         out: DmaBuf,
         layout: TopkLayout,
         with_rows: bool,
@@ -658,7 +687,7 @@ impl Device {
         let q = s.alloc(r.query.data.len() as u64)?;
         s.mem().write_bytes(q.addr, &r.query.data).expect("DMA buffer in the region");
         let topk = Topk {
-            stream: Stream { seq: r.seq, layer: r.layer, head: r.head },
+            stream: Stream { seq: r.seq.id, layer: r.layer, head: r.head },
             k: r.k,
             group: r.query.group,
             query_dtype: r.query.dtype,
@@ -709,29 +738,20 @@ impl Device {
         })
     }
 
-    /// Top-K of one (sequence, layer, head) against a query group.
-    pub fn topk(&self, seq: u32, layer: u16, head: u16, query: &Query, k: u32) -> Result<TopK> {
-        let req = TopkRequest {
-            seq,
-            layer,
-            head,
-            query: query.clone(),
-            k,
-            aggregation: Aggregation::Max,
-            selection: None,
-        };
-        self.topk_batch(std::slice::from_ref(&req))?.pop().expect("one request, one answer")
+    /// One Top-K: the selected tokens and their scores.
+    pub fn topk(&self, request: &TopkRequest<'_>) -> Result<TopK> {
+        self.topk_batch(std::slice::from_ref(request))?.pop().expect("one request, one answer")
     }
 
     /// Many Top-Ks in flight at once on the queue; answers in request order.
-    pub fn topk_batch(&self, requests: &[TopkRequest]) -> Result<Vec<Result<TopK>>> {
+    pub fn topk_batch(&self, requests: &[TopkRequest<'_>]) -> Result<Vec<Result<TopK>>> {
         let mut s = self.session()?;
         let mut entries = Vec::with_capacity(requests.len());
         let mut bufs = Vec::new();
         let mut outs = Vec::new();
         let built = (|| {
             for r in requests {
-                let layout = TopkLayout { k: u64::from(r.k), row_bytes: 0 };
+                let layout = r.layout(false);
                 let out = s.alloc(layout.len())?;
                 bufs.push(out);
                 let (command, q) = Self::topk_entry(&mut s, r, out, layout, false)?;
@@ -800,52 +820,17 @@ impl Device {
     }
 
     /// Top-K and the selected rows in one command.
-    pub fn topk_gather(
-        &self,
-        seq: &Sequence,
-        layer: u16,
-        head: u16,
-        query: &Query,
-        k: u32,
-        aggregation: Aggregation,
-    ) -> Result<(TopK, Rows)> {
+    pub fn topk_gather(&self, request: &TopkRequest<'_>) -> Result<(TopK, Rows)> {
         let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
-        let top = self.topk_gather_into(seq, layer, head, query, k, aggregation, &mut rows)?;
+        let top = self.topk_gather_into(request, &mut rows)?;
         Ok((top, rows))
     }
 
     /// [`topk_gather`](Self::topk_gather) into caller-owned row buffers,
     /// which are resized (not reallocated once large enough): a decode loop
     /// that reuses them pays no allocation or page faults per step.
-    #[allow(clippy::too_many_arguments)] // the command's fields, plus the output
-    pub fn topk_gather_into(
-        &self,
-        seq: &Sequence,
-        layer: u16,
-        head: u16,
-        query: &Query,
-        k: u32,
-        aggregation: Aggregation,
-        rows: &mut Rows,
-    ) -> Result<TopK> {
-        self.topk_gather_selected_into(seq, layer, head, query, k, aggregation, None, rows)
-    }
-
-    /// [`topk_gather_into`](Self::topk_gather_into), scoring only the pages
-    /// `selection` picks when it is given.
-    #[allow(clippy::too_many_arguments)] // the command's fields, plus the output
-    pub fn topk_gather_selected_into(
-        &self,
-        seq: &Sequence,
-        layer: u16,
-        head: u16,
-        query: &Query,
-        k: u32,
-        aggregation: Aggregation,
-        selection: Option<PageSelection>,
-        rows: &mut Rows,
-    ) -> Result<TopK> {
-        let view = self.topk_gather_view(seq, layer, head, query, k, aggregation, selection)?;
+    pub fn topk_gather_into(&self, request: &TopkRequest<'_>, rows: &mut Rows) -> Result<TopK> {
+        let view = self.topk_gather_view(request)?;
         view.copy_into(rows);
         Ok(view.top.clone())
     }
@@ -855,36 +840,18 @@ impl Device {
     /// unless the caller asks (`key_row`, `copy_into`), and a consumer that
     /// reads rows once (an attention kernel, a DMA to a GPU) reads them
     /// there. Other commands may run on the handle while a view lives.
-    #[allow(clippy::too_many_arguments)] // the command's fields
-    pub fn topk_gather_view(
-        &self,
-        seq: &Sequence,
-        layer: u16,
-        head: u16,
-        query: &Query,
-        k: u32,
-        aggregation: Aggregation,
-        selection: Option<PageSelection>,
-    ) -> Result<GatheredView<'_>> {
+    pub fn topk_gather_view(&self, request: &TopkRequest<'_>) -> Result<GatheredView<'_>> {
         let mut s = self.session()?;
-        let layout = TopkLayout { k: u64::from(k), row_bytes: seq.shape.row_bytes() };
+        let layout = request.layout(true);
         let out = s.alloc(layout.len())?;
-        let req = TopkRequest {
-            seq: seq.id,
-            layer,
-            head,
-            query: query.clone(),
-            k,
-            aggregation,
-            selection,
-        };
-        let (command, q) = match Self::topk_entry(&mut s, &req, out, layout, true) {
+        let (command, q) = match Self::topk_entry(&mut s, request, out, layout, true) {
             Ok(built) => built,
             Err(err) => {
                 s.free(&[out]);
                 return Err(err);
             }
         };
+        let k = request.k;
         let top = s.run(&command).and_then(|c| Self::read_topk(s.mem(), &c, k, out, layout));
         s.free(&[q]);
         match top {

@@ -1,7 +1,7 @@
 //! `pnmctl bench nop` and `pnmctl bench topk`: the command path timed
 //! through a device in another process, as JSON.
 
-use pnm_host::{Aggregation, Device, Error, KvShape, Query};
+use pnm_host::{Device, Error, KvShape, Query, TopkRequest};
 
 use crate::{CliError, kernel_bench, usage};
 
@@ -215,7 +215,7 @@ pub fn bench_topk(
             )
         };
         // Warm-up of each.
-        dev.topk_gather_into(&seq, 0, 0, &query, k, Aggregation::Max, &mut rows)?;
+        dev.topk_gather_into(&TopkRequest::new(&seq, 0, 0, &query, k), &mut rows)?;
         in_process()?;
         let mut host = Vec::with_capacity(reps);
         let mut in_place = Vec::with_capacity(reps);
@@ -226,13 +226,13 @@ pub fn bench_topk(
         // Alternating, so drift in the machine's speed hits all alike.
         for _ in 0..reps {
             let start = std::time::Instant::now();
-            let top = dev.topk_gather_into(&seq, 0, 0, &query, k, Aggregation::Max, &mut rows)?;
+            let top = dev.topk_gather_into(&TopkRequest::new(&seq, 0, 0, &query, k), &mut rows)?;
             let latency = start.elapsed();
             host.push(latency.as_secs_f64());
             device_ns.push(top.device_ns as f64 / 1e9);
             path_ns.push((latency.as_nanos() as u64).saturating_sub(top.device_ns));
             let start = std::time::Instant::now();
-            let view = dev.topk_gather_view(&seq, 0, 0, &query, k, Aggregation::Max, None)?;
+            let view = dev.topk_gather_view(&TopkRequest::new(&seq, 0, 0, &query, k))?;
             let latency = start.elapsed();
             in_place.push(latency.as_secs_f64());
             device_ns.push(view.top.device_ns as f64 / 1e9);

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use pnm_device::RunningDevice;
 use pnm_firmware::kernels::Aggregation;
 use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
-use pnm_host::{Device, DeviceOptions, Dtype, KvShape, Query};
+use pnm_host::{Device, DeviceOptions, Dtype, KvShape, Query, TopkRequest};
 use pnm_tools::tensorfile::{self, Tensor};
 use serde_json::json;
 
@@ -137,8 +137,7 @@ pub fn run(args: &DatapathArgs) -> anyhow::Result<serde_json::Value> {
     let mut rows = pnm_host::Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
     let mut through_device = || {
         let q = Query::f32(&query, 128);
-        dev.topk_gather_into(&seq, 0, 0, &q, args.k, pnm_host::Aggregation::Max, &mut rows)
-            .expect("topk")
+        dev.topk_gather_into(&TopkRequest::new(&seq, 0, 0, &q, args.k), &mut rows).expect("topk")
     };
 
     let dram = MemDram::new((64 << 20) + one.bytes(args.tokens) as usize * 3);
@@ -219,14 +218,7 @@ pub fn run(args: &DatapathArgs) -> anyhow::Result<serde_json::Value> {
     let seq = dev.kv_create(shape)?;
     let seq = dev.kv_append(&seq, &keys, &values, load_tokens, &mut |_| {})?;
     for head in 0..8 {
-        dev.topk_gather(
-            &seq,
-            0,
-            head,
-            &Query::f32(&query, 128),
-            args.k,
-            pnm_host::Aggregation::Max,
-        )?;
+        dev.topk_gather(&TopkRequest::new(&seq, 0, head, &Query::f32(&query, 128), args.k))?;
     }
     let device_rss = rss_anon(child.id());
     // The driver in a process of its own: pnmctl running a Top-K. Its peak

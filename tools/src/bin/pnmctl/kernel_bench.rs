@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use pnm_firmware::kernels::Aggregation;
 use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
-use pnm_host::{Device, Dtype, KvShape, Query};
+use pnm_host::{Device, Dtype, KvShape, Query, TopkRequest};
 use pnm_tools::roofline::Roofline;
 use serde_json::{Value, json};
 
@@ -143,7 +143,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                     let mut through_device = |timed: bool| {
                         if let (Some(dev), Some(seq)) = (device, &on_device) {
                             let top = dev
-                                .topk(seq.id, 0, 0, &wire_query, k)
+                                .topk(&TopkRequest::new(seq, 0, 0, &wire_query, k))
                                 .expect("the benchmark's own arguments are valid");
                             if timed {
                                 kernel_ns.push(top.device_ns as f64);

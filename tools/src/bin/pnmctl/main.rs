@@ -924,10 +924,10 @@ fn topk(cli: &Cli, device: &Device, args: &TopkArgs) -> Result<(), CliError> {
         AggregationArg::Mean => Aggregation::Mean,
     };
     let request = pnm_host::TopkRequest {
-        seq: *seq,
+        seq: &sequence,
         layer: *layer,
         head: *head,
-        query,
+        query: &query,
         k: *k,
         aggregation,
         selection: budget.map(|budget_tokens| pnm_host::PageSelection {
