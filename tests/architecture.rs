@@ -101,3 +101,57 @@ fn the_driver_library_links_no_tool() {
         );
     }
 }
+
+/// The driver library is layered: no module imports one that imports it
+/// back, directly or around a longer loop (registers and mailbox, then DMA
+/// buffers, queues, the queue session, the device, KV and Top-K, async).
+#[test]
+fn the_driver_library_has_no_module_cycle() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("host-driver/src");
+    let mut uses: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let Some(name) = path.file_stem().and_then(|n| n.to_str()) else { continue };
+        if path.extension().is_none_or(|e| e != "rs") || name == "lib" {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut deps: Vec<String> = text
+            .match_indices("crate::")
+            .map(|(at, _)| {
+                text[at + 7..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_').collect()
+            })
+            .filter(|d: &String| !d.is_empty() && d != name)
+            .collect();
+        deps.sort();
+        deps.dedup();
+        uses.insert(name.to_string(), deps);
+    }
+    assert!(uses.len() >= 10, "found the modules: {:?}", uses.keys());
+    // Depth-first search for a path from a module back to itself.
+    fn reaches(
+        uses: &BTreeMap<String, Vec<String>>,
+        from: &str,
+        to: &str,
+        seen: &mut Vec<String>,
+    ) -> bool {
+        for next in uses.get(from).into_iter().flatten() {
+            if next == to {
+                return true;
+            }
+            if !seen.contains(next) {
+                seen.push(next.clone());
+                if reaches(uses, next, to, seen) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+    for module in uses.keys() {
+        assert!(
+            !reaches(&uses, module, module, &mut Vec::new()),
+            "host-driver/src/{module}.rs is in an import cycle: {uses:#?}"
+        );
+    }
+}

@@ -31,7 +31,7 @@ fn interrupt_waits_never_lose_a_wake_up() {
     let region = TempRegion::new("irq");
     let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
     let dev = open(region.path(), true);
-    assert!(dev.notify_client().is_some());
+    assert!(dev.interrupts().is_some());
     // Single commands, each waited for on the interrupt vector, with idle
     // gaps so the device also goes to sleep and must be woken.
     for i in 0..400 {

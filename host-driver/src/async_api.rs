@@ -19,11 +19,11 @@ use pnm_protocol::queue::{
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::device::{Device, QueueOptions};
+use crate::device::Device;
 use crate::dma::{DmaBuf, DmaPool};
 use crate::error::{Error, Result};
 use crate::kv::{Rows, TopK, TopkRequest};
-use crate::queue::{Completion, InterruptConfig, QueuePair, opcode_name};
+use crate::queue::{Completion, InterruptConfig, QueueOptions, QueuePair, opcode_name};
 
 struct Waiter {
     reply: oneshot::Sender<Completion>,
@@ -76,10 +76,10 @@ impl AsyncQueue {
         let handle =
             device.handle(QueueOptions { entries, interrupts: Some(irq), ..Default::default() })?;
         let (queue, pool) = handle.take_queue()?;
-        let client = handle.notify_client().cloned().expect("interrupt handles have a peer");
-        let fd = client
-            .vector(irq.vector)
-            .try_clone()
+        let interrupts = handle.interrupts().expect("interrupt handles have vectors");
+        let fd = interrupts
+            .vector_fd(irq.vector)
+            .try_clone_to_owned()
             .and_then(crate::sys::register_async_fd)
             .map_err(|e| Error::Invalid(format!("registering the interrupt eventfd: {e}")))?;
         let waiters = (0..queue.entries()).map(|_| None).collect();

@@ -4,11 +4,11 @@ use pnm_protocol::commands::{
     self as spec, CAPACITY_UNIT, CEL_UUID, GetLogInput, GetTimestampOutput, HealthInfoOutput,
     IdentifyOutput, IdentifyPnmOutput, SetTimestampInput, SupportedLogEntry, SupportedLogsHeader,
 };
-use pnm_protocol::{Opcode, ReturnCode};
+use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::mailbox::MailboxClient;
 
 /// Identify Memory Device, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,10 +110,13 @@ fn decode_fixed<T: FromBytes>(opcode: Opcode, out: &[u8]) -> Result<T> {
         .map_err(|_| malformed(opcode, format!("{} bytes, expected {}", out.len(), size_of::<T>())))
 }
 
-impl Device {
-    pub fn identify(&self) -> Result<Identify> {
+/// The typed mailbox commands: each runs one (or, for a log, several)
+/// commands and validates every byte of the answer. [`Device`](crate::Device)
+/// offers each as a method.
+impl MailboxClient {
+    pub fn identify(&mut self) -> Result<Identify> {
         let op = Opcode::IDENTIFY_MEMORY_DEVICE;
-        let id: IdentifyOutput = decode_fixed(op, &self.mailbox_raw(op, &[])?)?;
+        let id: IdentifyOutput = decode_fixed(op, &self.execute(op, &[])?)?;
         let units = |v: u64| {
             v.checked_mul(CAPACITY_UNIT)
                 .ok_or_else(|| malformed(op, format!("capacity {v} overflows")))
@@ -138,9 +141,9 @@ impl Device {
         })
     }
 
-    pub fn health_info(&self) -> Result<HealthInfo> {
+    pub fn health_info(&mut self) -> Result<HealthInfo> {
         let op = Opcode::GET_HEALTH_INFO;
-        let h: HealthInfoOutput = decode_fixed(op, &self.mailbox_raw(op, &[])?)?;
+        let h: HealthInfoOutput = decode_fixed(op, &self.execute(op, &[])?)?;
         let temperature = h.device_temperature.get();
         Ok(HealthInfo {
             maintenance_needed: h.health_status & 1 != 0,
@@ -159,25 +162,25 @@ impl Device {
     }
 
     /// The device's timestamp in ns since the Unix epoch (0: never set).
-    pub fn get_timestamp(&self) -> Result<u64> {
+    pub fn get_timestamp(&mut self) -> Result<u64> {
         let op = Opcode::GET_TIMESTAMP;
-        let t: GetTimestampOutput = decode_fixed(op, &self.mailbox_raw(op, &[])?)?;
+        let t: GetTimestampOutput = decode_fixed(op, &self.execute(op, &[])?)?;
         Ok(t.timestamp_ns.get())
     }
 
-    pub fn set_timestamp(&self, timestamp_ns: u64) -> Result<()> {
+    pub fn set_timestamp(&mut self, timestamp_ns: u64) -> Result<()> {
         let op = Opcode::SET_TIMESTAMP;
         let input = SetTimestampInput { timestamp_ns: timestamp_ns.into() };
-        let out = self.mailbox_raw(op, input.as_bytes())?;
+        let out = self.execute(op, input.as_bytes())?;
         if !out.is_empty() {
             return Err(malformed(op, format!("{} output bytes, expected none", out.len())));
         }
         Ok(())
     }
 
-    pub fn supported_logs(&self) -> Result<Vec<SupportedLog>> {
+    pub fn supported_logs(&mut self) -> Result<Vec<SupportedLog>> {
         let op = Opcode::GET_SUPPORTED_LOGS;
-        let out = self.mailbox_raw(op, &[])?;
+        let out = self.execute(op, &[])?;
         let (header, rest) = SupportedLogsHeader::read_from_prefix(&out)
             .map_err(|_| malformed(op, "shorter than its header"))?;
         let entries = <[SupportedLogEntry]>::ref_from_bytes(rest)
@@ -204,9 +207,9 @@ impl Device {
     }
 
     /// Reads a whole log, in payload-sized pieces.
-    pub fn get_log(&self, id: [u8; 16], size: u32) -> Result<Vec<u8>> {
+    pub fn get_log(&mut self, id: [u8; 16], size: u32) -> Result<Vec<u8>> {
         let op = Opcode::GET_LOG;
-        let chunk = self.mailbox_payload_size().min(u64::from(u32::MAX)) as u32;
+        let chunk = self.payload_size().min(u64::from(u32::MAX)) as u32;
         let mut log = Vec::with_capacity(size as usize);
         while (log.len() as u32) < size {
             let length = chunk.min(size - log.len() as u32);
@@ -215,7 +218,7 @@ impl Device {
                 offset: (log.len() as u32).into(),
                 length: length.into(),
             };
-            let out = self.mailbox_raw(op, input.as_bytes())?;
+            let out = self.execute(op, input.as_bytes())?;
             if out.len() != length as usize {
                 return Err(malformed(op, format!("asked {length} bytes, got {}", out.len())));
             }
@@ -225,7 +228,7 @@ impl Device {
     }
 
     /// The Command Effects Log: every command the device supports.
-    pub fn command_effects_log(&self) -> Result<Vec<CelEntry>> {
+    pub fn command_effects_log(&mut self) -> Result<Vec<CelEntry>> {
         let cel = self
             .supported_logs()?
             .into_iter()
@@ -251,10 +254,11 @@ impl Device {
             .collect())
     }
 
-    pub fn identify_pnm(&self) -> Result<PnmInfo> {
+    /// Identify PNM, checked against the layout the PNM capability
+    /// registers publish.
+    pub fn identify_pnm(&mut self, layout: RegionLayout) -> Result<PnmInfo> {
         let op = Opcode::IDENTIFY_PNM;
-        let p: IdentifyPnmOutput = decode_fixed(op, &self.mailbox_raw(op, &[])?)?;
-        let layout = self.layout();
+        let p: IdentifyPnmOutput = decode_fixed(op, &self.execute(op, &[])?)?;
         let answered = (p.region_size.get(), p.dram_offset.get(), p.dram_size.get());
         if answered != (layout.size, layout.dram_offset, layout.dram_size) {
             return Err(malformed(

@@ -15,12 +15,16 @@ use pnm_protocol::regs::{
 use pnm_protocol::{RegionLayout, SharedMemory};
 use zerocopy::FromBytes;
 
+use crate::backoff::Backoff;
+use crate::commands::{CelEntry, HealthInfo, Identify, PnmInfo, SupportedLog};
+use crate::dma::DmaPool;
 use crate::error::{Error, Result};
-use crate::kv::DataPath;
-use crate::mailbox::{Backoff, DEFAULT_TIMEOUT, MailboxClient};
+use crate::mailbox::{DEFAULT_TIMEOUT, MailboxClient};
 use crate::notify::NotifyClient;
-use crate::queue::{InterruptConfig, Notifier};
+use crate::queue::{InterruptConfig, QueueOptions, QueuePair};
+use crate::session::{Session, SessionGuard};
 use crate::sys::Mapping;
+use crate::transport::{Interrupts, RegionFile, Transport, Wake};
 
 /// How to open a device.
 #[derive(Debug, Clone)]
@@ -81,24 +85,6 @@ pub struct DeviceStatus {
     pub mailbox_lock_breaks: u32,
 }
 
-/// How a device handle's queue pair is set up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueOptions {
-    /// Entries in each ring (a power of two, 2..=4096).
-    pub entries: u16,
-    /// Interrupt-driven waits (needs the notification socket); None polls.
-    pub interrupts: Option<InterruptConfig>,
-    /// A high-priority queue: the device serves its commands before normal
-    /// queues' (PROTOCOL.md §5.7), for latency-critical work.
-    pub high_priority: bool,
-}
-
-impl Default for QueueOptions {
-    fn default() -> Self {
-        Self { entries: 256, interrupts: None, high_priority: false }
-    }
-}
-
 /// An open cxl-pnm device.
 ///
 /// Each handle has its own queue pair and DMA buffers, created on first
@@ -113,12 +99,11 @@ pub struct Device {
     layout: RegionLayout,
     abi_version: u32,
     mailbox: Arc<Mutex<MailboxClient>>,
-    datapath: Mutex<Option<DataPath>>,
+    session: Mutex<Option<Session>>,
     command_timeout: Duration,
-    notify: Option<Arc<NotifyClient>>,
     queue_options: QueueOptions,
-    // Last: dropped after everything that copies its view.
-    _mapping: Arc<Mapping>,
+    // Last: the region stays mapped until every copy of `regs` is gone.
+    transport: Arc<dyn Transport>,
 }
 
 impl Device {
@@ -182,7 +167,7 @@ impl Device {
         });
         let notify = match socket {
             Some(socket) => match NotifyClient::connect(&socket, options.mailbox_timeout) {
-                Ok(client) => Some(Arc::new(client)),
+                Ok(client) => Some(client),
                 Err(e) if options.socket.is_some() || options.interrupts => return Err(e),
                 Err(e) => {
                     tracing::warn!(error = %e, "no notifications; polling only");
@@ -197,16 +182,15 @@ impl Device {
             }
             None => None,
         };
-        let notifier = notify
-            .clone()
-            .map(|client| Notifier { client, sleeping: caps.pnm + pnm::DEVICE_SLEEPING });
+        let transport: Arc<dyn Transport> = Arc::new(RegionFile::new(mapping, notify));
+        let wake = Wake::new(transport.clone(), caps.pnm + pnm::DEVICE_SLEEPING);
         let mut client = MailboxClient::new(
             regs,
             caps.mailbox,
             1 << payload_log2,
             p + pnm::MAILBOX_LOCK,
             p + pnm::HEARTBEAT,
-            notifier,
+            wake,
         );
         client.timeout = options.mailbox_timeout;
 
@@ -217,14 +201,13 @@ impl Device {
             layout,
             abi_version,
             mailbox: Arc::new(Mutex::new(client)),
-            datapath: Mutex::new(None),
+            session: Mutex::new(None),
             command_timeout: options.command_timeout,
-            notify,
             queue_options: QueueOptions {
                 interrupts: options.interrupts.then(InterruptConfig::default),
                 ..Default::default()
             },
-            _mapping: Arc::new(mapping),
+            transport,
         };
         device.wait_ready(options.wait_ready.unwrap_or(Duration::ZERO))?;
         Ok(device)
@@ -274,18 +257,81 @@ impl Device {
         self.abi_version
     }
 
-    /// Runs a raw mailbox command (for tools and tests; the typed methods in
-    /// [`crate::commands`] validate what comes back).
+    /// Runs a raw mailbox command (for tools and tests; the typed methods
+    /// validate what comes back).
     pub fn mailbox_raw(&self, opcode: pnm_protocol::Opcode, input: &[u8]) -> Result<Vec<u8>> {
-        self.mailbox.lock().unwrap_or_else(|e| e.into_inner()).execute(opcode, input)
+        self.mailbox_client().execute(opcode, input)
     }
 
     pub(crate) fn mailbox_client(&self) -> MutexGuard<'_, MailboxClient> {
         self.mailbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn datapath_lock(&self) -> MutexGuard<'_, Option<DataPath>> {
-        self.datapath.lock().unwrap_or_else(|e| e.into_inner())
+    /// Identify Memory Device (4000h).
+    pub fn identify(&self) -> Result<Identify> {
+        self.mailbox_client().identify()
+    }
+
+    /// Get Health Info (4200h).
+    pub fn health_info(&self) -> Result<HealthInfo> {
+        self.mailbox_client().health_info()
+    }
+
+    /// The device's timestamp in ns since the Unix epoch (0: never set).
+    pub fn get_timestamp(&self) -> Result<u64> {
+        self.mailbox_client().get_timestamp()
+    }
+
+    pub fn set_timestamp(&self, timestamp_ns: u64) -> Result<()> {
+        self.mailbox_client().set_timestamp(timestamp_ns)
+    }
+
+    pub fn supported_logs(&self) -> Result<Vec<SupportedLog>> {
+        self.mailbox_client().supported_logs()
+    }
+
+    /// Reads a whole log, in payload-sized pieces.
+    pub fn get_log(&self, id: [u8; 16], size: u32) -> Result<Vec<u8>> {
+        self.mailbox_client().get_log(id, size)
+    }
+
+    /// The Command Effects Log: every command the device supports.
+    pub fn command_effects_log(&self) -> Result<Vec<CelEntry>> {
+        self.mailbox_client().command_effects_log()
+    }
+
+    /// Identify PNM (C000h): the layout, compute units and firmware limits.
+    pub fn identify_pnm(&self) -> Result<PnmInfo> {
+        self.mailbox_client().identify_pnm(self.layout)
+    }
+
+    /// This handle's queue session, made on first use, locked for one
+    /// command.
+    pub(crate) fn session(&self) -> Result<SessionGuard<'_>> {
+        let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_none() {
+            let wake = Wake::new(self.transport.clone(), self.caps.pnm + pnm::DEVICE_SLEEPING);
+            *slot = Some(Session::open(
+                &mut self.mailbox_client(),
+                self.layout,
+                self.caps.pnm,
+                wake,
+                self.queue_options,
+            )?);
+        }
+        Ok(SessionGuard {
+            slot,
+            mailbox: &self.mailbox,
+            region: self.regs,
+            command_timeout: self.command_timeout,
+        })
+    }
+
+    /// Creates this handle's queue pair and buffers and hands them over
+    /// (for the async API, which drives them itself).
+    pub(crate) fn take_queue(&self) -> Result<(QueuePair, DmaPool)> {
+        let session = self.session()?.slot.take().expect("opened by session()");
+        Ok((session.queue, session.pool))
     }
 
     /// The whole region (for the data path's buffers and device DRAM).
@@ -297,25 +343,16 @@ impl Device {
         self.command_timeout
     }
 
-    /// This host's notification peer, if connected.
-    pub fn notify_client(&self) -> Option<&Arc<NotifyClient>> {
-        self.notify.as_ref()
-    }
-
-    pub(crate) fn notifier(&self) -> Option<Notifier> {
-        self.notify
-            .clone()
-            .map(|client| Notifier { client, sleeping: self.caps.pnm + pnm::DEVICE_SLEEPING })
-    }
-
-    pub(crate) fn queue_options(&self) -> QueueOptions {
-        self.queue_options
+    /// The vectors this host's interrupts arrive on, if the transport
+    /// delivers interrupts.
+    pub fn interrupts(&self) -> Option<&dyn Interrupts> {
+        self.transport.interrupts()
     }
 
     /// Another handle on the same device, with a queue pair of its own set
     /// up as `options` says.
     pub fn handle(&self, options: QueueOptions) -> Result<Device> {
-        if options.interrupts.is_some() && self.notify.is_none() {
+        if options.interrupts.is_some() && self.interrupts().is_none() {
             return Err(Error::Invalid("interrupts need the device's notification socket".into()));
         }
         if !options.entries.is_power_of_two() || options.entries < 2 {
@@ -331,11 +368,10 @@ impl Device {
             layout: self.layout,
             abi_version: self.abi_version,
             mailbox: self.mailbox.clone(),
-            datapath: Mutex::new(None),
+            session: Mutex::new(None),
             command_timeout: self.command_timeout,
-            notify: self.notify.clone(),
             queue_options: options,
-            _mapping: self._mapping.clone(),
+            transport: self.transport.clone(),
         })
     }
 
@@ -502,10 +538,11 @@ impl Drop for Device {
     fn drop(&mut self) {
         // Give the queue pair and DMA buffers back; if this fails (or the
         // process dies first) the device reclaims them by owner pid.
-        if let Some(dp) = self.datapath_lock().take() {
+        let session = self.session.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(session) = session {
             let mut mailbox = self.mailbox_client();
             mailbox.timeout = mailbox.timeout.min(Duration::from_millis(500));
-            dp.shutdown(&mut mailbox);
+            session.shutdown(&mut mailbox);
         }
     }
 }

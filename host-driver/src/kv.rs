@@ -1,7 +1,6 @@
 //! The KV data path: sequences in device DRAM, rows written straight into
 //! their frames, and Top-K / gather through the command queue.
 
-use std::sync::MutexGuard;
 use std::time::Duration;
 
 use pnm_protocol::queue::{
@@ -13,10 +12,10 @@ use pnm_protocol::{Dtype, ReturnCode, SharedMemory};
 use zerocopy::FromBytes;
 
 use crate::device::Device;
-use crate::dma::{DmaBuf, DmaPool};
+use crate::dma::DmaBuf;
 use crate::error::{Error, Result};
-use crate::mailbox::MailboxClient;
-use crate::queue::{Completion, QueuePair};
+use crate::queue::Completion;
+use crate::session::{SessionGuard, check_limit};
 
 /// Tokens reserved and committed per KV_APPEND while loading.
 const APPEND_CHUNK: u64 = 8192;
@@ -250,51 +249,6 @@ impl<'a> TopkRequest<'a> {
     }
 }
 
-/// The driver's data-path state: its queue pair and DMA buffers.
-#[derive(Debug)]
-pub(crate) struct DataPath {
-    queue: QueuePair,
-    pool: DmaPool,
-    frames_offset: u64,
-    frame_count: u32,
-    /// The device's firmware limits (Identify PNM), checked before a
-    /// command goes out so a refusal names the field, value and limit.
-    limits: Limits,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Limits {
-    max_k: u32,
-    max_group: u32,
-    max_head_dim: u32,
-}
-
-impl Limits {
-    fn check(what: &str, value: u32, max: u32) -> Result<()> {
-        if value == 0 || value > max {
-            return Err(Error::Invalid(format!(
-                "{what} {value} is outside this device's limit 1..={max}"
-            )));
-        }
-        Ok(())
-    }
-}
-
-impl DataPath {
-    pub(crate) fn shutdown(self, mailbox: &mut MailboxClient) {
-        let mut pool = self.pool;
-        if let Err(e) = self.queue.delete(mailbox, &mut pool) {
-            tracing::warn!(error = %e, "deleting the queue pair");
-            if e.device_unresponsive() {
-                // Every further command would wait out its timeout too: the
-                // device reclaims the rest by owner when this process ends.
-                return;
-            }
-        }
-        pool.release(mailbox);
-    }
-}
-
 /// The first `len` bytes of `buf`, as a command names them.
 fn host_buffer(buf: DmaBuf, len: u64) -> HostBuffer {
     HostBuffer { addr: buf.addr, len: len.min(u64::from(u32::MAX)) as u32 }
@@ -312,114 +266,7 @@ fn read_u32s(bytes: &[u8]) -> Vec<u32> {
     bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
-/// A locked data path plus what a command needs from the device.
-#[derive(Debug)]
-struct Session<'a> {
-    dp: MutexGuard<'a, Option<DataPath>>,
-    device: &'a Device,
-}
-
-impl Session<'_> {
-    fn dp(&mut self) -> &mut DataPath {
-        self.dp.as_mut().expect("opened by Device::session")
-    }
-
-    fn alloc(&mut self, len: u64) -> Result<DmaBuf> {
-        let device = self.device;
-        let mut mailbox = device.mailbox_client();
-        self.dp().pool.alloc(&mut mailbox, len)
-    }
-
-    fn free(&mut self, bufs: &[DmaBuf]) {
-        for &b in bufs {
-            self.dp().pool.free(b);
-        }
-    }
-
-    /// Queues a command without ringing the doorbell.
-    fn push(&mut self, command: &QueueCommand) -> Result<u16> {
-        self.dp().queue.push(command.encode(0))
-    }
-
-    fn ring(&mut self) {
-        self.dp().queue.ring();
-    }
-
-    /// Waits for a pushed command; its failure is an error.
-    fn wait(&mut self, cid: u16) -> Result<Completion> {
-        let timeout = self.device.command_timeout();
-        self.dp().queue.wait(cid, timeout)?.ok()
-    }
-
-    fn run(&mut self, command: &QueueCommand) -> Result<Completion> {
-        let timeout = self.device.command_timeout();
-        self.dp().queue.execute(command.encode(0), timeout)?.ok()
-    }
-
-    fn mem(&self) -> SharedMemory {
-        self.device.region()
-    }
-
-    /// Deletes this handle's queue pair (a new one is made on next use):
-    /// for a queue whose state the host no longer knows.
-    fn discard_queue(&mut self) {
-        if let Some(dp) = self.dp.take() {
-            let mut mailbox = self.device.mailbox_client();
-            // Bounded short, as at drop: the device may be stuck.
-            let timeout = mailbox.timeout;
-            mailbox.timeout = timeout.min(Duration::from_millis(500));
-            dp.shutdown(&mut mailbox);
-            mailbox.timeout = timeout;
-        }
-    }
-}
-
 impl Device {
-    fn session(&self) -> Result<Session<'_>> {
-        let mut dp = self.datapath_lock();
-        if dp.is_none() {
-            let info = self.identify_pnm()?;
-            if info.kv_frame_size != KV_FRAME_SIZE {
-                return Err(Error::Protocol(format!(
-                    "KV frame size {} (expected {KV_FRAME_SIZE})",
-                    info.kv_frame_size
-                )));
-            }
-            let mut mailbox = self.mailbox_client();
-            let mut pool = DmaPool::new(&self.layout());
-            let options = self.queue_options();
-            let queue = QueuePair::create(
-                self.region(),
-                self.capabilities().pnm,
-                &mut mailbox,
-                &mut pool,
-                self.notifier(),
-                options,
-            )
-            .inspect_err(|_| pool.release(&mut mailbox))?;
-            *dp = Some(DataPath {
-                queue,
-                pool,
-                frames_offset: info.kv_frames_offset,
-                frame_count: info.kv_frame_count,
-                limits: Limits {
-                    max_k: info.max_k,
-                    max_group: info.max_group,
-                    max_head_dim: info.max_head_dim,
-                },
-            });
-        }
-        Ok(Session { dp, device: self })
-    }
-
-    /// Creates this handle's queue pair and buffers and hands them over
-    /// (for the async API, which drives them itself).
-    pub(crate) fn take_queue(&self) -> Result<(QueuePair, DmaPool)> {
-        drop(self.session()?);
-        let dp = self.datapath_lock().take().expect("created by session");
-        Ok((dp.queue, dp.pool))
-    }
-
     /// NOP through the queue: the command path's round trip.
     pub fn nop(&self) -> Result<Completion> {
         self.session()?.run(&QueueCommand::Nop)
@@ -428,7 +275,7 @@ impl Device {
     /// Creates an empty sequence.
     pub fn kv_create(&self, shape: KvShape) -> Result<Sequence> {
         let mut s = self.session()?;
-        Limits::check("head_dim", u32::from(shape.head_dim), s.dp().limits.max_head_dim)?;
+        check_limit("head_dim", u32::from(shape.head_dim), s.session().limits.max_head_dim)?;
         if shape.layers == 0 || shape.heads == 0 {
             return Err(Error::Invalid(format!("a sequence of {shape} holds nothing")));
         }
@@ -526,7 +373,7 @@ impl Device {
             )));
         }
         let mut s = self.session()?;
-        let (frames_offset, frame_count) = (s.dp().frames_offset, s.dp().frame_count);
+        let (frames_offset, frame_count) = (s.session().frames_offset, s.session().frame_count);
         let dram = self.layout().dram_offset;
         let tpp = u64::from(seq.tokens_per_page);
         let streams = u64::from(shape.layers) * u64::from(shape.heads);
@@ -544,7 +391,7 @@ impl Device {
                 // Pipelined: the next chunk's KV_APPEND goes in ahead of this
                 // chunk's KV_COMMIT, so the host copies chunk i+1 into device
                 // DRAM while the device folds chunk i's keys into its bounds.
-                let append = |s: &mut Session<'_>, n: u64| -> Result<u16> {
+                let append = |s: &mut SessionGuard<'_>, n: u64| -> Result<u16> {
                     s.push(&QueueCommand::KvAppend(KvAppend {
                         seq: seq.id,
                         tokens: n as u32,
@@ -675,15 +522,15 @@ impl Device {
     }
 
     fn topk_entry(
-        s: &mut Session<'_>,
+        s: &mut SessionGuard<'_>,
         r: &TopkRequest<'_>,
         out: DmaBuf,
         layout: TopkLayout,
         with_rows: bool,
     ) -> Result<(QueueCommand, DmaBuf)> {
-        let limits = s.dp().limits;
-        Limits::check("k", r.k, limits.max_k)?;
-        Limits::check("GQA group (queries per KV head)", r.query.group, limits.max_group)?;
+        let limits = s.session().limits;
+        check_limit("k", r.k, limits.max_k)?;
+        check_limit("GQA group (queries per KV head)", r.query.group, limits.max_group)?;
         let q = s.alloc(r.query.data.len() as u64)?;
         s.mem().write_bytes(q.addr, &r.query.data).expect("DMA buffer in the region");
         let topk = Topk {
@@ -760,7 +607,7 @@ impl Device {
                 outs.push((out, layout));
             }
             let timeout = self.command_timeout();
-            s.dp().queue.execute_all(&entries, timeout)
+            s.session().queue.execute_all(&entries, timeout)
         })();
         let answers = built.map(|completions| {
             completions
@@ -869,7 +716,7 @@ impl Device {
     pub fn submit_raw(&self, entries: &[SubmissionEntry]) -> Result<Vec<Completion>> {
         let mut s = self.session()?;
         let timeout = self.command_timeout();
-        s.dp().queue.execute_all(entries, timeout)
+        s.session().queue.execute_all(entries, timeout)
     }
 
     /// A DMA buffer for [`submit_raw`](Self::submit_raw), filled with `data`

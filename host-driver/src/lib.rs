@@ -6,6 +6,7 @@
 
 #[cfg(feature = "async")]
 pub mod async_api;
+mod backoff;
 pub mod commands;
 pub mod device;
 pub mod dma;
@@ -14,15 +15,18 @@ pub mod kv;
 pub mod mailbox;
 pub mod notify;
 pub mod queue;
+mod session;
 mod sys;
+pub mod transport;
 
 #[cfg(feature = "async")]
 pub use async_api::AsyncQueue;
-pub use device::{Device, DeviceOptions, DeviceState, DeviceStatus, Liveness, QueueOptions};
+pub use device::{Device, DeviceOptions, DeviceState, DeviceStatus, Liveness};
 pub use error::{Error, Result};
 pub use kv::{
     Aggregation, GatheredView, KvShape, PageSelection, Query, Rows, Sequence, TopK, TopkRequest,
 };
 pub use pnm_protocol::Dtype;
-pub use queue::{Completion, InterruptConfig};
+pub use queue::{Completion, InterruptConfig, QueueOptions};
 pub use sys::default_sigpipe;
+pub use transport::{Interrupts, Transport};

@@ -8,67 +8,12 @@ use std::time::{Duration, Instant};
 use pnm_protocol::regs::{mailbox, pnm};
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
 
+use crate::backoff::Backoff;
 use crate::error::{Error, Result};
-use crate::queue::Notifier;
+use crate::transport::Wake;
 
 /// Default time a command may take, as in Linux.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Waits between polls: spins for the first 20 us (yielding every 64
-/// polls), yields until 5 ms, then sleeps 50 us at a time. Time-based, so a
-/// short wait stays on the CPU (a sleeping thread's wake-up costs far more
-/// than a NOP) and a long one does not burn a core.
-#[derive(Debug)]
-pub(crate) struct Backoff {
-    start: Instant,
-    polls: u32,
-    phase: u8,
-    /// How long the wait spins before it yields.
-    spin: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Self {
-        Self { start: Instant::now(), polls: 0, phase: 0, spin: Duration::from_micros(20) }
-    }
-
-    /// Yields from the first poll: for a wait known to be long, whose CPU a
-    /// thread that must run first (on a small machine, the device's) may need.
-    pub(crate) fn yielding() -> Self {
-        Self { start: Instant::now(), polls: 0, phase: 1, spin: Duration::ZERO }
-    }
-
-    pub(crate) fn wait(&mut self) {
-        self.polls = self.polls.wrapping_add(1);
-        // Look at the clock only now and then: it costs more than a poll.
-        if self.polls.is_multiple_of(64) {
-            if self.phase == 0 {
-                // A spin steps aside now and then: the device's engine may
-                // share this CPU, and this VM's scheduler packs busy threads
-                // onto one vCPU (`sched_vcpu_pack`). QD1 NOP p99 130 us ->
-                // 0.5-1.1 us; waiting 2 us before the first yield left a
-                // quarter of the NOPs at 17-30 us in most runs.
-                std::thread::yield_now();
-            }
-            let waited = self.start.elapsed();
-            self.phase = if waited < self.spin {
-                0
-            } else if waited < Duration::from_millis(5) {
-                // Yielding keeps the thread runnable: on a virtual machine a
-                // halted CPU takes 100-400 us to wake, longer than most
-                // commands; a yield costs nothing when nobody else runs.
-                1
-            } else {
-                2
-            };
-        }
-        match self.phase {
-            0 => std::hint::spin_loop(),
-            1 => std::thread::yield_now(),
-            _ => std::thread::sleep(Duration::from_micros(50)),
-        }
-    }
-}
 
 /// Longest nap between two tries for a held Mailbox Lock: about ten
 /// commands' time, so a free lock is not left idle for long.
@@ -152,7 +97,7 @@ pub struct MailboxClient {
     /// Where the device's heartbeat counter is, to tell a dead device from a slow one.
     heartbeat_at: u64,
     /// Wakes a sleeping device after the doorbell.
-    notifier: Option<Notifier>,
+    wake: Wake,
     pub timeout: Duration,
 }
 
@@ -163,7 +108,7 @@ impl MailboxClient {
         payload_size: u64,
         lock_at: u64,
         heartbeat_at: u64,
-        notifier: Option<Notifier>,
+        wake: Wake,
     ) -> Self {
         // The device publishes its lease; a wild value must not make a wait unbounded.
         let lease_at = lock_at - pnm::MAILBOX_LOCK + pnm::MAILBOX_LOCK_LEASE;
@@ -175,7 +120,7 @@ impl MailboxClient {
             lock_lease: lease.min(MAX_LOCK_LEASE),
             payload_size,
             heartbeat_at,
-            notifier,
+            wake,
             timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -246,9 +191,7 @@ impl MailboxClient {
         let beat_before = self.regs.load_u64(heartbeat_at, Relaxed);
         // Release: payload and Command are visible before the doorbell.
         self.regs.store_u32(control_at, control | mailbox::CONTROL_DOORBELL, Release);
-        if let Some(n) = &self.notifier {
-            n.after_doorbell(self.regs, true);
-        }
+        self.wake.after_doorbell(true);
 
         let start = Instant::now();
         let mut backoff = Backoff::new();

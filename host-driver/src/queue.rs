@@ -1,7 +1,6 @@
 //! A queue pair seen from the host: fills the submission ring, rings the
 //! doorbell, and consumes the completion ring by phase tag.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 use std::time::{Duration, Instant};
 
@@ -16,10 +15,11 @@ use pnm_protocol::regs::pnm;
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
 use zerocopy::{FromBytes, IntoBytes};
 
+use crate::backoff::Backoff;
 use crate::dma::{DmaBuf, DmaPool};
 use crate::error::{Error, Result};
-use crate::mailbox::{Backoff, MailboxClient};
-use crate::notify::NotifyClient;
+use crate::mailbox::MailboxClient;
+use crate::transport::Wake;
 
 /// A finished command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,34 +69,21 @@ impl Default for InterruptConfig {
     }
 }
 
-/// How long a host that has just woken the device steps off its CPU.
-const WAKE_NAP: Duration = Duration::from_micros(1);
-
-/// How the host learns of completions and the device of submissions.
-#[derive(Debug, Clone)]
-pub(crate) struct Notifier {
-    pub client: Arc<NotifyClient>,
-    /// Device Sleeping register.
-    pub sleeping: u64,
+/// How a device handle's queue pair is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// Entries in each ring (a power of two, 2..=4096).
+    pub entries: u16,
+    /// Interrupt-driven waits (needs the notification socket); None polls.
+    pub interrupts: Option<InterruptConfig>,
+    /// A high-priority queue: the device serves its commands before normal
+    /// queues' (PROTOCOL.md §5.7), for latency-critical work.
+    pub high_priority: bool,
 }
 
-impl Notifier {
-    /// After a doorbell store: wake the device if it went to sleep. The
-    /// SeqCst fence pairs with the device's (see the engine's `sleep`).
-    /// `polling`: the caller will spin for the answer (not block on an
-    /// interrupt), so it first steps off its CPU for a moment.
-    pub fn after_doorbell(&self, regs: SharedMemory, polling: bool) {
-        std::sync::atomic::fence(SeqCst);
-        if regs.load_u32(self.sleeping, SeqCst) != 0 {
-            self.client.wake_device();
-            if polling {
-                // On a virtual machine that runs its vCPUs on fewer host
-                // CPUs, a waiter spinning at once keeps the engine's vCPU
-                // from running (wake-up p50 174 us; 83 us after this nap).
-                // A waiter that blocks on an interrupt steps off anyway.
-                std::thread::sleep(WAKE_NAP);
-            }
-        }
+impl Default for QueueOptions {
+    fn default() -> Self {
+        Self { entries: 256, interrupts: None, high_priority: false }
     }
 }
 
@@ -104,7 +91,9 @@ impl Notifier {
 #[derive(Debug)]
 pub struct QueuePair {
     regs: SharedMemory,
-    notifier: Option<Notifier>,
+    /// Wakes a sleeping device after the doorbell; its transport has the
+    /// interrupt vectors.
+    wake: Wake,
     irq: Option<(InterruptConfig, u64)>,
     pub qid: u16,
     entries: u32,
@@ -191,11 +180,12 @@ impl QueuePair {
         pnm_cap: u64,
         mailbox: &mut MailboxClient,
         pool: &mut DmaPool,
-        notifier: Option<Notifier>,
-        options: crate::device::QueueOptions,
+        wake: Wake,
+        options: QueueOptions,
     ) -> Result<Self> {
-        let crate::device::QueueOptions { entries, interrupts: irq, high_priority } = options;
-        if irq.is_some() && notifier.is_none() {
+        let QueueOptions { entries, interrupts: irq, high_priority } = options;
+        let peer_id = wake.transport().interrupts().map(|i| i.peer_id());
+        if irq.is_some() && peer_id.is_none() {
             return Err(Error::Invalid("interrupts need the device's notification socket".into()));
         }
         let sq = pool.alloc(mailbox, u64::from(entries) * SQE_SIZE)?;
@@ -206,7 +196,7 @@ impl QueuePair {
             entries: entries.into(),
             irq_vector: irq.map_or(IRQ_NONE, |i| i.vector).into(),
             owner_pid: std::process::id().into(),
-            peer_id: notifier.as_ref().map_or(0, |n| n.client.peer_id).into(),
+            peer_id: peer_id.unwrap_or(0).into(),
             coalesce_count: irq.map_or(0, |i| i.coalesce_count).into(),
             coalesce_usec: irq.map_or(0, |i| i.coalesce_usec).into(),
             priority: if high_priority { QUEUE_PRIORITY_HIGH } else { QUEUE_PRIORITY_NORMAL },
@@ -244,7 +234,7 @@ impl QueuePair {
         }
         Ok(Self {
             regs,
-            notifier,
+            wake,
             irq: irq.map(|i| (i, mask)),
             qid,
             entries: u32::from(entries),
@@ -303,9 +293,7 @@ impl QueuePair {
             // Release: the entries are visible before the new tail.
             self.regs.store_u32(self.sq_doorbell, self.sq_tail, Release);
             self.unrung = false;
-            if let Some(n) = &self.notifier {
-                n.after_doorbell(self.regs, self.irq.is_none());
-            }
+            self.wake.after_doorbell(self.irq.is_none());
         }
     }
 
@@ -446,8 +434,8 @@ impl QueuePair {
         self.regs.store_u32(mask, 0, SeqCst);
         std::sync::atomic::fence(SeqCst);
         if self.reap()? == 0 {
-            let client = &self.notifier.as_ref().expect("checked at create").client;
-            client.wait_vector(vector, bound);
+            let interrupts = self.wake.transport().interrupts().expect("checked at create");
+            interrupts.wait_vector(vector, bound);
         }
         self.regs.store_u32(mask, 1, Relaxed);
         Ok(())
