@@ -321,7 +321,7 @@ fn malformed_descriptors_get_error_statuses_and_the_device_keeps_serving() {
     }
     // An index beyond the sequence: refused before any row moves.
     let bad_index = dev.dma_buffer(&[0, 0, 0, 0, 200, 0, 0, 0], 0).unwrap();
-    let before = dev.read_dma(out);
+    let before = dev.read_dma(&out);
     let mut e = SubmissionEntry { opcode: QueueOpcode::GATHER, ..Default::default() };
     e.seq = loaded.seq.id.into();
     e.count = 2.into();
@@ -330,8 +330,8 @@ fn malformed_descriptors_get_error_statuses_and_the_device_keeps_serving() {
     e.buf1_addr = out.addr.into();
     e.buf1_len = (out.len as u32).into();
     assert_eq!(dev.submit_raw(&[e]).unwrap()[0].code, ReturnCode::INVALID_INPUT);
-    assert_eq!(dev.read_dma(out), before, "nothing written on refusal");
-    assert!(dev.read_dma(sentinel).iter().all(|&b| b == 0xA5), "neighbouring buffer untouched");
+    assert_eq!(dev.read_dma(&out), before, "nothing written on refusal");
+    assert!(dev.read_dma(&sentinel).iter().all(|&b| b == 0xA5), "neighbouring buffer untouched");
     assert_eq!(dev.kv_sequence(loaded.seq.id).unwrap().tokens, 100, "store unchanged");
     assert!(dev.nop().is_ok());
     assert!(dev.identify().is_ok());

@@ -157,13 +157,6 @@ impl AsyncQueue {
         state.pool.alloc(&mut mailbox, len)
     }
 
-    fn free(&self, bufs: &[DmaBuf]) {
-        let mut state = self.shared.lock();
-        for &b in bufs {
-            state.pool.free(b);
-        }
-    }
-
     /// One Top-K: TOPK.
     pub async fn topk(&self, request: &TopkRequest<'_>) -> Result<TopK> {
         Ok(self.run_topk(request, false).await?.0)
@@ -185,13 +178,7 @@ impl AsyncQueue {
         let row_bytes = seq.shape.row_bytes();
         let layout = TopkLayout { k: u64::from(k), row_bytes: if rows { row_bytes } else { 0 } };
         let q = self.alloc(query.data.len() as u64)?;
-        let out = match self.alloc(layout.len()) {
-            Ok(out) => out,
-            Err(e) => {
-                self.free(&[q]);
-                return Err(e);
-            }
-        };
+        let out = self.alloc(layout.len())?;
         let regs = self.shared.regs;
         regs.write_bytes(q.addr, &query.data).expect("DMA buffer in the region");
         let topk = Topk {
@@ -211,7 +198,7 @@ impl AsyncQueue {
             if rows { QueueCommand::TopkGather(topk) } else { QueueCommand::Topk(topk) }.encode(0);
         let result = async {
             let c = self.submit(sqe).await?.ok()?;
-            let top = Device::read_topk(regs, &c, k, out, layout)?;
+            let top = Device::read_topk(regs, &c, k, out.addr, layout)?;
             let selected = rows.then(|| {
                 let mut r = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
                 let n = top.indices.len() as u64;
@@ -227,7 +214,7 @@ impl AsyncQueue {
             Ok((top, selected))
         }
         .await;
-        self.free(&[q, out]);
+        drop((q, out));
         result
     }
 }
@@ -314,7 +301,7 @@ impl Drop for Shared {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         let mut mailbox = self.device.mailbox_client();
         if let Some(queue) = state.queue.take()
-            && let Err(e) = queue.delete(&mut mailbox, &mut state.pool)
+            && let Err(e) = queue.delete(&mut mailbox)
         {
             tracing::warn!(error = %e, "deleting the async queue pair");
         }

@@ -2,6 +2,7 @@
 //! (Allocate DMA), carved into buffers by a first-fit allocator.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
 
 use pnm_protocol::commands::{AllocateDmaInput, DMA_GRANULE, DmaBufferAddr};
 use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
@@ -15,11 +16,22 @@ pub const CHUNK: u64 = 4 << 20;
 /// Buffers are aligned to a cache line.
 const ALIGN: u64 = 64;
 
-/// A buffer in the host DMA window: region offset and length.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A buffer in the host DMA window: region offset and length. It goes
+/// back to its pool when dropped, on every path, error paths included.
+#[derive(Debug)]
 pub struct DmaBuf {
     pub addr: u64,
     pub len: u64,
+    pool: Weak<Mutex<Chunks>>,
+}
+
+impl Drop for DmaBuf {
+    fn drop(&mut self) {
+        // A pool already released gave its chunks back to the device whole.
+        if let Some(chunks) = self.pool.upgrade() {
+            chunks.lock().unwrap_or_else(|e| e.into_inner()).free(self.addr, self.len);
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -30,23 +42,36 @@ struct Chunk {
     free: BTreeMap<u64, u64>,
 }
 
+/// The chunks a pool holds, shared with its buffers (which free
+/// themselves into it).
+#[derive(Debug, Default)]
+struct Chunks(Vec<Chunk>);
+
 /// The driver's DMA buffers.
 #[derive(Debug)]
 pub struct DmaPool {
     window: (u64, u64),
-    chunks: Vec<Chunk>,
+    chunks: Arc<Mutex<Chunks>>,
 }
 
 impl DmaPool {
     pub fn new(layout: &RegionLayout) -> Self {
-        Self { window: (layout.dma_window_offset, layout.dma_window_size), chunks: Vec::new() }
+        Self { window: (layout.dma_window_offset, layout.dma_window_size), chunks: Arc::default() }
+    }
+
+    fn chunks(&self) -> std::sync::MutexGuard<'_, Chunks> {
+        self.chunks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn buffer(&self, (addr, len): (u64, u64)) -> DmaBuf {
+        DmaBuf { addr, len, pool: Arc::downgrade(&self.chunks) }
     }
 
     /// A buffer of at least `len` bytes.
     pub fn alloc(&mut self, mailbox: &mut MailboxClient, len: u64) -> Result<DmaBuf> {
         let len = len.max(1).next_multiple_of(ALIGN);
-        if let Some(buf) = self.carve(len) {
-            return Ok(buf);
+        if let Some(range) = self.chunks().carve(len) {
+            return Ok(self.buffer(range));
         }
         // A whole chunk if the window has room, else just what is needed.
         let exact = len.next_multiple_of(DMA_GRANULE);
@@ -77,34 +102,50 @@ impl DmaPool {
                 reason: format!("buffer {addr:#x}+{size:#x} is outside the host DMA window"),
             });
         }
-        self.chunks.push(Chunk { addr, len: size, free: BTreeMap::from([(0, size)]) });
-        Ok(self.carve(len).expect("a fresh chunk fits the request"))
+        let mut chunks = self.chunks();
+        chunks.0.push(Chunk { addr, len: size, free: BTreeMap::from([(0, size)]) });
+        let range = chunks.carve(len).expect("a fresh chunk fits the request");
+        drop(chunks);
+        Ok(self.buffer(range))
     }
 
-    fn carve(&mut self, len: u64) -> Option<DmaBuf> {
-        for chunk in &mut self.chunks {
+    /// Gives every chunk back to the device. Buffers still alive then free
+    /// into nothing.
+    pub fn release(&mut self, mailbox: &mut MailboxClient) {
+        let chunks = std::mem::take(&mut self.chunks().0);
+        for chunk in chunks {
+            let input = DmaBufferAddr { addr: chunk.addr.into() };
+            if let Err(e) = mailbox.execute(Opcode::FREE_DMA, input.as_bytes()) {
+                tracing::warn!(error = %e, addr = chunk.addr, "freeing a DMA chunk");
+            }
+        }
+    }
+}
+
+impl Chunks {
+    /// A free range of `len` bytes: (address, length).
+    fn carve(&mut self, len: u64) -> Option<(u64, u64)> {
+        for chunk in &mut self.0 {
             let found = chunk.free.iter().find(|&(_, &free)| free >= len).map(|(&o, &l)| (o, l));
             if let Some((offset, free)) = found {
                 chunk.free.remove(&offset);
                 if free > len {
                     chunk.free.insert(offset + len, free - len);
                 }
-                return Some(DmaBuf { addr: chunk.addr + offset, len });
+                return Some((chunk.addr + offset, len));
             }
         }
         None
     }
 
-    /// Returns a buffer to the pool, merging it with free neighbours.
-    pub fn free(&mut self, buf: DmaBuf) {
-        let Some(chunk) =
-            self.chunks.iter_mut().find(|c| buf.addr >= c.addr && buf.addr < c.addr + c.len)
+    /// Returns a range to its chunk, merging it with free neighbours.
+    fn free(&mut self, addr: u64, len: u64) {
+        let Some(chunk) = self.0.iter_mut().find(|c| addr >= c.addr && addr < c.addr + c.len)
         else {
-            debug_assert!(false, "buffer {buf:?} is not from this pool");
-            return;
+            return; // its chunk was released
         };
-        let mut offset = buf.addr - chunk.addr;
-        let mut len = buf.len;
+        let mut offset = addr - chunk.addr;
+        let mut len = len;
         if let Some((&next, &next_len)) = chunk.free.range(offset + len..).next()
             && next == offset + len
         {
@@ -120,14 +161,47 @@ impl DmaPool {
         }
         chunk.free.insert(offset, len);
     }
+}
 
-    /// Gives every chunk back to the device.
-    pub fn release(&mut self, mailbox: &mut MailboxClient) {
-        for chunk in self.chunks.drain(..) {
-            let input = DmaBufferAddr { addr: chunk.addr.into() };
-            if let Err(e) = mailbox.execute(Opcode::FREE_DMA, input.as_bytes()) {
-                tracing::warn!(error = %e, addr = chunk.addr, "freeing a DMA chunk");
-            }
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool holding one 64 KiB chunk at 1 MiB, as if the device had
+    /// granted it.
+    fn pool() -> DmaPool {
+        let layout = RegionLayout::new(8 << 20, None).expect("a valid layout");
+        let pool = DmaPool::new(&layout);
+        let chunk = Chunk { addr: 1 << 20, len: 64 << 10, free: BTreeMap::from([(0, 64 << 10)]) };
+        pool.chunks().0.push(chunk);
+        pool
+    }
+
+    fn take(pool: &DmaPool, len: u64) -> DmaBuf {
+        let range = pool.chunks().carve(len).expect("room in the chunk");
+        pool.buffer(range)
+    }
+
+    #[test]
+    fn buffers_free_themselves_and_neighbours_merge() {
+        let pool = pool();
+        let a = take(&pool, 4096);
+        let b = take(&pool, 4096);
+        assert_eq!(b.addr, a.addr + 4096);
+        let a_addr = a.addr;
+        drop(a);
+        let c = take(&pool, 4096);
+        assert_eq!(c.addr, a_addr, "a dropped buffer is reused");
+        drop((b, c));
+        let chunks = pool.chunks();
+        assert_eq!(chunks.0[0].free, BTreeMap::from([(0, 64 << 10)]), "merged back whole");
+    }
+
+    #[test]
+    fn a_buffer_that_outlives_its_pool_frees_into_nothing() {
+        let pool = pool();
+        let a = take(&pool, 4096);
+        drop(pool);
+        drop(a);
     }
 }

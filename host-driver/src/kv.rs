@@ -141,7 +141,8 @@ impl Rows {
 }
 
 /// The result of [`Device::topk_gather_view`]: the Top-K, and its K and V
-/// rows still in the DMA buffer the device wrote them to (freed on drop).
+/// rows still in the DMA buffer the device wrote them to (which frees
+/// itself when the view is dropped).
 ///
 /// The view holds only its buffer, not the handle: other commands may run
 /// on the same handle meanwhile.
@@ -195,17 +196,6 @@ impl GatheredView<'_> {
     }
 }
 
-impl Drop for GatheredView<'_> {
-    fn drop(&mut self) {
-        match self.device.session() {
-            Ok(mut s) => s.free(&[self.out]),
-            // The data path cannot fail once it exists, and it existed to
-            // make this view; a buffer lost here is reclaimed with the process.
-            Err(e) => tracing::warn!(error = %e, "a gathered view's buffer was not freed"),
-        }
-    }
-}
-
 /// A Top-K, as every call takes it (`topk`, `topk_batch`, `topk_gather`,
 /// `topk_gather_into`, `topk_gather_view`, and the async API's): which
 /// stream, which queries, how many tokens, how the group's scores combine,
@@ -250,7 +240,7 @@ impl<'a> TopkRequest<'a> {
 }
 
 /// The first `len` bytes of `buf`, as a command names them.
-fn host_buffer(buf: DmaBuf, len: u64) -> HostBuffer {
+fn host_buffer(buf: &DmaBuf, len: u64) -> HostBuffer {
     HostBuffer { addr: buf.addr, len: len.min(u64::from(u32::MAX)) as u32 }
 }
 
@@ -311,11 +301,11 @@ impl Device {
             let buf = s.alloc(len)?;
             let c = s.run(&QueueCommand::KvList(KvList {
                 max_entries: room,
-                out: host_buffer(buf, len),
+                out: host_buffer(&buf, len),
             }));
             let mut raw = vec![0u8; len as usize];
             s.mem().read_bytes(buf.addr, &mut raw).expect("DMA buffer in the region");
-            s.free(&[buf]);
+            drop(buf);
             let c = c?;
             if c.result1 > room || c.result1 > c.result0 {
                 return Err(Error::Protocol(format!(
@@ -395,7 +385,7 @@ impl Device {
                     s.push(&QueueCommand::KvAppend(KvAppend {
                         seq: seq.id,
                         tokens: n as u32,
-                        page_map: host_buffer(map_buf, map_room),
+                        page_map: host_buffer(&map_buf, map_room),
                     }))
                 };
                 let mut next_append = Some(append(&mut s, APPEND_CHUNK.min(tokens))?);
@@ -500,7 +490,7 @@ impl Device {
                 other => break other,
             }
         };
-        s.free(&[map_buf]);
+        drop(map_buf);
         match &result {
             Err(e) if reserved_any && e.device_unresponsive() => {
                 // An abort would wait out another timeout: delete the queue
@@ -524,7 +514,7 @@ impl Device {
     fn topk_entry(
         s: &mut SessionGuard<'_>,
         r: &TopkRequest<'_>,
-        out: DmaBuf,
+        out: &DmaBuf,
         layout: TopkLayout,
         with_rows: bool,
     ) -> Result<(QueueCommand, DmaBuf)> {
@@ -540,7 +530,7 @@ impl Device {
             query_dtype: r.query.dtype,
             aggregation: r.aggregation,
             selection: r.selection,
-            queries: host_buffer(q, r.query.data.len() as u64),
+            queries: host_buffer(&q, r.query.data.len() as u64),
             results: host_buffer(out, layout.len()),
         };
         Ok((if with_rows { QueueCommand::TopkGather(topk) } else { QueueCommand::Topk(topk) }, q))
@@ -550,7 +540,7 @@ impl Device {
         mem: SharedMemory,
         c: &Completion,
         k: u32,
-        out: DmaBuf,
+        out: u64,
         layout: TopkLayout,
     ) -> Result<TopK> {
         let n = c.result0;
@@ -562,8 +552,8 @@ impl Device {
         }
         let mut raw = vec![0u8; 8 * n as usize];
         let (idx, sc) = raw.split_at_mut(4 * n as usize);
-        mem.read_bytes(out.addr + layout.indices(), idx).expect("DMA buffer in the region");
-        mem.read_bytes(out.addr + layout.scores(), sc).expect("DMA buffer in the region");
+        mem.read_bytes(out + layout.indices(), idx).expect("DMA buffer in the region");
+        mem.read_bytes(out + layout.scores(), sc).expect("DMA buffer in the region");
         let indices = read_u32s(idx);
         if let Some(bad) = indices.iter().find(|&&i| u64::from(i) >= tokens) {
             return Err(Error::Protocol(format!("TOPK returned token {bad} of {tokens}")));
@@ -600,11 +590,11 @@ impl Device {
             for r in requests {
                 let layout = r.layout(false);
                 let out = s.alloc(layout.len())?;
-                bufs.push(out);
-                let (command, q) = Self::topk_entry(&mut s, r, out, layout, false)?;
-                bufs.push(q);
+                let (command, q) = Self::topk_entry(&mut s, r, &out, layout, false)?;
                 entries.push(command.encode(0));
-                outs.push((out, layout));
+                outs.push((out.addr, layout));
+                bufs.push(out);
+                bufs.push(q);
             }
             let timeout = self.command_timeout();
             s.session().queue.execute_all(&entries, timeout)
@@ -619,7 +609,7 @@ impl Device {
                 })
                 .collect()
         });
-        s.free(&bufs);
+        drop(bufs);
         answers
     }
 
@@ -631,39 +621,26 @@ impl Device {
         let mut s = self.session()?;
         let layout = GatherLayout { n: indices.len() as u64, row_bytes: seq.shape.row_bytes() };
         let idx = s.alloc(size_of_val(indices) as u64)?;
-        let out = s.alloc(layout.len());
-        let out = match out {
-            Ok(out) => out,
-            Err(e) => {
-                s.free(&[idx]);
-                return Err(e);
-            }
-        };
+        let out = s.alloc(layout.len())?;
         let raw: Vec<u8> = indices.iter().flat_map(|i| i.to_le_bytes()).collect();
         s.mem().write_bytes(idx.addr, &raw).expect("DMA buffer in the region");
-        let result = s
-            .run(&QueueCommand::Gather(Gather {
-                stream: Stream { seq: seq.id, layer, head },
-                rows: indices.len() as u32,
-                indices: host_buffer(idx, raw.len() as u64),
-                out: host_buffer(out, layout.len()),
-            }))
-            .and_then(|c| {
-                if c.result0 as usize != indices.len() {
-                    return Err(Error::Protocol(format!(
-                        "GATHER moved {} of {} rows",
-                        c.result0,
-                        indices.len()
-                    )));
-                }
-                let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
-                let (keys_at, values_at) =
-                    (out.addr + layout.key_rows(), out.addr + layout.value_rows());
-                rows.read_from(s.mem(), keys_at, values_at, layout.n, layout.row_bytes);
-                Ok(rows)
-            });
-        s.free(&[idx, out]);
-        result
+        let c = s.run(&QueueCommand::Gather(Gather {
+            stream: Stream { seq: seq.id, layer, head },
+            rows: indices.len() as u32,
+            indices: host_buffer(&idx, raw.len() as u64),
+            out: host_buffer(&out, layout.len()),
+        }))?;
+        if c.result0 as usize != indices.len() {
+            return Err(Error::Protocol(format!(
+                "GATHER moved {} of {} rows",
+                c.result0,
+                indices.len()
+            )));
+        }
+        let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+        let (keys_at, values_at) = (out.addr + layout.key_rows(), out.addr + layout.value_rows());
+        rows.read_from(s.mem(), keys_at, values_at, layout.n, layout.row_bytes);
+        Ok(rows)
     }
 
     /// Top-K and the selected rows in one command.
@@ -691,23 +668,11 @@ impl Device {
         let mut s = self.session()?;
         let layout = request.layout(true);
         let out = s.alloc(layout.len())?;
-        let (command, q) = match Self::topk_entry(&mut s, request, out, layout, true) {
-            Ok(built) => built,
-            Err(err) => {
-                s.free(&[out]);
-                return Err(err);
-            }
-        };
+        let (command, q) = Self::topk_entry(&mut s, request, &out, layout, true)?;
         let k = request.k;
-        let top = s.run(&command).and_then(|c| Self::read_topk(s.mem(), &c, k, out, layout));
-        s.free(&[q]);
-        match top {
-            Ok(top) => Ok(GatheredView { device: self, out, layout, top }),
-            Err(err) => {
-                s.free(&[out]);
-                Err(err)
-            }
-        }
+        let top = s.run(&command).and_then(|c| Self::read_topk(s.mem(), &c, k, out.addr, layout));
+        drop(q);
+        Ok(GatheredView { device: self, out, layout, top: top? })
     }
 
     /// Runs raw descriptors (command ids are assigned here) on the driver's
@@ -730,16 +695,10 @@ impl Device {
     }
 
     /// Reads a DMA buffer.
-    pub fn read_dma(&self, buf: DmaBuf) -> Vec<u8> {
+    pub fn read_dma(&self, buf: &DmaBuf) -> Vec<u8> {
         let mut out = vec![0; buf.len as usize];
         self.region().read_bytes(buf.addr, &mut out).expect("DMA buffer in the region");
         out
-    }
-
-    /// Returns a buffer from [`dma_buffer`](Self::dma_buffer).
-    pub fn free_dma(&self, buf: DmaBuf) -> Result<()> {
-        self.session()?.free(&[buf]);
-        Ok(())
     }
 
     pub(crate) fn command_timeout_default() -> Duration {
@@ -827,10 +786,10 @@ mod rogue_topk_results {
         let mapping = crate::sys::Mapping::new(map.into());
         let mem = mapping.view();
         let layout = TopkLayout { k: u64::from(k), row_bytes: 0 };
-        let out = DmaBuf { addr: 4096, len: layout.len() };
+        let out = 4096;
         let bytes = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
-        mem.write_bytes(out.addr + layout.indices(), &bytes(&indices[..k as usize])).unwrap();
-        mem.write_bytes(out.addr + layout.scores(), &bytes(&scores[..k as usize])).unwrap();
+        mem.write_bytes(out + layout.indices(), &bytes(&indices[..k as usize])).unwrap();
+        mem.write_bytes(out + layout.scores(), &bytes(&scores[..k as usize])).unwrap();
         Device::read_topk(mem, c, k, out, layout)
     }
 

@@ -254,13 +254,11 @@ impl QueuePair {
         })
     }
 
-    /// Deletes the queue on the device and returns its rings to the pool.
-    pub fn delete(self, mailbox: &mut MailboxClient, pool: &mut DmaPool) -> Result<()> {
+    /// Deletes the queue on the device; its rings go back to their pool
+    /// as it drops.
+    pub fn delete(self, mailbox: &mut MailboxClient) -> Result<()> {
         let input = DeleteQueuePairInput { queue_id: self.qid.into(), reserved: [0; 6] };
-        let result = mailbox.execute(Opcode::DELETE_QUEUE_PAIR, input.as_bytes()).map(drop);
-        pool.free(self.sq);
-        pool.free(self.cq);
-        result
+        mailbox.execute(Opcode::DELETE_QUEUE_PAIR, input.as_bytes()).map(drop)
     }
 
     /// Commands that can still be submitted before the ring is full.

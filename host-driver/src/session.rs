@@ -82,7 +82,7 @@ impl Session {
     /// Deletes the queue pair and frees the buffers.
     pub(crate) fn shutdown(self, mailbox: &mut MailboxClient) {
         let mut pool = self.pool;
-        if let Err(e) = self.queue.delete(mailbox, &mut pool) {
+        if let Err(e) = self.queue.delete(mailbox) {
             tracing::warn!(error = %e, "deleting the queue pair");
             if e.device_unresponsive() {
                 // Every further command would wait out its timeout too: the
@@ -117,12 +117,6 @@ impl SessionGuard<'_> {
         let mailbox = self.mailbox;
         let mut mailbox = mailbox.lock().unwrap_or_else(|e| e.into_inner());
         self.session().pool.alloc(&mut mailbox, len)
-    }
-
-    pub(crate) fn free(&mut self, bufs: &[DmaBuf]) {
-        for &b in bufs {
-            self.session().pool.free(b);
-        }
     }
 
     /// Queues a command without ringing the doorbell.
