@@ -22,111 +22,36 @@
 //! rebuilt from the page tables at load, so it cannot disagree with them.
 //! Reserved-but-uncommitted tokens roll back at load; their pages stay with
 //! the sequence.
+//!
+//! The parts: [`format`] (what is in DRAM), [`frames`] (the frame allocator),
+//! [`topk`] (Top-K, page selection, gather), [`dram`] (the memory trait);
+//! this file is the store's lifecycle: open, create, append, commit, free.
 
 use std::collections::BTreeMap;
 
 use pnm_protocol::Dtype;
 use pnm_protocol::queue::{KV_FRAME_SIZE, PageMapEntry, SequenceInfo, tokens_per_page};
-use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
+use zerocopy::little_endian::U32;
+use zerocopy::{FromZeros, IntoBytes};
 
-use crate::kernels::{self, Aggregation, Scored};
+use crate::kernels;
 use crate::limits::LIMITS;
-use crate::simd::Rows;
 
-/// Memory the store lives in: device DRAM, addressed from its start.
-pub trait Dram {
-    fn len(&self) -> u64;
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError>;
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError>;
-    /// Stores an 8-byte aligned little-endian word in one store, so that a
-    /// device killed at any instruction leaves either the old or the new
-    /// word (the descriptors' commit points rely on it).
-    fn store_u64(&self, offset: u64, value: u64) -> Result<(), KvError> {
-        self.write(offset, &value.to_le_bytes())
-    }
-    /// Calls `score` with the `len` bytes at `offset` as rows of `dtype`,
-    /// read in place: the scan reads each key once, from DRAM, with no copy.
-    fn with_rows<R>(
-        &self,
-        offset: u64,
-        len: u64,
-        dtype: Dtype,
-        score: impl FnOnce(Rows<'_>) -> R,
-    ) -> Result<R, KvError>;
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// A hint that `len` bytes at `offset` are about to be read.
-    fn prefetch(&self, offset: u64, len: u64) {
-        let _ = (offset, len);
-    }
-}
+mod dram;
+mod format;
+mod frames;
+mod topk;
 
-/// Device DRAM in process memory (a byte vector, or any buffer such as an
-/// anonymous mapping with huge pages): for tests, benchmarks and tools that
-/// run the store without a device.
-#[derive(Debug)]
-pub struct MemDram<B = Vec<u8>>(std::cell::RefCell<B>);
-
-impl MemDram {
-    pub fn new(size: usize) -> Self {
-        Self(std::cell::RefCell::new(vec![0; size]))
-    }
-}
-
-impl<B: AsRef<[u8]> + AsMut<[u8]>> MemDram<B> {
-    pub fn from_buffer(buffer: B) -> Self {
-        Self(std::cell::RefCell::new(buffer))
-    }
-}
-
-impl<B: AsRef<[u8]> + AsMut<[u8]>> Dram for &MemDram<B> {
-    fn len(&self) -> u64 {
-        self.0.borrow().as_ref().len() as u64
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), KvError> {
-        let mem = self.0.borrow();
-        let src = byte_range(offset, out.len() as u64)
-            .and_then(|r| mem.as_ref().get(r))
-            .ok_or(KvError::OutOfRange { offset, len: out.len() as u64 })?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), KvError> {
-        let mut mem = self.0.borrow_mut();
-        let dst = byte_range(offset, data.len() as u64)
-            .and_then(|r| mem.as_mut().get_mut(r))
-            .ok_or(KvError::OutOfRange { offset, len: data.len() as u64 })?;
-        dst.copy_from_slice(data);
-        Ok(())
-    }
-    fn with_rows<R>(
-        &self,
-        offset: u64,
-        len: u64,
-        dtype: Dtype,
-        score: impl FnOnce(Rows<'_>) -> R,
-    ) -> Result<R, KvError> {
-        let mem = self.0.borrow();
-        let bytes = byte_range(offset, len)
-            .and_then(|r| mem.as_ref().get(r))
-            .ok_or(KvError::OutOfRange { offset, len })?;
-        Ok(score(Rows::from_bytes(bytes, dtype)))
-    }
-    fn prefetch(&self, offset: u64, len: u64) {
-        let mem = self.0.borrow();
-        if let Some(bytes) = byte_range(offset, len).and_then(|r| mem.as_ref().get(r)) {
-            crate::simd::prefetch(bytes);
-        }
-    }
-}
-
-/// `[offset, offset + len)` as indices, if it fits in `usize`.
-fn byte_range(offset: u64, len: u64) -> Option<std::ops::Range<usize>> {
-    let (start, len) = (usize::try_from(offset).ok()?, usize::try_from(len).ok()?);
-    Some(start..start.checked_add(len)?)
-}
+pub use dram::{Dram, MemDram};
+pub use format::{BOUNDS_SLOT, MAX_PT_FRAMES, PT_ENTRIES_PER_FRAME, StoreLayout};
+use format::{
+    DESCRIPTOR_COMMIT_FIELDS, DESCRIPTOR_SIZE, Descriptor, STATE_FREE, STATE_LIVE,
+    SUPERBLOCK_MAGIC, SUPERBLOCK_VERSION, Superblock,
+};
+use frames::FrameAllocator;
+pub use topk::{
+    GATHER_PREFETCH_ROWS, PageSelection, RowLocation, Selected, TopkQuery, TopkScratch,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
@@ -174,113 +99,6 @@ pub enum CommitMode {
     /// Fold the rows into the page bounds but keep them invisible: a
     /// multi-chunk append publishes all its rows at once, or none.
     Defer,
-}
-
-const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"PNMKVST1");
-const SUPERBLOCK_VERSION: u32 = 1;
-const SUPERBLOCK_SIZE: u64 = 4096;
-const DESCRIPTOR_SIZE: u64 = 512;
-/// Page-table frames one descriptor can list.
-pub const MAX_PT_FRAMES: usize = 120;
-/// Page-map entries per page-table frame.
-pub const PT_ENTRIES_PER_FRAME: u64 = KV_FRAME_SIZE as u64 / 8;
-/// Bytes of one frame's bounds slot: min and max, f32, up to max head_dim.
-pub const BOUNDS_SLOT: u64 = 2 * 4 * LIMITS.max_head_dim as u64;
-const STATE_FREE: u32 = 0;
-const STATE_LIVE: u32 = 1;
-
-#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-#[repr(C)]
-struct Superblock {
-    magic: U64,
-    version: U32,
-    frame_size: U32,
-    frame_count: U32,
-    max_sequences: U32,
-    seq_table_offset: U64,
-    bounds_offset: U64,
-    frames_offset: U64,
-    next_seq: U32,
-    reserved: U32,
-}
-
-#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-#[repr(C)]
-struct Descriptor {
-    state: U32,
-    seq: U32,
-    dtype: U16,
-    head_dim: U16,
-    layers: U16,
-    heads: U16,
-    tokens: U64,
-    pages: U32,
-    pt_frame_count: U32,
-    pt_frames: [U32; MAX_PT_FRAMES],
-}
-
-/// Offsets in a descriptor of its state word, committed tokens, the
-/// (pages, page-table frame count) pair, and the page-table frame list.
-const DESCRIPTOR_COMMIT_FIELDS: (usize, usize, usize, usize) = (
-    std::mem::offset_of!(Descriptor, state),
-    std::mem::offset_of!(Descriptor, tokens),
-    std::mem::offset_of!(Descriptor, pages),
-    std::mem::offset_of!(Descriptor, pt_frames),
-);
-
-const _: () = {
-    assert!(size_of::<Superblock>() == 0x38);
-    // The word stores in `write_descriptor`: 8-byte aligned, pages and
-    // page-table frame count side by side.
-    assert!(std::mem::offset_of!(Descriptor, tokens) == 0x10);
-    assert!(std::mem::offset_of!(Descriptor, pages) == 0x18);
-    assert!(std::mem::offset_of!(Descriptor, pt_frame_count) == 0x1C);
-    assert!(DESCRIPTOR_SIZE.is_multiple_of(8));
-    assert!(size_of::<Descriptor>() == DESCRIPTOR_SIZE as usize);
-    assert!(std::mem::offset_of!(Descriptor, pt_frames) == 0x20);
-};
-
-/// Where the store's parts lie in DRAM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoreLayout {
-    pub frame_count: u32,
-    pub max_sequences: u32,
-    pub seq_table_offset: u64,
-    pub bounds_offset: u64,
-    pub frames_offset: u64,
-}
-
-impl StoreLayout {
-    /// The layout for `dram_size` bytes of DRAM.
-    pub fn for_dram(dram_size: u64) -> Result<Self, KvError> {
-        let frame = u64::from(KV_FRAME_SIZE);
-        let max_sequences = LIMITS.max_sequences;
-        let seq_table_offset = SUPERBLOCK_SIZE;
-        let bounds_offset = seq_table_offset + u64::from(max_sequences) * DESCRIPTOR_SIZE;
-        // Frames start frame-aligned after the bounds table; solve for the
-        // largest count that fits, with one frame of alignment slack.
-        let usable =
-            dram_size.checked_sub(bounds_offset + frame).ok_or(KvError::TooSmall(dram_size))?;
-        let frame_count = (usable / (frame + BOUNDS_SLOT)).min(u64::from(u32::MAX)) as u32;
-        let frames_offset =
-            (bounds_offset + u64::from(frame_count) * BOUNDS_SLOT).next_multiple_of(frame);
-        if frame_count < 4 || frames_offset + u64::from(frame_count) * frame > dram_size {
-            return Err(KvError::TooSmall(dram_size));
-        }
-        Ok(Self { frame_count, max_sequences, seq_table_offset, bounds_offset, frames_offset })
-    }
-
-    pub fn frame_offset(&self, frame: u32) -> u64 {
-        self.frames_offset + u64::from(frame) * u64::from(KV_FRAME_SIZE)
-    }
-
-    fn bounds_slot(&self, frame: u32) -> u64 {
-        self.bounds_offset + u64::from(frame) * BOUNDS_SLOT
-    }
-
-    fn descriptor(&self, slot: u32) -> u64 {
-        self.seq_table_offset + u64::from(slot) * DESCRIPTOR_SIZE
-    }
 }
 
 /// The shape of a sequence's KV.
@@ -374,57 +192,6 @@ pub struct Appended {
     pub map: Vec<PageMapEntry>,
 }
 
-/// What a Top-K asks of one (sequence, layer, KV head).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TopkQuery<'a> {
-    pub seq: u32,
-    pub layer: u16,
-    pub head: u16,
-    /// G queries of head_dim f32 each (a GQA group), row after row.
-    pub queries: &'a [f32],
-    /// How a group's G scores of a token combine into its score.
-    pub how: Aggregation,
-    pub k: u32,
-}
-
-/// Buffers a Top-K reuses: the portable kernel's f32 rows, a page's scores,
-/// the selection.
-#[derive(Debug, Default)]
-pub struct TopkScratch {
-    floats: Vec<f32>,
-    scores: Vec<f32>,
-    stream: kernels::TopKStream,
-}
-
-/// Query-aware page selection (the Quest method) for a Top-K: score only
-/// the pages whose key bounds promise the most, within a token budget.
-///
-/// The budget counts tokens, and includes the always-kept windows: the
-/// first `sink_pages` pages (attention sinks) and the last `recent_pages`
-/// pages are taken first, then the other pages by descending upper bound
-/// (`sum_i max(q_i * min_i, q_i * max_i)`, the max over the group's queries,
-/// or their mean for mean aggregation) while the whole page still fits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PageSelection {
-    pub budget_tokens: u64,
-    pub sink_pages: u32,
-    pub recent_pages: u32,
-}
-
-/// A Top-K and how many tokens it scored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Selected {
-    pub top: Vec<Scored>,
-    pub tokens_scored: u64,
-}
-
-/// Location of one gathered row pair, as DRAM offsets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RowLocation {
-    pub key: u64,
-    pub value: u64,
-}
-
 /// The KV store: in-memory index over what is in DRAM.
 #[derive(Debug)]
 pub struct KvStore<D: Dram> {
@@ -432,9 +199,7 @@ pub struct KvStore<D: Dram> {
     layout: StoreLayout,
     next_seq: u32,
     sequences: BTreeMap<u32, Sequence>,
-    /// One bit per frame: set = in use.
-    used: Vec<u64>,
-    free_frames: u64,
+    frames: FrameAllocator,
 }
 
 impl<D: Dram> KvStore<D> {
@@ -445,14 +210,12 @@ impl<D: Dram> KvStore<D> {
     pub fn open(dram: D) -> Result<(Self, LoadReport), KvError> {
         let layout = StoreLayout::for_dram(dram.len())?;
         let valid = Self::check_superblock(&dram)?;
-        let words = (layout.frame_count as usize).div_ceil(64);
         let mut store = Self {
             dram,
             layout,
             next_seq: 1,
             sequences: BTreeMap::new(),
-            used: vec![0; words],
-            free_frames: u64::from(layout.frame_count),
+            frames: FrameAllocator::new(layout.frame_count),
         };
         let mut report = LoadReport::default();
         if valid {
@@ -595,7 +358,7 @@ impl<D: Dram> KvStore<D> {
         let pt_frames: Vec<u32> = d.pt_frames[..pt_count].iter().map(|f| f.get()).collect();
         let mut seen = std::collections::HashSet::new();
         let mut check_frame = |f: u32| {
-            if f >= self.layout.frame_count || self.is_used(f) || !seen.insert(f) {
+            if f >= self.layout.frame_count || self.frames.is_used(f) || !seen.insert(f) {
                 Err(format!("frame {f} out of range or shared"))
             } else {
                 Ok(())
@@ -639,57 +402,15 @@ impl<D: Dram> KvStore<D> {
         let frame = pt_frames[(index / PT_ENTRIES_PER_FRAME) as usize];
         self.layout.frame_offset(frame) + (index % PT_ENTRIES_PER_FRAME) * 8
     }
-
-    fn is_used(&self, frame: u32) -> bool {
-        self.used[frame as usize / 64] & (1 << (frame % 64)) != 0
-    }
-
-    fn set_used(&mut self, frame: u32, used: bool) {
-        let word = &mut self.used[frame as usize / 64];
-        let bit = 1u64 << (frame % 64);
-        if used {
-            debug_assert!(*word & bit == 0, "frame {frame} allocated twice");
-            *word |= bit;
-            self.free_frames -= 1;
-        } else {
-            debug_assert!(*word & bit != 0, "frame {frame} freed twice");
-            *word &= !bit;
-            self.free_frames += 1;
-        }
-    }
-
+    /// Marks every frame `seq` holds as used (at load).
     fn claim_all(&mut self, seq: &Sequence) {
         for &f in &seq.pt_frames {
-            self.set_used(f, true);
+            self.frames.set_used(f, true);
         }
         for e in &seq.map {
-            self.set_used(e.key_frame.get(), true);
-            self.set_used(e.value_frame.get(), true);
+            self.frames.set_used(e.key_frame.get(), true);
+            self.frames.set_used(e.value_frame.get(), true);
         }
-    }
-
-    /// Takes `n` free frames (the caller checked that there are `n`).
-    fn allocate(&mut self, n: u64) -> Vec<u32> {
-        let mut out = Vec::with_capacity(n as usize);
-        if n == 0 {
-            return out;
-        }
-        'words: for w in 0..self.used.len() {
-            while self.used[w] != u64::MAX {
-                let bit = (!self.used[w]).trailing_zeros();
-                let frame = (w * 64) as u32 + bit;
-                if frame >= self.layout.frame_count {
-                    continue 'words;
-                }
-                self.set_used(frame, true);
-                out.push(frame);
-                if out.len() as u64 == n {
-                    break 'words;
-                }
-            }
-        }
-        assert_eq!(out.len() as u64, n, "caller checked free frames");
-        out
     }
 
     pub fn layout(&self) -> StoreLayout {
@@ -697,7 +418,7 @@ impl<D: Dram> KvStore<D> {
     }
 
     pub fn free_frames(&self) -> u64 {
-        self.free_frames
+        self.frames.free_frames()
     }
 
     pub fn dram(&self) -> &D {
@@ -821,12 +542,12 @@ impl<D: Dram> KvStore<D> {
         let pt_needed = entries.div_ceil(PT_ENTRIES_PER_FRAME);
         let new_pt_frames = pt_needed - seq.pt_frames.len() as u64;
         let needed = new_data_frames + new_pt_frames;
-        if needed > self.free_frames {
-            return Err(KvError::DramExhausted { needed, free: self.free_frames });
+        if needed > self.frames.free_frames() {
+            return Err(KvError::DramExhausted { needed, free: self.frames.free_frames() });
         }
 
-        let pt_new = self.allocate(new_pt_frames);
-        let data = self.allocate(new_data_frames);
+        let pt_new = self.frames.allocate(new_pt_frames);
+        let data = self.frames.allocate(new_data_frames);
         let mut seq = self.sequences.remove(&seq_id).expect("looked up above");
         seq.pt_frames.extend(pt_new);
         let first_new_entry = seq.map.len() as u64;
@@ -861,10 +582,10 @@ impl<D: Dram> KvStore<D> {
                 .drain(first_new_entry as usize..)
                 .flat_map(|e| [e.key_frame.get(), e.value_frame.get()])
             {
-                self.set_used(f, false);
+                self.frames.set_used(f, false);
             }
             for f in seq.pt_frames.drain(seq.pt_frames.len() - new_pt_frames as usize..) {
-                self.set_used(f, false);
+                self.frames.set_used(f, false);
             }
             self.sequences.insert(seq_id, seq);
             return Err(e);
@@ -1042,10 +763,10 @@ impl<D: Dram> KvStore<D> {
             return Err(e);
         }
         for f in dropped.iter().flat_map(|e| [e.key_frame.get(), e.value_frame.get()]) {
-            self.set_used(f, false);
+            self.frames.set_used(f, false);
         }
         for f in dropped_pt {
-            self.set_used(f, false);
+            self.frames.set_used(f, false);
         }
         let committed = seq.tokens;
         seq.folded = committed;
@@ -1097,11 +818,11 @@ impl<D: Dram> KvStore<D> {
         self.dram.write(self.layout.descriptor(seq.slot), &STATE_FREE.to_le_bytes())?;
         let seq = self.sequences.remove(&seq_id).expect("looked up above");
         for &f in &seq.pt_frames {
-            self.set_used(f, false);
+            self.frames.set_used(f, false);
         }
         for e in &seq.map {
-            self.set_used(e.key_frame.get(), false);
-            self.set_used(e.value_frame.get(), false);
+            self.frames.set_used(e.key_frame.get(), false);
+            self.frames.set_used(e.value_frame.get(), false);
         }
         Ok(())
     }
@@ -1173,210 +894,6 @@ impl<D: Dram> KvStore<D> {
         self.commit(id, tokens)?;
         Ok(id)
     }
-
-    /// Exact Top-K of (seq, layer, head) against a group of queries (f32,
-    /// `G x head_dim`), over committed tokens.
-    pub fn top_k(&self, query: TopkQuery<'_>) -> Result<Vec<Scored>, KvError> {
-        self.top_k_with(&mut TopkScratch::default(), query)
-    }
-
-    /// [`top_k`](Self::top_k) with caller-owned buffers, so repeated calls
-    /// allocate nothing.
-    pub fn top_k_with(
-        &self,
-        scratch: &mut TopkScratch,
-        query: TopkQuery<'_>,
-    ) -> Result<Vec<Scored>, KvError> {
-        let TopkQuery { seq: seq_id, layer, head, queries, k, .. } = query;
-        let seq = self.sequence(seq_id)?;
-        check_stream(seq, layer, head)?;
-        check_topk(seq.shape, queries, k)?;
-        let pages = seq.tokens.div_ceil(seq.shape.tokens_per_page());
-        self.scan_pages(scratch, seq, query, seq.tokens, 0..pages)
-    }
-
-    /// Exact Top-K over part `part` of `parts` of the first `tokens`
-    /// committed tokens, split at page boundaries so parts read disjoint
-    /// frames. Merging every part's answer ([`kernels::merge_top_k`]) gives
-    /// exactly [`top_k`](Self::top_k) over those tokens.
-    pub fn top_k_part(
-        &self,
-        scratch: &mut TopkScratch,
-        query: TopkQuery<'_>,
-        tokens: u64,
-        (part, parts): (u32, u32),
-    ) -> Result<Vec<Scored>, KvError> {
-        let TopkQuery { seq: seq_id, layer, head, queries, k, .. } = query;
-        let seq = self.sequence(seq_id)?;
-        check_stream(seq, layer, head)?;
-        check_topk(seq.shape, queries, k)?;
-        if tokens > seq.tokens || part >= parts {
-            return Err(KvError::Invalid(format!(
-                "part {part} of {parts} over {tokens} of {} tokens",
-                seq.tokens
-            )));
-        }
-        let pages = tokens.div_ceil(seq.shape.tokens_per_page());
-        let (part, parts) = (u64::from(part), u64::from(parts));
-        let range = pages * part / parts..pages * (part + 1) / parts;
-        self.scan_pages(scratch, seq, query, tokens, range)
-    }
-
-    /// Scores the first `tokens` tokens of `seq` that lie in `pages`
-    /// (ascending) and selects the best `k` of them.
-    fn scan_pages(
-        &self,
-        scratch: &mut TopkScratch,
-        seq: &Sequence,
-        query: TopkQuery<'_>,
-        tokens: u64,
-        pages: impl Iterator<Item = u64>,
-    ) -> Result<Vec<Scored>, KvError> {
-        let TopkQuery { layer, head, queries, how, k, .. } = query;
-        let shape = seq.shape;
-        let d = usize::from(shape.head_dim);
-        let tpp = shape.tokens_per_page();
-        let s = scratch;
-        s.stream.reset(k as usize);
-        for page in pages {
-            let n = tpp.min(tokens - page * tpp);
-            let at = self.layout.frame_offset(seq.entry(page, layer, head).key_frame.get());
-            s.scores.clear();
-            self.dram.with_rows(at, n * shape.row_bytes(), shape.dtype, |rows| {
-                kernels::score_stored(rows, d, queries, how, &mut s.floats, &mut s.scores)
-            })?;
-            s.stream.push_block(&s.scores, (page * tpp) as u32);
-        }
-        Ok(s.stream.finish())
-    }
-
-    /// Top-K over the pages [`PageSelection`] picks; exact over them. With a
-    /// budget of at least the sequence's tokens it is the exact Top-K.
-    pub fn top_k_selected(
-        &self,
-        scratch: &mut TopkScratch,
-        query: TopkQuery<'_>,
-        selection: PageSelection,
-    ) -> Result<Selected, KvError> {
-        let TopkQuery { seq: seq_id, layer, head, queries, how, k } = query;
-        let seq = self.sequence(seq_id)?;
-        check_stream(seq, layer, head)?;
-        let tokens = seq.tokens;
-        if selection.budget_tokens >= tokens {
-            let top = self.top_k_with(scratch, query)?;
-            return Ok(Selected { top, tokens_scored: tokens });
-        }
-        let shape = seq.shape;
-        let d = usize::from(shape.head_dim);
-        check_topk(shape, queries, k)?;
-        let tpp = shape.tokens_per_page();
-        let pages = tokens.div_ceil(tpp);
-        let page_tokens = |p: u64| tpp.min(tokens - p * tpp);
-        let mut chosen = vec![false; pages as usize];
-        let mut used = 0u64;
-        let take = |p: u64, chosen: &mut [bool], used: &mut u64| {
-            if !chosen[p as usize] && *used + page_tokens(p) <= selection.budget_tokens {
-                chosen[p as usize] = true;
-                *used += page_tokens(p);
-            }
-        };
-        for p in 0..u64::from(selection.sink_pages).min(pages) {
-            take(p, &mut chosen, &mut used);
-        }
-        for p in pages.saturating_sub(u64::from(selection.recent_pages))..pages {
-            take(p, &mut chosen, &mut used);
-        }
-        // Upper bounds of the rest, best first (ties: lower page).
-        let mut bounds: Vec<(f32, u64)> = Vec::new();
-        for p in (0..pages).filter(|&p| !chosen[p as usize]) {
-            let (mins, maxs) = self.page_bounds(seq_id, layer, head, p)?;
-            let per_query = queries.chunks_exact(d).map(|q| {
-                q.iter()
-                    .zip(mins.iter().zip(&maxs))
-                    .map(|(&qi, (&lo, &hi))| (qi * lo).max(qi * hi))
-                    .sum::<f32>()
-            });
-            let bound = match how {
-                Aggregation::Max => per_query.fold(f32::NEG_INFINITY, f32::max),
-                Aggregation::Mean => per_query.sum::<f32>() / (queries.len() / d) as f32,
-            };
-            bounds.push((bound, p));
-        }
-        bounds.sort_by(|a, b| kernels::rank((a.0, a.1 as u32), (b.0, b.1 as u32)));
-        for &(_, p) in &bounds {
-            take(p, &mut chosen, &mut used);
-        }
-        let chosen_pages = (0..pages).filter(|&p| chosen[p as usize]);
-        let top = self.scan_pages(scratch, seq, query, tokens, chosen_pages)?;
-        Ok(Selected { top, tokens_scored: used })
-    }
-
-    /// Before copying row `i` of a gather: asks for the K and V rows
-    /// [`GATHER_PREFETCH_ROWS`] further on. A gather's rows lie scattered
-    /// over DRAM, each a cache (and on small pages a TLB) miss; asking for
-    /// the next ones while this one is copied overlaps the misses (2048 K
-    /// and V rows of 256 bytes: 120 -> 70 us in-process).
-    pub fn prefetch_gather(&self, locations: &[RowLocation], i: usize, row_bytes: u64) {
-        if let Some(next) = locations.get(i + GATHER_PREFETCH_ROWS) {
-            self.dram.prefetch(next.key, row_bytes);
-            self.dram.prefetch(next.value, row_bytes);
-        }
-    }
-
-    /// DRAM offsets of the K and V rows of `indices` in (seq, layer, head).
-    pub fn row_locations(
-        &self,
-        seq_id: u32,
-        layer: u16,
-        head: u16,
-        indices: &[u32],
-    ) -> Result<Vec<RowLocation>, KvError> {
-        let seq = self.sequence(seq_id)?;
-        check_stream(seq, layer, head)?;
-        let tpp = seq.shape.tokens_per_page();
-        let row = seq.shape.row_bytes();
-        indices
-            .iter()
-            .map(|&i| {
-                let i = u64::from(i);
-                if i >= seq.tokens {
-                    return Err(KvError::Invalid(format!(
-                        "token {i} beyond the sequence's {} tokens",
-                        seq.tokens
-                    )));
-                }
-                let e = seq.entry(i / tpp, layer, head);
-                let within = (i % tpp) * row;
-                Ok(RowLocation {
-                    key: self.layout.frame_offset(e.key_frame.get()) + within,
-                    value: self.layout.frame_offset(e.value_frame.get()) + within,
-                })
-            })
-            .collect()
-    }
-}
-
-/// How far ahead of the row being copied a gather prefetches (4 to 16
-/// measured alike).
-pub const GATHER_PREFETCH_ROWS: usize = 8;
-
-/// Checks a Top-K's queries (1..=max_group rows of head_dim) and k.
-fn check_topk(shape: SequenceShape, queries: &[f32], k: u32) -> Result<(), KvError> {
-    let d = usize::from(shape.head_dim);
-    if queries.is_empty()
-        || !queries.len().is_multiple_of(d)
-        || queries.len() / d > LIMITS.max_group as usize
-    {
-        return Err(KvError::Invalid(format!(
-            "{} query elements is not 1..={} queries of head_dim {d}",
-            queries.len(),
-            LIMITS.max_group
-        )));
-    }
-    if k == 0 || k > LIMITS.max_k {
-        return Err(KvError::Invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
-    }
-    Ok(())
 }
 
 fn check_stream(seq: &Sequence, layer: u16, head: u16) -> Result<(), KvError> {
@@ -1410,5 +927,4 @@ fn fold_bounds(keys: &[f32], d: usize, mins: &mut [u8], maxs: &mut [u8]) {
 }
 
 #[cfg(test)]
-#[path = "kv_tests.rs"]
 mod tests;

@@ -1,6 +1,8 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::kernels::{Aggregation, Scored};
+use crate::simd::Rows;
 
 fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
     match dtype {

@@ -1,0 +1,118 @@
+//! The store's on-DRAM format: the superblock, the sequence descriptors
+//! and where each part of the store lies in device DRAM. Everything that
+//! must survive a restart is here; fields are little-endian and sizes are
+//! asserted at compile time.
+
+use pnm_protocol::queue::KV_FRAME_SIZE;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use super::KvError;
+use crate::limits::LIMITS;
+
+pub(super) const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"PNMKVST1");
+pub(super) const SUPERBLOCK_VERSION: u32 = 1;
+pub(super) const SUPERBLOCK_SIZE: u64 = 4096;
+pub(super) const DESCRIPTOR_SIZE: u64 = 512;
+/// Page-table frames one descriptor can list.
+pub const MAX_PT_FRAMES: usize = 120;
+/// Page-map entries per page-table frame.
+pub const PT_ENTRIES_PER_FRAME: u64 = KV_FRAME_SIZE as u64 / 8;
+/// Bytes of one frame's bounds slot: min and max, f32, up to max head_dim.
+pub const BOUNDS_SLOT: u64 = 2 * 4 * LIMITS.max_head_dim as u64;
+pub(super) const STATE_FREE: u32 = 0;
+pub(super) const STATE_LIVE: u32 = 1;
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub(super) struct Superblock {
+    pub(super) magic: U64,
+    pub(super) version: U32,
+    pub(super) frame_size: U32,
+    pub(super) frame_count: U32,
+    pub(super) max_sequences: U32,
+    pub(super) seq_table_offset: U64,
+    pub(super) bounds_offset: U64,
+    pub(super) frames_offset: U64,
+    pub(super) next_seq: U32,
+    pub(super) reserved: U32,
+}
+
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub(super) struct Descriptor {
+    pub(super) state: U32,
+    pub(super) seq: U32,
+    pub(super) dtype: U16,
+    pub(super) head_dim: U16,
+    pub(super) layers: U16,
+    pub(super) heads: U16,
+    pub(super) tokens: U64,
+    pub(super) pages: U32,
+    pub(super) pt_frame_count: U32,
+    pub(super) pt_frames: [U32; MAX_PT_FRAMES],
+}
+
+/// Offsets in a descriptor of its state word, committed tokens, the
+/// (pages, page-table frame count) pair, and the page-table frame list.
+pub(super) const DESCRIPTOR_COMMIT_FIELDS: (usize, usize, usize, usize) = (
+    std::mem::offset_of!(Descriptor, state),
+    std::mem::offset_of!(Descriptor, tokens),
+    std::mem::offset_of!(Descriptor, pages),
+    std::mem::offset_of!(Descriptor, pt_frames),
+);
+
+const _: () = {
+    assert!(size_of::<Superblock>() == 0x38);
+    // The word stores in `write_descriptor`: 8-byte aligned, pages and
+    // page-table frame count side by side.
+    assert!(std::mem::offset_of!(Descriptor, tokens) == 0x10);
+    assert!(std::mem::offset_of!(Descriptor, pages) == 0x18);
+    assert!(std::mem::offset_of!(Descriptor, pt_frame_count) == 0x1C);
+    assert!(DESCRIPTOR_SIZE.is_multiple_of(8));
+    assert!(size_of::<Descriptor>() == DESCRIPTOR_SIZE as usize);
+    assert!(std::mem::offset_of!(Descriptor, pt_frames) == 0x20);
+};
+
+/// Where the store's parts lie in DRAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLayout {
+    pub frame_count: u32,
+    pub max_sequences: u32,
+    pub seq_table_offset: u64,
+    pub bounds_offset: u64,
+    pub frames_offset: u64,
+}
+
+impl StoreLayout {
+    /// The layout for `dram_size` bytes of DRAM.
+    pub fn for_dram(dram_size: u64) -> Result<Self, KvError> {
+        let frame = u64::from(KV_FRAME_SIZE);
+        let max_sequences = LIMITS.max_sequences;
+        let seq_table_offset = SUPERBLOCK_SIZE;
+        let bounds_offset = seq_table_offset + u64::from(max_sequences) * DESCRIPTOR_SIZE;
+        // Frames start frame-aligned after the bounds table; solve for the
+        // largest count that fits, with one frame of alignment slack.
+        let usable =
+            dram_size.checked_sub(bounds_offset + frame).ok_or(KvError::TooSmall(dram_size))?;
+        let frame_count = (usable / (frame + BOUNDS_SLOT)).min(u64::from(u32::MAX)) as u32;
+        let frames_offset =
+            (bounds_offset + u64::from(frame_count) * BOUNDS_SLOT).next_multiple_of(frame);
+        if frame_count < 4 || frames_offset + u64::from(frame_count) * frame > dram_size {
+            return Err(KvError::TooSmall(dram_size));
+        }
+        Ok(Self { frame_count, max_sequences, seq_table_offset, bounds_offset, frames_offset })
+    }
+
+    pub fn frame_offset(&self, frame: u32) -> u64 {
+        self.frames_offset + u64::from(frame) * u64::from(KV_FRAME_SIZE)
+    }
+
+    pub(super) fn bounds_slot(&self, frame: u32) -> u64 {
+        self.bounds_offset + u64::from(frame) * BOUNDS_SLOT
+    }
+
+    pub(super) fn descriptor(&self, slot: u32) -> u64 {
+        self.seq_table_offset + u64::from(slot) * DESCRIPTOR_SIZE
+    }
+}
