@@ -19,6 +19,7 @@ use pnm_firmware::kv::KvStore;
 
 use crate::dma::DmaAllocator;
 use crate::executor::{DramView, Executor};
+use crate::idle::{Idle, IdleStep, SystemClock};
 use crate::mailbox::{HealthCounters, KvGeometry, MailboxState, TimestampClock};
 use crate::notify::{NotifyServer, Peers};
 use crate::queues::QueueTable;
@@ -32,55 +33,13 @@ pub const HEARTBEAT_PERIOD: Duration = Duration::from_millis(10);
 /// Longest block on the wake eventfd: bounds the heartbeat's jitter and the
 /// latency seen by a host that rings doorbells without the wake vector
 /// (a mailbox-only client); an idle device wakes about 100 times a second,
-/// once per heartbeat (measured 0.9% of a core here, 1.5% at 5 ms).
+/// once per heartbeat, a small share of a core (docs/PERFORMANCE.md).
 const LONGEST_SLEEP: Duration = Duration::from_millis(10);
 /// How often the engine looks for queues and buffers whose owner died.
 const RECLAIM_PERIOD: Duration = Duration::from_secs(1);
 /// A Mailbox Lock seen held by the same word for this long has its holder
 /// checked for life (a command holds it for microseconds).
 const LOCK_CHECK_AFTER: Duration = Duration::from_millis(20);
-/// Idle time the engine spins (then yields, up to its adaptive polling
-/// budget) before it sleeps: a host that sends commands back to back never
-/// pays a wake-up.
-const SPIN_TIME: Duration = Duration::from_micros(100);
-/// Bounds of the adaptive polling budget, and where it starts.
-const MIN_POLL_TIME: Duration = Duration::from_micros(100);
-const MAX_POLL_TIME: Duration = Duration::from_millis(2);
-const INITIAL_POLL_TIME: Duration = Duration::from_millis(1);
-
-/// How long the engine keeps polling after its last work before it sleeps,
-/// adapted to the gaps between bursts of work: a gap that a sleep had to
-/// cover but that polling up to [`MAX_POLL_TIME`] would have caught raises
-/// the budget to cover such gaps (the host stops paying wake-ups); a gap
-/// far longer halves it (an idle device sleeps sooner and uses less CPU).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct IdlePolicy {
-    budget: Duration,
-}
-
-impl Default for IdlePolicy {
-    fn default() -> Self {
-        Self { budget: INITIAL_POLL_TIME }
-    }
-}
-
-impl IdlePolicy {
-    /// Work came `gap` after the engine went idle; `slept` if it slept.
-    fn observe(&mut self, gap: Duration, slept: bool) {
-        if !slept {
-            return; // polling caught it: the budget works
-        }
-        self.budget = if gap <= MAX_POLL_TIME {
-            (gap * 5 / 4).clamp(MIN_POLL_TIME, MAX_POLL_TIME).max(self.budget)
-        } else {
-            (self.budget / 2).max(MIN_POLL_TIME)
-        };
-    }
-}
-/// Idle time before the engine sleeps while compute units are busy: long
-/// enough for a burst of submissions, short against any Top-K.
-const BUSY_UNITS_SPIN_TIME: Duration = Duration::from_micros(5);
-
 /// The device's compute units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnitConfig {
@@ -358,63 +317,30 @@ fn process_gone(pid: u32) -> bool {
 
 impl Engine {
     fn run(&mut self, stop: &AtomicBool) {
-        let mut idle_since: Option<Instant> = None;
-        let mut idle_polls = 0u32;
-        let mut policy = IdlePolicy::default();
-        let mut slept = false;
-        let mut spinning = true;
+        let mut idle = Idle::new(SystemClock);
         while !stop.load(Acquire) {
             if self.faulted {
                 return;
             }
             if self.poll_once() {
-                if let Some(idle) = idle_since.take() {
-                    policy.observe(idle.elapsed(), slept);
+                idle.work_found();
+                continue;
+            }
+            match idle.next_step(self.units.busy()) {
+                IdleStep::Spin => std::hint::spin_loop(),
+                IdleStep::Yield => std::thread::yield_now(),
+                IdleStep::SleepWhileUnitsRun => {
+                    // Compute units are running commands: give them this
+                    // CPU. They post their completions themselves and wake
+                    // the engine as the last one finishes; a host's doorbell
+                    // meanwhile rings the wake vector as for any sleep.
+                    self.sleep(stop);
+                    idle.woke_after_units(self.units.busy());
                 }
-                slept = false;
-                spinning = true;
-                idle_polls = 0;
-                continue;
-            }
-            idle_polls = idle_polls.wrapping_add(1);
-            let idle = idle_since.get_or_insert_with(Instant::now);
-            if self.units.busy() && idle.elapsed() >= BUSY_UNITS_SPIN_TIME {
-                // Compute units are running commands: give them this CPU.
-                // They post their completions themselves and wake the
-                // engine as the last one finishes; a host's doorbell
-                // meanwhile rings the wake vector as for any sleep.
-                self.sleep(stop);
-                if !self.units.busy() {
-                    // The units' last completion is work the host answers:
-                    // the polling budget runs from it, not from the hand-off
-                    // (a host's wake-ups of this engine at 32K tokens k 2048:
-                    // 2-8 per 100 commands, 1-5 with this).
-                    idle_since = Some(Instant::now());
+                IdleStep::Sleep => {
+                    self.sleep(stop);
+                    idle.slept();
                 }
-                // Awake again: the next idle pass reads the clock rather than
-                // spin 64 polls blind while a host sharing this CPU waits for
-                // the completion.
-                spinning = false;
-                continue;
-            }
-            // The clock costs more than a poll: a spin looks at it (and
-            // yields) only every 64 polls.
-            if spinning && !idle_polls.is_multiple_of(64) {
-                std::hint::spin_loop();
-                continue;
-            }
-            let idle_for = idle.elapsed();
-            spinning = idle_for < SPIN_TIME.min(policy.budget);
-            if idle_for < policy.budget {
-                // A spin yields every 64 polls, past it every poll: a host
-                // or compute unit sharing this CPU gets it back soon, not
-                // after the whole spin (QD1 NOP p99 130 us, 0.5-1.1 us so).
-                std::thread::yield_now();
-            } else {
-                // Still idle after a timed-out sleep: sleep again at once
-                // (idle_since stays put); work found by poll_once resets it.
-                self.sleep(stop);
-                slept = true;
             }
         }
     }
@@ -626,34 +552,5 @@ impl Engine {
         self.regs.store_u64(regs::MEMDEV_STATUS_OFFSET, memdev_status::READY, Release);
         // Clearing the request last tells the host the reset is complete.
         self.regs.store_u32(p + pnm::RESET_CONTROL, 0, Release);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_polling_budget_follows_the_gaps_between_bursts() {
-        let us = Duration::from_micros;
-        let mut p = IdlePolicy::default();
-        assert_eq!(p.budget, INITIAL_POLL_TIME);
-        // Gaps polling caught change nothing.
-        p.observe(us(900), false);
-        assert_eq!(p.budget, INITIAL_POLL_TIME);
-        // A 1.5 ms gap that needed a wake-up: next time poll through it.
-        p.observe(us(1500), true);
-        assert_eq!(p.budget, us(1875));
-        // Never past the cap.
-        p.observe(us(1990), true);
-        assert_eq!(p.budget, MAX_POLL_TIME);
-        // Long quiet spells halve it, down to the floor.
-        for _ in 0..10 {
-            p.observe(Duration::from_millis(50), true);
-        }
-        assert_eq!(p.budget, MIN_POLL_TIME);
-        // A short gap after a sleep brings it back up only as far as needed.
-        p.observe(us(400), true);
-        assert_eq!(p.budget, us(500));
     }
 }

@@ -7,6 +7,7 @@
 pub mod dma;
 pub mod engine;
 pub mod executor;
+mod idle;
 pub mod mailbox;
 pub mod notify;
 pub mod queues;

@@ -441,7 +441,8 @@ fn write_block(view: SharedMemory, offset: u64, bytes: &[u8]) {
 
 /// Why device DRAM at `path` will be in 4 KiB pages, and the fix, if the
 /// file is on a tmpfs that gives no huge pages (as /dev/shm does by
-/// default). Top-K scans there measured 1.3-1.5x slower than on huge pages.
+/// default): Top-K scans there are slower (docs/PERFORMANCE.md, "Through
+/// the device").
 pub fn small_page_advice(path: &Path) -> Option<String> {
     let path = path.parent().and_then(|p| p.canonicalize().ok())?;
     let mounts = std::fs::read_to_string("/proc/mounts").ok()?;

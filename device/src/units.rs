@@ -143,8 +143,7 @@ impl ComputeUnits {
         // Each unit on its own CPU when there are enough: the parts of a
         // split Top-K then always run side by side. Left to the scheduler,
         // two units woken together from one CPU were seen sharing it for a
-        // whole benchmark case (a split GQA Top-K at 128K tokens: 2.7-6.9 ms,
-        // pinned 3.6-3.9 ms).
+        // whole benchmark case (docs/PERFORMANCE.md, "Through the device").
         let cpus = allowed_cpus();
         let pinned = pin && cpus.len() >= count as usize;
         // Every unit has pinned itself before the device goes on (and

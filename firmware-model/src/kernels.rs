@@ -287,8 +287,7 @@ impl TopKStream {
             }
         }
         // Shrinking often keeps the threshold close to the true k-th best,
-        // so fewer scores pass it; at k = 2048 of 128K this measured
-        // 130 us against 190 us for shrinking at 2k + 1024.
+        // so fewer scores pass it (docs/PERFORMANCE.md, "Kernel").
         if self.candidates.len() >= self.k + self.k / 2 + 256 {
             self.shrink();
         }

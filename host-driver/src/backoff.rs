@@ -105,6 +105,62 @@ impl<C: Clock> Backoff<C> {
     }
 }
 
+/// The last few Execution Times of one opcode, and how a polled wait for
+/// its next command starts from them. The typical time is their minimum:
+/// one slow outlier (a first scan faulting its pages in, a vCPU stall)
+/// must not make the next waits nap past their completions, while a
+/// command that really got longer is known as such after
+/// [`RecentExec::LEN`] runs (docs/PERFORMANCE.md, "Command path").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RecentExec {
+    ns: [u32; RecentExec::LEN],
+    next: u8,
+    /// How many times were recorded, up to LEN.
+    filled: u8,
+}
+
+/// A polled wait naps first when the command's typical execution time is
+/// at least this long (hybrid polling, as Linux block devices do): its CPU
+/// goes to the device's compute units meanwhile, which on a machine with
+/// few cores is what lets them run at full speed. Below it, waking from a
+/// nap (100-400 us for a halted virtual CPU) would cost more than it gives.
+const NAP_MIN_EXEC: Duration = Duration::from_millis(2);
+
+/// A polled wait yields from its first poll, instead of spinning first,
+/// when the command's typical execution time is at least this long: on a
+/// machine with few cores, the compute unit that must start the command,
+/// or post its completion, may be waiting for this CPU.
+const YIELD_MIN_EXEC: Duration = Duration::from_micros(50);
+
+impl RecentExec {
+    const LEN: usize = 4;
+
+    pub(crate) fn record(&mut self, ns: u32) {
+        self.ns[usize::from(self.next)] = ns;
+        self.next = ((usize::from(self.next) + 1) % Self::LEN) as u8;
+        self.filled = (self.filled + 1).min(Self::LEN as u8);
+    }
+
+    /// The shortest recent time (zero before any was recorded).
+    fn typical(&self) -> Duration {
+        let recorded = &self.ns[..usize::from(self.filled)];
+        Duration::from_nanos(recorded.iter().copied().min().map_or(0, u64::from))
+    }
+
+    /// How long a polled wait naps before its first poll, if at all: half
+    /// the typical time, so a command quicker than usual, or a slow wake
+    /// from the nap, costs little.
+    pub(crate) fn nap(&self) -> Option<Duration> {
+        let typical = self.typical();
+        (typical >= NAP_MIN_EXEC).then_some(typical / 2)
+    }
+
+    /// How a wait polls.
+    pub(crate) fn backoff(&self) -> Backoff {
+        if self.typical() >= YIELD_MIN_EXEC { Backoff::yielding() } else { Backoff::new() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
@@ -150,5 +206,24 @@ mod tests {
         let now = Cell::new(Instant::now());
         let mut b = Backoff::with_clock(TestClock(&now), Duration::ZERO);
         assert!(steps(&mut b, 200).iter().all(|&s| s == Step::Yield));
+    }
+
+    #[test]
+    fn a_slow_outlier_does_not_raise_the_typical_time_but_a_lasting_change_does() {
+        let mut recent = RecentExec::default();
+        assert_eq!(recent.typical(), Duration::ZERO, "nothing recorded: no nap");
+        assert_eq!(recent.nap(), None);
+        recent.record(10_000_000); // a cold first scan
+        assert_eq!(recent.nap(), Some(Duration::from_millis(5)));
+        recent.record(200_000);
+        assert_eq!(recent.typical(), Duration::from_micros(200), "one fast run is enough");
+        assert_eq!(recent.nap(), None, "too short to nap before");
+        for _ in 0..3 {
+            recent.record(5_000_000);
+        }
+        assert_eq!(recent.typical(), Duration::from_micros(200), "still within the window");
+        recent.record(5_000_000);
+        assert_eq!(recent.typical(), Duration::from_millis(5), "known after LEN runs");
+        assert_eq!(recent.nap(), Some(Duration::from_micros(2500)));
     }
 }

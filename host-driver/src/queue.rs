@@ -15,7 +15,7 @@ use pnm_protocol::regs::pnm;
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::backoff::Backoff;
+use crate::backoff::{Backoff, RecentExec};
 use crate::dma::{DmaBuf, DmaPool};
 use crate::error::{Error, Result};
 use crate::mailbox::MailboxClient;
@@ -116,52 +116,6 @@ pub struct QueuePair {
     /// waiter may nap, and whether it should spin at all.
     recent_exec: Box<[RecentExec; 256]>,
 }
-
-/// The last few Execution Times of one opcode. The typical time is their
-/// minimum: one slow outlier (a first scan faulting its pages in, a vCPU
-/// stall) must not make the next waits nap past their completions, while a
-/// command that really got longer is known as such after [`RecentExec::LEN`]
-/// runs. (With the moving average of weight 1/4 used before, one cold
-/// 10 ms scan made the 0.2 ms command after it nap 1.25 ms.)
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct RecentExec {
-    ns: [u32; RecentExec::LEN],
-    next: u8,
-    /// How many times were recorded, up to LEN.
-    filled: u8,
-}
-
-impl RecentExec {
-    const LEN: usize = 4;
-
-    fn record(&mut self, ns: u32) {
-        self.ns[usize::from(self.next)] = ns;
-        self.next = ((usize::from(self.next) + 1) % Self::LEN) as u8;
-        self.filled = (self.filled + 1).min(Self::LEN as u8);
-    }
-
-    /// The shortest recent time (zero before any was recorded).
-    fn typical(&self) -> Duration {
-        let recorded = &self.ns[..usize::from(self.filled)];
-        Duration::from_nanos(recorded.iter().copied().min().map_or(0, u64::from))
-    }
-}
-
-/// A polled wait naps first when the command's typical execution time is
-/// at least this long (hybrid polling, as Linux block devices do): its CPU
-/// goes to the device's compute units meanwhile, which on a machine with
-/// few cores is what lets them run at full speed.
-/// (On a virtual machine whose halted CPUs take 100-400 us to wake, a nap
-/// before a shorter command would cost more than it gives.)
-const NAP_MIN_EXEC: Duration = Duration::from_millis(2);
-
-/// A polled wait yields from its first poll, instead of spinning 20 us
-/// first, when the command's typical execution time is at least this long:
-/// on a machine with few cores, the compute unit that must start the
-/// command, or post its completion, may be waiting for this CPU. (One
-/// compute unit, 32K-token Top-K: 53-62 us from doorbell to completion
-/// beyond the kernel time in noisy runs, 29-36 us yielding at once.)
-const YIELD_MIN_EXEC: Duration = Duration::from_micros(50);
 
 /// A command id's state.
 #[derive(Debug, Clone, Copy)]
@@ -373,14 +327,14 @@ impl QueuePair {
     pub fn wait(&mut self, cid: u16, timeout: Duration) -> Result<Completion> {
         self.ring();
         let start = Instant::now();
-        let typical = self.recent_exec[usize::from(self.opcode_of(cid).0)].typical();
-        if self.irq.is_none() && typical >= NAP_MIN_EXEC && self.reap()? == 0 {
-            // Half the typical time, so that a command quicker than usual,
-            // or a slow wake from the nap, costs little.
-            std::thread::sleep((typical / 2).min(timeout));
+        let recent = self.recent_exec[usize::from(self.opcode_of(cid).0)];
+        if self.irq.is_none()
+            && let Some(nap) = recent.nap()
+            && self.reap()? == 0
+        {
+            std::thread::sleep(nap.min(timeout));
         }
-        let mut backoff =
-            if typical >= YIELD_MIN_EXEC { Backoff::yielding() } else { Backoff::new() };
+        let mut backoff = recent.backoff();
         loop {
             if let Some(c) = self.take(cid) {
                 return Ok(c);
@@ -492,27 +446,5 @@ impl QueuePair {
             }
         }
         Ok(results.into_iter().map(|c| c.expect("every command finished")).collect())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::RecentExec;
-    use std::time::Duration;
-
-    #[test]
-    fn a_slow_outlier_does_not_raise_the_typical_time_but_a_lasting_change_does() {
-        let mut recent = RecentExec::default();
-        assert_eq!(recent.typical(), Duration::ZERO, "nothing recorded: no nap");
-        recent.record(10_000_000); // a cold first scan
-        assert_eq!(recent.typical(), Duration::from_millis(10));
-        recent.record(200_000);
-        assert_eq!(recent.typical(), Duration::from_micros(200), "one fast run is enough");
-        for _ in 0..3 {
-            recent.record(5_000_000);
-        }
-        assert_eq!(recent.typical(), Duration::from_micros(200), "still within the window");
-        recent.record(5_000_000);
-        assert_eq!(recent.typical(), Duration::from_millis(5), "known after LEN runs");
     }
 }

@@ -553,9 +553,9 @@ impl<D: Dram> KvStore<D> {
         let first_new_entry = seq.map.len() as u64;
         // Entries are page-major, (page, stream); frames are handed out
         // stream-major, so each stream's keys of this append lie in one run
-        // of frames when DRAM has one: a Top-K then scans them sequentially,
-        // which on 4 KiB pages measured ~20% faster than alternating K and
-        // V frames.
+        // of frames when DRAM has one: a Top-K then scans them sequentially
+        // rather than alternating K and V frames (faster on 4 KiB pages:
+        // docs/PERFORMANCE.md, "Kernel").
         let (new_pages, streams) = (pages_needed - pages_now, shape.streams());
         for page in 0..new_pages {
             for stream in 0..streams {

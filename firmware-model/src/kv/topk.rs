@@ -198,8 +198,8 @@ impl<D: Dram> KvStore<D> {
     /// Before copying row `i` of a gather: asks for the K and V rows
     /// [`GATHER_PREFETCH_ROWS`] further on. A gather's rows lie scattered
     /// over DRAM, each a cache (and on small pages a TLB) miss; asking for
-    /// the next ones while this one is copied overlaps the misses (2048 K
-    /// and V rows of 256 bytes: 120 -> 70 us in-process).
+    /// the next ones while this one is copied overlaps the misses
+    /// (docs/PERFORMANCE.md, "Kernel").
     pub fn prefetch_gather(&self, locations: &[RowLocation], i: usize, row_bytes: u64) {
         if let Some(next) = locations.get(i + GATHER_PREFETCH_ROWS) {
             self.dram.prefetch(next.key, row_bytes);
@@ -240,8 +240,8 @@ impl<D: Dram> KvStore<D> {
     }
 }
 
-/// How far ahead of the row being copied a gather prefetches (4 to 16
-/// measured alike).
+/// How far ahead of the row being copied a gather prefetches (a range of
+/// distances measured alike: docs/PERFORMANCE.md, "Kernel").
 pub const GATHER_PREFETCH_ROWS: usize = 8;
 
 /// Checks a Top-K's queries (1..=max_group rows of head_dim) and k.
