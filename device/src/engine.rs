@@ -24,7 +24,7 @@ use crate::mailbox::{HealthCounters, KvGeometry, MailboxState, TimestampClock};
 use crate::notify::{NotifyServer, Peers};
 use crate::queues::QueueTable;
 use crate::refusal::{Reason, Refusal};
-use crate::region::{Region, RegionConfig, RegionError};
+use crate::region::{Region, RegionConfig, RegionError, RegionLoss};
 use crate::units::ComputeUnits;
 use pnm_firmware::timing::HardwareProfile;
 
@@ -79,13 +79,13 @@ pub struct RunningDevice {
     notify: Option<NotifyServer>,
     wake: Arc<EventFd>,
     region: Arc<Region>,
-    fault: Arc<Mutex<Option<String>>>,
+    fault: Arc<Mutex<Option<RegionLoss>>>,
 }
 
 impl RunningDevice {
     /// Why the device stopped serving on its own (its region was truncated
     /// under it), if it did; it then serves nothing and should be stopped.
-    pub fn fault(&self) -> Option<String> {
+    pub fn fault(&self) -> Option<RegionLoss> {
         self.fault.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -116,9 +116,8 @@ impl RunningDevice {
         let layout = region.layout;
         // The store first: a damaged one stops the start before anything
         // in the region says a device ran.
-        let (kv, report) = KvStore::open(DramView::new(regs, &layout)).map_err(|e| {
-            RegionError::KvStore { path: region.path.clone(), reason: e.to_string() }
-        })?;
+        let (kv, report) = KvStore::open(DramView::new(regs, &layout))
+            .map_err(|reason| RegionError::KvStore { path: region.path.clone(), reason })?;
         let p = regs::PNM_OFFSET;
         let mut dirty_count = regs.load_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, Acquire);
         if region.dirty_shutdown {
@@ -293,7 +292,7 @@ struct Engine {
     lock_seen: Option<(u64, Instant)>,
     region: Arc<Region>,
     /// Why the engine stopped on its own, if it did.
-    fault: Arc<Mutex<Option<String>>>,
+    fault: Arc<Mutex<Option<RegionLoss>>>,
     faulted: bool,
 }
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nix::sys::signal::{SigSet, Signal};
+use pnm_device::region::RegionLoss;
 use pnm_device::{DeviceConfig, RegionConfig, RunningDevice, UnitConfig};
 use pnm_firmware::timing::HardwareProfile;
 use pnm_protocol::layout::parse_size;
@@ -106,7 +107,7 @@ fn main() -> ExitCode {
 
 /// Waits for SIGINT or SIGTERM, or for the device to stop serving on its
 /// own (its region truncated under it), whose reason it returns.
-fn wait_for_stop(signals: &SigSet, device: &RunningDevice) -> Option<String> {
+fn wait_for_stop(signals: &SigSet, device: &RunningDevice) -> Option<RegionLoss> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use nix::sys::signalfd::{SfdFlags, SignalFd};
     use std::os::fd::AsFd;

@@ -156,11 +156,22 @@ impl From<KvError> for Refusal {
     fn from(e: KvError) -> Self {
         let code = match &e {
             KvError::NoSuchSequence(_) => ReturnCode::INVALID_HANDLE,
-            KvError::Invalid(_) | KvError::SequenceTooLong { .. } => ReturnCode::INVALID_INPUT,
+            KvError::OutOfLimit { .. }
+            | KvError::UnsupportedDtype(_)
+            | KvError::EmptyAppend
+            | KvError::TokenCountOverflow { .. }
+            | KvError::PagesBeyond { .. }
+            | KvError::CommitOutOfRange { .. }
+            | KvError::RowBytes { .. }
+            | KvError::StreamOutside { .. }
+            | KvError::BadPart { .. }
+            | KvError::TokenBeyond { .. }
+            | KvError::QueryShape { .. }
+            | KvError::SequenceTooLong { .. } => ReturnCode::INVALID_INPUT,
             KvError::DramExhausted { .. } | KvError::TooManySequences(_) => {
                 ReturnCode::RESOURCES_EXHAUSTED
             }
-            KvError::OutOfRange { .. } | KvError::TooSmall(_) | KvError::Damaged(_) => {
+            KvError::OutOfRange { .. } | KvError::TooSmall(_) | KvError::Damaged { .. } => {
                 ReturnCode::INTERNAL_ERROR
             }
             // Another queue's append is between its KV_APPEND and KV_COMMIT.

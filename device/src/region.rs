@@ -38,12 +38,12 @@ pub enum RegionError {
         "{path} is not empty and is not a valid pnm region ({reason}); \
          pass --reformat to overwrite it"
     )]
-    NotARegion { path: PathBuf, reason: String },
+    NotARegion { path: PathBuf, reason: NotARegion },
     #[error(
         "KV store in {path}: {reason}; the device will not discard it on its own: \
          pass --reformat to start afresh (every stored sequence is lost)"
     )]
-    KvStore { path: PathBuf, reason: String },
+    KvStore { path: PathBuf, reason: pnm_firmware::kv::KvError },
     #[error(
         "a {} MiB region does not fit where {path} lives: {} MiB free; ask for less with --size",
         size >> 20,
@@ -54,6 +54,30 @@ pub enum RegionError {
     Socket { path: PathBuf, source: std::io::Error },
     #[error("cannot size or map region {path}: {source}")]
     Map { path: PathBuf, source: std::io::Error },
+}
+
+/// Why a file is not a region this device can serve.
+#[derive(Debug, thiserror::Error)]
+pub enum NotARegion {
+    #[error("{0} bytes is smaller than a register block")]
+    TooSmall(u64),
+    #[error("its register block cannot be read: {0}")]
+    Unreadable(std::io::Error),
+    #[error("no PNM magic")]
+    NoMagic,
+    #[error("ABI version {major}.{minor} (this device speaks {}.x)", regs::ABI_VERSION_MAJOR)]
+    Abi { major: u32, minor: u32 },
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+}
+
+/// Why a served region can no longer be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegionLoss {
+    #[error("the region file {} shrank to {size} bytes under the device (it maps {mapped})", path.display())]
+    Shrank { path: PathBuf, size: u64, mapped: u64 },
+    #[error("an access to region {} faulted (SIGBUS): its file was truncated", path.display())]
+    Faulted { path: PathBuf },
 }
 
 /// What to serve and how to find or make it.
@@ -213,7 +237,7 @@ impl Region {
         if keep {
             let dram = crate::executor::DramView::new(view, &layout);
             if let Err(e) = pnm_firmware::kv::KvStore::check_superblock(&dram) {
-                return Err(RegionError::KvStore { path, reason: e.to_string() });
+                return Err(RegionError::KvStore { path, reason: e });
             }
         }
         let dirty_shutdown = keep
@@ -264,19 +288,13 @@ impl Region {
     /// Why the region can no longer be served, if it cannot: its file was
     /// shrunk under the device (a host with write access can truncate it).
     /// Seen either by the file's size or by a SIGBUS the device absorbed.
-    pub fn lost(&self) -> Option<String> {
+    pub fn lost(&self) -> Option<RegionLoss> {
         let size = self.lock.metadata().map(|m| m.len()).unwrap_or(self.layout.size);
+        let path = self.path.clone();
         if size < self.layout.size {
-            Some(format!(
-                "the region file {} shrank to {size} bytes under the device (it maps {})",
-                self.path.display(),
-                self.layout.size
-            ))
+            Some(RegionLoss::Shrank { path, size, mapped: self.layout.size })
         } else if self.mapping.lost() {
-            Some(format!(
-                "an access to region {} faulted (SIGBUS): its file was truncated",
-                self.path.display()
-            ))
+            Some(RegionLoss::Faulted { path })
         } else {
             None
         }
@@ -299,26 +317,21 @@ fn peek_device_pid(path: &Path) -> Option<u32> {
 }
 
 /// Checks whether a file holds a region this ABI can serve, returning its layout.
-fn inspect(file: &File, len: u64) -> Result<RegionLayout, String> {
+fn inspect(file: &File, len: u64) -> Result<RegionLayout, NotARegion> {
     use std::os::unix::fs::FileExt;
     if len < REGISTER_BLOCK_SIZE {
-        return Err(format!("{len} bytes is smaller than a register block"));
+        return Err(NotARegion::TooSmall(len));
     }
     let mut page = vec![0u8; 0x100];
-    file.read_exact_at(&mut page, regs::PNM_OFFSET).map_err(|e| e.to_string())?;
+    file.read_exact_at(&mut page, regs::PNM_OFFSET).map_err(NotARegion::Unreadable)?;
     let u32_at = |off: u64| u32::from_le_bytes(page[off as usize..][..4].try_into().unwrap());
     let u64_at = |off: u64| u64::from_le_bytes(page[off as usize..][..8].try_into().unwrap());
     if u64_at(pnm::MAGIC) != pnm::MAGIC_VALUE {
-        return Err("no PNM magic".into());
+        return Err(NotARegion::NoMagic);
     }
     let abi = u32_at(pnm::ABI_VERSION);
     if abi >> 16 != u32::from(regs::ABI_VERSION_MAJOR) {
-        return Err(format!(
-            "ABI version {}.{} (this device speaks {}.x)",
-            abi >> 16,
-            abi & 0xFFFF,
-            regs::ABI_VERSION_MAJOR
-        ));
+        return Err(NotARegion::Abi { major: abi >> 16, minor: abi & 0xFFFF });
     }
     let layout = RegionLayout {
         size: u64_at(pnm::REGION_SIZE),
@@ -486,7 +499,7 @@ mod truncation {
         // This load faults; the guard maps zero pages over the region.
         assert_eq!(regs.load_u64(magic_at, Acquire), 0);
         assert!(region.mapping.lost(), "the fault was seen");
-        assert!(region.lost().unwrap().contains("shrank to 0 bytes"));
+        assert!(matches!(region.lost(), Some(RegionLoss::Shrank { size: 0, .. })));
         drop(region);
         std::fs::remove_file(&path).unwrap();
     }

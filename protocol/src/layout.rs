@@ -29,6 +29,16 @@ pub enum LayoutError {
     WindowTooLarge { window: u64, size: u64 },
     #[error("a host DMA window of {0} bytes is below the minimum of {MIN_DMA_WINDOW}")]
     WindowTooSmall(u64),
+    #[error("the layout says {layout} bytes, the file has {file}")]
+    SizeMismatch { layout: u64, file: u64 },
+    #[error("the DMA window starts at {0:#x}, not after the register block")]
+    WindowStart(u64),
+    #[error(
+        "the DMA window {offset:#x}+{size:#x} does not end at the aligned DRAM start {dram:#x}"
+    )]
+    WindowEnd { offset: u64, size: u64, dram: u64 },
+    #[error("device DRAM {offset:#x}+{size:#x} does not end at the region end {end:#x}")]
+    DramEnd { offset: u64, size: u64, end: u64 },
 }
 
 /// Where each part of the region lies, in bytes from the region start.
@@ -75,28 +85,33 @@ impl RegionLayout {
 
     /// Checks a layout read back from a region (untrusted) against the
     /// rules `new` follows and against the file's actual size.
-    pub fn validate(&self, file_size: u64) -> Result<(), String> {
+    pub fn validate(&self, file_size: u64) -> Result<(), LayoutError> {
         if self.size != file_size {
-            return Err(format!("layout says {} bytes, file has {file_size}", self.size));
+            return Err(LayoutError::SizeMismatch { layout: self.size, file: file_size });
         }
-        if !self.size.is_power_of_two() || self.size < MIN_REGION_SIZE {
-            return Err(format!("region size {} is not a valid region size", self.size));
+        if !self.size.is_power_of_two() {
+            return Err(LayoutError::NotPowerOfTwo(self.size));
+        }
+        if self.size < MIN_REGION_SIZE {
+            return Err(LayoutError::TooSmall(self.size));
         }
         if self.dma_window_offset != REGISTER_BLOCK_SIZE {
-            return Err(format!("DMA window starts at {:#x}", self.dma_window_offset));
+            return Err(LayoutError::WindowStart(self.dma_window_offset));
         }
         let window_end = self.dma_window_offset.checked_add(self.dma_window_size);
         if window_end != Some(self.dram_offset) || !self.dram_offset.is_multiple_of(DRAM_ALIGN) {
-            return Err(format!(
-                "DMA window {:#x}+{:#x} does not end at the aligned DRAM start {:#x}",
-                self.dma_window_offset, self.dma_window_size, self.dram_offset
-            ));
+            return Err(LayoutError::WindowEnd {
+                offset: self.dma_window_offset,
+                size: self.dma_window_size,
+                dram: self.dram_offset,
+            });
         }
         if self.dram_offset.checked_add(self.dram_size) != Some(self.size) || self.dram_size == 0 {
-            return Err(format!(
-                "device DRAM {:#x}+{:#x} does not end at the region end {:#x}",
-                self.dram_offset, self.dram_size, self.size
-            ));
+            return Err(LayoutError::DramEnd {
+                offset: self.dram_offset,
+                size: self.dram_size,
+                end: self.size,
+            });
         }
         Ok(())
     }

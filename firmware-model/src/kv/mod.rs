@@ -53,12 +53,59 @@ pub use topk::{
     GATHER_PREFETCH_ROWS, PageSelection, RowLocation, Selected, TopkQuery, TopkScratch,
 };
 
+/// A firmware limit a request is held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    HeadDim,
+    Layers,
+    KvHeads,
+    K,
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::HeadDim => "head_dim",
+            Self::Layers => "layers",
+            Self::KvHeads => "kv heads",
+            Self::K => "k",
+        })
+    }
+}
+
+/// Why the store refused or failed; every variant carries its values,
+/// never a preformatted message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
     #[error("no sequence {0}")]
     NoSuchSequence(u32),
-    #[error("invalid argument: {0}")]
-    Invalid(String),
+    #[error("{limit} {value} is outside this firmware's limit {min}..={max}")]
+    OutOfLimit { limit: Limit, value: u64, min: u64, max: u64 },
+    #[error("dtype {} is not one this firmware stores", .0.name())]
+    UnsupportedDtype(Dtype),
+    #[error("appending 0 tokens")]
+    EmptyAppend,
+    #[error("{tokens} more tokens overflow the token count")]
+    TokenCountOverflow { tokens: u64 },
+    #[error("pages {first}+{count} are beyond the sequence's {pages}")]
+    PagesBeyond { first: u64, count: u64, pages: u64 },
+    #[error(
+        "commit to {tokens} tokens: must be within committed {committed} (folded {folded}) ..= \
+         reserved {reserved}"
+    )]
+    CommitOutOfRange { tokens: u64, committed: u64, folded: u64, reserved: u64 },
+    #[error(
+        "{tokens} tokens of this shape are {bytes} bytes of K and of V; got {keys} and {values}"
+    )]
+    RowBytes { tokens: u64, bytes: u64, keys: u64, values: u64 },
+    #[error("layer {layer} / head {head} outside the sequence's {layers} layers x {heads} heads")]
+    StreamOutside { layer: u16, head: u16, layers: u16, heads: u16 },
+    #[error("part {part} of {parts} over {tokens} of {committed} tokens")]
+    BadPart { part: u32, parts: u32, tokens: u64, committed: u64 },
+    #[error("token {index} beyond the sequence's {tokens} tokens")]
+    TokenBeyond { index: u64, tokens: u64 },
+    #[error("{elements} query elements are not 1..={max_group} queries of head_dim {head_dim}")]
+    QueryShape { elements: usize, max_group: u32, head_dim: u16 },
     #[error("device DRAM exhausted: {needed} frames needed, {free} free")]
     DramExhausted { needed: u64, free: u64 },
     #[error("sequence table full ({0} sequences)")]
@@ -76,8 +123,11 @@ pub enum KvError {
     AppendInProgress { seq: u32, tokens: u64, reserved: u64 },
     #[error("sequence {seq}: a commit may cover only rows this writer reserved")]
     NotTheWriter { seq: u32 },
-    #[error("the KV superblock is damaged or foreign ({0})")]
-    Damaged(String),
+    #[error(
+        "the KV superblock is damaged or foreign (its {field} does not match a store of \
+         {dram_bytes} bytes)"
+    )]
+    Damaged { field: &'static str, dram_bytes: u64 },
 }
 
 /// Who reserved a sequence's uncommitted tokens: the device names each
@@ -124,20 +174,12 @@ impl SequenceShape {
     }
 
     fn validate(&self) -> Result<(), KvError> {
-        let bad = |what: String| Err(KvError::Invalid(what));
         if !LIMITS.dtypes.contains(&self.dtype) {
-            return bad(format!("dtype {} unsupported", self.dtype.name()));
+            return Err(KvError::UnsupportedDtype(self.dtype));
         }
-        if self.head_dim == 0 || u32::from(self.head_dim) > LIMITS.max_head_dim {
-            return bad(format!("head_dim {} not in 1..={}", self.head_dim, LIMITS.max_head_dim));
-        }
-        if self.layers == 0 || u32::from(self.layers) > LIMITS.max_layers {
-            return bad(format!("layers {} not in 1..={}", self.layers, LIMITS.max_layers));
-        }
-        if self.heads == 0 || u32::from(self.heads) > LIMITS.max_heads {
-            return bad(format!("kv heads {} not in 1..={}", self.heads, LIMITS.max_heads));
-        }
-        Ok(())
+        check_limit(Limit::HeadDim, self.head_dim.into(), LIMITS.max_head_dim)?;
+        check_limit(Limit::Layers, self.layers.into(), LIMITS.max_layers)?;
+        check_limit(Limit::KvHeads, self.heads.into(), LIMITS.max_heads)
     }
 }
 
@@ -255,10 +297,7 @@ impl<D: Dram> KvStore<D> {
         match mismatch {
             None => Ok(true),
             Some(_) if never_formatted => Ok(false),
-            Some(field) => Err(KvError::Damaged(format!(
-                "its {field} does not match a store of {} bytes",
-                dram.len()
-            ))),
+            Some(field) => Err(KvError::Damaged { field, dram_bytes: dram.len() }),
         }
     }
 
@@ -523,14 +562,13 @@ impl<D: Dram> KvStore<D> {
         self.check_append(seq_id, writer)?;
         let seq = self.sequence(seq_id)?;
         if count == 0 {
-            return Err(KvError::Invalid("appending 0 tokens".into()));
+            return Err(KvError::EmptyAppend);
         }
         let shape = seq.shape;
         let tpp = shape.tokens_per_page();
         let first_token = seq.reserved;
-        let reserved = first_token
-            .checked_add(count)
-            .ok_or(KvError::Invalid("token count overflows".into()))?;
+        let reserved =
+            first_token.checked_add(count).ok_or(KvError::TokenCountOverflow { tokens: count })?;
         let pages_now = seq.pages();
         let pages_needed = reserved.div_ceil(tpp);
         let entries = pages_needed.saturating_mul(shape.streams());
@@ -614,9 +652,10 @@ impl<D: Dram> KvStore<D> {
         count: u64,
     ) -> Result<Vec<PageMapEntry>, KvError> {
         let seq = self.sequence(seq_id)?;
-        let end = first.checked_add(count).filter(|&e| e <= seq.pages()).ok_or_else(|| {
-            KvError::Invalid(format!("pages {first}+{count} beyond the sequence's {}", seq.pages()))
-        })?;
+        let end = first
+            .checked_add(count)
+            .filter(|&e| e <= seq.pages())
+            .ok_or_else(|| KvError::PagesBeyond { first, count, pages: seq.pages() })?;
         let streams = seq.shape.streams();
         Ok(seq.map[(first * streams) as usize..(end * streams) as usize].to_vec())
     }
@@ -638,10 +677,12 @@ impl<D: Dram> KvStore<D> {
     ) -> Result<u64, KvError> {
         let seq = self.sequence(seq_id)?;
         if tokens < seq.folded.max(seq.tokens) || tokens > seq.reserved {
-            return Err(KvError::Invalid(format!(
-                "commit to {tokens} tokens: must be within committed {} (folded {}) ..= reserved {}",
-                seq.tokens, seq.folded, seq.reserved
-            )));
+            return Err(KvError::CommitOutOfRange {
+                tokens,
+                committed: seq.tokens,
+                folded: seq.folded,
+                reserved: seq.reserved,
+            });
         }
         if seq.reserved > seq.tokens && seq.writer != Some(writer) {
             return Err(KvError::NotTheWriter { seq: seq_id });
@@ -800,7 +841,7 @@ impl<D: Dram> KvStore<D> {
         let seq = self.sequence(seq_id)?;
         check_stream(seq, layer, head)?;
         if page >= seq.pages() {
-            return Err(KvError::Invalid(format!("page {page} beyond {}", seq.pages())));
+            return Err(KvError::PagesBeyond { first: page, count: 1, pages: seq.pages() });
         }
         let d = usize::from(seq.shape.head_dim);
         let slot = self.layout.bounds_slot(seq.entry(page, layer, head).key_frame.get());
@@ -871,9 +912,12 @@ impl<D: Dram> KvStore<D> {
         let stream_bytes = tokens * shape.row_bytes();
         let total = stream_bytes * shape.streams();
         if keys.len() as u64 != total || values.len() as u64 != total {
-            return Err(KvError::Invalid(format!(
-                "{tokens} tokens of this shape are {total} bytes of K and of V"
-            )));
+            return Err(KvError::RowBytes {
+                tokens,
+                bytes: total,
+                keys: keys.len() as u64,
+                values: values.len() as u64,
+            });
         }
         let id = self.create(shape)?;
         let appended = self.append(id, tokens)?;
@@ -898,10 +942,12 @@ impl<D: Dram> KvStore<D> {
 
 fn check_stream(seq: &Sequence, layer: u16, head: u16) -> Result<(), KvError> {
     if layer >= seq.shape.layers || head >= seq.shape.heads {
-        return Err(KvError::Invalid(format!(
-            "layer {layer} / head {head} outside the sequence's {} layers x {} heads",
-            seq.shape.layers, seq.shape.heads
-        )));
+        return Err(KvError::StreamOutside {
+            layer,
+            head,
+            layers: seq.shape.layers,
+            heads: seq.shape.heads,
+        });
     }
     Ok(())
 }
@@ -924,6 +970,14 @@ fn fold_bounds(keys: &[f32], d: usize, mins: &mut [u8], maxs: &mut [u8]) {
         mins[4 * i..4 * i + 4].copy_from_slice(&lo[i].to_le_bytes());
         maxs[4 * i..4 * i + 4].copy_from_slice(&hi[i].to_le_bytes());
     }
+}
+
+/// Refuses `value` outside `1..=max`.
+fn check_limit(limit: Limit, value: u32, max: u32) -> Result<(), KvError> {
+    if value == 0 || value > max {
+        return Err(KvError::OutOfLimit { limit, value: value.into(), min: 1, max: max.into() });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! tokens (whole, or one share of a split command), query-aware page
 //! selection by per-page key bounds, and the DRAM locations of gathered rows.
 
-use super::{Dram, KvError, KvStore, Sequence, SequenceShape, check_stream};
+use super::{Dram, KvError, KvStore, Limit, Sequence, SequenceShape, check_stream};
 use crate::kernels::{self, Aggregation, Scored};
 use crate::limits::LIMITS;
 
@@ -95,10 +95,7 @@ impl<D: Dram> KvStore<D> {
         check_stream(seq, layer, head)?;
         check_topk(seq.shape, queries, k)?;
         if tokens > seq.tokens || part >= parts {
-            return Err(KvError::Invalid(format!(
-                "part {part} of {parts} over {tokens} of {} tokens",
-                seq.tokens
-            )));
+            return Err(KvError::BadPart { part, parts, tokens, committed: seq.tokens });
         }
         let pages = tokens.div_ceil(seq.shape.tokens_per_page());
         let (part, parts) = (u64::from(part), u64::from(parts));
@@ -224,10 +221,7 @@ impl<D: Dram> KvStore<D> {
             .map(|&i| {
                 let i = u64::from(i);
                 if i >= seq.tokens {
-                    return Err(KvError::Invalid(format!(
-                        "token {i} beyond the sequence's {} tokens",
-                        seq.tokens
-                    )));
+                    return Err(KvError::TokenBeyond { index: i, tokens: seq.tokens });
                 }
                 let e = seq.entry(i / tpp, layer, head);
                 let within = (i % tpp) * row;
@@ -251,14 +245,19 @@ fn check_topk(shape: SequenceShape, queries: &[f32], k: u32) -> Result<(), KvErr
         || !queries.len().is_multiple_of(d)
         || queries.len() / d > LIMITS.max_group as usize
     {
-        return Err(KvError::Invalid(format!(
-            "{} query elements is not 1..={} queries of head_dim {d}",
-            queries.len(),
-            LIMITS.max_group
-        )));
+        return Err(KvError::QueryShape {
+            elements: queries.len(),
+            max_group: LIMITS.max_group,
+            head_dim: shape.head_dim,
+        });
     }
     if k == 0 || k > LIMITS.max_k {
-        return Err(KvError::Invalid(format!("k {k} not in 1..={}", LIMITS.max_k)));
+        return Err(KvError::OutOfLimit {
+            limit: Limit::K,
+            value: k.into(),
+            min: 1,
+            max: LIMITS.max_k.into(),
+        });
     }
     Ok(())
 }
