@@ -375,8 +375,8 @@ fn main() -> anyhow::Result<()> {
         socket: embedded.as_ref().and_then(|d| d.socket().map(Into::into)),
         ..Default::default()
     };
-    let device = Device::open_with(&path, &options)
-        .with_context(|| format!("opening {}", path.display()))?;
+    // The driver's errors name the path already.
+    let device = Device::open_with(&path, &options)?;
     let device_name =
         if args.device.is_some() { path.display().to_string() } else { "embedded".into() };
     if !args.json {

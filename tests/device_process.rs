@@ -767,3 +767,28 @@ fn pnmctl_topk_takes_a_page_selection_budget() {
     assert_eq!(cheap["tokens_scored"], 1024);
     std::fs::remove_file(&query).unwrap();
 }
+
+/// An error names its cause once: a whole chain (as the main job prints it)
+/// does not repeat what a message already says.
+#[test]
+fn error_chains_say_each_cause_once() {
+    let main_job = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cxl-pnm"))
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    for args in
+        [&["--device", "/nonexistent-pnm-region"][..], &["--kv", "/nonexistent.safetensors"]]
+    {
+        let said = main_job(args);
+        assert_eq!(said.matches("No such file or directory").count(), 1, "{args:?}: {said}");
+        assert!(said.contains("/nonexistent"), "{args:?} names the path: {said}");
+    }
+    let out = run("pnm-device", &["--path", "/nonexistent-dir/region"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(said.matches("No such file or directory").count(), 1, "{said}");
+}

@@ -165,8 +165,7 @@ impl RunningDevice {
         };
         tracing::info!(profile = %profile.name, "timing model");
         let executor = Executor::new(regs, layout, kv, profile);
-        let io_err =
-            |source: std::io::Error| RegionError::Map { path: region.path.clone(), source };
+        let io_err = |error: std::io::Error| RegionError::Map { path: region.path.clone(), error };
         let vectors: Vec<Arc<EventFd>> = (0..notify::VECTORS)
             .map(|_| {
                 EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).map(Arc::new)
@@ -178,7 +177,7 @@ impl RunningDevice {
             Some(path) => {
                 let shm = region.dup_fd().map_err(io_err)?;
                 let server = NotifyServer::start(path, peers.clone(), vectors, shm)
-                    .map_err(|source| RegionError::Socket { path: path.to_path_buf(), source })?;
+                    .map_err(|error| RegionError::Socket { path: path.to_path_buf(), error })?;
                 tracing::info!(socket = %path.display(), "notification socket listening");
                 Some(server)
             }

@@ -105,7 +105,7 @@ pub enum Reason {
     #[error("the submission and completion rings overlap")]
     RingsOverlap,
     #[error("region access failed: {0}")]
-    Memory(#[from] OutOfBounds),
+    Memory(OutOfBounds),
     #[error("token index {0} does not fit the 32-bit result")]
     TokenIndexOverflow(u64),
     #[error("mailbox opcode {0} is not supported")]
@@ -185,6 +185,6 @@ impl From<KvError> for Refusal {
 impl From<OutOfBounds> for Refusal {
     /// The device checked the range before; failing now is its own fault.
     fn from(e: OutOfBounds) -> Self {
-        Self::new(ReturnCode::INTERNAL_ERROR, e.into())
+        Self::new(ReturnCode::INTERNAL_ERROR, Reason::Memory(e))
     }
 }

@@ -16,14 +16,16 @@ use crate::sys::Mapping;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
-    #[error("cannot open region {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    // Causes are part of the messages, not `source`s: an error chain
+    // printed whole would say them twice.
+    #[error("cannot open region {path}: {error}")]
+    Open { path: PathBuf, error: std::io::Error },
     #[error("region {path} is already served by another pnm-device (pid {pid})")]
     AlreadyServed { path: PathBuf, pid: u32 },
-    #[error("cannot lock region {path}: {source}")]
-    Lock { path: PathBuf, source: nix::Error },
+    #[error("cannot lock region {path}: {error}")]
+    Lock { path: PathBuf, error: nix::Error },
     #[error("invalid region layout: {0}")]
-    Layout(#[from] LayoutError),
+    Layout(LayoutError),
     #[error(
         "{path} holds a pnm region of {existing} bytes but --size asks for {requested}; \
          omit --size to keep its contents, or pass --reformat to start afresh"
@@ -50,10 +52,16 @@ pub enum RegionError {
         room >> 20
     )]
     NoRoom { path: PathBuf, size: u64, room: u64 },
-    #[error("notification socket {path}: {source}")]
-    Socket { path: PathBuf, source: std::io::Error },
-    #[error("cannot size or map region {path}: {source}")]
-    Map { path: PathBuf, source: std::io::Error },
+    #[error("notification socket {path}: {error}")]
+    Socket { path: PathBuf, error: std::io::Error },
+    #[error("cannot size or map region {path}: {error}")]
+    Map { path: PathBuf, error: std::io::Error },
+}
+
+impl From<LayoutError> for RegionError {
+    fn from(e: LayoutError) -> Self {
+        Self::Layout(e)
+    }
 }
 
 /// Why a file is not a region this device can serve.
@@ -67,8 +75,14 @@ pub enum NotARegion {
     NoMagic,
     #[error("ABI version {major}.{minor} (this device speaks {}.x)", regs::ABI_VERSION_MAJOR)]
     Abi { major: u32, minor: u32 },
-    #[error(transparent)]
-    Layout(#[from] LayoutError),
+    #[error("{0}")]
+    Layout(LayoutError),
+}
+
+impl From<LayoutError> for NotARegion {
+    fn from(e: LayoutError) -> Self {
+        Self::Layout(e)
+    }
 }
 
 /// Why a served region can no longer be served.
@@ -133,14 +147,14 @@ impl Region {
         let (file, created) = match open(true) {
             Ok(file) => (file, true),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let file = open(false)
-                    .map_err(|source| RegionError::Open { path: path.clone(), source })?;
+                let file =
+                    open(false).map_err(|error| RegionError::Open { path: path.clone(), error })?;
                 (file, false)
             }
-            Err(source) => return Err(RegionError::Open { path, source }),
+            Err(error) => return Err(RegionError::Open { path, error }),
         };
         restrict_to_owner_and_group(&file, &path)
-            .map_err(|source| RegionError::Open { path: path.clone(), source })?;
+            .map_err(|error| RegionError::Open { path: path.clone(), error })?;
         Self::from_file(file, config).inspect_err(|_| {
             if created && std::fs::metadata(&path).is_ok_and(|m| m.len() == 0) {
                 let _ = std::fs::remove_file(&path);
@@ -161,9 +175,9 @@ impl Region {
                 let pid = peek_device_pid(&path).unwrap_or(0);
                 return Err(RegionError::AlreadyServed { path, pid });
             }
-            Err((_, source)) => return Err(RegionError::Lock { path, source }),
+            Err((_, error)) => return Err(RegionError::Lock { path, error }),
         };
-        let map_err = |source| RegionError::Map { path: path.clone(), source };
+        let map_err = |error| RegionError::Map { path: path.clone(), error };
         let existing_len = lock.metadata().map_err(map_err)?.len();
 
         // Decide between keeping an existing region and formatting one.
@@ -275,7 +289,7 @@ impl Region {
         use std::os::fd::AsRawFd;
         let name = "pnm-region";
         let fd = nix::sys::memfd::memfd_create(name, flags)
-            .map_err(|e| RegionError::Open { path: name.into(), source: e.into() })?;
+            .map_err(|e| RegionError::Open { path: name.into(), error: e.into() })?;
         let file = File::from(fd);
         let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
         Self::from_file(file, &RegionConfig { path, size: Some(size), dma_window, reformat: false })

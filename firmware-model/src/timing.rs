@@ -38,11 +38,17 @@ pub struct HardwareProfile {
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
     #[error("profile: {0}")]
-    Parse(#[from] toml::de::Error),
+    Parse(toml::de::Error),
     #[error("profile {name}: {field} must be {rule}")]
     Invalid { name: String, field: &'static str, rule: &'static str },
     #[error("no built-in profile {0:?} (built in: cxl-pnm, cxl-expander, host-ddr)")]
     Unknown(String),
+}
+
+impl From<toml::de::Error> for ProfileError {
+    fn from(e: toml::de::Error) -> Self {
+        Self::Parse(e)
+    }
 }
 
 const BUILT_IN: [&str; 3] = [

@@ -114,7 +114,7 @@ impl Device {
 
     pub fn open_with(path: impl AsRef<Path>, options: &DeviceOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let open_err = |source| Error::Open { path: path.clone(), source };
+        let open_err = |error| Error::Open { path: path.clone(), error };
         let file = OpenOptions::new().read(true).write(true).open(&path).map_err(open_err)?;
         let len = file.metadata().map_err(open_err)?.len();
         let not_a_device = |reason: String| Error::NotADevice { path: path.clone(), reason };
@@ -391,7 +391,7 @@ impl Device {
     /// `bound` (a few heartbeat periods are enough).
     pub fn probe(path: impl AsRef<Path>, bound: Duration) -> Result<Liveness> {
         let path = path.as_ref().to_path_buf();
-        let open_err = |source| Error::Open { path: path.clone(), source };
+        let open_err = |error| Error::Open { path: path.clone(), error };
         let file = OpenOptions::new().read(true).open(&path).map_err(open_err)?;
         let len = file.metadata().map_err(open_err)?.len();
         let not_a_device = |reason: String| Error::NotADevice { path: path.clone(), reason };

@@ -7,8 +7,10 @@ use pnm_protocol::{Opcode, ReturnCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot open {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    // The cause is part of the message, not a `source`: an error chain
+    // printed whole would say it twice.
+    #[error("cannot open {path}: {error}")]
+    Open { path: PathBuf, error: std::io::Error },
     #[error("{path} is not a cxl-pnm device: {reason}")]
     NotADevice { path: PathBuf, reason: String },
     #[error("{path} speaks ABI {found_major}.{found_minor}; this driver speaks {expected_major}.x")]

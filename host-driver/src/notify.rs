@@ -59,8 +59,8 @@ fn receive(stream: &UnixStream) -> Result<(i64, Option<OwnedFd>)> {
 impl NotifyClient {
     /// Connects and reads the greeting, within `timeout`.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self> {
-        let stream = UnixStream::connect(path)
-            .map_err(|source| Error::Open { path: path.into(), source })?;
+        let stream =
+            UnixStream::connect(path).map_err(|error| Error::Open { path: path.into(), error })?;
         stream.set_read_timeout(Some(timeout)).map_err(|e| protocol(e.to_string()))?;
         let (version, _) = receive(&stream)?;
         if version != PROTOCOL_VERSION {

@@ -10,8 +10,8 @@ use pnm_protocol::Dtype;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TensorError {
-    #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
     #[error("{path}: {reason}")]
     Format { path: String, reason: String },
 }
@@ -57,8 +57,7 @@ fn format_err(path: &Path, reason: impl Into<String>) -> TensorError {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TensorError> {
-    std::fs::read(path)
-        .map_err(|source| TensorError::Io { path: path.display().to_string(), source })
+    std::fs::read(path).map_err(|error| TensorError::Io { path: path.display().to_string(), error })
 }
 
 /// Converts raw elements to our little-endian dtypes.
@@ -180,7 +179,7 @@ pub fn write_npy(path: &Path, tensor: &Tensor) -> Result<(), TensorError> {
     out.extend_from_slice(header.as_bytes());
     out.extend_from_slice(&data);
     std::fs::write(path, out)
-        .map_err(|source| TensorError::Io { path: path.display().to_string(), source })
+        .map_err(|error| TensorError::Io { path: path.display().to_string(), error })
 }
 
 /// Reads every tensor of a safetensors file.

@@ -219,10 +219,40 @@ pub struct LoadReport {
     pub formatted: bool,
     pub sequences: usize,
     /// Descriptors found inconsistent and dropped, with the reason.
-    pub dropped: Vec<String>,
+    pub dropped: Vec<DroppedDescriptor>,
     /// Sequences whose uncommitted tail (a dead writer's) was dropped or
     /// whose last page's bounds were rebuilt.
     pub rolled_back: usize,
+}
+
+/// A sequence descriptor found inconsistent at load, and dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("slot {slot} (sequence {seq}): {reason}")]
+pub struct DroppedDescriptor {
+    pub slot: u32,
+    pub seq: u32,
+    pub reason: BadDescriptor,
+}
+
+/// What was wrong with a descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadDescriptor {
+    #[error("state {0}")]
+    State(u32),
+    #[error("duplicate sequence id")]
+    DuplicateId,
+    #[error("dtype code {0}")]
+    Dtype(u16),
+    #[error("shape: {0}")]
+    Shape(KvError),
+    #[error("{tokens} tokens exceed {pages} pages")]
+    TokensExceedPages { tokens: u64, pages: u64 },
+    #[error("page table does not fit its frames")]
+    PageTableTooLarge,
+    #[error("frame {0} out of range or shared")]
+    Frame(u32),
+    #[error("page table unreadable: {0}")]
+    PageTable(KvError),
 }
 
 /// Result of KV_APPEND.
@@ -338,9 +368,7 @@ impl<D: Dram> KvStore<D> {
                     self.sequences.insert(d.seq.get(), seq);
                 }
                 Err(reason) => {
-                    report
-                        .dropped
-                        .push(format!("slot {slot} (sequence {}): {reason}", d.seq.get()));
+                    report.dropped.push(DroppedDescriptor { slot, seq: d.seq.get(), reason });
                     self.dram.write(self.layout.descriptor(slot), &STATE_FREE.to_le_bytes())?;
                 }
             }
@@ -369,36 +397,37 @@ impl<D: Dram> KvStore<D> {
     }
 
     /// Checks a descriptor read from DRAM, returning the sequence it describes.
-    fn validate_descriptor(&self, slot: u32, d: &Descriptor) -> Result<Sequence, String> {
+    fn validate_descriptor(&self, slot: u32, d: &Descriptor) -> Result<Sequence, BadDescriptor> {
         if d.state.get() != STATE_LIVE {
-            return Err(format!("state {}", d.state.get()));
+            return Err(BadDescriptor::State(d.state.get()));
         }
         if self.sequences.contains_key(&d.seq.get()) {
-            return Err("duplicate sequence id".into());
+            return Err(BadDescriptor::DuplicateId);
         }
-        let dtype = Dtype::from_code(u32::from(d.dtype.get())).ok_or("bad dtype")?;
+        let dtype = Dtype::from_code(u32::from(d.dtype.get()))
+            .ok_or(BadDescriptor::Dtype(d.dtype.get()))?;
         let shape = SequenceShape {
             dtype,
             layers: d.layers.get(),
             heads: d.heads.get(),
             head_dim: d.head_dim.get(),
         };
-        shape.validate().map_err(|e| e.to_string())?;
+        shape.validate().map_err(BadDescriptor::Shape)?;
         let pages = u64::from(d.pages.get());
         let tokens = d.tokens.get();
         if tokens > pages * shape.tokens_per_page() {
-            return Err(format!("{tokens} tokens exceed {pages} pages"));
+            return Err(BadDescriptor::TokensExceedPages { tokens, pages });
         }
         let entries = pages * shape.streams();
         let pt_count = d.pt_frame_count.get() as usize;
         if pt_count > MAX_PT_FRAMES || entries > pt_count as u64 * PT_ENTRIES_PER_FRAME {
-            return Err("page table does not fit its frames".into());
+            return Err(BadDescriptor::PageTableTooLarge);
         }
         let pt_frames: Vec<u32> = d.pt_frames[..pt_count].iter().map(|f| f.get()).collect();
         let mut seen = std::collections::HashSet::new();
         let mut check_frame = |f: u32| {
             if f >= self.layout.frame_count || self.frames.is_used(f) || !seen.insert(f) {
-                Err(format!("frame {f} out of range or shared"))
+                Err(BadDescriptor::Frame(f))
             } else {
                 Ok(())
             }
@@ -407,7 +436,7 @@ impl<D: Dram> KvStore<D> {
             check_frame(f)?;
         }
         let mut map = vec![PageMapEntry::default(); entries as usize];
-        self.read_page_table(&pt_frames, 0, &mut map).map_err(|e| e.to_string())?;
+        self.read_page_table(&pt_frames, 0, &mut map).map_err(BadDescriptor::PageTable)?;
         for e in &map {
             check_frame(e.key_frame.get())?;
             check_frame(e.value_frame.get())?;
