@@ -1,5 +1,7 @@
-//! `pnmctl` against NumPy: see tests/numpy_check.py. Skipped (with a
-//! message) where NumPy is missing, unless PNM_REQUIRE_NUMPY=1 (as in CI).
+//! `pnmctl` against NumPy: see tests/numpy_check.py. Reported as ignored,
+//! with the reason, where python3 has no NumPy (build.rs looks at build
+//! time; after installing NumPy, `touch build.rs` or `cargo clean -p
+//! cxl-pnm`); PNM_REQUIRE_NUMPY=1 (as in CI) makes that an error.
 
 mod common;
 
@@ -8,10 +10,8 @@ use std::process::Command;
 use common::{DeviceProcess, TempRegion, bin};
 
 #[test]
+#[cfg_attr(not(numpy), ignore = "skipped: python3 with numpy is not available (pip install numpy)")]
 fn pnmctl_kv_topk_and_gather_match_numpy() {
-    if !common::numpy_available() {
-        return;
-    }
     let region = TempRegion::new("numpy");
     let _device = DeviceProcess::start(region.path(), &["--size", "256MiB"]);
     let work = std::env::temp_dir().join(format!("cxl-pnm-numpy-{}", std::process::id()));

@@ -206,19 +206,3 @@ pub fn open(path: &Path, timeout: Duration) -> Device {
     Device::open_with(path, &DeviceOptions { mailbox_timeout: timeout, ..Default::default() })
         .expect("open device")
 }
-
-/// True if python3 with NumPy is here. Where it is not, a test that needs it
-/// is skipped with a message, unless PNM_REQUIRE_NUMPY is set (as in CI),
-/// where this panics.
-pub fn numpy_available() -> bool {
-    let has_numpy =
-        Command::new("python3").args(["-c", "import numpy"]).status().is_ok_and(|s| s.success());
-    if !has_numpy {
-        assert!(
-            std::env::var_os("PNM_REQUIRE_NUMPY").is_none(),
-            "PNM_REQUIRE_NUMPY is set but numpy is missing"
-        );
-        eprintln!("skipping: python3 with numpy is not available (pip install numpy)");
-    }
-    has_numpy
-}
