@@ -112,6 +112,7 @@ pub fn bench_nop(
     latencies.sort_unstable();
     Ok(serde_json::json!({
         "benchmark": "nop",
+        "machine": machine()?,
         "mode": if interrupts.is_some() { "interrupt" } else { "polled" },
         "queues": queues,
         "queue_entries": entries,
@@ -138,6 +139,22 @@ pub fn bench_nop(
             "seconds": elapsed,
             "commands_per_second": total as f64 / elapsed,
         },
+    }))
+}
+
+/// This machine's memory read bandwidth, measured now (one thread).
+fn memory_read_gb_per_s() -> Result<f64, Error> {
+    let roofline =
+        pnm_tools::roofline::Roofline::new(256 << 20).map_err(kernel_bench::memory_error)?;
+    Ok(roofline.read_gb_per_s(3))
+}
+
+/// The machine as this run found it, for comparing runs on a noisy machine.
+fn machine() -> Result<serde_json::Value, Error> {
+    Ok(serde_json::json!({
+        "memory_read_gb_per_s": memory_read_gb_per_s()?,
+        "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+        "note": "measured in this run; a NOP moves no data, so its figures are not divided by it",
     }))
 }
 
@@ -254,8 +271,18 @@ pub fn bench_topk(
         });
         let (host, in_place, kernel, local) =
             (median(host), median(in_place), median(device_ns), median(local));
+        let read_gbs = memory_read_gb_per_s()?;
+        let key_bytes = wire.bytes(tokens) as f64;
+        let floor = key_bytes / read_gbs / 1e9;
         Ok::<_, Error>(serde_json::json!({
             "benchmark": "topk_gather",
+            "roofline": {
+                "memory_read_gb_per_s": read_gbs,
+                "key_scan_ms": floor * 1e3,
+                "device_kernel_x_roofline_time": kernel / floor,
+                "host_latency_x_roofline_time": host / floor,
+                "note": "measured in this run: one thread reading 256 MiB; the keys' scan can go no faster",
+            },
             "mode": if interrupts { "interrupt" } else { "polled" },
             "tokens": tokens,
             "head_dim": head_dim,

@@ -69,7 +69,9 @@ enum Command {
     /// size, and per decode step the link bytes and modelled time with and
     /// without near-memory Top-K. Needs no device.
     Model(ModelArgs),
-    /// Command-path benchmarks against the device (JSON).
+    /// Benchmarks, each reporting this machine's memory read roofline
+    /// measured in the same run (JSON): the command path, the kernel, the
+    /// data path.
     Bench {
         #[command(subcommand)]
         action: BenchAction,
