@@ -317,8 +317,10 @@ impl Device {
                 room = c.result0;
                 continue;
             }
-            let entries = <[WireSequenceInfo]>::ref_from_bytes(&raw[..c.result1 as usize * 32])
-                .expect("whole entries");
+            let entries = <[WireSequenceInfo]>::ref_from_bytes(
+                &raw[..c.result1 as usize * SEQUENCE_INFO as usize],
+            )
+            .expect("whole entries");
             return entries.iter().map(sequence_from_wire).collect();
         }
     }
