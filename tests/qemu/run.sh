@@ -1,0 +1,67 @@
+#!/bin/bash
+# The QEMU harness: pnm-device on the host, a Linux guest under QEMU (TCG,
+# emulated intel-iommu) that sees it as a PCI device through
+# ivshmem-doorbell, and the guest suite (guest/suite.sh) driving it with
+# the same pnmctl as on the host.
+#
+# usage: tests/qemu/run.sh            (from anywhere; installs what it needs)
+# env:   QEMU_TIMEOUT seconds (default 240), KEEP_LOGS=1 keeps logs on success
+# Last line: "QEMU_HARNESS ok N checks" or "QEMU_HARNESS FAIL ...", and the
+# exit code says the same. Logs (guest serial, device) under target/qemu/logs.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+WORK=${QEMU_WORK:-$ROOT/target/qemu}
+export QEMU_WORK=$WORK
+KDIR=$("$HERE/setup.sh" | tail -1)
+LOGS=$WORK/logs
+mkdir -p "$LOGS"
+T0=$EPOCHREALTIME
+
+# Host binaries, and a static pnmctl for the guest (its own target dir).
+(cd "$ROOT" && cargo build -q --release -p pnm-device -p pnm-tools)
+(cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' \
+    cargo build -q --release --target x86_64-unknown-linux-gnu -p pnm-tools --bin pnmctl)
+mkdir -p "$WORK/guest-bin"
+strip -o "$WORK/guest-bin/pnmctl" "$ROOT/target/x86_64-unknown-linux-gnu/release/pnmctl"
+"$HERE/mkinitramfs.sh" "$KDIR" "$WORK/initrd.gz" "$WORK/guest-bin/pnmctl"
+
+REGION=/dev/shm/pnm-qemu-$$
+SOCK=$REGION.sock
+DEVICE_LOG=$LOGS/device.log
+SERIAL=$LOGS/guest-serial.log
+DEVICE_PID=
+cleanup() {
+    [ -n "$DEVICE_PID" ] && kill "$DEVICE_PID" 2>/dev/null && wait "$DEVICE_PID" 2>/dev/null
+    rm -f "$REGION" "$SOCK"
+}
+trap cleanup EXIT
+"$ROOT/target/release/pnm-device" --path "$REGION" --size 64MiB > "$DEVICE_LOG" 2>&1 &
+DEVICE_PID=$!
+for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.05; done
+[ -S "$SOCK" ] || { echo "QEMU_HARNESS FAIL pnm-device did not start (log: $DEVICE_LOG)"; exit 1; }
+
+KERNEL=$(ls "$KDIR"/boot/vmlinuz-*)
+set +e
+timeout "${QEMU_TIMEOUT:-240}" qemu-system-x86_64 \
+    -accel tcg -cpu max -M q35 -m 512M -smp 2 -nographic -no-reboot \
+    -device intel-iommu,intremap=on \
+    -kernel "$KERNEL" -initrd "$WORK/initrd.gz" \
+    -append "console=ttyS0 panic=-1 loglevel=4 intel_iommu=on" \
+    -chardev socket,path="$SOCK",id=pnm \
+    -device ivshmem-doorbell,chardev=pnm,vectors=8 \
+    < /dev/null > "$SERIAL" 2>&1
+QEMU_RC=$?
+set -e
+T1=$EPOCHREALTIME
+
+checks=$(grep -c '^CHECK ' "$SERIAL" || true)
+failed=$(grep '^CHECK ' "$SERIAL" | grep -v ' ok' || true)
+printf 'harness wall time %.1f s\n' "$(echo "$T1 - $T0" | bc)"
+if [ "$QEMU_RC" -ne 0 ] || ! grep -q GUEST_DONE "$SERIAL" || [ -n "$failed" ] || [ "$checks" -eq 0 ]; then
+    echo "$failed"
+    tail -30 "$SERIAL"
+    echo "QEMU_HARNESS FAIL qemu exit $QEMU_RC, $checks checks (serial: $SERIAL, device: $DEVICE_LOG)"
+    exit 1
+fi
+echo "QEMU_HARNESS ok $checks checks"
