@@ -20,7 +20,6 @@ use crate::commands::{CelEntry, HealthInfo, Identify, PnmInfo, SupportedLog};
 use crate::dma::DmaPool;
 use crate::error::{Error, Result};
 use crate::mailbox::{DEFAULT_TIMEOUT, MailboxClient};
-use crate::notify::NotifyClient;
 use crate::queue::{InterruptConfig, QueueOptions, QueuePair};
 use crate::session::{Session, SessionGuard};
 use crate::sys::Mapping;
@@ -52,6 +51,20 @@ impl Default for DeviceOptions {
             socket: None,
             interrupts: false,
         }
+    }
+}
+
+/// How a region file's transport is set up from the device options: the
+/// notification socket given, or the one beside the region if it exists.
+fn region_file_options(
+    path: &Path,
+    options: &DeviceOptions,
+) -> crate::transport::RegionFileOptions {
+    let beside = pnm_protocol::notify::socket_path(path);
+    crate::transport::RegionFileOptions {
+        socket: options.socket.clone().or_else(|| beside.exists().then_some(beside)),
+        socket_required: options.socket.is_some() || options.interrupts,
+        connect_timeout: options.mailbox_timeout,
     }
 }
 
@@ -112,23 +125,31 @@ impl Device {
         Self::open_with(path, &DeviceOptions::default())
     }
 
+    /// Opens a device: `path` is its region file, or `vfio:BDF` for a PCI
+    /// device bound to vfio-pci (a guest's view of the device through
+    /// QEMU's ivshmem-doorbell, for example `vfio:0000:00:03.0`).
     pub fn open_with(path: impl AsRef<Path>, options: &DeviceOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let open_err = |error| Error::Open { path: path.clone(), error };
-        let file = OpenOptions::new().read(true).write(true).open(&path).map_err(open_err)?;
-        let len = file.metadata().map_err(open_err)?.len();
+        let transport: Arc<dyn Transport> =
+            match path.to_str().and_then(|p| p.strip_prefix("vfio:")) {
+                #[cfg(feature = "vfio")]
+                Some(bdf) => Arc::new(crate::vfio::VfioTransport::open(bdf)?),
+                #[cfg(not(feature = "vfio"))]
+                Some(_) => {
+                    return Err(Error::Invalid(
+                        "this driver was built without the `vfio` feature".into(),
+                    ));
+                }
+                None => Arc::new(RegionFile::open(&path, &region_file_options(&path, options))?),
+            };
+        let regs = transport.region();
+        let len = regs.len();
         let not_a_device = |reason: String| Error::NotADevice { path: path.clone(), reason };
         if len < REGISTER_BLOCK_SIZE {
             return Err(not_a_device(format!(
                 "{len} bytes is smaller than the {REGISTER_BLOCK_SIZE}-byte register block"
             )));
         }
-        let usize_len =
-            usize::try_from(len).map_err(|_| not_a_device("too large to map".into()))?;
-        let map = MmapOptions::new().len(usize_len).map_raw(&file).map_err(open_err)?;
-        let mapping = Mapping::new(map);
-        let regs = mapping.view();
-
         let caps = discover(regs).map_err(not_a_device)?;
         let p = caps.pnm;
         let abi_version = regs.load_u32(p + pnm::ABI_VERSION, Acquire);
@@ -160,29 +181,6 @@ impl Device {
                 caps.mailbox_length
             )));
         }
-        // The notification socket: explicit, or next to the region if there.
-        let socket = options.socket.clone().or_else(|| {
-            let default = pnm_protocol::notify::socket_path(&path);
-            default.exists().then_some(default)
-        });
-        let notify = match socket {
-            Some(socket) => match NotifyClient::connect(&socket, options.mailbox_timeout) {
-                Ok(client) => Some(client),
-                Err(e) if options.socket.is_some() || options.interrupts => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, "no notifications; polling only");
-                    None
-                }
-            },
-            None if options.interrupts => {
-                return Err(Error::Invalid(format!(
-                    "interrupts need the device's notification socket ({} not found)",
-                    pnm_protocol::notify::socket_path(&path).display()
-                )));
-            }
-            None => None,
-        };
-        let transport: Arc<dyn Transport> = Arc::new(RegionFile::new(mapping, notify));
         let wake = Wake::new(transport.clone(), caps.pnm + pnm::DEVICE_SLEEPING);
         let mut client = MailboxClient::new(
             regs,

@@ -50,6 +50,34 @@ pub enum Error {
     Protocol(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("PCI device {device}: {problem}")]
+    Vfio { device: String, problem: VfioProblem },
+}
+
+/// Why a PCI device could not be driven through VFIO.
+#[derive(Debug, thiserror::Error)]
+pub enum VfioProblem {
+    #[error("no such PCI device (looked in /sys/bus/pci/devices)")]
+    NoSuchDevice,
+    #[error(
+        "it is in no IOMMU group: VFIO needs an IOMMU (in a QEMU guest: -device \
+         intel-iommu,intremap=on and intel_iommu=on on the kernel command line)"
+    )]
+    NoIommuGroup,
+    #[error(
+        "it is bound to {}, not vfio-pci (echo vfio-pci > .../driver_override; \
+         echo BDF > /sys/bus/pci/drivers_probe)",
+        driver.as_deref().unwrap_or("no driver")
+    )]
+    NotBoundToVfioPci { driver: Option<String> },
+    #[error("VFIO: {0}")]
+    Vfio(String),
+    #[error("BAR{index} is {size} bytes; {expected}")]
+    Bar { index: u32, size: u64, expected: &'static str },
+    #[error("mapping BAR2: {0}")]
+    Map(std::io::Error),
+    #[error("MSI-X: {0}")]
+    Interrupts(String),
 }
 
 impl Error {

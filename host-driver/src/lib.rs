@@ -18,11 +18,13 @@ pub mod queue;
 mod session;
 mod sys;
 pub mod transport;
+#[cfg(feature = "vfio")]
+pub mod vfio;
 
 #[cfg(feature = "async")]
 pub use async_api::AsyncQueue;
 pub use device::{Device, DeviceOptions, DeviceState, DeviceStatus, Liveness};
-pub use error::{Error, Result};
+pub use error::{Error, Result, VfioProblem};
 pub use kv::{
     Aggregation, GatheredView, KvShape, PageSelection, Query, Rows, Sequence, TopK, TopkRequest,
 };

@@ -50,6 +50,16 @@ pub fn own_received_fd(raw: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
     unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
 }
 
+/// The descriptor of an eventfd that vfio-ioctls takes (it has no `AsFd`),
+/// borrowed for polling.
+#[cfg(feature = "vfio")]
+pub fn eventfd_as_fd(fd: &vmm_sys_util::eventfd::EventFd) -> std::os::fd::BorrowedFd<'_> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the EventFd owns its descriptor and keeps it open for as long
+    // as it lives, which the borrow cannot outlast.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) }
+}
+
 /// Registers an owned descriptor with tokio's reactor.
 #[cfg(feature = "async")]
 pub fn register_async_fd(

@@ -4,9 +4,10 @@
 //! device that went to sleep, and this host's interrupt vectors.
 //!
 //! [`RegionFile`] maps the device's region file and talks to its
-//! ivshmem-shaped notification socket. A VFIO transport (a PCI device in a
-//! guest: BAR2 mapped as the region, BAR0's Doorbell register as the wake,
-//! MSI-X eventfds as the vectors) plugs in behind the same trait.
+//! ivshmem-shaped notification socket. `vfio::VfioTransport` (a
+//! PCI device in a guest: BAR2 mapped as the region, BAR0's Doorbell
+//! register as the wake, MSI-X eventfds as the vectors) implements the same
+//! trait.
 
 use std::fmt;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -14,8 +15,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
-use pnm_protocol::SharedMemory;
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
 
+use memmap2::MmapOptions;
+use pnm_protocol::SharedMemory;
+use pnm_protocol::regs::REGISTER_BLOCK_SIZE;
+
+use crate::error::{Error, Result};
 use crate::notify::NotifyClient;
 use crate::sys::Mapping;
 
@@ -67,9 +74,49 @@ pub struct RegionFile {
     notify: Option<NotifyClient>,
 }
 
+/// How to reach a region file's device.
+#[derive(Debug, Clone)]
+pub struct RegionFileOptions {
+    /// The device's notification socket, if any.
+    pub socket: Option<PathBuf>,
+    /// Fail without the socket (interrupts were asked for, or it was named).
+    pub socket_required: bool,
+    pub connect_timeout: Duration,
+}
+
 impl RegionFile {
-    pub(crate) fn new(mapping: Mapping, notify: Option<NotifyClient>) -> Self {
-        Self { mapping, notify }
+    /// Maps the region file at `path` (read-write, shared) and connects to
+    /// the notification socket.
+    pub fn open(path: &Path, options: &RegionFileOptions) -> Result<Self> {
+        let open_err = |error| Error::Open { path: path.to_path_buf(), error };
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(open_err)?;
+        let len = file.metadata().map_err(open_err)?.len();
+        let not_a_device = |reason: String| Error::NotADevice { path: path.to_path_buf(), reason };
+        if len < REGISTER_BLOCK_SIZE {
+            return Err(not_a_device(format!(
+                "{len} bytes is smaller than the {REGISTER_BLOCK_SIZE}-byte register block"
+            )));
+        }
+        let len = usize::try_from(len).map_err(|_| not_a_device("too large to map".into()))?;
+        let map = MmapOptions::new().len(len).map_raw(&file).map_err(open_err)?;
+        let notify = match &options.socket {
+            Some(socket) => match NotifyClient::connect(socket, options.connect_timeout) {
+                Ok(client) => Some(client),
+                Err(e) if options.socket_required => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no notifications; polling only");
+                    None
+                }
+            },
+            None if options.socket_required => {
+                return Err(Error::Invalid(format!(
+                    "interrupts need the device's notification socket ({} not found)",
+                    pnm_protocol::notify::socket_path(path).display()
+                )));
+            }
+            None => None,
+        };
+        Ok(Self { mapping: Mapping::new(map), notify })
     }
 }
 

@@ -24,7 +24,9 @@ T0=$EPOCHREALTIME
     cargo build -q --release --target x86_64-unknown-linux-gnu -p pnm-tools --bin pnmctl)
 mkdir -p "$WORK/guest-bin"
 strip -o "$WORK/guest-bin/pnmctl" "$ROOT/target/x86_64-unknown-linux-gnu/release/pnmctl"
-"$HERE/mkinitramfs.sh" "$KDIR" "$WORK/initrd.gz" "$WORK/guest-bin/pnmctl"
+mkdir -p "$WORK/data"
+python3 "$HERE/guest_data.py" make "$WORK/data" "${SEED:-$$}"
+"$HERE/mkinitramfs.sh" "$KDIR" "$WORK/initrd.gz" "$WORK/guest-bin/pnmctl" "$WORK"/data/*.npy
 
 REGION=/dev/shm/pnm-qemu-$$
 SOCK=$REGION.sock
@@ -57,6 +59,12 @@ T1=$EPOCHREALTIME
 
 checks=$(grep -c '^CHECK ' "$SERIAL" || true)
 failed=$(grep '^CHECK ' "$SERIAL" | grep -v ' ok' || true)
+# The guest's answers against NumPy's on the same data.
+if ! python3 "$HERE/guest_data.py" check "$SERIAL" "$WORK/data" > "$LOGS/answers.log" 2>&1; then
+    failed="$failed
+answers: $(cat "$LOGS/answers.log")"
+fi
+checks=$((checks + $(sed -n 's/^\([0-9]*\) passed.*/\1/p' "$LOGS/answers.log" || echo 0)))
 printf 'harness wall time %.1f s\n' "$(echo "$T1 - $T0" | bc)"
 if [ "$QEMU_RC" -ne 0 ] || ! grep -q GUEST_DONE "$SERIAL" || [ -n "$failed" ] || [ "$checks" -eq 0 ]; then
     echo "$failed"

@@ -1,7 +1,8 @@
 #!/bin/sh
-# The guest suite: finds the PNM device (ivshmem-doorbell, 1af4:1110 with an
-# MSI-X BAR1) and drives it with the same pnmctl as on the host. Each check
-# prints "CHECK <name> ok" or "CHECK <name> FAIL"; the host side reads them.
+# The guest suite: finds the PNM device (ivshmem-doorbell: 1af4:1110 with
+# an MSI-X BAR1), binds it to vfio-pci and drives it with the same pnmctl
+# as on the host. Each check prints "CHECK <name> ok" or "CHECK <name>
+# FAIL"; answers the host verifies print as "RESULT <name> <payload>".
 for m in $(cat /etc/modules); do insmod "$m" || echo "insmod $m failed"; done
 dev=
 for d in /sys/bus/pci/devices/*; do
@@ -13,11 +14,41 @@ done
 check() { # name command...
     name=$1; shift
     if out=$("$@" 2>&1); then echo "CHECK $name ok"; else echo "CHECK $name FAIL"; fi
-    echo "$out" | sed "s/^/  $name: /"
+    echo "$out" | head -40 | sed "s/^/  $name: /"
 }
+hex() { od -An -tx1 -v "$1" | tr -d ' \n'; }
 [ -n "$dev" ] || { echo "CHECK device-found FAIL (no ivshmem-doorbell)"; exit 0; }
 echo "CHECK device-found ok $dev"
-echo "PNM_BARS $(sed -n '1,3p' /sys/bus/pci/devices/$dev/resource | tr '\n' ' ')"
-bar2=/sys/bus/pci/devices/$dev/resource2
-check identify pnmctl --device "$bar2" --wait-ms 5000 identify
-check pnm-info pnmctl --device "$bar2" --json pnm-info
+
+# 1. Through sysfs (BAR2 as a file; polling, no interrupts).
+check sysfs-identify pnmctl --device /sys/bus/pci/devices/$dev/resource2 --wait-ms 5000 identify
+
+# 2. Through VFIO: BAR2 mapped by the device fd, BAR0 doorbell, MSI-X.
+echo vfio-pci > /sys/bus/pci/devices/$dev/driver_override
+echo "$dev" > /sys/bus/pci/drivers_probe
+echo "bound to: $(basename "$(readlink /sys/bus/pci/devices/$dev/driver)")"
+pnm="pnmctl --device vfio:$dev --wait-ms 5000"
+check vfio-identify $pnm identify
+check vfio-health $pnm health
+check vfio-logs $pnm logs
+check vfio-pnm-info $pnm --json pnm-info
+seq=$($pnm --json kv load --keys /data/keys.npy --values /data/values.npy \
+    | sed -n 's/.*"id": *\([0-9]*\).*/\1/p' | head -1)
+[ -n "$seq" ] && echo "CHECK vfio-kv-load ok seq $seq" || echo "CHECK vfio-kv-load FAIL"
+top=$($pnm --json topk --seq "$seq" --layer 0 --head 1 -k 32 --query /data/query.npy)
+[ -n "$top" ] && echo "CHECK vfio-topk ok" || echo "CHECK vfio-topk FAIL"
+echo "RESULT topk $top"
+best=$(echo "$top" | sed -n 's/.*"indices":\[\([0-9,]*\)\].*/\1/p' | cut -d, -f1-4)
+check vfio-gather $pnm gather --seq "$seq" --layer 0 --head 1 --indices "$best" \
+    --out-keys /tmp/k.npy --out-values /tmp/v.npy
+echo "RESULT gather-keys $(hex /tmp/k.npy)"
+echo "RESULT gather-values $(hex /tmp/v.npy)"
+check vfio-kv-free $pnm kv free --seq "$seq"
+
+# 3. Interrupt-driven waits over MSI-X, and figures from inside the guest.
+nop=$($pnm bench nop --interrupts --samples 300 --seconds 0.5 2>&1)
+echo "$nop" | grep -q '"mode": "interrupt"' && echo "CHECK vfio-msix-nop ok" || echo "CHECK vfio-msix-nop FAIL"
+echo "RESULT bench-nop-interrupt $(echo "$nop" | tr -d '\n ')"
+nop=$($pnm bench nop --samples 300 --seconds 0.5 2>&1)
+echo "$nop" | grep -q '"mode": "polled"' && echo "CHECK vfio-polled-nop ok" || echo "CHECK vfio-polled-nop FAIL"
+echo "RESULT bench-nop-polled $(echo "$nop" | tr -d '\n ')"
