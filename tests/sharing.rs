@@ -86,7 +86,8 @@ fn child_mailbox_hammer() {
         let input = AllocateDmaInput {
             size: size.into(),
             owner_pid: std::process::id().into(),
-            reserved: [0; 4],
+            peer_id: 0.into(),
+            reserved: [0; 2],
         };
         let out = dev.mailbox_raw(Opcode::ALLOCATE_DMA, input.as_bytes()).unwrap();
         let addr = DmaBufferAddr::read_from_bytes(&out).unwrap().addr.get();

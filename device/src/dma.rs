@@ -4,14 +4,14 @@
 use std::collections::BTreeMap;
 
 use pnm_protocol::RegionLayout;
-use pnm_protocol::commands::{DMA_GRANULE, DMA_WINDOW_SHARE_PER_OWNER};
+use pnm_protocol::commands::{DMA_GRANULE, DMA_WINDOW_SHARE_PER_OWNER, Owner};
 
 use crate::refusal::{Reason, Refusal};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Allocation {
     pub len: u64,
-    pub owner_pid: u32,
+    pub owner: Owner,
 }
 
 /// First-fit allocator over the host DMA window, in 4 KiB granules.
@@ -30,24 +30,23 @@ impl DmaAllocator {
         Self { start, end, allocations: BTreeMap::new() }
     }
 
-    /// Allocates `size` bytes (rounded up to the granule) for `owner_pid`.
+    /// Allocates `size` bytes (rounded up to the granule) for `owner`.
     /// Refused: size or owner 0 (Invalid Input); no gap fits, or the owner
     /// would hold more than its share of the window (Resources Exhausted).
-    pub fn allocate(&mut self, size: u64, owner_pid: u32) -> Result<u64, Refusal> {
-        if owner_pid == 0 {
+    pub fn allocate(&mut self, size: u64, owner: Option<Owner>) -> Result<u64, Refusal> {
+        let Some(owner) = owner else {
             return Err(Refusal::invalid(Reason::NoOwner));
-        }
+        };
         if size == 0 {
             return Err(Refusal::invalid(Reason::EmptyDmaBuffer));
         }
         let full = Refusal::exhausted(Reason::DmaWindowFull { want: size });
         let len = size.checked_next_multiple_of(DMA_GRANULE).ok_or(full.clone())?;
-        let held: u64 =
-            self.allocations.values().filter(|a| a.owner_pid == owner_pid).map(|a| a.len).sum();
+        let held: u64 = self.allocations.values().filter(|a| a.owner == owner).map(|a| a.len).sum();
         let share = (self.end - self.start) / DMA_WINDOW_SHARE_PER_OWNER;
         if held.saturating_add(len) > share {
             return Err(Refusal::exhausted(Reason::DmaShare {
-                owner: owner_pid,
+                owner: owner.word(),
                 held,
                 want: len,
                 share,
@@ -63,7 +62,7 @@ impl DmaAllocator {
         if self.end.saturating_sub(cursor) < len {
             return Err(full);
         }
-        self.allocations.insert(cursor, Allocation { len, owner_pid });
+        self.allocations.insert(cursor, Allocation { len, owner });
         Ok(cursor)
     }
 
@@ -73,9 +72,9 @@ impl DmaAllocator {
     }
 
     /// Frees every allocation `is_dead` says has no owner any more.
-    pub fn reclaim(&mut self, is_dead: impl Fn(u32) -> bool) -> usize {
+    pub fn reclaim(&mut self, is_dead: impl Fn(Owner) -> bool) -> usize {
         let before = self.allocations.len();
-        self.allocations.retain(|_, a| !is_dead(a.owner_pid));
+        self.allocations.retain(|_, a| !is_dead(a.owner));
         before - self.allocations.len()
     }
 
@@ -101,29 +100,48 @@ mod tests {
         let mut dma = DmaAllocator::new(&layout);
         let window_end = layout.dma_window_offset + layout.dma_window_size;
         let half = layout.dma_window_size / 2;
-        let a = dma.allocate(1, 7).unwrap();
+        let a = dma.allocate(1, Owner::decode(7, 0)).unwrap();
         assert_eq!(a, layout.dma_window_offset);
-        let b = dma.allocate(8192, 7).unwrap();
+        let b = dma.allocate(8192, Owner::decode(7, 0)).unwrap();
         assert_eq!(b, a + 4096);
         assert!(dma.free(a));
         assert!(!dma.free(a), "double free is refused");
-        assert_eq!(dma.allocate(4096, 8).map_err(|r| r.code), Ok(a), "the gap is reused");
-        assert_eq!(dma.allocate(0, 1).map_err(|r| r.code), Err(ReturnCode::INVALID_INPUT));
         assert_eq!(
-            dma.allocate(4096, 0).map_err(|r| r.code),
+            dma.allocate(4096, Owner::decode(8, 0)).map_err(|r| r.code),
+            Ok(a),
+            "the gap is reused"
+        );
+        assert_eq!(
+            dma.allocate(0, Owner::decode(1, 0)).map_err(|r| r.code),
+            Err(ReturnCode::INVALID_INPUT)
+        );
+        assert_eq!(
+            dma.allocate(4096, Owner::decode(0, 0)).map_err(|r| r.code),
             Err(ReturnCode::INVALID_INPUT),
             "owner 0 is nobody"
         );
-        assert_eq!(dma.allocate(u64::MAX, 1).map_err(|r| r.code), FULL);
+        assert_eq!(dma.allocate(u64::MAX, Owner::decode(1, 0)).map_err(|r| r.code), FULL);
         // One owner gets at most half the window, however it asks.
-        assert_eq!(dma.allocate(half + 4096, 9).map_err(|r| r.code), FULL);
-        let c = dma.allocate(half - 4096, 9).unwrap();
-        assert_eq!(dma.allocate(8192, 9).map_err(|r| r.code), FULL, "past its share");
+        assert_eq!(dma.allocate(half + 4096, Owner::decode(9, 0)).map_err(|r| r.code), FULL);
+        let c = dma.allocate(half - 4096, Owner::decode(9, 0)).unwrap();
+        assert_eq!(
+            dma.allocate(8192, Owner::decode(9, 0)).map_err(|r| r.code),
+            FULL,
+            "past its share"
+        );
         let rest = window_end - (c + half - 4096);
-        let d = dma.allocate(rest, 10).unwrap();
+        let d = dma.allocate(rest, Owner::decode(10, 0)).unwrap();
         assert_eq!(d + rest, window_end);
-        assert_eq!(dma.allocate(1, 11).map_err(|r| r.code), FULL, "window full");
-        assert_eq!(dma.reclaim(|pid| pid == 7), 1);
-        assert_eq!(dma.allocate(8192, 1).map_err(|r| r.code), Ok(b));
+        assert_eq!(dma.allocate(1, Owner::decode(11, 0)).map_err(|r| r.code), FULL, "window full");
+        assert_eq!(dma.reclaim(|owner| owner == Owner::Process(7)), 1);
+        assert_eq!(dma.allocate(8192, Owner::decode(1, 0)).map_err(|r| r.code), Ok(b));
+        // A guest's process is another owner than the host's of the same
+        // PID, and goes with its peer.
+        assert_eq!(dma.reclaim(|_| true), 4, "everything");
+        let guest = Owner::Guest { pid: 7, peer: 3 };
+        let g = dma.allocate(half - 4096, Some(guest)).unwrap();
+        assert!(dma.allocate(half - 4096, Some(Owner::Process(7))).is_ok(), "its own share");
+        assert_eq!(dma.reclaim(|o| matches!(o, Owner::Guest { peer: 3, .. })), 1);
+        assert_eq!(dma.allocate(4096, Some(guest)).map_err(|r| r.code), Ok(g));
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use pnm_protocol::commands::{OWNER_GUEST, Owner};
 use pnm_protocol::notify::{self, socket_path};
 use pnm_protocol::regs::{self, mailbox, memdev_status, pnm};
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
@@ -406,8 +407,17 @@ impl Engine {
         for peer in self.peers.take_departed() {
             departed = true;
             let n = self.state.queues.reclaim_peer(peer);
-            if n > 0 {
-                tracing::warn!(peer, queues = n, "notification peer left; its queue pairs deleted");
+            let buffers = self
+                .state
+                .dma
+                .reclaim(|owner| matches!(owner, Owner::Guest { peer: p, .. } if p == peer));
+            if n + buffers > 0 {
+                tracing::warn!(
+                    peer,
+                    queues = n,
+                    buffers,
+                    "notification peer left; its queue pairs and its guest's buffers deleted"
+                );
             }
         }
         // A peer's connection closes when its process dies: look for dead
@@ -415,8 +425,13 @@ impl Engine {
         // held (polled queues, buffers, KV reservations) is freed at once.
         if departed || now.duration_since(self.last_reclaim) >= RECLAIM_PERIOD {
             self.last_reclaim = now;
-            let queues = self.state.queues.reclaim(process_gone);
-            let buffers = self.state.dma.reclaim(process_gone);
+            let peers = &self.peers;
+            let gone = |owner: Owner| match owner {
+                Owner::Process(pid) => process_gone(pid),
+                Owner::Guest { peer, .. } => !peers.connected(peer),
+            };
+            let queues = self.state.queues.reclaim(gone);
+            let buffers = self.state.dma.reclaim(gone);
             if queues + buffers > 0 {
                 tracing::warn!(queues, buffers, "reclaimed resources of exited hosts");
             }
@@ -467,7 +482,11 @@ impl Engine {
         let held = now.duration_since(since);
         let holder = pnm::mailbox_lock_holder(value);
         let lease = Duration::from_millis(pnm::MAILBOX_LOCK_LEASE_MS.into());
-        let why = if held >= LOCK_CHECK_AFTER && (holder == 0 || process_gone(holder)) {
+        // A guest's process cannot be looked up here: its lock ends by the
+        // lease alone.
+        let checkable = holder & OWNER_GUEST == 0;
+        let why = if held >= LOCK_CHECK_AFTER && checkable && (holder == 0 || process_gone(holder))
+        {
             "its holder exited"
         } else if held >= lease {
             "its holder overstayed the lease"

@@ -9,8 +9,8 @@ use pnm_firmware::LIMITS;
 use pnm_protocol::commands::{
     self, AllocateDmaInput, CAPACITY_UNIT, CEL_UUID, CelEntry, CreateQueuePairInput,
     CreateQueuePairOutput, DeleteQueuePairInput, DmaBufferAddr, GetLogInput, GetTimestampOutput,
-    HealthInfoOutput, IdentifyOutput, IdentifyPnmOutput, SetTimestampInput, SupportedLogEntry,
-    SupportedLogsHeader,
+    HealthInfoOutput, IdentifyOutput, IdentifyPnmOutput, Owner, SetTimestampInput,
+    SupportedLogEntry, SupportedLogsHeader,
 };
 use pnm_protocol::queue::{KV_FRAME_SIZE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS};
 use pnm_protocol::regs::{ABI_VERSION, MAILBOX_PAYLOAD_SIZE};
@@ -147,7 +147,13 @@ impl MailboxState {
             }
             Opcode::ALLOCATE_DMA => {
                 let input = read_input::<AllocateDmaInput>(opcode, input)?;
-                let addr = self.dma.allocate(input.size.get(), input.owner_pid.get())?;
+                let owner = Owner::decode(input.owner_pid.get(), input.peer_id.get());
+                if let Some(Owner::Guest { peer, .. }) = owner
+                    && !self.queues.peer_connected(peer)
+                {
+                    return Err(Refusal::invalid(Reason::NoSuchPeer(peer)));
+                }
+                let addr = self.dma.allocate(input.size.get(), owner)?;
                 Ok(DmaBufferAddr { addr: addr.into() }.as_bytes().to_vec())
             }
             Opcode::FREE_DMA => {
@@ -352,6 +358,25 @@ mod tests {
         let mut other = input(at, 0, 0);
         other.owner_pid = 4243.into();
         assert!(s.execute(Opcode::CREATE_QUEUE_PAIR, other.as_bytes(), now).is_ok());
+        // A guest owner names the peer it is; one not connected is refused,
+        // for queues and buffers alike.
+        let mut guest = input(at + 8192, 0, 0);
+        guest.owner_pid = (4242 | pnm_protocol::commands::OWNER_GUEST).into();
+        guest.peer_id = 5.into();
+        assert_eq!(
+            s.execute(Opcode::CREATE_QUEUE_PAIR, guest.as_bytes(), now).map_err(|r| r.code),
+            Err(ReturnCode::INVALID_INPUT)
+        );
+        let dma = AllocateDmaInput {
+            size: 4096.into(),
+            owner_pid: guest.owner_pid,
+            peer_id: 5.into(),
+            reserved: [0; 2],
+        };
+        assert_eq!(
+            s.execute(Opcode::ALLOCATE_DMA, dma.as_bytes(), now).map_err(|r| r.code),
+            Err(ReturnCode::INVALID_INPUT)
+        );
         // The pre-priority 32-byte input is a length error, not a normal queue.
         let short = &input(8192, 0, 0).as_bytes()[..32].to_vec();
         assert_eq!(

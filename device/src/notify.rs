@@ -49,6 +49,11 @@ impl Peers {
         self.lock().peers.get(&peer).and_then(|p| p.vectors.get(usize::from(v)).cloned())
     }
 
+    /// True while `peer` is connected.
+    pub fn connected(&self, peer: u16) -> bool {
+        self.lock().peers.contains_key(&peer)
+    }
+
     /// Peers that left since the last call.
     pub fn take_departed(&self) -> Vec<u16> {
         if !self.pending.swap(false, Ordering::AcqRel) {

@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
 
-use pnm_protocol::commands::{CreateQueuePairInput, QUEUE_PRIORITY_HIGH, QUEUE_PRIORITY_NORMAL};
+use pnm_protocol::commands::{
+    CreateQueuePairInput, Owner, QUEUE_PRIORITY_HIGH, QUEUE_PRIORITY_NORMAL,
+};
 use pnm_protocol::queue::{
     CQE_SIZE, CompletionEntry, IRQ_NONE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS,
     MAX_QUEUE_PAIRS_PER_OWNER, MIN_QUEUE_ENTRIES, QueueCommand, QueueOpcode, RING_ALIGN, SQE_SIZE,
@@ -143,7 +145,7 @@ struct QueuePair {
     entries: u32,
     /// High priority: served first by the engine and the compute units.
     high: bool,
-    owner_pid: u32,
+    owner: Owner,
     /// Names this queue's KV reservations; never reused while the device runs.
     writer: Writer,
     /// The peer its interrupts go to, if any.
@@ -275,14 +277,17 @@ impl QueueTable {
             return Err(Refusal::invalid(Reason::ReservedNotZero));
         }
         // Every queue has an owner to reclaim it from (0 names no process).
-        let owner_pid = input.owner_pid.get();
-        if owner_pid == 0 {
-            return Err(Refusal::invalid(Reason::NoOwner));
+        let owner = Owner::decode(input.owner_pid.get(), input.peer_id.get())
+            .ok_or(Refusal::invalid(Reason::NoOwner))?;
+        if let Owner::Guest { peer, .. } = owner
+            && !self.peers.connected(peer)
+        {
+            return Err(Refusal::invalid(Reason::NoSuchPeer(peer)));
         }
-        let held = self.queues.iter().flatten().filter(|q| q.owner_pid == owner_pid).count();
+        let held = self.queues.iter().flatten().filter(|q| q.owner == owner).count();
         if held as u32 >= MAX_QUEUE_PAIRS_PER_OWNER {
             return Err(Refusal::exhausted(Reason::OwnerQueueLimit {
-                owner: owner_pid,
+                owner: input.owner_pid.get(),
                 max: MAX_QUEUE_PAIRS_PER_OWNER,
             }));
         }
@@ -315,14 +320,14 @@ impl QueueTable {
             sq_addr: sq,
             entries,
             high,
-            owner_pid: input.owner_pid.get(),
+            owner,
             writer: Writer(self.writers),
             peer,
             sq_head: 0,
             tail_error: false,
             cq: Arc::new(Mutex::new(ring)),
         });
-        tracing::info!(qid, entries, owner_pid = input.owner_pid.get(), "queue pair created");
+        tracing::info!(qid, entries, ?owner, "queue pair created");
         Ok(qid)
     }
 
@@ -349,17 +354,13 @@ impl QueueTable {
     }
 
     /// Deletes every queue whose owner `is_dead` reports gone.
-    pub fn reclaim(&mut self, is_dead: impl Fn(u32) -> bool) -> usize {
+    pub fn reclaim(&mut self, is_dead: impl Fn(Owner) -> bool) -> usize {
         let mut n = 0;
         for qid in 0..self.queues.len() {
             if let Some(q) = &self.queues[qid]
-                && is_dead(q.owner_pid)
+                && is_dead(q.owner)
             {
-                tracing::warn!(
-                    qid,
-                    owner_pid = q.owner_pid,
-                    "owner process gone; queue pair reclaimed"
-                );
+                tracing::warn!(qid, owner = ?q.owner, "owner gone; queue pair reclaimed");
                 self.remove(qid);
                 n += 1;
             }
@@ -367,11 +368,20 @@ impl QueueTable {
         n
     }
 
-    /// Deletes every queue whose interrupts go to `peer` (it disconnected).
+    /// True while notification peer `peer` is connected.
+    pub fn peer_connected(&self, peer: u16) -> bool {
+        self.peers.connected(peer)
+    }
+
+    /// Deletes every queue whose interrupts go to `peer`, or that a process
+    /// in guest `peer` owns (it disconnected).
     pub fn reclaim_peer(&mut self, peer: u16) -> usize {
         let mut n = 0;
         for qid in 0..self.queues.len() {
-            if self.queues[qid].as_ref().is_some_and(|q| q.peer == Some(peer)) {
+            let owned_by = |q: &QueuePair| {
+                q.peer == Some(peer) || matches!(q.owner, Owner::Guest { peer: p, .. } if p == peer)
+            };
+            if self.queues[qid].as_ref().is_some_and(owned_by) {
                 self.remove(qid);
                 n += 1;
             }

@@ -130,6 +130,8 @@ pub enum Reason {
     DmaWindowFull { want: u64 },
     #[error("owner process id 0 names no process")]
     NoOwner,
+    #[error("a guest owner's peer {0} is not connected")]
+    NoSuchPeer(u16),
     #[error("the device does not interrupt itself: peer {0} is the device")]
     DevicePeer(u16),
     #[error("peer {peer} has no interrupt vector {vector}")]

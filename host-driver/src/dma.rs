@@ -77,8 +77,13 @@ impl DmaPool {
         let exact = len.next_multiple_of(DMA_GRANULE);
         let mut size = len.max(CHUNK).next_multiple_of(DMA_GRANULE);
         let out = loop {
-            let owner_pid = std::process::id().into();
-            let input = AllocateDmaInput { size: size.into(), owner_pid, reserved: [0; 4] };
+            let owner = mailbox.owner();
+            let input = AllocateDmaInput {
+                size: size.into(),
+                owner_pid: owner.word().into(),
+                peer_id: owner.peer().into(),
+                reserved: [0; 2],
+            };
             match mailbox.execute(Opcode::ALLOCATE_DMA, input.as_bytes()) {
                 Err(e)
                     if size > exact && e.return_code() == Some(ReturnCode::RESOURCES_EXHAUSTED) =>

@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::time::{Duration, Instant};
 
+use pnm_protocol::commands::Owner;
 use pnm_protocol::regs::{mailbox, pnm};
 use pnm_protocol::{Opcode, ReturnCode, SharedMemory};
 
@@ -45,8 +46,8 @@ struct MailboxLock {
 impl MailboxLock {
     /// Takes the lock, waiting at most `bound` for its holder to release it
     /// (or for the device to break a dead or overstaying holder's).
-    fn acquire(regs: SharedMemory, at: u64, bound: Duration) -> Result<Self> {
-        let value = pnm::mailbox_lock_value(std::process::id(), next_nonce());
+    fn acquire(regs: SharedMemory, at: u64, bound: Duration, owner: Owner) -> Result<Self> {
+        let value = pnm::mailbox_lock_value(owner.word(), next_nonce());
         let start = Instant::now();
         // Waiters sleep, with growing and jittered naps: the holder (and
         // the device) need the CPUs more than a crowd of waiters polling
@@ -125,6 +126,11 @@ impl MailboxClient {
         }
     }
 
+    /// Who this process is to the device (the owner of what it allocates).
+    pub(crate) fn owner(&self) -> Owner {
+        crate::transport::owner(self.wake.transport().as_ref())
+    }
+
     pub fn payload_size(&self) -> u64 {
         self.payload_size
     }
@@ -143,7 +149,12 @@ impl MailboxClient {
         }
         // A holder that stopped is broken after the lease: wait that long
         // at most, plus one command's time.
-        let lock = MailboxLock::acquire(self.regs, self.lock_at, self.lock_lease + self.timeout)?;
+        let lock = MailboxLock::acquire(
+            self.regs,
+            self.lock_at,
+            self.lock_lease + self.timeout,
+            self.owner(),
+        )?;
         let result = self.execute_locked(opcode, input);
         if !lock.release(self.regs) {
             tracing::warn!(%opcode, "the device broke our Mailbox Lock; the answer is discarded");
@@ -155,7 +166,12 @@ impl MailboxClient {
     /// Runs `f` under the Mailbox Lock, for register operations that must
     /// not cut into another host's command (a reset).
     pub(crate) fn with_lock<R>(&mut self, f: impl FnOnce() -> R) -> Result<R> {
-        let lock = MailboxLock::acquire(self.regs, self.lock_at, self.lock_lease + self.timeout)?;
+        let lock = MailboxLock::acquire(
+            self.regs,
+            self.lock_at,
+            self.lock_lease + self.timeout,
+            self.owner(),
+        )?;
         let result = f();
         // A broken lock changes nothing for a reset: it has happened.
         lock.release(self.regs);

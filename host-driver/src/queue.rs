@@ -142,6 +142,7 @@ impl QueuePair {
         if irq.is_some() && peer_id.is_none() {
             return Err(Error::Invalid("interrupts need the device's notification socket".into()));
         }
+        let owner = mailbox.owner();
         let sq = pool.alloc(mailbox, u64::from(entries) * SQE_SIZE)?;
         let cq = pool.alloc(mailbox, u64::from(entries) * CQE_SIZE)?;
         let input = CreateQueuePairInput {
@@ -149,8 +150,9 @@ impl QueuePair {
             cq_addr: cq.addr.into(),
             entries: entries.into(),
             irq_vector: irq.map_or(IRQ_NONE, |i| i.vector).into(),
-            owner_pid: std::process::id().into(),
-            peer_id: peer_id.unwrap_or(0).into(),
+            owner_pid: owner.word().into(),
+            // A guest's queue belongs to the peer it is, interrupts or not.
+            peer_id: peer_id.unwrap_or(owner.peer()).into(),
             coalesce_count: irq.map_or(0, |i| i.coalesce_count).into(),
             coalesce_usec: irq.map_or(0, |i| i.coalesce_usec).into(),
             priority: if high_priority { QUEUE_PRIORITY_HIGH } else { QUEUE_PRIORITY_NORMAL },

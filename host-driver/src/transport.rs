@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::MmapOptions;
 use pnm_protocol::SharedMemory;
+use pnm_protocol::commands::Owner;
 use pnm_protocol::regs::REGISTER_BLOCK_SIZE;
 
 use crate::error::{Error, Result};
@@ -37,6 +38,22 @@ pub trait Transport: fmt::Debug + Send + Sync {
 
     /// This host's interrupt vectors, if the transport delivers interrupts.
     fn interrupts(&self) -> Option<&dyn Interrupts>;
+
+    /// The notification peer this host is, if it is a guest: its processes'
+    /// PIDs mean nothing to the device's host, so what they own is the
+    /// peer's ([`Owner::Guest`]).
+    fn guest_peer(&self) -> Option<u16> {
+        None
+    }
+}
+
+/// Who this process is to the device, over `transport`.
+pub(crate) fn owner(transport: &dyn Transport) -> Owner {
+    let pid = std::process::id();
+    match transport.guest_peer() {
+        Some(peer) => Owner::Guest { pid, peer },
+        None => Owner::Process(pid),
+    }
 }
 
 /// The vectors a device interrupts this host on.

@@ -141,6 +141,10 @@ impl Transport for VfioTransport {
     fn interrupts(&self) -> Option<&dyn Interrupts> {
         (!self.vectors.is_empty()).then_some(self as &dyn Interrupts)
     }
+
+    fn guest_peer(&self) -> Option<u16> {
+        Some(self.peer_id)
+    }
 }
 
 impl Interrupts for VfioTransport {

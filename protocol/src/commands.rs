@@ -401,11 +401,13 @@ pub struct CreateQueuePairInput {
     pub entries: U16,
     /// Interrupt vector of `peer_id`, or FFFFh for a polled queue.
     pub irq_vector: U16,
-    /// Process that owns the queue; the device reclaims it when that
-    /// process no longer exists (0: never reclaimed).
+    /// Process that owns the queue ([`Owner`] word); the device reclaims
+    /// the queue when that process no longer exists.
     pub owner_pid: U32,
     /// The notification peer whose vector `irq_vector` is; the queue is
-    /// also deleted when that peer disconnects. Ignored for polled queues.
+    /// also deleted when that peer disconnects. For a guest owner
+    /// ([`OWNER_GUEST`]) the peer the guest reaches the device through,
+    /// polled queue or not.
     pub peer_id: U16,
     /// Interrupt coalescing: signal once this many completions are pending
     /// (0 or 1: every completion).
@@ -453,9 +455,59 @@ pub struct DeleteQueuePairInput {
 pub struct AllocateDmaInput {
     /// Bytes wanted; rounded up to 4 KiB.
     pub size: U64,
-    /// Owning process, as for queue pairs.
+    /// Owning process, as for queue pairs ([`Owner`] word).
     pub owner_pid: U32,
-    pub reserved: [u8; 4],
+    /// For a guest owner ([`OWNER_GUEST`]): the notification peer the
+    /// guest reaches the device through. Otherwise 0.
+    pub peer_id: U16,
+    pub reserved: [u8; 2],
+}
+
+/// Owner word flag: the owning process runs in a guest (behind
+/// notification peer `peer_id`), where its PID means nothing to the
+/// device's host. Its resources are reclaimed when that peer disconnects
+/// (the guest, or its VMM, went away) or by a reset, not by PID. [30:0]
+/// still tells the guest's processes apart (for the per-owner limits).
+pub const OWNER_GUEST: u32 = 1 << 31;
+
+/// Who owns a queue pair, a DMA buffer or the Mailbox Lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Owner {
+    /// A process on the device's host, by PID.
+    Process(u32),
+    /// A process in a guest: its PID there, and the peer the guest is.
+    Guest { pid: u32, peer: u16 },
+}
+
+impl Owner {
+    /// Reads an owner word (and, for a guest, its peer). None for a word
+    /// that names nobody (PID 0).
+    pub const fn decode(word: u32, peer: u16) -> Option<Self> {
+        let pid = word & !OWNER_GUEST;
+        if pid == 0 {
+            None
+        } else if word & OWNER_GUEST != 0 {
+            Some(Self::Guest { pid, peer })
+        } else {
+            Some(Self::Process(pid))
+        }
+    }
+
+    /// The owner word.
+    pub const fn word(self) -> u32 {
+        match self {
+            Self::Process(pid) => pid,
+            Self::Guest { pid, .. } => pid | OWNER_GUEST,
+        }
+    }
+
+    /// The peer field that goes with the word.
+    pub const fn peer(self) -> u16 {
+        match self {
+            Self::Process(_) => 0,
+            Self::Guest { peer, .. } => peer,
+        }
+    }
 }
 
 /// Output of Allocate DMA; input of Free DMA.

@@ -328,7 +328,7 @@ pub mod pnm {
 
 /// ABI version of this crate: bump major on incompatible change.
 pub const ABI_VERSION_MAJOR: u16 = 3;
-pub const ABI_VERSION_MINOR: u16 = 0;
+pub const ABI_VERSION_MINOR: u16 = 1;
 pub const ABI_VERSION: u32 = ((ABI_VERSION_MAJOR as u32) << 16) | ABI_VERSION_MINOR as u32;
 
 /// The capabilities this device advertises, in array order.
