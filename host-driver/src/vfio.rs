@@ -25,7 +25,8 @@ use pnm_protocol::SharedMemory;
 use pnm_protocol::notify::{DEVICE_PEER, VECTORS, WAKE_VECTOR};
 use pnm_protocol::regs::REGISTER_BLOCK_SIZE;
 use vfio_bindings::bindings::vfio::{
-    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX,
 };
 use vfio_ioctls::{VfioContainer, VfioDevice};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -38,6 +39,13 @@ use crate::transport::{Interrupts, Transport};
 const IV_POSITION: u64 = 0x08;
 const DOORBELL: u64 = 0x0C;
 const IVSHMEM_REGISTERS: u64 = 16;
+
+/// PCI config space Command register, and its Memory Space and Bus Master
+/// bits: an MSI-X message is a memory write by the device, delivered only
+/// with Bus Master set (vfio-pci leaves it to the user).
+const PCI_COMMAND: u64 = 0x04;
+const PCI_COMMAND_MEMORY: u16 = 1 << 1;
+const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
 /// A device reached through VFIO.
 pub struct VfioTransport {
@@ -105,6 +113,10 @@ impl VfioTransport {
             .collect::<std::io::Result<Vec<_>>>()
             .map_err(|e| fail(VfioProblem::Interrupts(e.to_string())))?;
         if !vectors.is_empty() {
+            let mut command = [0u8; 2];
+            device.region_read(VFIO_PCI_CONFIG_REGION_INDEX, &mut command, PCI_COMMAND);
+            let command = u16::from_le_bytes(command) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+            device.region_write(VFIO_PCI_CONFIG_REGION_INDEX, &command.to_le_bytes(), PCI_COMMAND);
             device
                 .enable_msix(vectors.iter().collect())
                 .map_err(|e| fail(VfioProblem::Interrupts(e.to_string())))?;
