@@ -5,7 +5,8 @@
 # the same pnmctl as on the host.
 #
 # usage: tests/qemu/run.sh            (from anywhere; installs what it needs)
-# env:   QEMU_TIMEOUT seconds (default 240), KEEP_LOGS=1 keeps logs on success
+# env:   QEMU_TIMEOUT seconds (default 240); PNM_PROFILE cargo profile of the
+#        binaries (default release; CI uses dev, which its tests built)
 # Last line: "QEMU_HARNESS ok N checks" or "QEMU_HARNESS FAIL ...", and the
 # exit code says the same. Logs (guest serial, device) under target/qemu/logs.
 set -euo pipefail
@@ -19,11 +20,14 @@ mkdir -p "$LOGS"
 T0=$EPOCHREALTIME
 
 # Host binaries, and a static pnmctl for the guest (its own target dir).
-(cd "$ROOT" && cargo build -q --release -p pnm-device -p pnm-tools)
-(cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' \
-    cargo build -q --release --target x86_64-unknown-linux-gnu -p pnm-tools --bin pnmctl)
+PROFILE=${PNM_PROFILE:-release}
+OUT=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
+(cd "$ROOT" && cargo build -q --profile "$PROFILE" -p pnm-device -p pnm-tools)
+(cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --profile "$PROFILE" \
+    --target x86_64-unknown-linux-gnu -p pnm-tools --bin pnmctl)
+PNMCTL=$ROOT/target/$OUT/pnmctl
 mkdir -p "$WORK/guest-bin"
-strip -o "$WORK/guest-bin/pnmctl" "$ROOT/target/x86_64-unknown-linux-gnu/release/pnmctl"
+strip -o "$WORK/guest-bin/pnmctl" "$ROOT/target/x86_64-unknown-linux-gnu/$OUT/pnmctl"
 mkdir -p "$WORK/data"
 python3 "$HERE/guest_data.py" make "$WORK/data" "${SEED:-$$}"
 "$HERE/mkinitramfs.sh" "$KDIR" "$WORK/initrd.gz" "$WORK/guest-bin/pnmctl" "$WORK"/data/*.npy
@@ -38,10 +42,30 @@ cleanup() {
     rm -f "$REGION" "$SOCK"
 }
 trap cleanup EXIT
-"$ROOT/target/release/pnm-device" --path "$REGION" --size 64MiB > "$DEVICE_LOG" 2>&1 &
+"$ROOT/target/$OUT/pnm-device" --path "$REGION" --size 64MiB > "$DEVICE_LOG" 2>&1 &
 DEVICE_PID=$!
 for _ in $(seq 100); do [ -S "$SOCK" ] && break; sleep 0.05; done
 [ -S "$SOCK" ] || { echo "QEMU_HARNESS FAIL pnm-device did not start (log: $DEVICE_LOG)"; exit 1; }
+
+# A host process uses the device while the guest does: its own sequence,
+# the same Top-K over and over, every answer the same as the first.
+HOST_SEQ=$("$PNMCTL" --device "$REGION" --json kv load --keys "$WORK/data/keys.npy" \
+    --values "$WORK/data/values.npy" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p' | head -1)
+host_topk() {
+    "$PNMCTL" --device "$REGION" --json topk --seq "$HOST_SEQ" --layer 0 --head 1 -k 32 \
+        --query "$WORK/data/query.npy" | sed 's/"device_ns":[0-9]*,//; s/,"model_ns":[0-9]*//'
+}
+HOST_FIRST=$(host_topk)
+rm -f "$LOGS/guest.done" "$LOGS/host-concurrent"
+(
+    n=0 bad=0
+    while [ ! -e "$LOGS/guest.done" ]; do
+        [ "$(host_topk)" = "$HOST_FIRST" ] || bad=$((bad + 1))
+        n=$((n + 1))
+    done
+    echo "$n $bad" > "$LOGS/host-concurrent"
+) &
+HOST_LOOP=$!
 
 KERNEL=$(ls "$KDIR"/boot/vmlinuz-*)
 set +e
@@ -56,6 +80,8 @@ timeout "${QEMU_TIMEOUT:-240}" qemu-system-x86_64 \
 QEMU_RC=$?
 set -e
 T1=$EPOCHREALTIME
+touch "$LOGS/guest.done"
+wait "$HOST_LOOP"
 
 checks=$(grep -c '^CHECK ' "$SERIAL" || true)
 failed=$(grep '^CHECK ' "$SERIAL" | grep -v ' ok' || true)
@@ -65,6 +91,27 @@ if ! python3 "$HERE/guest_data.py" check "$SERIAL" "$WORK/data" > "$LOGS/answers
 answers: $(cat "$LOGS/answers.log")"
 fi
 checks=$((checks + $(sed -n 's/^\([0-9]*\) passed.*/\1/p' "$LOGS/answers.log" || echo 0)))
+# The host's answers while the guest ran, and to the same data as the guest's.
+read -r host_runs host_bad < "$LOGS/host-concurrent"
+echo "RESULT topk $HOST_FIRST" > "$LOGS/host-answer"
+if [ "$host_runs" -lt 1 ] || [ "$host_bad" -ne 0 ] \
+    || ! python3 "$HERE/guest_data.py" check "$LOGS/host-answer" "$WORK/data" --topk-only > /dev/null; then
+    failed="$failed
+host-concurrent: $host_runs Top-Ks during the guest run, $host_bad differed"
+fi
+checks=$((checks + 1))
+# The guest went away: the device deleted what it held and still serves.
+for _ in $(seq 40); do
+    grep -q "its queue pairs and its guest's buffers deleted" "$DEVICE_LOG" && break
+    sleep 0.05
+done
+grep -q "its queue pairs and its guest's buffers deleted" "$DEVICE_LOG" \
+    || failed="$failed
+guest-gone: the device did not reclaim the departed guest's queue and buffers"
+[ "$(host_topk)" = "$HOST_FIRST" ] || failed="$failed
+after-guest: the host's Top-K changed after the guest left"
+checks=$((checks + 2))
+echo "host Top-Ks during the guest run: $host_runs, all equal: $([ "$host_bad" -eq 0 ] && echo yes || echo no)"
 printf 'harness wall time %.1f s\n' "$(echo "$T1 - $T0" | bc)"
 if [ "$QEMU_RC" -ne 0 ] || ! grep -q GUEST_DONE "$SERIAL" || [ -n "$failed" ] || [ "$checks" -eq 0 ]; then
     echo "$failed"
