@@ -70,7 +70,7 @@ HOST_LOOP=$!
 KERNEL=$(ls "$KDIR"/boot/vmlinuz-*)
 set +e
 timeout "${QEMU_TIMEOUT:-240}" qemu-system-x86_64 \
-    -accel tcg -cpu max -M q35 -m 512M -smp 2 -nographic -no-reboot \
+    -accel tcg -cpu max -M q35 -m 1G -smp 2 -nographic -no-reboot \
     -device intel-iommu,intremap=on \
     -kernel "$KERNEL" -initrd "$WORK/initrd.gz" \
     -append "console=ttyS0 panic=-1 loglevel=4 intel_iommu=on" \

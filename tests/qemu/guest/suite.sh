@@ -56,6 +56,7 @@ bench() { # name mode args...
 }
 bench vfio-msix-nop interrupt nop --interrupts --samples 200 --seconds 0.5
 bench vfio-polled-nop polled nop --samples 200 --seconds 0.5
+bench vfio-topk polled topk --tokens 8192 -k 64 --reps 9
 
 # 4. The guest goes away with a queue pair and buffers held: a command
 # loop still running when the guest powers off. The host checks that the
