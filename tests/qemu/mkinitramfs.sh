@@ -2,7 +2,8 @@
 # usage: mkinitramfs.sh KERNEL_DIR OUT.cpio.gz FILE...
 # A busybox-static initramfs: /init and the guest suite from tests/qemu/guest,
 # the kernel modules VFIO needs (with their dependencies, decompressed), and
-# FILEs (guest programs and data) copied into /bin or /data by extension.
+# FILEs (guest programs, with the shared libraries they link, and data)
+# copied into /bin or /data by extension.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 KDIR=$(realpath "$1"); OUT=$(realpath -m "$2"); shift 2
@@ -42,7 +43,15 @@ install -m 755 "$HERE/guest/suite.sh" "$ROOT/suite.sh"
 for f in "$@"; do
     case $f in
         *.npy|*.safetensors|*.json) cp "$f" "$ROOT/data/" ;;
-        *) install -m 755 "$f" "$ROOT/bin/$(basename "$f")" ;;
+        *)
+            install -m 755 "$f" "$ROOT/bin/$(basename "$f")"
+            # A dynamically linked program brings the host's libraries (same
+            # architecture and C library as the guest needs), at their paths.
+            for lib in $(ldd "$f" 2>/dev/null | grep -o '/[^ ]*'); do
+                mkdir -p "$ROOT$(dirname "$lib")"
+                cp -L "$lib" "$ROOT$lib"
+            done
+            ;;
     esac
 done
 (cd "$ROOT" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1 > "$OUT")

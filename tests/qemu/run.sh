@@ -19,27 +19,31 @@ LOGS=$WORK/logs
 mkdir -p "$LOGS"
 T0=$EPOCHREALTIME
 
-# Host binaries, and a static pnmctl for the guest (its own target dir).
+# The binaries, host and guest alike: the guest runs this very pnmctl,
+# with the host's C library copied into its initramfs.
 PROFILE=${PNM_PROFILE:-release}
 OUT=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
 (cd "$ROOT" && cargo build -q --profile "$PROFILE" -p pnm-device -p pnm-tools)
-(cd "$ROOT" && RUSTFLAGS='-C target-feature=+crt-static' cargo build -q --profile "$PROFILE" \
-    --target x86_64-unknown-linux-gnu -p pnm-tools --bin pnmctl)
 PNMCTL=$ROOT/target/$OUT/pnmctl
 mkdir -p "$WORK/guest-bin"
-strip -o "$WORK/guest-bin/pnmctl" "$ROOT/target/x86_64-unknown-linux-gnu/$OUT/pnmctl"
+strip -o "$WORK/guest-bin/pnmctl" "$PNMCTL"
 mkdir -p "$WORK/data"
 python3 "$HERE/guest_data.py" make "$WORK/data" "${SEED:-$$}"
 "$HERE/mkinitramfs.sh" "$KDIR" "$WORK/initrd.gz" "$WORK/guest-bin/pnmctl" "$WORK"/data/*.npy
 
 REGION=/dev/shm/pnm-qemu-$$
 SOCK=$REGION.sock
+# Two PCI functions that are not PNM devices, for the VFIO transport's
+# refusals: a 1 MiB BAR2 of zeros (no PNM capability) and a 32 KiB one
+# (smaller than a register block).
+NOT_PNM=$REGION-zeros
+TOO_SMALL=$REGION-small
 DEVICE_LOG=$LOGS/device.log
 SERIAL=$LOGS/guest-serial.log
 DEVICE_PID=
 cleanup() {
     [ -n "$DEVICE_PID" ] && kill "$DEVICE_PID" 2>/dev/null && wait "$DEVICE_PID" 2>/dev/null
-    rm -f "$REGION" "$SOCK"
+    rm -f "$REGION" "$SOCK" "$NOT_PNM" "$TOO_SMALL"
 }
 trap cleanup EXIT
 "$ROOT/target/$OUT/pnm-device" --path "$REGION" --size 64MiB > "$DEVICE_LOG" 2>&1 &
@@ -67,6 +71,9 @@ rm -f "$LOGS/guest.done" "$LOGS/host-concurrent"
 ) &
 HOST_LOOP=$!
 
+rm -f "$NOT_PNM" "$TOO_SMALL"
+truncate -s 1M "$NOT_PNM"
+truncate -s 32K "$TOO_SMALL"
 KERNEL=$(ls "$KDIR"/boot/vmlinuz-*)
 set +e
 timeout "${QEMU_TIMEOUT:-240}" qemu-system-x86_64 \
@@ -76,6 +83,10 @@ timeout "${QEMU_TIMEOUT:-240}" qemu-system-x86_64 \
     -append "console=ttyS0 panic=-1 loglevel=4 intel_iommu=on" \
     -chardev socket,path="$SOCK",id=pnm \
     -device ivshmem-doorbell,chardev=pnm,vectors=8 \
+    -object memory-backend-file,id=zeros,share=on,mem-path="$NOT_PNM",size=1M \
+    -device ivshmem-plain,memdev=zeros \
+    -object memory-backend-file,id=small,share=on,mem-path="$TOO_SMALL",size=32K \
+    -device ivshmem-plain,memdev=small \
     < /dev/null > "$SERIAL" 2>&1
 QEMU_RC=$?
 set -e

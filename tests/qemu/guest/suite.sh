@@ -58,7 +58,33 @@ bench vfio-msix-nop interrupt nop --interrupts --samples 200 --seconds 0.5
 bench vfio-polled-nop polled nop --samples 200 --seconds 0.5
 bench vfio-topk polled topk --tokens 8192 -k 64 --reps 9
 
-# 4. The guest goes away with a queue pair and buffers held: a command
+# 4. The VFIO transport's refusals, as typed errors with their reasons.
+refuses() { # name expected-text command...
+    name=$1 expected=$2; shift 2
+    if out=$("$@" 2>&1); then
+        echo "CHECK $name FAIL (accepted)"
+    elif echo "$out" | grep -q "$expected"; then
+        echo "CHECK $name ok"
+    else
+        echo "CHECK $name FAIL"
+    fi
+    echo "  $name: $out"
+}
+refuses vfio-no-device "no such PCI device" pnmctl --device vfio:0000:00:1f.7 identify
+refuses vfio-not-bound "not vfio-pci" pnmctl --device vfio:0000:00:00.0 identify
+for d in /sys/bus/pci/devices/*; do
+    [ "$(cat $d/vendor):$(cat $d/device)" = "0x1af4:0x1110" ] || continue
+    [ "${d##*/}" = "$dev" ] && continue
+    echo vfio-pci > $d/driver_override
+    echo "${d##*/}" > /sys/bus/pci/drivers_probe
+    size=$(( $(sed -n 3p $d/resource | cut -d' ' -f2) - $(sed -n 3p $d/resource | cut -d' ' -f1) + 1 ))
+    case $size in
+        1048576) refuses vfio-not-pnm "not a cxl-pnm device" pnmctl --device "vfio:${d##*/}" identify ;;
+        32768) refuses vfio-small-bar "BAR2 is 32768 bytes" pnmctl --device "vfio:${d##*/}" identify ;;
+    esac
+done
+
+# 5. The guest goes away with a queue pair and buffers held: a command
 # loop still running when the guest powers off. The host checks that the
 # device reclaims them.
 $pnm bench nop --samples 1000000 --seconds 600 > /dev/null 2>&1 &
