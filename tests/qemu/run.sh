@@ -127,7 +127,10 @@ printf 'harness wall time %.1f s\n' "$(echo "$T1 - $T0" | bc)"
 if [ "$QEMU_RC" -ne 0 ] || ! grep -q GUEST_DONE "$SERIAL" || [ -n "$failed" ] || [ "$checks" -eq 0 ]; then
     echo "$failed"
     tail -30 "$SERIAL"
-    echo "QEMU_HARNESS FAIL qemu exit $QEMU_RC, $checks checks (serial: $SERIAL, device: $DEVICE_LOG)"
+    # Kept: the next run overwrites the logs in $LOGS.
+    KEPT=$WORK/failed/$(date +%Y%m%d-%H%M%S)-$$
+    mkdir -p "$KEPT" && cp "$LOGS"/* "$KEPT"/ 2>/dev/null
+    echo "QEMU_HARNESS FAIL qemu exit $QEMU_RC, $checks checks (logs kept in $KEPT)"
     exit 1
 fi
 echo "QEMU_HARNESS ok $checks checks"
