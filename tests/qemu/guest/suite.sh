@@ -11,9 +11,9 @@ for d in /sys/bus/pci/devices/*; do
         dev=${d##*/}
     fi
 done
-check() { # name command...
+check() { # name command... (bounded: a hang fails the check, not the run)
     name=$1; shift
-    if out=$("$@" 2>&1); then echo "CHECK $name ok"; else echo "CHECK $name FAIL"; fi
+    if out=$(timeout 60 "$@" 2>&1); then echo "CHECK $name ok"; else echo "CHECK $name FAIL ($?)"; fi
     echo "$out" | head -40 | sed "s/^/  $name: /"
 }
 hex() { od -An -tx1 -v "$1" | tr -d ' \n'; }
@@ -32,10 +32,10 @@ check vfio-identify $pnm identify
 check vfio-health $pnm health
 check vfio-logs $pnm logs
 check vfio-pnm-info $pnm --json pnm-info
-seq=$($pnm --json kv load --keys /data/keys.npy --values /data/values.npy \
+seq=$(timeout 60 $pnm --json kv load --keys /data/keys.npy --values /data/values.npy \
     | sed -n 's/.*"id": *\([0-9]*\).*/\1/p' | head -1)
 [ -n "$seq" ] && echo "CHECK vfio-kv-load ok seq $seq" || echo "CHECK vfio-kv-load FAIL"
-top=$($pnm --json topk --seq "$seq" --layer 0 --head 1 -k 32 --query /data/query.npy)
+top=$(timeout 60 $pnm --json topk --seq "$seq" --layer 0 --head 1 -k 32 --query /data/query.npy)
 [ -n "$top" ] && echo "CHECK vfio-topk ok" || echo "CHECK vfio-topk FAIL"
 echo "RESULT topk $top"
 best=$(echo "$top" | sed -n 's/.*"indices":\[\([0-9,]*\)\].*/\1/p' | cut -d, -f1-4)
@@ -61,7 +61,7 @@ bench vfio-topk polled topk --tokens 8192 -k 64 --reps 9
 # 4. The VFIO transport's refusals, as typed errors with their reasons.
 refuses() { # name expected-text command...
     name=$1 expected=$2; shift 2
-    if out=$("$@" 2>&1); then
+    if out=$(timeout 60 "$@" 2>&1); then
         echo "CHECK $name FAIL (accepted)"
     elif echo "$out" | grep -q "$expected"; then
         echo "CHECK $name ok"
