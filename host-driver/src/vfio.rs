@@ -49,10 +49,11 @@ const PCI_COMMAND_MASTER: u16 = 1 << 2;
 
 /// A device reached through VFIO.
 pub struct VfioTransport {
-    // Dropped after the mapping of its BAR (fields drop in order).
     mapping: Mapping,
     vectors: Vec<EventFd>,
     peer_id: u16,
+    // Last: fields drop in declaration order, so the device fd is closed
+    // after its BAR is unmapped.
     device: VfioDevice,
 }
 
