@@ -606,20 +606,22 @@ fn impossible_device_requests_are_refused_up_front_and_leave_no_file() {
     }
 }
 
+/// Runs the main job, which must fail; its stderr.
+fn main_job_fails(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cxl-pnm"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn the_main_job_refuses_what_it_cannot_do_with_the_numbers() {
-    let main_job = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cxl-pnm"))
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "{args:?} was accepted");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    assert!(main_job(&["--steps", "0"]).contains("--steps must be at least 1"));
-    assert!(main_job(&["--tokens", "100", "-k", "200"]).contains("more than the 100 tokens"));
-    let huge = main_job(&["--tokens", "600000", "--layers", "32", "--head-dim", "256"]);
+    assert!(main_job_fails(&["--steps", "0"]).contains("--steps must be at least 1"));
+    assert!(main_job_fails(&["--tokens", "100", "-k", "200"]).contains("more than the 100 tokens"));
+    let huge = main_job_fails(&["--tokens", "600000", "--layers", "32", "--head-dim", "256"]);
     assert!(huge.contains("GiB of K and V in host memory") && huge.contains("available"), "{huge}");
 }
 
@@ -772,19 +774,10 @@ fn pnmctl_topk_takes_a_page_selection_budget() {
 /// does not repeat what a message already says.
 #[test]
 fn error_chains_say_each_cause_once() {
-    let main_job = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cxl-pnm"))
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
     for args in
         [&["--device", "/nonexistent-pnm-region"][..], &["--kv", "/nonexistent.safetensors"]]
     {
-        let said = main_job(args);
+        let said = main_job_fails(args);
         assert_eq!(said.matches("No such file or directory").count(), 1, "{args:?}: {said}");
         assert!(said.contains("/nonexistent"), "{args:?} names the path: {said}");
     }
