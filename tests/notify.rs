@@ -284,3 +284,139 @@ fn clients_that_never_read_their_socket_delay_no_one() {
     }
     drop(silent);
 }
+
+/// A notification client in its own process (its own PID): joins, prints
+/// its peer id, and on each line from stdin leaves and joins again.
+const REJOINING_CLIENT: &str = r#"
+import socket, struct, sys
+def join():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(sys.argv[1])
+    data = b""
+    while len(data) < 16:
+        data += s.recv(16 - len(data))
+    print(struct.unpack("<qq", data)[1], flush=True)
+    return s
+s = join()
+for _ in sys.stdin:
+    s.close()
+    s = join()
+"#;
+
+struct PeerProcess {
+    child: std::process::Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl PeerProcess {
+    fn join(socket: &std::path::Path) -> (Self, u16) {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", REJOINING_CLIENT])
+            .arg(socket)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut peer = Self { child, lines };
+        let id = peer.id();
+        (peer, id)
+    }
+
+    fn id(&mut self) -> u16 {
+        self.lines.next().expect("the client printed its id").unwrap().trim().parse().unwrap()
+    }
+
+    fn rejoin(&mut self) -> u16 {
+        use std::io::Write;
+        writeln!(self.child.stdin.as_mut().unwrap()).unwrap();
+        self.id()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PeerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The Peer Table entry for `id` (PROTOCOL.md §6.2), read from the region file.
+fn peer_table_entry(region: &std::path::Path, id: u16) -> u32 {
+    use pnm_protocol::regs::{PNM_OFFSET, pnm};
+    use std::os::unix::fs::FileExt;
+    let mut word = [0u8; 4];
+    let at = PNM_OFFSET + pnm::PEER_TABLE + pnm::PEER_TABLE_ENTRY * u64::from(id);
+    std::fs::File::open(region).unwrap().read_exact_at(&mut word, at).unwrap();
+    u32::from_le_bytes(word)
+}
+
+/// Kills the device as a crash would, and waits for it to be gone.
+fn crash(device: &mut DeviceProcess) {
+    device.signal(nix::sys::signal::Signal::SIGKILL);
+    assert!(device.wait(Duration::from_secs(5)).is_some());
+}
+
+/// Waits (bounded) until the Peer Table entry for `id` is free.
+fn wait_until_freed(region: &std::path::Path, id: u16, what: &str) {
+    let start = Instant::now();
+    while peer_table_entry(region, id) != 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_process_that_rejoins_a_restarted_device_gets_its_peer_id_back() {
+    let region = TempRegion::new("rejoin");
+    let socket = pnm_protocol::notify::socket_path(region.path());
+    let mut first = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    // QEMU's part: it keeps the id its guest read, whatever a new device says.
+    let (mut qemu, id) = PeerProcess::join(&socket);
+    assert_eq!(peer_table_entry(region.path(), id), qemu.child.id());
+
+    crash(&mut first);
+    let mut second = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    // Another process joins first: it does not get the id held for QEMU.
+    let (mut other, other_id) = PeerProcess::join(&socket);
+    assert_ne!(other_id, id);
+    assert_eq!(qemu.rejoin(), id, "the rejoining process gets its id back");
+    assert_eq!(peer_table_entry(region.path(), id), qemu.child.id());
+    assert_eq!(peer_table_entry(region.path(), other_id), other.child.id());
+
+    // A peer that leaves frees its entry.
+    qemu.kill();
+    wait_until_freed(region.path(), id, "the departed peer's entry stays");
+    // An id held by a process that died while no device ran is free again.
+    crash(&mut second);
+    other.kill();
+    assert_ne!(peer_table_entry(region.path(), other_id), 0, "left by the killed device");
+    let _third = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    assert_eq!(peer_table_entry(region.path(), other_id), 0);
+    let (_next, next_id) = PeerProcess::join(&socket);
+    assert_eq!(next_id, 1, "the lowest id, no longer held");
+}
+
+#[test]
+fn a_held_peer_id_is_released_when_its_process_ends() {
+    let region = TempRegion::new("held");
+    let socket = pnm_protocol::notify::socket_path(region.path());
+    let mut first = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let (mut qemu, id) = PeerProcess::join(&socket);
+    crash(&mut first);
+    let _second = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    // Never rejoins, and ends: the device notices within its reclaim
+    // period and frees the id, which the next client may then have.
+    assert_eq!(peer_table_entry(region.path(), id), qemu.child.id());
+    qemu.kill();
+    wait_until_freed(region.path(), id, "the hold outlived its process");
+    std::thread::sleep(Duration::from_millis(50));
+    let (_next, next_id) = PeerProcess::join(&socket);
+    assert_eq!(next_id, id);
+}

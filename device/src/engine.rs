@@ -176,8 +176,8 @@ impl RunningDevice {
         let wake = vectors[usize::from(notify::WAKE_VECTOR)].clone();
         let notify = match socket {
             Some(path) => {
-                let shm = region.dup_fd().map_err(io_err)?;
-                let server = NotifyServer::start(path, peers.clone(), vectors, shm)
+                let shm = region.reopen_fd().map_err(io_err)?;
+                let server = NotifyServer::start(path, peers.clone(), vectors, shm, regs)
                     .map_err(|error| RegionError::Socket { path: path.to_path_buf(), error })?;
                 tracing::info!(socket = %path.display(), "notification socket listening");
                 Some(server)
@@ -299,7 +299,7 @@ struct Engine {
 /// True if process `pid` no longer runs (in this pid namespace): it does
 /// not exist, or it is a zombie its parent has not reaped yet (its memory
 /// and file descriptors are gone already). PID 0 names no process.
-fn process_gone(pid: u32) -> bool {
+pub(crate) fn process_gone(pid: u32) -> bool {
     let Ok(raw) = i32::try_from(pid) else { return false };
     if raw == 0 {
         return true;
@@ -404,6 +404,9 @@ impl Engine {
         worked |= self.state.queues.poll(&mut self.executor, &self.units);
         self.state.queues.flush_interrupts(now);
         let mut departed = false;
+        if now.duration_since(self.last_reclaim) >= RECLAIM_PERIOD {
+            self.peers.expire_holds();
+        }
         for peer in self.peers.take_departed() {
             departed = true;
             let n = self.state.queues.reclaim_peer(peer);
@@ -419,6 +422,7 @@ impl Engine {
                     "notification peer left; its queue pairs and its guest's buffers deleted"
                 );
             }
+            self.peers.released(peer);
         }
         // A peer's connection closes when its process dies: look for dead
         // owners now rather than at the next period, so what a killed host
@@ -428,7 +432,7 @@ impl Engine {
             let peers = &self.peers;
             let gone = |owner: Owner| match owner {
                 Owner::Process(pid) => process_gone(pid),
-                Owner::Guest { peer, .. } => !peers.connected(peer),
+                Owner::Guest { peer, .. } => !peers.present(peer),
             };
             let queues = self.state.queues.reclaim(gone);
             let buffers = self.state.dma.reclaim(gone);

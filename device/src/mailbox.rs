@@ -149,7 +149,7 @@ impl MailboxState {
                 let input = read_input::<AllocateDmaInput>(opcode, input)?;
                 let owner = Owner::decode(input.owner_pid.get(), input.peer_id.get());
                 if let Some(Owner::Guest { peer, .. }) = owner
-                    && !self.queues.peer_connected(peer)
+                    && !self.queues.peer_present(peer)
                 {
                     return Err(Refusal::invalid(Reason::NoSuchPeer(peer)));
                 }
@@ -375,6 +375,29 @@ mod tests {
         };
         assert_eq!(
             s.execute(Opcode::ALLOCATE_DMA, dma.as_bytes(), now).map_err(|r| r.code),
+            Err(ReturnCode::INVALID_INPUT)
+        );
+        // A peer held for its live process since a device restart (a QEMU
+        // that did not connect again) is the guest's still: its queues,
+        // with interrupts that reach no one, and buffers are accepted. One
+        // held for a process that is gone is refused.
+        s.queues.peers().hold_for(5, std::process::id());
+        assert!(s.execute(Opcode::ALLOCATE_DMA, dma.as_bytes(), now).is_ok());
+        assert!(s.execute(Opcode::CREATE_QUEUE_PAIR, guest.as_bytes(), now).is_ok());
+        let mut interrupted = input(at + 2 * 8192, 0, 0);
+        interrupted.owner_pid = guest.owner_pid;
+        interrupted.peer_id = 5.into();
+        interrupted.irq_vector = 0.into();
+        assert!(s.execute(Opcode::CREATE_QUEUE_PAIR, interrupted.as_bytes(), now).is_ok());
+        let mut exited = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = exited.id();
+        exited.wait().unwrap();
+        s.queues.peers().hold_for(6, gone_pid);
+        let mut orphan = input(at + 3 * 8192, 0, 0);
+        orphan.owner_pid = guest.owner_pid;
+        orphan.peer_id = 6.into();
+        assert_eq!(
+            s.execute(Opcode::CREATE_QUEUE_PAIR, orphan.as_bytes(), now).map_err(|r| r.code),
             Err(ReturnCode::INVALID_INPUT)
         );
         // The pre-priority 32-byte input is a length error, not a normal queue.

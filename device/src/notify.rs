@@ -15,7 +15,11 @@ use std::time::Duration;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use pnm_protocol::SharedMemory;
 use pnm_protocol::notify::{DEVICE_PEER, MAX_PEERS, PROTOCOL_VERSION, VECTORS};
+use pnm_protocol::regs::{PNM_OFFSET, pnm};
+
+use crate::engine::process_gone;
 
 /// One peer's vectors.
 #[derive(Debug)]
@@ -29,6 +33,95 @@ pub struct PeerTable {
     peers: BTreeMap<u16, Peer>,
     /// Peers that left and whose resources the engine has not yet released.
     departed: Vec<u16>,
+    /// Ids the Peer Table held when the device started, with the PID that
+    /// held each: kept for that process while it lives, so one that
+    /// reconnects (QEMU's chardev) gets its id back.
+    reserved: BTreeMap<u16, u32>,
+    /// Departed peers the engine is releasing: their ids are not given
+    /// out again until it has, so a new client never inherits (or loses)
+    /// what the old one held.
+    releasing: std::collections::BTreeSet<u16>,
+    /// The region's Peer Table, once the server runs.
+    record: Option<PeerRecord>,
+}
+
+impl PeerTable {
+    /// The id for a client whose process is `pid` (0: unknown): the one
+    /// reserved for it, else the lowest that is neither connected nor
+    /// reserved for a live process.
+    fn choose_id(&mut self, pid: u32) -> Option<u16> {
+        if pid != 0
+            && let Some(&id) = self.reserved.iter().find(|&(_, &p)| p == pid).map(|(id, _)| id)
+        {
+            self.reserved.remove(&id);
+            if !self.peers.contains_key(&id) {
+                return Some(id);
+            }
+        }
+        (1..MAX_PEERS).find(|id| {
+            !self.peers.contains_key(id)
+                && !self.reserved.contains_key(id)
+                && !self.departed.contains(id)
+                && !self.releasing.contains(id)
+        })
+    }
+
+    /// Ends the holds of processes that are gone: their peers depart now
+    /// (what a guest behind them owned is released), so returns whether
+    /// any did.
+    fn expire_holds(&mut self) -> bool {
+        let gone: Vec<u16> = self
+            .reserved
+            .iter()
+            .filter(|&(_, &pid)| process_gone(pid))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &gone {
+            self.reserved.remove(id);
+            if let Some(record) = self.record {
+                record.set(*id, 0);
+            }
+            self.departed.push(*id);
+            tracing::info!(peer = id, "the process holding this peer id is gone");
+        }
+        !gone.is_empty()
+    }
+}
+
+/// The Peer Table in the register block (PROTOCOL.md §6.2): which process
+/// holds each peer id, kept in the region so it outlives the device.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerRecord {
+    regs: SharedMemory,
+}
+
+impl PeerRecord {
+    pub fn new(regs: SharedMemory) -> Self {
+        Self { regs }
+    }
+
+    fn at(id: u16) -> u64 {
+        PNM_OFFSET + pnm::PEER_TABLE + pnm::PEER_TABLE_ENTRY * u64::from(id)
+    }
+
+    fn set(&self, id: u16, pid: u32) {
+        self.regs.store_u32(Self::at(id), pid, Ordering::Release);
+    }
+
+    /// What the previous device left: the ids held by processes that
+    /// still run. Every other entry is cleared.
+    fn take_over(&self) -> BTreeMap<u16, u32> {
+        let mut held = BTreeMap::new();
+        for id in 0..MAX_PEERS {
+            let pid = self.regs.load_u32(Self::at(id), Ordering::Acquire);
+            if id != DEVICE_PEER && pid != 0 && !process_gone(pid) {
+                held.insert(id, pid);
+            } else if pid != 0 {
+                self.set(id, 0);
+            }
+        }
+        held
+    }
 }
 
 /// The shared handle.
@@ -54,12 +147,45 @@ impl Peers {
         self.lock().peers.contains_key(&peer)
     }
 
-    /// Peers that left since the last call.
+    /// True while `peer` is connected, or held for the live process that
+    /// had it before the device restarted (a QEMU whose ivshmem-doorbell
+    /// does not connect again): what a guest behind it owns stays its own
+    /// until that process ends.
+    pub fn present(&self, peer: u16) -> bool {
+        let table = self.lock();
+        table.peers.contains_key(&peer)
+            || table.reserved.get(&peer).is_some_and(|&pid| !process_gone(pid))
+    }
+
+    /// Holds `peer` for process `pid`, as a restarted device does.
+    #[cfg(test)]
+    pub fn hold_for(&self, peer: u16, pid: u32) {
+        self.lock().reserved.insert(peer, pid);
+    }
+
+    /// Ends the holds of processes that are gone (see `expire_holds`);
+    /// they show up in the next `take_departed`.
+    pub fn expire_holds(&self) {
+        if self.lock().expire_holds() {
+            self.pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Peers that left since the last call. Their ids stay out of use
+    /// until [`Peers::released`] says the engine let go of what they held.
     pub fn take_departed(&self) -> Vec<u16> {
         if !self.pending.swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
-        std::mem::take(&mut self.lock().departed)
+        let mut table = self.lock();
+        let departed = std::mem::take(&mut table.departed);
+        table.releasing.extend(&departed);
+        departed
+    }
+
+    /// The engine released what departed peer `id` held.
+    pub fn released(&self, id: u16) {
+        self.lock().releasing.remove(&id);
     }
 }
 
@@ -157,6 +283,7 @@ impl NotifyServer {
         peers: Peers,
         device_vectors: Vec<Arc<EventFd>>,
         shm: OwnedFd,
+        regs: SharedMemory,
     ) -> std::io::Result<Self> {
         use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
         match std::fs::symlink_metadata(path) {
@@ -187,13 +314,25 @@ impl NotifyServer {
         let meta = std::fs::symlink_metadata(path)?;
         let bound = (meta.dev(), meta.ino());
         listener.set_nonblocking(true)?;
-        peers.lock().peers.insert(DEVICE_PEER, Peer { vectors: device_vectors });
+        let record = PeerRecord::new(regs);
+        {
+            let mut table = peers.lock();
+            table.peers.insert(DEVICE_PEER, Peer { vectors: device_vectors });
+            table.reserved = record.take_over();
+            table.record = Some(record);
+            if !table.reserved.is_empty() {
+                tracing::info!(
+                    peers = ?table.reserved,
+                    "peer ids kept for the processes that held them (peer id: pid)"
+                );
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
             std::thread::Builder::new()
                 .name("pnm-notify".into())
-                .spawn(move || serve(&listener, &peers, &shm, &stop))?
+                .spawn(move || serve(&listener, &peers, record, &shm, &stop))?
         };
         Ok(Self { path: path.to_path_buf(), bound, stop, thread: Some(thread) })
     }
@@ -213,7 +352,13 @@ impl Drop for NotifyServer {
     }
 }
 
-fn serve(listener: &UnixListener, peers: &Peers, shm: &OwnedFd, stop: &AtomicBool) {
+fn serve(
+    listener: &UnixListener,
+    peers: &Peers,
+    record: PeerRecord,
+    shm: &OwnedFd,
+    stop: &AtomicBool,
+) {
     let mut clients: Vec<Client> = Vec::new();
     while !stop.load(Ordering::Acquire) {
         let mut fds = vec![PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
@@ -255,11 +400,11 @@ fn serve(listener: &UnixListener, peers: &Peers, shm: &OwnedFd, stop: &AtomicBoo
             }
         }
         for id in gone {
-            drop_client(peers, &mut clients, id);
+            drop_client(peers, record, &mut clients, id);
         }
         if !revents[0].is_empty() {
             match listener.accept() {
-                Ok((stream, _)) => match admit(stream, peers, &mut clients, shm) {
+                Ok((stream, _)) => match admit(stream, peers, record, &mut clients, shm) {
                     Ok(()) => {}
                     Err(e) => tracing::warn!(error = %e, "notification client refused"),
                 },
@@ -271,9 +416,10 @@ fn serve(listener: &UnixListener, peers: &Peers, shm: &OwnedFd, stop: &AtomicBoo
 }
 
 /// Disconnects client `id` if it is still connected.
-fn drop_client(peers: &Peers, clients: &mut Vec<Client>, id: u16) {
+fn drop_client(peers: &Peers, record: PeerRecord, clients: &mut Vec<Client>, id: u16) {
     if let Some(at) = clients.iter().position(|c| c.id == id) {
         clients.remove(at);
+        record.set(id, 0);
         depart(peers, id);
     }
 }
@@ -287,15 +433,18 @@ fn drop_client(peers: &Peers, clients: &mut Vec<Client>, id: u16) {
 fn admit(
     stream: UnixStream,
     peers: &Peers,
+    record: PeerRecord,
     clients: &mut Vec<Client>,
     shm: &OwnedFd,
 ) -> std::io::Result<()> {
     stream.set_nonblocking(true)?;
+    // The connecting process, to give it back an id it held before a
+    // restart (0 if the kernel cannot say).
+    let pid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_or(0, |c| u32::try_from(c.pid()).unwrap_or(0));
     let mut client = {
         let mut table = peers.lock();
-        let id = (1..MAX_PEERS)
-            .find(|id| !table.peers.contains_key(id))
-            .ok_or_else(|| std::io::Error::other("no free peer id"))?;
+        let id = table.choose_id(pid).ok_or_else(|| std::io::Error::other("no free peer id"))?;
         let vectors: Vec<Arc<EventFd>> =
             (0..VECTORS).map(|_| new_vector().map(Arc::new)).collect::<Result<_, _>>()?;
         let mut client = Client { id, stream, outbox: Default::default() };
@@ -311,13 +460,14 @@ fn admit(
             client.queue(i64::from(id), Carried::Vector(v.clone()));
         }
         table.peers.insert(id, Peer { vectors });
+        record.set(id, pid);
         client
     };
     let id = client.id;
-    tracing::info!(peer = id, "notification peer connected");
+    tracing::info!(peer = id, pid, "notification peer connected");
     if let Err(e) = client.flush(shm) {
         clients.push(client);
-        drop_client(peers, clients, id);
+        drop_client(peers, record, clients, id);
         return Err(e);
     }
     clients.push(client);

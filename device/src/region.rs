@@ -314,10 +314,18 @@ impl Region {
         }
     }
 
-    /// A new descriptor of the region file (for the notification protocol,
-    /// which hands the shared memory to its clients).
-    pub fn dup_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        Ok(self.lock.try_clone()?.into())
+    /// The region file opened again (for the notification protocol, which
+    /// hands the shared memory to its clients). A new open file
+    /// description, not a dup: the device's `flock` belongs to its own
+    /// description, and a client holding a dup (QEMU keeps the fd it maps)
+    /// would hold the lock after the device died and refuse its restart.
+    pub fn reopen_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsRawFd;
+        let reopened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", self.lock.as_raw_fd()))?;
+        Ok(reopened.into())
     }
 }
 

@@ -304,6 +304,16 @@ pub mod pnm {
     /// Start of the per-queue interrupt mask registers (32 bit each, RW,
     /// bit 0 = masked) in the doorbell page.
     pub const IRQ_MASK_PAGE: u64 = 0x1800;
+    /// Start of the Peer Table (page 2, RO): one 32-bit entry per
+    /// notification peer id, the PID of the process connected as that
+    /// peer (0: free; entry 0, the device's, is unused). It outlives the
+    /// device process, so a restarted device gives a process that
+    /// reconnects the peer id it held before: QEMU's ivshmem-doorbell
+    /// reconnects its chardev but keeps the id its guest reads in
+    /// IVPosition.
+    pub const PEER_TABLE: u64 = 0x2000;
+    /// Bytes per Peer Table entry.
+    pub const PEER_TABLE_ENTRY: u64 = 4;
 
     /// "CXLPNM" followed by two zero bytes, little-endian.
     pub const MAGIC_VALUE: u64 = u64::from_le_bytes(*b"CXLPNM\0\0");
@@ -328,7 +338,7 @@ pub mod pnm {
 
 /// ABI version of this crate: bump major on incompatible change.
 pub const ABI_VERSION_MAJOR: u16 = 3;
-pub const ABI_VERSION_MINOR: u16 = 1;
+pub const ABI_VERSION_MINOR: u16 = 2;
 pub const ABI_VERSION: u32 = ((ABI_VERSION_MAJOR as u32) << 16) | ABI_VERSION_MINOR as u32;
 
 /// The capabilities this device advertises, in array order.
@@ -385,6 +395,13 @@ const _: () = {
         pnm::IRQ_MASK_PAGE + 4 * crate::queue::MAX_QUEUE_PAIRS as u64
             <= pnm::DOORBELL_PAGE + 0x1000
     );
+    // The Peer Table has its own page, after the doorbells.
+    assert!(pnm::PEER_TABLE == pnm::DOORBELL_PAGE + 0x1000);
+    assert!(
+        pnm::PEER_TABLE + pnm::PEER_TABLE_ENTRY * crate::notify::MAX_PEERS as u64
+            <= pnm::PEER_TABLE + 0x1000
+    );
+    assert!(PNM_OFFSET + pnm::PEER_TABLE + 0x1000 <= REGISTER_BLOCK_SIZE);
 };
 
 /// Header of the capability array as this device writes it.
