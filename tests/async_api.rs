@@ -122,3 +122,46 @@ async fn a_full_queue_makes_try_submit_busy_and_submit_wait() {
         queue.nop().await.unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_interrupts_neither_stall_nor_fail_async_commands() {
+    let region = TempRegion::new("async-lost-irq");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = common::LostInterrupts::open(region.path(), Duration::from_secs(10));
+    let queue = AsyncQueue::new(&dev, 16, InterruptConfig::default()).unwrap();
+    let start = std::time::Instant::now();
+    for _ in 0..20 {
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let q = queue.clone();
+                tokio::spawn(async move { q.nop().await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+    // Waiting out each command's 10 s timeout would take minutes.
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_the_device_never_answers_times_out() {
+    let region = TempRegion::new("async-timeout");
+    let device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let options = pnm_host::DeviceOptions {
+        command_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let dev = Device::open_with(region.path(), &options).unwrap();
+    let queue = AsyncQueue::new(&dev, 16, InterruptConfig::default()).unwrap();
+    queue.nop().await.unwrap();
+    device.freeze();
+    match queue.nop().await {
+        Err(Error::QueueTimeout { command: "NOP", waited, .. }) => {
+            assert!(waited >= Duration::from_millis(300))
+        }
+        other => panic!("expected a queue timeout, got {other:?}"),
+    }
+    device.signal(nix::sys::signal::Signal::SIGCONT);
+}

@@ -404,6 +404,28 @@ fn a_process_that_rejoins_a_restarted_device_gets_its_peer_id_back() {
 }
 
 #[test]
+fn interrupts_that_never_come_turn_the_queue_into_a_polled_one() {
+    let region = TempRegion::new("lost-irq");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    // Long enough that waiting each command's timeout out would take minutes.
+    let device = common::LostInterrupts::open(region.path(), Duration::from_secs(10));
+    let start = Instant::now();
+    for _ in 0..50 {
+        assert!(device.submit_raw(&[nop()]).unwrap()[0].code.is_success());
+    }
+    assert!(!device.waits_on_interrupts(), "the queue polls after missed interrupts");
+    assert_eq!(device.missed_interrupts(), 3, "three in a row, then no more waiting on them");
+    assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    // A queue whose interrupts do arrive never counts one as missed.
+    let healthy = open(region.path(), true);
+    for _ in 0..50 {
+        healthy.nop().unwrap();
+    }
+    assert!(healthy.waits_on_interrupts());
+    assert_eq!(healthy.missed_interrupts(), 0);
+}
+
+#[test]
 fn a_held_peer_id_is_released_when_its_process_ends() {
     let region = TempRegion::new("held");
     let socket = pnm_protocol::notify::socket_path(region.path());

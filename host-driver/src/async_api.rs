@@ -8,22 +8,42 @@
 //! A full queue makes `submit` wait for room (a semaphore of `entries - 1`
 //! permits, each held until its command's completion is reaped) and
 //! `try_submit` fail with [`Error::QueueFull`]; nothing is dropped.
+//!
+//! Every wait is bounded: a command's future resolves with
+//! [`Error::QueueTimeout`] after the device's command timeout, and while
+//! commands are in flight the reaper looks at the ring itself every so
+//! often, so interrupts that stop arriving (see `MissedInterrupts`) turn
+//! the queue into a polled one instead of stalling it.
 
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use pnm_protocol::SharedMemory;
 use pnm_protocol::queue::{
     HostBuffer, QueueCommand, QueueOpcode, Stream, SubmissionEntry, Topk, TopkLayout,
 };
 use tokio::io::unix::AsyncFd;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::device::Device;
 use crate::dma::{DmaBuf, DmaPool};
 use crate::error::{Error, Result};
 use crate::kv::{Rows, TopK, TopkRequest};
-use crate::queue::{Completion, InterruptConfig, QueueOptions, QueuePair, opcode_name};
+use crate::queue::{
+    Completion, InterruptConfig, MissedInterrupts, QueueOptions, QueuePair, opcode_name,
+};
+
+/// How often a reaper that gave up on interrupts looks at the ring.
+const POLL_PERIOD: Duration = Duration::from_millis(1);
+
+/// A submitted command's answer to come.
+struct Pending {
+    rx: oneshot::Receiver<Completion>,
+    cid: u16,
+    opcode: QueueOpcode,
+    timeout: Duration,
+}
 
 struct Waiter {
     reply: oneshot::Sender<Completion>,
@@ -48,6 +68,10 @@ struct Shared {
     state: Mutex<State>,
     permits: Arc<Semaphore>,
     regs: SharedMemory,
+    /// Told of every submission, so an idle reaper starts watching for
+    /// lost interrupts.
+    submitted: Notify,
+    irq: InterruptConfig,
 }
 
 impl Shared {
@@ -90,32 +114,40 @@ impl AsyncQueue {
             state: Mutex::new(State { queue: Some(queue), pool, waiters }),
             permits,
             regs,
+            submitted: Notify::new(),
+            irq,
         });
         let reaper = tokio::spawn(reap(shared.clone(), fd));
         Ok(Self { shared, reaper: Arc::new(reaper) })
     }
 
-    fn enqueue(
-        &self,
-        mut sqe: SubmissionEntry,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<oneshot::Receiver<Completion>> {
+    fn enqueue(&self, mut sqe: SubmissionEntry, permit: OwnedSemaphorePermit) -> Result<Pending> {
         let (reply, rx) = oneshot::channel();
         let mut state = self.shared.lock();
         sqe.command_id = 0.into();
         let cid = state.queue().push(sqe)?;
         state.waiters[usize::from(cid)] = Some(Waiter { reply, _permit: permit });
         state.queue().ring();
-        Ok(rx)
+        drop(state);
+        self.shared.submitted.notify_one();
+        Ok(Pending { rx, cid, opcode: sqe.opcode, timeout: self.shared.device.command_timeout() })
     }
 
-    async fn complete(rx: oneshot::Receiver<Completion>, op: QueueOpcode) -> Result<Completion> {
-        rx.await.map_err(|_| {
-            Error::Protocol(format!(
+    async fn complete(pending: Pending) -> Result<Completion> {
+        let Pending { rx, cid, opcode, timeout } = pending;
+        let start = Instant::now();
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(_)) => Err(Error::Protocol(format!(
                 "{} was abandoned: the queue's reaper stopped",
-                opcode_name(op)
-            ))
-        })
+                opcode_name(opcode)
+            ))),
+            Err(_) => Err(Error::QueueTimeout {
+                command: opcode_name(opcode),
+                command_id: cid,
+                waited: start.elapsed(),
+            }),
+        }
     }
 
     /// Submits a command, waiting for room if the queue is full, and
@@ -128,8 +160,8 @@ impl AsyncQueue {
             .acquire_owned()
             .await
             .map_err(|_| Error::Invalid("queue closed".into()))?;
-        let rx = self.enqueue(sqe, permit)?;
-        Self::complete(rx, sqe.opcode).await
+        let pending = self.enqueue(sqe, permit)?;
+        Self::complete(pending).await
     }
 
     /// Submits a command if the queue has room now, else [`Error::QueueFull`].
@@ -143,8 +175,8 @@ impl AsyncQueue {
             .clone()
             .try_acquire_owned()
             .map_err(|_| Error::QueueFull(self.shared.lock().queue().entries() - 1))?;
-        let rx = self.enqueue(sqe, permit)?;
-        Ok(Self::complete(rx, sqe.opcode))
+        let pending = self.enqueue(sqe, permit)?;
+        Ok(Self::complete(pending))
     }
 
     pub async fn nop(&self) -> Result<Completion> {
@@ -214,7 +246,13 @@ impl AsyncQueue {
             Ok((top, selected))
         }
         .await;
-        drop((q, out));
+        if matches!(result, Err(Error::QueueTimeout { .. })) {
+            // The device may still write them: they stay allocated (the
+            // device frees them when this process goes).
+            std::mem::forget((q, out));
+        } else {
+            drop((q, out));
+        }
         result
     }
 }
@@ -229,49 +267,99 @@ impl Drop for AsyncQueue {
     }
 }
 
-/// The reaper: completions to their futures; sleeps on the interrupt.
+/// The reaper: completions to their futures; sleeps on the interrupt, and
+/// while commands are in flight looks at the ring itself now and then to
+/// catch interrupts that never come.
 async fn reap(shared: Arc<Shared>, fd: AsyncFd<OwnedFd>) {
+    let irq = shared.irq;
+    let mut missed = MissedInterrupts::default();
+    let mut polling = false;
+    let idle_permits = shared.lock().queue().entries() as usize - 1;
     loop {
-        let delivered = {
-            let mut state = shared.lock();
-            deliver(&mut state)
-        };
-        match delivered {
-            Err(e) => {
-                tracing::error!(error = %e, "async queue: device broke the protocol; stopping");
-                return;
-            }
+        match deliver_locked(&shared) {
+            Err(()) => return,
             Ok(n) if n > 0 => continue,
             Ok(_) => {}
         }
+        let in_flight = shared.permits.available_permits() < idle_permits;
+        if polling {
+            if in_flight {
+                tokio::time::sleep(POLL_PERIOD).await;
+            } else {
+                shared.submitted.notified().await;
+            }
+            continue;
+        }
         // Nothing new: unmask, look once more, then sleep on the vector.
-        {
-            let mut state = shared.lock();
-            state.queue().set_masked(false);
-            match deliver(&mut state) {
-                Ok(0) => {}
-                Ok(_) => {
-                    state.queue().set_masked(true);
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "async queue: device broke the protocol; stopping");
-                    return;
-                }
+        shared.lock().queue().set_masked(false);
+        match deliver_locked(&shared) {
+            Err(()) => return,
+            Ok(0) => {}
+            Ok(_) => {
+                shared.lock().queue().set_masked(true);
+                continue;
             }
         }
-        match fd.readable().await {
-            Ok(mut guard) => {
-                let mut buf = [0u8; 8];
-                let _ = nix::unistd::read(guard.get_inner(), &mut buf);
-                guard.clear_ready();
+        let rung = if in_flight {
+            match wait_readable(&fd, MissedInterrupts::check_interval(&irq)).await {
+                Err(()) => return,
+                Ok(true) => true,
+                // Still unmasked: a completion posted by now has its
+                // interrupt on the way; none within the grace is a miss.
+                Ok(false) => match deliver_locked(&shared) {
+                    Err(()) => return,
+                    Ok(0) => true,
+                    Ok(_) => {
+                        let late = wait_readable(&fd, MissedInterrupts::grace(&irq)).await;
+                        let qid = shared.lock().queue().qid;
+                        polling = missed.record(late != Ok(true), qid, irq.vector);
+                        true
+                    }
+                },
             }
-            Err(e) => {
-                tracing::error!(error = %e, "async queue: waiting on the interrupt");
-                return;
+        } else {
+            tokio::select! {
+                r = wait_readable(&fd, Duration::MAX) => r.is_ok(),
+                () = shared.submitted.notified() => true,
             }
+        };
+        if !rung {
+            return;
         }
         shared.lock().queue().set_masked(true);
+    }
+}
+
+/// Delivers what the ring holds; Err after logging a broken protocol.
+fn deliver_locked(shared: &Shared) -> std::result::Result<usize, ()> {
+    let mut state = shared.lock();
+    deliver(&mut state).map_err(|e| {
+        tracing::error!(error = %e, "async queue: device broke the protocol; stopping");
+    })
+}
+
+/// Waits (at most `bound`) for the interrupt eventfd and consumes its
+/// count: Ok(true) if it was rung, Err after logging a failed wait.
+async fn wait_readable(fd: &AsyncFd<OwnedFd>, bound: Duration) -> std::result::Result<bool, ()> {
+    let wait = async {
+        let mut guard = fd.readable().await?;
+        let mut buf = [0u8; 8];
+        let _ = nix::unistd::read(guard.get_inner(), &mut buf);
+        guard.clear_ready();
+        Ok::<_, std::io::Error>(())
+    };
+    let outcome = if bound == Duration::MAX {
+        Ok(wait.await)
+    } else {
+        tokio::time::timeout(bound, wait).await
+    };
+    match outcome {
+        Ok(Ok(())) => Ok(true),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "async queue: waiting on the interrupt");
+            Err(())
+        }
+        Err(_) => Ok(false),
     }
 }
 

@@ -17,10 +17,9 @@ use zerocopy::FromBytes;
 
 use crate::backoff::Backoff;
 use crate::commands::{CelEntry, HealthInfo, Identify, PnmInfo, SupportedLog};
-use crate::dma::DmaPool;
 use crate::error::{Error, Result};
 use crate::mailbox::{DEFAULT_TIMEOUT, MailboxClient};
-use crate::queue::{InterruptConfig, QueueOptions, QueuePair};
+use crate::queue::{InterruptConfig, QueueOptions};
 use crate::session::{Session, SessionGuard};
 use crate::sys::Mapping;
 use crate::transport::{Interrupts, RegionFile, Transport, Wake};
@@ -142,6 +141,18 @@ impl Device {
                 }
                 None => Arc::new(RegionFile::open(&path, &region_file_options(&path, options))?),
             };
+        Self::with_transport(path, transport, options)
+    }
+
+    /// Opens the device behind a transport of the caller's (another bus, a
+    /// test double); `path` only names it in errors and status. Everything
+    /// above the transport is the same as for [`Device::open_with`].
+    pub fn with_transport(
+        path: impl AsRef<Path>,
+        transport: Arc<dyn Transport>,
+        options: &DeviceOptions,
+    ) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
         let regs = transport.region();
         let len = regs.len();
         let not_a_device = |reason: String| Error::NotADevice { path: path.clone(), reason };
@@ -325,9 +336,27 @@ impl Device {
         })
     }
 
+    /// Completions on this handle's queue that arrived without their
+    /// interrupt (0 before its first command).
+    pub fn missed_interrupts(&self) -> u64 {
+        let slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_ref().map_or(0, |s| s.queue.missed_interrupts())
+    }
+
+    /// Whether this handle's waits block on interrupts: asked for, and not
+    /// given up after missed ones (see [`Device::missed_interrupts`]).
+    pub fn waits_on_interrupts(&self) -> bool {
+        let slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        match slot.as_ref() {
+            Some(s) => s.queue.waits_on_interrupts(),
+            None => self.queue_options.interrupts.is_some(),
+        }
+    }
+
     /// Creates this handle's queue pair and buffers and hands them over
     /// (for the async API, which drives them itself).
-    pub(crate) fn take_queue(&self) -> Result<(QueuePair, DmaPool)> {
+    #[cfg(feature = "async")]
+    pub(crate) fn take_queue(&self) -> Result<(crate::queue::QueuePair, crate::dma::DmaPool)> {
         let session = self.session()?.slot.take().expect("opened by session()");
         Ok((session.queue, session.pool))
     }
@@ -386,17 +415,27 @@ impl Device {
     /// What state the device serving `path` is in, from its registers and
     /// its process, without needing it ready (as `open` does): running,
     /// hung, stopped cleanly, or dead. Watches the heartbeat for up to
-    /// `bound` (a few heartbeat periods are enough).
+    /// `bound` (a few heartbeat periods are enough). `path` is a region
+    /// file or `vfio:BDF`; through VFIO (a guest) the device's process
+    /// cannot be looked at, so a device whose heartbeat stands still and
+    /// that did not stop in order counts as dead, never as hung.
     pub fn probe(path: impl AsRef<Path>, bound: Duration) -> Result<Liveness> {
         let path = path.as_ref().to_path_buf();
+        #[cfg(feature = "vfio")]
+        if let Some(bdf) = path.to_str().and_then(|p| p.strip_prefix("vfio:")) {
+            let transport = crate::vfio::VfioTransport::open(bdf)?;
+            return probe_registers(&path, transport.region(), bound, false);
+        }
         let open_err = |error| Error::Open { path: path.clone(), error };
         let file = OpenOptions::new().read(true).open(&path).map_err(open_err)?;
         let len = file.metadata().map_err(open_err)?.len();
-        let not_a_device = |reason: String| Error::NotADevice { path: path.clone(), reason };
         if len < REGISTER_BLOCK_SIZE {
-            return Err(not_a_device(format!(
-                "{len} bytes is smaller than the {REGISTER_BLOCK_SIZE}-byte register block"
-            )));
+            return Err(Error::NotADevice {
+                path,
+                reason: format!(
+                    "{len} bytes is smaller than the {REGISTER_BLOCK_SIZE}-byte register block"
+                ),
+            });
         }
         // Only the register block: nothing else is read.
         let map = MmapOptions::new()
@@ -404,29 +443,40 @@ impl Device {
             .map_raw_read_only(&file)
             .map_err(open_err)?;
         let mapping = Mapping::new(map);
-        let regs = mapping.view();
-        let caps = discover(regs).map_err(not_a_device)?;
-        let first = read_status(regs, &caps);
-        let start = Instant::now();
-        let mut beating = false;
-        while !beating && start.elapsed() < bound {
-            std::thread::sleep(Duration::from_millis(2));
-            beating = regs.load_u64(caps.pnm + pnm::HEARTBEAT, Acquire) != first.heartbeat;
-        }
-        let status = read_status(regs, &caps);
-        let shutdown = regs.load_u32(caps.pnm + pnm::SHUTDOWN_STATE, Acquire);
-        let pid = status.device_pid;
-        let state = if beating {
-            DeviceState::Running
-        } else if pid != 0 && process_runs(pid) {
-            DeviceState::Hung
-        } else if pid == 0 && shutdown == pnm::SHUTDOWN_CLEAN {
-            DeviceState::Stopped
-        } else {
-            DeviceState::Dead
-        };
-        Ok(Liveness { state, status })
+        probe_registers(&path, mapping.view(), bound, true)
     }
+}
+
+/// [`Device::probe`] on a mapped register block; `process_visible`: the
+/// device's PID is one of this host's.
+fn probe_registers(
+    path: &Path,
+    regs: SharedMemory,
+    bound: Duration,
+    process_visible: bool,
+) -> Result<Liveness> {
+    let caps =
+        discover(regs).map_err(|reason| Error::NotADevice { path: path.to_path_buf(), reason })?;
+    let first = read_status(regs, &caps);
+    let start = Instant::now();
+    let mut beating = false;
+    while !beating && start.elapsed() < bound {
+        std::thread::sleep(Duration::from_millis(2));
+        beating = regs.load_u64(caps.pnm + pnm::HEARTBEAT, Acquire) != first.heartbeat;
+    }
+    let status = read_status(regs, &caps);
+    let shutdown = regs.load_u32(caps.pnm + pnm::SHUTDOWN_STATE, Acquire);
+    let pid = status.device_pid;
+    let state = if beating {
+        DeviceState::Running
+    } else if pid != 0 && process_visible && process_runs(pid) {
+        DeviceState::Hung
+    } else if pid == 0 && shutdown == pnm::SHUTDOWN_CLEAN {
+        DeviceState::Stopped
+    } else {
+        DeviceState::Dead
+    };
+    Ok(Liveness { state, status })
 }
 
 /// A device's state as [`Device::probe`] finds it.

@@ -69,6 +69,68 @@ impl Default for InterruptConfig {
     }
 }
 
+/// How long an interrupt waiter sleeps before it looks at the ring itself
+/// (plus the queue's coalescing time).
+const INTERRUPT_CHECK: Duration = Duration::from_millis(50);
+/// How long after finding a completion the waiter still waits for its
+/// interrupt before it counts the interrupt as missed.
+const MISSED_GRACE: Duration = Duration::from_millis(10);
+/// Missed interrupts in a row after which a queue polls instead.
+const MISSES_BEFORE_POLLING: u32 = 3;
+
+/// Tells a lost interrupt from a slow command, for the sync and async
+/// waiters alike. A waiter sleeps on its vector at most
+/// [`MissedInterrupts::check_interval`], then looks at the completion ring
+/// while the queue is still unmasked: a completion there has its interrupt
+/// on the way, and if none arrives within [`MissedInterrupts::grace`] it
+/// was lost. After [`MISSES_BEFORE_POLLING`] in a row the queue polls from
+/// then on, so a host whose interrupts stopped arriving (a guest after the
+/// device restarted: QEMU's ivshmem-doorbell keeps the first device's
+/// eventfds for its MSI-X vectors) still gets every answer, without
+/// waiting out each command's timeout.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct MissedInterrupts {
+    in_row: u32,
+    total: u64,
+}
+
+impl MissedInterrupts {
+    pub(crate) fn check_interval(cfg: &InterruptConfig) -> Duration {
+        INTERRUPT_CHECK + Duration::from_micros(u64::from(cfg.coalesce_usec))
+    }
+
+    pub(crate) fn grace(cfg: &InterruptConfig) -> Duration {
+        MISSED_GRACE + Duration::from_micros(u64::from(cfg.coalesce_usec))
+    }
+
+    /// Records whether a completion came without its interrupt; true when
+    /// the queue should poll from now on (said once, as a warning).
+    pub(crate) fn record(&mut self, missed: bool, qid: u16, vector: u16) -> bool {
+        if !missed {
+            self.in_row = 0;
+            return false;
+        }
+        self.in_row += 1;
+        self.total += 1;
+        if self.in_row < MISSES_BEFORE_POLLING {
+            return false;
+        }
+        tracing::warn!(
+            queue = qid,
+            vector,
+            missed = self.in_row,
+            "completions keep arriving without their interrupts; polling this queue from now \
+             on (a guest whose device restarted under QEMU's ivshmem-doorbell loses its MSI-X \
+             vectors until QEMU re-creates the PCI device)"
+        );
+        true
+    }
+
+    pub(crate) fn total(&self) -> u64 {
+        self.total
+    }
+}
+
 /// How a device handle's queue pair is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueOptions {
@@ -115,6 +177,7 @@ pub struct QueuePair {
     /// Per opcode, the device's recent Execution Times: how long a polled
     /// waiter may nap, and whether it should spin at all.
     recent_exec: Box<[RecentExec; 256]>,
+    missed: MissedInterrupts,
 }
 
 /// A command id's state.
@@ -207,6 +270,7 @@ impl QueuePair {
             reaped: None,
             unrung: false,
             recent_exec: Box::new([RecentExec::default(); 256]),
+            missed: MissedInterrupts::default(),
         })
     }
 
@@ -365,6 +429,7 @@ impl QueuePair {
 
     /// Sets the queue's interrupt mask (true: the device does not signal).
     /// Clearing it is SeqCst: see `sleep_until_interrupt`.
+    #[cfg(feature = "async")]
     pub(crate) fn set_masked(&self, masked: bool) {
         if let Some((_, mask)) = self.irq {
             if masked {
@@ -376,23 +441,46 @@ impl QueuePair {
         }
     }
 
+    #[cfg(feature = "async")]
     pub(crate) fn entries(&self) -> u32 {
         self.entries
     }
 
     /// Blocks on the queue's interrupt vector, with the no-lost-wake-up
     /// protocol: unmask (SeqCst), look at the ring again, and only then
-    /// sleep; mask again on waking.
+    /// sleep; mask again on waking. The sleep is cut short to look for
+    /// lost interrupts (see [`MissedInterrupts`]).
     fn sleep_until_interrupt(&mut self, vector: u16, bound: Duration) -> Result<()> {
-        let (_, mask) = self.irq.expect("interrupt queue");
+        let (cfg, mask) = self.irq.expect("interrupt queue");
         self.regs.store_u32(mask, 0, SeqCst);
         std::sync::atomic::fence(SeqCst);
         if self.reap()? == 0 {
-            let interrupts = self.wake.transport().interrupts().expect("checked at create");
-            interrupts.wait_vector(vector, bound);
+            let transport = self.wake.transport().clone();
+            let interrupts = transport.interrupts().expect("checked at create");
+            let check = bound.min(MissedInterrupts::check_interval(&cfg));
+            if interrupts.wait_vector(vector, check) {
+                self.missed.record(false, self.qid, vector);
+            } else if self.reap()? > 0 {
+                // Posted while the queue was unmasked: its interrupt is due.
+                let late = interrupts.wait_vector(vector, MissedInterrupts::grace(&cfg));
+                if self.missed.record(!late, self.qid, vector) {
+                    self.irq = None;
+                }
+            }
         }
         self.regs.store_u32(mask, 1, Relaxed);
         Ok(())
+    }
+
+    /// Completions that arrived without their interrupt so far.
+    pub fn missed_interrupts(&self) -> u64 {
+        self.missed.total()
+    }
+
+    /// Whether waits on this queue block on its interrupt vector (false:
+    /// created polled, or switched to polling after missed interrupts).
+    pub fn waits_on_interrupts(&self) -> bool {
+        self.irq.is_some()
     }
 
     /// Submits one command and waits for it.

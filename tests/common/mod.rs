@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use pnm_host::{Device, DeviceOptions};
+use pnm_host::{Device, DeviceOptions, Transport};
 
 /// Path of a workspace binary, built next to this test's executable.
 ///
@@ -205,4 +205,64 @@ pub fn run(binary: &str, args: &[&str]) -> Output {
 pub fn open(path: &Path, timeout: Duration) -> Device {
     Device::open_with(path, &DeviceOptions { mailbox_timeout: timeout, ..Default::default() })
         .expect("open device")
+}
+
+/// A transport whose interrupts never arrive: the region file's, with
+/// interrupt waits on an eventfd nobody rings. The device still signals
+/// the real peer's vectors, which no one reads: what a guest sees after a
+/// device restart under QEMU's ivshmem-doorbell.
+#[derive(Debug)]
+pub struct LostInterrupts {
+    inner: pnm_host::transport::RegionFile,
+    never: nix::sys::eventfd::EventFd,
+}
+
+impl LostInterrupts {
+    pub fn open(region: &Path, command_timeout: Duration) -> Device {
+        use pnm_host::transport::{RegionFile, RegionFileOptions};
+        let options = RegionFileOptions {
+            socket: Some(pnm_protocol::notify::socket_path(region)),
+            socket_required: true,
+            connect_timeout: Duration::from_secs(2),
+        };
+        let transport = Self {
+            inner: RegionFile::open(region, &options).unwrap(),
+            never: nix::sys::eventfd::EventFd::from_flags(
+                nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+            )
+            .unwrap(),
+        };
+        let options = DeviceOptions { interrupts: true, command_timeout, ..Default::default() };
+        Device::with_transport(region, std::sync::Arc::new(transport), &options).unwrap()
+    }
+}
+
+impl Transport for LostInterrupts {
+    fn region(&self) -> pnm_protocol::SharedMemory {
+        self.inner.region()
+    }
+    fn wake_device(&self) {
+        self.inner.wake_device();
+    }
+    fn interrupts(&self) -> Option<&dyn pnm_host::Interrupts> {
+        Some(self)
+    }
+}
+
+impl pnm_host::Interrupts for LostInterrupts {
+    fn peer_id(&self) -> u16 {
+        self.inner.interrupts().expect("connected").peer_id()
+    }
+    fn wait_vector(&self, _v: u16, timeout: Duration) -> bool {
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(self.never.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let ms = nix::poll::PollTimeout::try_from(timeout.as_millis().min(60_000) as i32)
+            .unwrap_or(nix::poll::PollTimeout::MAX);
+        let _ = nix::poll::poll(&mut fds, ms);
+        false
+    }
+    fn vector_fd(&self, _v: u16) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.never.as_fd()
+    }
 }

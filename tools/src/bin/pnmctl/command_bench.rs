@@ -110,10 +110,16 @@ pub fn bench_nop(
         elapsed = elapsed.max(secs);
     }
     latencies.sort_unstable();
+    // Interrupts that never came: a queue that lost several in a row
+    // polls instead, and the figures above are then polled ones.
+    let missed: u64 = handles.iter().map(Device::missed_interrupts).sum();
+    let gave_up = handles.iter().filter(|h| interrupts.is_some() && !h.waits_on_interrupts());
     Ok(serde_json::json!({
         "benchmark": "nop",
         "machine": machine()?,
         "mode": if interrupts.is_some() { "interrupt" } else { "polled" },
+        "missed_interrupts": missed,
+        "queues_polling_after_missed_interrupts": gave_up.count(),
         "queues": queues,
         "queue_entries": entries,
         "latency_qd1_us": {
