@@ -57,18 +57,26 @@ def check(serial, work, topk_only=False):
 
     scores = (query.astype(np.float64) @ keys.astype(np.float64).T).max(axis=0)
     order = np.lexsort((np.arange(TOKENS), -scores))[:K]
-    top = json.loads(got.get("topk", "{}") or "{}")
-    indices = top.get("indices", [])
-    verdict("topk-count", len(indices) == K, f"{len(indices)} of {K}")
-    verdict("topk-tokens", top.get("tokens") == TOKENS, str(top.get("tokens")))
-    # Exact up to float rounding: every returned token's score matches
-    # NumPy's, and the set differs only where scores tie within rounding.
-    if indices:
-        mine = np.array(top["scores"], dtype=np.float64)
-        verdict("topk-scores", np.allclose(mine, scores[indices], rtol=1e-5, atol=1e-4))
-        kth = scores[order[-1]]
-        missing = [i for i in order if i not in set(indices)]
-        verdict("topk-set", all(abs(scores[i] - kth) < 1e-4 for i in missing), str(missing))
+
+    def check_topk(name):
+        top = json.loads(got.get(name, "{}") or "{}")
+        indices = top.get("indices", [])
+        verdict(f"{name}-count", len(indices) == K, f"{len(indices)} of {K}")
+        verdict(f"{name}-tokens", top.get("tokens") == TOKENS, str(top.get("tokens")))
+        # Exact up to float rounding: every returned token's score matches
+        # NumPy's, and the set differs only where scores tie within rounding.
+        if indices:
+            mine = np.array(top["scores"], dtype=np.float64)
+            verdict(f"{name}-scores", np.allclose(mine, scores[indices], rtol=1e-5, atol=1e-4))
+            kth = scores[order[-1]]
+            missing = [i for i in order if i not in set(indices)]
+            verdict(f"{name}-set", all(abs(scores[i] - kth) < 1e-4 for i in missing), str(missing))
+        return indices
+
+    indices = check_topk("topk")
+    if not topk_only:
+        # The sequence loaded before the device restarted, asked after it.
+        check_topk("topk-after-restart")
     for name, rows in (() if topk_only else (("gather-keys", keys), ("gather-values", values))):
         raw = bytes.fromhex(got.get(name, "").replace(" ", ""))
         try:
