@@ -61,8 +61,10 @@ start_device() {
     disown "$pid"
     echo "$pid" > "$DEVICE_PID_FILE"
     for _ in $(seq 200); do
-        "$PNMCTL" --device "$REGION" --json status 2>/dev/null \
-            | grep -q "\"device_pid\": $pid," && return 0
+        # Whole outputs into grep, never a pipe it may leave early: under
+        # pipefail the writer's SIGPIPE would fail the check.
+        grep -q "\"device_pid\": $pid," \
+            <<< "$("$PNMCTL" --device "$REGION" --json status 2> /dev/null || true)" && return 0
         sleep 0.05
     done
     echo "QEMU_HARNESS FAIL pnm-device did not start (log: $DEVICE_LOG)"
@@ -177,11 +179,12 @@ checks=$((checks + 1))
 # left from its process check (once a second), not from its socket: the
 # peer departs, or the guest's queue is reclaimed as its owner's.
 gone_pattern="its queue pairs and its guest's buffers deleted|queue pair reclaimed.*owner.*Guest"
+after_restart() { sed -n '/device restarted/,$p' "$DEVICE_LOG"; }
 for _ in $(seq 60); do
-    sed -n '/device restarted/,$p' "$DEVICE_LOG" | grep -Eq "$gone_pattern" && break
+    grep -Eq "$gone_pattern" <<< "$(after_restart)" && break
     sleep 0.05
 done
-sed -n '/device restarted/,$p' "$DEVICE_LOG" | grep -Eq "$gone_pattern" \
+grep -Eq "$gone_pattern" <<< "$(after_restart)" \
     || failed="$failed
 guest-gone: the device did not reclaim the departed guest's queue and buffers"
 [ "$(host_topk)" = "$HOST_FIRST" ] || failed="$failed

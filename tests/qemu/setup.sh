@@ -19,10 +19,10 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOS
 APT=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$WORK/apt/parts"
      -o "Dir::State::Lists=$WORK/apt/lists" -o APT::Sandbox::User=root)
-have_qemu() {
+have_qemu() { # whole outputs into grep: under pipefail an early grep -q fails the writer
     command -v qemu-system-x86_64 >/dev/null \
-        && qemu-system-x86_64 -device help 2>/dev/null | grep -q ivshmem-doorbell \
-        && [ -x /bin/busybox ] && busybox --list | grep -qx cpio
+        && grep -q ivshmem-doorbell <<< "$(qemu-system-x86_64 -device help 2>/dev/null)" \
+        && [ -x /bin/busybox ] && grep -qx cpio <<< "$(busybox --list)"
 }
 if ! have_qemu || ! ls "$WORK"/kernel/boot/vmlinuz-* >/dev/null 2>&1; then
     apt-get "${APT[@]}" -qq update
