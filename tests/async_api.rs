@@ -165,3 +165,20 @@ async fn a_command_the_device_never_answers_times_out() {
     }
     device.signal(nix::sys::signal::Signal::SIGCONT);
 }
+
+#[test]
+fn pnmctl_bench_nop_drives_the_async_api() {
+    let region = TempRegion::new("async-bench");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let path = region.path().to_str().unwrap();
+    let out = common::run(
+        "pnmctl",
+        &["--device", path, "bench", "nop", "--async-tasks", "4", "--seconds", "0.2"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["benchmark"], "nop_async");
+    assert_eq!(report["tasks"], 4);
+    assert!(report["commands"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["latency_us"]["p50"].as_f64().unwrap() > 0.0, "{report}");
+}

@@ -148,6 +148,63 @@ pub fn bench_nop(
     }))
 }
 
+/// NOPs through the async API: one interrupt-driven queue pair shared by
+/// `tasks` tokio tasks, each submitting back to back for `seconds`.
+pub fn bench_nop_async(
+    device: &Device,
+    tasks: u16,
+    seconds: f64,
+) -> Result<serde_json::Value, CliError> {
+    use std::time::{Duration, Instant};
+    let entries = (u32::from(tasks) + 1).next_power_of_two().clamp(64, 4096) as u16;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("starting the async runtime: {e}")))?;
+    let (latencies, elapsed) = runtime.block_on(async {
+        let queue = pnm_host::AsyncQueue::new(device, entries, Default::default())?;
+        queue.nop().await?;
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs_f64(seconds);
+        let workers: Vec<_> = (0..tasks)
+            .map(|_| {
+                let queue = queue.clone();
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    while Instant::now() < deadline {
+                        let t = Instant::now();
+                        queue.nop().await?;
+                        lat.push(t.elapsed().as_nanos() as u64);
+                    }
+                    Ok::<_, Error>(lat)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.await.map_err(|e| Error::Invalid(format!("a NOP task failed: {e}")))??);
+        }
+        Ok::<_, Error>((all, start.elapsed().as_secs_f64()))
+    })?;
+    let mut latencies = latencies;
+    latencies.sort_unstable();
+    Ok(serde_json::json!({
+        "benchmark": "nop_async",
+        "machine": machine()?,
+        "mode": "interrupt",
+        "tasks": tasks,
+        "queue_entries": entries,
+        "commands": latencies.len(),
+        "commands_per_second": latencies.len() as f64 / elapsed,
+        "latency_us": {
+            "p50": percentile_us(&latencies, 0.50),
+            "p99": percentile_us(&latencies, 0.99),
+        },
+        "note": "one queue pair, its completions delivered by the async API's reaper to each task's future",
+    }))
+}
+
 /// This machine's memory read bandwidth, measured now (one thread, a
 /// buffer of `mib` MiB, well past the caches).
 fn memory_read_gb_per_s(mib: usize) -> Result<f64, Error> {

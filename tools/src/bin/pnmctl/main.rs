@@ -203,6 +203,11 @@ struct NopArgs {
     /// (one JSON array; --queues, --depth and --interrupts are ignored).
     #[arg(long)]
     sweep: bool,
+    /// Through the async API instead: this many tokio tasks sharing one
+    /// interrupt-driven queue pair, each submitting NOPs back to back for
+    /// --seconds.
+    #[arg(long, value_name = "TASKS", conflicts_with = "sweep")]
+    async_tasks: Option<u16>,
 }
 
 /// `pnmctl bench topk`.
@@ -579,11 +584,16 @@ fn bench_topk(cli: &Cli, args: &BenchTopkArgs) -> Result<(), CliError> {
 }
 
 fn bench_nop(cli: &Cli, args: &NopArgs) -> Result<(), CliError> {
-    let NopArgs { queues, depth, interrupts, coalesce, samples, seconds, sweep } = args;
-    if *queues == 0 || *depth == 0 || *samples == 0 {
-        return Err(usage("--queues, --depth and --samples must be at least 1"));
+    let NopArgs { queues, depth, interrupts, coalesce, samples, seconds, sweep, async_tasks } =
+        args;
+    if *queues == 0 || *depth == 0 || *samples == 0 || *async_tasks == Some(0) {
+        return Err(usage("--queues, --depth, --samples and --async-tasks must be at least 1"));
     }
     let device = open(cli)?;
+    if let Some(tasks) = async_tasks {
+        print_json(&command_bench::bench_nop_async(&device, *tasks, *seconds)?);
+        return Ok(());
+    }
     let irq = |on: bool| {
         on.then_some(pnm_host::InterruptConfig {
             vector: 0,
