@@ -17,6 +17,26 @@ check() { # name command... (bounded: a hang fails the check, not the run)
     echo "$out" | head -40 | sed "s/^/  $name: /"
 }
 hex() { od -An -tx1 -v "$1" | tr -d ' \n'; }
+refuses() { # name expected-text command...
+    name=$1 expected=$2; shift 2
+    if out=$(timeout 60 "$@" 2>&1); then
+        echo "CHECK $name FAIL (accepted)"
+    elif echo "$out" | grep -q "$expected"; then
+        echo "CHECK $name ok"
+    else
+        echo "CHECK $name FAIL"
+    fi
+    echo "  $name: $out"
+}
+
+# A guest booted without an IOMMU (pnm.suite=no-iommu on the kernel command
+# line): VFIO cannot be had, and the transport must say why.
+if grep -q pnm.suite=no-iommu /proc/cmdline; then
+    pci=$(grep -l 0x1af4 /sys/bus/pci/devices/*/vendor | head -1)
+    pci=${pci%/vendor}
+    refuses vfio-no-iommu-group "in no IOMMU group" pnmctl --device "vfio:${pci##*/}" identify
+    exit 0
+fi
 [ -n "$dev" ] || { echo "CHECK device-found FAIL (no ivshmem-doorbell)"; exit 0; }
 echo "CHECK device-found ok $dev"
 
@@ -56,6 +76,7 @@ bench() { # name mode args...
 }
 bench vfio-msix-nop interrupt nop --interrupts --samples 200 --seconds 0.5
 bench vfio-polled-nop polled nop --samples 200 --seconds 0.5
+bench vfio-async-nop interrupt nop --async-tasks 8 --seconds 0.5
 bench vfio-topk polled topk --tokens 8192 -k 64 --reps 9
 
 # 4. The device restarts under the guest: killed (a crash) and started
@@ -98,17 +119,6 @@ bench restart-msix-nop interrupt nop --interrupts --samples 50 --seconds 0.2
 check restart-kv-free $pnm kv free --seq "$kept"
 
 # 5. The VFIO transport's refusals, as typed errors with their reasons.
-refuses() { # name expected-text command...
-    name=$1 expected=$2; shift 2
-    if out=$(timeout 60 "$@" 2>&1); then
-        echo "CHECK $name FAIL (accepted)"
-    elif echo "$out" | grep -q "$expected"; then
-        echo "CHECK $name ok"
-    else
-        echo "CHECK $name FAIL"
-    fi
-    echo "  $name: $out"
-}
 refuses vfio-no-device "no such PCI device" pnmctl --device vfio:0000:00:1f.7 identify
 refuses vfio-not-bound "not vfio-pci" pnmctl --device vfio:0000:00:00.0 identify
 for d in /sys/bus/pci/devices/*; do
