@@ -2,10 +2,12 @@
 //! reach it. Pure and deterministic: no I/O, no clocks, no threads.
 //!
 //! - [`limits`]: what the firmware supports.
+//! - [`events`]: the four event logs (records, handles, overflow).
 //! - [`kv`]: the KV store's layout in device DRAM.
 //! - [`kernels`]: scoring, aggregation and Top-K selection.
 //! - [`timing`]: how long the modelled hardware would take (profiles in TOML).
 
+pub mod events;
 pub mod kernels;
 pub mod kv;
 pub mod limits;

@@ -4,6 +4,7 @@
 //!   status, primary mailbox, memory device status) and the vendor PNM
 //!   capability, each offset defined once.
 //! - [`commands`]: mailbox opcodes, return codes and payload layouts.
+//! - [`events`]: event records and the event log commands' payloads.
 //! - [`queue`]: submission/completion rings, command descriptors, KV frames.
 //! - [`notify`]: the ivshmem-server-shaped socket protocol for eventfds.
 //! - [`layout`]: how the shared region is split between registers, the host
@@ -15,6 +16,7 @@
 //! the CXL specification.
 
 pub mod commands;
+pub mod events;
 pub mod layout;
 pub mod notify;
 pub mod queue;
