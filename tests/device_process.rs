@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::{DeviceProcess, TempRegion, open, run};
 use nix::sys::signal::Signal;
-use pnm_host::{Device, Error, TopkRequest};
+use pnm_host::commands::EventKind;
+use pnm_host::{Device, Error, EventLog, TopkRequest};
 use pnm_protocol::commands::{CEL_UUID, GetLogInput};
 use pnm_protocol::regs::{self, pnm};
 use pnm_protocol::{Dtype, Opcode, RegionLayout, ReturnCode};
@@ -63,7 +64,7 @@ fn bad_commands_get_spec_return_codes_and_the_device_keeps_serving() {
     let region = TempRegion::new("bad");
     let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
     let dev = Device::open(region.path()).unwrap();
-    for op in [0x0001, 0x0100, 0x4300, 0xC0FF, 0xFFFF] {
+    for op in [0x0001, 0x0102, 0x4300, 0xC0FF, 0xFFFF] {
         expect_code(dev.mailbox_raw(Opcode(op), &[]), ReturnCode::UNSUPPORTED);
     }
     expect_code(
@@ -178,6 +179,23 @@ fn restart_keeps_device_dram_and_counts_dirty_shutdowns() {
     let dev = Device::open(region.path()).unwrap();
     assert_eq!(dev.health_info().unwrap().dirty_shutdown_count, 1);
     assert_eq!(dev.status().dirty_shutdown_count, 1);
+    // ... and says so in its warning log: a Memory Module record (Health
+    // Status Change) carrying the new count.
+    assert_eq!(dev.event_status(), 1 << EventLog::Warning as u32);
+    let warnings = dev.get_event_records(EventLog::Warning).unwrap();
+    assert_eq!(warnings.records.len(), 1);
+    match &warnings.records[0].kind {
+        EventKind::MemoryModule { device_event_type: 0, health } => {
+            assert_eq!(health.dirty_shutdown_count, 1)
+        }
+        other => panic!("expected a Memory Module record, got {other:?}"),
+    }
+    dev.clear_event_records(EventLog::Warning, &[warnings.records[0].handle]).unwrap();
+    assert!(dev.get_event_records(EventLog::Warning).unwrap().records.is_empty());
+    assert_eq!(dev.event_status(), 0);
+    // A handle that names nothing: Invalid Handle, and nothing changes.
+    let again = dev.clear_event_records(EventLog::Warning, &[warnings.records[0].handle]);
+    assert_eq!(again.unwrap_err().return_code(), Some(ReturnCode::INVALID_HANDLE));
     file.read_exact_at(&mut back, layout.dram_offset + layout.dram_size - 8192).unwrap();
     assert_eq!(back, pattern, "DRAM survives a crash too");
 }
@@ -694,6 +712,7 @@ fn every_option_of_every_command_says_what_it_does() {
     let pnmctl_commands: &[&[&str]] = &[
         &["identify"],
         &["health"],
+        &["events"],
         &["timestamp"],
         &["logs"],
         &["pnm-info"],

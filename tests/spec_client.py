@@ -106,10 +106,41 @@ def main(path):
     for op in sorted(opcodes):
         # Commands that take input, and vendor commands (their inputs are
         # not in the CXL specification), are exercised separately.
-        if op in (0x0301, 0x0401) or op >= 0xC000:
+        if op in (0x0100, 0x0101, 0x0301, 0x0401) or op >= 0xC000:
             continue
         rc, _ = mb.run(op)
         check(f"CEL opcode {op:04X}h is served", rc == 0)
+
+    # Event logs (8.2.9.2): Get Event Records per log, records of 128 bytes
+    # with nonzero handles and the log's severity, the Event Status
+    # register (Device Status capability, offset 0) agreeing, and clearing.
+    status_base = caps[0x0001][0]
+    seen = {}
+    for log in range(4):
+        rc, out = mb.run(0x0100, bytes([log]))
+        check(f"get event records, log {log}", rc == 0 and len(out) >= 0x20)
+        count = struct.unpack_from("<H", out, 0x14)[0]
+        check(f"log {log}: record count matches the length", len(out) == 0x20 + 128 * count)
+        recs = [out[0x20 + 128 * i:0x20 + 128 * (i + 1)] for i in range(count)]
+        check(f"log {log}: records are 128 bytes", all(r[0x10] == 0x80 for r in recs))
+        check(f"log {log}: handles are nonzero", all(struct.unpack_from("<H", r, 0x14)[0] for r in recs))
+        check(f"log {log}: severity is the log's", all(r[0x11] & 3 == log for r in recs))
+        seen[log] = recs
+    event_status = struct.unpack_from("<I", mem, status_base)[0]
+    check("event status bits = non-empty logs",
+          all(bool(event_status >> log & 1) == bool(seen[log]) for log in range(4)))
+    rc, _ = mb.run(0x0100, bytes([5]))
+    check("get event records of log 5 -> Invalid Input (02h)", rc == 0x02)
+    rc, _ = mb.run(0x0101, bytes([0, 0, 1, 0, 0, 0]) + struct.pack("<H", 0))
+    check("clear handle 0 -> Invalid Handle (0Eh)", rc == 0x0E)
+    rc, _ = mb.run(0x0101, bytes([0, 0, 2, 0, 0, 0]) + struct.pack("<H", 1))
+    check("clear with fewer handles than it says -> 16h", rc == 0x16)
+    for log in range(4):
+        rc, _ = mb.run(0x0101, bytes([log, 1, 0, 0, 0, 0]))
+        check(f"clear all events, log {log}", rc == 0)
+        rc, out = mb.run(0x0100, bytes([log]))
+        check(f"log {log} empty after clear all", rc == 0 and struct.unpack_from("<H", out, 0x14)[0] == 0)
+    check("event status clear", struct.unpack_from("<I", mem, status_base)[0] & 0xF == 0)
 
     # Wrong commands: spec return codes, and the device keeps serving.
     rc, _ = mb.run(0x0001)

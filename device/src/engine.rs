@@ -148,7 +148,7 @@ impl RunningDevice {
         );
         let kv_layout = kv.layout();
         let peers = Peers::default();
-        let state = MailboxState {
+        let mut state = MailboxState {
             layout,
             compute_units,
             heartbeat_period_us: HEARTBEAT_PERIOD.as_micros() as u32,
@@ -163,7 +163,16 @@ impl RunningDevice {
             },
             queues: QueueTable::new(regs, layout, peers.clone()),
             dma: DmaAllocator::new(&layout),
+            events: Default::default(),
         };
+        if region.dirty_shutdown {
+            state.log_dirty_shutdown();
+        }
+        regs.store_u32(
+            regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS,
+            state.events.status(),
+            Release,
+        );
         tracing::info!(profile = %profile.name, "timing model");
         let executor = Executor::new(regs, layout, kv, profile);
         let io_err = |error: std::io::Error| RegionError::Map { path: region.path.clone(), error };
@@ -548,8 +557,13 @@ impl Engine {
             Relaxed,
         );
         self.regs.store_u64(mb + mailbox::STATUS, mailbox::encode_status(code.0, 0), Relaxed);
-        // Release: the payload, Command and Status writes above are visible
-        // to a host that observes the doorbell clear.
+        self.regs.store_u32(
+            regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS,
+            self.state.events.status(),
+            Relaxed,
+        );
+        // Release: the payload, Command, Status and Event Status writes
+        // above are visible to a host that observes the doorbell clear.
         self.regs.store_u32(mb + mailbox::CONTROL, control & !mailbox::CONTROL_DOORBELL, Release);
     }
 

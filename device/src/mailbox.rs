@@ -15,7 +15,10 @@ use pnm_protocol::commands::{
 use pnm_protocol::queue::{KV_FRAME_SIZE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS};
 use pnm_protocol::regs::{ABI_VERSION, MAILBOX_PAYLOAD_SIZE};
 use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
+
+use pnm_firmware::events::EventLogs;
+use pnm_protocol::events::{self, ClearRequest, EventLog};
 
 use crate::dma::DmaAllocator;
 use crate::queues::QueueTable;
@@ -66,6 +69,7 @@ pub struct MailboxState {
     pub health: HealthCounters,
     pub queues: QueueTable,
     pub dma: DmaAllocator,
+    pub events: EventLogs,
 }
 
 /// Reads a command's fixed-size input.
@@ -76,7 +80,11 @@ fn read_input<T: FromBytes + KnownLayout + Immutable>(
     T::read_from_bytes(input).map_err(|_| {
         Refusal::new(
             ReturnCode::INVALID_PAYLOAD_LENGTH,
-            Reason::InputLength { command, expected: size_of::<T>(), got: input.len() },
+            Reason::InputLength {
+                command,
+                expected: commands::InputLen::Exact(size_of::<T>()),
+                got: input.len(),
+            },
         )
     })
 }
@@ -94,6 +102,23 @@ pub fn command_effects_log() -> Vec<u8> {
 }
 
 impl MailboxState {
+    /// Logs that the device found its region left by a device that did not
+    /// stop in order: a Memory Module record (Health Status Change, with
+    /// the health that includes the new Dirty Shutdown Count) in the
+    /// warning log.
+    pub fn log_dirty_shutdown(&mut self) {
+        let mut record = events::EventRecord::new_zeroed();
+        record.header.uuid = events::uuid::MEMORY_MODULE;
+        let data = events::MemoryModule {
+            device_event_type: events::device_event::HEALTH_STATUS_CHANGE,
+            health: self.health_info(),
+            reserved: [0; 0x3D],
+        };
+        record.data.copy_from_slice(data.as_bytes());
+        let now = self.clock.get(Instant::now());
+        self.events.insert(EventLog::Warning, record, now);
+    }
+
     /// Executes one mailbox command.
     pub fn execute(
         &mut self,
@@ -104,7 +129,7 @@ impl MailboxState {
         let expected = opcode
             .input_len()
             .ok_or(Refusal::new(ReturnCode::UNSUPPORTED, Reason::UnsupportedCommand(opcode)))?;
-        if input.len() != expected {
+        if !expected.accepts(input.len()) {
             return Err(Refusal::new(
                 ReturnCode::INVALID_PAYLOAD_LENGTH,
                 Reason::InputLength { command: opcode, expected, got: input.len() },
@@ -112,6 +137,27 @@ impl MailboxState {
         }
 
         match opcode {
+            Opcode::GET_EVENT_RECORDS => {
+                let log = EventLog::from_wire(input[0])
+                    .ok_or(Refusal::invalid(Reason::UnknownEventLog(input[0])))?;
+                let room = (MAILBOX_PAYLOAD_SIZE as usize - events::GET_OUTPUT_HEADER_LEN)
+                    / events::RECORD_LEN;
+                Ok(self.events.get(log, room).encode())
+            }
+            Opcode::CLEAR_EVENT_RECORDS => {
+                // A length that disagrees with the handle count is a payload
+                // length error (as QEMU answers it); other bad input, Invalid Input.
+                let request = ClearRequest::decode(input).map_err(|e| match e {
+                    events::ClearInputError::HandleBytes { .. } => {
+                        Refusal::new(ReturnCode::INVALID_PAYLOAD_LENGTH, e.into())
+                    }
+                    _ => Refusal::invalid(e.into()),
+                })?;
+                self.events
+                    .clear(&request)
+                    .map_err(|e| Refusal::new(ReturnCode::INVALID_HANDLE, e.into()))?;
+                Ok(Vec::new())
+            }
             Opcode::GET_TIMESTAMP => {
                 let out = GetTimestampOutput { timestamp_ns: self.clock.get(now).into() };
                 Ok(out.as_bytes().to_vec())
@@ -191,10 +237,10 @@ impl MailboxState {
             volatile_only_capacity: capacity.into(),
             persistent_only_capacity: 0.into(),
             partition_alignment: 0.into(),
-            info_event_log_size: 0.into(),
-            warning_event_log_size: 0.into(),
-            failure_event_log_size: 0.into(),
-            fatal_event_log_size: 0.into(),
+            info_event_log_size: (pnm_firmware::events::LOG_CAPACITY as u16).into(),
+            warning_event_log_size: (pnm_firmware::events::LOG_CAPACITY as u16).into(),
+            failure_event_log_size: (pnm_firmware::events::LOG_CAPACITY as u16).into(),
+            fatal_event_log_size: (pnm_firmware::events::LOG_CAPACITY as u16).into(),
             lsa_size: 0.into(),
             poison_list_max_records: [0; 3],
             inject_poison_limit: 0.into(),
@@ -264,6 +310,7 @@ mod tests {
             health: HealthCounters { dirty_shutdown_count: 3, corrected_volatile_errors: 0 },
             queues: QueueTable::new(regs, layout, crate::notify::Peers::default()),
             dma: DmaAllocator::new(&layout),
+            events: EventLogs::default(),
         }
     }
 

@@ -111,7 +111,17 @@ pub enum Reason {
     #[error("mailbox opcode {0} is not supported")]
     UnsupportedCommand(pnm_protocol::Opcode),
     #[error("{command} takes {expected} input bytes, got {got}")]
-    InputLength { command: pnm_protocol::Opcode, expected: usize, got: usize },
+    InputLength {
+        command: pnm_protocol::Opcode,
+        expected: pnm_protocol::commands::InputLen,
+        got: usize,
+    },
+    #[error("event log {0} is not one this device keeps (0-3)")]
+    UnknownEventLog(u8),
+    #[error(transparent)]
+    ClearInput(#[from] pnm_protocol::events::ClearInputError),
+    #[error(transparent)]
+    Clear(#[from] pnm_firmware::events::ClearError),
     #[error("the input payload of {0} bytes is larger than the payload area")]
     PayloadTooLong(u32),
     #[error("no log with that identifier")]

@@ -4,6 +4,7 @@ use pnm_protocol::commands::{
     self as spec, CAPACITY_UNIT, CEL_UUID, GetLogInput, GetTimestampOutput, HealthInfoOutput,
     IdentifyOutput, IdentifyPnmOutput, SetTimestampInput, SupportedLogEntry, SupportedLogsHeader,
 };
+use pnm_protocol::events::{self, ClearRequest, EventLog, EventRecord, GetEventRecordsHeader};
 use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -47,6 +48,188 @@ pub struct HealthInfo {
     pub dirty_shutdown_count: u32,
     pub corrected_volatile_error_count: u32,
     pub corrected_persistent_error_count: u32,
+}
+
+impl HealthInfo {
+    fn from_wire(h: &HealthInfoOutput) -> Self {
+        let temperature = h.device_temperature.get();
+        Self {
+            maintenance_needed: h.health_status & 1 != 0,
+            performance_degraded: h.health_status & 2 != 0,
+            hardware_replacement_needed: h.health_status & 4 != 0,
+            media_status: h.media_status,
+            additional_status: h.additional_status,
+            life_used_percent: (h.life_used != spec::LIFE_USED_NOT_IMPLEMENTED)
+                .then_some(h.life_used),
+            temperature_celsius: (temperature != spec::TEMPERATURE_NOT_IMPLEMENTED)
+                .then_some(temperature as i16),
+            dirty_shutdown_count: h.dirty_shutdown_count.get(),
+            corrected_volatile_error_count: h.corrected_volatile_error_count.get(),
+            corrected_persistent_error_count: h.corrected_persistent_error_count.get(),
+        }
+    }
+}
+
+/// Get Event Records, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct EventRecords {
+    #[cfg_attr(feature = "serde", serde(serialize_with = "log_name"))]
+    pub log: EventLog,
+    pub records: Vec<Event>,
+    /// The log holds more than these: clear them and ask again.
+    pub more: bool,
+    /// Records lost while the log was full.
+    pub overflow: Option<EventOverflow>,
+}
+
+#[cfg(feature = "serde")]
+fn log_name<S: serde::Serializer>(log: &EventLog, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(log.name())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct EventOverflow {
+    pub count: u16,
+    pub first_timestamp: u64,
+    pub last_timestamp: u64,
+}
+
+/// One event record: the header's facts and what its UUID says it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Event {
+    pub handle: u16,
+    pub related_handle: u16,
+    pub timestamp: u64,
+    /// Event Record Flags (24 bit): [1:0] severity, [2] permanent, [3]
+    /// maintenance needed, [4] performance degraded, [5] replace hardware.
+    pub flags: u32,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(tag = "type", rename_all = "snake_case"))]
+pub enum EventKind {
+    GeneralMedia {
+        dpa: u64,
+        volatile: bool,
+        descriptor: u8,
+        memory_event_type: u8,
+        transaction_type: u8,
+        validity_flags: u16,
+    },
+    Dram {
+        dpa: u64,
+        descriptor: u8,
+        memory_event_type: u8,
+        transaction_type: u8,
+        validity_flags: u16,
+        bank_group: u8,
+        bank: u8,
+        row: u32,
+        column: u16,
+    },
+    MemoryModule {
+        device_event_type: u8,
+        health: HealthInfo,
+    },
+    /// A record this driver does not decode, by its UUID.
+    Other {
+        uuid: String,
+    },
+}
+
+impl EventRecords {
+    /// Checks and decodes Get Event Records' output for `log`.
+    fn decode(log: EventLog, out: &[u8]) -> std::result::Result<Self, String> {
+        let (header, body) = GetEventRecordsHeader::read_from_prefix(out)
+            .map_err(|_| format!("{} bytes is shorter than the 32-byte header", out.len()))?;
+        let count = usize::from(header.record_count.get());
+        if body.len() != count * events::RECORD_LEN {
+            return Err(format!(
+                "{count} records need {} bytes after the header, got {}",
+                count * events::RECORD_LEN,
+                body.len()
+            ));
+        }
+        let mut records = Vec::with_capacity(count);
+        for raw in body.chunks_exact(events::RECORD_LEN) {
+            let record = EventRecord::read_from_bytes(raw).expect("128-byte chunk");
+            let h = &record.header;
+            if usize::from(h.length) != events::RECORD_LEN {
+                return Err(format!("a record says it is {} bytes, not 128", h.length));
+            }
+            if h.handle.get() == 0 {
+                return Err("a record has handle 0, which names no record".into());
+            }
+            if h.flags() & events::flags::SEVERITY_MASK != log as u32 {
+                return Err(format!(
+                    "record {} in the {} log has severity {}",
+                    h.handle.get(),
+                    log.name(),
+                    h.flags() & events::flags::SEVERITY_MASK
+                ));
+            }
+            records.push(Event {
+                handle: h.handle.get(),
+                related_handle: h.related_handle.get(),
+                timestamp: h.timestamp.get(),
+                flags: h.flags(),
+                kind: EventKind::decode(&record),
+            });
+        }
+        let overflow = (header.flags & events::GET_FLAG_OVERFLOW != 0).then(|| EventOverflow {
+            count: header.overflow_error_count.get(),
+            first_timestamp: header.first_overflow_timestamp.get(),
+            last_timestamp: header.last_overflow_timestamp.get(),
+        });
+        Ok(Self { log, records, more: header.flags & events::GET_FLAG_MORE_RECORDS != 0, overflow })
+    }
+}
+
+impl EventKind {
+    fn decode(record: &EventRecord) -> Self {
+        let u24 = |b: [u8; 3]| u32::from_le_bytes([b[0], b[1], b[2], 0]);
+        match record.header.uuid {
+            events::uuid::GENERAL_MEDIA => {
+                let g = events::GeneralMedia::read_from_bytes(&record.data).expect("80 bytes");
+                let address = g.physical_address.get();
+                Self::GeneralMedia {
+                    dpa: address & !0x3F,
+                    volatile: address & 1 != 0,
+                    descriptor: g.descriptor,
+                    memory_event_type: g.memory_event_type,
+                    transaction_type: g.transaction_type,
+                    validity_flags: g.validity_flags.get(),
+                }
+            }
+            events::uuid::DRAM => {
+                let d = events::Dram::read_from_bytes(&record.data).expect("80 bytes");
+                Self::Dram {
+                    dpa: d.physical_address.get() & !0x3F,
+                    descriptor: d.descriptor,
+                    memory_event_type: d.memory_event_type,
+                    transaction_type: d.transaction_type,
+                    validity_flags: d.validity_flags.get(),
+                    bank_group: d.bank_group,
+                    bank: d.bank,
+                    row: u24(d.row),
+                    column: d.column.get(),
+                }
+            }
+            events::uuid::MEMORY_MODULE => {
+                let m = events::MemoryModule::read_from_bytes(&record.data).expect("80 bytes");
+                Self::MemoryModule {
+                    device_event_type: m.device_event_type,
+                    health: HealthInfo::from_wire(&m.health),
+                }
+            }
+            other => Self::Other { uuid: format_uuid(&other) },
+        }
+    }
 }
 
 /// One entry of Get Supported Logs.
@@ -144,21 +327,41 @@ impl MailboxClient {
     pub fn health_info(&mut self) -> Result<HealthInfo> {
         let op = Opcode::GET_HEALTH_INFO;
         let h: HealthInfoOutput = decode_fixed(op, &self.execute(op, &[])?)?;
-        let temperature = h.device_temperature.get();
-        Ok(HealthInfo {
-            maintenance_needed: h.health_status & 1 != 0,
-            performance_degraded: h.health_status & 2 != 0,
-            hardware_replacement_needed: h.health_status & 4 != 0,
-            media_status: h.media_status,
-            additional_status: h.additional_status,
-            life_used_percent: (h.life_used != spec::LIFE_USED_NOT_IMPLEMENTED)
-                .then_some(h.life_used),
-            temperature_celsius: (temperature != spec::TEMPERATURE_NOT_IMPLEMENTED)
-                .then_some(temperature as i16),
-            dirty_shutdown_count: h.dirty_shutdown_count.get(),
-            corrected_volatile_error_count: h.corrected_volatile_error_count.get(),
-            corrected_persistent_error_count: h.corrected_persistent_error_count.get(),
-        })
+        Ok(HealthInfo::from_wire(&h))
+    }
+
+    /// Get Event Records (0100h): the oldest records of `log` that fit one
+    /// mailbox payload.
+    pub fn get_event_records(&mut self, log: EventLog) -> Result<EventRecords> {
+        let op = Opcode::GET_EVENT_RECORDS;
+        let out = self.execute(op, &[log as u8])?;
+        EventRecords::decode(log, &out).map_err(|reason| malformed(op, reason))
+    }
+
+    /// Clear Event Records (0101h) by handle (those a Get returned).
+    pub fn clear_event_records(&mut self, log: EventLog, handles: &[u16]) -> Result<()> {
+        if handles.len() > events::MAX_CLEAR_HANDLES {
+            return Err(Error::Invalid(format!(
+                "{} handles; one Clear Event Records takes at most {}",
+                handles.len(),
+                events::MAX_CLEAR_HANDLES
+            )));
+        }
+        self.clear_events(&ClearRequest::Handles(log, handles.to_vec()))
+    }
+
+    /// Clear Event Records (0101h) with Clear All Events.
+    pub fn clear_all_event_records(&mut self, log: EventLog) -> Result<()> {
+        self.clear_events(&ClearRequest::All(log))
+    }
+
+    fn clear_events(&mut self, request: &ClearRequest) -> Result<()> {
+        let op = Opcode::CLEAR_EVENT_RECORDS;
+        let out = self.execute(op, &request.encode())?;
+        if !out.is_empty() {
+            return Err(malformed(op, format!("{} output bytes, expected none", out.len())));
+        }
+        Ok(())
     }
 
     /// The device's timestamp in ns since the Unix epoch (0: never set).

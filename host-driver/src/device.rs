@@ -16,13 +16,14 @@ use pnm_protocol::{RegionLayout, SharedMemory};
 use zerocopy::FromBytes;
 
 use crate::backoff::Backoff;
-use crate::commands::{CelEntry, HealthInfo, Identify, PnmInfo, SupportedLog};
+use crate::commands::{CelEntry, EventRecords, HealthInfo, Identify, PnmInfo, SupportedLog};
 use crate::error::{Error, Result};
 use crate::mailbox::{DEFAULT_TIMEOUT, MailboxClient};
 use crate::queue::{InterruptConfig, QueueOptions};
 use crate::session::{Session, SessionGuard};
 use crate::sys::Mapping;
 use crate::transport::{Interrupts, RegionFile, Transport, Wake};
+use pnm_protocol::events::EventLog;
 
 /// How to open a device.
 #[derive(Debug, Clone)]
@@ -307,6 +308,27 @@ impl Device {
     /// The Command Effects Log: every command the device supports.
     pub fn command_effects_log(&self) -> Result<Vec<CelEntry>> {
         self.mailbox_client().command_effects_log()
+    }
+
+    /// Get Event Records (0100h): the oldest records of `log` that fit one
+    /// mailbox payload (`more` says if there are others).
+    pub fn get_event_records(&self, log: EventLog) -> Result<EventRecords> {
+        self.mailbox_client().get_event_records(log)
+    }
+
+    /// Clear Event Records (0101h) by the handles a Get returned.
+    pub fn clear_event_records(&self, log: EventLog, handles: &[u16]) -> Result<()> {
+        self.mailbox_client().clear_event_records(log, handles)
+    }
+
+    /// Clear Event Records (0101h) with Clear All Events.
+    pub fn clear_all_event_records(&self, log: EventLog) -> Result<()> {
+        self.mailbox_client().clear_all_event_records(log)
+    }
+
+    /// The Event Status register: bit n set while event log n holds records.
+    pub fn event_status(&self) -> u32 {
+        self.regs.load_u32(self.caps.device_status + regs::DEVICE_STATUS_EVENT_STATUS, Acquire)
     }
 
     /// Identify PNM (C000h): the layout, compute units and firmware limits.

@@ -29,6 +29,7 @@ pub use kv::{
     Aggregation, GatheredView, KvShape, PageSelection, Query, Rows, Sequence, TopK, TopkRequest,
 };
 pub use pnm_protocol::Dtype;
+pub use pnm_protocol::events::EventLog;
 pub use queue::{Completion, InterruptConfig, QueueOptions};
 pub use sys::default_sigpipe;
 pub use transport::{Interrupts, Transport};

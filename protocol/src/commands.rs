@@ -15,6 +15,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 pub struct Opcode(pub u16);
 
 impl Opcode {
+    pub const GET_EVENT_RECORDS: Self = Self(0x0100);
+    pub const CLEAR_EVENT_RECORDS: Self = Self(0x0101);
     pub const GET_TIMESTAMP: Self = Self(0x0300);
     pub const SET_TIMESTAMP: Self = Self(0x0301);
     pub const GET_SUPPORTED_LOGS: Self = Self(0x0400);
@@ -33,7 +35,9 @@ impl Opcode {
     pub const FREE_DMA: Self = Self(0xC004);
 
     /// Every opcode this crate names, in Command Effects Log order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
+        Self::GET_EVENT_RECORDS,
+        Self::CLEAR_EVENT_RECORDS,
         Self::GET_TIMESTAMP,
         Self::SET_TIMESTAMP,
         Self::GET_SUPPORTED_LOGS,
@@ -50,6 +54,8 @@ impl Opcode {
     /// The spec's name of the command, if this crate knows it.
     pub fn name(self) -> Option<&'static str> {
         Some(match self {
+            Self::GET_EVENT_RECORDS => "Get Event Records",
+            Self::CLEAR_EVENT_RECORDS => "Clear Event Records",
             Self::GET_TIMESTAMP => "Get Timestamp",
             Self::SET_TIMESTAMP => "Set Timestamp",
             Self::GET_SUPPORTED_LOGS => "Get Supported Logs",
@@ -70,10 +76,17 @@ impl Opcode {
         self.0 >= 0xC000
     }
 
-    /// Input payload length the command requires (all commands here take
-    /// fixed-size input).
-    pub fn input_len(self) -> Option<usize> {
-        Some(match self {
+    /// Input payload length the command takes.
+    pub fn input_len(self) -> Option<InputLen> {
+        if self == Self::CLEAR_EVENT_RECORDS {
+            return Some(InputLen::PerItem {
+                header: size_of::<crate::events::ClearEventRecordsHeader>(),
+                item: 2,
+                max_items: crate::events::MAX_CLEAR_HANDLES,
+            });
+        }
+        Some(InputLen::Exact(match self {
+            Self::GET_EVENT_RECORDS => 1,
             Self::SET_TIMESTAMP => size_of::<SetTimestampInput>(),
             Self::GET_LOG => size_of::<GetLogInput>(),
             Self::CREATE_QUEUE_PAIR => size_of::<CreateQueuePairInput>(),
@@ -86,7 +99,51 @@ impl Opcode {
             | Self::GET_HEALTH_INFO
             | Self::IDENTIFY_PNM => 0,
             _ => return None,
-        })
+        }))
+    }
+}
+
+/// The input lengths a command takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputLen {
+    Exact(usize),
+    /// A fixed header, then up to `max_items` items of `item` bytes (the
+    /// header says how many; the command checks that).
+    PerItem {
+        header: usize,
+        item: usize,
+        max_items: usize,
+    },
+}
+
+impl InputLen {
+    pub fn accepts(self, len: usize) -> bool {
+        match self {
+            Self::Exact(n) => len == n,
+            Self::PerItem { header, item, max_items } => {
+                len >= header
+                    && (len - header).is_multiple_of(item)
+                    && (len - header) / item <= max_items
+            }
+        }
+    }
+
+    /// The shortest input it takes.
+    pub fn min(self) -> usize {
+        match self {
+            Self::Exact(n) => n,
+            Self::PerItem { header, .. } => header,
+        }
+    }
+}
+
+impl fmt::Display for InputLen {
+    /// As PROTOCOL.md's opcode table writes it: `8`, `6 + 2n`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(n) => write!(f, "{n}"),
+            Self::PerItem { header, item, .. } => write!(f, "{header} + {item}n"),
+        }
     }
 }
 
@@ -225,6 +282,7 @@ pub mod effect {
 /// What each supported command does to the device, as its CEL entry says.
 pub fn command_effect(opcode: Opcode) -> u16 {
     match opcode {
+        Opcode::CLEAR_EVENT_RECORDS => effect::LOG_CHANGE_IMMEDIATE,
         Opcode::SET_TIMESTAMP => effect::POLICY_CHANGE_IMMEDIATE,
         Opcode::CREATE_QUEUE_PAIR
         | Opcode::DELETE_QUEUE_PAIR
@@ -579,6 +637,7 @@ const _: () = {
 /// Supported Logs vary).
 pub fn fixed_output_len(opcode: Opcode) -> Option<usize> {
     Some(match opcode {
+        Opcode::CLEAR_EVENT_RECORDS => 0,
         Opcode::GET_TIMESTAMP => size_of::<GetTimestampOutput>(),
         Opcode::SET_TIMESTAMP => 0,
         Opcode::IDENTIFY_MEMORY_DEVICE => size_of::<IdentifyOutput>(),
@@ -621,6 +680,10 @@ mod tests {
             assert!(op.name().is_some());
         }
         assert!(Opcode(0x1234).input_len().is_none());
+        let clear = Opcode::CLEAR_EVENT_RECORDS.input_len().unwrap();
+        assert!(clear.accepts(6) && clear.accepts(8) && clear.accepts(6 + 2 * 255));
+        assert!(!clear.accepts(5) && !clear.accepts(7) && !clear.accepts(6 + 2 * 256));
+        assert_eq!(clear.to_string(), "6 + 2n");
         assert_eq!(format!("{}", Opcode(0x1234)), "1234h");
         assert!(Opcode::IDENTIFY_PNM.is_vendor());
     }

@@ -43,6 +43,9 @@ enum Command {
     Identify,
     /// Get Health Info (4200h).
     Health,
+    /// The event logs: Get Event Records (0100h) from each log, oldest
+    /// first; with --clear, Clear Event Records (0101h) of what was shown.
+    Events(EventsArgs),
     /// Get or set the device timestamp (0300h / 0301h).
     Timestamp {
         #[command(subcommand)]
@@ -176,6 +179,24 @@ struct GatherArgs {
     /// Where to write the V rows (.npy, [n, head_dim], the sequence's dtype).
     #[arg(long)]
     out_values: PathBuf,
+}
+
+/// `pnmctl events`.
+#[derive(Debug, clap::Args)]
+struct EventsArgs {
+    /// One log (informational, warning, failure, fatal); all four if not given.
+    #[arg(long, value_parser = parse_event_log)]
+    log: Option<pnm_host::EventLog>,
+    /// Clear the records shown (by handle, so none that arrive meanwhile).
+    #[arg(long)]
+    clear: bool,
+}
+
+fn parse_event_log(text: &str) -> Result<pnm_host::EventLog, String> {
+    pnm_host::EventLog::ALL
+        .into_iter()
+        .find(|log| log.name() == text)
+        .ok_or_else(|| format!("'{text}' is not informational, warning, failure or fatal"))
 }
 
 /// `pnmctl bench nop`.
@@ -492,6 +513,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Status => unreachable!("answered without opening the device"),
         Command::Identify => identify(cli, &open(cli)?),
         Command::Health => health(cli, &open(cli)?),
+        Command::Events(args) => events(cli, &open(cli)?, args),
         Command::Timestamp { action } => timestamp(cli, &open(cli)?, action.as_ref()),
         Command::Logs => logs(cli, &open(cli)?),
         Command::PnmInfo => pnm_info(cli, &open(cli)?),
@@ -716,6 +738,59 @@ fn health(cli: &Cli, device: &Device) -> Result<(), CliError> {
             h.corrected_volatile_error_count,
             h.corrected_persistent_error_count,
         )
+    });
+    Ok(())
+}
+
+/// `pnmctl events`: each log's oldest records (one mailbox payload's
+/// worth; with --clear, all of them, clearing each batch before asking for
+/// the next), and the Event Status register.
+fn events(cli: &Cli, device: &Device, args: &EventsArgs) -> Result<(), CliError> {
+    let logs = args.log.map_or(pnm_host::EventLog::ALL.to_vec(), |l| vec![l]);
+    let mut fetched = Vec::new();
+    for log in logs {
+        let mut got = device.get_event_records(log)?;
+        let handles = |records: &[pnm_host::commands::Event]| -> Vec<u16> {
+            records.iter().map(|r| r.handle).collect()
+        };
+        let mut batch = handles(&got.records);
+        // Bounded: a log holds 64 records at most, 31 fit a payload.
+        for _ in 0..64 {
+            if !args.clear || batch.is_empty() {
+                break;
+            }
+            device.clear_event_records(log, &batch)?;
+            if !got.more {
+                break;
+            }
+            let next = device.get_event_records(log)?;
+            batch = handles(&next.records);
+            got.records.extend(next.records);
+            got.more = next.more;
+        }
+        fetched.push(got);
+    }
+    #[derive(Serialize)]
+    struct Report {
+        event_status: u32,
+        logs: Vec<pnm_host::commands::EventRecords>,
+    }
+    let report = Report { event_status: device.event_status(), logs: fetched };
+    emit(cli.json, &report, |r| {
+        let mut text = format!("event status        {:#06b}\n", r.event_status);
+        for log in &r.logs {
+            text += &format!(
+                "{} log: {} record(s){}{}\n",
+                log.log.name(),
+                log.records.len(),
+                if log.more { ", more waiting" } else { "" },
+                log.overflow.map_or(String::new(), |o| format!(", {} lost to overflow", o.count)),
+            );
+            for e in &log.records {
+                text += &format!("  #{} at {} ns: {:?}\n", e.handle, e.timestamp, e.kind);
+            }
+        }
+        text
     });
     Ok(())
 }
