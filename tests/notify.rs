@@ -442,3 +442,66 @@ fn a_held_peer_id_is_released_when_its_process_ends() {
     let (_next, next_id) = PeerProcess::join(&socket);
     assert_eq!(next_id, id);
 }
+
+#[test]
+fn an_event_log_policy_rings_every_host_when_its_log_gets_a_first_record() {
+    use pnm_host::EventLog;
+    use pnm_protocol::events::{EventRecord, InterruptMode, uuid};
+    use zerocopy::FromZeros;
+    let region = TempRegion::new("event-irq");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB", "--allow-injection"]);
+    let dev = open(region.path(), true);
+    let other = open(region.path(), true);
+    let mut policy = [InterruptMode::None; 4];
+    policy[EventLog::Failure as usize] = InterruptMode::Msi(5);
+    dev.set_event_interrupt_policy(policy).unwrap();
+    assert_eq!(dev.get_event_interrupt_policy().unwrap(), policy);
+    let mut record = EventRecord::new_zeroed();
+    record.header.uuid = uuid::GENERAL_MEDIA;
+    let rung = |d: &pnm_host::Device, bound_ms| {
+        d.interrupts().unwrap().wait_vector(5, Duration::from_millis(bound_ms))
+    };
+    // A first record rings vector 5 of every host; a second does not.
+    let first = dev.inject_event(EventLog::Failure, &record).unwrap().unwrap();
+    assert!(rung(&dev, 2000) && rung(&other, 2000), "both hosts are rung");
+    assert!(dev.inject_event(EventLog::Failure, &record).unwrap().is_some());
+    assert!(!rung(&dev, 100), "only the log's first record rings");
+    // Another log, no policy: no ring.
+    dev.inject_event(EventLog::Informational, &record).unwrap();
+    assert!(!rung(&dev, 100));
+    assert_eq!(dev.event_status(), 1 << 0 | 1 << 2);
+    let got = dev.get_event_records(EventLog::Failure).unwrap();
+    assert_eq!(got.records.len(), 2);
+    assert_eq!(got.records[0].handle, first);
+    // Emptied, the log rings again on its next record.
+    dev.clear_all_event_records(EventLog::Failure).unwrap();
+    dev.inject_event(EventLog::Failure, &record).unwrap();
+    assert!(rung(&dev, 2000));
+    // Settings the device does not do are refused and change nothing.
+    let refused = |settings: &[u8]| {
+        let code = dev
+            .mailbox_raw(pnm_protocol::Opcode::SET_EVENT_INTERRUPT_POLICY, settings)
+            .unwrap_err()
+            .return_code();
+        assert_eq!(code, Some(ReturnCode::INVALID_INPUT), "{settings:?}");
+    };
+    refused(&[0, 0, 0x52, 0]); // firmware interrupt
+    refused(&[0, 0, 0x91, 0]); // vector 9 of 8
+    refused(&[0, 0, 0x07, 0]); // reserved bits
+    refused(&[0, 0, 0, 0, 0x11]); // a Dynamic Capacity log it does not keep
+    assert_eq!(dev.get_event_interrupt_policy().unwrap(), policy);
+}
+
+#[test]
+fn injection_is_refused_unless_the_device_allows_it() {
+    use pnm_protocol::events::EventRecord;
+    use zerocopy::FromZeros;
+    let region = TempRegion::new("no-inject");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = open(region.path(), false);
+    let err = dev.inject_event(pnm_host::EventLog::Fatal, &EventRecord::new_zeroed()).unwrap_err();
+    assert_eq!(err.return_code(), Some(ReturnCode::UNSUPPORTED));
+    let cel: Vec<u16> = dev.command_effects_log().unwrap().iter().map(|e| e.opcode).collect();
+    assert!(!cel.contains(&pnm_protocol::Opcode::INJECT_EVENT.0), "not listed when not served");
+    assert_eq!(dev.event_status(), 0);
+}

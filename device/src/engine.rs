@@ -65,6 +65,8 @@ pub struct DeviceConfig {
     pub socket: Option<PathBuf>,
     /// The timing model's hardware (default: the built-in cxl-pnm profile).
     pub profile: Option<HardwareProfile>,
+    /// Serve the fault injection commands (PROTOCOL.md §5.11).
+    pub allow_injection: bool,
 }
 
 /// The timing profile a device models unless told otherwise.
@@ -95,17 +97,18 @@ impl RunningDevice {
         let region = Region::open(&config.region)?;
         let socket = config.socket.clone().unwrap_or_else(|| socket_path(&config.region.path));
         let profile = config.profile.clone().unwrap_or_else(default_profile);
-        Self::serve(region, config.units, Some(&socket), profile)
+        Self::serve(region, config.units, Some(&socket), profile, config.allow_injection)
     }
 
     /// Serves an already opened region with the compute units `units` asks
     /// for, listening for notification peers on `socket` (None: hosts can
-    /// only poll).
+    /// only poll), serving fault injection commands if `allow_injection`.
     pub fn serve(
         region: Region,
         units: UnitConfig,
         socket: Option<&Path>,
         profile: HardwareProfile,
+        allow_injection: bool,
     ) -> Result<Self, RegionError> {
         // One unit per core: the engine sleeps while units compute, so a
         // long Top-K gets every core, split into one share per unit.
@@ -164,7 +167,12 @@ impl RunningDevice {
             queues: QueueTable::new(regs, layout, peers.clone()),
             dma: DmaAllocator::new(&layout),
             events: Default::default(),
+            event_policy: Default::default(),
+            allow_injection,
         };
+        if allow_injection {
+            tracing::warn!("fault injection is on: any host may inject faults");
+        }
         if region.dirty_shutdown {
             state.log_dirty_shutdown();
         }
@@ -248,7 +256,7 @@ impl RunningDevice {
         let socket =
             std::env::temp_dir().join(format!("cxl-pnm-embedded-{}-{n}.sock", std::process::id()));
         let units = UnitConfig { count: compute_units, ..UnitConfig::default() };
-        Self::serve(region, units, Some(&socket), default_profile())
+        Self::serve(region, units, Some(&socket), default_profile(), false)
     }
 
     /// The notification socket, if the device serves one.

@@ -18,7 +18,10 @@ use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 use pnm_firmware::events::EventLogs;
-use pnm_protocol::events::{self, ClearRequest, EventLog};
+use pnm_protocol::events::{
+    self, ClearRequest, EventInterruptPolicy, EventLog, InjectEventInput, InjectEventOutput,
+    InterruptMode,
+};
 
 use crate::dma::DmaAllocator;
 use crate::queues::QueueTable;
@@ -70,6 +73,10 @@ pub struct MailboxState {
     pub queues: QueueTable,
     pub dma: DmaAllocator,
     pub events: EventLogs,
+    /// Event Interrupt Policy, per log.
+    pub event_policy: [InterruptMode; 4],
+    /// Fault injection commands are served (`--allow-injection`).
+    pub allow_injection: bool,
 }
 
 /// Reads a command's fixed-size input.
@@ -90,9 +97,11 @@ fn read_input<T: FromBytes + KnownLayout + Immutable>(
 }
 
 /// The Command Effects Log: every supported opcode with its effects.
-pub fn command_effects_log() -> Vec<u8> {
+/// Fault injection commands are listed only when they are served.
+pub fn command_effects_log(allow_injection: bool) -> Vec<u8> {
     Opcode::ALL
         .iter()
+        .filter(|&&op| allow_injection || op != Opcode::INJECT_EVENT)
         .flat_map(|&op| {
             let entry =
                 CelEntry { opcode: op.0.into(), effect: commands::command_effect(op).into() };
@@ -115,8 +124,54 @@ impl MailboxState {
             reserved: [0; 0x3D],
         };
         record.data.copy_from_slice(data.as_bytes());
-        let now = self.clock.get(Instant::now());
-        self.events.insert(EventLog::Warning, record, now);
+        self.log_event(EventLog::Warning, record, Instant::now());
+    }
+
+    /// Adds a record to a log; if the log was empty and its policy asks
+    /// for MSI/MSI-X, rings that vector of every host. Returns the handle
+    /// (None: the log was full).
+    pub fn log_event(
+        &mut self,
+        log: EventLog,
+        record: events::EventRecord,
+        now: Instant,
+    ) -> Option<u16> {
+        let was_empty = self.events.len(log) == 0;
+        let handle = self.events.insert(log, record, self.clock.get(now));
+        if was_empty
+            && handle.is_some()
+            && let InterruptMode::Msi(vector) = self.event_policy[log.index()]
+        {
+            self.queues.peers().ring_all(u16::from(vector));
+        }
+        handle
+    }
+
+    /// Set Event Interrupt Policy: each log's byte must be none or MSI/MSI-X
+    /// on one of the 8 vectors (no firmware interrupts here); a Dynamic
+    /// Capacity byte must be 0 (no such log).
+    fn set_event_policy(&mut self, input: &[u8]) -> Result<(), Refusal> {
+        let mut policy = [InterruptMode::None; 4];
+        for (i, &setting) in input.iter().enumerate() {
+            let log = EventLog::from_wire(i as u8).map_or("dynamic capacity", EventLog::name);
+            let bad = |why| Refusal::invalid(Reason::EventInterruptPolicy { log, setting, why });
+            match (i, InterruptMode::decode(setting)) {
+                (4, _) if setting != 0 => return Err(bad("this device keeps no such log")),
+                (4, _) => {}
+                (_, None) => return Err(bad("reserved bits or mode")),
+                (_, Some(InterruptMode::Firmware(_))) => {
+                    return Err(bad("firmware interrupts are not supported"));
+                }
+                (_, Some(InterruptMode::Msi(v)))
+                    if u16::from(v) >= pnm_protocol::notify::VECTORS =>
+                {
+                    return Err(bad("vector beyond the 8 each peer has"));
+                }
+                (_, Some(mode)) => policy[i] = mode,
+            }
+        }
+        self.event_policy = policy;
+        Ok(())
     }
 
     /// Executes one mailbox command.
@@ -158,6 +213,29 @@ impl MailboxState {
                     .map_err(|e| Refusal::new(ReturnCode::INVALID_HANDLE, e.into()))?;
                 Ok(Vec::new())
             }
+            Opcode::GET_EVENT_INTERRUPT_POLICY => {
+                let settings = self.event_policy.map(InterruptMode::encode);
+                Ok(EventInterruptPolicy { settings }.as_bytes().to_vec())
+            }
+            Opcode::SET_EVENT_INTERRUPT_POLICY => {
+                self.set_event_policy(input)?;
+                Ok(Vec::new())
+            }
+            Opcode::INJECT_EVENT => {
+                if !self.allow_injection {
+                    return Err(Refusal::new(ReturnCode::UNSUPPORTED, Reason::InjectionNotAllowed));
+                }
+                let input = read_input::<InjectEventInput>(opcode, input)?;
+                let log = EventLog::from_wire(input.event_log)
+                    .ok_or(Refusal::invalid(Reason::UnknownEventLog(input.event_log)))?;
+                if input.reserved != [0; 7] {
+                    return Err(Refusal::invalid(Reason::ReservedNotZero));
+                }
+                let handle = self.log_event(log, input.record, now).unwrap_or(0);
+                Ok(InjectEventOutput { handle: handle.into(), reserved: [0; 6] }
+                    .as_bytes()
+                    .to_vec())
+            }
             Opcode::GET_TIMESTAMP => {
                 let out = GetTimestampOutput { timestamp_ns: self.clock.get(now).into() };
                 Ok(out.as_bytes().to_vec())
@@ -171,7 +249,7 @@ impl MailboxState {
                 let header = SupportedLogsHeader { entries: 1.into(), reserved: [0; 6] };
                 let cel = SupportedLogEntry {
                     log_id: CEL_UUID,
-                    log_size: (command_effects_log().len() as u32).into(),
+                    log_size: (command_effects_log(self.allow_injection).len() as u32).into(),
                 };
                 Ok([header.as_bytes(), cel.as_bytes()].concat())
             }
@@ -217,7 +295,7 @@ impl MailboxState {
         if input.log_id != CEL_UUID {
             return Err(Refusal::new(ReturnCode::INVALID_LOG, Reason::UnknownLog));
         }
-        let log = command_effects_log();
+        let log = command_effects_log(self.allow_injection);
         let offset = input.offset.get() as u64;
         let length = input.length.get() as u64;
         let size = log.len() as u64;
@@ -311,6 +389,8 @@ mod tests {
             queues: QueueTable::new(regs, layout, crate::notify::Peers::default()),
             dma: DmaAllocator::new(&layout),
             events: EventLogs::default(),
+            event_policy: Default::default(),
+            allow_injection: false,
         }
     }
 
@@ -469,6 +549,9 @@ mod tests {
     fn cel_lists_every_opcode() {
         let now = Instant::now();
         let mut s = state();
+        // Fault injection is listed only where it is served.
+        assert_eq!(command_effects_log(false).len(), (Opcode::ALL.len() - 1) * 4);
+        s.allow_injection = true;
         let logs = s.execute(Opcode::GET_SUPPORTED_LOGS, &[], now).unwrap();
         assert_eq!(logs.len(), 8 + 0x14);
         assert_eq!(&logs[8..24], &CEL_UUID);

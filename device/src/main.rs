@@ -38,6 +38,11 @@ struct Args {
     /// a damaged or foreign file rather than overwrite it.
     #[arg(long)]
     reformat: bool,
+    /// Serve the fault injection commands (Inject Event Record, C005h):
+    /// for tests and fault scripts; any host that can open the region may
+    /// then inject.
+    #[arg(long)]
+    allow_injection: bool,
     /// Notification socket (ivshmem-server protocol) for eventfd doorbells
     /// and interrupts. Default: the region path + ".sock".
     #[arg(long)]
@@ -86,6 +91,7 @@ fn main() -> ExitCode {
         units: UnitConfig { count: args.compute_units, pin: !args.no_pin },
         socket: args.socket,
         profile: Some(profile),
+        allow_injection: args.allow_injection,
     };
     let mut device = match RunningDevice::start(&config) {
         Ok(device) => device,

@@ -147,6 +147,21 @@ impl Peers {
         self.lock().peers.contains_key(&peer)
     }
 
+    /// Rings vector `v` of every connected host peer: a device-wide
+    /// interrupt (event logs), which each host (or guest, as its MSI-X
+    /// vector `v`) that cares waits on.
+    pub fn ring_all(&self, v: u16) {
+        let table = self.lock();
+        for (&id, peer) in &table.peers {
+            if id != DEVICE_PEER
+                && let Some(fd) = peer.vectors.get(usize::from(v))
+                && let Err(e) = fd.write(1)
+            {
+                tracing::warn!(peer = id, vector = v, error = %e, "signalling an event interrupt");
+            }
+        }
+    }
+
     /// True while `peer` is connected, or held for the live process that
     /// had it before the device restarted (a QEMU whose ivshmem-doorbell
     /// does not connect again): what a guest behind it owns stays its own

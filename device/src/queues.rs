@@ -382,7 +382,6 @@ impl QueueTable {
     }
 
     /// True while notification peer `peer` is connected.
-    #[cfg(test)]
     pub fn peers(&self) -> &Peers {
         &self.peers
     }

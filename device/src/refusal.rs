@@ -118,6 +118,10 @@ pub enum Reason {
     },
     #[error("event log {0} is not one this device keeps (0-3)")]
     UnknownEventLog(u8),
+    #[error("event interrupt setting {setting:#04x} for the {log} log: {why}")]
+    EventInterruptPolicy { log: &'static str, setting: u8, why: &'static str },
+    #[error("fault injection is off: start the device with --allow-injection")]
+    InjectionNotAllowed,
     #[error(transparent)]
     ClearInput(#[from] pnm_protocol::events::ClearInputError),
     #[error(transparent)]

@@ -4,7 +4,10 @@ use pnm_protocol::commands::{
     self as spec, CAPACITY_UNIT, CEL_UUID, GetLogInput, GetTimestampOutput, HealthInfoOutput,
     IdentifyOutput, IdentifyPnmOutput, SetTimestampInput, SupportedLogEntry, SupportedLogsHeader,
 };
-use pnm_protocol::events::{self, ClearRequest, EventLog, EventRecord, GetEventRecordsHeader};
+use pnm_protocol::events::{
+    self, ClearRequest, EventInterruptPolicy, EventLog, EventRecord, GetEventRecordsHeader,
+    InjectEventInput, InjectEventOutput, InterruptMode,
+};
 use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -353,6 +356,44 @@ impl MailboxClient {
     /// Clear Event Records (0101h) with Clear All Events.
     pub fn clear_all_event_records(&mut self, log: EventLog) -> Result<()> {
         self.clear_events(&ClearRequest::All(log))
+    }
+
+    /// Get Event Interrupt Policy (0102h): each log's setting, informational first.
+    pub fn get_event_interrupt_policy(&mut self) -> Result<[InterruptMode; 4]> {
+        let op = Opcode::GET_EVENT_INTERRUPT_POLICY;
+        let p: EventInterruptPolicy = decode_fixed(op, &self.execute(op, &[])?)?;
+        let mut modes = [InterruptMode::None; 4];
+        for (mode, &byte) in modes.iter_mut().zip(&p.settings) {
+            *mode = InterruptMode::decode(byte)
+                .ok_or_else(|| malformed(op, format!("setting {byte:#04x} is reserved")))?;
+        }
+        Ok(modes)
+    }
+
+    /// Set Event Interrupt Policy (0103h). With `InterruptMode::Msi(v)`, a
+    /// log that gets a record while empty rings vector `v` of every host.
+    pub fn set_event_interrupt_policy(&mut self, modes: [InterruptMode; 4]) -> Result<()> {
+        let op = Opcode::SET_EVENT_INTERRUPT_POLICY;
+        let input = EventInterruptPolicy { settings: modes.map(InterruptMode::encode) };
+        let out = self.execute(op, input.as_bytes())?;
+        if !out.is_empty() {
+            return Err(malformed(op, format!("{} output bytes, expected none", out.len())));
+        }
+        Ok(())
+    }
+
+    /// Inject Event Record (C005h, vendor; a device started with
+    /// `--allow-injection`): adds `record` to `log`. The device sets its
+    /// length, severity, handle and timestamp. Returns the handle, or None
+    /// if the log was full and the record went to overflow.
+    pub fn inject_event(&mut self, log: EventLog, record: &EventRecord) -> Result<Option<u16>> {
+        let op = Opcode::INJECT_EVENT;
+        let input = InjectEventInput { event_log: log as u8, reserved: [0; 7], record: *record };
+        let out: InjectEventOutput = decode_fixed(op, &self.execute(op, input.as_bytes())?)?;
+        Ok(match out.handle.get() {
+            0 => None,
+            h => Some(h),
+        })
     }
 
     fn clear_events(&mut self, request: &ClearRequest) -> Result<()> {

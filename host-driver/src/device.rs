@@ -23,7 +23,7 @@ use crate::queue::{InterruptConfig, QueueOptions};
 use crate::session::{Session, SessionGuard};
 use crate::sys::Mapping;
 use crate::transport::{Interrupts, RegionFile, Transport, Wake};
-use pnm_protocol::events::EventLog;
+use pnm_protocol::events::{EventLog, EventRecord, InterruptMode};
 
 /// How to open a device.
 #[derive(Debug, Clone)]
@@ -324,6 +324,22 @@ impl Device {
     /// Clear Event Records (0101h) with Clear All Events.
     pub fn clear_all_event_records(&self, log: EventLog) -> Result<()> {
         self.mailbox_client().clear_all_event_records(log)
+    }
+
+    /// Get Event Interrupt Policy (0102h).
+    pub fn get_event_interrupt_policy(&self) -> Result<[InterruptMode; 4]> {
+        self.mailbox_client().get_event_interrupt_policy()
+    }
+
+    /// Set Event Interrupt Policy (0103h): per log, none or MSI/MSI-X on a
+    /// vector every host (and a guest, as its MSI-X vector) is rung on.
+    pub fn set_event_interrupt_policy(&self, modes: [InterruptMode; 4]) -> Result<()> {
+        self.mailbox_client().set_event_interrupt_policy(modes)
+    }
+
+    /// Inject Event Record (C005h; a device started with --allow-injection).
+    pub fn inject_event(&self, log: EventLog, record: &EventRecord) -> Result<Option<u16>> {
+        self.mailbox_client().inject_event(log, record)
     }
 
     /// The Event Status register: bit n set while event log n holds records.

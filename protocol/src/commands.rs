@@ -17,6 +17,8 @@ pub struct Opcode(pub u16);
 impl Opcode {
     pub const GET_EVENT_RECORDS: Self = Self(0x0100);
     pub const CLEAR_EVENT_RECORDS: Self = Self(0x0101);
+    pub const GET_EVENT_INTERRUPT_POLICY: Self = Self(0x0102);
+    pub const SET_EVENT_INTERRUPT_POLICY: Self = Self(0x0103);
     pub const GET_TIMESTAMP: Self = Self(0x0300);
     pub const SET_TIMESTAMP: Self = Self(0x0301);
     pub const GET_SUPPORTED_LOGS: Self = Self(0x0400);
@@ -33,11 +35,17 @@ impl Opcode {
     pub const ALLOCATE_DMA: Self = Self(0xC003);
     /// Vendor: free a buffer in the host DMA window.
     pub const FREE_DMA: Self = Self(0xC004);
+    /// Vendor, fault injection: add an event record to a log. Served only
+    /// by a device started with `--allow-injection` (else Unsupported, and
+    /// absent from the CEL).
+    pub const INJECT_EVENT: Self = Self(0xC005);
 
     /// Every opcode this crate names, in Command Effects Log order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 16] = [
         Self::GET_EVENT_RECORDS,
         Self::CLEAR_EVENT_RECORDS,
+        Self::GET_EVENT_INTERRUPT_POLICY,
+        Self::SET_EVENT_INTERRUPT_POLICY,
         Self::GET_TIMESTAMP,
         Self::SET_TIMESTAMP,
         Self::GET_SUPPORTED_LOGS,
@@ -49,6 +57,7 @@ impl Opcode {
         Self::DELETE_QUEUE_PAIR,
         Self::ALLOCATE_DMA,
         Self::FREE_DMA,
+        Self::INJECT_EVENT,
     ];
 
     /// The spec's name of the command, if this crate knows it.
@@ -56,6 +65,8 @@ impl Opcode {
         Some(match self {
             Self::GET_EVENT_RECORDS => "Get Event Records",
             Self::CLEAR_EVENT_RECORDS => "Clear Event Records",
+            Self::GET_EVENT_INTERRUPT_POLICY => "Get Event Interrupt Policy",
+            Self::SET_EVENT_INTERRUPT_POLICY => "Set Event Interrupt Policy",
             Self::GET_TIMESTAMP => "Get Timestamp",
             Self::SET_TIMESTAMP => "Set Timestamp",
             Self::GET_SUPPORTED_LOGS => "Get Supported Logs",
@@ -67,6 +78,7 @@ impl Opcode {
             Self::DELETE_QUEUE_PAIR => "Delete Queue Pair",
             Self::ALLOCATE_DMA => "Allocate DMA",
             Self::FREE_DMA => "Free DMA",
+            Self::INJECT_EVENT => "Inject Event Record",
             _ => return None,
         })
     }
@@ -78,6 +90,10 @@ impl Opcode {
 
     /// Input payload length the command takes.
     pub fn input_len(self) -> Option<InputLen> {
+        if self == Self::SET_EVENT_INTERRUPT_POLICY {
+            // The fifth byte, Dynamic Capacity, is optional.
+            return Some(InputLen::Between(4, 5));
+        }
         if self == Self::CLEAR_EVENT_RECORDS {
             return Some(InputLen::PerItem {
                 header: size_of::<crate::events::ClearEventRecordsHeader>(),
@@ -87,6 +103,7 @@ impl Opcode {
         }
         Some(InputLen::Exact(match self {
             Self::GET_EVENT_RECORDS => 1,
+            Self::INJECT_EVENT => size_of::<crate::events::InjectEventInput>(),
             Self::SET_TIMESTAMP => size_of::<SetTimestampInput>(),
             Self::GET_LOG => size_of::<GetLogInput>(),
             Self::CREATE_QUEUE_PAIR => size_of::<CreateQueuePairInput>(),
@@ -97,7 +114,8 @@ impl Opcode {
             | Self::GET_SUPPORTED_LOGS
             | Self::IDENTIFY_MEMORY_DEVICE
             | Self::GET_HEALTH_INFO
-            | Self::IDENTIFY_PNM => 0,
+            | Self::IDENTIFY_PNM
+            | Self::GET_EVENT_INTERRUPT_POLICY => 0,
             _ => return None,
         }))
     }
@@ -107,6 +125,8 @@ impl Opcode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputLen {
     Exact(usize),
+    /// Any length from the first to the second, both included.
+    Between(usize, usize),
     /// A fixed header, then up to `max_items` items of `item` bytes (the
     /// header says how many; the command checks that).
     PerItem {
@@ -120,6 +140,7 @@ impl InputLen {
     pub fn accepts(self, len: usize) -> bool {
         match self {
             Self::Exact(n) => len == n,
+            Self::Between(min, max) => (min..=max).contains(&len),
             Self::PerItem { header, item, max_items } => {
                 len >= header
                     && (len - header).is_multiple_of(item)
@@ -131,7 +152,7 @@ impl InputLen {
     /// The shortest input it takes.
     pub fn min(self) -> usize {
         match self {
-            Self::Exact(n) => n,
+            Self::Exact(n) | Self::Between(n, _) => n,
             Self::PerItem { header, .. } => header,
         }
     }
@@ -142,6 +163,7 @@ impl fmt::Display for InputLen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Exact(n) => write!(f, "{n}"),
+            Self::Between(min, max) => write!(f, "{min}-{max}"),
             Self::PerItem { header, item, .. } => write!(f, "{header} + {item}n"),
         }
     }
@@ -282,8 +304,10 @@ pub mod effect {
 /// What each supported command does to the device, as its CEL entry says.
 pub fn command_effect(opcode: Opcode) -> u16 {
     match opcode {
-        Opcode::CLEAR_EVENT_RECORDS => effect::LOG_CHANGE_IMMEDIATE,
-        Opcode::SET_TIMESTAMP => effect::POLICY_CHANGE_IMMEDIATE,
+        Opcode::CLEAR_EVENT_RECORDS | Opcode::INJECT_EVENT => effect::LOG_CHANGE_IMMEDIATE,
+        Opcode::SET_TIMESTAMP | Opcode::SET_EVENT_INTERRUPT_POLICY => {
+            effect::POLICY_CHANGE_IMMEDIATE
+        }
         Opcode::CREATE_QUEUE_PAIR
         | Opcode::DELETE_QUEUE_PAIR
         | Opcode::ALLOCATE_DMA
@@ -637,7 +661,9 @@ const _: () = {
 /// Supported Logs vary).
 pub fn fixed_output_len(opcode: Opcode) -> Option<usize> {
     Some(match opcode {
-        Opcode::CLEAR_EVENT_RECORDS => 0,
+        Opcode::CLEAR_EVENT_RECORDS | Opcode::SET_EVENT_INTERRUPT_POLICY => 0,
+        Opcode::GET_EVENT_INTERRUPT_POLICY => size_of::<crate::events::EventInterruptPolicy>(),
+        Opcode::INJECT_EVENT => size_of::<crate::events::InjectEventOutput>(),
         Opcode::GET_TIMESTAMP => size_of::<GetTimestampOutput>(),
         Opcode::SET_TIMESTAMP => 0,
         Opcode::IDENTIFY_MEMORY_DEVICE => size_of::<IdentifyOutput>(),

@@ -374,8 +374,33 @@ pub struct EventInterruptPolicy {
     pub settings: [u8; 4],
 }
 
+/// Inject Event Record (C005h, vendor) input: the log and the record. The
+/// device sets the record's length, severity, handle and timestamp.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct InjectEventInput {
+    pub event_log: u8,
+    pub reserved: [u8; 7],
+    pub record: EventRecord,
+}
+
+/// Inject Event Record output: the record's handle (0: the log was full,
+/// the record was counted as overflow).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct InjectEventOutput {
+    pub handle: U16,
+    pub reserved: [u8; 6],
+}
+
 const _: () = {
     use std::mem::offset_of;
+    assert!(size_of::<InjectEventInput>() == 8 + RECORD_LEN);
+    assert!(size_of::<InjectEventOutput>() == 8);
     assert!(size_of::<RecordHeader>() == 0x30);
     assert!(offset_of!(RecordHeader, length) == 0x10);
     assert!(offset_of!(RecordHeader, flags) == 0x11);
