@@ -717,6 +717,7 @@ fn every_option_of_every_command_says_what_it_does() {
         &["identify"],
         &["health"],
         &["events"],
+        &["inject", "event"],
         &["timestamp"],
         &["logs"],
         &["pnm-info"],
@@ -807,4 +808,51 @@ fn error_chains_say_each_cause_once() {
     let out = run("pnm-device", &["--path", "/nonexistent-dir/region"]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(said.matches("No such file or directory").count(), 1, "{said}");
+}
+
+#[test]
+fn pnmctl_injects_an_event_and_reads_it_back_from_its_log() {
+    let region = TempRegion::new("inject-cli");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB", "--allow-injection"]);
+    let path = region.path().to_str().unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = run("pnmctl", &[&["--device", path, "--json"], args].concat());
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let injected = json(&[
+        "inject",
+        "event",
+        "--log",
+        "failure",
+        "--kind",
+        "general-media",
+        "--dpa",
+        "4096",
+        "--descriptor",
+        "1",
+        "--transaction",
+        "1",
+        "--flags",
+        "8",
+    ]);
+    assert_eq!(injected["handle"], 1);
+    let report = json(&["events", "--log", "failure", "--policy", "failure=msi:3", "--clear"]);
+    assert_eq!(report["interrupt_policy"][2], "msi:3");
+    let record = &report["logs"][0]["records"][0];
+    assert_eq!(record["kind"]["type"], "general_media");
+    assert_eq!(record["kind"]["dpa"], 4096);
+    assert_eq!(record["kind"]["descriptor"], 1);
+    assert_eq!(record["kind"]["transaction_type"], 1);
+    assert_eq!(record["flags"], 8 | 2, "maintenance needed, in the failure log");
+    // Cleared: the log is empty and Event Status says so.
+    let after = json(&["events"]);
+    assert_eq!(after["event_status"], 0);
+    // A misaligned address is the caller's mistake, said before anything is sent.
+    let out = run(
+        "pnmctl",
+        &["--device", path, "inject", "event", "--log", "fatal", "--kind", "dram", "--dpa", "100"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("64-byte aligned"));
 }

@@ -11,6 +11,7 @@ mod model;
 
 use clap::{Parser, Subcommand};
 use pnm_host::{Aggregation, Device, DeviceOptions, Error, KvShape, Query, Sequence};
+use pnm_protocol::events::InterruptMode;
 use pnm_tools::tensorfile::{self, Tensor};
 use serde::Serialize;
 
@@ -46,6 +47,11 @@ enum Command {
     /// The event logs: Get Event Records (0100h) from each log, oldest
     /// first; with --clear, Clear Event Records (0101h) of what was shown.
     Events(EventsArgs),
+    /// Fault injection, on a device started with --allow-injection.
+    Inject {
+        #[command(subcommand)]
+        action: InjectAction,
+    },
     /// Get or set the device timestamp (0300h / 0301h).
     Timestamp {
         #[command(subcommand)]
@@ -190,6 +196,77 @@ struct EventsArgs {
     /// Clear the records shown (by handle, so none that arrive meanwhile).
     #[arg(long)]
     clear: bool,
+    /// Set a log's interrupt first: LOG=none or LOG=msi:V (vector 0-7);
+    /// may be repeated. The other logs keep theirs.
+    #[arg(long, value_name = "LOG=MODE", value_parser = parse_event_policy)]
+    policy: Vec<(pnm_host::EventLog, InterruptMode)>,
+}
+
+fn parse_event_policy(text: &str) -> Result<(pnm_host::EventLog, InterruptMode), String> {
+    let (log, mode) = text.split_once('=').ok_or("expected LOG=none or LOG=msi:V")?;
+    let mode = match mode.strip_prefix("msi:") {
+        Some(v) => match v.parse::<u8>() {
+            Ok(v) if v < 8 => InterruptMode::Msi(v),
+            _ => return Err(format!("vector '{v}' is not 0-7")),
+        },
+        None if mode == "none" => InterruptMode::None,
+        None => return Err(format!("'{mode}' is not none or msi:V")),
+    };
+    Ok((parse_event_log(log)?, mode))
+}
+
+/// A number in decimal or, with 0x, hex.
+fn parse_number(text: &str) -> Result<u64, String> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    }
+    .map_err(|e| format!("'{text}': {e}"))
+}
+
+#[derive(Debug, Subcommand)]
+enum InjectAction {
+    /// Inject Event Record (C005h): add a record to an event log, as if the
+    /// device had found what it describes.
+    Event(InjectEventArgs),
+}
+
+/// What kind of record to inject.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RecordKind {
+    GeneralMedia,
+    Dram,
+    MemoryModule,
+}
+
+/// `pnmctl inject event`.
+#[derive(Debug, clap::Args)]
+struct InjectEventArgs {
+    /// The log: informational, warning, failure or fatal.
+    #[arg(long, value_parser = parse_event_log)]
+    log: pnm_host::EventLog,
+    /// The record: a General Media, DRAM or Memory Module event (CXL 3.1 §8.2.9.2.1).
+    #[arg(long, value_enum)]
+    kind: RecordKind,
+    /// Device physical address (general-media, dram), 64-byte aligned;
+    /// decimal or 0x-prefixed hex.
+    #[arg(long, default_value = "0", value_parser = parse_number)]
+    dpa: u64,
+    /// Memory Event Descriptor bits: 1 uncorrectable, 2 threshold, 4 poison list overflow.
+    #[arg(long, default_value_t = 0)]
+    descriptor: u8,
+    /// Memory Event Type (0 media ECC error, 1 invalid address, 2 data path
+    /// error) or, for memory-module, Device Event Type (0 health status
+    /// change ... 5 LSA error).
+    #[arg(long, default_value_t = 0)]
+    event_type: u8,
+    /// Transaction Type (0 unknown, 1 host read, 2 host write, 3 scan media, ...).
+    #[arg(long, default_value_t = 0)]
+    transaction: u8,
+    /// Event Record Flags bits 2-5: 4 permanent, 8 maintenance needed, 16
+    /// performance degraded, 32 hardware replacement needed.
+    #[arg(long, default_value_t = 0)]
+    flags: u32,
 }
 
 fn parse_event_log(text: &str) -> Result<pnm_host::EventLog, String> {
@@ -514,6 +591,9 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Identify => identify(cli, &open(cli)?),
         Command::Health => health(cli, &open(cli)?),
         Command::Events(args) => events(cli, &open(cli)?, args),
+        Command::Inject { action: InjectAction::Event(args) } => {
+            inject_event(cli, &open(cli)?, args)
+        }
         Command::Timestamp { action } => timestamp(cli, &open(cli)?, action.as_ref()),
         Command::Logs => logs(cli, &open(cli)?),
         Command::PnmInfo => pnm_info(cli, &open(cli)?),
@@ -746,6 +826,13 @@ fn health(cli: &Cli, device: &Device) -> Result<(), CliError> {
 /// worth; with --clear, all of them, clearing each batch before asking for
 /// the next), and the Event Status register.
 fn events(cli: &Cli, device: &Device, args: &EventsArgs) -> Result<(), CliError> {
+    if !args.policy.is_empty() {
+        let mut policy = device.get_event_interrupt_policy()?;
+        for &(log, mode) in &args.policy {
+            policy[log as usize] = mode;
+        }
+        device.set_event_interrupt_policy(policy)?;
+    }
     let logs = args.log.map_or(pnm_host::EventLog::ALL.to_vec(), |l| vec![l]);
     let mut fetched = Vec::new();
     for log in logs {
@@ -773,11 +860,26 @@ fn events(cli: &Cli, device: &Device, args: &EventsArgs) -> Result<(), CliError>
     #[derive(Serialize)]
     struct Report {
         event_status: u32,
+        /// Per log, informational first: "none" or "msi:V".
+        interrupt_policy: Vec<String>,
         logs: Vec<pnm_host::commands::EventRecords>,
     }
-    let report = Report { event_status: device.event_status(), logs: fetched };
+    let policy = device.get_event_interrupt_policy()?.map(|mode| match mode {
+        InterruptMode::Msi(v) => format!("msi:{v}"),
+        InterruptMode::Firmware(v) => format!("firmware:{v}"),
+        InterruptMode::None => "none".into(),
+    });
+    let report = Report {
+        event_status: device.event_status(),
+        interrupt_policy: policy.to_vec(),
+        logs: fetched,
+    };
     emit(cli.json, &report, |r| {
-        let mut text = format!("event status        {:#06b}\n", r.event_status);
+        let mut text = format!(
+            "event status        {:#06b}\ninterrupts          {}\n",
+            r.event_status,
+            r.interrupt_policy.join(" ")
+        );
         for log in &r.logs {
             text += &format!(
                 "{} log: {} record(s){}{}\n",
@@ -791,6 +893,58 @@ fn events(cli: &Cli, device: &Device, args: &EventsArgs) -> Result<(), CliError>
             }
         }
         text
+    });
+    Ok(())
+}
+
+/// `pnmctl inject event`: Inject Event Record (C005h).
+fn inject_event(cli: &Cli, device: &Device, args: &InjectEventArgs) -> Result<(), CliError> {
+    use pnm_protocol::events::{self, EventRecord};
+    use zerocopy::{FromZeros, IntoBytes};
+    if !args.dpa.is_multiple_of(64) {
+        return Err(usage(format!("--dpa {:#x} is not 64-byte aligned", args.dpa)));
+    }
+    if args.flags & !0b11_1100 != 0 {
+        return Err(usage("--flags takes bits 2-5 (4, 8, 16, 32)"));
+    }
+    let mut record = EventRecord::new_zeroed();
+    record.header.set_flags(args.flags);
+    match args.kind {
+        RecordKind::GeneralMedia => {
+            record.header.uuid = events::uuid::GENERAL_MEDIA;
+            let mut g = events::GeneralMedia::new_zeroed();
+            g.physical_address = args.dpa.into();
+            g.descriptor = args.descriptor;
+            g.memory_event_type = args.event_type;
+            g.transaction_type = args.transaction;
+            record.data.copy_from_slice(g.as_bytes());
+        }
+        RecordKind::Dram => {
+            record.header.uuid = events::uuid::DRAM;
+            let mut d = events::Dram::new_zeroed();
+            d.physical_address = args.dpa.into();
+            d.descriptor = args.descriptor;
+            d.memory_event_type = args.event_type;
+            d.transaction_type = args.transaction;
+            record.data.copy_from_slice(d.as_bytes());
+        }
+        RecordKind::MemoryModule => {
+            record.header.uuid = events::uuid::MEMORY_MODULE;
+            let mut m = events::MemoryModule::new_zeroed();
+            m.device_event_type = args.event_type;
+            record.data.copy_from_slice(m.as_bytes());
+        }
+    }
+    #[derive(Serialize)]
+    struct Injected {
+        log: &'static str,
+        /// None: the log was full; the record was counted as overflow.
+        handle: Option<u16>,
+    }
+    let handle = device.inject_event(args.log, &record)?;
+    emit(cli.json, &Injected { log: args.log.name(), handle }, |i| match i.handle {
+        Some(h) => format!("injected into the {} log as record {h}\n", i.log),
+        None => format!("the {} log is full: the record was counted as overflow\n", i.log),
     });
     Ok(())
 }
