@@ -828,7 +828,7 @@ fn pnmctl_injects_an_event_and_reads_it_back_from_its_log() {
         "--kind",
         "general-media",
         "--dpa",
-        "4096",
+        "0x1000",
         "--descriptor",
         "1",
         "--transaction",
