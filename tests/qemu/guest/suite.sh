@@ -111,6 +111,16 @@ done
 new_dirty=$(field dirty_shutdown_count)
 [ "$new_dirty" = $((old_dirty + 1)) ] && echo "CHECK restart-dirty-shutdown-counted ok" \
     || echo "CHECK restart-dirty-shutdown-counted FAIL ($old_dirty, then $new_dirty)"
+# The new device says so in its warning log too: a Memory Module record
+# carrying the new Dirty Shutdown Count (read and cleared from the guest).
+events=$(timeout 60 $pnm --json events --log warning --clear 2>&1)
+if echo "$events" | grep -q '"type": "memory_module"' \
+    && echo "$events" | grep -q "\"dirty_shutdown_count\": $new_dirty,"; then
+    echo "CHECK restart-event-logged ok"
+else
+    echo "CHECK restart-event-logged FAIL"
+    echo "$events" | head -40 | sed 's/^/  restart-event-logged: /'
+fi
 check restart-identify $pnm identify
 top=$(timeout 60 $pnm --json topk --seq "$kept" --layer 0 --head 1 -k 32 --query /data/query.npy)
 [ -n "$top" ] && echo "CHECK restart-kept-sequence ok" || echo "CHECK restart-kept-sequence FAIL"
