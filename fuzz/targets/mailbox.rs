@@ -1,0 +1,44 @@
+//! The device's mailbox, as a host drives it: each input is a sequence of
+//! commands, `[opcode u16][length u16][payload]...`, run against a fresh
+//! mailbox (with fault injection on, so every command is reachable).
+//! Whatever the bytes, each command answers output or a refusal; none may
+//! panic or leave its output larger than the payload area.
+
+use std::time::Instant;
+
+use pnm_device::dma::DmaAllocator;
+use pnm_device::mailbox::{HealthCounters, KvGeometry, MailboxState, TimestampClock};
+use pnm_device::notify::Peers;
+use pnm_device::queues::QueueTable;
+use pnm_protocol::Opcode;
+use pnm_protocol::regs::MAILBOX_PAYLOAD_SIZE;
+
+fn main() {
+    let region = pnm_device::Region::embedded(16 << 20, None).expect("a memfd region");
+    let (layout, regs) = (region.layout, region.regs());
+    afl::fuzz!(|data: &[u8]| {
+        let mut state = MailboxState {
+            layout,
+            compute_units: 2,
+            heartbeat_period_us: 10_000,
+            kv: KvGeometry::default(),
+            clock: TimestampClock::default(),
+            health: HealthCounters::default(),
+            queues: QueueTable::new(regs, layout, Peers::default()),
+            dma: DmaAllocator::new(&layout),
+            events: Default::default(),
+            event_policy: Default::default(),
+            allow_injection: true,
+        };
+        let mut rest = data;
+        while rest.len() >= 4 {
+            let opcode = Opcode(u16::from_le_bytes([rest[0], rest[1]]));
+            let len = usize::from(u16::from_le_bytes([rest[2], rest[3]])).min(rest.len() - 4);
+            let (payload, tail) = rest[4..].split_at(len);
+            rest = tail;
+            if let Ok(out) = state.execute(opcode, payload, Instant::now()) {
+                assert!(out.len() as u64 <= MAILBOX_PAYLOAD_SIZE, "{opcode}: {} bytes", out.len());
+            }
+        }
+    });
+}
