@@ -147,14 +147,7 @@ impl MailboxClient {
         if input.len() as u64 > self.payload_size {
             return Err(Error::InputTooLarge { opcode, len: input.len(), max: self.payload_size });
         }
-        // A holder that stopped is broken after the lease: wait that long
-        // at most, plus one command's time.
-        let lock = MailboxLock::acquire(
-            self.regs,
-            self.lock_at,
-            self.lock_lease + self.timeout,
-            self.owner(),
-        )?;
+        let lock = self.take_lock()?;
         let result = self.execute_locked(opcode, input);
         if !lock.release(self.regs) {
             tracing::warn!(%opcode, "the device broke our Mailbox Lock; the answer is discarded");
@@ -163,15 +156,16 @@ impl MailboxClient {
         result
     }
 
+    /// Takes the Mailbox Lock. A holder that stopped is broken after the
+    /// lease: wait that long at most, plus one command's time.
+    fn take_lock(&self) -> Result<MailboxLock> {
+        MailboxLock::acquire(self.regs, self.lock_at, self.lock_lease + self.timeout, self.owner())
+    }
+
     /// Runs `f` under the Mailbox Lock, for register operations that must
     /// not cut into another host's command (a reset).
     pub(crate) fn with_lock<R>(&mut self, f: impl FnOnce() -> R) -> Result<R> {
-        let lock = MailboxLock::acquire(
-            self.regs,
-            self.lock_at,
-            self.lock_lease + self.timeout,
-            self.owner(),
-        )?;
+        let lock = self.take_lock()?;
         let result = f();
         // A broken lock changes nothing for a reset: it has happened.
         lock.release(self.regs);
