@@ -941,7 +941,15 @@ fn inject_event(cli: &Cli, device: &Device, args: &InjectEventArgs) -> Result<()
         /// None: the log was full; the record was counted as overflow.
         handle: Option<u16>,
     }
-    let handle = device.inject_event(args.log, &record)?;
+    let handle = device.inject_event(args.log, &record).map_err(|e| {
+        if e.return_code() == Some(pnm_protocol::ReturnCode::UNSUPPORTED) {
+            usage(format!(
+                "{e}: this device does not take injections (start pnm-device with --allow-injection)"
+            ))
+        } else {
+            e.into()
+        }
+    })?;
     emit(cli.json, &Injected { log: args.log.name(), handle }, |i| match i.handle {
         Some(h) => format!("injected into the {} log as record {h}\n", i.log),
         None => format!("the {} log is full: the record was counted as overflow\n", i.log),
