@@ -4,7 +4,13 @@
 walks the Device Capabilities Array, and runs mailbox commands, right and
 wrong, checking that the answers are spec-conformant.
 
-Usage: spec_client.py REGION_PATH      (exit 0 and 'N passed, 0 failed' on success)
+Usage: spec_client.py REGION_PATH [EXPECT...]
+      (exit 0 and 'N passed, 0 failed' on success)
+
+EXPECT, what a test injected beforehand, to be found through spec commands:
+  poison=DPA:LINES:SOURCE   a Get Poison List record (source 3 = injected)
+  scan=DPA                  Scan Media finds the line (then listed, source 2,
+                            and a General Media record in the failure log)
 """
 import mmap
 import os
@@ -47,7 +53,86 @@ class Mailbox:
         return rc, bytes(self.mem[self.base + 0x20:self.base + 0x20 + out_len])
 
 
-def main(path):
+def poison_list(mb, dpa, lines):
+    """Get Poison List (8.2.9.9.4.1): (flags, [(dpa, lines, source)])."""
+    rc, out = mb.run(0x4300, struct.pack("<QQ", dpa, lines))
+    if rc != 0:
+        return rc, None
+    flags, count = out[0], struct.unpack_from("<H", out, 0x0A)[0]
+    assert len(out) == 0x20 + 16 * count, (len(out), count)
+    records = []
+    for i in range(count):
+        addr, length = struct.unpack_from("<QI", out, 0x20 + 16 * i)
+        records.append((addr & ~0x3F, length, addr & 0x7))
+    return rc, (flags, records)
+
+
+def media_checks(mb, mem, capacity, expect, check):
+    """Poison list and Scan Media (8.2.9.9.4), and what a test injected."""
+    rc, ident = mb.run(0x4000)
+    max_records = int.from_bytes(ident[0x3C:0x3F], "little")
+    check("identify: a poison list of at least one record", max_records >= 1)
+    check("identify: scan media supported", ident[0x41] & 0x2)
+    lines = capacity // 64
+    rc, got = poison_list(mb, 0, lines)
+    check("get poison list over the capacity", rc == 0)
+    records = got[1] if got else []
+    check("poison list fits its maximum", len(records) <= max_records)
+    rc, _ = mb.run(0x4300, struct.pack("<QQ", 8, 1))
+    check("unaligned poison list address -> Invalid Input (02h)", rc == 0x02)
+    rc, _ = mb.run(0x4300, struct.pack("<QQ", 0, lines * 4096))
+    check("poison list past the media -> Invalid Physical Address (0Fh)", rc == 0x0F)
+    for e in expect:
+        kind, _, value = e.partition("=")
+        if kind == "poison":
+            dpa, n, source = (int(v, 0) for v in value.split(":"))
+            check(f"injected poison {dpa:#x}+{n} listed (source {source})", (dpa, n, source) in records)
+
+    rc, out = mb.run(0x4303, struct.pack("<QQ", 0, lines))
+    check("scan media capabilities", rc == 0 and len(out) == 4)
+    rc, _ = mb.run(0x4304, struct.pack("<QQB", 0, lines, 0))
+    check("scan media starts in the background (01h)", rc == 0x01)
+    deadline = time.monotonic() + 120
+    while True:
+        status, bg = mb.u64(0x10), mb.u64(0x18)
+        if not status & 1:
+            break
+        check("a second background command -> Busy (06h)", mb.run(0x4304, struct.pack("<QQB", 0, 1, 0))[0] == 0x06)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    check("scan media finished", not mb.u64(0x10) & 1)
+    check("background status: scan media, 100%, success",
+          bg & 0xFFFF == 0x4304 and (bg >> 16) & 0x7F == 100 and (bg >> 32) & 0xFFFF == 0)
+    found = []
+    while True:
+        rc, out = mb.run(0x4305)
+        check("get scan media results", rc == 0 and len(out) >= 0x20)
+        count = struct.unpack_from("<H", out, 0x12)[0]
+        for i in range(count):
+            addr, length = struct.unpack_from("<QI", out, 0x20 + 16 * i)
+            found.append((addr & ~0x3F, length, addr & 0x7))
+        if not out[0x10] & 1 or count == 0:
+            break
+    scans = [int(e.partition("=")[2], 0) for e in expect if e.startswith("scan=")]
+    for dpa in scans:
+        check(f"scan found {dpa:#x} (source internal)", (dpa, 1, 2) in found)
+    if scans:
+        rc, got = poison_list(mb, 0, lines)
+        listed = got[1] if got else []
+        for dpa in scans:
+            check(f"scan's {dpa:#x} now on the poison list",
+                  any(d <= dpa < d + 64 * n for d, n, _ in listed))
+        rc, out = mb.run(0x0100, bytes([2]))
+        count = struct.unpack_from("<H", out, 0x14)[0]
+        media = [struct.unpack_from("<Q", out, 0x20 + 128 * i + 0x30)[0] & ~0x3F
+                 for i in range(count)
+                 if out[0x20 + 128 * i:0x20 + 128 * i + 16] == bytes.fromhex("fbcd0a77c260417f85a9088b1621eba6")]
+        for dpa in scans:
+            check(f"general media record for {dpa:#x} in the failure log", dpa in media)
+
+
+def main(path, expect=()):
     fd = os.open(path, os.O_RDWR)
     size = os.fstat(fd).st_size
     mem = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -106,7 +191,8 @@ def main(path):
     for op in sorted(opcodes):
         # Commands that take input, and vendor commands (their inputs are
         # not in the CXL specification), are exercised separately.
-        if op in (0x0100, 0x0101, 0x0103, 0x0301, 0x0401) or op >= 0xC000:
+        if op in (0x0100, 0x0101, 0x0103, 0x0301, 0x0401, 0x4300, 0x4301, 0x4302, 0x4303,
+                  0x4304) or op >= 0xC000:
             continue
         rc, _ = mb.run(op)
         check(f"CEL opcode {op:04X}h is served", rc == 0)
@@ -158,7 +244,7 @@ def main(path):
     # Wrong commands: spec return codes, and the device keeps serving.
     rc, _ = mb.run(0x0001)
     check("unknown opcode -> Unsupported (03h)", rc == 0x03)
-    rc, _ = mb.run(0x4300, b"\0" * 16)
+    rc, _ = mb.run(0x4306, b"\0" * 16)
     check("unlisted opcode -> Unsupported (03h)", rc == 0x03)
     rc, _ = mb.run(0x4000, b"\0" * 4)
     check("identify with input -> Invalid Payload Length (16h)", rc == 0x16)
@@ -173,10 +259,12 @@ def main(path):
     rc, _ = mb.run(0x4000)
     check("still serving", rc == 0)
 
+    media_checks(mb, mem, total * (256 << 20), expect, check)
+
     failed = sum(1 for _, ok in checks if not ok)
     print(f"{len(checks) - failed} passed, {failed} failed")
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

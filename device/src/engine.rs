@@ -137,6 +137,9 @@ impl RunningDevice {
         for dropped in &report.dropped {
             tracing::warn!(%dropped, "KV store: inconsistent sequence dropped");
         }
+        if let Some(e) = &report.poison_table {
+            tracing::error!(error = %e, "KV store: the saved poison list was lost; started empty");
+        }
         if report.rolled_back > 0 {
             tracing::warn!(
                 sequences = report.rolled_back,
@@ -150,6 +153,8 @@ impl RunningDevice {
             "KV store opened"
         );
         let kv_layout = kv.layout();
+        tracing::info!(profile = %profile.name, "timing model");
+        let executor = Executor::new(regs, layout, kv, profile);
         let peers = Peers::default();
         let mut state = MailboxState {
             layout,
@@ -163,12 +168,18 @@ impl RunningDevice {
             health: HealthCounters {
                 dirty_shutdown_count: dirty_count,
                 corrected_volatile_errors: report.dropped.len() as u32,
+                media_errors: 0,
             },
             queues: QueueTable::new(regs, layout, peers.clone()),
             dma: DmaAllocator::new(&layout),
             events: Default::default(),
             event_policy: Default::default(),
             allow_injection,
+            store: executor.kv.clone(),
+            scan: None,
+            scan_results: None,
+            started_background: false,
+            logged_lines: Default::default(),
         };
         if allow_injection {
             tracing::warn!("fault injection is on: any host may inject faults");
@@ -181,8 +192,6 @@ impl RunningDevice {
             state.events.status(),
             Release,
         );
-        tracing::info!(profile = %profile.name, "timing model");
-        let executor = Executor::new(regs, layout, kv, profile);
         let io_err = |error: std::io::Error| RegionError::Map { path: region.path.clone(), error };
         let vectors: Vec<Arc<EventFd>> = (0..notify::VECTORS)
             .map(|_| {
@@ -420,6 +429,19 @@ impl Engine {
         }
         worked |= self.state.queues.poll(&mut self.executor, &self.units);
         self.state.queues.flush_interrupts(now);
+        worked |= self.step_background(now);
+        let reports =
+            std::mem::take(&mut *self.executor.media.lock().unwrap_or_else(|e| e.into_inner()));
+        for report in &reports {
+            self.state.record_media(report, now);
+        }
+        if !reports.is_empty() {
+            self.regs.store_u32(
+                regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS,
+                self.state.events.status(),
+                Release,
+            );
+        }
         let mut departed = false;
         if now.duration_since(self.last_reclaim) >= RECLAIM_PERIOD {
             self.peers.expire_holds();
@@ -459,6 +481,41 @@ impl Engine {
         }
         self.roll_back_gone_writers();
         worked
+    }
+
+    /// Advances the background command (Scan Media): its progress in the
+    /// Background Command Status register; at the end, Mailbox Status
+    /// [0] clears and, if the host enabled it, the background completion
+    /// interrupt rings every peer's vector named in Mailbox Capabilities.
+    fn step_background(&mut self, now: Instant) -> bool {
+        let Some((percent, done)) = self.state.step_scan(now) else {
+            return false;
+        };
+        let mb = regs::MAILBOX_OFFSET;
+        let opcode = Opcode::SCAN_MEDIA.0;
+        self.regs.store_u64(
+            mb + mailbox::BACKGROUND_STATUS,
+            mailbox::encode_background_status(opcode, percent, 0),
+            Release,
+        );
+        if done {
+            let status = self.regs.load_u64(mb + mailbox::STATUS, Acquire);
+            self.regs.store_u64(
+                mb + mailbox::STATUS,
+                status & !mailbox::STATUS_BACKGROUND,
+                Release,
+            );
+            self.regs.store_u32(
+                regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS,
+                self.state.events.status(),
+                Release,
+            );
+            let control = self.regs.load_u32(mb + mailbox::CONTROL, Acquire);
+            if control & mailbox::CONTROL_BACKGROUND_IRQ != 0 {
+                self.peers.ring_all(mailbox::BACKGROUND_IRQ_VECTOR);
+            }
+        }
+        true
     }
 
     /// Rolls back the KV reservations of queues deleted since the last
@@ -544,7 +601,16 @@ impl Engine {
                 .expect("payload area is inside the register block");
             self.state.execute(opcode, &input, Instant::now())
         };
+        let background = std::mem::take(&mut self.state.started_background);
         let (code, output_len) = match result {
+            Ok(_) if background => {
+                self.regs.store_u64(
+                    mb + mailbox::BACKGROUND_STATUS,
+                    mailbox::encode_background_status(opcode.0, 0, 0),
+                    Relaxed,
+                );
+                (ReturnCode::BACKGROUND_COMMAND_STARTED, 0)
+            }
             Ok(output) => {
                 debug_assert!(output.len() as u64 <= regs::MAILBOX_PAYLOAD_SIZE);
                 self.regs
@@ -564,7 +630,12 @@ impl Engine {
             mailbox::encode_command(opcode.0, output_len),
             Relaxed,
         );
-        self.regs.store_u64(mb + mailbox::STATUS, mailbox::encode_status(code.0, 0), Relaxed);
+        let running = if self.state.scan.is_some() { mailbox::STATUS_BACKGROUND } else { 0 };
+        self.regs.store_u64(
+            mb + mailbox::STATUS,
+            mailbox::encode_status(code.0, 0) | running,
+            Relaxed,
+        );
         self.regs.store_u32(
             regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS,
             self.state.events.status(),
@@ -587,6 +658,7 @@ impl Engine {
         self.regs.store_u64(mb + mailbox::BACKGROUND_STATUS, 0, Relaxed);
         self.regs.store_u32(mb + mailbox::CONTROL, 0, Relaxed);
         self.state.clock = TimestampClock::default();
+        self.state.scan = None;
         self.state.queues.clear();
         self.state.dma.clear();
         let p = regs::PNM_OFFSET;

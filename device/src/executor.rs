@@ -4,8 +4,8 @@
 use pnm_firmware::LIMITS;
 use pnm_firmware::kernels::{self, Scored};
 use pnm_firmware::kv::{
-    self, CommitMode as KvCommitMode, Dram, KvError, KvStore, SequenceShape, TopkQuery,
-    TopkScratch, Writer,
+    self, BadRows, CommitMode as KvCommitMode, Dram, KvError, KvStore, MediaFindings,
+    SequenceShape, TopkQuery, TopkScratch, Writer,
 };
 use pnm_firmware::simd::Rows;
 use pnm_firmware::timing::{self, HardwareProfile, Work};
@@ -98,8 +98,9 @@ impl Outcome {
         }
     }
 
-    fn error(code: ReturnCode) -> Self {
-        Self { code, ..Self::ok(0, 0, 0) }
+    fn error(refusal: &Refusal) -> Self {
+        let (result0, result1, result2) = refusal.results;
+        Self { code: refusal.code, ..Self::ok(result0, result1, result2) }
     }
 
     fn with_work(self, work: Work) -> Self {
@@ -137,6 +138,25 @@ impl TopkPlan {
     }
 }
 
+/// Bad media that commands ran into, for the engine to log (General Media
+/// records) and to put on the poison list: shared by every executor.
+pub type MediaReports = Arc<std::sync::Mutex<Vec<MediaReport>>>;
+
+/// Bad lines one command read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaReport {
+    pub opcode: QueueOpcode,
+    pub lines: Vec<kv::BadLine>,
+}
+
+/// One share of a split Top-K: its best k of the tokens with good keys,
+/// and what it found bad.
+#[derive(Debug)]
+pub struct PartResult {
+    top: Vec<Scored>,
+    media: MediaFindings,
+}
+
 /// The KV store, shared by the engine and the compute units: Top-K and
 /// gather read it concurrently; KV_CREATE/APPEND/COMMIT/FREE change it
 /// alone (so a sequence is never freed under a running Top-K).
@@ -152,13 +172,17 @@ pub struct Executor {
     pub kv: SharedStore,
     /// The timing model's hardware: every completion carries its time.
     pub profile: Arc<HardwareProfile>,
+    pub media: MediaReports,
     scratch: Vec<u8>,
     topk: TopkScratch,
 }
 
 impl Clone for Executor {
     fn clone(&self) -> Self {
-        Self::with_store(self.mem, self.layout, self.kv.clone(), self.profile.clone())
+        let mut clone =
+            Self::with_store(self.mem, self.layout, self.kv.clone(), self.profile.clone());
+        clone.media = self.media.clone();
+        clone
     }
 }
 
@@ -214,7 +238,15 @@ impl Executor {
         kv: SharedStore,
         profile: Arc<HardwareProfile>,
     ) -> Self {
-        Self { mem, layout, kv, profile, scratch: Vec::new(), topk: TopkScratch::default() }
+        Self {
+            mem,
+            layout,
+            kv,
+            profile,
+            media: MediaReports::default(),
+            scratch: Vec::new(),
+            topk: TopkScratch::default(),
+        }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, KvStore<DramView>> {
@@ -270,7 +302,7 @@ impl Executor {
     fn modelled(&self, opcode: QueueOpcode, outcome: Result<Outcome, Refusal>) -> Outcome {
         let outcome = outcome.unwrap_or_else(|refusal| {
             tracing::debug!(%opcode, code = %refusal.code, reason = %refusal.reason, "command refused");
-            Outcome::error(refusal.code)
+            Outcome::error(&refusal)
         });
         let model_ns = timing::command_ns(&self.profile, outcome.work);
         Outcome { model_ns: model_ns.min(f64::from(u32::MAX)) as u32, ..outcome }
@@ -360,22 +392,26 @@ impl Executor {
         let store = self.kv.clone();
         let kv = store.read().unwrap_or_else(|e| e.into_inner());
         let plan = self.plan_topk(&kv, c, with_rows)?;
-        let (top, scored): (Vec<Scored>, u64) = match c.selection {
-            None => {
-                let top = kv.top_k_with(&mut self.topk, plan.query())?;
-                (top, kv.tokens(c.stream.seq).unwrap_or(0))
-            }
+        // The scan skips bad keys and reports them; whether that fails the
+        // command is decided once, with the gathered rows' findings too.
+        self.topk.bad_rows = BadRows::Skip;
+        let scanned = match c.selection {
+            None => kv
+                .top_k_with(&mut self.topk, plan.query())
+                .map(|top| (top, kv.tokens(c.stream.seq).unwrap_or(0))),
             Some(selection) => {
                 let selection = kv::PageSelection {
                     budget_tokens: u64::from(selection.budget_tokens),
                     sink_pages: u32::from(selection.sink_pages),
                     recent_pages: u32::from(selection.recent_pages),
                 };
-                let s = kv.top_k_selected(&mut self.topk, plan.query(), selection)?;
-                (s.top, s.tokens_scored)
+                kv.top_k_selected(&mut self.topk, plan.query(), selection)
+                    .map(|s| (s.top, s.tokens_scored))
             }
         };
-        self.finish_topk(&kv, &plan, &top, scored)
+        let (top, scored) = scanned?;
+        let media = std::mem::take(&mut self.topk.media);
+        self.finish_topk(&kv, &plan, top, scored, media)
     }
 
     /// Checks a TOPK/TOPK_GATHER against the firmware's limits, the
@@ -414,14 +450,37 @@ impl Executor {
         Ok(TopkPlan { command: c, shape, queries, out, result, with_rows })
     }
 
-    /// Writes a Top-K's results (and rows) to the host and describes its work.
+    /// Writes a Top-K's results (and rows) to the host and describes its
+    /// work. `media` is what the scan found bad; a TOPK_GATHER verifies the
+    /// rows it returns as well. With bad rows and no Skip flag, nothing is
+    /// written and the command fails with Media Error.
     fn finish_topk(
         &mut self,
         kv: &KvStore<DramView>,
         plan: &TopkPlan,
-        top: &[Scored],
+        mut top: Vec<Scored>,
         scored: u64,
+        mut media: MediaFindings,
     ) -> Result<Outcome, Refusal> {
+        let stream = plan.command.stream;
+        if plan.with_rows {
+            let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
+            let mut rows = MediaFindings::default();
+            kv.verify_rows(stream.seq, stream.layer, stream.head, &indices, &mut rows)?;
+            if !rows.is_empty() {
+                rows.normalize();
+                top.retain(|s| !rows.affects(u64::from(s.index)));
+                media.absorb(&rows);
+            }
+        }
+        media.normalize();
+        self.report_media(plan_opcode(plan.with_rows), &media);
+        if !plan.command.skip_bad_rows
+            && let Some(error) = media.error()
+        {
+            return Err(error.into());
+        }
+        let skipped = media.token_count();
         let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
         let scores: Vec<f32> = top.iter().map(|s| s.score).collect();
         self.write(plan.out + plan.result.indices(), indices.as_bytes())?;
@@ -438,9 +497,19 @@ impl Executor {
             k: top.len() as u64,
             gathered: if plan.with_rows { top.len() as u64 } else { 0 },
         };
-        let scored = scored.min(u64::from(u32::MAX)) as u32;
-        let tokens = kv.tokens(plan.command.stream.seq).unwrap_or(0);
-        Ok(Outcome::ok(top.len() as u32, scored, tokens).with_work(work))
+        let scored = scored.saturating_sub(skipped).min(u64::from(u32::MAX)) as u32;
+        // Token counts fit 32 bits (indices are u32): R2 carries both.
+        let tokens = kv.tokens(plan.command.stream.seq).unwrap_or(0).min(u64::from(u32::MAX));
+        let skipped = skipped.min(u64::from(u32::MAX));
+        Ok(Outcome::ok(top.len() as u32, scored, tokens | skipped << 32).with_work(work))
+    }
+
+    /// Hands what a command found bad to the engine.
+    fn report_media(&self, opcode: QueueOpcode, media: &MediaFindings) {
+        if !media.is_empty() {
+            let report = MediaReport { opcode, lines: media.lines.clone() };
+            self.media.lock().unwrap_or_else(|e| e.into_inner()).push(report);
+        }
     }
 
     /// How to split an exact Top-K across `units` compute units: the
@@ -483,16 +552,18 @@ impl Executor {
     }
 
     /// One compute unit's part of a split Top-K: the best k of its share of
-    /// the first `tokens` tokens.
+    /// the first `tokens` tokens whose keys are good, and the bad ones.
     pub fn topk_part(
         &mut self,
         plan: &TopkPlan,
         tokens: u64,
         part: (u32, u32),
-    ) -> Result<Vec<Scored>, Refusal> {
+    ) -> Result<PartResult, Refusal> {
         let store = self.kv.clone();
         let kv = store.read().unwrap_or_else(|e| e.into_inner());
-        Ok(kv.top_k_part(&mut self.topk, plan.query(), tokens, part)?)
+        self.topk.bad_rows = BadRows::Skip;
+        let top = kv.top_k_part(&mut self.topk, plan.query(), tokens, part)?;
+        Ok(PartResult { top, media: std::mem::take(&mut self.topk.media) })
     }
 
     /// Completes a split Top-K from its parts: merges them exactly and
@@ -501,17 +572,21 @@ impl Executor {
         &mut self,
         plan: &TopkPlan,
         tokens: u64,
-        parts: Vec<Result<Vec<Scored>, Refusal>>,
+        parts: Vec<Result<PartResult, Refusal>>,
     ) -> Outcome {
         let outcome = (|| {
             let parts = parts.into_iter().collect::<Result<Vec<_>, _>>()?;
             let store = self.kv.clone();
             let kv = store.read().unwrap_or_else(|e| e.into_inner());
-            let top = kernels::merge_top_k(&parts, plan.command.k as usize);
-            self.finish_topk(&kv, plan, &top, tokens)
+            let mut media = MediaFindings::default();
+            for part in &parts {
+                media.absorb(&part.media);
+            }
+            let tops: Vec<Vec<Scored>> = parts.into_iter().map(|p| p.top).collect();
+            let top = kernels::merge_top_k(&tops, plan.command.k as usize);
+            self.finish_topk(&kv, plan, top, tokens, media)
         })();
-        let opcode = if plan.with_rows { QueueOpcode::TOPK_GATHER } else { QueueOpcode::TOPK };
-        self.modelled(opcode, outcome)
+        self.modelled(plan_opcode(plan.with_rows), outcome)
     }
 
     fn handle_gather(&mut self, c: Gather) -> Result<Outcome, Refusal> {
@@ -530,6 +605,13 @@ impl Executor {
             .chunks_exact(TOKEN_INDEX as usize)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
+        let mut media = MediaFindings::default();
+        kv.verify_rows(c.stream.seq, c.stream.layer, c.stream.head, &indices, &mut media)?;
+        media.normalize();
+        self.report_media(QueueOpcode::GATHER, &media);
+        if let Some(error) = media.error() {
+            return Err(error.into());
+        }
         self.copy_rows(&kv, c.stream, &indices, out + rows.key_rows(), out + rows.value_rows())?;
         let work = Work::Gather {
             rows: u64::from(c.rows),
@@ -560,6 +642,11 @@ impl Executor {
         }
         Ok(())
     }
+}
+
+/// The opcode of a Top-K, with rows or without.
+fn plan_opcode(with_rows: bool) -> QueueOpcode {
+    if with_rows { QueueOpcode::TOPK_GATHER } else { QueueOpcode::TOPK }
 }
 
 /// For tests: an executor over a fresh embedded region of `size` bytes

@@ -6,12 +6,14 @@
 use std::time::Instant;
 
 use pnm_firmware::LIMITS;
+use pnm_firmware::kv::{KvStore, LineFault};
 use pnm_protocol::commands::{
     self, AllocateDmaInput, CAPACITY_UNIT, CEL_UUID, CelEntry, CreateQueuePairInput,
     CreateQueuePairOutput, DeleteQueuePairInput, DmaBufferAddr, GetLogInput, GetTimestampOutput,
     HealthInfoOutput, IdentifyOutput, IdentifyPnmOutput, Owner, SetTimestampInput,
     SupportedLogEntry, SupportedLogsHeader,
 };
+use pnm_protocol::media::{self, LINE, PoisonSource};
 use pnm_protocol::queue::{KV_FRAME_SIZE, MAX_QUEUE_ENTRIES, MAX_QUEUE_PAIRS};
 use pnm_protocol::regs::{ABI_VERSION, MAILBOX_PAYLOAD_SIZE};
 use pnm_protocol::{Opcode, RegionLayout, ReturnCode};
@@ -24,6 +26,7 @@ use pnm_protocol::events::{
 };
 
 use crate::dma::DmaAllocator;
+use crate::executor::{DramView, SharedStore};
 use crate::queues::QueueTable;
 use crate::refusal::{Reason, Refusal};
 
@@ -51,7 +54,13 @@ impl TimestampClock {
 pub struct HealthCounters {
     pub dirty_shutdown_count: u32,
     pub corrected_volatile_errors: u32,
+    /// Bad lines commands have read since the device started.
+    pub media_errors: u32,
 }
+
+/// Most bad lines the device remembers having logged (a record each);
+/// beyond them it logs no more reads of bad lines.
+const LOGGED_LINES_MAX: usize = 1 << 16;
 
 /// Where the KV store's frames are, for Identify PNM.
 #[derive(Debug, Clone, Copy, Default)]
@@ -77,6 +86,69 @@ pub struct MailboxState {
     pub event_policy: [InterruptMode; 4],
     /// Fault injection commands are served (`--allow-injection`).
     pub allow_injection: bool,
+    /// The KV store: its DRAM, integrity checks and poison list.
+    pub store: SharedStore,
+    /// The background command running (Scan Media), if any.
+    pub scan: Option<ScanJob>,
+    /// The last Scan Media's results not yet read.
+    pub scan_results: Option<ScanResults>,
+    /// Set by a command that went to the background; the engine answers
+    /// Background Command Started and clears it.
+    pub started_background: bool,
+    /// Bad lines a read has been logged for (until Clear Poison).
+    pub logged_lines: std::collections::HashSet<u64>,
+}
+
+/// A Scan Media in progress: the lines left and what it found.
+#[derive(Debug, Clone)]
+pub struct ScanJob {
+    pub lines: std::ops::Range<u64>,
+    pub next: u64,
+    pub log_events: bool,
+    pub found: Vec<pnm_firmware::kv::BadLine>,
+}
+
+impl ScanJob {
+    pub fn percent(&self) -> u8 {
+        let total = (self.lines.end - self.lines.start).max(1);
+        ((self.next - self.lines.start) * 100 / total) as u8
+    }
+}
+
+/// What the last scan found, handed out by Get Scan Media Results.
+#[derive(Debug, Clone, Default)]
+pub struct ScanResults {
+    pub records: std::collections::VecDeque<media::MediaErrorRecord>,
+    pub overflow: bool,
+}
+
+/// Most records a scan's results hold; more set the overflow flag.
+pub const SCAN_RESULTS_MAX: usize = 4096;
+
+/// Lines a scan checks per engine pass (1 MiB of DRAM, well under a
+/// millisecond), so the engine keeps serving while it runs.
+const SCAN_LINES_PER_STEP: u64 = 16384;
+
+/// Scan throughput Get Scan Media Capabilities estimates with (bytes per
+/// millisecond): a scan checks 1 MiB per engine pass, about 1 GB/s when
+/// the engine also serves commands (docs/PERFORMANCE.md, "Integrity").
+const SCAN_BYTES_PER_MS: u64 = 1 << 20;
+
+/// A General Media record for an uncorrectable error on line `line`.
+fn general_media(line: u64, transaction: u8) -> events::EventRecord {
+    let mut record = events::EventRecord::new_zeroed();
+    record.header.uuid = events::uuid::GENERAL_MEDIA;
+    record.header.set_flags(events::flags::PERMANENT);
+    let data = events::GeneralMedia {
+        // [0]: volatile media.
+        physical_address: ((line * LINE) | 1).into(),
+        descriptor: events::descriptor::UNCORRECTABLE,
+        memory_event_type: events::memory_event::MEDIA_ECC_ERROR,
+        transaction_type: transaction,
+        ..FromZeros::new_zeroed()
+    };
+    record.data.copy_from_slice(data.as_bytes());
+    record
 }
 
 /// Reads a command's fixed-size input.
@@ -101,7 +173,7 @@ fn read_input<T: FromBytes + KnownLayout + Immutable>(
 pub fn command_effects_log(allow_injection: bool) -> Vec<u8> {
     Opcode::ALL
         .iter()
-        .filter(|&&op| allow_injection || op != Opcode::INJECT_EVENT)
+        .filter(|&op| allow_injection || !Opcode::INJECTION.contains(op))
         .flat_map(|&op| {
             let entry =
                 CelEntry { opcode: op.0.into(), effect: commands::command_effect(op).into() };
@@ -125,6 +197,46 @@ impl MailboxState {
         };
         record.data.copy_from_slice(data.as_bytes());
         self.log_event(EventLog::Warning, record, Instant::now());
+    }
+
+    /// Takes in what a command found bad: lines whose check failed go on
+    /// the poison list (source Internal; the list's overflow mark if it is
+    /// full), and each bad line gets a General Media record (failure log,
+    /// uncorrectable, host read) the first time a command reads it after it
+    /// went bad, so reads that keep hitting one line do not flood the log.
+    pub fn record_media(&mut self, report: &crate::executor::MediaReport, now: Instant) {
+        let timestamp = self.clock.get(now);
+        let corrupt: Vec<u64> =
+            report.lines.iter().filter(|b| b.fault == LineFault::Corrupt).map(|b| b.line).collect();
+        if !corrupt.is_empty() {
+            let mut store = self.write_store();
+            for &line in &corrupt {
+                match store.add_poison(line..line + 1, PoisonSource::Internal) {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_full)) => {
+                        if let Err(e) = store.mark_poison_overflow(timestamp) {
+                            tracing::error!(error = %e, "saving the poison list");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "saving the poison list"),
+                }
+            }
+        }
+        self.health.media_errors =
+            self.health.media_errors.saturating_add(report.lines.len() as u32);
+        tracing::warn!(
+            opcode = %report.opcode,
+            lines = report.lines.len(),
+            corrupt = corrupt.len(),
+            first_dpa = report.lines.first().map_or(0, |b| b.line * LINE),
+            "command read bad media"
+        );
+        for bad in &report.lines {
+            if self.logged_lines.len() < LOGGED_LINES_MAX && self.logged_lines.insert(bad.line) {
+                let record = general_media(bad.line, events::transaction::HOST_READ);
+                self.log_event(EventLog::Failure, record, now);
+            }
+        }
     }
 
     /// Adds a record to a log; if the log was empty and its policy asks
@@ -221,10 +333,109 @@ impl MailboxState {
                 self.set_event_policy(input)?;
                 Ok(Vec::new())
             }
-            Opcode::INJECT_EVENT => {
-                if !self.allow_injection {
-                    return Err(Refusal::new(ReturnCode::UNSUPPORTED, Reason::InjectionNotAllowed));
+            _ if Opcode::INJECTION.contains(&opcode) && !self.allow_injection => {
+                Err(Refusal::new(ReturnCode::UNSUPPORTED, Reason::InjectionNotAllowed))
+            }
+            Opcode::GET_POISON_LIST => self.get_poison_list(read_input(opcode, input)?),
+            Opcode::INJECT_POISON => {
+                let input = read_input::<media::InjectPoisonInput>(opcode, input)?;
+                let dpa = self.frames_range(input.physical_address.get(), 1)?;
+                self.write_store()
+                    .add_poison(dpa / LINE..dpa / LINE + 1, PoisonSource::Injected)?
+                    .map_err(|full| {
+                        Refusal::new(ReturnCode::INJECT_POISON_LIMIT_REACHED, full.into())
+                    })?;
+                Ok(Vec::new())
+            }
+            Opcode::CLEAR_POISON => {
+                let input = read_input::<media::ClearPoisonInput>(opcode, input)?;
+                let dpa = self.frames_range(input.physical_address.get(), 1)?;
+                let now = self.clock.get(now);
+                self.write_store().clear_poison(dpa / LINE, &input.write_data, now)?;
+                self.logged_lines.remove(&(dpa / LINE));
+                Ok(Vec::new())
+            }
+            Opcode::INJECT_MEDIA_FAULT => {
+                let input = read_input::<media::InjectMediaFaultInput>(opcode, input)?;
+                if input.reserved != [0; 6] {
+                    return Err(Refusal::invalid(Reason::ReservedNotZero));
                 }
+                let lines = input.range.length.get();
+                let dpa = self.frames_range(input.range.physical_address.get(), lines)?;
+                match input.kind {
+                    media::fault_kind::POISON => {
+                        self.write_store()
+                            .add_poison(dpa / LINE..dpa / LINE + lines, PoisonSource::Injected)?
+                            .map_err(|full| {
+                                Refusal::new(ReturnCode::INJECT_POISON_LIMIT_REACHED, full.into())
+                            })?;
+                    }
+                    media::fault_kind::CORRUPT if input.pattern == 0 => {
+                        return Err(Refusal::invalid(Reason::EmptyPattern));
+                    }
+                    media::fault_kind::CORRUPT => {
+                        self.write_store().corrupt(dpa, lines * LINE, input.pattern)?;
+                    }
+                    other => return Err(Refusal::invalid(Reason::UnknownFaultKind(other))),
+                }
+                tracing::warn!(dpa, lines, kind = input.kind, "media fault injected");
+                Ok(Vec::new())
+            }
+            Opcode::GET_SCAN_MEDIA_CAPABILITIES => {
+                let input = read_input::<media::DpaRange>(opcode, input)?;
+                let (_, lines) = self.dram_range(input)?;
+                let ms = (lines * LINE).div_ceil(SCAN_BYTES_PER_MS).max(1);
+                let out = media::ScanMediaCapabilities {
+                    estimated_runtime_ms: (ms.min(u64::from(u32::MAX)) as u32).into(),
+                };
+                Ok(out.as_bytes().to_vec())
+            }
+            Opcode::SCAN_MEDIA => {
+                let input = read_input::<media::ScanMediaInput>(opcode, input)?;
+                if input.flags & !media::SCAN_NO_EVENT_LOG != 0 {
+                    return Err(Refusal::invalid(Reason::ReservedNotZero));
+                }
+                if self.scan.is_some() {
+                    return Err(Refusal::new(ReturnCode::BUSY, Reason::BackgroundBusy));
+                }
+                let (dpa, lines) = self.dram_range(input.range)?;
+                let first = dpa / LINE;
+                self.scan = Some(ScanJob {
+                    lines: first..first + lines,
+                    next: first,
+                    log_events: input.flags & media::SCAN_NO_EVENT_LOG == 0,
+                    found: Vec::new(),
+                });
+                self.scan_results = None;
+                self.started_background = true;
+                Ok(Vec::new())
+            }
+            Opcode::GET_SCAN_MEDIA_RESULTS => {
+                if self.scan.is_some() {
+                    return Err(Refusal::new(ReturnCode::BUSY, Reason::BackgroundBusy));
+                }
+                let results = self.scan_results.get_or_insert_default();
+                let room = (MAILBOX_PAYLOAD_SIZE as usize - media::LIST_HEADER_LEN) / 16;
+                let n = results.records.len().min(room);
+                let records: Vec<media::MediaErrorRecord> = results.records.drain(..n).collect();
+                let mut flags = 0;
+                if !results.records.is_empty() {
+                    flags |= media::scan_flags::MORE_RECORDS;
+                }
+                if results.overflow {
+                    flags |= media::scan_flags::OVERFLOW;
+                }
+                let header = media::ScanMediaResultsHeader {
+                    restart_address: 0.into(),
+                    restart_length: 0.into(),
+                    flags,
+                    reserved: 0,
+                    count: (records.len() as u16).into(),
+                    reserved2: [0; 0xC],
+                };
+                Ok([header.as_bytes(), records.as_bytes()].concat())
+            }
+            Opcode::INJECT_EVENT => {
                 let input = read_input::<InjectEventInput>(opcode, input)?;
                 let log = EventLog::from_wire(input.event_log)
                     .ok_or(Refusal::invalid(Reason::UnknownEventLog(input.event_log)))?;
@@ -291,6 +502,153 @@ impl MailboxState {
         }
     }
 
+    fn write_store(&self) -> std::sync::RwLockWriteGuard<'_, KvStore<DramView>> {
+        self.store.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_store(&self) -> std::sync::RwLockReadGuard<'_, KvStore<DramView>> {
+        self.store.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks that `lines` lines from `dpa` are aligned and lie in the KV
+    /// frames (the media that takes poison: the store's own tables are
+    /// device metadata); returns `dpa`.
+    fn frames_range(&self, dpa: u64, lines: u64) -> Result<u64, Refusal> {
+        if !dpa.is_multiple_of(LINE) {
+            return Err(Refusal::invalid(Reason::UnalignedDpa(dpa)));
+        }
+        let len = lines.saturating_mul(LINE);
+        if !self.read_store().in_frames(dpa, len) {
+            return Err(Refusal::new(
+                ReturnCode::INVALID_PHYSICAL_ADDRESS,
+                Reason::DpaOutside { dpa, len, within: "in the KV frames" },
+            ));
+        }
+        Ok(dpa)
+    }
+
+    /// Checks a DPA range input: aligned, within device DRAM. Returns
+    /// (DPA, lines).
+    fn dram_range(&self, input: media::DpaRange) -> Result<(u64, u64), Refusal> {
+        let dpa = input.physical_address.get();
+        let lines = input.length.get();
+        if !dpa.is_multiple_of(LINE) {
+            return Err(Refusal::invalid(Reason::UnalignedDpa(dpa)));
+        }
+        let len = lines.saturating_mul(LINE);
+        if dpa.checked_add(len).is_none_or(|end| end > self.layout.dram_size) {
+            return Err(Refusal::new(
+                ReturnCode::INVALID_PHYSICAL_ADDRESS,
+                Reason::DpaOutside { dpa, len, within: "in device DRAM" },
+            ));
+        }
+        Ok((dpa, lines))
+    }
+
+    /// Runs one step of the Scan Media in progress. Returns the percentage
+    /// done, and whether it finished with this step.
+    pub fn step_scan(&mut self, now: Instant) -> Option<(u8, bool)> {
+        let job = self.scan.as_mut()?;
+        let end = (job.next + SCAN_LINES_PER_STEP).min(job.lines.end);
+        let step = job.next..end;
+        let found = self.store.read().unwrap_or_else(|e| e.into_inner()).scrub(step);
+        let job = self.scan.as_mut().expect("checked above");
+        match found {
+            Ok(found) => job.found.extend(found),
+            Err(e) => tracing::error!(error = %e, "scan media step"),
+        }
+        job.next = end;
+        if end < job.lines.end {
+            return Some((job.percent(), false));
+        }
+        let job = self.scan.take().expect("checked above");
+        self.finish_scan(job, now);
+        Some((100, true))
+    }
+
+    /// A finished scan: what it found goes on the poison list (the lines
+    /// whose checks failed, as Internal), into its results and, unless the
+    /// host said not to, into the failure log.
+    fn finish_scan(&mut self, job: ScanJob, now: Instant) {
+        let timestamp = self.clock.get(now);
+        let mut results = ScanResults::default();
+        {
+            let mut store = self.write_store();
+            for bad in &job.found {
+                let source = match bad.fault {
+                    LineFault::Poisoned(source) => source,
+                    LineFault::Corrupt => {
+                        match store.add_poison(bad.line..bad.line + 1, PoisonSource::Internal) {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => {
+                                let _ = store.mark_poison_overflow(timestamp);
+                            }
+                            Err(e) => tracing::error!(error = %e, "saving the poison list"),
+                        }
+                        PoisonSource::Internal
+                    }
+                };
+                if results.records.len() < SCAN_RESULTS_MAX {
+                    results.records.push_back(media::MediaErrorRecord::new(
+                        bad.line * LINE,
+                        1,
+                        source,
+                    ));
+                } else {
+                    results.overflow = true;
+                }
+            }
+        }
+        tracing::info!(
+            lines = job.lines.end - job.lines.start,
+            found = job.found.len(),
+            "scan media done"
+        );
+        if job.log_events {
+            for bad in &job.found {
+                let record = general_media(bad.line, events::transaction::HOST_SCAN_MEDIA);
+                self.log_event(EventLog::Failure, record, now);
+            }
+        }
+        self.scan_results = Some(results);
+    }
+
+    /// Get Poison List: the records within the range, clipped to it.
+    fn get_poison_list(&self, input: media::DpaRange) -> Result<Vec<u8>, Refusal> {
+        let (dpa, lines) = self.dram_range(input)?;
+        let store = self.read_store();
+        let list = store.poison();
+        let room = (MAILBOX_PAYLOAD_SIZE as usize - media::LIST_HEADER_LEN) / 16;
+        let mut records: Vec<media::MediaErrorRecord> = Vec::new();
+        let mut more = false;
+        for p in list.within(dpa / LINE..dpa / LINE + lines) {
+            if records.len() == room {
+                more = true;
+                break;
+            }
+            let n = (p.lines.end - p.lines.start) as u32;
+            records.push(media::MediaErrorRecord::new(p.lines.start * LINE, n, p.source));
+        }
+        let mut flags = 0;
+        if more {
+            flags |= media::poison_flags::MORE_RECORDS;
+        }
+        if list.overflowed_at().is_some() {
+            flags |= media::poison_flags::OVERFLOW;
+        }
+        if self.scan.is_some() {
+            flags |= media::poison_flags::SCAN_MEDIA_IN_PROGRESS;
+        }
+        let header = media::PoisonListHeader {
+            flags,
+            reserved: 0,
+            overflow_timestamp: list.overflowed_at().unwrap_or(0).into(),
+            count: (records.len() as u16).into(),
+            reserved2: [0; 0x14],
+        };
+        Ok([header.as_bytes(), records.as_bytes()].concat())
+    }
+
     fn get_log(&self, input: GetLogInput) -> Result<Vec<u8>, Refusal> {
         if input.log_id != CEL_UUID {
             return Err(Refusal::new(ReturnCode::INVALID_LOG, Reason::UnknownLog));
@@ -320,9 +678,17 @@ impl MailboxState {
             failure_event_log_size: (pnm_firmware::events::LOG_CAPACITY as u16).into(),
             fatal_event_log_size: (pnm_firmware::events::LOG_CAPACITY as u16).into(),
             lsa_size: 0.into(),
-            poison_list_max_records: [0; 3],
-            inject_poison_limit: 0.into(),
-            poison_handling_caps: 0,
+            poison_list_max_records: {
+                let max = media::POISON_LIST_MAX_RECORDS as u32;
+                [max as u8, (max >> 8) as u8, (max >> 16) as u8]
+            },
+            // Injections count against the list itself, up to its size.
+            inject_poison_limit: if self.allow_injection {
+                (media::POISON_LIST_MAX_RECORDS as u16).into()
+            } else {
+                0.into()
+            },
+            poison_handling_caps: commands::POISON_CAP_PERSISTENT | commands::POISON_CAP_SCAN_MEDIA,
             qos_telemetry_caps: 0,
             dc_event_log_size: 0.into(),
         }
@@ -367,11 +733,16 @@ impl MailboxState {
 }
 
 #[cfg(test)]
+mod tests_support {
+    pub(super) use super::tests::state as state_with_store;
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn state() -> MailboxState {
+    pub(super) fn state() -> MailboxState {
         // The mailbox's own state never touches the region; queue commands
         // are tested against a real region in `tests/`.
         let region = crate::Region::embedded(1 << 30, None).unwrap();
@@ -379,25 +750,31 @@ mod tests {
         let regs = region.regs();
         // Keep the memfd mapped for the test's duration.
         std::mem::forget(region);
+        let (store, _) = KvStore::open(DramView::new(regs, &layout)).unwrap();
         MailboxState {
             layout,
             compute_units: 2,
             heartbeat_period_us: 10_000,
             kv: KvGeometry::default(),
             clock: TimestampClock::default(),
-            health: HealthCounters { dirty_shutdown_count: 3, corrected_volatile_errors: 0 },
+            health: HealthCounters { dirty_shutdown_count: 3, ..Default::default() },
             queues: QueueTable::new(regs, layout, crate::notify::Peers::default()),
             dma: DmaAllocator::new(&layout),
             events: EventLogs::default(),
             event_policy: Default::default(),
             allow_injection: false,
+            store: std::sync::Arc::new(std::sync::RwLock::new(store)),
+            scan: None,
+            scan_results: None,
+            started_background: false,
+            logged_lines: Default::default(),
         }
     }
 
     #[test]
     fn unknown_opcodes_are_unsupported() {
         let now = Instant::now();
-        for op in [0x0000, 0x0001, 0x4300, 0xC0FF, 0xFFFF] {
+        for op in [0x0000, 0x0001, 0x4306, 0xC0FF, 0xFFFF] {
             assert_eq!(
                 state().execute(Opcode(op), &[], now).map_err(|r| r.code),
                 Err(ReturnCode::UNSUPPORTED)
@@ -550,7 +927,8 @@ mod tests {
         let now = Instant::now();
         let mut s = state();
         // Fault injection is listed only where it is served.
-        assert_eq!(command_effects_log(false).len(), (Opcode::ALL.len() - 1) * 4);
+        let injection = Opcode::INJECTION.len();
+        assert_eq!(command_effects_log(false).len(), (Opcode::ALL.len() - injection) * 4);
         s.allow_injection = true;
         let logs = s.execute(Opcode::GET_SUPPORTED_LOGS, &[], now).unwrap();
         assert_eq!(logs.len(), 8 + 0x14);
@@ -595,6 +973,109 @@ mod tests {
         assert_eq!(
             HealthInfoOutput::read_from_bytes(&health).unwrap().dirty_shutdown_count.get(),
             3
+        );
+    }
+}
+
+#[cfg(test)]
+mod poison_tests {
+    use super::tests_support::state_with_store;
+    use super::*;
+    use pnm_firmware::kv::{Dram, SequenceShape, TopkQuery};
+    use pnm_protocol::media::{
+        ClearPoisonInput, DpaRange, InjectMediaFaultInput, InjectPoisonInput, MediaErrorRecord,
+        PoisonListHeader, fault_kind,
+    };
+
+    fn list(
+        s: &mut MailboxState,
+        dpa: u64,
+        lines: u64,
+    ) -> (PoisonListHeader, Vec<MediaErrorRecord>) {
+        let input = DpaRange { physical_address: dpa.into(), length: lines.into() };
+        let out = s.execute(Opcode::GET_POISON_LIST, input.as_bytes(), Instant::now()).unwrap();
+        let (header, rest) = PoisonListHeader::read_from_prefix(&out).unwrap();
+        let records = <[MediaErrorRecord]>::ref_from_bytes(rest).unwrap().to_vec();
+        assert_eq!(records.len(), usize::from(header.count.get()));
+        (header, records)
+    }
+
+    #[test]
+    fn poison_is_listed_fails_reads_and_clears_and_injection_is_gated() {
+        let now = Instant::now();
+        let mut s = state_with_store();
+        let shape =
+            SequenceShape { dtype: pnm_protocol::Dtype::F32, layers: 1, heads: 1, head_dim: 16 };
+        let rows: Vec<u8> = (0..64 * 64).map(|i| (i % 251) as u8).collect();
+        let seq = s.write_store().create_with_rows(shape, &rows, &rows, 64).unwrap();
+        let key = s.read_store().row_locations(seq, 0, 0, &[5]).unwrap()[0].key;
+        let inject = InjectPoisonInput { physical_address: key.into() };
+        let all = s.layout.dram_size / 64;
+        // Off unless the device was started with --allow-injection.
+        assert_eq!(
+            s.execute(Opcode::INJECT_POISON, inject.as_bytes(), now).map_err(|r| r.code),
+            Err(ReturnCode::UNSUPPORTED)
+        );
+        s.allow_injection = true;
+        s.execute(Opcode::INJECT_POISON, inject.as_bytes(), now).unwrap();
+        // Unaligned, and outside the KV frames (the store's own tables).
+        for (dpa, code) in
+            [(key + 8, ReturnCode::INVALID_INPUT), (0, ReturnCode::INVALID_PHYSICAL_ADDRESS)]
+        {
+            let bad = InjectPoisonInput { physical_address: dpa.into() };
+            assert_eq!(
+                s.execute(Opcode::INJECT_POISON, bad.as_bytes(), now).map_err(|r| r.code),
+                Err(code)
+            );
+        }
+        let (header, records) = list(&mut s, 0, all);
+        assert_eq!(header.flags, 0);
+        assert_eq!(records, [MediaErrorRecord::new(key, 1, PoisonSource::Injected)]);
+        // A range that misses it lists nothing; one past DRAM is refused.
+        assert!(list(&mut s, key + 64, 10).1.is_empty());
+        let past =
+            DpaRange { physical_address: 0.into(), length: (s.layout.dram_size / 64 + 1).into() };
+        assert_eq!(
+            s.execute(Opcode::GET_POISON_LIST, past.as_bytes(), now).map_err(|r| r.code),
+            Err(ReturnCode::INVALID_PHYSICAL_ADDRESS)
+        );
+        let q = vec![1.0f32; 16];
+        let query =
+            TopkQuery { seq, layer: 0, head: 0, queries: &q, how: Default::default(), k: 4 };
+        assert!(matches!(
+            s.read_store().top_k(query),
+            Err(pnm_firmware::kv::KvError::MediaError { first_token: 5, tokens: 1, .. })
+        ));
+        // Clear Poison with the bytes that were there heals it.
+        let mut data = [0u8; 64];
+        s.read_store().dram().read(key, &mut data).unwrap();
+        let clear = ClearPoisonInput { physical_address: key.into(), write_data: data };
+        s.execute(Opcode::CLEAR_POISON, clear.as_bytes(), now).unwrap();
+        assert!(list(&mut s, 0, all).1.is_empty());
+        assert!(s.read_store().top_k(query).is_ok());
+        // Silent corruption: nothing listed, yet the read fails.
+        let fault = |kind, pattern| InjectMediaFaultInput {
+            range: DpaRange { physical_address: key.into(), length: 2.into() },
+            kind,
+            pattern,
+            reserved: [0; 6],
+        };
+        assert_eq!(
+            s.execute(Opcode::INJECT_MEDIA_FAULT, fault(fault_kind::CORRUPT, 0).as_bytes(), now)
+                .map_err(|r| r.code),
+            Err(ReturnCode::INVALID_INPUT)
+        );
+        s.execute(Opcode::INJECT_MEDIA_FAULT, fault(fault_kind::CORRUPT, 0x80).as_bytes(), now)
+            .unwrap();
+        assert!(list(&mut s, 0, all).1.is_empty());
+        assert!(s.read_store().top_k(query).is_err());
+        // A poisoned range is listed as one record.
+        s.execute(Opcode::INJECT_MEDIA_FAULT, fault(fault_kind::POISON, 0).as_bytes(), now)
+            .unwrap();
+        assert_eq!(list(&mut s, 0, all).1, [MediaErrorRecord::new(key, 2, PoisonSource::Injected)]);
+        assert_eq!(
+            s.execute(Opcode::INJECT_MEDIA_FAULT, fault(9, 0).as_bytes(), now).map_err(|r| r.code),
+            Err(ReturnCode::INVALID_INPUT)
         );
     }
 }

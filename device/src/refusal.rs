@@ -15,11 +15,14 @@ use pnm_protocol::{OutOfBounds, ReturnCode};
 pub struct Refusal {
     pub code: ReturnCode,
     pub reason: Reason,
+    /// A queue completion's result fields (Media Error: affected tokens,
+    /// first affected token, DPA of the first bad line); 0 otherwise.
+    pub results: (u32, u32, u64),
 }
 
 impl Refusal {
     pub const fn new(code: ReturnCode, reason: Reason) -> Self {
-        Self { code, reason }
+        Self { code, reason, results: (0, 0, 0) }
     }
 
     /// Invalid Input (02h).
@@ -154,6 +157,18 @@ pub enum Reason {
     UnknownPriority(u8),
     #[error("reserved bytes are not zero")]
     ReservedNotZero,
+    #[error("DPA {0:#x} is not 64-byte aligned")]
+    UnalignedDpa(u64),
+    #[error("DPA range {dpa:#x}+{len:#x} is not {within}")]
+    DpaOutside { dpa: u64, len: u64, within: &'static str },
+    #[error(transparent)]
+    PoisonListFull(#[from] pnm_firmware::media::PoisonListFull),
+    #[error("media fault kind {0} is not defined")]
+    UnknownFaultKind(u8),
+    #[error("a corruption pattern of 0 changes nothing")]
+    EmptyPattern,
+    #[error("a background command is running")]
+    BackgroundBusy,
     #[error("owner {owner} already holds {max} queue pairs, the most one owner may")]
     OwnerQueueLimit { owner: u32, max: u32 },
     #[error("every queue pair is in use")]
@@ -193,6 +208,13 @@ impl From<KvError> for Refusal {
             // Another queue's append is between its KV_APPEND and KV_COMMIT.
             KvError::AppendInProgress { .. } => ReturnCode::BUSY,
             KvError::NotTheWriter { .. } => ReturnCode::INVALID_INPUT,
+            &KvError::MediaError { first_token, tokens, dpa } => {
+                let saturate = |v: u64| v.min(u64::from(u32::MAX)) as u32;
+                return Self {
+                    results: (saturate(tokens), saturate(first_token), dpa),
+                    ..Self::new(ReturnCode::MEDIA_ERROR, e.into())
+                };
+            }
         };
         Self::new(code, e.into())
     }

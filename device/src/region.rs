@@ -384,7 +384,10 @@ fn write_register_block(regs_view: SharedMemory, layout: &RegionLayout, fresh: b
     regs_view.store_u32(regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS, 0, Relaxed);
 
     let mb = regs::MAILBOX_OFFSET;
-    regs_view.store_u32(mb + mailbox::CAPABILITIES, regs::MAILBOX_PAYLOAD_SIZE_LOG2, Relaxed);
+    let caps = regs::MAILBOX_PAYLOAD_SIZE_LOG2
+        | mailbox::CAP_BACKGROUND_IRQ
+        | u32::from(mailbox::BACKGROUND_IRQ_VECTOR) << mailbox::CAP_IRQ_MESSAGE_SHIFT;
+    regs_view.store_u32(mb + mailbox::CAPABILITIES, caps, Relaxed);
     regs_view.store_u32(mb + mailbox::CONTROL, 0, Relaxed);
     regs_view.store_u64(mb + mailbox::COMMAND, 0, Relaxed);
     regs_view.store_u64(mb + mailbox::STATUS, 0, Relaxed);

@@ -9,7 +9,6 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::eventfd::EventFd;
-use pnm_firmware::kernels::Scored;
 use pnm_firmware::kv::Writer;
 use pnm_protocol::SharedMemory;
 use pnm_protocol::queue::QueueCommand;
@@ -103,7 +102,7 @@ impl<T: Prioritized> JobQueue<T> {
 }
 
 /// One share's best k, or why the share was refused.
-type PartResult = Result<Vec<Scored>, Refusal>;
+type PartResult = Result<crate::executor::PartResult, Refusal>;
 
 /// A Top-K split across compute units: each scans a share of the pages,
 /// the last to finish merges the shares (exactly) and completes it.

@@ -3,14 +3,18 @@
 //!
 //! - [`limits`]: what the firmware supports.
 //! - [`events`]: the four event logs (records, handles, overflow).
+//! - [`integrity`]: the per-line checks that catch corrupted DRAM.
+//! - [`media`]: the poison list.
 //! - [`kv`]: the KV store's layout in device DRAM.
 //! - [`kernels`]: scoring, aggregation and Top-K selection.
 //! - [`timing`]: how long the modelled hardware would take (profiles in TOML).
 
 pub mod events;
+pub mod integrity;
 pub mod kernels;
 pub mod kv;
 pub mod limits;
+pub mod media;
 pub mod simd;
 pub mod timing;
 

@@ -149,6 +149,42 @@ pub fn score_rows(
     false
 }
 
+/// Appends the integrity check ([`crate::integrity`]) of every 64-byte line
+/// of `rows`' bytes to `out`, the first being DRAM line `first_line`; a
+/// trailing partial line is checked as zero-padded. AVX2 where the CPU has
+/// it, else the reference [`crate::integrity::line_check`].
+pub fn line_checks(rows: Rows<'_>, first_line: u64, out: &mut Vec<u32>) {
+    let bytes = rows.elements * rows.dtype.size();
+    let whole = bytes / 64;
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2, which the function is compiled for, was just
+        // detected; it reads only whole lines within `rows`' bytes.
+        done = unsafe { x86::line_checks8(rows, whole, first_line, out) };
+    }
+    for line in done..whole {
+        out.push(crate::integrity::line_check(&rows.line(line, 64), first_line + line as u64));
+    }
+    if !bytes.is_multiple_of(64) {
+        let tail = rows.line(whole, bytes - 64 * whole);
+        out.push(crate::integrity::line_check(&tail, first_line + whole as u64));
+    }
+}
+
+impl Rows<'_> {
+    /// `len` bytes of line `line`, copied out.
+    fn line(&self, line: usize, len: usize) -> [u8; 64] {
+        assert!(len <= 64 && line * 64 + len <= self.elements * self.dtype.size());
+        let mut out = [0u8; 64];
+        for (i, byte) in out[..len].iter_mut().enumerate() {
+            // SAFETY: the byte is inside the readable range (asserted above).
+            *byte = unsafe { self.ptr.wrapping_add(line * 64 + i).read() };
+        }
+        out
+    }
+}
+
 /// Asks the CPU to start loading `bytes` into its caches (a hint).
 pub fn prefetch(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
@@ -182,6 +218,56 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{Aggregation, Dtype, Rows, aggregate};
+
+    /// Checks of lines `[0, lines)` of `rows`, eight at a time; returns
+    /// how many it did (a multiple of 8), the caller doing the rest.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn line_checks8(
+        rows: Rows<'_>,
+        lines: usize,
+        first_line: u64,
+        out: &mut Vec<u32>,
+    ) -> usize {
+        assert!(lines * 64 <= rows.elements * rows.dtype.size());
+        let w = crate::integrity::WEIGHTS;
+        // SAFETY: WEIGHTS holds 16 u32s: two 32-byte loads.
+        let w0 = unsafe { _mm256_loadu_si256(w.as_ptr().cast()) };
+        // SAFETY: as above, the second half.
+        let w1 = unsafe { _mm256_loadu_si256(w.as_ptr().wrapping_add(8).cast()) };
+        let mut line = 0;
+        while line + 8 <= lines {
+            let mut acc = [_mm256_setzero_si256(); 8];
+            for (j, a) in acc.iter_mut().enumerate() {
+                let at = rows.ptr.wrapping_add((line + j) * 64);
+                // SAFETY: line + j < lines, so its 64 bytes are readable.
+                let v0 = unsafe { _mm256_loadu_si256(at.cast()) };
+                // SAFETY: as above, the line's second 32 bytes.
+                let v1 = unsafe { _mm256_loadu_si256(at.wrapping_add(32).cast()) };
+                *a = _mm256_add_epi32(_mm256_mullo_epi32(v0, w0), _mm256_mullo_epi32(v1, w1));
+            }
+            // Sum each accumulator's 8 lanes: two rounds of pairwise adds
+            // leave, per 128-bit half, one partial sum of each of four lines.
+            let t0 = _mm256_hadd_epi32(acc[0], acc[1]);
+            let t1 = _mm256_hadd_epi32(acc[2], acc[3]);
+            let t2 = _mm256_hadd_epi32(acc[4], acc[5]);
+            let t3 = _mm256_hadd_epi32(acc[6], acc[7]);
+            let u0 = _mm256_hadd_epi32(t0, t1);
+            let u1 = _mm256_hadd_epi32(t2, t3);
+            let sums = _mm256_add_epi32(
+                _mm256_permute2x128_si256::<0x20>(u0, u1),
+                _mm256_permute2x128_si256::<0x31>(u0, u1),
+            );
+            let mut lanes = [0u32; 8];
+            // SAFETY: `lanes` is 32 bytes.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), sums) };
+            for (j, sum) in lanes.into_iter().enumerate() {
+                let n = first_line + (line + j) as u64;
+                out.push(sum.wrapping_add(crate::integrity::line_salt(n)));
+            }
+            line += 8;
+        }
+        line
+    }
 
     /// `scores.len() == 32` (checked by the caller).
     #[target_feature(enable = "avx2")]

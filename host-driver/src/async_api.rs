@@ -206,7 +206,8 @@ impl AsyncQueue {
         request: &TopkRequest<'_>,
         rows: bool,
     ) -> Result<(TopK, Option<Rows>)> {
-        let TopkRequest { seq, layer, head, query, k, aggregation, selection } = *request;
+        let TopkRequest { seq, layer, head, query, k, aggregation, selection, skip_bad_rows } =
+            *request;
         let row_bytes = seq.shape.row_bytes();
         let layout = TopkLayout { k: u64::from(k), row_bytes: if rows { row_bytes } else { 0 } };
         let q = self.alloc(query.data.len() as u64)?;
@@ -220,6 +221,7 @@ impl AsyncQueue {
             query_dtype: query.dtype,
             aggregation,
             selection,
+            skip_bad_rows,
             queries: HostBuffer { addr: q.addr, len: query.data.len() as u32 },
             results: HostBuffer {
                 addr: out.addr,

@@ -14,6 +14,85 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::error::{Error, Result};
 use crate::mailbox::MailboxClient;
 
+pub use pnm_protocol::media::PoisonSource;
+use pnm_protocol::media::{
+    self, ClearPoisonInput, DpaRange, InjectMediaFaultInput, InjectPoisonInput, MediaErrorRecord,
+    PoisonListHeader, ScanMediaCapabilities, ScanMediaInput, ScanMediaResultsHeader,
+};
+
+/// One poisoned range: `lines` 64-byte lines from DPA `dpa`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct MediaError {
+    pub dpa: u64,
+    pub lines: u32,
+    #[cfg_attr(feature = "serde", serde(serialize_with = "source_name"))]
+    pub source: PoisonSource,
+}
+
+/// A poison source as its name, in JSON.
+#[cfg(feature = "serde")]
+pub(crate) fn source_name<S: serde::Serializer>(
+    s: &PoisonSource,
+    ser: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    ser.serialize_str(s.name())
+}
+
+/// Get Poison List, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct PoisonList {
+    pub records: Vec<MediaError>,
+    /// More records than one payload: ask again from after the last.
+    pub more: bool,
+    /// The device lost track of some errors (its list overflowed), at
+    /// this device timestamp.
+    pub overflow_timestamp: Option<u64>,
+    pub scan_media_running: bool,
+}
+
+/// Scan Media's results, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct ScanResults {
+    pub records: Vec<MediaError>,
+    pub overflow: bool,
+}
+
+/// What Inject Media Fault does to a range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaFault {
+    /// Reads fail; the bytes are kept.
+    Poison,
+    /// The bytes change (XOR with the pattern) and nothing else knows.
+    Corrupt { pattern: u8 },
+}
+
+/// Decodes media error records, each checked (source, alignment, length).
+fn decode_records(op: Opcode, raw: &[u8], count: usize) -> Result<Vec<MediaError>> {
+    let records = <[MediaErrorRecord]>::ref_from_bytes(raw)
+        .map_err(|_| malformed(op, format!("{} record bytes are not whole records", raw.len())))?;
+    if records.len() != count {
+        return Err(malformed(op, format!("count {count} but {} records", records.len())));
+    }
+    records
+        .iter()
+        .map(|r| {
+            let source = r.source().ok_or_else(|| {
+                malformed(op, format!("record source {} is reserved", r.address.get() & 7))
+            })?;
+            if r.address.get() & 0x38 != 0 || r.length.get() == 0 {
+                return Err(malformed(
+                    op,
+                    format!("record {:#x}+{} lines", r.address.get(), r.length.get()),
+                ));
+            }
+            Ok(MediaError { dpa: r.dpa(), lines: r.length.get(), source })
+        })
+        .collect()
+}
+
 /// Identify Memory Device, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
@@ -394,6 +473,98 @@ impl MailboxClient {
             0 => None,
             h => Some(h),
         })
+    }
+
+    /// Get Poison List (4300h) over `lines` 64-byte lines from `dpa`.
+    pub fn get_poison_list(&mut self, dpa: u64, lines: u64) -> Result<PoisonList> {
+        let op = Opcode::GET_POISON_LIST;
+        let input = DpaRange { physical_address: dpa.into(), length: lines.into() };
+        let out = self.execute(op, input.as_bytes())?;
+        let (header, rest) = PoisonListHeader::read_from_prefix(&out)
+            .map_err(|_| malformed(op, format!("{} bytes, shorter than the header", out.len())))?;
+        let records = decode_records(op, rest, usize::from(header.count.get()))?;
+        let overflow = header.flags & media::poison_flags::OVERFLOW != 0;
+        Ok(PoisonList {
+            records,
+            more: header.flags & media::poison_flags::MORE_RECORDS != 0,
+            overflow_timestamp: overflow.then(|| header.overflow_timestamp.get()),
+            scan_media_running: header.flags & media::poison_flags::SCAN_MEDIA_IN_PROGRESS != 0,
+        })
+    }
+
+    /// Inject Poison (4301h; a device started with --allow-injection).
+    pub fn inject_poison(&mut self, dpa: u64) -> Result<()> {
+        let op = Opcode::INJECT_POISON;
+        let input = InjectPoisonInput { physical_address: dpa.into() };
+        self.expect_empty(op, input.as_bytes())
+    }
+
+    /// Clear Poison (4302h): writes `data` over the line at `dpa` and takes
+    /// it off the poison list.
+    pub fn clear_poison(&mut self, dpa: u64, data: &[u8; 64]) -> Result<()> {
+        let op = Opcode::CLEAR_POISON;
+        let input = ClearPoisonInput { physical_address: dpa.into(), write_data: *data };
+        self.expect_empty(op, input.as_bytes())
+    }
+
+    /// Inject Media Fault (C006h, vendor; --allow-injection): poisons or
+    /// silently corrupts `lines` lines from `dpa`.
+    pub fn inject_media_fault(&mut self, dpa: u64, lines: u64, fault: MediaFault) -> Result<()> {
+        let op = Opcode::INJECT_MEDIA_FAULT;
+        let (kind, pattern) = match fault {
+            MediaFault::Poison => (media::fault_kind::POISON, 0),
+            MediaFault::Corrupt { pattern } => (media::fault_kind::CORRUPT, pattern),
+        };
+        let input = InjectMediaFaultInput {
+            range: DpaRange { physical_address: dpa.into(), length: lines.into() },
+            kind,
+            pattern,
+            reserved: [0; 6],
+        };
+        self.expect_empty(op, input.as_bytes())
+    }
+
+    /// Get Scan Media Capabilities (4303h): the estimated scan time in ms.
+    pub fn scan_media_estimate(&mut self, dpa: u64, lines: u64) -> Result<u32> {
+        let op = Opcode::GET_SCAN_MEDIA_CAPABILITIES;
+        let input = DpaRange { physical_address: dpa.into(), length: lines.into() };
+        let out: ScanMediaCapabilities = decode_fixed(op, &self.execute(op, input.as_bytes())?)?;
+        Ok(out.estimated_runtime_ms.get())
+    }
+
+    /// Scan Media (4304h): starts the scan in the background.
+    pub fn start_scan_media(&mut self, dpa: u64, lines: u64, log_events: bool) -> Result<()> {
+        let input = ScanMediaInput {
+            range: DpaRange { physical_address: dpa.into(), length: lines.into() },
+            flags: if log_events { 0 } else { media::SCAN_NO_EVENT_LOG },
+        };
+        self.start_background(Opcode::SCAN_MEDIA, input.as_bytes())
+    }
+
+    /// Get Scan Media Results (4305h): every record of the last scan (the
+    /// device hands each out once), asking again while it says there are more.
+    pub fn get_scan_media_results(&mut self) -> Result<ScanResults> {
+        let op = Opcode::GET_SCAN_MEDIA_RESULTS;
+        let mut results = ScanResults { records: Vec::new(), overflow: false };
+        loop {
+            let out = self.execute(op, &[])?;
+            let (header, rest) = ScanMediaResultsHeader::read_from_prefix(&out).map_err(|_| {
+                malformed(op, format!("{} bytes, shorter than the header", out.len()))
+            })?;
+            results.records.extend(decode_records(op, rest, usize::from(header.count.get()))?);
+            results.overflow |= header.flags & media::scan_flags::OVERFLOW != 0;
+            if header.flags & media::scan_flags::MORE_RECORDS == 0 || header.count.get() == 0 {
+                return Ok(results);
+            }
+        }
+    }
+
+    fn expect_empty(&mut self, op: Opcode, input: &[u8]) -> Result<()> {
+        let out = self.execute(op, input)?;
+        if !out.is_empty() {
+            return Err(malformed(op, format!("{} output bytes, expected none", out.len())));
+        }
+        Ok(())
     }
 
     fn clear_events(&mut self, request: &ClearRequest) -> Result<()> {

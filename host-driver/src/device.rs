@@ -342,6 +342,87 @@ impl Device {
         self.mailbox_client().inject_event(log, record)
     }
 
+    /// Get Poison List (4300h) over `lines` 64-byte lines from DPA `dpa`.
+    pub fn get_poison_list(&self, dpa: u64, lines: u64) -> Result<crate::PoisonList> {
+        self.mailbox_client().get_poison_list(dpa, lines)
+    }
+
+    /// Every poisoned range of device DRAM (asking again from after the
+    /// last record while the device says there are more).
+    pub fn poison_list(&self) -> Result<crate::PoisonList> {
+        let end = self.layout().dram_size / pnm_protocol::media::LINE;
+        let mut list = self.get_poison_list(0, end)?;
+        while list.more {
+            let Some(last) = list.records.last() else { break };
+            let from = last.dpa / pnm_protocol::media::LINE + u64::from(last.lines);
+            if from >= end {
+                break;
+            }
+            let next = self.get_poison_list(from * pnm_protocol::media::LINE, end - from)?;
+            list.records.extend(next.records);
+            list.more = next.more;
+        }
+        Ok(list)
+    }
+
+    /// Inject Poison (4301h; a device started with --allow-injection).
+    pub fn inject_poison(&self, dpa: u64) -> Result<()> {
+        self.mailbox_client().inject_poison(dpa)
+    }
+
+    /// Clear Poison (4302h): `data` replaces the line at `dpa`, which
+    /// reads again.
+    pub fn clear_poison(&self, dpa: u64, data: &[u8; 64]) -> Result<()> {
+        self.mailbox_client().clear_poison(dpa, data)
+    }
+
+    /// Inject Media Fault (C006h; --allow-injection): poisons, or silently
+    /// corrupts, `lines` lines from `dpa`.
+    pub fn inject_media_fault(&self, dpa: u64, lines: u64, fault: crate::MediaFault) -> Result<()> {
+        self.mailbox_client().inject_media_fault(dpa, lines, fault)
+    }
+
+    /// Scan Media over `lines` lines from `dpa`, waiting up to `bound` for
+    /// it (a background command: other commands run meanwhile), then its
+    /// results. What it finds bad is also on the poison list afterwards,
+    /// and (with `log_events`) in the failure event log.
+    pub fn scan_media(
+        &self,
+        dpa: u64,
+        lines: u64,
+        log_events: bool,
+        bound: Duration,
+    ) -> Result<crate::ScanResults> {
+        self.mailbox_client().start_scan_media(dpa, lines, log_events)?;
+        let op = pnm_protocol::Opcode::SCAN_MEDIA;
+        // From the registers, holding no lock: other commands (this
+        // process's too) run while the scan does.
+        let start = Instant::now();
+        let mut backoff = Backoff::new();
+        let code = loop {
+            let bg = self.regs.load_u64(self.caps.mailbox + mailbox::BACKGROUND_STATUS, Acquire);
+            let status = self.regs.load_u64(self.caps.mailbox + mailbox::STATUS, Acquire);
+            let (opcode, percent, code) = mailbox::decode_background_status(bg);
+            if opcode == op.0 && percent == 100 && status & mailbox::STATUS_BACKGROUND == 0 {
+                break pnm_protocol::ReturnCode(code);
+            }
+            let waited = start.elapsed();
+            if waited >= bound {
+                return Err(Error::Timeout { opcode: op, waited, heartbeat_stopped: false });
+            }
+            backoff.wait();
+        };
+        if !code.is_success() {
+            return Err(Error::Command { opcode: op, code });
+        }
+        self.mailbox_client().get_scan_media_results()
+    }
+
+    /// Get Scan Media Capabilities (4303h): the device's estimate in ms.
+    pub fn scan_media_estimate(&self, dpa: u64, lines: u64) -> Result<u32> {
+        self.mailbox_client().scan_media_estimate(dpa, lines)
+    }
+
     /// The Event Status register: bit n set while event log n holds records.
     pub fn event_status(&self) -> u32 {
         self.regs.load_u32(self.caps.device_status + regs::DEVICE_STATUS_EVENT_STATUS, Acquire)

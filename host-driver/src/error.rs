@@ -42,6 +42,11 @@ pub enum Error {
     ResetTimeout(Duration),
     #[error("{command} failed on the device: {code}{}", queue_hint(*code))]
     Queue { command: &'static str, code: ReturnCode },
+    #[error(
+        "{command} read bad media: {tokens} tokens from token {first_token} lie on poisoned or \
+         corrupted lines (first at DPA {dpa:#x}); no data from them was returned"
+    )]
+    MediaError { command: &'static str, first_token: u64, tokens: u64, dpa: u64 },
     #[error("{command} (command id {command_id}) did not complete within {waited:?}")]
     QueueTimeout { command: &'static str, command_id: u16, waited: Duration },
     #[error("queue full: {0} commands in flight")]
@@ -98,6 +103,7 @@ impl Error {
     pub fn return_code(&self) -> Option<ReturnCode> {
         match self {
             Self::Command { code, .. } | Self::Queue { code, .. } => Some(*code),
+            Self::MediaError { .. } => Some(ReturnCode::MEDIA_ERROR),
             _ => None,
         }
     }

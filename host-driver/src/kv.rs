@@ -101,8 +101,12 @@ pub struct TopK {
     pub scores: Vec<f32>,
     /// Tokens in the sequence.
     pub tokens: u64,
-    /// Tokens the device scored (fewer than `tokens` with page selection).
+    /// Tokens the device scored (fewer than `tokens` with page selection,
+    /// or with tokens skipped).
     pub tokens_scored: u64,
+    /// Tokens left out because their rows lie on bad media (a request
+    /// that skips bad rows; 0 otherwise).
+    pub skipped: u64,
     /// Nanoseconds the device spent on the command.
     pub device_ns: u64,
     /// Nanoseconds the modelled hardware would take (the device's profile).
@@ -212,13 +216,31 @@ pub struct TopkRequest<'a> {
     /// Score only the pages page selection picks (None: every token, the
     /// exact Top-K).
     pub selection: Option<PageSelection>,
+    /// Leave out (and count) tokens whose rows lie on bad media, instead
+    /// of failing with [`Error::MediaError`].
+    pub skip_bad_rows: bool,
 }
 
 impl<'a> TopkRequest<'a> {
     /// The exact Top-K of `k` tokens of (seq, layer, head), a GQA group's
     /// scores combined by their max.
     pub fn new(seq: &'a Sequence, layer: u16, head: u16, query: &'a Query, k: u32) -> Self {
-        Self { seq, layer, head, query, k, aggregation: Aggregation::Max, selection: None }
+        Self {
+            seq,
+            layer,
+            head,
+            query,
+            k,
+            aggregation: Aggregation::Max,
+            selection: None,
+            skip_bad_rows: false,
+        }
+    }
+
+    /// Scores every token whose rows are readable and reports how many
+    /// were left out ([`TopK::skipped`]), instead of failing on bad media.
+    pub fn skipping_bad_rows(self) -> Self {
+        Self { skip_bad_rows: true, ..self }
     }
 
     pub fn with_aggregation(self, aggregation: Aggregation) -> Self {
@@ -240,7 +262,7 @@ impl<'a> TopkRequest<'a> {
 }
 
 /// The first `len` bytes of `buf`, as a command names them.
-fn host_buffer(buf: &DmaBuf, len: u64) -> HostBuffer {
+pub(crate) fn host_buffer(buf: &DmaBuf, len: u64) -> HostBuffer {
     HostBuffer { addr: buf.addr, len: len.min(u64::from(u32::MAX)) as u32 }
 }
 
@@ -532,6 +554,7 @@ impl Device {
             query_dtype: r.query.dtype,
             aggregation: r.aggregation,
             selection: r.selection,
+            skip_bad_rows: r.skip_bad_rows,
             queries: host_buffer(&q, r.query.data.len() as u64),
             results: host_buffer(out, layout.len()),
         };
@@ -546,8 +569,9 @@ impl Device {
         layout: TopkLayout,
     ) -> Result<TopK> {
         let n = c.result0;
-        let tokens = c.result2;
-        if n > k || u64::from(n) > tokens {
+        // R2: [31:0] tokens in the sequence, [63:32] tokens skipped.
+        let (tokens, skipped) = (c.result2 & 0xFFFF_FFFF, c.result2 >> 32);
+        if n > k || u64::from(n) > tokens || skipped > tokens {
             return Err(Error::Protocol(format!(
                 "TOPK returned {n} results for k {k} over {tokens} tokens"
             )));
@@ -572,6 +596,7 @@ impl Device {
             scores: read_f32s(sc),
             tokens,
             tokens_scored,
+            skipped,
             device_ns: c.exec_ns,
             model_ns: c.model_ns,
         })

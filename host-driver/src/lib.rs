@@ -13,6 +13,7 @@ pub mod dma;
 pub mod error;
 pub mod kv;
 pub mod mailbox;
+pub mod media;
 pub mod notify;
 pub mod queue;
 mod session;
@@ -23,11 +24,13 @@ pub mod vfio;
 
 #[cfg(feature = "async")]
 pub use async_api::AsyncQueue;
+pub use commands::{MediaError, MediaFault, PoisonList, PoisonSource, ScanResults};
 pub use device::{Device, DeviceOptions, DeviceState, DeviceStatus, Liveness};
 pub use error::{Error, Result, VfioProblem};
 pub use kv::{
     Aggregation, GatheredView, KvShape, PageSelection, Query, Rows, Sequence, TopK, TopkRequest,
 };
+pub use media::AffectedRows;
 pub use pnm_protocol::Dtype;
 pub use pnm_protocol::events::EventLog;
 pub use queue::{Completion, InterruptConfig, QueueOptions};

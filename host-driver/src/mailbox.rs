@@ -148,7 +148,7 @@ impl MailboxClient {
             return Err(Error::InputTooLarge { opcode, len: input.len(), max: self.payload_size });
         }
         let lock = self.take_lock()?;
-        let result = self.execute_locked(opcode, input);
+        let result = self.execute_locked(opcode, input, false);
         if !lock.release(self.regs) {
             tracing::warn!(%opcode, "the device broke our Mailbox Lock; the answer is discarded");
             return Err(Error::MailboxLockLost { opcode });
@@ -172,7 +172,24 @@ impl MailboxClient {
         Ok(result)
     }
 
-    fn execute_locked(&mut self, opcode: Opcode, input: &[u8]) -> Result<Vec<u8>> {
+    /// Starts a background command (Scan Media): Ok once the device
+    /// answered Background Command Started (the Background Command Status
+    /// register then tells its progress).
+    pub fn start_background(&mut self, opcode: Opcode, input: &[u8]) -> Result<()> {
+        let lock = self.take_lock()?;
+        let result = self.execute_locked(opcode, input, true);
+        if !lock.release(self.regs) {
+            return Err(Error::MailboxLockLost { opcode });
+        }
+        result.map(drop)
+    }
+
+    fn execute_locked(
+        &mut self,
+        opcode: Opcode,
+        input: &[u8],
+        background: bool,
+    ) -> Result<Vec<u8>> {
         let control_at = self.base + mailbox::CONTROL;
         // A doorbell still set under the lock is a command whose caller
         // died or gave up waiting: the device still completes it.
@@ -219,9 +236,13 @@ impl MailboxClient {
         let (_, output_len) =
             mailbox::decode_command(self.regs.load_u64(self.base + mailbox::COMMAND, Acquire));
         tracing::debug!(%code, output_len, elapsed = ?start.elapsed(), "completed");
-        if code == ReturnCode::BACKGROUND_COMMAND_STARTED
-            || status & mailbox::STATUS_BACKGROUND != 0
-        {
+        // Mailbox Status [0] may be set by another host's background
+        // command still running; only this command's code says whether it
+        // went to the background.
+        if code == ReturnCode::BACKGROUND_COMMAND_STARTED {
+            if background {
+                return Ok(Vec::new());
+            }
             return Err(Error::MalformedOutput {
                 opcode,
                 reason: "device started a background operation for a foreground command".into(),

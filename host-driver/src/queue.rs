@@ -39,10 +39,15 @@ pub struct Completion {
 impl Completion {
     /// The completion as a result: Ok if the device reported success.
     pub fn ok(self) -> Result<Self> {
-        if self.code.is_success() {
-            Ok(self)
-        } else {
-            Err(Error::Queue { command: opcode_name(self.opcode), code: self.code })
+        match self.code {
+            code if code.is_success() => Ok(self),
+            ReturnCode::MEDIA_ERROR => Err(Error::MediaError {
+                command: opcode_name(self.opcode),
+                first_token: u64::from(self.result1),
+                tokens: u64::from(self.result0),
+                dpa: self.result2,
+            }),
+            code => Err(Error::Queue { command: opcode_name(self.opcode), code }),
         }
     }
 }

@@ -25,6 +25,14 @@ impl Opcode {
     pub const GET_LOG: Self = Self(0x0401);
     pub const IDENTIFY_MEMORY_DEVICE: Self = Self(0x4000);
     pub const GET_HEALTH_INFO: Self = Self(0x4200);
+    pub const GET_POISON_LIST: Self = Self(0x4300);
+    /// Served only by a device started with `--allow-injection`.
+    pub const INJECT_POISON: Self = Self(0x4301);
+    pub const CLEAR_POISON: Self = Self(0x4302);
+    pub const GET_SCAN_MEDIA_CAPABILITIES: Self = Self(0x4303);
+    /// A background command.
+    pub const SCAN_MEDIA: Self = Self(0x4304);
+    pub const GET_SCAN_MEDIA_RESULTS: Self = Self(0x4305);
     /// Vendor: the PNM capability's facts and the firmware's limits.
     pub const IDENTIFY_PNM: Self = Self(0xC000);
     /// Vendor: create a submission/completion queue pair.
@@ -39,9 +47,17 @@ impl Opcode {
     /// by a device started with `--allow-injection` (else Unsupported, and
     /// absent from the CEL).
     pub const INJECT_EVENT: Self = Self(0xC005);
+    /// Vendor, fault injection: poison or silently corrupt a DPA range.
+    /// Served only with `--allow-injection`, like Inject Event Record.
+    pub const INJECT_MEDIA_FAULT: Self = Self(0xC006);
+
+    /// The fault injection commands: served, and in the CEL, only by a
+    /// device started with `--allow-injection`.
+    pub const INJECTION: [Self; 3] =
+        [Self::INJECT_POISON, Self::INJECT_EVENT, Self::INJECT_MEDIA_FAULT];
 
     /// Every opcode this crate names, in Command Effects Log order.
-    pub const ALL: [Self; 16] = [
+    pub const ALL: [Self; 23] = [
         Self::GET_EVENT_RECORDS,
         Self::CLEAR_EVENT_RECORDS,
         Self::GET_EVENT_INTERRUPT_POLICY,
@@ -52,12 +68,19 @@ impl Opcode {
         Self::GET_LOG,
         Self::IDENTIFY_MEMORY_DEVICE,
         Self::GET_HEALTH_INFO,
+        Self::GET_POISON_LIST,
+        Self::INJECT_POISON,
+        Self::CLEAR_POISON,
+        Self::GET_SCAN_MEDIA_CAPABILITIES,
+        Self::SCAN_MEDIA,
+        Self::GET_SCAN_MEDIA_RESULTS,
         Self::IDENTIFY_PNM,
         Self::CREATE_QUEUE_PAIR,
         Self::DELETE_QUEUE_PAIR,
         Self::ALLOCATE_DMA,
         Self::FREE_DMA,
         Self::INJECT_EVENT,
+        Self::INJECT_MEDIA_FAULT,
     ];
 
     /// The spec's name of the command, if this crate knows it.
@@ -73,12 +96,19 @@ impl Opcode {
             Self::GET_LOG => "Get Log",
             Self::IDENTIFY_MEMORY_DEVICE => "Identify Memory Device",
             Self::GET_HEALTH_INFO => "Get Health Info",
+            Self::GET_POISON_LIST => "Get Poison List",
+            Self::INJECT_POISON => "Inject Poison",
+            Self::CLEAR_POISON => "Clear Poison",
+            Self::GET_SCAN_MEDIA_CAPABILITIES => "Get Scan Media Capabilities",
+            Self::SCAN_MEDIA => "Scan Media",
+            Self::GET_SCAN_MEDIA_RESULTS => "Get Scan Media Results",
             Self::IDENTIFY_PNM => "Identify PNM",
             Self::CREATE_QUEUE_PAIR => "Create Queue Pair",
             Self::DELETE_QUEUE_PAIR => "Delete Queue Pair",
             Self::ALLOCATE_DMA => "Allocate DMA",
             Self::FREE_DMA => "Free DMA",
             Self::INJECT_EVENT => "Inject Event Record",
+            Self::INJECT_MEDIA_FAULT => "Inject Media Fault",
             _ => return None,
         })
     }
@@ -104,6 +134,13 @@ impl Opcode {
         Some(InputLen::Exact(match self {
             Self::GET_EVENT_RECORDS => 1,
             Self::INJECT_EVENT => size_of::<crate::events::InjectEventInput>(),
+            Self::GET_POISON_LIST | Self::GET_SCAN_MEDIA_CAPABILITIES => {
+                size_of::<crate::media::DpaRange>()
+            }
+            Self::INJECT_POISON => size_of::<crate::media::InjectPoisonInput>(),
+            Self::CLEAR_POISON => size_of::<crate::media::ClearPoisonInput>(),
+            Self::SCAN_MEDIA => size_of::<crate::media::ScanMediaInput>(),
+            Self::INJECT_MEDIA_FAULT => size_of::<crate::media::InjectMediaFaultInput>(),
             Self::SET_TIMESTAMP => size_of::<SetTimestampInput>(),
             Self::GET_LOG => size_of::<GetLogInput>(),
             Self::CREATE_QUEUE_PAIR => size_of::<CreateQueuePairInput>(),
@@ -114,6 +151,7 @@ impl Opcode {
             | Self::GET_SUPPORTED_LOGS
             | Self::IDENTIFY_MEMORY_DEVICE
             | Self::GET_HEALTH_INFO
+            | Self::GET_SCAN_MEDIA_RESULTS
             | Self::IDENTIFY_PNM
             | Self::GET_EVENT_INTERRUPT_POLICY => 0,
             _ => return None,
@@ -222,6 +260,15 @@ impl ReturnCode {
     pub const INVALID_EXTENT_LIST: Self = Self(0x1E);
     pub const TRANSFER_OUT_OF_ORDER: Self = Self(0x1F);
     pub const REQUEST_ABORT_NOT_SUPPORTED: Self = Self(0x20);
+    /// Vendor (queue completions only): the command read lines that are
+    /// poisoned or fail their integrity check, so it returns no data from
+    /// them. The spec's codes have no such status for a read (CXL.mem
+    /// signals it with poisoned data; NVMe's nearest is Unrecovered Read
+    /// Error); its result fields say which tokens were affected.
+    pub const MEDIA_ERROR: Self = Self(0x7F00);
+
+    /// Return codes of this device outside the spec's table.
+    pub const VENDOR: [(Self, &'static str); 1] = [(Self::MEDIA_ERROR, "Media Error (vendor)")];
 
     /// Every return code the spec defines, with its name.
     pub const ALL: [(Self, &'static str); 33] = [
@@ -261,7 +308,11 @@ impl ReturnCode {
     ];
 
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(code, _)| *code == self).map_or("Reserved", |(_, name)| name)
+        Self::ALL
+            .iter()
+            .chain(&Self::VENDOR)
+            .find(|(code, _)| *code == self)
+            .map_or("Reserved", |(_, name)| name)
     }
 
     pub fn is_success(self) -> bool {
@@ -305,6 +356,10 @@ pub mod effect {
 pub fn command_effect(opcode: Opcode) -> u16 {
     match opcode {
         Opcode::CLEAR_EVENT_RECORDS | Opcode::INJECT_EVENT => effect::LOG_CHANGE_IMMEDIATE,
+        Opcode::INJECT_POISON | Opcode::CLEAR_POISON | Opcode::INJECT_MEDIA_FAULT => {
+            effect::DATA_CHANGE_IMMEDIATE | effect::LOG_CHANGE_IMMEDIATE
+        }
+        Opcode::SCAN_MEDIA => effect::LOG_CHANGE_IMMEDIATE | effect::BACKGROUND_OPERATION,
         Opcode::SET_TIMESTAMP | Opcode::SET_EVENT_INTERRUPT_POLICY => {
             effect::POLICY_CHANGE_IMMEDIATE
         }
@@ -378,6 +433,12 @@ pub struct GetLogInput {
 
 /// Capacities are in multiples of this many bytes.
 pub const CAPACITY_UNIT: u64 = 256 << 20;
+
+/// Identify's Poison Handling Capabilities: injected poison persists (it
+/// outlives a restart of the device; the list is kept in device DRAM).
+pub const POISON_CAP_PERSISTENT: u8 = 1 << 0;
+/// Identify's Poison Handling Capabilities: Scan Media is supported.
+pub const POISON_CAP_SCAN_MEDIA: u8 = 1 << 1;
 
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
@@ -672,6 +733,11 @@ pub fn fixed_output_len(opcode: Opcode) -> Option<usize> {
         Opcode::CREATE_QUEUE_PAIR => size_of::<CreateQueuePairOutput>(),
         Opcode::DELETE_QUEUE_PAIR | Opcode::FREE_DMA => 0,
         Opcode::ALLOCATE_DMA => size_of::<AllocateDmaOutput>(),
+        Opcode::INJECT_POISON
+        | Opcode::CLEAR_POISON
+        | Opcode::SCAN_MEDIA
+        | Opcode::INJECT_MEDIA_FAULT => 0,
+        Opcode::GET_SCAN_MEDIA_CAPABILITIES => size_of::<crate::media::ScanMediaCapabilities>(),
         _ => return None,
     })
 }

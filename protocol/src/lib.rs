@@ -5,6 +5,7 @@
 //!   capability, each offset defined once.
 //! - [`commands`]: mailbox opcodes, return codes and payload layouts.
 //! - [`events`]: event records and the event log commands' payloads.
+//! - [`media`]: the poison list, Scan Media and media fault injection.
 //! - [`queue`]: submission/completion rings, command descriptors, KV frames.
 //! - [`notify`]: the ivshmem-server-shaped socket protocol for eventfds.
 //! - [`layout`]: how the shared region is split between registers, the host
@@ -18,6 +19,7 @@
 pub mod commands;
 pub mod events;
 pub mod layout;
+pub mod media;
 pub mod notify;
 pub mod queue;
 pub mod regs;

@@ -169,6 +169,11 @@ pub mod mailbox {
     pub const CAP_DOORBELL_IRQ: u32 = 1 << 5;
     /// Mailbox Capabilities [6] Background Command Complete Interrupt Capable.
     pub const CAP_BACKGROUND_IRQ: u32 = 1 << 6;
+    /// Mailbox Capabilities [10:7] Interrupt Message Number: the vector a
+    /// background command's completion rings on every peer.
+    pub const CAP_IRQ_MESSAGE_SHIFT: u32 = 7;
+    /// The vector this device names there.
+    pub const BACKGROUND_IRQ_VECTOR: u16 = 7;
     /// Mailbox Capabilities [18:11] Mailbox Ready Time in seconds.
     pub const CAP_READY_TIME_SHIFT: u32 = 11;
 
@@ -203,6 +208,17 @@ pub mod mailbox {
             (reg & COMMAND_OPCODE_MASK) as u16,
             ((reg & COMMAND_LENGTH_MASK) >> COMMAND_LENGTH_SHIFT) as u32,
         )
+    }
+
+    /// Packs the Background Command Status register.
+    pub const fn encode_background_status(opcode: u16, percent: u8, return_code: u16) -> u64 {
+        (opcode as u64) | (((percent & 0x7F) as u64) << 16) | ((return_code as u64) << 32)
+    }
+
+    /// Unpacks the Background Command Status register into (opcode,
+    /// percent complete, return code).
+    pub const fn decode_background_status(reg: u64) -> (u16, u8, u16) {
+        (reg as u16, ((reg >> 16) & 0x7F) as u8, (reg >> 32) as u16)
     }
 
     /// Packs the Mailbox Status register.
@@ -338,7 +354,7 @@ pub mod pnm {
 
 /// ABI version of this crate: bump major on incompatible change.
 pub const ABI_VERSION_MAJOR: u16 = 3;
-pub const ABI_VERSION_MINOR: u16 = 2;
+pub const ABI_VERSION_MINOR: u16 = 3;
 pub const ABI_VERSION: u32 = ((ABI_VERSION_MAJOR as u32) << 16) | ABI_VERSION_MINOR as u32;
 
 /// The capabilities this device advertises, in array order.

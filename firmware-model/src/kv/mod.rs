@@ -40,17 +40,19 @@ use crate::limits::LIMITS;
 mod dram;
 mod format;
 mod frames;
+mod media;
 mod topk;
 
 pub use dram::{Dram, MemDram};
-pub use format::{BOUNDS_SLOT, MAX_PT_FRAMES, PT_ENTRIES_PER_FRAME, StoreLayout};
+pub use format::{BOUNDS_SLOT, INTEGRITY_SLOT, MAX_PT_FRAMES, PT_ENTRIES_PER_FRAME, StoreLayout};
 use format::{
     DESCRIPTOR_COMMIT_FIELDS, DESCRIPTOR_SIZE, Descriptor, STATE_FREE, STATE_LIVE,
     SUPERBLOCK_MAGIC, SUPERBLOCK_VERSION, Superblock,
 };
 use frames::FrameAllocator;
+pub use media::{BadLine, LineFault, LineOwner, MediaFindings};
 pub use topk::{
-    GATHER_PREFETCH_ROWS, PageSelection, RowLocation, Selected, TopkQuery, TopkScratch,
+    BadRows, GATHER_PREFETCH_ROWS, PageSelection, RowLocation, Selected, TopkQuery, TopkScratch,
 };
 
 /// A firmware limit a request is held to.
@@ -123,6 +125,11 @@ pub enum KvError {
     AppendInProgress { seq: u32, tokens: u64, reserved: u64 },
     #[error("sequence {seq}: a commit may cover only rows this writer reserved")]
     NotTheWriter { seq: u32 },
+    #[error(
+        "{tokens} tokens from token {first_token} lie on bad media (poisoned or corrupted; \
+         first bad line at DPA {dpa:#x})"
+    )]
+    MediaError { first_token: u64, tokens: u64, dpa: u64 },
     #[error(
         "the KV superblock is damaged or foreign (its {field} does not match a store of \
          {dram_bytes} bytes)"
@@ -223,6 +230,8 @@ pub struct LoadReport {
     /// Sequences whose uncommitted tail (a dead writer's) was dropped or
     /// whose last page's bounds were rebuilt.
     pub rolled_back: usize,
+    /// The saved poison list was damaged and is started empty.
+    pub poison_table: Option<crate::media::TableError>,
 }
 
 /// A sequence descriptor found inconsistent at load, and dropped.
@@ -272,6 +281,7 @@ pub struct KvStore<D: Dram> {
     next_seq: u32,
     sequences: BTreeMap<u32, Sequence>,
     frames: FrameAllocator,
+    poison: crate::media::PoisonList,
 }
 
 impl<D: Dram> KvStore<D> {
@@ -288,6 +298,7 @@ impl<D: Dram> KvStore<D> {
             next_seq: 1,
             sequences: BTreeMap::new(),
             frames: FrameAllocator::new(layout.frame_count),
+            poison: Default::default(),
         };
         let mut report = LoadReport::default();
         if valid {
@@ -295,6 +306,11 @@ impl<D: Dram> KvStore<D> {
             store.dram.read(0, sb.as_mut_bytes())?;
             store.next_seq = sb.next_seq.get().max(1);
             store.load_sequences(&mut report)?;
+            report.poison_table = store.load_poison()?;
+            if report.poison_table.is_some() {
+                store.save_poison()?;
+            }
+            store.reseal_committed_ends()?;
         } else {
             store.format()?;
             report.formatted = true;
@@ -319,6 +335,8 @@ impl<D: Dram> KvStore<D> {
             (sb.seq_table_offset.get() == layout.seq_table_offset, "sequence table offset"),
             (sb.bounds_offset.get() == layout.bounds_offset, "bounds offset"),
             (sb.frames_offset.get() == layout.frames_offset, "frames offset"),
+            (sb.media_table_offset.get() == layout.media_table_offset, "poison table offset"),
+            (sb.integrity_offset.get() == layout.integrity_offset, "integrity offset"),
         ]
         .into_iter()
         .find(|(ok, _)| !ok)
@@ -334,6 +352,7 @@ impl<D: Dram> KvStore<D> {
     fn format(&mut self) -> Result<(), KvError> {
         let empty = vec![0u8; (u64::from(self.layout.max_sequences) * DESCRIPTOR_SIZE) as usize];
         self.dram.write(self.layout.seq_table_offset, &empty)?;
+        self.dram.write(self.layout.media_table_offset, &[0; format::MEDIA_TABLE_SIZE as usize])?;
         self.write_superblock()
     }
 
@@ -350,6 +369,8 @@ impl<D: Dram> KvStore<D> {
             frames_offset: l.frames_offset.into(),
             next_seq: self.next_seq.into(),
             reserved: 0.into(),
+            media_table_offset: l.media_table_offset.into(),
+            integrity_offset: l.integrity_offset.into(),
         };
         self.dram.write(0, sb.as_bytes())
     }
@@ -716,8 +737,12 @@ impl<D: Dram> KvStore<D> {
         if seq.reserved > seq.tokens && seq.writer != Some(writer) {
             return Err(KvError::NotTheWriter { seq: seq_id });
         }
-        let from = seq.folded.max(seq.tokens);
+        let (from, committed) = (seq.folded.max(seq.tokens), seq.tokens);
         self.fold_bounds(seq_id, from, tokens)?;
+        if mode == CommitMode::Publish {
+            // Checks first: the descriptor makes the rows visible.
+            self.seal_rows(seq_id, committed, tokens)?;
+        }
         let mut seq = self.sequences.remove(&seq_id).expect("looked up above");
         seq.folded = tokens;
         if mode == CommitMode::Defer {

@@ -1029,3 +1029,239 @@ fn a_device_killed_at_any_write_leaves_a_consistent_store() {
         }
     }
 }
+
+/// Integrity and poison: what a read of bad media does.
+mod media {
+    use super::*;
+    use crate::integrity::LINE_BYTES;
+    use pnm_protocol::media::PoisonSource;
+    use std::collections::BTreeSet;
+
+    /// DPAs of token `t`'s K and V rows in every stream, from the page map
+    /// of the append that reserved it.
+    fn reserved_rows<D: Dram>(store: &KvStore<D>, id: u32, t: u64, a: &Appended) -> Vec<u64> {
+        let shape = store.shape(id).unwrap();
+        let streams = shape.streams();
+        let page = t / shape.tokens_per_page();
+        let within = (t % shape.tokens_per_page()) * shape.row_bytes();
+        (0..streams)
+            .flat_map(|s| {
+                let e = a.map[((page - a.first_page) * streams + s) as usize];
+                [e.key_frame.get(), e.value_frame.get()]
+            })
+            .map(|f| store.layout().frame_offset(f) + within)
+            .collect()
+    }
+
+    fn query(id: u32, queries: &[f32], k: u32) -> TopkQuery<'_> {
+        TopkQuery { seq: id, layer: 0, head: 0, queries, how: Aggregation::Max, k }
+    }
+
+    /// DPA of byte `byte` of token `t`'s key (or value) row in stream (0, 0).
+    fn row_dpa<D: Dram>(store: &KvStore<D>, id: u32, t: u64, byte: u64, value: bool) -> u64 {
+        let loc = store.row_locations(id, 0, 0, &[t as u32]).unwrap()[0];
+        (if value { loc.value } else { loc.key }) + byte
+    }
+
+    /// Tokens whose rows share a line with a byte at `dpas` (the reference,
+    /// from row geometry alone).
+    fn tokens_on_lines<D: Dram>(
+        store: &KvStore<D>,
+        id: u32,
+        tokens: u64,
+        dpas: &[u64],
+    ) -> BTreeSet<u64> {
+        let row = store.shape(id).unwrap().row_bytes();
+        let lines: BTreeSet<u64> = dpas.iter().map(|d| d / LINE_BYTES).collect();
+        (0..tokens)
+            .filter(|&t| {
+                let start = row_dpa(store, id, t, 0, false);
+                (start / LINE_BYTES..=(start + row - 1) / LINE_BYTES).any(|l| lines.contains(&l))
+            })
+            .collect()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Corrupted key bytes never reach a result: a Top-K that may not
+        /// skip fails naming exactly the tokens on the bad lines; one that
+        /// skips equals the reference Top-K over the other tokens.
+        #[test]
+        fn corrupted_keys_fail_or_are_skipped_exactly(
+            head_dim in prop::sample::select(vec![16u16, 24, 40, 64]),
+            tokens in 1u64..1300,
+            chunk in 1u64..700,
+            hits in proptest::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>(), 1u8..), 1..4),
+            k in 1u32..40,
+            seed in any::<u64>(),
+        ) {
+            let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim };
+            let d = usize::from(head_dim);
+            let mut next = lcg(seed);
+            let keys: Vec<f32> = (0..tokens as usize * d).map(|_| next()).collect();
+            let values: Vec<f32> = (0..tokens as usize * d).map(|_| next()).collect();
+            let queries: Vec<f32> = (0..d).map(|_| next()).collect();
+            let dram = MemDram::new(DRAM);
+            let (mut store, _) = KvStore::open(&dram).unwrap();
+            let id = load(&mut store, shape, &keys, &values, tokens, chunk);
+            let mut dpas = Vec::new();
+            for (t, byte, pattern) in hits {
+                let t = t.index(tokens as usize) as u64;
+                let at = row_dpa(&store, id, t, byte.index(shape.row_bytes() as usize) as u64, false);
+                store.corrupt(at, 1, pattern).unwrap();
+                dpas.push(at);
+            }
+            let affected = tokens_on_lines(&store, id, tokens, &dpas);
+            let mut scratch = TopkScratch::default();
+            match store.top_k_with(&mut scratch, query(id, &queries, k)) {
+                Err(KvError::MediaError { first_token, tokens: n, dpa }) => {
+                    prop_assert_eq!(first_token, *affected.first().unwrap());
+                    prop_assert_eq!(n, affected.len() as u64);
+                    prop_assert_eq!(dpa / LINE_BYTES, dpas.iter().min().unwrap() / LINE_BYTES);
+                }
+                other => prop_assert!(false, "expected a media error, got {other:?}"),
+            }
+            scratch.bad_rows = BadRows::Skip;
+            let got = store.top_k_with(&mut scratch, query(id, &queries, k)).unwrap();
+            let want: Vec<u32> = naive_top_k(shape, &keys, tokens, 0, 0, &queries, tokens as usize)
+                .into_iter()
+                .filter(|(i, _)| !affected.contains(&u64::from(*i)))
+                .take(k as usize)
+                .map(|(i, _)| i)
+                .collect();
+            // Ties between equal scores may order differently: compare sets.
+            let got_set: BTreeSet<u32> = got.iter().map(|s| s.index).collect();
+            prop_assert_eq!(got_set, want.iter().copied().collect::<BTreeSet<u32>>());
+            prop_assert_eq!(scratch.media.token_count(), affected.len() as u64);
+            // Every affected token's row also fails a gather check.
+            let mut findings = MediaFindings::default();
+            let all: Vec<u32> = (0..tokens as u32).collect();
+            store.verify_rows(id, 0, 0, &all, &mut findings).unwrap();
+            findings.normalize();
+            let found: BTreeSet<u64> = findings.tokens.iter().flat_map(|r| r.clone()).collect();
+            prop_assert_eq!(found, affected.clone());
+            // The scrub finds the same lines.
+            let bad = store.scrub(0..DRAM as u64 / LINE_BYTES).unwrap();
+            let lines: BTreeSet<u64> = dpas.iter().map(|d| d / LINE_BYTES).collect();
+            prop_assert_eq!(bad.iter().map(|b| b.line).collect::<BTreeSet<_>>(), lines.clone());
+            prop_assert!(bad.iter().all(|b| b.fault == LineFault::Corrupt));
+            // Scanned in steps (as Scan Media runs), the same lines.
+            let total = DRAM as u64 / LINE_BYTES;
+            let mut stepped = BTreeSet::new();
+            let mut at = 0;
+            while at < total {
+                let end = (at + 777 + at % 1000).min(total);
+                stepped.extend(store.scrub(at..end).unwrap().into_iter().map(|b| b.line));
+                at = end;
+            }
+            prop_assert_eq!(stepped, lines);
+        }
+    }
+
+    #[test]
+    fn rows_written_past_the_committed_end_do_not_disturb_committed_checks() {
+        // 48-byte rows: lines straddle rows, and the committed end.
+        let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 2, head_dim: 24 };
+        let dram = MemDram::new(DRAM);
+        let (mut store, _) = KvStore::open(&dram).unwrap();
+        let id = store.create(shape).unwrap();
+        let mut next = lcg(3);
+        let mut write_rows = |store: &mut KvStore<&MemDram>, from: u64, n: u64| {
+            let a = store.append(id, n).unwrap();
+            for t in from..from + n {
+                let locs = reserved_rows(store, id, t, &a);
+                for at in locs {
+                    let row: Vec<f32> = (0..24).map(|_| next()).collect();
+                    store.dram.write(at, &encode(Dtype::F16, &row)).unwrap();
+                }
+            }
+        };
+        write_rows(&mut store, 0, 5);
+        store.commit(id, 5).unwrap();
+        // The next rows are written (sharing line 3 with token 4) but not
+        // committed: reads of the committed rows stay clean.
+        write_rows(&mut store, 5, 3);
+        let q = vec![0.5f32; 24];
+        let mut scratch = TopkScratch::default();
+        assert_eq!(store.top_k_with(&mut scratch, query(id, &q, 5)).unwrap().len(), 5);
+        store.commit(id, 8).unwrap();
+        assert_eq!(store.top_k_with(&mut scratch, query(id, &q, 8)).unwrap().len(), 8);
+        assert!(store.scrub(0..DRAM as u64 / LINE_BYTES).unwrap().is_empty());
+    }
+
+    #[test]
+    fn poison_fails_reads_survives_a_restart_and_clear_poison_heals() {
+        let shape = SequenceShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 32 };
+        let tokens = 300u64;
+        let mut next = lcg(9);
+        let keys: Vec<f32> = (0..tokens as usize * 32).map(|_| next()).collect();
+        let values: Vec<f32> = (0..tokens as usize * 32).map(|_| next()).collect();
+        let dram = MemDram::new(DRAM);
+        let (mut store, _) = KvStore::open(&dram).unwrap();
+        let id = load(&mut store, shape, &keys, &values, tokens, 77);
+        // Token 7's value row (128 bytes, two lines): poison its second line.
+        let line = row_dpa(&store, id, 7, 64, true) / LINE_BYTES;
+        store.add_poison(line..line + 1, PoisonSource::Injected).unwrap().unwrap();
+        let owner = store.line_owner(line).unwrap();
+        assert_eq!((owner.seq, owner.value, owner.tokens.clone()), (id, true, 7..8));
+        // Keys are clean: Top-K is unaffected; a gather of token 7 is not.
+        let q: Vec<f32> = (0..32).map(|_| next()).collect();
+        assert!(store.top_k(query(id, &q, 10)).is_ok());
+        let mut findings = MediaFindings::default();
+        store.verify_rows(id, 0, 0, &[6, 7, 8], &mut findings).unwrap();
+        assert_eq!(findings.tokens, vec![7..8u64]);
+        assert_eq!(
+            findings.lines,
+            [BadLine { line, fault: LineFault::Poisoned(PoisonSource::Injected) }]
+        );
+        // A restarted store still has it.
+        drop(store);
+        let (mut store, report) = KvStore::open(&dram).unwrap();
+        assert_eq!(report.poison_table, None);
+        assert!(store.poison().touches(line..line + 1));
+        // Clear Poison with the original bytes heals the line; with other
+        // bytes, the line holds them and checks clean.
+        let mut original = [0u8; 64];
+        store.dram().read(line * LINE_BYTES, &mut original).unwrap();
+        assert!(store.clear_poison(line, &original, 1).unwrap());
+        let mut findings = MediaFindings::default();
+        store.verify_rows(id, 0, 0, &[7], &mut findings).unwrap();
+        assert!(findings.is_empty());
+        store.corrupt(line * LINE_BYTES, 64, 0x40).unwrap();
+        store.verify_rows(id, 0, 0, &[7], &mut findings).unwrap();
+        assert_eq!(findings.lines[0].fault, LineFault::Corrupt);
+        let replacement = [0x3Fu8; 64];
+        assert!(!store.clear_poison(line, &replacement, 2).unwrap());
+        let mut findings = MediaFindings::default();
+        store.verify_rows(id, 0, 0, &[7], &mut findings).unwrap();
+        assert!(findings.is_empty());
+        let mut now = [0u8; 64];
+        store.dram().read(line * LINE_BYTES, &mut now).unwrap();
+        assert_eq!(now, replacement);
+    }
+
+    #[test]
+    fn a_line_left_half_sealed_by_a_killed_commit_is_resealed_at_load() {
+        // 48-byte rows: token 4's row ends mid-line.
+        let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 24 };
+        let tokens = 5u64;
+        let mut next = lcg(5);
+        let keys: Vec<f32> = (0..tokens as usize * 24).map(|_| next()).collect();
+        let dram = MemDram::new(DRAM);
+        let (mut store, _) = KvStore::open(&dram).unwrap();
+        let id = load(&mut store, shape, &keys, &keys, tokens, 5);
+        // What a device killed between sealing 6 rows and publishing them
+        // leaves: line 3 of each frame sealed over 6 rows, 5 committed.
+        let a = store.append(id, 1).unwrap();
+        let locs = reserved_rows(&store, id, 5, &a);
+        for at in &locs {
+            store.dram.write(*at, &[0x11; 48]).unwrap();
+        }
+        store.seal_rows(id, 5, 6).unwrap();
+        let q = vec![1.0f32; 24];
+        assert!(matches!(store.top_k(query(id, &q, 5)), Err(KvError::MediaError { .. })));
+        drop(store);
+        let (store, _) = KvStore::open(&dram).unwrap();
+        assert_eq!(store.top_k(query(id, &q, 5)).unwrap().len(), 5);
+    }
+}

@@ -2,6 +2,7 @@
 //! tokens (whole, or one share of a split command), query-aware page
 //! selection by per-page key bounds, and the DRAM locations of gathered rows.
 
+use super::media::{CheckScratch, MediaFindings};
 use super::{Dram, KvError, KvStore, Limit, Sequence, SequenceShape, check_stream};
 use crate::kernels::{self, Aggregation, Scored};
 use crate::limits::LIMITS;
@@ -19,13 +20,40 @@ pub struct TopkQuery<'a> {
     pub k: u32,
 }
 
-/// Buffers a Top-K reuses: the portable kernel's f32 rows, a page's scores,
-/// the selection.
+/// What a Top-K does when keys it must score lie on bad media (poisoned,
+/// or changed behind the device's back).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BadRows {
+    /// Fail with [`KvError::MediaError`]; no result.
+    #[default]
+    Fail,
+    /// Score the other tokens; the affected ones are left out and reported.
+    Skip,
+}
+
+/// Buffers a Top-K reuses (the portable kernel's f32 rows, a page's scores,
+/// the selection), what it does with bad rows, and what it found.
 #[derive(Debug, Default)]
 pub struct TopkScratch {
     floats: Vec<f32>,
     scores: Vec<f32>,
     stream: kernels::TopKStream,
+    checks: CheckScratch,
+    /// Set by the caller before each Top-K.
+    pub bad_rows: BadRows,
+    /// The last Top-K's bad lines and affected tokens (normalized).
+    pub media: MediaFindings,
+}
+
+impl TopkScratch {
+    /// Ends a Top-K: a media finding fails it unless bad rows are skipped.
+    fn conclude(&mut self, top: Vec<Scored>) -> Result<Vec<Scored>, KvError> {
+        self.media.normalize();
+        match self.media.error() {
+            Some(e) if self.bad_rows == BadRows::Fail => Err(e),
+            _ => Ok(top),
+        }
+    }
 }
 
 /// Query-aware page selection (the Quest method) for a Top-K: score only
@@ -76,7 +104,8 @@ impl<D: Dram> KvStore<D> {
         check_stream(seq, layer, head)?;
         check_topk(seq.shape, queries, k)?;
         let pages = seq.tokens.div_ceil(seq.shape.tokens_per_page());
-        self.scan_pages(scratch, seq, query, seq.tokens, 0..pages)
+        let top = self.scan_pages(scratch, seq, query, seq.tokens, 0..pages)?;
+        scratch.conclude(top)
     }
 
     /// Exact Top-K over part `part` of `parts` of the first `tokens`
@@ -100,7 +129,8 @@ impl<D: Dram> KvStore<D> {
         let pages = tokens.div_ceil(seq.shape.tokens_per_page());
         let (part, parts) = (u64::from(part), u64::from(parts));
         let range = pages * part / parts..pages * (part + 1) / parts;
-        self.scan_pages(scratch, seq, query, tokens, range)
+        let top = self.scan_pages(scratch, seq, query, tokens, range)?;
+        scratch.conclude(top)
     }
 
     /// Scores the first `tokens` tokens of `seq` that lie in `pages`
@@ -119,14 +149,34 @@ impl<D: Dram> KvStore<D> {
         let tpp = shape.tokens_per_page();
         let s = scratch;
         s.stream.reset(k as usize);
+        s.media.clear();
         for page in pages {
             let n = tpp.min(tokens - page * tpp);
-            let at = self.layout.frame_offset(seq.entry(page, layer, head).key_frame.get());
+            let key_frame = seq.entry(page, layer, head).key_frame.get();
+            // Every key is verified before it is scored (from cache then).
+            let affected = s.media.tokens.len();
+            self.verify_keys(seq, key_frame, page, n, &mut s.checks, &mut s.media)?;
+            let at = self.layout.frame_offset(key_frame);
             s.scores.clear();
             self.dram.with_rows(at, n * shape.row_bytes(), shape.dtype, |rows| {
                 kernels::score_stored(rows, d, queries, how, &mut s.floats, &mut s.scores)
             })?;
-            s.stream.push_block(&s.scores, (page * tpp) as u32);
+            let first = page * tpp;
+            if s.media.tokens.len() == affected {
+                s.stream.push_block(&s.scores, first as u32);
+                continue;
+            }
+            // Only the tokens whose keys are good compete.
+            let mut bad: Vec<std::ops::Range<u64>> = s.media.tokens[affected..].to_vec();
+            bad.sort_by_key(|r| r.start);
+            let mut at = first;
+            for r in bad.iter().chain(std::iter::once(&((first + n)..(first + n)))) {
+                if r.start > at {
+                    let (a, b) = ((at - first) as usize, (r.start - first) as usize);
+                    s.stream.push_block(&s.scores[a..b], at as u32);
+                }
+                at = at.max(r.end);
+            }
         }
         Ok(s.stream.finish())
     }
@@ -189,6 +239,7 @@ impl<D: Dram> KvStore<D> {
         }
         let chosen_pages = (0..pages).filter(|&p| chosen[p as usize]);
         let top = self.scan_pages(scratch, seq, query, tokens, chosen_pages)?;
+        let top = scratch.conclude(top)?;
         Ok(Selected { top, tokens_scored: used })
     }
 

@@ -12,8 +12,8 @@
 use std::fmt;
 
 use super::{
-    Aggregation, Dtype, FLAG_PAGE_SELECTION, KV_COMMIT_ABORT, KV_COMMIT_DEFER, QueueOpcode,
-    SubmissionEntry,
+    Aggregation, Dtype, FLAG_PAGE_SELECTION, FLAG_SKIP_BAD_ROWS, KV_COMMIT_ABORT, KV_COMMIT_DEFER,
+    QueueOpcode, SubmissionEntry,
 };
 use crate::ReturnCode;
 
@@ -170,6 +170,10 @@ pub struct Topk {
     pub aggregation: Aggregation,
     /// Flags bit 0 and the Page Selection field.
     pub selection: Option<PageSelection>,
+    /// Flags bit 1 ([`FLAG_SKIP_BAD_ROWS`]): tokens whose rows lie on bad
+    /// media are left out and counted (R2 [63:32]) instead of failing the
+    /// command with Media Error.
+    pub skip_bad_rows: bool,
     /// Buffer 0: exactly `group x head_dim` queries.
     pub queries: HostBuffer,
     /// Buffer 1.
@@ -322,6 +326,9 @@ impl QueueCommand {
                     e.flags = FLAG_PAGE_SELECTION;
                     e.selection = selection.encode().into();
                 }
+                if c.skip_bad_rows {
+                    e.flags |= FLAG_SKIP_BAD_ROWS;
+                }
                 set_buf0(&mut e, c.queries);
                 set_buf1(&mut e, c.results);
             }
@@ -377,11 +384,11 @@ impl QueueCommand {
                     .ok()
                     .and_then(Aggregation::from_code)
                     .ok_or_else(|| invalid(SqeField::Aggregation, (arg1 >> 8).into()))?;
-                let selection = match e.flags {
-                    0 => None,
-                    FLAG_PAGE_SELECTION => Some(PageSelection::decode(e.selection.get())),
-                    other => return Err(invalid(SqeField::Flags, other.into())),
-                };
+                if e.flags & !(FLAG_PAGE_SELECTION | FLAG_SKIP_BAD_ROWS) != 0 {
+                    return Err(invalid(SqeField::Flags, e.flags.into()));
+                }
+                let selection = (e.flags & FLAG_PAGE_SELECTION != 0)
+                    .then(|| PageSelection::decode(e.selection.get()));
                 let topk = Topk {
                     stream,
                     k: e.count.get(),
@@ -389,6 +396,7 @@ impl QueueCommand {
                     query_dtype,
                     aggregation,
                     selection,
+                    skip_bad_rows: e.flags & FLAG_SKIP_BAD_ROWS != 0,
                     queries: buf0,
                     results: buf1,
                 };
@@ -433,17 +441,20 @@ mod tests {
             },
         ));
         let aggregation = prop_oneof![Just(Aggregation::Max), Just(Aggregation::Mean)];
-        (stream(), any::<u32>(), any::<u32>(), dtype(), aggregation, selection, buffer(), buffer())
-            .prop_map(|(stream, k, group, query_dtype, aggregation, selection, q, r)| Topk {
+        let head = (stream(), any::<u32>(), any::<u32>(), dtype(), aggregation);
+        (head, selection, any::<bool>(), buffer(), buffer()).prop_map(
+            |((stream, k, group, query_dtype, aggregation), selection, skip_bad_rows, q, r)| Topk {
                 stream,
                 k,
                 group,
                 query_dtype,
                 aggregation,
                 selection,
+                skip_bad_rows,
                 queries: q,
                 results: r,
-            })
+            },
+        )
     }
 
     fn command() -> impl Strategy<Value = QueueCommand> {
@@ -559,6 +570,7 @@ mod tests {
             query_dtype: Dtype::Bf16,
             aggregation: Aggregation::Mean,
             selection: Some(PageSelection { budget_tokens: 4096, sink_pages: 1, recent_pages: 2 }),
+            skip_bad_rows: false,
             queries: HostBuffer { addr: 0x10000, len: 1024 },
             results: HostBuffer { addr: 0x20000, len: 512 },
         };

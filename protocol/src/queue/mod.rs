@@ -454,6 +454,10 @@ pub const fn tokens_per_page(head_dim: u32, dtype: Dtype) -> u32 {
 /// selection by per-page key bounds) instead of every token.
 pub const FLAG_PAGE_SELECTION: u8 = 1 << 0;
 
+/// TOPK flag: leave out (and count) the tokens whose rows lie on bad media
+/// instead of failing the command with Media Error.
+pub const FLAG_SKIP_BAD_ROWS: u8 = 1 << 1;
+
 #[cfg(test)]
 mod tests {
     use super::*;

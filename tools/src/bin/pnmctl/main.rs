@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 mod command_bench;
 mod datapath_bench;
 mod kernel_bench;
+mod media;
 mod model;
 
 use clap::{Parser, Subcommand};
@@ -52,6 +53,16 @@ enum Command {
         #[command(subcommand)]
         action: InjectAction,
     },
+    /// The poison list (4300h-4302h): list it (per sequence rows, too) and
+    /// clear lines.
+    Poison {
+        #[command(subcommand)]
+        action: media::PoisonAction,
+    },
+    /// Scan Media (4303h-4305h): check device DRAM for poisoned and
+    /// corrupted lines, as a background command; what it finds goes on
+    /// the poison list.
+    ScanMedia(media::ScanArgs),
     /// Get or set the device timestamp (0300h / 0301h).
     Timestamp {
         #[command(subcommand)]
@@ -146,6 +157,10 @@ struct TopkArgs {
     /// With --budget: trailing pages always scored (recent tokens).
     #[arg(long, default_value_t = 2, requires = "budget")]
     recent_pages: u8,
+    /// Leave out (and count) tokens whose rows lie on bad media instead of
+    /// failing with Media Error.
+    #[arg(long)]
+    skip_bad_rows: bool,
 }
 
 /// `pnmctl model`.
@@ -229,6 +244,19 @@ enum InjectAction {
     /// Inject Event Record (C005h): add a record to an event log, as if the
     /// device had found what it describes.
     Event(InjectEventArgs),
+    /// Inject Media Fault (C006h): poison a DPA range or chosen rows (reads
+    /// of them fail until Clear Poison).
+    Poison(media::FaultTarget),
+    /// Inject Media Fault (C006h): change bytes of a DPA range or chosen
+    /// rows behind the device's back (silent corruption the integrity check
+    /// must catch).
+    Corrupt {
+        #[command(flatten)]
+        target: media::FaultTarget,
+        /// Each byte is XORed with this (not 0).
+        #[arg(long, default_value = "0x01", value_parser = parse_number)]
+        pattern: u64,
+    },
 }
 
 /// What kind of record to inject.
@@ -594,6 +622,19 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Inject { action: InjectAction::Event(args) } => {
             inject_event(cli, &open(cli)?, args)
         }
+        Command::Inject { action: InjectAction::Poison(target) } => {
+            media::inject_media(cli.json, &open(cli)?, target, pnm_host::MediaFault::Poison)
+        }
+        Command::Inject { action: InjectAction::Corrupt { target, pattern } } => {
+            let pattern = u8::try_from(*pattern)
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| usage("--pattern takes 1..=255"))?;
+            let fault = pnm_host::MediaFault::Corrupt { pattern };
+            media::inject_media(cli.json, &open(cli)?, target, fault)
+        }
+        Command::Poison { action } => media::poison(cli.json, &open(cli)?, action),
+        Command::ScanMedia(args) => media::scan_media(cli.json, &open(cli)?, args),
         Command::Timestamp { action } => timestamp(cli, &open(cli)?, action.as_ref()),
         Command::Logs => logs(cli, &open(cli)?),
         Command::PnmInfo => pnm_info(cli, &open(cli)?),
@@ -1148,7 +1189,8 @@ fn kv_free(cli: &Cli, device: &Device, seq: u32) -> Result<(), CliError> {
 
 /// `pnmctl topk`.
 fn topk(cli: &Cli, device: &Device, args: &TopkArgs) -> Result<(), CliError> {
-    let TopkArgs { stream, query, k, aggregation, budget, sink_pages, recent_pages } = args;
+    let TopkArgs { stream, query, k, aggregation, budget, sink_pages, recent_pages, skip_bad_rows } =
+        args;
     let StreamArgs { seq, layer, head } = stream;
     let sequence = device.kv_sequence(*seq)?;
     check_stream(&sequence, *layer, *head)?;
@@ -1184,6 +1226,7 @@ fn topk(cli: &Cli, device: &Device, args: &TopkArgs) -> Result<(), CliError> {
             sink_pages: *sink_pages,
             recent_pages: *recent_pages,
         }),
+        skip_bad_rows: *skip_bad_rows,
     };
     let top = device.topk_batch(std::slice::from_ref(&request))?.pop().expect("one answer")?;
     if cli.json {
