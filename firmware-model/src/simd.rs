@@ -172,6 +172,30 @@ pub fn line_checks(rows: Rows<'_>, first_line: u64, out: &mut Vec<u32>) {
     }
 }
 
+/// Adds the weighted word sum ([`crate::integrity::weighted_sum`]) of
+/// `rows`' bytes, which start at a line start, to `sum`: their lines'
+/// checks summed, less the salts. AVX2 where the CPU has it.
+pub fn line_sums(rows: Rows<'_>, sum: &mut u32) {
+    let bytes = rows.elements * rows.dtype.size();
+    let whole = bytes / 64;
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2, which the function is compiled for, was just
+        // detected; it reads only whole lines within `rows`' bytes.
+        let (lines, s) = unsafe { x86::line_sums(rows, whole) };
+        *sum = sum.wrapping_add(s);
+        done = lines;
+    }
+    for line in done..whole {
+        *sum = sum.wrapping_add(crate::integrity::weighted_sum(&rows.line(line, 64)));
+    }
+    if !bytes.is_multiple_of(64) {
+        let tail = rows.line(whole, bytes - 64 * whole);
+        *sum = sum.wrapping_add(crate::integrity::weighted_sum(&tail));
+    }
+}
+
 impl Rows<'_> {
     /// `len` bytes of line `line`, copied out.
     fn line(&self, line: usize, len: usize) -> [u8; 64] {
@@ -267,6 +291,49 @@ mod x86 {
             line += 8;
         }
         line
+    }
+
+    /// The weighted word sum of lines `[0, lines)` of `rows`; returns the
+    /// lines it did (all) and the sum.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn line_sums(rows: Rows<'_>, lines: usize) -> (usize, u32) {
+        assert!(lines * 64 <= rows.elements * rows.dtype.size());
+        let w = crate::integrity::WEIGHTS;
+        // SAFETY: WEIGHTS holds 16 u32s: two 32-byte loads.
+        let w0 = unsafe { _mm256_loadu_si256(w.as_ptr().cast()) };
+        // SAFETY: as above, the second half.
+        let w1 = unsafe { _mm256_loadu_si256(w.as_ptr().wrapping_add(8).cast()) };
+        // Two accumulators per weight half: independent add chains.
+        let mut acc = [_mm256_setzero_si256(); 4];
+        let mut line = 0;
+        while line + 2 <= lines {
+            for (j, pair) in acc.chunks_exact_mut(2).enumerate() {
+                let at = rows.ptr.wrapping_add((line + j) * 64);
+                // SAFETY: line + j < lines: its 64 bytes are readable.
+                let v0 = unsafe { _mm256_loadu_si256(at.cast()) };
+                // SAFETY: as above, the line's second 32 bytes.
+                let v1 = unsafe { _mm256_loadu_si256(at.wrapping_add(32).cast()) };
+                pair[0] = _mm256_add_epi32(pair[0], _mm256_mullo_epi32(v0, w0));
+                pair[1] = _mm256_add_epi32(pair[1], _mm256_mullo_epi32(v1, w1));
+            }
+            line += 2;
+        }
+        if line < lines {
+            let at = rows.ptr.wrapping_add(line * 64);
+            // SAFETY: line < lines.
+            let v0 = unsafe { _mm256_loadu_si256(at.cast()) };
+            // SAFETY: as above.
+            let v1 = unsafe { _mm256_loadu_si256(at.wrapping_add(32).cast()) };
+            acc[0] = _mm256_add_epi32(acc[0], _mm256_mullo_epi32(v0, w0));
+            acc[1] = _mm256_add_epi32(acc[1], _mm256_mullo_epi32(v1, w1));
+            line += 1;
+        }
+        let all =
+            _mm256_add_epi32(_mm256_add_epi32(acc[0], acc[1]), _mm256_add_epi32(acc[2], acc[3]));
+        let mut lanes = [0u32; 8];
+        // SAFETY: `lanes` is 32 bytes.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), all) };
+        (line, lanes.iter().fold(0u32, |s, &l| s.wrapping_add(l)))
     }
 
     /// `scores.len() == 32` (checked by the caller).

@@ -257,6 +257,11 @@ impl<D: Dram> KvStore<D> {
         }
         let first_line = self.layout.frame_offset(frame) / LINE_BYTES + lines.start;
         let dpa_lines = first_line..first_line + (lines.end - lines.start);
+        if !self.poison.touches(dpa_lines.clone())
+            && self.run_is_clean(frame, lines.clone(), clip, scratch)?
+        {
+            return Ok(());
+        }
         let poisoned: Vec<_> = self.poison.within(dpa_lines.clone()).collect();
         for p in &poisoned {
             bad.extend(
@@ -278,6 +283,36 @@ impl<D: Dram> KvStore<D> {
             }
         }
         Ok(())
+    }
+
+    /// Whether frame lines `lines` (committed bytes below `clip`) all match
+    /// their checks, tested at once: their weighted sum and salts against
+    /// their stored checks' sum ([`crate::integrity`]).
+    fn run_is_clean(
+        &self,
+        frame: u32,
+        lines: Range<u64>,
+        clip: u64,
+        scratch: &mut CheckScratch,
+    ) -> Result<bool, KvError> {
+        let start = lines.start * LINE_BYTES;
+        let end = (lines.end * LINE_BYTES).min(clip);
+        let at = self.layout.frame_offset(frame);
+        let mut sum = 0u32;
+        self.dram.with_rows(at + start, end - start, Dtype::F16, |rows| {
+            crate::simd::line_sums(rows, &mut sum)
+        })?;
+        let first = (at + start) / LINE_BYTES;
+        let sum =
+            sum.wrapping_add(crate::integrity::salt_sum(first..first + (lines.end - lines.start)));
+        let n = (lines.end - lines.start) as usize;
+        scratch.stored.resize(n * CHECK_BYTES as usize, 0);
+        self.dram.read(self.layout.check_offset(frame, start), &mut scratch.stored)?;
+        let stored = scratch
+            .stored
+            .chunks_exact(4)
+            .fold(0u32, |s, c| s.wrapping_add(u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+        Ok(stored == sum)
     }
 
     /// Committed bytes of the frame `owner` names.
@@ -394,25 +429,28 @@ impl<D: Dram> KvStore<D> {
     }
 
     /// Verifies the key rows `rows` (page-relative) of page `page`'s K frame
-    /// before a scan reads them; the affected tokens go to `findings`.
+    /// before a scan reads them; the affected tokens among them go to
+    /// `findings`.
     pub(super) fn verify_keys(
         &self,
         seq: &Sequence,
         key_frame: u32,
         page: u64,
-        rows: u64,
+        rows: Range<u64>,
         scratch: &mut CheckScratch,
         findings: &mut MediaFindings,
     ) -> Result<(), KvError> {
         let tpp = seq.shape.tokens_per_page();
         let row = seq.shape.row_bytes();
         let clip = seq.tokens.saturating_sub(page * tpp).min(tpp) * row;
+        let (from, to) = (rows.start * row, rows.end * row);
         let before = findings.lines.len();
-        self.verify(key_frame, (0, rows * row, clip), scratch, &mut findings.lines)?;
+        self.verify(key_frame, (from, to, clip), scratch, &mut findings.lines)?;
         let frame_line = self.layout.frame_offset(key_frame) / LINE_BYTES;
         for bad in &findings.lines[before..] {
             let within = (bad.line - frame_line) * LINE_BYTES;
-            let tokens = tokens_in(seq, page, within..(within + LINE_BYTES).min(rows * row));
+            let bytes = within.max(from)..(within + LINE_BYTES).min(to);
+            let tokens = tokens_in(seq, page, bytes);
             if !tokens.is_empty() {
                 findings.tokens.push(tokens);
             }

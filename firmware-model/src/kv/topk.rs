@@ -143,42 +143,60 @@ impl<D: Dram> KvStore<D> {
         tokens: u64,
         pages: impl Iterator<Item = u64>,
     ) -> Result<Vec<Scored>, KvError> {
-        let TopkQuery { layer, head, queries, how, k, .. } = query;
         let shape = seq.shape;
-        let d = usize::from(shape.head_dim);
         let tpp = shape.tokens_per_page();
         let s = scratch;
+        let k = query.k;
         s.stream.reset(k as usize);
         s.media.clear();
         for page in pages {
             let n = tpp.min(tokens - page * tpp);
-            let key_frame = seq.entry(page, layer, head).key_frame.get();
-            // Every key is verified before it is scored (from cache then).
-            let affected = s.media.tokens.len();
-            self.verify_keys(seq, key_frame, page, n, &mut s.checks, &mut s.media)?;
-            let at = self.layout.frame_offset(key_frame);
-            s.scores.clear();
-            self.dram.with_rows(at, n * shape.row_bytes(), shape.dtype, |rows| {
-                kernels::score_stored(rows, d, queries, how, &mut s.floats, &mut s.scores)
-            })?;
-            let first = page * tpp;
-            if s.media.tokens.len() == affected {
-                s.stream.push_block(&s.scores, first as u32);
-                continue;
-            }
-            // Only the tokens whose keys are good compete.
-            let mut bad: Vec<std::ops::Range<u64>> = s.media.tokens[affected..].to_vec();
-            bad.sort_by_key(|r| r.start);
-            let mut at = first;
-            for r in bad.iter().chain(std::iter::once(&((first + n)..(first + n)))) {
-                if r.start > at {
-                    let (a, b) = ((at - first) as usize, (r.start - first) as usize);
-                    s.stream.push_block(&s.scores[a..b], at as u32);
-                }
-                at = at.max(r.end);
-            }
+            self.score_rows(s, seq, query, page, 0..n)?;
         }
         Ok(s.stream.finish())
+    }
+
+    /// Scores rows `rows` of page `page`, verifies their keys (from cache
+    /// now: the scan reads DRAM once), and offers the good ones to the
+    /// selection.
+    fn score_rows(
+        &self,
+        s: &mut TopkScratch,
+        seq: &Sequence,
+        query: TopkQuery<'_>,
+        page: u64,
+        rows: std::ops::Range<u64>,
+    ) -> Result<(), KvError> {
+        let TopkQuery { layer, head, queries, how, .. } = query;
+        let shape = seq.shape;
+        let (row, tpp) = (shape.row_bytes(), shape.tokens_per_page());
+        let key_frame = seq.entry(page, layer, head).key_frame.get();
+        let at = self.layout.frame_offset(key_frame) + rows.start * row;
+        s.scores.clear();
+        let d = usize::from(shape.head_dim);
+        self.dram.with_rows(at, (rows.end - rows.start) * row, shape.dtype, |r| {
+            kernels::score_stored(r, d, queries, how, &mut s.floats, &mut s.scores)
+        })?;
+        let affected = s.media.tokens.len();
+        self.verify_keys(seq, key_frame, page, rows.clone(), &mut s.checks, &mut s.media)?;
+        let first = page * tpp + rows.start;
+        if s.media.tokens.len() == affected {
+            s.stream.push_block(&s.scores, first as u32);
+            return Ok(());
+        }
+        // Only the tokens whose keys are good compete.
+        let mut bad: Vec<std::ops::Range<u64>> = s.media.tokens[affected..].to_vec();
+        bad.sort_by_key(|r| r.start);
+        let end = page * tpp + rows.end;
+        let mut at = first;
+        for r in bad.iter().chain(std::iter::once(&(end..end))) {
+            if r.start > at {
+                let (a, b) = ((at - first) as usize, (r.start - first) as usize);
+                s.stream.push_block(&s.scores[a..b], at as u32);
+            }
+            at = at.max(r.end);
+        }
+        Ok(())
     }
 
     /// Top-K over the pages [`PageSelection`] picks; exact over them. With a
