@@ -28,15 +28,9 @@ struct Loaded {
 /// One stream of f32 rows (128 bytes: two lines each), deterministic.
 fn load(device: &Device) -> Loaded {
     let shape = KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: D as u16 };
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
-    let keys: Vec<f32> = (0..TOKENS as usize * D).map(|_| next()).collect();
-    let values: Vec<f32> = (0..TOKENS as usize * D).map(|_| next()).collect();
+    let both = common::random_f32s(0x9E37_79B9_7F4A_7C15, 2 * TOKENS as usize * D);
+    let (keys, values) = both.split_at(TOKENS as usize * D);
+    let (keys, values) = (keys.to_vec(), values.to_vec());
     let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let seq = device.kv_create(shape).unwrap();
     let seq = device.kv_append(&seq, &bytes(&keys), &bytes(&values), TOKENS, &mut |_| {}).unwrap();

@@ -170,7 +170,8 @@ impl RunningDevice {
                 corrected_volatile_errors: report.dropped.len() as u32,
                 media_errors: 0,
             },
-            queues: QueueTable::new(regs, layout, peers.clone()),
+            queues: QueueTable::new(regs, layout, peers.clone())
+                .with_faults(executor.faults.clone()),
             dma: DmaAllocator::new(&layout),
             events: Default::default(),
             event_policy: Default::default(),
@@ -180,6 +181,8 @@ impl RunningDevice {
             scan_results: None,
             started_background: false,
             logged_lines: Default::default(),
+            faults: executor.faults.clone(),
+            units_dead_logged: 0,
         };
         if allow_injection {
             tracing::warn!("fault injection is on: any host may inject faults");
@@ -347,6 +350,11 @@ impl Engine {
             if self.faulted {
                 return;
             }
+            if self.executor.faults.engine_hung(Instant::now()) {
+                // An injected firmware hang: nothing served, no heartbeat.
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
             if self.poll_once() {
                 idle.work_found();
                 continue;
@@ -406,7 +414,9 @@ impl Engine {
         let mut worked = false;
         let now = Instant::now();
         if now.duration_since(self.last_beat) >= HEARTBEAT_PERIOD {
-            self.regs.fetch_add_u64(regs::PNM_OFFSET + pnm::HEARTBEAT, 1);
+            if !self.executor.faults.heartbeat_stopped(now) {
+                self.regs.fetch_add_u64(regs::PNM_OFFSET + pnm::HEARTBEAT, 1);
+            }
             self.last_beat = now;
             self.watch_mailbox_lock(now);
             if let Some(why) = self.region.lost() {
@@ -480,6 +490,7 @@ impl Engine {
             }
         }
         self.roll_back_gone_writers();
+        self.state.log_unit_deaths(now);
         worked
     }
 

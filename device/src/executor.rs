@@ -173,6 +173,8 @@ pub struct Executor {
     /// The timing model's hardware: every completion carries its time.
     pub profile: Arc<HardwareProfile>,
     pub media: MediaReports,
+    /// Injected faults (slow memory stretches the modelled times).
+    pub faults: Arc<crate::faults::Faults>,
     scratch: Vec<u8>,
     topk: TopkScratch,
 }
@@ -182,6 +184,7 @@ impl Clone for Executor {
         let mut clone =
             Self::with_store(self.mem, self.layout, self.kv.clone(), self.profile.clone());
         clone.media = self.media.clone();
+        clone.faults = self.faults.clone();
         clone
     }
 }
@@ -244,6 +247,7 @@ impl Executor {
             kv,
             profile,
             media: MediaReports::default(),
+            faults: Default::default(),
             scratch: Vec::new(),
             topk: TopkScratch::default(),
         }
@@ -304,7 +308,7 @@ impl Executor {
             tracing::debug!(%opcode, code = %refusal.code, reason = %refusal.reason, "command refused");
             Outcome::error(&refusal)
         });
-        let model_ns = timing::command_ns(&self.profile, outcome.work);
+        let model_ns = timing::command_ns(&self.profile, outcome.work) * self.faults.slowdown();
         Outcome { model_ns: model_ns.min(f64::from(u32::MAX)) as u32, ..outcome }
     }
 

@@ -7,6 +7,7 @@
 pub mod dma;
 pub mod engine;
 pub mod executor;
+pub mod faults;
 mod idle;
 pub mod mailbox;
 pub mod notify;

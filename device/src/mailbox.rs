@@ -97,6 +97,10 @@ pub struct MailboxState {
     pub started_background: bool,
     /// Bad lines a read has been logged for (until Clear Poison).
     pub logged_lines: std::collections::HashSet<u64>,
+    /// Injected faults (Inject Device Fault).
+    pub faults: std::sync::Arc<crate::faults::Faults>,
+    /// Compute unit deaths already logged.
+    pub units_dead_logged: u32,
 }
 
 /// A Scan Media in progress: the lines left and what it found.
@@ -435,6 +439,12 @@ impl MailboxState {
                 };
                 Ok([header.as_bytes(), records.as_bytes()].concat())
             }
+            Opcode::INJECT_DEVICE_FAULT => {
+                let input =
+                    read_input::<pnm_protocol::faults::InjectDeviceFaultInput>(opcode, input)?;
+                self.faults.inject(&input, self.compute_units)?;
+                Ok(Vec::new())
+            }
             Opcode::INJECT_EVENT => {
                 let input = read_input::<InjectEventInput>(opcode, input)?;
                 let log = EventLog::from_wire(input.event_log)
@@ -694,9 +704,33 @@ impl MailboxState {
         }
     }
 
+    /// Logs compute units that died since the last call: a Memory Module
+    /// record (Health Status Change, performance degraded) in the warning
+    /// log per death.
+    pub fn log_unit_deaths(&mut self, now: Instant) {
+        let dead = self.faults.units_dead();
+        while self.units_dead_logged < dead {
+            self.units_dead_logged += 1;
+            let mut record = events::EventRecord::new_zeroed();
+            record.header.uuid = events::uuid::MEMORY_MODULE;
+            record.header.set_flags(events::flags::PERFORMANCE_DEGRADED);
+            let data = events::MemoryModule {
+                device_event_type: events::device_event::HEALTH_STATUS_CHANGE,
+                health: self.health_info(),
+                reserved: [0; 0x3D],
+            };
+            record.data.copy_from_slice(data.as_bytes());
+            self.log_event(EventLog::Warning, record, now);
+        }
+    }
+
     fn health_info(&self) -> HealthInfoOutput {
+        // [0] maintenance needed: bad media is listed; [1] performance
+        // degraded: a compute unit died or memory runs slow.
+        let maintenance = !self.read_store().poison().is_empty();
+        let degraded = self.faults.units_dead() > 0 || self.faults.slowdown() > 1.0;
         HealthInfoOutput {
-            health_status: 0,
+            health_status: u8::from(maintenance) | (u8::from(degraded) << 1),
             media_status: 0,
             additional_status: 0,
             life_used: commands::LIFE_USED_NOT_IMPLEMENTED,
@@ -768,6 +802,8 @@ mod tests {
             scan_results: None,
             started_background: false,
             logged_lines: Default::default(),
+            faults: Default::default(),
+            units_dead_logged: 0,
         }
     }
 

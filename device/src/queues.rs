@@ -21,6 +21,7 @@ use pnm_protocol::{RegionLayout, ReturnCode, SharedMemory};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::executor::{Executor, Outcome};
+use crate::faults::{CompletionFault, Faults};
 use crate::notify::Peers;
 use crate::refusal::{Buffer, Limit, Reason, Refusal};
 use crate::units::{ComputeUnits, Job};
@@ -64,6 +65,9 @@ pub struct CompletionRing {
     /// Set when the queue is deleted: late completions are dropped rather
     /// than written into memory the host may have reused.
     deleted: bool,
+    faults: Arc<Faults>,
+    /// Completions held back by an injected delay, with when they are due.
+    delayed: Vec<(Instant, Finished)>,
 }
 
 /// What a finished command posts.
@@ -89,8 +93,65 @@ impl CompletionRing {
         true
     }
 
-    /// Writes a completion entry (its slot was reserved).
+    /// Writes a completion entry (its slot was reserved), unless an
+    /// injected fault drops, delays, duplicates or garbles it.
     pub fn post(&mut self, f: Finished) {
+        match self.faults.completion() {
+            CompletionFault::None => {}
+            CompletionFault::Drop => {
+                tracing::warn!(qid = self.qid, cid = f.command_id, "injected: completion dropped");
+                self.outstanding -= 1;
+                return;
+            }
+            CompletionFault::Delay(by) => {
+                tracing::warn!(
+                    qid = self.qid,
+                    cid = f.command_id,
+                    ?by,
+                    "injected: completion delayed"
+                );
+                self.delayed.push((Instant::now() + by, f));
+                return;
+            }
+            CompletionFault::Corrupt => {
+                tracing::warn!(qid = self.qid, cid = f.command_id, "injected: completion garbled");
+                // An id and queue no host has in flight: the command itself
+                // never completes.
+                let garbled = Finished { command_id: f.command_id ^ 0x8000, ..f };
+                return self.write(garbled, self.qid ^ 0x8000);
+            }
+            CompletionFault::Duplicate => {
+                tracing::warn!(
+                    qid = self.qid,
+                    cid = f.command_id,
+                    "injected: completion posted twice"
+                );
+                self.write(f, self.qid);
+                // The copy takes a slot of its own, if the ring has one.
+                if self.reserve() {
+                    self.write(f, self.qid);
+                }
+                return;
+            }
+        }
+        self.write(f, self.qid);
+    }
+
+    /// Posts the delayed completions that are due; the earliest left.
+    pub fn post_due(&mut self, now: Instant) -> Option<Instant> {
+        let (due, later): (Vec<_>, Vec<_>) = self.delayed.drain(..).partition(|(t, _)| *t <= now);
+        self.delayed = later;
+        for (_, f) in due {
+            self.write(f, self.qid);
+        }
+        if !self.delayed.is_empty() {
+            self.maybe_signal();
+        }
+        self.delayed.iter().map(|(t, _)| *t).min()
+    }
+
+    /// Writes one entry into its reserved slot.
+    fn write(&mut self, f: Finished, sq_id: u16) {
         self.outstanding -= 1;
         if self.deleted {
             return;
@@ -102,7 +163,7 @@ impl CompletionRing {
             exec_ns: (f.exec_ns.min(u64::from(u32::MAX)) as u32).into(),
             model_ns: f.outcome.model_ns.into(),
             sq_head: f.sq_head.into(),
-            sq_id: self.qid.into(),
+            sq_id: sq_id.into(),
             command_id: f.command_id.into(),
             status: 0.into(),
         };
@@ -154,6 +215,10 @@ struct QueuePair {
     sq_head: u32,
     /// A bad SQ tail doorbell value was seen; logged once.
     tail_error: bool,
+    /// The SQ tail doorbell as last read, and one an injected fault made
+    /// the device miss (its entries wait for the next doorbell).
+    seen_tail: u32,
+    ignored_tail: Option<u32>,
     cq: Arc<Mutex<CompletionRing>>,
 }
 
@@ -180,6 +245,10 @@ pub struct QueueTable {
     writers: u64,
     /// Writers of deleted queues whose KV reservations are yet to be rolled back.
     gone: Vec<Writer>,
+    /// Injected faults (doorbells, completions, abort).
+    faults: Arc<Faults>,
+    /// Some completion is held back by an injected delay.
+    delaying: bool,
 }
 
 fn sq_doorbell(qid: u16) -> u64 {
@@ -195,6 +264,12 @@ fn irq_mask(qid: u16) -> u64 {
 }
 
 impl QueueTable {
+    /// The faults injected into this device (see [`Faults`]).
+    pub fn with_faults(mut self, faults: Arc<Faults>) -> Self {
+        self.faults = faults;
+        self
+    }
+
     pub fn new(regs: SharedMemory, layout: RegionLayout, peers: Peers) -> Self {
         Self {
             regs,
@@ -203,6 +278,8 @@ impl QueueTable {
             queues: (0..MAX_QUEUE_PAIRS).map(|_| None).collect(),
             writers: 0,
             gone: Vec::new(),
+            faults: Default::default(),
+            delaying: false,
         }
     }
 
@@ -327,6 +404,8 @@ impl QueueTable {
             phase: true,
             outstanding: 0,
             deleted: false,
+            faults: self.faults.clone(),
+            delayed: Vec::new(),
         };
         self.writers += 1;
         self.queues[usize::from(qid)] = Some(QueuePair {
@@ -338,6 +417,8 @@ impl QueueTable {
             peer,
             sq_head: 0,
             tail_error: false,
+            seen_tail: 0,
+            ignored_tail: None,
             cq: Arc::new(Mutex::new(ring)),
         });
         tracing::info!(qid, entries, ?owner, "queue pair created");
@@ -408,20 +489,32 @@ impl QueueTable {
 
     /// When the earliest coalescing timer is due, if any.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.queues
+        let timers = self.queues.iter().flatten().filter(|q| q.peer.is_some()).filter_map(|q| {
+            let cq = q.cq();
+            cq.irq.as_ref().and_then(|i| i.first_pending.map(|t| t + i.delay))
+        });
+        let delayed = self
+            .queues
             .iter()
             .flatten()
-            .filter(|q| q.peer.is_some())
-            .filter_map(|q| {
-                let cq = q.cq();
-                cq.irq.as_ref().and_then(|i| i.first_pending.map(|t| t + i.delay))
-            })
-            .min()
+            .filter(|_| self.delaying)
+            .filter_map(|q| q.cq().delayed.iter().map(|(t, _)| *t).min());
+        timers.chain(delayed).min()
     }
 
-    /// Signals every queue whose coalescing timer has expired.
+    /// Signals every queue whose coalescing timer has expired, and posts
+    /// the injected-delay completions that are due.
     pub fn flush_interrupts(&mut self, now: Instant) {
         let regs = self.regs;
+        if self.delaying || self.faults.delays_pending() {
+            let mut any = false;
+            for q in self.queues.iter().flatten() {
+                let mut cq = q.cq();
+                any |= cq.post_due(now).is_some();
+                cq.maybe_signal();
+            }
+            self.delaying = any;
+        }
         for (qid, q) in self.queues.iter().enumerate() {
             // Polled queues have no timers: skip them without touching
             // their lock, which the compute units take to post.
@@ -476,6 +569,17 @@ impl QueueTable {
             return false;
         }
         q.tail_error = false;
+        if tail != q.seen_tail {
+            q.seen_tail = tail;
+            q.ignored_tail = None;
+            if q.sq_head != tail && self.faults.drop_doorbell() {
+                tracing::warn!(qid, tail, "injected: SQ doorbell missed");
+                q.ignored_tail = Some(tail);
+            }
+        }
+        if q.ignored_tail == Some(tail) {
+            return false;
+        }
         let mut taken = 0;
         let mut inline = 0;
         while q.sq_head != tail && taken < BATCH {
@@ -490,6 +594,10 @@ impl QueueTable {
             taken += 1;
             let sq_head = q.sq_head as u16;
             let command_id = sqe.command_id.get();
+            if self.faults.abort_now() {
+                tracing::error!(qid, cid = command_id, opcode = %sqe.opcode, "injected: the device aborts mid-command");
+                std::process::abort();
+            }
             if units.available() && sqe.opcode.is_compute() {
                 // Decoded here, so a unit gets only well-formed commands;
                 // one that does not decode is refused below, inline.
@@ -507,6 +615,7 @@ impl QueueTable {
             } else {
                 let start = Instant::now();
                 let outcome = executor.execute_entry(&sqe, q.writer);
+                let _ = self.faults.stretch(start.elapsed());
                 (outcome, start.elapsed().as_nanos() as u64)
             };
             tracing::trace!(qid, opcode = %sqe.opcode, cid = command_id, code = %outcome.code, exec_ns);

@@ -169,6 +169,8 @@ pub enum Reason {
     EmptyPattern,
     #[error("a background command is running")]
     BackgroundBusy,
+    #[error("device fault {kind}: its {field} is out of range")]
+    FaultField { kind: &'static str, field: &'static str },
     #[error("owner {owner} already holds {max} queue pairs, the most one owner may")]
     OwnerQueueLimit { owner: u32, max: u32 },
     #[error("every queue pair is in use")]

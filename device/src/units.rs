@@ -129,6 +129,8 @@ pub struct ComputeUnits {
     stop: Arc<AtomicBool>,
     /// Commands handed to the units and not yet completed.
     in_flight: Arc<AtomicUsize>,
+    /// Units still running (an injected fault can kill one).
+    alive: Arc<AtomicUsize>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -139,6 +141,7 @@ impl ComputeUnits {
         let jobs = Arc::new((Mutex::new(JobQueue::default()), Condvar::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(AtomicUsize::new(0));
+        let alive = Arc::new(AtomicUsize::new(count as usize));
         // Each unit on its own CPU when there are enough: the parts of a
         // split Top-K then always run side by side. Left to the scheduler,
         // two units woken together from one CPU were seen sharing it for a
@@ -153,9 +156,11 @@ impl ComputeUnits {
                 let placed = placed.clone();
                 let cpu = pinned.then(|| cpus[i as usize]);
                 let unit = Unit {
+                    index: i as usize,
                     jobs: jobs.clone(),
                     stop: stop.clone(),
                     in_flight: in_flight.clone(),
+                    alive: alive.clone(),
                     wake: wake.clone(),
                     regs: executor.mem,
                 };
@@ -173,11 +178,11 @@ impl ComputeUnits {
             })
             .collect();
         placed.wait();
-        Self { jobs, stop, in_flight, threads }
+        Self { jobs, stop, in_flight, alive, threads }
     }
 
     pub(crate) fn available(&self) -> bool {
-        !self.threads.is_empty()
+        self.alive.load(Acquire) > 0
     }
 
     /// True while commands handed to the units are still running: the
@@ -189,7 +194,7 @@ impl ComputeUnits {
     /// Hands a command to the units: an exact Top-K over a long sequence
     /// as shares (see [`Executor::split_plan`]), anything else whole.
     pub(crate) fn submit_command(&self, executor: &mut Executor, job: Job) {
-        let units = self.threads.len() as u32;
+        let units = self.alive.load(Acquire) as u32;
         let (queue, ready) = &*self.jobs;
         let (topk, with_rows) = match job.command {
             QueueCommand::Topk(c) => (Some(c), false),
@@ -263,9 +268,11 @@ fn pin_to(cpu: usize) {
 
 /// One compute-unit thread's view of the shared job queue.
 struct Unit {
+    index: usize,
     jobs: Arc<(Mutex<JobQueue<Job>>, Condvar)>,
     stop: Arc<AtomicBool>,
     in_flight: Arc<AtomicUsize>,
+    alive: Arc<AtomicUsize>,
     /// The engine's wake vector.
     wake: Arc<EventFd>,
     regs: SharedMemory,
@@ -276,6 +283,26 @@ impl Unit {
         let (queue, ready) = &*self.jobs;
         let mut last_job = Instant::now();
         loop {
+            // Injected: this unit stops (its jobs wait for the others).
+            while executor.faults.unit_hung(self.index, Instant::now()) {
+                if self.stop.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Injected: this unit dies between jobs; the last one alive
+            // does not (its queued jobs would wait for ever).
+            if executor.faults.unit_dies(self.index) {
+                if self.alive.fetch_update(SeqCst, SeqCst, |n| (n > 1).then(|| n - 1)).is_ok() {
+                    tracing::error!(unit = self.index, "injected: compute unit died");
+                    executor.faults.unit_died();
+                    return;
+                }
+                tracing::warn!(
+                    unit = self.index,
+                    "injected unit death ignored: the last unit alive"
+                );
+            }
             let job = {
                 let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
                 loop {
@@ -331,6 +358,8 @@ impl Unit {
                 self.in_flight.fetch_sub(1, SeqCst);
                 continue;
             };
+            let exec_ns =
+                exec_ns + executor.faults.stretch(Duration::from_nanos(exec_ns)).as_nanos() as u64;
             tracing::trace!(cid = job.command_id, exec_ns, code = %outcome.code, "compute unit done");
             // The engine slept while this ran. Clear Device Sleeping first,
             // so a host that reads this completion and rings at once does

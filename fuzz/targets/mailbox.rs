@@ -41,6 +41,8 @@ fn main() {
             scan_results: None,
             started_background: false,
             logged_lines: Default::default(),
+            faults: Default::default(),
+            units_dead_logged: 0,
         };
         let mut rest = data;
         while rest.len() >= 4 {

@@ -524,6 +524,26 @@ impl MailboxClient {
         self.expect_empty(op, input.as_bytes())
     }
 
+    /// Inject Device Fault (C007h, vendor; --allow-injection): `count`
+    /// doorbells or completions, `micros` of delay or hang (0: for good),
+    /// `target` compute unit or slow-memory percentage, as the fault takes.
+    pub fn inject_device_fault(
+        &mut self,
+        fault: pnm_protocol::faults::DeviceFault,
+        count: u32,
+        micros: u32,
+        target: u32,
+    ) -> Result<()> {
+        let input = pnm_protocol::faults::InjectDeviceFaultInput {
+            kind: fault.code(),
+            reserved: [0; 3],
+            count: count.into(),
+            micros: micros.into(),
+            target: target.into(),
+        };
+        self.expect_empty(Opcode::INJECT_DEVICE_FAULT, input.as_bytes())
+    }
+
     /// Get Scan Media Capabilities (4303h): the estimated scan time in ms.
     pub fn scan_media_estimate(&mut self, dpa: u64, lines: u64) -> Result<u32> {
         let op = Opcode::GET_SCAN_MEDIA_CAPABILITIES;

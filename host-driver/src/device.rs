@@ -418,6 +418,19 @@ impl Device {
         self.mailbox_client().get_scan_media_results()
     }
 
+    /// Inject Device Fault (C007h; --allow-injection). See
+    /// [`pnm_protocol::faults::DeviceFault`] for what each does with
+    /// `count`, `micros` and `target`.
+    pub fn inject_device_fault(
+        &self,
+        fault: pnm_protocol::faults::DeviceFault,
+        count: u32,
+        micros: u32,
+        target: u32,
+    ) -> Result<()> {
+        self.mailbox_client().inject_device_fault(fault, count, micros, target)
+    }
+
     /// Get Scan Media Capabilities (4303h): the device's estimate in ms.
     pub fn scan_media_estimate(&self, dpa: u64, lines: u64) -> Result<u32> {
         self.mailbox_client().scan_media_estimate(dpa, lines)

@@ -183,6 +183,8 @@ pub struct QueuePair {
     /// waiter may nap, and whether it should spin at all.
     recent_exec: Box<[RecentExec; 256]>,
     missed: MissedInterrupts,
+    /// Completions discarded: for no command in flight on this queue.
+    pub stale_completions: u64,
 }
 
 /// A command id's state.
@@ -276,6 +278,7 @@ impl QueuePair {
             unrung: false,
             recent_exec: Box::new([RecentExec::default(); 256]),
             missed: MissedInterrupts::default(),
+            stale_completions: 0,
         })
     }
 
@@ -339,16 +342,26 @@ impl QueuePair {
             }
             n += 1;
             let cid = cqe.command_id.get();
-            let Some(Slot::InFlight(opcode)) = self.slots.get(usize::from(cid)).copied() else {
-                return Err(Error::Protocol(format!(
-                    "completion for command id {cid}, which is not in flight"
-                )));
+            // A completion for no command in flight on this queue (a
+            // duplicate, a garbled or a stale entry) is discarded: it must
+            // not complete another command, and it is no reason to stop.
+            let in_flight = self.slots.get(usize::from(cid)).copied();
+            let Some(Slot::InFlight(opcode)) = in_flight.filter(|_| cqe.sq_id.get() == self.qid)
+            else {
+                self.stale_completions += 1;
+                tracing::warn!(
+                    qid = self.qid,
+                    cid,
+                    sq_id = cqe.sq_id.get(),
+                    "completion for no command in flight discarded"
+                );
+                continue;
             };
-            if cqe.sq_id.get() != self.qid || u32::from(cqe.sq_head.get()) >= self.entries {
+            if u32::from(cqe.sq_head.get()) >= self.entries {
                 return Err(Error::Protocol(format!(
-                    "completion names queue {} and SQ head {}",
-                    cqe.sq_id.get(),
-                    cqe.sq_head.get()
+                    "completion names SQ head {} of a {}-entry ring",
+                    cqe.sq_head.get(),
+                    self.entries
                 )));
             }
             if let Some(reaped) = &mut self.reaped {

@@ -50,14 +50,21 @@ impl Opcode {
     /// Vendor, fault injection: poison or silently corrupt a DPA range.
     /// Served only with `--allow-injection`, like Inject Event Record.
     pub const INJECT_MEDIA_FAULT: Self = Self(0xC006);
+    /// Vendor, fault injection: doorbells, completions, hangs, compute
+    /// units, the heartbeat, an abort, slow memory (`--allow-injection`).
+    pub const INJECT_DEVICE_FAULT: Self = Self(0xC007);
 
     /// The fault injection commands: served, and in the CEL, only by a
     /// device started with `--allow-injection`.
-    pub const INJECTION: [Self; 3] =
-        [Self::INJECT_POISON, Self::INJECT_EVENT, Self::INJECT_MEDIA_FAULT];
+    pub const INJECTION: [Self; 4] = [
+        Self::INJECT_POISON,
+        Self::INJECT_EVENT,
+        Self::INJECT_MEDIA_FAULT,
+        Self::INJECT_DEVICE_FAULT,
+    ];
 
     /// Every opcode this crate names, in Command Effects Log order.
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 24] = [
         Self::GET_EVENT_RECORDS,
         Self::CLEAR_EVENT_RECORDS,
         Self::GET_EVENT_INTERRUPT_POLICY,
@@ -81,6 +88,7 @@ impl Opcode {
         Self::FREE_DMA,
         Self::INJECT_EVENT,
         Self::INJECT_MEDIA_FAULT,
+        Self::INJECT_DEVICE_FAULT,
     ];
 
     /// The spec's name of the command, if this crate knows it.
@@ -109,6 +117,7 @@ impl Opcode {
             Self::FREE_DMA => "Free DMA",
             Self::INJECT_EVENT => "Inject Event Record",
             Self::INJECT_MEDIA_FAULT => "Inject Media Fault",
+            Self::INJECT_DEVICE_FAULT => "Inject Device Fault",
             _ => return None,
         })
     }
@@ -141,6 +150,7 @@ impl Opcode {
             Self::CLEAR_POISON => size_of::<crate::media::ClearPoisonInput>(),
             Self::SCAN_MEDIA => size_of::<crate::media::ScanMediaInput>(),
             Self::INJECT_MEDIA_FAULT => size_of::<crate::media::InjectMediaFaultInput>(),
+            Self::INJECT_DEVICE_FAULT => size_of::<crate::faults::InjectDeviceFaultInput>(),
             Self::SET_TIMESTAMP => size_of::<SetTimestampInput>(),
             Self::GET_LOG => size_of::<GetLogInput>(),
             Self::CREATE_QUEUE_PAIR => size_of::<CreateQueuePairInput>(),
@@ -360,6 +370,7 @@ pub fn command_effect(opcode: Opcode) -> u16 {
             effect::DATA_CHANGE_IMMEDIATE | effect::LOG_CHANGE_IMMEDIATE
         }
         Opcode::SCAN_MEDIA => effect::LOG_CHANGE_IMMEDIATE | effect::BACKGROUND_OPERATION,
+        Opcode::INJECT_DEVICE_FAULT => effect::CONFIG_CHANGE_IMMEDIATE,
         Opcode::SET_TIMESTAMP | Opcode::SET_EVENT_INTERRUPT_POLICY => {
             effect::POLICY_CHANGE_IMMEDIATE
         }
@@ -736,7 +747,8 @@ pub fn fixed_output_len(opcode: Opcode) -> Option<usize> {
         Opcode::INJECT_POISON
         | Opcode::CLEAR_POISON
         | Opcode::SCAN_MEDIA
-        | Opcode::INJECT_MEDIA_FAULT => 0,
+        | Opcode::INJECT_MEDIA_FAULT
+        | Opcode::INJECT_DEVICE_FAULT => 0,
         Opcode::GET_SCAN_MEDIA_CAPABILITIES => size_of::<crate::media::ScanMediaCapabilities>(),
         _ => return None,
     })

@@ -8,6 +8,7 @@
 //! - [`media`]: the poison list, Scan Media and media fault injection.
 //! - [`queue`]: submission/completion rings, command descriptors, KV frames.
 //! - [`notify`]: the ivshmem-server-shaped socket protocol for eventfds.
+//! - [`faults`]: Inject Device Fault, the fault injection control plane.
 //! - [`layout`]: how the shared region is split between registers, the host
 //!   DMA window and device DRAM.
 //! - [`shared`]: the only way this workspace touches memory another process
@@ -18,6 +19,7 @@
 
 pub mod commands;
 pub mod events;
+pub mod faults;
 pub mod layout;
 pub mod media;
 pub mod notify;

@@ -247,6 +247,11 @@ enum InjectAction {
     /// Inject Media Fault (C006h): poison a DPA range or chosen rows (reads
     /// of them fail until Clear Poison).
     Poison(media::FaultTarget),
+    /// Inject Device Fault (C007h): drop doorbells; drop, delay, duplicate
+    /// or garble completions; hang the engine or a compute unit; kill a
+    /// compute unit; stop the heartbeat; abort the device mid-command; slow
+    /// memory down; or clear them all.
+    Fault(FaultArgs),
     /// Inject Media Fault (C006h): change bytes of a DPA range or chosen
     /// rows behind the device's back (silent corruption the integrity check
     /// must catch).
@@ -634,6 +639,9 @@ fn run(cli: &Cli) -> Result<(), CliError> {
             media::inject_media(cli.json, &open(cli)?, target, fault)
         }
         Command::Poison { action } => media::poison(cli.json, &open(cli)?, action),
+        Command::Inject { action: InjectAction::Fault(args) } => {
+            inject_fault(cli, &open(cli)?, args)
+        }
         Command::ScanMedia(args) => media::scan_media(cli.json, &open(cli)?, args),
         Command::Timestamp { action } => timestamp(cli, &open(cli)?, action.as_ref()),
         Command::Logs => logs(cli, &open(cli)?),
@@ -938,6 +946,73 @@ fn events(cli: &Cli, device: &Device, args: &EventsArgs) -> Result<(), CliError>
     Ok(())
 }
 
+/// An injection the device refused: Unsupported means it was not started
+/// with --allow-injection, which the message then says.
+fn injection_error(e: Error) -> CliError {
+    if e.return_code() == Some(pnm_protocol::ReturnCode::UNSUPPORTED) {
+        usage(format!(
+            "{e}: this device does not take injections (start pnm-device with --allow-injection)"
+        ))
+    } else {
+        e.into()
+    }
+}
+
+/// `pnmctl inject fault`.
+#[derive(Debug, clap::Args)]
+struct FaultArgs {
+    /// The fault.
+    #[arg(long, value_parser = parse_device_fault)]
+    kind: pnm_protocol::faults::DeviceFault,
+    /// Doorbells or completions it applies to (the counting faults).
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// Delay or hang in milliseconds (fractions allowed; 0 for a hang: for good).
+    #[arg(long, default_value_t = 0.0)]
+    ms: f64,
+    /// Compute unit (hang-unit, kill-unit).
+    #[arg(long, default_value_t = 0)]
+    unit: u32,
+    /// slow-memory: DRAM speed divided by this (2.5: 2.5 times slower).
+    #[arg(long, default_value_t = 1.0)]
+    slowdown: f64,
+}
+
+fn parse_device_fault(text: &str) -> Result<pnm_protocol::faults::DeviceFault, String> {
+    use pnm_protocol::faults::DeviceFault;
+    DeviceFault::ALL.into_iter().find(|f| f.name() == text).ok_or_else(|| {
+        let names: Vec<&str> = DeviceFault::ALL.iter().map(|f| f.name()).collect();
+        format!("'{text}' is none of {}", names.join(", "))
+    })
+}
+
+/// `pnmctl inject fault`: Inject Device Fault (C007h).
+fn inject_fault(cli: &Cli, device: &Device, args: &FaultArgs) -> Result<(), CliError> {
+    use pnm_protocol::faults::DeviceFault;
+    let micros = (args.ms * 1000.0).round();
+    if !(0.0..=f64::from(u32::MAX)).contains(&micros) {
+        return Err(usage("--ms is out of range"));
+    }
+    let target = match args.kind {
+        DeviceFault::SlowMemory => (args.slowdown * 100.0).round() as u32,
+        _ => args.unit,
+    };
+    device
+        .inject_device_fault(args.kind, args.count, micros as u32, target)
+        .map_err(injection_error)?;
+    #[derive(Serialize)]
+    struct Injected {
+        fault: &'static str,
+        count: u32,
+        micros: u32,
+        target: u32,
+    }
+    let out =
+        Injected { fault: args.kind.name(), count: args.count, micros: micros as u32, target };
+    emit(cli.json, &out, |i| format!("injected {}\n", i.fault));
+    Ok(())
+}
+
 /// `pnmctl inject event`: Inject Event Record (C005h).
 fn inject_event(cli: &Cli, device: &Device, args: &InjectEventArgs) -> Result<(), CliError> {
     use pnm_protocol::events::{self, EventRecord};
@@ -982,15 +1057,7 @@ fn inject_event(cli: &Cli, device: &Device, args: &InjectEventArgs) -> Result<()
         /// None: the log was full; the record was counted as overflow.
         handle: Option<u16>,
     }
-    let handle = device.inject_event(args.log, &record).map_err(|e| {
-        if e.return_code() == Some(pnm_protocol::ReturnCode::UNSUPPORTED) {
-            usage(format!(
-                "{e}: this device does not take injections (start pnm-device with --allow-injection)"
-            ))
-        } else {
-            e.into()
-        }
-    })?;
+    let handle = device.inject_event(args.log, &record).map_err(injection_error)?;
     emit(cli.json, &Injected { log: args.log.name(), handle }, |i| match i.handle {
         Some(h) => format!("injected into the {} log as record {h}\n", i.log),
         None => format!("the {} log is full: the record was counted as overflow\n", i.log),

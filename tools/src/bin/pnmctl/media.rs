@@ -73,16 +73,7 @@ pub fn inject_media(
 ) -> Result<(), CliError> {
     let ranges = target.ranges(device)?;
     for &(dpa, lines) in &ranges {
-        device.inject_media_fault(dpa, lines, fault).map_err(|e| {
-            if e.return_code() == Some(pnm_protocol::ReturnCode::UNSUPPORTED) {
-                usage(format!(
-                    "{e}: this device does not take injections (start pnm-device with \
-                     --allow-injection)"
-                ))
-            } else {
-                e.into()
-            }
-        })?;
+        device.inject_media_fault(dpa, lines, fault).map_err(crate::injection_error)?;
     }
     let name = match fault {
         MediaFault::Poison => "poison",
