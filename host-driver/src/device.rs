@@ -115,6 +115,9 @@ pub struct Device {
     session: Mutex<Option<Session>>,
     command_timeout: Duration,
     queue_options: QueueOptions,
+    /// Times an operation was recovered (its queue pair replaced, and run
+    /// again or reported unconfirmed).
+    recoveries: std::sync::atomic::AtomicU64,
     // Last: the region stays mapped until every copy of `regs` is gone.
     transport: Arc<dyn Transport>,
 }
@@ -217,6 +220,7 @@ impl Device {
                 interrupts: options.interrupts.then(InterruptConfig::default),
                 ..Default::default()
             },
+            recoveries: Default::default(),
             transport,
         };
         device.wait_ready(options.wait_ready.unwrap_or(Duration::ZERO))?;
@@ -450,6 +454,20 @@ impl Device {
     /// command.
     pub(crate) fn session(&self) -> Result<SessionGuard<'_>> {
         let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let status = self.status();
+        let identity = (status.device_pid, status.reset_count);
+        if slot.as_ref().is_some_and(|s| s.identity != identity) {
+            // The device restarted or was reset: its queues and buffers
+            // are gone with it. Make new ones, transparently.
+            let old = slot.take().expect("checked");
+            tracing::warn!(
+                old_pid = old.identity.0,
+                pid = identity.0,
+                resets = identity.1,
+                "the device restarted or was reset; re-creating this handle's queue pair"
+            );
+            drop(old);
+        }
         if slot.is_none() {
             let wake = Wake::new(self.transport.clone(), self.caps.pnm + pnm::DEVICE_SLEEPING);
             *slot = Some(Session::open(
@@ -458,6 +476,7 @@ impl Device {
                 self.caps.pnm,
                 wake,
                 self.queue_options,
+                identity,
             )?);
         }
         Ok(SessionGuard {
@@ -466,6 +485,68 @@ impl Device {
             region: self.regs,
             command_timeout: self.command_timeout,
         })
+    }
+
+    /// Runs an operation that is safe to repeat (it changes nothing on the
+    /// device) and, if it timed out, recovers once: this handle's queue
+    /// pair is replaced (the device drops the old one's late or lost
+    /// completions), the device is given until the command timeout to be
+    /// back if it restarted, and the operation runs again from scratch.
+    pub(crate) fn recovering<T>(&self, op: impl Fn() -> Result<T>) -> Result<T> {
+        match op() {
+            Err(e @ (Error::QueueTimeout { .. } | Error::Timeout { .. })) => {
+                tracing::warn!(error = %e, "recovering: replacing the queue pair and retrying once");
+                self.recoveries.fetch_add(1, Relaxed);
+                self.replace_queue();
+                if !self.is_alive(Duration::from_millis(50)) {
+                    let _ = self.wait_ready(self.command_timeout);
+                }
+                op()
+            }
+            other => other,
+        }
+    }
+
+    /// Runs an operation that changes device state (KV_CREATE, KV_FREE):
+    /// never repeated; if it timed out, the queue pair is replaced (so its
+    /// late completion cannot be taken for another command's) and the
+    /// error says the effect is unknown.
+    pub(crate) fn unrepeatable<T>(&self, op: impl FnOnce() -> Result<T>) -> Result<T> {
+        match op() {
+            Err(Error::QueueTimeout { command, waited, .. }) => {
+                self.recoveries.fetch_add(1, Relaxed);
+                self.replace_queue();
+                Err(Error::Unconfirmed { command, waited })
+            }
+            other => other,
+        }
+    }
+
+    /// How many times this handle recovered from a command that timed out.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries.load(Relaxed)
+    }
+
+    /// Drops this handle's queue pair (deleting it on the device if it is
+    /// the same device, bounded): for a queue whose state is unknown.
+    pub(crate) fn replace_queue(&self) {
+        let mut guard = SessionGuard {
+            slot: self.session.lock().unwrap_or_else(|e| e.into_inner()),
+            mailbox: &self.mailbox,
+            region: self.regs,
+            command_timeout: self.command_timeout,
+        };
+        let status = self.status();
+        if guard
+            .slot
+            .as_ref()
+            .is_some_and(|s| s.identity != (status.device_pid, status.reset_count))
+        {
+            // A new device: nothing of the old session is left to delete.
+            drop(guard.slot.take());
+            return;
+        }
+        guard.discard_queue();
     }
 
     /// Completions on this handle's queue that arrived without their
@@ -530,6 +611,7 @@ impl Device {
             session: Mutex::new(None),
             command_timeout: self.command_timeout,
             queue_options: options,
+            recoveries: Default::default(),
             transport: self.transport.clone(),
         })
     }

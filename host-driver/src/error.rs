@@ -49,6 +49,11 @@ pub enum Error {
     MediaError { command: &'static str, first_token: u64, tokens: u64, dpa: u64 },
     #[error("{command} (command id {command_id}) did not complete within {waited:?}")]
     QueueTimeout { command: &'static str, command_id: u16, waited: Duration },
+    #[error(
+        "{command} did not complete within {waited:?}; its queue pair was replaced, so it will \
+         not complete now, but it may have taken effect: read the state back before retrying"
+    )]
+    Unconfirmed { command: &'static str, waited: Duration },
     #[error("queue full: {0} commands in flight")]
     QueueFull(u32),
     #[error("device broke the queue protocol: {0}")]
@@ -94,6 +99,7 @@ impl Error {
             self,
             Self::Timeout { .. }
                 | Self::QueueTimeout { .. }
+                | Self::Unconfirmed { .. }
                 | Self::MailboxBusy
                 | Self::MailboxLockTimeout { .. }
         )

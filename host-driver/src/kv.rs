@@ -281,11 +281,19 @@ fn read_u32s(bytes: &[u8]) -> Vec<u32> {
 impl Device {
     /// NOP through the queue: the command path's round trip.
     pub fn nop(&self) -> Result<Completion> {
+        self.recovering(|| self.nop_once())
+    }
+
+    fn nop_once(&self) -> Result<Completion> {
         self.session()?.run(&QueueCommand::Nop)
     }
 
     /// Creates an empty sequence.
     pub fn kv_create(&self, shape: KvShape) -> Result<Sequence> {
+        self.unrepeatable(|| self.kv_create_once(shape))
+    }
+
+    fn kv_create_once(&self, shape: KvShape) -> Result<Sequence> {
         let mut s = self.session()?;
         check_limit("head_dim", u32::from(shape.head_dim), s.session().limits.max_head_dim)?;
         if shape.layers == 0 || shape.heads == 0 {
@@ -316,6 +324,10 @@ impl Device {
 
     /// Every sequence on the device.
     pub fn kv_list(&self) -> Result<Vec<Sequence>> {
+        self.recovering(|| self.kv_list_once())
+    }
+
+    fn kv_list_once(&self) -> Result<Vec<Sequence>> {
         let mut s = self.session()?;
         let mut room = 64u32;
         loop {
@@ -357,7 +369,9 @@ impl Device {
 
     /// Frees a sequence and its device DRAM.
     pub fn kv_free(&self, id: u32) -> Result<()> {
-        self.session()?.run(&QueueCommand::KvFree(KvFree { seq: id })).map(drop)
+        self.unrepeatable(|| {
+            self.session()?.run(&QueueCommand::KvFree(KvFree { seq: id })).map(drop)
+        })
     }
 
     /// Appends `tokens` tokens of K and V rows, each laid out
@@ -608,7 +622,13 @@ impl Device {
     }
 
     /// Many Top-Ks in flight at once on the queue; answers in request order.
+    /// A batch that timed out is run again once on a new queue pair (a
+    /// Top-K changes nothing on the device).
     pub fn topk_batch(&self, requests: &[TopkRequest<'_>]) -> Result<Vec<Result<TopK>>> {
+        self.recovering(|| self.topk_batch_once(requests))
+    }
+
+    fn topk_batch_once(&self, requests: &[TopkRequest<'_>]) -> Result<Vec<Result<TopK>>> {
         let mut s = self.session()?;
         let mut entries = Vec::with_capacity(requests.len());
         let mut bufs = Vec::new();
@@ -642,6 +662,10 @@ impl Device {
 
     /// The K and V rows of `indices` in (sequence, layer, head).
     pub fn gather(&self, seq: &Sequence, layer: u16, head: u16, indices: &[u32]) -> Result<Rows> {
+        self.recovering(|| self.gather_once(seq, layer, head, indices))
+    }
+
+    fn gather_once(&self, seq: &Sequence, layer: u16, head: u16, indices: &[u32]) -> Result<Rows> {
         if indices.is_empty() {
             return Err(Error::Invalid("no token indices to gather".into()));
         }
@@ -692,6 +716,10 @@ impl Device {
     /// reads rows once (an attention kernel, a DMA to a GPU) reads them
     /// there. Other commands may run on the handle while a view lives.
     pub fn topk_gather_view(&self, request: &TopkRequest<'_>) -> Result<GatheredView<'_>> {
+        self.recovering(|| self.topk_gather_view_once(request))
+    }
+
+    fn topk_gather_view_once(&self, request: &TopkRequest<'_>) -> Result<GatheredView<'_>> {
         let mut s = self.session()?;
         let layout = request.layout(true);
         let out = s.alloc(layout.len())?;

@@ -44,6 +44,9 @@ pub(crate) struct Session {
     pub frames_offset: u64,
     pub frame_count: u32,
     pub limits: Limits,
+    /// The device this session was made on: its pid and reset count. A
+    /// device that restarted or was reset since has none of its queues.
+    pub identity: (u32, u32),
 }
 
 impl Session {
@@ -54,6 +57,7 @@ impl Session {
         pnm_capability: u64,
         wake: Wake,
         options: QueueOptions,
+        identity: (u32, u32),
     ) -> Result<Self> {
         let info: PnmInfo = mailbox.identify_pnm(layout)?;
         if info.kv_frame_size != KV_FRAME_SIZE {
@@ -76,6 +80,7 @@ impl Session {
                 max_group: info.max_group,
                 max_head_dim: info.max_head_dim,
             },
+            identity,
         })
     }
 
