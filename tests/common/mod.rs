@@ -267,15 +267,5 @@ impl pnm_host::Interrupts for LostInterrupts {
     }
 }
 
-/// `n` deterministic values in [-1, 1) (xorshift64 from `seed`, not 0).
-pub fn random_f32s(seed: u64, n: usize) -> Vec<f32> {
-    let mut state = seed;
-    (0..n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+#[allow(unused_imports)]
+pub use pnm_tools::testdata::random_f32s;

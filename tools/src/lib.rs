@@ -5,3 +5,4 @@
 
 pub mod roofline;
 pub mod tensorfile;
+pub mod testdata;

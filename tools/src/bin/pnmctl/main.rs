@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 mod command_bench;
 mod datapath_bench;
+mod drill;
 mod kernel_bench;
 mod media;
 mod model;
@@ -98,6 +99,11 @@ enum Command {
     },
     /// The K and V rows of chosen tokens, written as .npy files [n, head_dim].
     Gather(GatherArgs),
+    /// A fault-injection drill against a device started with
+    /// --allow-injection: load KV, run checked load on several handles,
+    /// inject one fault class (or soak: random ones for --minutes), check
+    /// the device's records and that nothing was lost; a JSON report.
+    Drill(drill::DrillArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -652,6 +658,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Kv { action: KvAction::Free { seq } } => kv_free(cli, &open(cli)?, *seq),
         Command::Topk(args) => topk(cli, &open(cli)?, args),
         Command::Gather(args) => gather(cli, &open(cli)?, args),
+        Command::Drill(args) => drill::drill(&cli.device, args),
     }
 }
 
