@@ -69,6 +69,37 @@ pub enum MediaFault {
     Corrupt { pattern: u8 },
 }
 
+impl PoisonList {
+    /// Checks and decodes Get Poison List's output (public for the fuzz
+    /// targets).
+    pub fn decode(out: &[u8]) -> Result<Self> {
+        let op = Opcode::GET_POISON_LIST;
+        let (header, rest) = PoisonListHeader::read_from_prefix(out)
+            .map_err(|_| malformed(op, format!("{} bytes, shorter than the header", out.len())))?;
+        let records = decode_records(op, rest, usize::from(header.count.get()))?;
+        let overflow = header.flags & media::poison_flags::OVERFLOW != 0;
+        Ok(PoisonList {
+            records,
+            more: header.flags & media::poison_flags::MORE_RECORDS != 0,
+            overflow_timestamp: overflow.then(|| header.overflow_timestamp.get()),
+            scan_media_running: header.flags & media::poison_flags::SCAN_MEDIA_IN_PROGRESS != 0,
+        })
+    }
+}
+
+impl ScanResults {
+    /// Checks and decodes one Get Scan Media Results output: its records
+    /// and whether the device has more (public for the fuzz targets).
+    pub fn decode(out: &[u8]) -> Result<(Self, bool)> {
+        let op = Opcode::GET_SCAN_MEDIA_RESULTS;
+        let (header, rest) = ScanMediaResultsHeader::read_from_prefix(out)
+            .map_err(|_| malformed(op, format!("{} bytes, shorter than the header", out.len())))?;
+        let records = decode_records(op, rest, usize::from(header.count.get()))?;
+        let overflow = header.flags & media::scan_flags::OVERFLOW != 0;
+        Ok((Self { records, overflow }, header.flags & media::scan_flags::MORE_RECORDS != 0))
+    }
+}
+
 /// Decodes media error records, each checked (source, alignment, length).
 fn decode_records(op: Opcode, raw: &[u8], count: usize) -> Result<Vec<MediaError>> {
     let records = <[MediaErrorRecord]>::ref_from_bytes(raw)
@@ -225,8 +256,9 @@ pub enum EventKind {
 }
 
 impl EventRecords {
-    /// Checks and decodes Get Event Records' output for `log`.
-    fn decode(log: EventLog, out: &[u8]) -> std::result::Result<Self, String> {
+    /// Checks and decodes Get Event Records' output for `log` (the
+    /// device's bytes: every field checked; public for the fuzz targets).
+    pub fn decode(log: EventLog, out: &[u8]) -> std::result::Result<Self, String> {
         let (header, body) = GetEventRecordsHeader::read_from_prefix(out)
             .map_err(|_| format!("{} bytes is shorter than the 32-byte header", out.len()))?;
         let count = usize::from(header.record_count.get());
@@ -479,17 +511,7 @@ impl MailboxClient {
     pub fn get_poison_list(&mut self, dpa: u64, lines: u64) -> Result<PoisonList> {
         let op = Opcode::GET_POISON_LIST;
         let input = DpaRange { physical_address: dpa.into(), length: lines.into() };
-        let out = self.execute(op, input.as_bytes())?;
-        let (header, rest) = PoisonListHeader::read_from_prefix(&out)
-            .map_err(|_| malformed(op, format!("{} bytes, shorter than the header", out.len())))?;
-        let records = decode_records(op, rest, usize::from(header.count.get()))?;
-        let overflow = header.flags & media::poison_flags::OVERFLOW != 0;
-        Ok(PoisonList {
-            records,
-            more: header.flags & media::poison_flags::MORE_RECORDS != 0,
-            overflow_timestamp: overflow.then(|| header.overflow_timestamp.get()),
-            scan_media_running: header.flags & media::poison_flags::SCAN_MEDIA_IN_PROGRESS != 0,
-        })
+        PoisonList::decode(&self.execute(op, input.as_bytes())?)
     }
 
     /// Inject Poison (4301h; a device started with --allow-injection).
@@ -567,13 +589,11 @@ impl MailboxClient {
         let op = Opcode::GET_SCAN_MEDIA_RESULTS;
         let mut results = ScanResults { records: Vec::new(), overflow: false };
         loop {
-            let out = self.execute(op, &[])?;
-            let (header, rest) = ScanMediaResultsHeader::read_from_prefix(&out).map_err(|_| {
-                malformed(op, format!("{} bytes, shorter than the header", out.len()))
-            })?;
-            results.records.extend(decode_records(op, rest, usize::from(header.count.get()))?);
-            results.overflow |= header.flags & media::scan_flags::OVERFLOW != 0;
-            if header.flags & media::scan_flags::MORE_RECORDS == 0 || header.count.get() == 0 {
+            let (part, more) = ScanResults::decode(&self.execute(op, &[])?)?;
+            results.overflow |= part.overflow;
+            let done = !more || part.records.is_empty();
+            results.records.extend(part.records);
+            if done {
                 return Ok(results);
             }
         }
