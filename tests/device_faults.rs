@@ -96,6 +96,16 @@ fn every_device_fault_ends_in_its_typed_error_or_a_delay_and_nothing_is_wrong() 
     let created = after.iter().find(|s| s.id != l.seq.id).unwrap().id;
     device.kv_free(created).unwrap();
 
+    // The temperature comes from the thermal model: idle 35 C, rising with
+    // the compute units' load.
+    let idle = device.health_info().unwrap().temperature_celsius.unwrap();
+    let busy_until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < busy_until {
+        check(&device);
+    }
+    let warm = device.health_info().unwrap().temperature_celsius.unwrap();
+    assert!((35..=75).contains(&idle) && warm > idle, "idle {idle} C, under load {warm} C");
+
     // Duplicated completions are discarded; every answer stays right.
     inject(DeviceFault::DuplicateCompletions, 3, 0, 0).unwrap();
     for _ in 0..4 {

@@ -183,6 +183,7 @@ impl RunningDevice {
             logged_lines: Default::default(),
             faults: executor.faults.clone(),
             units_dead_logged: 0,
+            thermal: Default::default(),
         };
         if allow_injection {
             tracing::warn!("fault injection is on: any host may inject faults");
@@ -243,6 +244,7 @@ impl RunningDevice {
                 peers,
                 wake: wake.clone(),
                 last_beat: now,
+                busy_seen: 0,
                 last_reclaim: now,
                 lock_seen: None,
                 region: region.clone(),
@@ -316,6 +318,8 @@ struct Engine {
     peers: Peers,
     wake: Arc<EventFd>,
     last_beat: Instant,
+    /// The units' busy nanoseconds at the last beat (thermal model).
+    busy_seen: u64,
     last_reclaim: Instant,
     /// The Mailbox Lock word last seen held, and since when.
     lock_seen: Option<(u64, Instant)>,
@@ -417,6 +421,7 @@ impl Engine {
             if !self.executor.faults.heartbeat_stopped(now) {
                 self.regs.fetch_add_u64(regs::PNM_OFFSET + pnm::HEARTBEAT, 1);
             }
+            self.advance_thermal(now);
             self.last_beat = now;
             self.watch_mailbox_lock(now);
             if let Some(why) = self.region.lost() {
@@ -492,6 +497,17 @@ impl Engine {
         self.roll_back_gone_writers();
         self.state.log_unit_deaths(now);
         worked
+    }
+
+    /// Advances the thermal model by the time since the last beat, at the
+    /// units' utilization over it.
+    fn advance_thermal(&mut self, now: Instant) {
+        let busy = self.units.busy_ns();
+        let dt = now.duration_since(self.last_beat).as_secs_f64();
+        let units = self.units.alive().max(1) as f64;
+        let utilization = busy.saturating_sub(self.busy_seen) as f64 / 1e9 / (dt * units).max(1e-9);
+        self.busy_seen = busy;
+        self.state.thermal.advance(dt, utilization);
     }
 
     /// Advances the background command (Scan Media): its progress in the

@@ -101,6 +101,8 @@ pub struct MailboxState {
     pub faults: std::sync::Arc<crate::faults::Faults>,
     /// Compute unit deaths already logged.
     pub units_dead_logged: u32,
+    /// The device's temperature, from its units' load.
+    pub thermal: pnm_firmware::timing::Thermal,
 }
 
 /// A Scan Media in progress: the lines left and what it found.
@@ -733,8 +735,9 @@ impl MailboxState {
             health_status: u8::from(maintenance) | (u8::from(degraded) << 1),
             media_status: 0,
             additional_status: 0,
+            // DRAM does not wear out: there is no life to use up.
             life_used: commands::LIFE_USED_NOT_IMPLEMENTED,
-            device_temperature: commands::TEMPERATURE_NOT_IMPLEMENTED.into(),
+            device_temperature: (self.thermal.celsius() as u16).into(),
             dirty_shutdown_count: self.health.dirty_shutdown_count.into(),
             corrected_volatile_error_count: self.health.corrected_volatile_errors.into(),
             corrected_persistent_error_count: 0.into(),
@@ -804,6 +807,7 @@ mod tests {
             logged_lines: Default::default(),
             faults: Default::default(),
             units_dead_logged: 0,
+            thermal: Default::default(),
         }
     }
 

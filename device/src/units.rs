@@ -131,6 +131,9 @@ pub struct ComputeUnits {
     in_flight: Arc<AtomicUsize>,
     /// Units still running (an injected fault can kill one).
     alive: Arc<AtomicUsize>,
+    /// Nanoseconds the units spent executing, all together (for the
+    /// thermal model).
+    busy_ns: Arc<std::sync::atomic::AtomicU64>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -142,6 +145,7 @@ impl ComputeUnits {
         let stop = Arc::new(AtomicBool::new(false));
         let in_flight = Arc::new(AtomicUsize::new(0));
         let alive = Arc::new(AtomicUsize::new(count as usize));
+        let busy_ns = Arc::new(std::sync::atomic::AtomicU64::new(0));
         // Each unit on its own CPU when there are enough: the parts of a
         // split Top-K then always run side by side. Left to the scheduler,
         // two units woken together from one CPU were seen sharing it for a
@@ -161,6 +165,7 @@ impl ComputeUnits {
                     stop: stop.clone(),
                     in_flight: in_flight.clone(),
                     alive: alive.clone(),
+                    busy_ns: busy_ns.clone(),
                     wake: wake.clone(),
                     regs: executor.mem,
                 };
@@ -178,7 +183,17 @@ impl ComputeUnits {
             })
             .collect();
         placed.wait();
-        Self { jobs, stop, in_flight, alive, threads }
+        Self { jobs, stop, in_flight, alive, busy_ns, threads }
+    }
+
+    /// Nanoseconds the units have spent executing since they started.
+    pub fn busy_ns(&self) -> u64 {
+        self.busy_ns.load(Acquire)
+    }
+
+    /// Units alive now.
+    pub fn alive(&self) -> usize {
+        self.alive.load(Acquire)
     }
 
     pub(crate) fn available(&self) -> bool {
@@ -273,6 +288,7 @@ struct Unit {
     stop: Arc<AtomicBool>,
     in_flight: Arc<AtomicUsize>,
     alive: Arc<AtomicUsize>,
+    busy_ns: Arc<std::sync::atomic::AtomicU64>,
     /// The engine's wake vector.
     wake: Arc<EventFd>,
     regs: SharedMemory,
@@ -360,6 +376,7 @@ impl Unit {
             };
             let exec_ns =
                 exec_ns + executor.faults.stretch(Duration::from_nanos(exec_ns)).as_nanos() as u64;
+            self.busy_ns.fetch_add(exec_ns, SeqCst);
             tracing::trace!(cid = job.command_id, exec_ns, code = %outcome.code, "compute unit done");
             // The engine slept while this ran. Clear Device Sleeping first,
             // so a host that reads this completion and rings at once does

@@ -334,3 +334,63 @@ mod tests {
         assert!(pnm.near_memory_ms.unwrap() < pnm.stream_all_ms / 10.0);
     }
 }
+
+/// The device's temperature, from how busy its compute units are: a
+/// first-order thermal model (the die and its heat sink as one mass) that
+/// rises from `IDLE_C` toward `IDLE_C + FULL_LOAD_RISE_C` at full load with
+/// time constant `TAU_S`. Illustrative constants, not a measured part: the
+/// point is a temperature that moves with the load, for Get Health Info and
+/// for hosts that watch it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Thermal {
+    celsius: f64,
+}
+
+impl Thermal {
+    pub const IDLE_C: f64 = 35.0;
+    pub const FULL_LOAD_RISE_C: f64 = 40.0;
+    pub const TAU_S: f64 = 5.0;
+
+    pub fn new() -> Self {
+        Self { celsius: Self::IDLE_C }
+    }
+
+    /// Advances by `dt_s` seconds during which the units were busy
+    /// `utilization` (0..=1) of the time.
+    pub fn advance(&mut self, dt_s: f64, utilization: f64) {
+        let target = Self::IDLE_C + Self::FULL_LOAD_RISE_C * utilization.clamp(0.0, 1.0);
+        let keep = (-dt_s.max(0.0) / Self::TAU_S).exp();
+        self.celsius = target + (self.celsius - target) * keep;
+    }
+
+    /// Whole degrees Celsius, as Get Health Info reports them.
+    pub fn celsius(&self) -> i16 {
+        self.celsius.round() as i16
+    }
+}
+
+impl Default for Thermal {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod thermal_tests {
+    use super::Thermal;
+
+    #[test]
+    fn heats_toward_the_load_and_cools_back() {
+        let mut t = Thermal::new();
+        assert_eq!(t.celsius(), 35);
+        for _ in 0..100 {
+            t.advance(1.0, 1.0);
+        }
+        assert_eq!(t.celsius(), 75);
+        t.advance(Thermal::TAU_S, 0.0);
+        // One time constant: 1/e of the way left.
+        assert_eq!(t.celsius(), (35.0 + 40.0 / std::f64::consts::E).round() as i16);
+        t.advance(1.0, 7.0);
+        assert!(t.celsius() <= 75, "utilization is clamped");
+    }
+}

@@ -43,6 +43,7 @@ fn main() {
             logged_lines: Default::default(),
             faults: Default::default(),
             units_dead_logged: 0,
+            thermal: Default::default(),
         };
         let mut rest = data;
         while rest.len() >= 4 {
