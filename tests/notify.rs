@@ -493,6 +493,33 @@ fn an_event_log_policy_rings_every_host_when_its_log_gets_a_first_record() {
 }
 
 #[test]
+fn a_finished_scan_media_rings_the_mailbox_vector_when_the_host_asked_for_it() {
+    use pnm_protocol::regs::mailbox;
+    let region = TempRegion::new("bg-irq");
+    let _device = DeviceProcess::start(region.path(), &["--size", "64MiB"]);
+    let dev = open(region.path(), true);
+    let other = open(region.path(), true);
+    let rung = |d: &pnm_host::Device, bound_ms| {
+        d.interrupts()
+            .unwrap()
+            .wait_vector(mailbox::BACKGROUND_IRQ_VECTOR, Duration::from_millis(bound_ms))
+    };
+    let lines = dev.layout().dram_size / 64;
+    // Not asked for: no ring.
+    dev.scan_media(0, lines, false, Duration::from_secs(30)).unwrap();
+    assert!(!rung(&dev, 100));
+    dev.set_background_interrupt(true).unwrap();
+    let found = dev.scan_media(0, lines, false, Duration::from_secs(30)).unwrap();
+    assert!(found.records.is_empty());
+    assert!(rung(&dev, 2000) && rung(&other, 2000), "every host is rung");
+    // Other commands still run with the bit set (the doorbell path keeps it).
+    dev.identify().unwrap();
+    dev.set_background_interrupt(false).unwrap();
+    dev.scan_media(0, lines, false, Duration::from_secs(30)).unwrap();
+    assert!(!rung(&dev, 100));
+}
+
+#[test]
 fn injection_is_refused_unless_the_device_allows_it() {
     use pnm_protocol::events::EventRecord;
     use zerocopy::FromZeros;

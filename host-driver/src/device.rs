@@ -435,6 +435,22 @@ impl Device {
         self.mailbox_client().inject_device_fault(fault, count, micros, target)
     }
 
+    /// Mailbox Control [2]: when a background command (Scan Media)
+    /// finishes, the device rings the vector Mailbox Capabilities names
+    /// (7) of every host. Set under the Mailbox Lock.
+    pub fn set_background_interrupt(&self, enabled: bool) -> Result<()> {
+        let at = self.caps.mailbox + mailbox::CONTROL;
+        self.mailbox_client().with_lock(|| {
+            let control = self.regs.load_u32(at, Acquire) & !mailbox::CONTROL_DOORBELL;
+            let control = if enabled {
+                control | mailbox::CONTROL_BACKGROUND_IRQ
+            } else {
+                control & !mailbox::CONTROL_BACKGROUND_IRQ
+            };
+            self.regs.store_u32(at, control, Release);
+        })
+    }
+
     /// Get Scan Media Capabilities (4303h): the device's estimate in ms.
     pub fn scan_media_estimate(&self, dpa: u64, lines: u64) -> Result<u32> {
         self.mailbox_client().scan_media_estimate(dpa, lines)
