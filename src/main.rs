@@ -18,7 +18,10 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use pnm_device::RunningDevice;
-use pnm_host::{Device, Dtype, KvShape, PageSelection, Query, Rows, Sequence, TopkRequest};
+use pnm_host::{
+    Device, DeviceSet, Dtype, KvShape, PageSelection, Query, Rows, Sequence, SetTopkRequest,
+    ShardedSequence, TopK, TopkRequest,
+};
 use pnm_protocol::layout::parse_size;
 use pnm_tools::tensorfile::{self, Tensor};
 use serde::Serialize;
@@ -29,9 +32,13 @@ use synthetic::{HEAVY_HITTER_FRACTION, Rng, Stream};
 #[command(version)]
 struct Args {
     /// Attach to a running pnm-device at this region path instead of
-    /// starting an embedded one.
+    /// starting an embedded one. Give it again for each device of a set.
     #[arg(long)]
-    device: Option<PathBuf>,
+    device: Vec<PathBuf>,
+    /// Embedded devices to shard the KV cache across (pages round robin;
+    /// each Top-K fans out to all of them and is merged exactly).
+    #[arg(long, default_value_t = 1, conflicts_with = "device")]
+    devices: usize,
     /// Real KV instead of the synthetic cache: a safetensors file with `k`
     /// and `v` shaped [layers, kv_heads, tokens, head_dim] and optionally
     /// `q` shaped [layers, kv_heads, group, head_dim].
@@ -278,6 +285,7 @@ struct Report {
     group: u32,
     k: u32,
     device: String,
+    devices: usize,
     load_seconds: f64,
     load_gb_per_s: f64,
     steps: Vec<StepReport>,
@@ -291,6 +299,117 @@ struct Report {
     mean_modelled_ms: f64,
 }
 
+/// Where the cache lives: one device, or a set sharding it across several.
+enum Store {
+    One { device: Box<Device>, seq: Sequence },
+    Set { set: DeviceSet, seq: ShardedSequence },
+}
+
+impl Store {
+    fn new(mut devices: Vec<Device>, shape: KvShape) -> anyhow::Result<Self> {
+        Ok(if devices.len() == 1 {
+            let device = Box::new(devices.pop().expect("one device"));
+            let seq = device.kv_create(shape)?;
+            Self::One { device, seq }
+        } else {
+            let set = DeviceSet::new(devices)?;
+            let seq = set.kv_create(shape)?;
+            Self::Set { set, seq }
+        })
+    }
+
+    fn shape(&self) -> KvShape {
+        match self {
+            Self::One { seq, .. } => seq.shape,
+            Self::Set { seq, .. } => seq.shape,
+        }
+    }
+
+    fn tokens(&self) -> u64 {
+        match self {
+            Self::One { seq, .. } => seq.tokens,
+            Self::Set { seq, .. } => seq.tokens,
+        }
+    }
+
+    fn append(
+        &mut self,
+        keys: &[u8],
+        values: &[u8],
+        tokens: u64,
+        progress: &mut dyn FnMut(u64),
+    ) -> pnm_host::Result<()> {
+        match self {
+            Self::One { device, seq } => {
+                *seq = device.kv_append(seq, keys, values, tokens, progress)?
+            }
+            Self::Set { set, seq } => {
+                *seq = set.kv_append(seq, keys, values, tokens)?;
+                progress(tokens);
+            }
+        }
+        Ok(())
+    }
+
+    /// Top-K of one (layer, KV head) and its rows into `rows`, and the bytes
+    /// that crossed the links for it (descriptors, completions, queries,
+    /// results, rows). A set's answer counts the whole fan-out and merge in
+    /// its times.
+    fn topk_gather(
+        &self,
+        layer: u16,
+        head: u16,
+        query: &Query,
+        k: u32,
+        selection: Option<PageSelection>,
+        rows: &mut Rows,
+    ) -> anyhow::Result<(TopK, u64)> {
+        const COMMAND: u64 = 64 + 32; // a submission and a completion entry
+        let row = self.shape().row_bytes();
+        match self {
+            Self::One { device, seq } => {
+                let request =
+                    TopkRequest { selection, ..TopkRequest::new(seq, layer, head, query, k) };
+                let top = device.topk_gather_into(&request, rows)?;
+                let n = top.indices.len() as u64;
+                Ok((top, COMMAND + query.data.len() as u64 + 8 * n + 2 * n * row))
+            }
+            Self::Set { set, seq } => {
+                if selection.is_some() {
+                    bail!("--budget (page selection) picks pages per device: use one device");
+                }
+                let (top, gathered) =
+                    set.topk_gather(&SetTopkRequest::new(seq, layer, head, query, k))?;
+                *rows = gathered;
+                // Every device: the query in, its shard's k best (index and
+                // score) out; then a GATHER of the selected rows from each
+                // device holding some.
+                let mut bytes: u64 = seq
+                    .shards
+                    .iter()
+                    .filter(|s| s.tokens > 0)
+                    .map(|s| COMMAND + query.data.len() as u64 + 8 * u64::from(k).min(s.tokens))
+                    .sum();
+                let mut holders = vec![false; seq.shards.len()];
+                for &t in &top.top.indices {
+                    holders[seq.striping.locate(u64::from(t)).0] = true;
+                }
+                let n = top.top.indices.len() as u64;
+                bytes += holders.iter().filter(|&&h| h).count() as u64 * COMMAND;
+                bytes += 4 * n + 2 * n * row;
+                Ok((top.top, bytes))
+            }
+        }
+    }
+
+    fn free(&self) -> pnm_host::Result<()> {
+        match self {
+            Self::One { device, seq } => device.kv_free(seq.id),
+            Self::Set { set, seq } => set.kv_free(seq),
+        }
+    }
+}
+
 /// Refuses a synthetic cache this machine cannot hold, before generating it:
 /// K and V in host memory, and (embedded) the device region beside them.
 fn check_memory(args: &Args) -> anyhow::Result<()> {
@@ -302,7 +421,7 @@ fn check_memory(args: &Args) -> anyhow::Result<()> {
     };
     let tokens = args.tokens + u64::from(args.steps);
     let host = shape.bytes(tokens) * 2;
-    let region = if args.device.is_some() {
+    let region = if !args.device.is_empty() {
         0
     } else {
         args.size.unwrap_or_else(|| ((host as f64 * 1.1) as u64 + (192 << 20)).next_power_of_two())
@@ -337,6 +456,12 @@ fn main() -> anyhow::Result<()> {
     if args.group == 0 || args.k == 0 || args.tokens == 0 || args.steps == 0 {
         bail!("--group, -k, --tokens and --steps must be at least 1");
     }
+    if args.devices == 0 {
+        bail!("--devices must be at least 1");
+    }
+    if args.budget.is_some() && (args.devices > 1 || args.device.len() > 1) {
+        bail!("--budget (page selection) picks pages per device: it needs a single device");
+    }
     if args.kv.is_none() {
         if u64::from(args.k) > args.tokens {
             bail!(
@@ -356,51 +481,67 @@ fn main() -> anyhow::Result<()> {
     let d = usize::from(shape.head_dim);
     let row = shape.row_bytes();
 
-    // The device: embedded (a memfd in this process) or attached.
+    // The devices: embedded (memfds in this process) or attached.
     let total_tokens = cache.tokens + u64::from(args.steps);
-    let embedded = match &args.device {
-        Some(_) => None,
-        None => {
-            let needed = (shape.bytes(total_tokens) * 2) as f64 * 1.1 + (192u64 << 20) as f64;
-            let size = args.size.unwrap_or_else(|| (needed as u64).next_power_of_two());
-            Some(RunningDevice::embedded(size, None).context("starting the embedded device")?)
+    let attached = !args.device.is_empty();
+    let count = if attached { args.device.len() } else { args.devices };
+    let embedded = if attached {
+        Vec::new()
+    } else {
+        let needed =
+            (shape.bytes(total_tokens) * 2) as f64 * 1.1 / count as f64 + (192u64 << 20) as f64;
+        let size = args.size.unwrap_or_else(|| (needed as u64).next_power_of_two());
+        (0..count)
+            .map(|_| RunningDevice::embedded(size, None).context("starting an embedded device"))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let devices = if attached {
+        args.device.iter().map(Device::open).collect::<Result<Vec<_>, _>>()?
+    } else {
+        embedded
+            .iter()
+            .map(|d| {
+                let options = pnm_host::DeviceOptions {
+                    socket: d.socket().map(Into::into),
+                    ..Default::default()
+                };
+                Device::open_with(&d.region().path, &options)
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let device_name = match (attached, count) {
+        (true, _) => {
+            args.device.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         }
+        (false, 1) => "the embedded device".into(),
+        (false, n) => format!("{n} embedded devices"),
     };
-    let path = match (&args.device, &embedded) {
-        (Some(path), _) => path.clone(),
-        (None, Some(device)) => device.region().path.clone(),
-        (None, None) => unreachable!("one of the two is set"),
-    };
-    let options = pnm_host::DeviceOptions {
-        socket: embedded.as_ref().and_then(|d| d.socket().map(Into::into)),
-        ..Default::default()
-    };
-    // The driver's errors name the path already.
-    let device = Device::open_with(&path, &options)?;
-    let device_name =
-        if args.device.is_some() { path.display().to_string() } else { "embedded".into() };
     if !args.json {
-        let (identify, health) = (device.identify()?, device.health_info()?);
-        let pnm = device.identify_pnm()?;
-        println!(
-            "cxl-pnm device ({device_name}): firmware {}, ABI {}, {} MiB device DRAM, \
-             {} compute units; health {}, media status {}, {} dirty shutdowns",
-            identify.fw_revision,
-            pnm.abi_version,
-            pnm.dram_size >> 20,
-            pnm.compute_units,
-            if health.maintenance_needed || health.performance_degraded {
-                "attention"
-            } else {
-                "normal"
-            },
-            health.media_status,
-            health.dirty_shutdown_count,
-        );
+        for (i, device) in devices.iter().enumerate() {
+            let (identify, health) = (device.identify()?, device.health_info()?);
+            let pnm = device.identify_pnm()?;
+            let name =
+                if attached { device.path().display().to_string() } else { "embedded".into() };
+            println!(
+                "cxl-pnm device {i} ({name}): firmware {}, ABI {}, {} MiB device DRAM, \
+                 {} compute units; health {}, media status {}, {} dirty shutdowns",
+                identify.fw_revision,
+                pnm.abi_version,
+                pnm.dram_size >> 20,
+                pnm.compute_units,
+                if health.maintenance_needed || health.performance_degraded {
+                    "attention"
+                } else {
+                    "normal"
+                },
+                health.media_status,
+                health.dirty_shutdown_count,
+            );
+        }
     }
+    let mut store = Store::new(devices, shape)?;
 
     // Load: rows go straight into device DRAM frames.
-    let seq = device.kv_create(shape)?;
     let (mut keys, mut values) = (Vec::new(), Vec::new());
     for s in &cache.streams {
         keys.extend_from_slice(&s.keys);
@@ -408,18 +549,14 @@ fn main() -> anyhow::Result<()> {
     }
     let bar = progress(cache.tokens, "loading KV", args.json);
     let start = Instant::now();
-    let loaded =
-        device.kv_append(&seq, &keys, &values, cache.tokens, &mut |done| bar.set_position(done));
+    let loaded = store.append(&keys, &values, cache.tokens, &mut |done| bar.set_position(done));
     let load_seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
     drop((keys, values));
-    let mut seq: Sequence = match loaded {
-        Ok(seq) => seq,
-        Err(e) => {
-            let _ = device.kv_free(seq.id);
-            return Err(e).context("loading the KV cache into the device");
-        }
-    };
+    if let Err(e) = loaded {
+        let _ = store.free();
+        return Err(e).context("loading the KV cache into the device");
+    }
     let mut streams = cache.streams;
     let load_bytes = shape.bytes(cache.tokens) * 2;
 
@@ -428,7 +565,7 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
     for step in 0..args.steps {
         // Decode appends the new token's K and V to every stream first.
-        let t = seq.tokens as usize;
+        let t = store.tokens() as usize;
         let (mut new_k, mut new_v) = (Vec::new(), Vec::new());
         let mut row_f = vec![0f32; d];
         for s in &mut streams {
@@ -445,9 +582,9 @@ fn main() -> anyhow::Result<()> {
             encode(shape.dtype, &row_f, &mut new_v);
             s.values.extend_from_slice(&new_v[at..]);
         }
-        seq = device.kv_append(&seq, &new_k, &new_v, 1, &mut |_| {})?;
+        store.append(&new_k, &new_v, 1, &mut |_| {})?;
 
-        let mut report = StepReport { step, context_tokens: seq.tokens, ..Default::default() };
+        let mut report = StepReport { step, context_tokens: store.tokens(), ..Default::default() };
         let mut recall_sum = 0.0;
         let mut error_sum = 0.0;
         let mut error_count = 0;
@@ -478,17 +615,15 @@ fn main() -> anyhow::Result<()> {
                 sink_pages: 1,
                 recent_pages: 2,
             });
-            let request =
-                TopkRequest { selection, ..TopkRequest::new(&seq, layer, head, &query, args.k) };
-            let top = device.topk_gather_into(&request, &mut rows)?;
+            let (top, link_bytes) =
+                store.topk_gather(layer, head, &query, args.k, selection, &mut rows)?;
             report.keys_read_fraction +=
                 top.tokens_scored as f64 / top.tokens as f64 / streams.len() as f64;
             report.step_ms += start.elapsed().as_secs_f64() * 1e3;
             report.device_ms += top.device_ns as f64 / 1e6;
             report.modelled_ms += top.model_ns as f64 / 1e6;
-            let n = top.indices.len() as u64;
-            report.link_bytes += 64 + 32 + query.data.len() as u64 + 8 * n + 2 * n * row;
-            report.full_kv_bytes += 2 * seq.tokens * row;
+            report.link_bytes += link_bytes;
+            report.full_kv_bytes += 2 * store.tokens() * row;
 
             // Host side: what full attention would give, from all rows.
             let all_keys = decode(shape.dtype, &s.keys);
@@ -534,7 +669,8 @@ fn main() -> anyhow::Result<()> {
     let report = Report {
         source: cache.source,
         shape,
-        context_tokens: seq.tokens,
+        context_tokens: store.tokens(),
+        devices: count,
         group: args.group,
         k: args.k,
         device: device_name,
@@ -555,7 +691,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         println!();
         println!(
-            "{} KV: {} layers x {} KV heads x {} dims, {}, {} tokens; GQA group {}, k = {} on the {} device",
+            "{} KV: {} layers x {} KV heads x {} dims, {}, {} tokens; GQA group {}, k = {} on {}",
             report.source,
             shape.layers,
             shape.heads,
@@ -605,8 +741,8 @@ fn main() -> anyhow::Result<()> {
             report.mean_modelled_ms
         );
     }
-    if args.device.is_some() && !args.keep {
-        device.kv_free(seq.id)?;
+    if attached && !args.keep {
+        store.free()?;
     }
     Ok(())
 }

@@ -10,8 +10,6 @@
 //! For a GQA group of G queries the token's score is an aggregate of its G
 //! scores ([`Aggregation`]), ignoring NaNs unless all G are NaN.
 
-use std::cmp::Ordering;
-
 use crate::limits::Dtype;
 
 pub use pnm_protocol::queue::Aggregation;
@@ -164,17 +162,9 @@ pub fn score_rows(
     }
 }
 
-/// The ranking order: `a` before `b` if it has the higher score, NaN last,
-/// lower index on ties.
-#[inline]
-pub fn rank(a: (f32, u32), b: (f32, u32)) -> Ordering {
-    match (a.0.is_nan(), b.0.is_nan()) {
-        (false, false) => b.0.partial_cmp(&a.0).expect("not NaN").then(a.1.cmp(&b.1)),
-        (true, true) => a.1.cmp(&b.1),
-        (true, false) => Ordering::Greater,
-        (false, true) => Ordering::Less,
-    }
-}
+/// The ranking order (the protocol's: higher score first, NaN last, lower
+/// index on ties).
+pub use pnm_protocol::queue::rank;
 
 /// One selected token.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -60,6 +60,8 @@ pub enum Error {
     Protocol(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("device {device} of the set ({path}): {error}")]
+    Member { device: usize, path: PathBuf, error: Box<Error> },
     #[error("PCI device {device}: {problem}")]
     Vfio { device: String, problem: VfioProblem },
 }
@@ -95,6 +97,9 @@ impl Error {
     /// be stopped, hung or overloaded): another command would likely wait
     /// out its timeout too.
     pub fn device_unresponsive(&self) -> bool {
+        if let Self::Member { error, .. } = self {
+            return error.device_unresponsive();
+        }
         matches!(
             self,
             Self::Timeout { .. }
@@ -110,6 +115,7 @@ impl Error {
         match self {
             Self::Command { code, .. } | Self::Queue { code, .. } => Some(*code),
             Self::MediaError { .. } => Some(ReturnCode::MEDIA_ERROR),
+            Self::Member { error, .. } => error.return_code(),
             _ => None,
         }
     }

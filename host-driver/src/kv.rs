@@ -662,10 +662,28 @@ impl Device {
 
     /// The K and V rows of `indices` in (sequence, layer, head).
     pub fn gather(&self, seq: &Sequence, layer: u16, head: u16, indices: &[u32]) -> Result<Rows> {
+        self.gather_timed(seq, layer, head, indices).map(|(rows, ..)| rows)
+    }
+
+    /// [`gather`](Self::gather), with the nanoseconds the device spent and
+    /// the nanoseconds its modelled hardware would take.
+    pub fn gather_timed(
+        &self,
+        seq: &Sequence,
+        layer: u16,
+        head: u16,
+        indices: &[u32],
+    ) -> Result<(Rows, u64, u64)> {
         self.recovering(|| self.gather_once(seq, layer, head, indices))
     }
 
-    fn gather_once(&self, seq: &Sequence, layer: u16, head: u16, indices: &[u32]) -> Result<Rows> {
+    fn gather_once(
+        &self,
+        seq: &Sequence,
+        layer: u16,
+        head: u16,
+        indices: &[u32],
+    ) -> Result<(Rows, u64, u64)> {
         if indices.is_empty() {
             return Err(Error::Invalid("no token indices to gather".into()));
         }
@@ -691,7 +709,7 @@ impl Device {
         let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
         let (keys_at, values_at) = (out.addr + layout.key_rows(), out.addr + layout.value_rows());
         rows.read_from(s.mem(), keys_at, values_at, layout.n, layout.row_bytes);
-        Ok(rows)
+        Ok((rows, c.exec_ns, c.model_ns))
     }
 
     /// Top-K and the selected rows in one command.

@@ -17,6 +17,7 @@ pub mod media;
 pub mod notify;
 pub mod queue;
 mod session;
+pub mod set;
 mod sys;
 pub mod transport;
 #[cfg(feature = "vfio")]
@@ -34,5 +35,6 @@ pub use media::AffectedRows;
 pub use pnm_protocol::Dtype;
 pub use pnm_protocol::events::EventLog;
 pub use queue::{Completion, InterruptConfig, QueueOptions};
+pub use set::{DeviceSet, SetTopK, SetTopkRequest, ShardTime, ShardedSequence, Striping};
 pub use sys::default_sigpipe;
 pub use transport::{Interrupts, Transport};

@@ -445,6 +445,20 @@ impl GatherLayout {
     }
 }
 
+/// The order of TOPK results, which every Top-K answer follows and anything
+/// merging answers (a device set) must follow too: `a` before `b` if it has
+/// the higher score; equal scores (including -0.0 and 0.0): lower token
+/// index first; NaN after every number (including -inf), NaNs by index.
+pub fn rank(a: (f32, u32), b: (f32, u32)) -> core::cmp::Ordering {
+    use core::cmp::Ordering;
+    match (a.0.is_nan(), b.0.is_nan()) {
+        (false, false) => b.0.partial_cmp(&a.0).expect("not NaN").then(a.1.cmp(&b.1)),
+        (true, true) => a.1.cmp(&b.1),
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+    }
+}
+
 /// Tokens one KV frame holds for rows of `head_dim` elements of `dtype`.
 pub const fn tokens_per_page(head_dim: u32, dtype: Dtype) -> u32 {
     KV_FRAME_SIZE / (head_dim * dtype.size() as u32)

@@ -10,6 +10,7 @@ mod drill;
 mod kernel_bench;
 mod media;
 mod model;
+mod set;
 
 use clap::{Parser, Subcommand};
 use pnm_host::{Aggregation, Device, DeviceOptions, Error, KvShape, Query, Sequence};
@@ -99,6 +100,10 @@ enum Command {
     },
     /// The K and V rows of chosen tokens, written as .npy files [n, head_dim].
     Gather(GatherArgs),
+    /// A device set: KV sharded across several devices (pages round
+    /// robin), Top-K fanned out and merged exactly, rows gathered from the
+    /// devices holding them.
+    Set(set::SetArgs),
     /// A fault-injection drill against a device started with
     /// --allow-injection: load KV, run checked load on several handles,
     /// inject one fault class (or soak: random ones for --minutes), check
@@ -440,6 +445,15 @@ enum AggregationArg {
     Mean,
 }
 
+impl From<AggregationArg> for Aggregation {
+    fn from(a: AggregationArg) -> Self {
+        match a {
+            AggregationArg::Max => Aggregation::Max,
+            AggregationArg::Mean => Aggregation::Mean,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum KvAction {
     /// Load K and V arrays shaped [layers, kv_heads, tokens, head_dim].
@@ -613,13 +627,17 @@ fn kv_shape_of(keys: &Tensor, values: &Tensor) -> Result<(KvShape, u64), CliErro
 /// Percentile of sorted nanosecond samples, in microseconds.
 /// Opens the device named on the command line.
 fn open(cli: &Cli) -> Result<Device, Error> {
-    let options = DeviceOptions {
+    Device::open_with(&cli.device, &device_options(cli))
+}
+
+/// The device options the command line sets.
+fn device_options(cli: &Cli) -> DeviceOptions {
+    DeviceOptions {
         mailbox_timeout: Duration::from_millis(cli.timeout_ms),
         command_timeout: Duration::from_millis(cli.command_timeout_ms),
         wait_ready: Some(Duration::from_millis(cli.wait_ms)),
         ..Default::default()
-    };
-    Device::open_with(&cli.device, &options)
+    }
 }
 
 fn run(cli: &Cli) -> Result<(), CliError> {
@@ -659,6 +677,7 @@ fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Topk(args) => topk(cli, &open(cli)?, args),
         Command::Gather(args) => gather(cli, &open(cli)?, args),
         Command::Drill(args) => drill::drill(&cli.device, args),
+        Command::Set(args) => set::run(cli, args),
     }
 }
 
@@ -1177,20 +1196,8 @@ fn reset(cli: &Cli, device: &Device) -> Result<(), CliError> {
 
 /// `pnmctl kv load`.
 fn kv_load(cli: &Cli, device: &Device, args: &LoadArgs) -> Result<(), CliError> {
-    let LoadArgs { keys, values, safetensors, seq } = args;
-    let (k, v) = match (keys, values, safetensors) {
-        (Some(k), Some(v), _) => (tensorfile::read_npy(k)?, tensorfile::read_npy(v)?),
-        (_, _, Some(path)) => {
-            let mut tensors = tensorfile::read_safetensors(path)?;
-            let mut take = |name: &str| {
-                tensors
-                    .remove(name)
-                    .ok_or_else(|| usage(format!("{} has no tensor '{name}'", path.display())))
-            };
-            (take("k")?, take("v")?)
-        }
-        _ => return Err(usage("give --keys and --values, or --safetensors")),
-    };
+    let (k, v) = read_kv(args.keys.as_ref(), args.values.as_ref(), args.safetensors.as_ref())?;
+    let seq = &args.seq;
     let (shape, tokens) = kv_shape_of(&k, &v)?;
     let (sequence, created) = match seq {
         Some(id) => {
@@ -1233,6 +1240,44 @@ fn kv_load(cli: &Cli, device: &Device, args: &LoadArgs) -> Result<(), CliError> 
     Ok(())
 }
 
+/// K and V arrays from .npy files or a safetensors file's `k` and `v`.
+fn read_kv(
+    keys: Option<&PathBuf>,
+    values: Option<&PathBuf>,
+    safetensors: Option<&PathBuf>,
+) -> Result<(Tensor, Tensor), CliError> {
+    Ok(match (keys, values, safetensors) {
+        (Some(k), Some(v), _) => (tensorfile::read_npy(k)?, tensorfile::read_npy(v)?),
+        (_, _, Some(path)) => {
+            let mut tensors = tensorfile::read_safetensors(path)?;
+            let mut take = |name: &str| {
+                tensors
+                    .remove(name)
+                    .ok_or_else(|| usage(format!("{} has no tensor '{name}'", path.display())))
+            };
+            (take("k")?, take("v")?)
+        }
+        _ => return Err(usage("give --keys and --values, or --safetensors")),
+    })
+}
+
+/// A query .npy, [head_dim] or [G, head_dim], for rows of `head_dim`.
+fn read_query(path: &std::path::Path, head_dim: u16) -> Result<Query, CliError> {
+    let q = tensorfile::read_npy(path)?;
+    let d = usize::from(head_dim);
+    let group = match q.shape[..] {
+        [n] if n == d => 1,
+        [g, n] if n == d && g >= 1 => g,
+        _ => {
+            return Err(usage(format!(
+                "query has shape {:?}; expected [{d}] or [G, {d}]",
+                q.shape
+            )));
+        }
+    };
+    Ok(Query { dtype: q.dtype, group: group as u32, data: q.data })
+}
+
 /// `pnmctl kv list`.
 fn kv_list(cli: &Cli, device: &Device) -> Result<(), CliError> {
     let list = device.kv_list()?;
@@ -1271,23 +1316,8 @@ fn topk(cli: &Cli, device: &Device, args: &TopkArgs) -> Result<(), CliError> {
     if *k == 0 {
         return Err(usage("k must be at least 1"));
     }
-    let q = tensorfile::read_npy(query)?;
-    let d = usize::from(sequence.shape.head_dim);
-    let group = match q.shape[..] {
-        [n] if n == d => 1,
-        [g, n] if n == d && g >= 1 => g,
-        _ => {
-            return Err(usage(format!(
-                "query has shape {:?}; expected [{d}] or [G, {d}] for sequence {seq}",
-                q.shape
-            )));
-        }
-    };
-    let query = Query { dtype: q.dtype, group: group as u32, data: q.data };
-    let aggregation = match aggregation {
-        AggregationArg::Max => Aggregation::Max,
-        AggregationArg::Mean => Aggregation::Mean,
-    };
+    let query = read_query(query, sequence.shape.head_dim)?;
+    let aggregation = Aggregation::from(*aggregation);
     let request = pnm_host::TopkRequest {
         seq: &sequence,
         layer: *layer,
@@ -1303,27 +1333,53 @@ fn topk(cli: &Cli, device: &Device, args: &TopkArgs) -> Result<(), CliError> {
         skip_bad_rows: *skip_bad_rows,
     };
     let top = device.topk_batch(std::slice::from_ref(&request))?.pop().expect("one answer")?;
-    if cli.json {
+    print_topk(cli.json, &top, serde_json::json!({}));
+    Ok(())
+}
+
+/// A Top-K's answer: JSON (`extra`'s fields added) or a table.
+fn print_topk(json: bool, top: &pnm_host::TopK, extra: serde_json::Value) {
+    if json {
         // JSON has no NaN or infinity: such scores print as null.
         let scores: Vec<Option<f32>> =
             top.scores.iter().map(|&s| s.is_finite().then_some(s)).collect();
-        println!(
-            "{}",
-            serde_json::json!({
-                "indices": top.indices,
-                "scores": scores,
-                "tokens": top.tokens,
-                "tokens_scored": top.tokens_scored,
-                "device_ns": top.device_ns,
-                "model_ns": top.model_ns,
-            })
-        );
+        let mut value = serde_json::json!({
+            "indices": top.indices,
+            "scores": scores,
+            "tokens": top.tokens,
+            "tokens_scored": top.tokens_scored,
+            "skipped": top.skipped,
+            "device_ns": top.device_ns,
+            "model_ns": top.model_ns,
+        });
+        if let (Some(value), serde_json::Value::Object(extra)) = (value.as_object_mut(), extra) {
+            value.extend(extra);
+        }
+        println!("{value}");
     } else {
         println!("rank  token     score");
         for (rank, (i, s)) in top.indices.iter().zip(&top.scores).enumerate() {
             println!("{rank:<5} {i:<9} {s}");
         }
     }
+}
+
+/// Writes gathered rows as .npy files [n, head_dim] and says so.
+fn write_rows(
+    json: bool,
+    rows: pnm_host::Rows,
+    shape: KvShape,
+    out_keys: &std::path::Path,
+    out_values: &std::path::Path,
+) -> Result<(), CliError> {
+    let n = rows.keys.len() / shape.row_bytes().max(1) as usize;
+    let dims = vec![n, usize::from(shape.head_dim)];
+    let dtype = shape.dtype;
+    tensorfile::write_npy(out_keys, &Tensor { dtype, shape: dims.clone(), data: rows.keys })?;
+    tensorfile::write_npy(out_values, &Tensor { dtype, shape: dims, data: rows.values })?;
+    emit(json, &serde_json::json!({ "rows": n }), |_| {
+        format!("wrote {n} rows to {} and {}\n", out_keys.display(), out_values.display())
+    });
     Ok(())
 }
 
@@ -1340,17 +1396,5 @@ fn gather(cli: &Cli, device: &Device, args: &GatherArgs) -> Result<(), CliError>
         )));
     }
     let rows = device.gather(&sequence, *layer, *head, indices)?;
-    let shape = vec![indices.len(), usize::from(sequence.shape.head_dim)];
-    let dtype = sequence.shape.dtype;
-    tensorfile::write_npy(out_keys, &Tensor { dtype, shape: shape.clone(), data: rows.keys })?;
-    tensorfile::write_npy(out_values, &Tensor { dtype, shape, data: rows.values })?;
-    emit(cli.json, &serde_json::json!({ "rows": indices.len() }), |_| {
-        format!(
-            "wrote {} rows to {} and {}\n",
-            indices.len(),
-            out_keys.display(),
-            out_values.display()
-        )
-    });
-    Ok(())
+    write_rows(cli.json, rows, sequence.shape, out_keys, out_values)
 }
