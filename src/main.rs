@@ -10,6 +10,7 @@
 //! attention and how many bytes crossed the link.
 
 mod synthetic;
+mod tiered_job;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -70,6 +71,15 @@ struct Args {
     /// every token, the exact Top-K).
     #[arg(long)]
     budget: Option<u32>,
+    /// KV tiering: keep the newest W tokens (and --sinks) in host memory,
+    /// evict the rest to the device(s); each step attends exactly over the
+    /// host tokens plus the devices' Top-K rows under one softmax.
+    #[arg(long, value_name = "W")]
+    hot_window: Option<u64>,
+    /// With --hot-window: leading tokens kept in host memory for good
+    /// (attention sinks).
+    #[arg(long, default_value_t = 4, requires = "hot_window")]
+    sinks: u64,
     /// Decode steps; each appends one token first.
     #[arg(long, default_value_t = 8)]
     steps: u32,
@@ -259,6 +269,60 @@ fn exact_topk(queries: &[f32], keys: &[f32], d: usize, k: usize) -> Vec<u32> {
     let k = k.min(scored.len());
     scored.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
     scored[..k].iter().map(|s| s.1).collect()
+}
+
+/// The next token's K and V for every stream (appended to the streams'
+/// copies too), laid out for an append: `[layers][heads][1][head_dim]`.
+fn next_token(
+    streams: &mut [KvStream],
+    rng: &mut Rng,
+    shape: KvShape,
+    t: usize,
+) -> (Vec<u8>, Vec<u8>) {
+    let (d, row) = (usize::from(shape.head_dim), shape.row_bytes() as usize);
+    let (mut new_k, mut new_v) = (Vec::new(), Vec::new());
+    let mut row_f = vec![0f32; d];
+    for s in streams {
+        match &s.structure {
+            Some(structure) => structure.key(rng, t, t, false, &mut row_f),
+            None => row_f.copy_from_slice(&decode(shape.dtype, &s.keys[s.keys.len() - row..])),
+        }
+        let at = new_k.len();
+        encode(shape.dtype, &row_f, &mut new_k);
+        s.keys.extend_from_slice(&new_k[at..]);
+        row_f.iter_mut().for_each(|v| *v = rng.normal());
+        let at = new_v.len();
+        encode(shape.dtype, &row_f, &mut new_v);
+        s.values.extend_from_slice(&new_v[at..]);
+    }
+    (new_k, new_v)
+}
+
+/// A decode step's GQA group of queries for one stream.
+fn step_queries(s: &KvStream, rng: &mut Rng, shape: KvShape, group: u32) -> Vec<f32> {
+    let (d, row) = (usize::from(shape.head_dim), shape.row_bytes() as usize);
+    match (&s.structure, &s.queries) {
+        (Some(structure), _) => {
+            let mut q = vec![0f32; d * group as usize];
+            q.chunks_exact_mut(d).for_each(|g| structure.query(rng, g));
+            q
+        }
+        (None, Some(q)) => q.iter().map(|&x| x + 0.01 * rng.normal()).collect(),
+        // No queries in the file: the newest key, slightly perturbed, per group member.
+        (None, None) => {
+            let last = decode(shape.dtype, &s.keys[s.keys.len() - row..]);
+            (0..group)
+                .flat_map(|_| last.iter().map(|&x| x + 0.1 * rng.normal()).collect::<Vec<_>>())
+                .collect()
+        }
+    }
+}
+
+/// Relative L2 error of `got` against `want`.
+fn rel_error(want: &[f64], got: impl Iterator<Item = f64>) -> f64 {
+    let diff: f64 = want.iter().zip(got).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+    let norm: f64 = want.iter().map(|a| a * a).sum::<f64>().sqrt();
+    diff / norm.max(f64::MIN_POSITIVE)
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -459,6 +523,11 @@ fn main() -> anyhow::Result<()> {
     if args.devices == 0 {
         bail!("--devices must be at least 1");
     }
+    if args.budget.is_some() && args.hot_window.is_some() {
+        bail!(
+            "--budget (page selection) and --hot-window do not combine: tiering uses exact Top-K"
+        );
+    }
     if args.budget.is_some() && (args.devices > 1 || args.device.len() > 1) {
         bail!("--budget (page selection) picks pages per device: it needs a single device");
     }
@@ -539,6 +608,9 @@ fn main() -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(window) = args.hot_window {
+        return tiered_job::run(&args, cache, devices, rng, device_name, window);
+    }
     let mut store = Store::new(devices, shape)?;
 
     // Load: rows go straight into device DRAM frames.
@@ -565,23 +637,7 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
     for step in 0..args.steps {
         // Decode appends the new token's K and V to every stream first.
-        let t = store.tokens() as usize;
-        let (mut new_k, mut new_v) = (Vec::new(), Vec::new());
-        let mut row_f = vec![0f32; d];
-        for s in &mut streams {
-            match &s.structure {
-                Some(structure) => structure.key(&mut rng, t, t, false, &mut row_f),
-                None => row_f
-                    .copy_from_slice(&decode(shape.dtype, &s.keys[s.keys.len() - row as usize..])),
-            }
-            let at = new_k.len();
-            encode(shape.dtype, &row_f, &mut new_k);
-            s.keys.extend_from_slice(&new_k[at..]);
-            row_f.iter_mut().for_each(|v| *v = rng.normal());
-            let at = new_v.len();
-            encode(shape.dtype, &row_f, &mut new_v);
-            s.values.extend_from_slice(&new_v[at..]);
-        }
+        let (new_k, new_v) = next_token(&mut streams, &mut rng, shape, store.tokens() as usize);
         store.append(&new_k, &new_v, 1, &mut |_| {})?;
 
         let mut report = StepReport { step, context_tokens: store.tokens(), ..Default::default() };
@@ -591,23 +647,7 @@ fn main() -> anyhow::Result<()> {
         for (i, s) in streams.iter().enumerate() {
             let (layer, head) =
                 ((i / usize::from(shape.heads)) as u16, (i % usize::from(shape.heads)) as u16);
-            let queries: Vec<f32> = match (&s.structure, &s.queries) {
-                (Some(structure), _) => {
-                    let mut q = vec![0f32; d * args.group as usize];
-                    q.chunks_exact_mut(d).for_each(|g| structure.query(&mut rng, g));
-                    q
-                }
-                (None, Some(q)) => q.iter().map(|&x| x + 0.01 * rng.normal()).collect(),
-                // No queries in the file: the newest key, slightly perturbed, per group member.
-                (None, None) => {
-                    let last = decode(shape.dtype, &s.keys[s.keys.len() - row as usize..]);
-                    (0..args.group)
-                        .flat_map(|_| {
-                            last.iter().map(|&x| x + 0.1 * rng.normal()).collect::<Vec<_>>()
-                        })
-                        .collect()
-                }
-            };
+            let queries = step_queries(s, &mut rng, shape, args.group);
             let query = Query::f32(&queries, d);
             let start = Instant::now();
             let selection = args.budget.map(|budget_tokens| PageSelection {
@@ -637,10 +677,7 @@ fn main() -> anyhow::Result<()> {
             for q in queries.chunks_exact(d) {
                 let full = attend(q, &all_keys, &all_values, d);
                 let sparse = attend(q, &sel_k, &sel_v, d);
-                let diff: f64 =
-                    full.iter().zip(&sparse).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-                let norm: f64 = full.iter().map(|a| a * a).sum::<f64>().sqrt();
-                error_sum += diff / norm.max(f64::MIN_POSITIVE);
+                error_sum += rel_error(&full, sparse.into_iter());
                 error_count += 1;
             }
         }

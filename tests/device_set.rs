@@ -7,32 +7,13 @@ mod common;
 
 use std::time::Duration;
 
-use common::{DeviceProcess, TempRegion};
+use common::{DeviceProcess, Rng, TempRegion};
 use pnm_device::RunningDevice;
 use pnm_host::{
     Aggregation, Device, DeviceOptions, DeviceSet, Dtype, Error, KvShape, Query, SetTopkRequest,
     TopkRequest,
 };
 use pnm_protocol::ReturnCode;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    fn unit(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-}
 
 fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
     match dtype {
@@ -240,4 +221,39 @@ fn a_device_dying_mid_fan_out_is_named_and_the_others_still_answer() {
     assert_eq!(top.tokens, seq.shards[0].tokens);
     processes[1].signal(nix::sys::signal::Signal::SIGKILL);
     let _ = processes[1].wait(Duration::from_secs(5));
+}
+
+/// Runs the main job with `args` and its `--json` report.
+fn main_job(args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cxl-pnm"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_main_job_on_a_set_and_tiered_is_exact_and_no_worse_than_top_k_alone() {
+    let base = ["--layers", "1", "--kv-heads", "2", "--tokens", "6000", "--steps", "2"];
+    let small = [&base[..], &["-k", "256"]].concat();
+    let set = main_job(&[&small[..], &["--devices", "2"]].concat());
+    assert_eq!(set["devices"], 2);
+    assert_eq!(set["mean_recall"], 1.0, "exact Top-K across the set");
+    let tiered = main_job(&[&small[..], &["--devices", "2", "--hot-window", "512"]].concat());
+    assert_eq!(tiered["mean_recall"], 1.0, "the set's Top-K of the evicted part is exact");
+    assert_eq!(
+        tiered["host_tokens"],
+        tiered["context_tokens"].as_u64().unwrap() - tiered["evicted_tokens"].as_u64().unwrap()
+    );
+    let (err, alone) = (
+        tiered["mean_attention_rel_error"].as_f64().unwrap(),
+        tiered["mean_topk_only_rel_error"].as_f64().unwrap(),
+    );
+    assert!(err <= alone, "tiered {err} vs Top-K alone {alone} at the same k");
+    assert!(tiered["link_reduction"].as_f64().unwrap() > 1.0);
+    // k covering the whole evicted part: tiered attention is full attention.
+    let whole = main_job(&[&base[..], &["--hot-window", "512", "-k", "6000"]].concat());
+    assert!(whole["mean_attention_rel_error"].as_f64().unwrap() < 1e-5, "{whole}");
 }

@@ -58,6 +58,19 @@ impl KvShape {
     pub fn bytes(&self, tokens: u64) -> u64 {
         u64::from(self.layers) * u64::from(self.heads) * tokens * self.row_bytes()
     }
+
+    /// Checks that `keys` and `values` hold `tokens` tokens of this shape.
+    pub(crate) fn check_rows(&self, keys: &[u8], values: &[u8], tokens: u64) -> Result<()> {
+        let expected = self.bytes(tokens);
+        if keys.len() as u64 != expected || values.len() as u64 != expected {
+            return Err(Error::Invalid(format!(
+                "{tokens} tokens of {self} need {expected} bytes each of K and V; got {} and {}",
+                keys.len(),
+                values.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A sequence as the device lists it.
@@ -392,14 +405,7 @@ impl Device {
         progress: &mut dyn FnMut(u64),
     ) -> Result<Sequence> {
         let shape = seq.shape;
-        let expected = shape.bytes(tokens);
-        if keys.len() as u64 != expected || values.len() as u64 != expected {
-            return Err(Error::Invalid(format!(
-                "{tokens} tokens of {shape} need {expected} bytes each of K and V; got {} and {}",
-                keys.len(),
-                values.len()
-            )));
-        }
+        shape.check_rows(keys, values, tokens)?;
         let mut s = self.session()?;
         let (frames_offset, frame_count) = (s.session().frames_offset, s.session().frame_count);
         let dram = self.layout().dram_offset;

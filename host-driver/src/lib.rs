@@ -19,6 +19,7 @@ pub mod queue;
 mod session;
 pub mod set;
 mod sys;
+pub mod tiered;
 pub mod transport;
 #[cfg(feature = "vfio")]
 pub mod vfio;
@@ -37,4 +38,5 @@ pub use pnm_protocol::events::EventLog;
 pub use queue::{Completion, InterruptConfig, QueueOptions};
 pub use set::{DeviceSet, SetTopK, SetTopkRequest, ShardTime, ShardedSequence, Striping};
 pub use sys::default_sigpipe;
+pub use tiered::{AttendStats, TieredKv, TieredOptions};
 pub use transport::{Interrupts, Transport};

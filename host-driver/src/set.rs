@@ -305,14 +305,7 @@ impl DeviceSet {
     ) -> Result<ShardedSequence> {
         self.check_shape(seq)?;
         let shape = seq.shape;
-        let expected = shape.bytes(tokens);
-        if keys.len() as u64 != expected || values.len() as u64 != expected {
-            return Err(Error::Invalid(format!(
-                "{tokens} tokens of {shape} need {expected} bytes each of K and V; got {} and {}",
-                keys.len(),
-                values.len()
-            )));
-        }
+        shape.check_rows(keys, values, tokens)?;
         let st = seq.striping;
         let (start, end) = (seq.tokens, seq.tokens + tokens);
         // Each device's part, from its shard's current end.

@@ -269,3 +269,30 @@ impl pnm_host::Interrupts for LostInterrupts {
 
 #[allow(unused_imports)]
 pub use pnm_tools::testdata::random_f32s;
+
+/// xorshift64: reproducible test data without a dependency.
+#[derive(Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// Uniform in [-1, 1).
+    pub fn unit(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    /// Multiples of 0.5 in [-1, 1]: dot products exact in f32, many ties.
+    pub fn coarse(&mut self) -> f32 {
+        (self.next_u64() % 5) as f32 * 0.5 - 1.0
+    }
+}
