@@ -367,7 +367,10 @@ fn pnmctl_bench_topk_reports_the_path_against_the_device_kernel_and_in_process()
 
 #[test]
 fn pnmctl_model_answers_from_profiles_without_a_device() {
-    let out = run("pnmctl", &["--json", "model", "--model", "llama-3-70b", "--context", "131072"]);
+    let out = run(
+        "pnmctl",
+        &["--json", "model", "--model", "llama-3-70b", "--context", "131072", "--batch", "1"],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // The seed's formula: 2 x 80 layers x 8 KV heads x 128 x 2 bytes x 131072 = 40 GiB.
@@ -391,6 +394,26 @@ fn pnmctl_model_answers_from_profiles_without_a_device() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["answers"][0]["profile"], "doubled");
+    // The system model and its charts.
+    let charts = dir.join("charts");
+    let out =
+        run("pnmctl", &["--json", "model", "--modules", "4", "--plot", charts.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let system = &v["system_model"];
+    let pnm = &system["answer"]["pnm"];
+    assert!(
+        pnm["link_bytes"].as_f64().unwrap()
+            < system["answer"]["stream_all"]["link_bytes"].as_f64().unwrap()
+    );
+    assert_eq!(system["scaling_filled"].as_array().unwrap().len(), 16);
+    assert_eq!(system["talk"]["batch_for_6_4_tb"], 149);
+    for chart in
+        ["step-time-vs-context", "throughput-vs-modules", "link-bytes-vs-k", "energy-per-token"]
+    {
+        let svg = std::fs::read_to_string(charts.join(format!("{chart}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("PNM"), "{chart}");
+    }
     std::fs::write(&custom, "name = 3").unwrap();
     let out = run("pnmctl", &["model", "--profile", custom.to_str().unwrap()]);
     assert!(!out.status.success(), "a malformed profile is an error");

@@ -8,6 +8,8 @@
 //! - [`kv`]: the KV store's layout in device DRAM.
 //! - [`kernels`]: scoring, aggregation and Top-K selection.
 //! - [`timing`]: how long the modelled hardware would take (profiles in TOML).
+//! - [`system`]: the talk's questions for a GPU server with CXL memory:
+//!   stream-all, tiered and PNM decode steps, scaling, energy, cost.
 
 pub mod events;
 pub mod integrity;
@@ -16,6 +18,7 @@ pub mod kv;
 pub mod limits;
 pub mod media;
 pub mod simd;
+pub mod system;
 pub mod timing;
 
 pub use limits::{Dtype, FirmwareLimits, LIMITS};

@@ -159,14 +159,45 @@ pub struct ModelShape {
     pub q_heads: u64,
     pub kv_heads: u64,
     pub head_dim: u64,
+    /// Parameters (the weights a decode step reads once).
+    pub params: u64,
 }
 
-/// Public model configurations (their config.json values).
+/// Public model configurations (their config.json values; parameter
+/// counts from the model cards).
 pub const MODELS: [ModelShape; 4] = [
-    ModelShape { name: "llama-3-8b", layers: 32, q_heads: 32, kv_heads: 8, head_dim: 128 },
-    ModelShape { name: "llama-3-70b", layers: 80, q_heads: 64, kv_heads: 8, head_dim: 128 },
-    ModelShape { name: "llama-3-405b", layers: 126, q_heads: 128, kv_heads: 8, head_dim: 128 },
-    ModelShape { name: "qwen2-7b", layers: 28, q_heads: 28, kv_heads: 4, head_dim: 128 },
+    ModelShape {
+        name: "llama-3-8b",
+        layers: 32,
+        q_heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        params: 8_030_000_000,
+    },
+    ModelShape {
+        name: "llama-3-70b",
+        layers: 80,
+        q_heads: 64,
+        kv_heads: 8,
+        head_dim: 128,
+        params: 70_600_000_000,
+    },
+    ModelShape {
+        name: "llama-3-405b",
+        layers: 126,
+        q_heads: 128,
+        kv_heads: 8,
+        head_dim: 128,
+        params: 405_900_000_000,
+    },
+    ModelShape {
+        name: "qwen2-7b",
+        layers: 28,
+        q_heads: 28,
+        kv_heads: 4,
+        head_dim: 128,
+        params: 7_620_000_000,
+    },
 ];
 
 /// One decode step's question: a model, a context, a batch, K.

@@ -10,6 +10,7 @@ mod drill;
 mod kernel_bench;
 mod media;
 mod model;
+mod plot;
 mod set;
 
 use clap::{Parser, Subcommand};
@@ -183,8 +184,9 @@ struct ModelArgs {
     /// Tokens of context per sequence.
     #[arg(long, default_value_t = 131072)]
     context: u64,
-    /// Sequences decoded together in one step (the batch).
-    #[arg(long, default_value_t = 1)]
+    /// Sequences decoded together in one step (the batch; by default one
+    /// whose KV cache outgrows the server's HBM at 128K tokens).
+    #[arg(long, default_value_t = 32)]
     batch: u64,
     /// KV element type.
     #[arg(long, value_enum, default_value = "f16")]
@@ -195,6 +197,31 @@ struct ModelArgs {
     /// Profiles: built-in names or .toml files (default: every built-in).
     #[arg(long, value_delimiter = ',')]
     profile: Vec<String>,
+    /// PNM modules sharing the KV cache in the system model.
+    #[arg(long, default_value_t = 8)]
+    modules: u32,
+    /// The server (GPUs, prices, energies): a TOML file of
+    /// firmware-model/profiles/system-h200x8.toml's fields (default: that one).
+    #[arg(long)]
+    system: Option<String>,
+    /// Any shape: layers (overrides --model's).
+    #[arg(long)]
+    layers: Option<u64>,
+    /// Any shape: query heads.
+    #[arg(long)]
+    q_heads: Option<u64>,
+    /// Any shape: KV heads.
+    #[arg(long)]
+    kv_heads: Option<u64>,
+    /// Any shape: head dimension.
+    #[arg(long)]
+    head_dim: Option<u64>,
+    /// Any shape: parameters, in billions.
+    #[arg(long)]
+    params_b: Option<f64>,
+    /// Write charts (SVG and PNG) into this directory.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// `pnmctl gather`.
@@ -687,23 +714,72 @@ fn print_json(value: &impl Serialize) {
 
 /// `pnmctl model`: needs no device.
 fn model_command(cli: &Cli, args: &ModelArgs) -> Result<(), CliError> {
-    let ModelArgs { model, context, batch, dtype, k, profile } = args;
-    if *context == 0 || *batch == 0 || *k == 0 {
-        return Err(usage("--context, --batch and -k must be at least 1"));
+    let ModelArgs { context, batch, dtype, k, profile, modules, .. } = args;
+    if *context == 0 || *batch == 0 || *k == 0 || *modules == 0 {
+        return Err(usage("--context, --batch, -k and --modules must be at least 1"));
     }
     let profiles = if profile.is_empty() {
         pnm_firmware::timing::HardwareProfile::built_in()
     } else {
         profile.iter().map(|p| model::load_profile(p)).collect::<Result<_, _>>().map_err(usage)?
     };
+    let mut shape = model::model_shape(&args.model).map_err(usage)?;
+    let custom = [args.layers, args.q_heads, args.kv_heads, args.head_dim];
+    if custom.iter().any(Option::is_some) || args.params_b.is_some() {
+        shape.name = "custom";
+        shape.layers = args.layers.unwrap_or(shape.layers);
+        shape.q_heads = args.q_heads.unwrap_or(shape.q_heads);
+        shape.kv_heads = args.kv_heads.unwrap_or(shape.kv_heads);
+        shape.head_dim = args.head_dim.unwrap_or(shape.head_dim);
+        if let Some(b) = args.params_b {
+            if !(b.is_finite() && b > 0.0) {
+                return Err(usage("--params-b must be a positive number"));
+            }
+            shape.params = (b * 1e9) as u64;
+        }
+        if shape.layers == 0 || shape.q_heads == 0 || shape.kv_heads == 0 || shape.head_dim == 0 {
+            return Err(usage("--layers, --q-heads, --kv-heads and --head-dim must be at least 1"));
+        }
+        if shape.q_heads % shape.kv_heads != 0 {
+            return Err(usage("--q-heads must be a multiple of --kv-heads"));
+        }
+    }
+    let elem_bytes = pnm_host::Dtype::from(*dtype).size() as u64;
     let question = pnm_firmware::timing::StepQuestion {
-        model: model::model_shape(model).map_err(usage)?,
+        model: shape.clone(),
         context: *context,
         batch: *batch,
-        elem_bytes: pnm_host::Dtype::from(*dtype).size() as u64,
+        elem_bytes,
         k: *k,
     };
-    let (value, text) = model::answer(&question, &profiles);
+    let (mut value, mut text) = model::answer(&question, &profiles);
+    let system = model::load_system(args.system.as_deref()).map_err(usage)?;
+    let pnm = profiles.iter().find(|p| p.has_compute()).cloned().unwrap_or_else(|| {
+        pnm_firmware::timing::HardwareProfile::named("cxl-pnm").expect("built in")
+    });
+    let system_question = pnm_firmware::system::SystemQuestion {
+        model: shape,
+        context: *context,
+        batch: *batch,
+        elem_bytes,
+        k: *k,
+        modules: *modules,
+    };
+    let (system_value, system_text) = model::system_answer(&system_question, &system, &pnm);
+    value["system_model"] = system_value;
+    text += &system_text;
+    if let Some(dir) = &args.plot {
+        let charts = model::charts(&system_question, &system, &pnm, None);
+        let (written, note) = plot::write_all(dir, &charts).map_err(usage)?;
+        value["charts"] = serde_json::json!(written);
+        text += &format!(
+            "\nwrote {}\n",
+            written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+        if let Some(note) = note {
+            text += &format!("note: {note}\n");
+        }
+    }
     if cli.json {
         print_json(&value);
     } else {
