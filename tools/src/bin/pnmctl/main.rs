@@ -12,6 +12,7 @@ mod media;
 mod model;
 mod plot;
 mod set;
+mod set_bench;
 
 use clap::{Parser, Subcommand};
 use pnm_host::{Aggregation, Device, DeviceOptions, Error, KvShape, Query, Sequence};
@@ -128,6 +129,10 @@ enum BenchAction {
     /// the device against the same kernel in-process, the device's idle
     /// CPU and the memory it and the driver use beyond the region (JSON).
     Datapath(datapath_bench::DatapathArgs),
+    /// A device set's fan-out (2 pnm-device processes by default) against
+    /// one device holding everything, with one and with as many compute
+    /// units, alternated in one run; the merge's cost per candidate (JSON).
+    Set(set_bench::SetBenchArgs),
 }
 
 /// One (sequence, layer, KV head): the rows a Top-K scores or a gather reads.
@@ -222,6 +227,10 @@ struct ModelArgs {
     /// Write charts (SVG and PNG) into this directory.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// With --plot: `pnmctl bench set` JSON whose measured fan-out speed-up
+    /// goes on the throughput chart beside the model.
+    #[arg(long, requires = "plot")]
+    measured: Option<PathBuf>,
 }
 
 /// `pnmctl gather`.
@@ -769,7 +778,11 @@ fn model_command(cli: &Cli, args: &ModelArgs) -> Result<(), CliError> {
     value["system_model"] = system_value;
     text += &system_text;
     if let Some(dir) = &args.plot {
-        let charts = model::charts(&system_question, &system, &pnm, None);
+        let measured = match &args.measured {
+            Some(path) => Some(model::measured_speedup(path).map_err(usage)?),
+            None => None,
+        };
+        let charts = model::charts(&system_question, &system, &pnm, measured.as_deref());
         let (written, note) = plot::write_all(dir, &charts).map_err(usage)?;
         value["charts"] = serde_json::json!(written);
         text += &format!(
@@ -796,6 +809,10 @@ fn bench(cli: &Cli, action: &BenchAction) -> Result<(), CliError> {
         BenchAction::Nop(args) => bench_nop(cli, args),
         BenchAction::Datapath(args) => {
             print_json(&datapath_bench::run(args).map_err(|e| usage(format!("{e:#}")))?);
+            Ok(())
+        }
+        BenchAction::Set(args) => {
+            print_json(&set_bench::run(args).map_err(|e| usage(format!("{e:#}")))?);
             Ok(())
         }
     }

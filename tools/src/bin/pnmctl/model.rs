@@ -222,6 +222,23 @@ pub fn system_answer(
     (value, text)
 }
 
+/// (devices, speed-up over one device) points from `pnmctl bench set` JSON.
+pub fn measured_speedup(path: &std::path::Path) -> Result<Vec<(f64, f64)>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+    let speedup = v["set_speedup_vs_one_unit"].as_f64();
+    let devices = v["configs"][2]["config"]
+        .as_str()
+        .and_then(|c| c.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok());
+    match (speedup, devices) {
+        (Some(s), Some(n)) if s.is_finite() && s > 0.0 => Ok(vec![(1.0, 1.0), (n, s)]),
+        _ => Err(format!("{} is not `pnmctl bench set` output", path.display())),
+    }
+}
+
 /// The charts: step time against context, throughput against modules,
 /// link bytes against k, movement energy per token against context.
 pub fn charts(
