@@ -257,3 +257,22 @@ fn the_main_job_on_a_set_and_tiered_is_exact_and_no_worse_than_top_k_alone() {
     let whole = main_job(&[&base[..], &["--hot-window", "512", "-k", "6000"]].concat());
     assert!(whole["mean_attention_rel_error"].as_f64().unwrap() < 1e-5, "{whole}");
 }
+
+#[test]
+fn the_set_benchmark_reports_every_configuration_against_the_roofline() {
+    let out = common::run("pnmctl", &["bench", "set", "--tokens", "4096", "--reps", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["machine"]["memory_read_gb_per_s"].as_f64().unwrap() > 0.0);
+    let configs = v["configs"].as_array().unwrap();
+    assert_eq!(configs.len(), 3);
+    for c in configs {
+        assert!(c["step_ms"].as_f64().unwrap() > 0.0, "{c}");
+        assert!(c["fraction_of_one_core_roofline"].as_f64().unwrap() > 0.0, "{c}");
+    }
+    assert!(v["set_speedup_vs_one_unit"].as_f64().unwrap() > 0.0);
+    // Two modules scan half the keys each (at 4096 tokens the fixed
+    // per-command costs keep the ratio well below 2).
+    assert!(v["modelled_speedup"].as_f64().unwrap() > 1.0, "{v}");
+    assert!(v["merge_ns_per_candidate"].as_f64().unwrap() > 0.0);
+}
