@@ -173,3 +173,57 @@ fn with_a_small_k_a_step_is_one_softmax_over_host_tokens_and_the_exact_top_k() {
     assert!(tiered.attend(1, 0, &[0.0; 32], &mut [0.0; 32]).is_err());
     tiered.free().unwrap();
 }
+
+#[test]
+fn an_eviction_that_fails_midway_loses_nothing_and_completes_on_retry() {
+    let devices: Vec<RunningDevice> = vec![
+        RunningDevice::embedded(64 << 20, Some(1)).unwrap(),
+        RunningDevice::embedded(64 << 20, Some(1)).unwrap(),
+    ];
+    let set = set_of(&devices);
+    let shape = KvShape { dtype: Dtype::F32, layers: 1, heads: 1, head_dim: 128 };
+    // Fill device 1 with another sequence so the eviction fails there.
+    let d1 = &set.devices()[1];
+    let filler = d1.kv_create(shape).unwrap();
+    let page = vec![0u8; shape.bytes(128) as usize];
+    let mut filler_seq = filler;
+    while let Ok(s) = d1.kv_append(&filler_seq, &page, &page, 128, &mut |_| {}) {
+        filler_seq = s;
+    }
+    let options = TieredOptions { hot_window: 64, sinks: 0, evict_batch: 0, k: 8192 };
+    let mut tiered = TieredKv::new(&set, shape, options).unwrap();
+    let mut truth = Truth { keys: vec![Vec::new()], values: vec![Vec::new()] };
+    let mut rng = Rng(3);
+    // 600 tokens: evicting 536 needs pages on both devices; device 1 refuses.
+    let (mut k_bytes, mut v_bytes) = (Vec::new(), Vec::new());
+    for _ in 0..600 {
+        let k: Vec<f32> = (0..128).map(|_| rng.unit()).collect();
+        let v: Vec<f32> = (0..128).map(|_| rng.unit()).collect();
+        k_bytes.extend(k.iter().flat_map(|x| x.to_le_bytes()));
+        v_bytes.extend(v.iter().flat_map(|x| x.to_le_bytes()));
+        truth.keys[0].push(k);
+        truth.values[0].push(v);
+    }
+    assert!(tiered.append(&k_bytes, &v_bytes, 600).is_err(), "device 1 is full");
+    assert_eq!(tiered.tokens(), 600, "the tokens are held either way");
+    assert!(tiered.evicted() < 536, "only what every shard holds left the window");
+    let q: Vec<f32> = (0..128).map(|_| rng.unit()).collect();
+    let mut out = vec![0f32; 128];
+    assert!(tiered.attend(0, 0, &q, &mut out).is_err(), "no answer from a torn eviction");
+    // Every row is still readable, from wherever it is.
+    let (k, _) = tiered.recall(0, 0, 0, 600).unwrap();
+    assert_eq!(k, k_bytes);
+
+    set.devices()[1].kv_free(filler_seq.id).unwrap();
+    tiered.retry_eviction().unwrap();
+    assert_eq!(tiered.evicted(), 536);
+    let stats = tiered.attend(0, 0, &q, &mut out).unwrap();
+    assert_eq!(stats.selected.len(), 536);
+    let full = attention(&q, &truth.keys[0], &truth.values[0]);
+    for (a, b) in full.iter().zip(&out) {
+        assert!((a - f64::from(*b)).abs() < 1e-5, "{a} vs {b}: nothing lost, nothing twice");
+    }
+    let (k, v) = tiered.recall(0, 0, 0, 600).unwrap();
+    assert!(k == k_bytes && v == v_bytes);
+    tiered.free().unwrap();
+}

@@ -162,8 +162,9 @@ impl<'a> TieredKv<'a> {
 
     /// Appends `tokens` tokens (K and V laid out `[layers][heads][tokens]
     /// [head_dim]` in the sequence's dtype) and evicts what no longer fits
-    /// the hot window. If the eviction fails, the tokens stay in host
-    /// memory and the next append retries it.
+    /// the hot window. If the eviction fails, the tokens it could not
+    /// move stay in host memory (the tokens are appended either way) and
+    /// the next append or [`retry_eviction`](Self::retry_eviction) moves them.
     pub fn append(&mut self, keys: &[u8], values: &[u8], tokens: u64) -> Result<()> {
         let shape = self.seq.shape;
         shape.check_rows(keys, values, tokens)?;
@@ -180,16 +181,21 @@ impl<'a> TieredKv<'a> {
             self.window_start = self.tokens.min(self.options.sinks);
         }
         let window = self.tokens - self.window_start;
-        if window >= self.options.hot_window + self.options.evict_batch {
-            self.evict(window - self.options.hot_window)?;
+        if window >= self.options.hot_window + self.options.evict_batch || !self.seq.is_consistent()
+        {
+            self.evict(window.saturating_sub(self.options.hot_window))?;
         }
         Ok(())
     }
 
-    /// Moves the oldest `n` hot tokens into the device set.
+    /// Moves the oldest `n` hot tokens into the device set. If the set's
+    /// append fails midway (one device refused after others committed),
+    /// the tokens every shard now holds leave the window, the rest stay,
+    /// and [`retry_eviction`](Self::retry_eviction) (or the next append)
+    /// writes only what is missing.
     fn evict(&mut self, n: u64) -> Result<()> {
         let shape = self.seq.shape;
-        let (row, d) = (shape.row_bytes() as usize, usize::from(shape.head_dim));
+        let row = shape.row_bytes() as usize;
         let len = n as usize * row;
         let mut keys = Vec::with_capacity(self.window.len() * len);
         let mut values = Vec::with_capacity(self.window.len() * len);
@@ -197,12 +203,46 @@ impl<'a> TieredKv<'a> {
             keys.extend_from_slice(&hot.raw_keys[..len]);
             values.extend_from_slice(&hot.raw_values[..len]);
         }
-        self.seq = self.set.kv_append(&self.seq, &keys, &values, n)?;
+        match self.set.kv_append(&self.seq, &keys, &values, n) {
+            Ok(seq) => {
+                self.seq = seq;
+                self.leave_window(n);
+                Ok(())
+            }
+            Err(e) => {
+                match self.set.kv_resync(&self.seq) {
+                    Ok(resynced) => {
+                        let held = resynced.tokens.saturating_sub(self.seq.tokens).min(n);
+                        self.seq = resynced;
+                        self.leave_window(held);
+                    }
+                    Err(resync) => {
+                        tracing::warn!(error = %resync, "could not read the device set back")
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The oldest `n` window tokens are in the device set now.
+    fn leave_window(&mut self, n: u64) {
+        let shape = self.seq.shape;
+        let (row, d) = (shape.row_bytes() as usize, usize::from(shape.head_dim));
         for hot in &mut self.window {
             hot.drain_front(n as usize, row, d);
         }
         self.window_start += n;
         self.evicted_bytes += 2 * shape.bytes(n);
+    }
+
+    /// Completes an eviction that failed midway (see [`append`](Self::append)):
+    /// evicts whatever the window holds beyond `hot_window`.
+    pub fn retry_eviction(&mut self) -> Result<()> {
+        let window = self.tokens - self.window_start;
+        if window > self.options.hot_window || !self.seq.is_consistent() {
+            self.evict(window.saturating_sub(self.options.hot_window))?;
+        }
         Ok(())
     }
 
@@ -233,6 +273,13 @@ impl<'a> TieredKv<'a> {
         let stream = usize::from(layer) * usize::from(shape.heads) + usize::from(head);
         let (sink, hot) = (&self.sinks[stream], &self.window[stream]);
         let evicted = self.evicted();
+        if !self.seq.is_consistent() {
+            return Err(Error::Invalid(
+                "an eviction failed midway and the device set holds part of it: \
+                 retry_eviction (or the next append) completes it"
+                    .into(),
+            ));
+        }
         let mut stats = AttendStats {
             host_tokens: self.host_tokens(),
             evicted_tokens: evicted,
