@@ -308,6 +308,13 @@ impl DeviceSet {
         shape.check_rows(keys, values, tokens)?;
         let st = seq.striping;
         let (start, end) = (seq.tokens, seq.tokens + tokens);
+        if end > u64::from(u32::MAX) {
+            // Top-K answers name tokens as u32, across the whole set too.
+            return Err(Error::Invalid(format!(
+                "a sharded sequence holds at most {} tokens; this append would make {end}",
+                u32::MAX
+            )));
+        }
         // Each device's part, from its shard's current end.
         let parts: Vec<(u64, u64)> = (0..self.devices.len())
             .map(|d| {
