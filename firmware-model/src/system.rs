@@ -483,14 +483,14 @@ mod tests {
         let pnm = HardwareProfile::named("cxl-pnm").unwrap();
         let points = scaling(&question(1, 1), &system, &pnm, 16, true);
         assert_eq!(points.len(), 16);
-        for p in &points {
-            eprintln!("{p:?}");
-        }
-        // Throughput rises with every module added ...
-        assert!(points.windows(2).all(|w| w[1].tokens_per_s > w[0].tokens_per_s));
-        // ... near-linearly at first (the weights read is amortized over a
-        // growing batch), less so as the GPUs' links and the merge grow.
-        assert!(points[3].efficiency > 0.8, "{:?}", points[3]);
-        assert!(points[15].efficiency < points[3].efficiency);
+        // Near-linear at first (the weights read is amortized over a
+        // growing batch, each module scans its own DRAM) ...
+        assert!(points[1].tokens_per_s > 1.8 * points[0].tokens_per_s);
+        assert!(points[3].efficiency > 0.75, "{:?}", points[3]);
+        assert_eq!(points[3].bound, Bound::PnmDram);
+        // ... until the host's merge of N x k candidates per stream, which
+        // grows with modules and batch, bounds the step.
+        assert_eq!(points[15].bound, Bound::Merge);
+        assert!(points[15].efficiency < 0.5);
     }
 }

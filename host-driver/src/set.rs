@@ -16,8 +16,9 @@
 //!   tie order (lower index first) is the set's.
 //!
 //! A Top-K fans out to every device in parallel (one thread per device
-//! beyond the first), each device returns its shard's k best, and the host
-//! merges them by the protocol's [`rank`]: the k best of the union contain
+//! beyond the first), each device returns its shard's k best (in rank
+//! order, which the host checks), and the host merges the sorted answers
+//! (k-way) by the protocol's [`rank`]: the k best of the union contain
 //! the k best of the whole, so the answer equals one device holding every
 //! token, ties included. [`DeviceSet::topk_gather`] then gathers the k
 //! selected rows from the devices that hold them (k rows over the links in
@@ -412,7 +413,8 @@ impl DeviceSet {
     fn merge(&self, r: &SetTopkRequest<'_>, parts: Vec<Option<Result<TopK>>>) -> Result<SetTopK> {
         let st = r.seq.striping;
         let mut devices = Vec::with_capacity(parts.len());
-        let mut candidates: Vec<(f32, u32)> = Vec::new();
+        // Each device's answer, best first, in global token numbers.
+        let mut lists: Vec<Vec<(f32, u32)>> = Vec::with_capacity(parts.len());
         let (mut scored, mut skipped) = (0, 0);
         let start = Instant::now();
         for (d, part) in parts.into_iter().enumerate() {
@@ -436,19 +438,34 @@ impl DeviceSet {
                 device_ns: top.device_ns,
                 model_ns: top.model_ns,
             });
-            candidates.extend(
-                top.indices
-                    .iter()
-                    .zip(&top.scores)
-                    .map(|(&i, &s)| (s, st.global(d, u64::from(i)) as u32)),
-            );
+            let list: Vec<(f32, u32)> = top
+                .indices
+                .iter()
+                .zip(&top.scores)
+                .map(|(&i, &s)| (s, st.global(d, u64::from(i)) as u32))
+                .collect();
+            // The merge relies on each answer's order: a device that broke
+            // it is named, not trusted.
+            if list.windows(2).any(|w| rank(w[0], w[1]) != std::cmp::Ordering::Less) {
+                return Err(member(d, &self.devices[d])(Error::Protocol(
+                    "TOPK results are not in rank order".into(),
+                )));
+            }
+            lists.push(list);
         }
-        let k = (r.k as usize).min(candidates.len());
-        if k > 0 && k < candidates.len() {
-            candidates.select_nth_unstable_by(k - 1, |&a, &b| rank(a, b));
-            candidates.truncate(k);
+        // A k-way merge of sorted answers: k picks among N heads, so its
+        // cost follows k, not N x k.
+        let k = (r.k as usize).min(lists.iter().map(Vec::len).sum());
+        let mut heads = vec![0usize; lists.len()];
+        let mut candidates = Vec::with_capacity(k);
+        while candidates.len() < k {
+            let best = (0..lists.len())
+                .filter(|&d| heads[d] < lists[d].len())
+                .min_by(|&a, &b| rank(lists[a][heads[a]], lists[b][heads[b]]))
+                .expect("k is at most the candidates");
+            candidates.push(lists[best][heads[best]]);
+            heads[best] += 1;
         }
-        candidates.sort_unstable_by(|&a, &b| rank(a, b));
         let merge_ns = start.elapsed().as_nanos() as u64;
         let slowest = |f: fn(&ShardTime) -> u64| devices.iter().map(f).max().unwrap_or(0);
         let top = TopK {

@@ -383,25 +383,24 @@ fn gathers(seq: &ShardedSequence, indices: &[u32]) -> u64 {
     holders.iter().filter(|&&h| h).count() as u64
 }
 
-/// Softmax attention of one query over every (keys, values) part at once.
+/// Softmax attention of one query over every (keys, values) part at once:
+/// each logit computed once (f32 products, f64 sums), then one softmax.
 fn attend_one(q: &[f32], parts: &[(&[f32], &[f32])], d: usize, out: &mut [f32]) {
     let scale = 1.0 / (d as f64).sqrt();
-    let logit = |k: &[f32]| {
-        q.iter().zip(k).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum::<f64>() * scale
-    };
-    let max = parts
+    let logits: Vec<f64> = parts
         .iter()
-        .flat_map(|(keys, _)| keys.chunks_exact(d).map(logit))
-        .fold(f64::NEG_INFINITY, f64::max);
+        .flat_map(|(keys, _)| keys.chunks_exact(d))
+        .map(|k| f64::from(q.iter().zip(k).map(|(&a, &b)| a * b).sum::<f32>()) * scale)
+        .collect();
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let mut acc = vec![0f64; d];
     let mut total = 0f64;
-    for (keys, values) in parts {
-        for (k, v) in keys.chunks_exact(d).zip(values.chunks_exact(d)) {
-            let w = (logit(k) - max).exp();
-            total += w;
-            for (a, &x) in acc.iter_mut().zip(v) {
-                *a += w * f64::from(x);
-            }
+    let values = parts.iter().flat_map(|(_, values)| values.chunks_exact(d));
+    for (&logit, v) in logits.iter().zip(values) {
+        let w = (logit - max).exp();
+        total += w;
+        for (a, &x) in acc.iter_mut().zip(v) {
+            *a += w * f64::from(x);
         }
     }
     for (o, a) in out.iter_mut().zip(&acc) {
