@@ -414,10 +414,59 @@ fn decode_into(dtype: Dtype, bytes: &[u8], out: &mut Vec<f32>) {
         Dtype::F32 => {
             out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
         }
-        Dtype::F16 => out
-            .extend(bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        Dtype::F16 => {
+            out.extend(bytes.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))))
+        }
+        // bf16 is the top half of an f32.
         Dtype::Bf16 => out.extend(
-            bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+            bytes
+                .chunks_exact(2)
+                .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)),
         ),
+    }
+}
+
+/// IEEE half to f32, exactly (subnormals, infinities and NaN included).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exp = u32::from((h >> 10) & 0x1F);
+    let mant = u32::from(h & 0x3FF);
+    let bits = match (exp, mant) {
+        (0, 0) => sign,
+        // Subnormal: value = mant x 2^-24, exact in f32.
+        (0, m) => {
+            let v = m as f32 / 16_777_216.0;
+            return if sign != 0 { -v } else { v };
+        }
+        (0x1F, m) => sign | 0x7F80_0000 | (m << 13),
+        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::f16_to_f32;
+
+    #[test]
+    fn every_half_converts_exactly() {
+        for h in 0..=u16::MAX {
+            let got = f16_to_f32(h);
+            // Reference: the half's value from its fields, in f64.
+            let (sign, exp, mant) = (h >> 15, (h >> 10) & 0x1F, f64::from(h & 0x3FF));
+            let magnitude = match exp {
+                0 => mant * 2f64.powi(-24),
+                0x1F if mant == 0.0 => f64::INFINITY,
+                0x1F => f64::NAN,
+                e => (1.0 + mant / 1024.0) * 2f64.powi(i32::from(e) - 15),
+            };
+            let want = if sign == 1 { -magnitude } else { magnitude };
+            if want.is_nan() {
+                assert!(got.is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(f64::from(got), want, "{h:#06x}");
+                assert_eq!(got.is_sign_negative(), sign == 1, "{h:#06x}");
+            }
+        }
     }
 }
