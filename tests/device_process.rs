@@ -414,6 +414,29 @@ fn pnmctl_model_answers_from_profiles_without_a_device() {
         let svg = std::fs::read_to_string(charts.join(format!("{chart}.svg"))).unwrap();
         assert!(svg.contains("<svg") && svg.contains("PNM"), "{chart}");
     }
+    // Measured figures beside the model: a main-job report and set bench output.
+    let report = dir.join("main.json");
+    std::fs::write(
+        &report,
+        r#"{"context_tokens": 32776, "mean_step_ms": 51.0, "shape": {"layers": 4, "heads": 8}, "devices": 2}"#,
+    )
+    .unwrap();
+    let bench = dir.join("bench.json");
+    std::fs::write(
+        &bench,
+        r#"{"set_speedup_vs_one_unit": 1.6, "configs": [{}, {}, {"config": "2 devices x 1 compute unit (set)"}]}"#,
+    )
+    .unwrap();
+    let (plot, m1, m2) =
+        (charts.to_str().unwrap(), report.to_str().unwrap(), bench.to_str().unwrap());
+    let out = run("pnmctl", &["model", "--plot", plot, "--measured", m1, "--measured", m2]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let svg = std::fs::read_to_string(charts.join("step-time-vs-context.svg")).unwrap();
+    assert!(svg.contains("measured here: main job, 4 layers x 8 KV heads, 2 devices"), "{svg}");
+    let svg = std::fs::read_to_string(charts.join("throughput-vs-modules.svg")).unwrap();
+    assert!(svg.contains("measured here: device-set speed-up"));
+    let out = run("pnmctl", &["model", "--plot", plot, "--measured", custom.to_str().unwrap()]);
+    assert!(!out.status.success(), "a file that is neither is refused");
     std::fs::write(&custom, "name = 3").unwrap();
     let out = run("pnmctl", &["model", "--profile", custom.to_str().unwrap()]);
     assert!(!out.status.success(), "a malformed profile is an error");

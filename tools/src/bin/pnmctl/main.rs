@@ -227,10 +227,12 @@ struct ModelArgs {
     /// Write charts (SVG and PNG) into this directory.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// With --plot: `pnmctl bench set` JSON whose measured fan-out speed-up
-    /// goes on the throughput chart beside the model.
+    /// With --plot: figures measured here, beside the model: `pnmctl bench
+    /// set` JSON (the fan-out's speed-up, on the throughput chart) and main
+    /// job `--json` reports (their step time, on the step-time chart).
+    /// Repeat for several files.
     #[arg(long, requires = "plot")]
-    measured: Option<PathBuf>,
+    measured: Vec<PathBuf>,
 }
 
 /// `pnmctl gather`.
@@ -778,11 +780,8 @@ fn model_command(cli: &Cli, args: &ModelArgs) -> Result<(), CliError> {
     value["system_model"] = system_value;
     text += &system_text;
     if let Some(dir) = &args.plot {
-        let measured = match &args.measured {
-            Some(path) => Some(model::measured_speedup(path).map_err(usage)?),
-            None => None,
-        };
-        let charts = model::charts(&system_question, &system, &pnm, measured.as_deref());
+        let measured = model::load_measured(&args.measured).map_err(usage)?;
+        let charts = model::charts(&system_question, &system, &pnm, &measured);
         let (written, note) = plot::write_all(dir, &charts).map_err(usage)?;
         value["charts"] = serde_json::json!(written);
         text += &format!(

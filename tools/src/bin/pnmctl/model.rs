@@ -222,21 +222,53 @@ pub fn system_answer(
     (value, text)
 }
 
-/// (devices, speed-up over one device) points from `pnmctl bench set` JSON.
-pub fn measured_speedup(path: &std::path::Path) -> Result<Vec<(f64, f64)>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
-    let speedup = v["set_speedup_vs_one_unit"].as_f64();
-    let devices = v["configs"][2]["config"]
-        .as_str()
-        .and_then(|c| c.split_whitespace().next())
-        .and_then(|n| n.parse::<f64>().ok());
-    match (speedup, devices) {
-        (Some(s), Some(n)) if s.is_finite() && s > 0.0 => Ok(vec![(1.0, 1.0), (n, s)]),
-        _ => Err(format!("{} is not `pnmctl bench set` output", path.display())),
+/// Figures measured on this machine, for the charts.
+#[derive(Debug, Default)]
+pub struct Measured {
+    /// (devices, speed-up over one device) from `pnmctl bench set`.
+    pub speedup: Option<Vec<(f64, f64)>>,
+    /// Main-job decode steps: (label, context tokens, step ms).
+    pub steps: Vec<(String, f64, f64)>,
+}
+
+/// Reads `pnmctl bench set` JSON and main-job `--json` reports.
+pub fn load_measured(paths: &[PathBuf]) -> Result<Measured, String> {
+    let mut measured = Measured::default();
+    for path in paths {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not JSON: {e}", path.display()))?;
+        if let Some(speedup) = v["set_speedup_vs_one_unit"].as_f64() {
+            let devices = v["configs"][2]["config"]
+                .as_str()
+                .and_then(|c| c.split_whitespace().next())
+                .and_then(|n| n.parse::<f64>().ok())
+                .ok_or_else(|| format!("{}: no set configuration", path.display()))?;
+            measured.speedup = Some(vec![(1.0, 1.0), (devices, speedup)]);
+        } else if let (Some(context), Some(step)) =
+            (v["context_tokens"].as_f64(), v["mean_step_ms"].as_f64())
+        {
+            let shape = &v["shape"];
+            let mut label = format!(
+                "measured here: main job, {} layers x {} KV heads",
+                shape["layers"], shape["heads"]
+            );
+            if let Some(devices) = v["devices"].as_u64().filter(|&n| n > 1) {
+                label += &format!(", {devices} devices");
+            }
+            if let Some(window) = v["options"]["hot_window"].as_u64() {
+                label += &format!(", tiered ({window} hot)");
+            }
+            measured.steps.push((label, context, step));
+        } else {
+            return Err(format!(
+                "{} is neither `pnmctl bench set` output nor a main-job --json report",
+                path.display()
+            ));
+        }
     }
+    Ok(measured)
 }
 
 /// The charts: step time against context, throughput against modules,
@@ -245,7 +277,7 @@ pub fn charts(
     question: &SystemQuestion,
     system: &SystemProfile,
     pnm: &HardwareProfile,
-    measured_speedup: Option<&[(f64, f64)]>,
+    measured: &Measured,
 ) -> Vec<Chart> {
     let contexts: Vec<u64> = (12..=20).map(|p| 1u64 << p).collect();
     let at = |context: u64| SystemQuestion { context, ..question.clone() }.answer(system, pnm);
@@ -287,7 +319,7 @@ pub fn charts(
             measured: false,
         },
     ];
-    if let Some(speedup) = measured_speedup {
+    if let Some(speedup) = &measured.speedup {
         scaling_series.push(Series {
             name: "measured here: device-set speed-up x the model's 1-module figure".into(),
             points: speedup.iter().map(|&(n, s)| (n, s * per_module)).collect(),
@@ -313,7 +345,15 @@ pub fn charts(
             log_x: true,
             log_y: true,
             legend_lower_right: false,
-            series: scheme_series(&|s| s.step_ms),
+            series: {
+                let mut series = scheme_series(&|s| s.step_ms);
+                series.extend(measured.steps.iter().map(|(label, context, ms)| Series {
+                    name: format!("{label} (this 2-core machine's emulator)"),
+                    points: vec![(*context, *ms)],
+                    measured: true,
+                }));
+                series
+            },
         },
         Chart {
             file: "throughput-vs-modules",
