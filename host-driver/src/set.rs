@@ -444,12 +444,21 @@ impl DeviceSet {
                 .zip(&top.scores)
                 .map(|(&i, &s)| (s, st.global(d, u64::from(i)) as u32))
                 .collect();
-            // The merge relies on each answer's order: a device that broke
-            // it is named, not trusted.
+            // The merge relies on each answer's order and completeness: a
+            // device that broke either is named, not trusted.
             if list.windows(2).any(|w| rank(w[0], w[1]) != std::cmp::Ordering::Less) {
                 return Err(member(d, &self.devices[d])(Error::Protocol(
                     "TOPK results are not in rank order".into(),
                 )));
+            }
+            let expected = u64::from(r.k).min(top.tokens_scored);
+            if list.len() as u64 != expected {
+                return Err(member(d, &self.devices[d])(Error::Protocol(format!(
+                    "TOPK returned {} results of k {} over {} scored tokens",
+                    list.len(),
+                    r.k,
+                    top.tokens_scored
+                ))));
             }
             lists.push(list);
         }
