@@ -442,10 +442,10 @@ struct KernelArgs {
     reference: bool,
 }
 
-/// `pnmctl kv load`.
+/// Where K and V arrays come from: two .npy files or one safetensors file.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["keys", "safetensors"])))]
-struct LoadArgs {
+struct KvSource {
     /// Keys .npy (float16, float32 or float64), with --values.
     #[arg(long, requires = "values")]
     keys: Option<PathBuf>,
@@ -455,6 +455,13 @@ struct LoadArgs {
     /// Or: a safetensors file with tensors named `k` and `v` (F16, BF16, F32).
     #[arg(long)]
     safetensors: Option<PathBuf>,
+}
+
+/// `pnmctl kv load`.
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    #[command(flatten)]
+    source: KvSource,
     /// Append to this existing sequence instead of creating one.
     #[arg(long)]
     seq: Option<u32>,
@@ -1288,7 +1295,7 @@ fn reset(cli: &Cli, device: &Device) -> Result<(), CliError> {
 
 /// `pnmctl kv load`.
 fn kv_load(cli: &Cli, device: &Device, args: &LoadArgs) -> Result<(), CliError> {
-    let (k, v) = read_kv(args.keys.as_ref(), args.values.as_ref(), args.safetensors.as_ref())?;
+    let (k, v) = read_kv(&args.source)?;
     let seq = &args.seq;
     let (shape, tokens) = kv_shape_of(&k, &v)?;
     let (sequence, created) = match seq {
@@ -1333,12 +1340,8 @@ fn kv_load(cli: &Cli, device: &Device, args: &LoadArgs) -> Result<(), CliError> 
 }
 
 /// K and V arrays from .npy files or a safetensors file's `k` and `v`.
-fn read_kv(
-    keys: Option<&PathBuf>,
-    values: Option<&PathBuf>,
-    safetensors: Option<&PathBuf>,
-) -> Result<(Tensor, Tensor), CliError> {
-    Ok(match (keys, values, safetensors) {
+fn read_kv(source: &KvSource) -> Result<(Tensor, Tensor), CliError> {
+    Ok(match (&source.keys, &source.values, &source.safetensors) {
         (Some(k), Some(v), _) => (tensorfile::read_npy(k)?, tensorfile::read_npy(v)?),
         (_, _, Some(path)) => {
             let mut tensors = tensorfile::read_safetensors(path)?;

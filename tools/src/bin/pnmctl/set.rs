@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use pnm_host::{DeviceSet, SetTopkRequest, ShardedSequence};
 
 use crate::{
-    AggregationArg, Cli, CliError, device_options, emit, kv_shape_of, print_topk, read_kv,
-    read_query, usage, write_rows,
+    AggregationArg, Cli, CliError, KvSource, device_options, emit, kv_shape_of, print_topk,
+    read_kv, read_query, usage, write_rows,
 };
 
 #[derive(Debug, clap::Args)]
@@ -25,15 +25,8 @@ enum SetAction {
     /// Load K and V arrays shaped [layers, kv_heads, tokens, head_dim]
     /// into a new sharded sequence; prints its shard ids.
     Load {
-        /// Keys .npy (float16, float32 or float64), with --values.
-        #[arg(long, requires = "values")]
-        keys: Option<PathBuf>,
-        /// Values .npy, same shape and type as the keys.
-        #[arg(long, requires = "keys")]
-        values: Option<PathBuf>,
-        /// Or: a safetensors file with tensors named `k` and `v`.
-        #[arg(long)]
-        safetensors: Option<PathBuf>,
+        #[command(flatten)]
+        source: KvSource,
     },
     /// The sharded sequence: each shard, and the tokens every shard holds.
     Show {
@@ -109,8 +102,8 @@ fn stream(set: &DeviceSet, s: &SetStream) -> Result<ShardedSequence, CliError> {
 pub fn run(cli: &Cli, args: &SetArgs) -> Result<(), CliError> {
     let set = DeviceSet::open(&args.devices, &device_options(cli))?;
     match &args.action {
-        SetAction::Load { keys, values, safetensors } => {
-            let (k, v) = read_kv(keys.as_ref(), values.as_ref(), safetensors.as_ref())?;
+        SetAction::Load { source } => {
+            let (k, v) = read_kv(source)?;
             let (shape, tokens) = kv_shape_of(&k, &v)?;
             let seq = set.kv_create(shape)?;
             match set.kv_append(&seq, &k.data, &v.data, tokens) {
