@@ -49,7 +49,7 @@ struct Truth {
 }
 
 fn append_random(
-    tiered: &mut TieredKv<'_>,
+    tiered: &mut TieredKv<&DeviceSet>,
     truth: &mut Truth,
     rng: &mut Rng,
     tokens: usize,

@@ -18,6 +18,8 @@
 //! outside the Top-K carry no weight. With k at least the evicted tokens it
 //! is full attention.
 
+use std::borrow::Borrow;
+
 use crate::error::{Error, Result};
 use crate::kv::{KvShape, Query};
 use crate::set::{DeviceSet, SetTopK, SetTopkRequest, ShardedSequence};
@@ -84,9 +86,12 @@ pub struct AttendStats {
 }
 
 /// A sequence tiered between host memory and a device set.
+///
+/// `S` is how it holds the set: borrowed (`&DeviceSet`), owned, or shared
+/// (`Arc<DeviceSet>`, or any owner that lends one, as the Python binding's).
 #[derive(Debug)]
-pub struct TieredKv<'a> {
-    set: &'a DeviceSet,
+pub struct TieredKv<S: Borrow<DeviceSet>> {
+    set: S,
     seq: ShardedSequence,
     options: TieredOptions,
     tokens: u64,
@@ -103,13 +108,13 @@ pub struct TieredKv<'a> {
 /// on the link besides its data.
 const COMMAND_BYTES: u64 = 64 + 32;
 
-impl<'a> TieredKv<'a> {
+impl<S: Borrow<DeviceSet>> TieredKv<S> {
     /// An empty tiered sequence of `shape`, its evicted part on `set`.
-    pub fn new(set: &'a DeviceSet, shape: KvShape, options: TieredOptions) -> Result<Self> {
+    pub fn new(set: S, shape: KvShape, options: TieredOptions) -> Result<Self> {
         if options.k == 0 {
             return Err(Error::Invalid("a tiered sequence needs k of at least 1".into()));
         }
-        let seq = set.kv_create(shape)?;
+        let seq = set.borrow().kv_create(shape)?;
         let mut options = options;
         if options.evict_batch == 0 {
             options.evict_batch = seq.striping.stripe;
@@ -203,14 +208,14 @@ impl<'a> TieredKv<'a> {
             keys.extend_from_slice(&hot.raw_keys[..len]);
             values.extend_from_slice(&hot.raw_values[..len]);
         }
-        match self.set.kv_append(&self.seq, &keys, &values, n) {
+        match self.set.borrow().kv_append(&self.seq, &keys, &values, n) {
             Ok(seq) => {
                 self.seq = seq;
                 self.leave_window(n);
                 Ok(())
             }
             Err(e) => {
-                match self.set.kv_resync(&self.seq) {
+                match self.set.borrow().kv_resync(&self.seq) {
                     Ok(resynced) => {
                         let held = resynced.tokens.saturating_sub(self.seq.tokens).min(n);
                         self.seq = resynced;
@@ -291,7 +296,7 @@ impl<'a> TieredKv<'a> {
         if evicted > 0 {
             let query = Query::f32(queries, d);
             let request = SetTopkRequest::new(&self.seq, layer, head, &query, self.options.k);
-            let (top, rows) = self.set.topk_gather(&request)?;
+            let (top, rows) = self.set.borrow().topk_gather(&request)?;
             decode_into(shape.dtype, &rows.keys, &mut device_rows.0);
             decode_into(shape.dtype, &rows.values, &mut device_rows.1);
             let n = top.top.indices.len() as u64;
@@ -357,7 +362,7 @@ impl<'a> TieredKv<'a> {
             while at < hi {
                 let end = (at + 4096).min(hi);
                 let indices: Vec<u32> = (at - sinks..end - sinks).map(|t| t as u32).collect();
-                let rows = self.set.gather(&self.seq, layer, head, &indices)?;
+                let rows = self.set.borrow().gather(&self.seq, layer, head, &indices)?;
                 keys.extend_from_slice(&rows.keys);
                 values.extend_from_slice(&rows.values);
                 at = end;
@@ -370,7 +375,7 @@ impl<'a> TieredKv<'a> {
 
     /// Frees the evicted part on the device set.
     pub fn free(self) -> Result<()> {
-        self.set.kv_free(&self.seq)
+        self.set.borrow().kv_free(&self.seq)
     }
 }
 
