@@ -9,7 +9,6 @@
 //! attention output from those rows and reports how close it is to full
 //! attention and how many bytes crossed the link.
 
-mod synthetic;
 mod tiered_job;
 
 use std::path::PathBuf;
@@ -24,9 +23,10 @@ use pnm_host::{
     ShardedSequence, TopK, TopkRequest,
 };
 use pnm_protocol::layout::parse_size;
+use pnm_tools::accuracy::{ErrorTally, value_scale};
+use pnm_tools::synthetic::{Rng, Stream};
 use pnm_tools::tensorfile::{self, Tensor};
 use serde::Serialize;
-use synthetic::{HEAVY_HITTER_FRACTION, Rng, Stream};
 
 /// cxl-pnm demo: LLM decode with near-memory Top-K attention on an emulated CXL-PNM device.
 #[derive(Debug, Parser)]
@@ -153,20 +153,12 @@ fn synthetic_cache(args: &Args, rng: &mut Rng) -> Cache {
     let bar = progress(u64::from(args.layers) * u64::from(args.kv_heads), "generating", args.json);
     let streams = (0..usize::from(args.layers) * usize::from(args.kv_heads))
         .map(|_| {
-            let structure = Stream::new(rng, d);
-            let heavy: std::collections::HashSet<u64> = (0..(t as f64 * HEAVY_HITTER_FRACTION)
-                as usize)
-                .map(|_| rng.below(t as u64))
-                .collect();
-            let mut row = vec![0f32; d];
             let (mut keys, mut values) =
                 (Vec::with_capacity(t * d * 2), Vec::with_capacity(t * d * 2));
-            for i in 0..t {
-                structure.key(rng, i, t - 1, heavy.contains(&(i as u64)), &mut row);
-                encode(dtype, &row, &mut keys);
-                row.iter_mut().for_each(|v| *v = rng.normal());
-                encode(dtype, &row, &mut values);
-            }
+            let structure = Stream::generate(rng, t, d, |key, value| {
+                encode(dtype, key, &mut keys);
+                encode(dtype, value, &mut values);
+            });
             bar.inc(1);
             KvStream { keys, values, structure: Some(structure), queries: None }
         })
@@ -318,11 +310,16 @@ fn step_queries(s: &KvStream, rng: &mut Rng, shape: KvShape, group: u32) -> Vec<
     }
 }
 
-/// Relative L2 error of `got` against `want`.
-fn rel_error(want: &[f64], got: impl Iterator<Item = f64>) -> f64 {
-    let diff: f64 = want.iter().zip(got).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
-    let norm: f64 = want.iter().map(|a| a * a).sum::<f64>().sqrt();
-    diff / norm.max(f64::MIN_POSITIVE)
+/// Mean of the steps' relative errors that exist (a step has none when
+/// every full output was too small to divide by).
+fn mean_rel<T>(steps: &[T], f: impl Fn(&T) -> Option<f64>) -> Option<f64> {
+    let some: Vec<f64> = steps.iter().filter_map(f).collect();
+    (!some.is_empty()).then(|| some.iter().sum::<f64>() / some.len() as f64)
+}
+
+/// A relative error for text: `n/a` where none could be measured.
+fn rel_text(rel: Option<f64>) -> String {
+    rel.map_or_else(|| "n/a".into(), |r| format!("{r:.4}"))
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -331,7 +328,12 @@ struct StepReport {
     context_tokens: u64,
     keys_read_fraction: f64,
     recall: f64,
-    attention_rel_error: f64,
+    /// ||o_topk - o_full|| / rms ||v|| (pnm_tools::accuracy): meaningful
+    /// also where the full output is near zero.
+    attention_error: f64,
+    /// ||o_topk - o_full|| / ||o_full|| over the queries whose full output
+    /// is not near zero (None: none was).
+    attention_rel_error: Option<f64>,
     link_bytes: u64,
     full_kv_bytes: u64,
     step_ms: f64,
@@ -355,7 +357,8 @@ struct Report {
     steps: Vec<StepReport>,
     mean_keys_read_fraction: f64,
     mean_recall: f64,
-    mean_attention_rel_error: f64,
+    mean_attention_error: f64,
+    mean_attention_rel_error: Option<f64>,
     link_bytes_per_step: f64,
     full_kv_bytes_per_step: f64,
     link_reduction: f64,
@@ -642,8 +645,7 @@ fn main() -> anyhow::Result<()> {
 
         let mut report = StepReport { step, context_tokens: store.tokens(), ..Default::default() };
         let mut recall_sum = 0.0;
-        let mut error_sum = 0.0;
-        let mut error_count = 0;
+        let mut errors = ErrorTally::default();
         for (i, s) in streams.iter().enumerate() {
             let (layer, head) =
                 ((i / usize::from(shape.heads)) as u16, (i % usize::from(shape.heads)) as u16);
@@ -674,23 +676,24 @@ fn main() -> anyhow::Result<()> {
                 exact.iter().filter(|i| got.contains(i)).count() as f64 / exact.len() as f64;
             let (sel_k, sel_v) =
                 (decode(shape.dtype, &rows.keys), decode(shape.dtype, &rows.values));
+            let scale = value_scale(&all_values, d);
             for q in queries.chunks_exact(d) {
                 let full = attend(q, &all_keys, &all_values, d);
-                let sparse = attend(q, &sel_k, &sel_v, d);
-                error_sum += rel_error(&full, sparse.into_iter());
-                error_count += 1;
+                errors.add(&full, &attend(q, &sel_k, &sel_v, d), scale);
             }
         }
         report.recall = recall_sum / streams.len() as f64;
-        report.attention_rel_error = error_sum / f64::from(error_count);
+        report.attention_error = errors.output_error();
+        report.attention_rel_error = errors.rel_error();
         if !args.json {
             println!(
-                "step {:>3}  ctx {:>7}  keys read {:>5.1}%  recall {:.4}  attn rel err {:.4}  link {:>7.2} MiB vs {:>8.1} MiB full KV  {:>7.1} ms Top-K+gather (device {:.1} ms, modelled {:.2} ms)",
+                "step {:>3}  ctx {:>7}  keys read {:>5.1}%  recall {:.4}  attn err {:.4} (rel {})  link {:>7.2} MiB vs {:>8.1} MiB full KV  {:>7.1} ms Top-K+gather (device {:.1} ms, modelled {:.2} ms)",
                 step,
                 report.context_tokens,
                 report.keys_read_fraction * 100.0,
                 report.recall,
-                report.attention_rel_error,
+                report.attention_error,
+                rel_text(report.attention_rel_error),
                 report.link_bytes as f64 / (1 << 20) as f64,
                 report.full_kv_bytes as f64 / (1 << 20) as f64,
                 report.step_ms,
@@ -715,7 +718,8 @@ fn main() -> anyhow::Result<()> {
         load_gb_per_s: load_bytes as f64 / load_seconds / 1e9,
         mean_keys_read_fraction: mean(&|s| s.keys_read_fraction),
         mean_recall: mean(&|s| s.recall),
-        mean_attention_rel_error: mean(&|s| s.attention_rel_error),
+        mean_attention_error: mean(&|s| s.attention_error),
+        mean_attention_rel_error: mean_rel(&steps, |s| s.attention_rel_error),
         link_bytes_per_step: mean(&|s| s.link_bytes as f64),
         full_kv_bytes_per_step: mean(&|s| s.full_kv_bytes as f64),
         link_reduction: mean(&|s| s.full_kv_bytes as f64) / mean(&|s| s.link_bytes as f64).max(1.0),
@@ -757,8 +761,10 @@ fn main() -> anyhow::Result<()> {
         );
         println!("recall vs exact Top-K       {:.4}", report.mean_recall);
         println!(
-            "attention output rel error  {:.4} (vs full attention over every token)",
-            report.mean_attention_rel_error
+            "attention output error      {:.4} of a value row's norm, relative {} \
+             (vs full attention over every token)",
+            report.mean_attention_error,
+            rel_text(report.mean_attention_rel_error)
         );
         println!(
             "bytes over the link / step  {:.2} MiB vs {:.1} MiB to move the whole KV ({:.1}x less)",

@@ -16,10 +16,11 @@ use std::time::Instant;
 use pnm_host::{Device, DeviceSet, TieredKv, TieredOptions};
 use serde::Serialize;
 
-use crate::synthetic::Rng;
 use crate::{
-    Args, Cache, attend, decode, exact_topk, next_token, progress, rel_error, step_queries,
+    Args, Cache, attend, decode, exact_topk, mean_rel, next_token, progress, rel_text, step_queries,
 };
+use pnm_tools::accuracy::{ErrorTally, value_scale};
+use pnm_tools::synthetic::Rng;
 
 #[derive(Debug, Default, Serialize)]
 struct TieredStep {
@@ -29,11 +30,14 @@ struct TieredStep {
     /// Recall of the exact Top-K of the evicted tokens.
     recall: f64,
     /// Tiered attention (host tokens + device Top-K rows, one softmax)
-    /// against full attention.
-    attention_rel_error: f64,
+    /// against full attention: ||o - o_full|| / rms ||v||, and relative
+    /// where the full output is not near zero (pnm_tools::accuracy).
+    attention_error: f64,
+    attention_rel_error: Option<f64>,
     /// Plain Top-K attention at the same k over every token, against full
     /// attention: what one device's Top-K alone would give.
-    topk_only_rel_error: f64,
+    topk_only_error: f64,
+    topk_only_rel_error: Option<f64>,
     link_bytes: u64,
     /// Streaming the evicted part to the host instead.
     stream_evicted_bytes: u64,
@@ -56,8 +60,10 @@ struct TieredReport {
     evicted_bytes_written: u64,
     steps: Vec<TieredStep>,
     mean_recall: f64,
-    mean_attention_rel_error: f64,
-    mean_topk_only_rel_error: f64,
+    mean_attention_error: f64,
+    mean_attention_rel_error: Option<f64>,
+    mean_topk_only_error: f64,
+    mean_topk_only_rel_error: Option<f64>,
     link_bytes_per_step: f64,
     stream_evicted_bytes_per_step: f64,
     link_reduction: f64,
@@ -108,7 +114,8 @@ pub fn run(
             evicted_tokens: evicted as u64,
             ..Default::default()
         };
-        let (mut recall_sum, mut tiered_err, mut topk_err, mut errors) = (0.0, 0.0, 0.0, 0);
+        let mut recall_sum = 0.0;
+        let (mut tiered_err, mut topk_err) = (ErrorTally::default(), ErrorTally::default());
         for (i, s) in streams.iter().enumerate() {
             let (layer, head) =
                 ((i / usize::from(shape.heads)) as u16, (i % usize::from(shape.heads)) as u16);
@@ -140,25 +147,30 @@ pub fn run(
                 plain.iter().flat_map(|&t| rows[t as usize * d..][..d].iter().copied()).collect()
             };
             let (plain_k, plain_v) = (pick(&all_keys), pick(&all_values));
+            let scale = value_scale(&all_values, d);
             for (q, o) in queries.chunks_exact(d).zip(out.chunks_exact(d)) {
                 let full = attend(q, &all_keys, &all_values, d);
-                tiered_err += rel_error(&full, o.iter().map(|&x| f64::from(x)));
-                topk_err += rel_error(&full, attend(q, &plain_k, &plain_v, d).into_iter());
-                errors += 1;
+                let tiered: Vec<f64> = o.iter().map(|&x| f64::from(x)).collect();
+                tiered_err.add(&full, &tiered, scale);
+                topk_err.add(&full, &attend(q, &plain_k, &plain_v, d), scale);
             }
         }
         report.recall = recall_sum / streams.len() as f64;
-        report.attention_rel_error = tiered_err / f64::from(errors);
-        report.topk_only_rel_error = topk_err / f64::from(errors);
+        report.attention_error = tiered_err.output_error();
+        report.attention_rel_error = tiered_err.rel_error();
+        report.topk_only_error = topk_err.output_error();
+        report.topk_only_rel_error = topk_err.rel_error();
         if !args.json {
             println!(
-                "step {:>3}  ctx {:>7}  evicted {:>7}  recall {:.4}  attn rel err {:.4} (Top-K alone {:.4})  link {:>7.2} MiB vs {:>8.1} MiB streaming the evicted part  {:>7.1} ms (modelled {:.2} ms)",
+                "step {:>3}  ctx {:>7}  evicted {:>7}  recall {:.4}  attn err {:.4} rel {} (Top-K alone {:.4} rel {})  link {:>7.2} MiB vs {:>8.1} MiB streaming the evicted part  {:>7.1} ms (modelled {:.2} ms)",
                 step,
                 report.context_tokens,
                 report.evicted_tokens,
                 report.recall,
-                report.attention_rel_error,
-                report.topk_only_rel_error,
+                report.attention_error,
+                rel_text(report.attention_rel_error),
+                report.topk_only_error,
+                rel_text(report.topk_only_rel_error),
                 report.link_bytes as f64 / (1 << 20) as f64,
                 report.stream_evicted_bytes as f64 / (1 << 20) as f64,
                 report.step_ms,
@@ -182,8 +194,10 @@ pub fn run(
         load_seconds,
         evicted_bytes_written: tiered.evicted_bytes(),
         mean_recall: mean(&|s| s.recall),
-        mean_attention_rel_error: mean(&|s| s.attention_rel_error),
-        mean_topk_only_rel_error: mean(&|s| s.topk_only_rel_error),
+        mean_attention_error: mean(&|s| s.attention_error),
+        mean_attention_rel_error: mean_rel(&steps, |s| s.attention_rel_error),
+        mean_topk_only_error: mean(&|s| s.topk_only_error),
+        mean_topk_only_rel_error: mean_rel(&steps, |s| s.topk_only_rel_error),
         link_bytes_per_step: mean(&|s| s.link_bytes as f64),
         stream_evicted_bytes_per_step: mean(&|s| s.stream_evicted_bytes as f64),
         link_reduction: mean(&|s| s.stream_evicted_bytes as f64)
@@ -212,8 +226,12 @@ pub fn run(
         );
         println!("recall vs exact Top-K of the evicted part  {:.4}", report.mean_recall);
         println!(
-            "attention output rel error                {:.4} tiered, {:.4} with Top-K alone at the same k (vs full attention)",
-            report.mean_attention_rel_error, report.mean_topk_only_rel_error
+            "attention output error                    {:.4} tiered, {:.4} with Top-K alone at the same k \
+             (of a value row's norm; relative {} and {}; vs full attention)",
+            report.mean_attention_error,
+            report.mean_topk_only_error,
+            rel_text(report.mean_attention_rel_error),
+            rel_text(report.mean_topk_only_rel_error)
         );
         println!(
             "bytes over the link / step                {:.2} MiB vs {:.1} MiB to stream the evicted part ({:.1}x less); evictions wrote {:.1} MiB once",

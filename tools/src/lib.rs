@@ -3,6 +3,9 @@
 //! machine's memory read roofline ([`roofline`]), which every benchmark
 //! reports next to its figures.
 
+pub mod accuracy;
+pub mod plot;
 pub mod roofline;
+pub mod synthetic;
 pub mod tensorfile;
 pub mod testdata;

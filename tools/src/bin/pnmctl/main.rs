@@ -4,13 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+mod accuracy;
 mod command_bench;
 mod datapath_bench;
 mod drill;
 mod kernel_bench;
 mod media;
 mod model;
-mod plot;
 mod set;
 mod set_bench;
 
@@ -93,6 +93,11 @@ enum Command {
     /// size, and per decode step the link bytes and modelled time with and
     /// without near-memory Top-K. Needs no device.
     Model(ModelArgs),
+    /// The accuracy report: recall of exact Top-K, attention mass captured,
+    /// attention output error and keys read, per head and overall, over a
+    /// sweep of k and page-selection budgets, on a synthetic cache or yours
+    /// (--kv). Runs on an embedded device unless --attach.
+    Accuracy(accuracy::AccuracyArgs),
     /// Benchmarks, each reporting this machine's memory read roofline
     /// measured in the same run (JSON): the command path, the kernel, the
     /// data path.
@@ -688,6 +693,7 @@ fn device_options(cli: &Cli) -> DeviceOptions {
 fn run(cli: &Cli) -> Result<(), CliError> {
     match &cli.command {
         Command::Model(args) => model_command(cli, args),
+        Command::Accuracy(args) => accuracy::run(cli, args),
         Command::Bench { action } => bench(cli, action),
         Command::Status => unreachable!("answered without opening the device"),
         Command::Identify => identify(cli, &open(cli)?),
@@ -789,7 +795,7 @@ fn model_command(cli: &Cli, args: &ModelArgs) -> Result<(), CliError> {
     if let Some(dir) = &args.plot {
         let measured = model::load_measured(&args.measured).map_err(usage)?;
         let charts = model::charts(&system_question, &system, &pnm, &measured);
-        let (written, note) = plot::write_all(dir, &charts).map_err(usage)?;
+        let (written, note) = pnm_tools::plot::write_all(dir, &charts).map_err(usage)?;
         value["charts"] = serde_json::json!(written);
         text += &format!(
             "\nwrote {}\n",

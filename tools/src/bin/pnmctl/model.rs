@@ -79,7 +79,7 @@ pub fn answer(question: &StepQuestion, profiles: &[HardwareProfile]) -> (Value, 
 
 use pnm_firmware::system::{Serving, SystemProfile, SystemQuestion, scaling, talk_check};
 
-use crate::plot::{Chart, Series};
+use pnm_tools::plot::{Chart, Series};
 
 /// A system profile named on the command line: the built-in one or a TOML file.
 pub fn load_system(spec: Option<&str>) -> Result<SystemProfile, String> {

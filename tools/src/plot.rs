@@ -1,5 +1,5 @@
-//! Charts for `pnmctl model --plot DIR`: each written as SVG and, where a
-//! TrueType font is found for its text, PNG.
+//! Charts (`pnmctl model --plot DIR`, the accuracy report): each written as
+//! SVG and, where a TrueType font is found for its text, PNG.
 
 use std::path::{Path, PathBuf};
 

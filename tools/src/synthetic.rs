@@ -97,6 +97,27 @@ impl Stream {
         }
     }
 
+    /// A stream of `t` tokens with this structure: `emit` gets each
+    /// token's key and value row (`d` elements) in order; its heavy
+    /// hitters are drawn here.
+    pub fn generate(
+        rng: &mut Rng,
+        t: usize,
+        d: usize,
+        mut emit: impl FnMut(&[f32], &[f32]),
+    ) -> Self {
+        let structure = Self::new(rng, d);
+        let heavy: std::collections::HashSet<u64> =
+            (0..(t as f64 * HEAVY_HITTER_FRACTION) as usize).map(|_| rng.below(t as u64)).collect();
+        let (mut key, mut value) = (vec![0f32; d], vec![0f32; d]);
+        for i in 0..t {
+            structure.key(rng, i, t - 1, heavy.contains(&(i as u64)), &mut key);
+            value.iter_mut().for_each(|v| *v = rng.normal());
+            emit(&key, &value);
+        }
+        structure
+    }
+
     /// One query of the stream's GQA group.
     pub fn query(&self, rng: &mut Rng, out: &mut [f32]) {
         for (i, o) in out.iter_mut().enumerate() {
