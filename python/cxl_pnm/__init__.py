@@ -20,7 +20,7 @@ The Hugging Face attention hook: cxl_pnm.hf. The accuracy report:
 cxl_pnm.accuracy.
 """
 
-from . import errors
+from . import accuracy, errors
 from ._native import (
     Device,
     DeviceSet,
@@ -47,6 +47,7 @@ __all__ = [
     "TieredKv",
     "TopK",
     "memory_read_gbps",
+    "accuracy",
     "errors",
     "PnmError",
     "DeviceOpenError",

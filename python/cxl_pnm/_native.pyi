@@ -190,3 +190,42 @@ def _bench_rust_topk_gather(
     seq: Sequence, layer: int, head: int, queries: np.ndarray, k: int, reps: int
 ) -> List[float]: ...
 def _bench_rust_append(seq: Sequence, keys: np.ndarray, values: np.ndarray) -> float: ...
+def accuracy_report(
+    keys: np.ndarray,
+    values: np.ndarray,
+    queries: Optional[npt.NDArray[np.float32]] = None,
+    *,
+    dtype: Optional[Dtype] = None,
+    ks: Seq[int] = (16, 64, 256, 1024, 4096),
+    budgets: Seq[int] = (2048, 8192),
+    group: int = 4,
+    samples: int = 4,
+    sink_pages: int = 1,
+    recent_pages: int = 1,
+    seed: int = 1,
+    device: Optional[Device] = None,
+    plot_dir: Optional[Path] = None,
+    per_head: bool = False,
+) -> Dict[str, Any]:
+    """The accuracy report on your KV cache (see cxl_pnm.accuracy)."""
+
+def synthetic_accuracy_report(
+    kind: Literal["structured", "random"] = "structured",
+    *,
+    layers: int = 2,
+    heads: int = 4,
+    head_dim: int = 128,
+    tokens: int = 32768,
+    dtype: Dtype = "f16",
+    ks: Seq[int] = (16, 64, 256, 1024, 4096),
+    budgets: Seq[int] = (2048, 8192),
+    group: int = 4,
+    samples: int = 4,
+    sink_pages: int = 1,
+    recent_pages: int = 1,
+    seed: int = 1,
+    device: Optional[Device] = None,
+    plot_dir: Optional[Path] = None,
+    per_head: bool = False,
+) -> Dict[str, Any]:
+    """The accuracy report on a synthetic cache (see cxl_pnm.accuracy)."""

@@ -97,7 +97,7 @@ fn to_json<'py>(py: Python<'py>, value: &impl serde::Serialize) -> PyResult<Boun
     py.import("json")?.call_method1("loads", (text,))
 }
 
-fn embedded_backend(
+pub fn embedded_backend(
     py: Python<'_>,
     size: u64,
     compute_units: Option<u32>,

@@ -5,6 +5,7 @@
 //! Python parts (exceptions, the Hugging Face attention hook, the accuracy
 //! report's charts). Every call that waits on a device releases the GIL.
 
+mod accuracy;
 mod arrays;
 mod device;
 mod errors;
@@ -60,6 +61,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<device::TopKResult>()?;
     m.add_class::<tiered::TieredKv>()?;
     m.add_function(wrap_pyfunction!(memory_read_gbps, m)?)?;
+    m.add_function(wrap_pyfunction!(accuracy::accuracy_report, m)?)?;
+    m.add_function(wrap_pyfunction!(accuracy::synthetic_accuracy_report, m)?)?;
     m.add_function(wrap_pyfunction!(_bench_rust_topk_gather, m)?)?;
     m.add_function(wrap_pyfunction!(_bench_rust_append, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
