@@ -112,7 +112,11 @@ class Sequence:
     def devices(self) -> int: ...
     def __len__(self) -> int: ...
     def append(self, keys: np.ndarray, values: np.ndarray) -> None:
-        """Appends ``[layers, heads, tokens, head_dim]`` K and V rows, atomically."""
+        """Appends ``[layers, heads, tokens, head_dim]`` K and V rows, atomically.
+
+        The sequence's own dtype (f32: float32; f16: float16 or uint16 bits;
+        bf16: uint16 bits), C-contiguous, goes to the device without a copy;
+        other float arrays are converted first."""
     def topk(
         self,
         layer: int,

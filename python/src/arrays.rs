@@ -46,8 +46,7 @@ impl Borrowed<'_> {
 
 /// `obj` made C-contiguous (the same object if it already is).
 fn contiguous<'py>(obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
-    let numpy = obj.py().import("numpy")?;
-    numpy.call_method1("ascontiguousarray", (obj,))
+    numpy_contiguous(obj.py(), obj)
 }
 
 fn typed<'py, T: Element>(obj: &Bound<'py, PyAny>) -> Option<PyResult<PyReadonlyArrayDyn<'py, T>>> {
@@ -58,9 +57,41 @@ fn typed<'py, T: Element>(obj: &Bound<'py, PyAny>) -> Option<PyResult<PyReadonly
     Some(contiguous(obj).and_then(|c| Ok(c.cast_into::<PyArrayDyn<T>>()?.readonly())))
 }
 
+/// True for a NumPy array of floats (float16, float32, float64).
+fn is_float_array(obj: &Bound<'_, PyAny>) -> bool {
+    obj.getattr("dtype")
+        .and_then(|d| d.getattr("kind"))
+        .and_then(|k| k.extract::<String>())
+        .is_ok_and(|kind| kind == "f")
+}
+
+/// A float array of another type, converted to `dtype` (one copy): NumPy's
+/// rounding for float32 and float16, round to nearest even for bfloat16
+/// bits (as the tools store bf16).
+fn converted<'py>(obj: &Bound<'py, PyAny>, dtype: Dtype) -> PyResult<Borrowed<'py>> {
+    let py = obj.py();
+    let as_type = |name: &str| numpy_contiguous(py, &obj.call_method1("astype", (name,))?);
+    Ok(match dtype {
+        Dtype::F32 => Borrowed::F32(as_type("float32")?.extract()?),
+        Dtype::F16 => Borrowed::F16(as_type("float16")?.extract()?),
+        Dtype::Bf16 => {
+            let f32s: PyReadonlyArrayDyn<'py, f32> = as_type("float32")?.extract()?;
+            let shape = f32s.shape().to_vec();
+            let bits: Vec<u16> =
+                f32s.as_slice()?.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+            Borrowed::U16(PyArray1::from_vec(py, bits).reshape(shape)?.readonly())
+        }
+    })
+}
+
+fn numpy_contiguous<'py>(py: Python<'py>, obj: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+    py.import("numpy")?.call_method1("ascontiguousarray", (obj,))
+}
+
 /// `obj` as elements of a `dtype` sequence: f32 from float32; f16 from
 /// float16 or uint16 (the bits); bf16 from uint16 (the bits, as
-/// `tensor.view(torch.int16)` or `array.view(np.uint16)` give them).
+/// `tensor.view(torch.int16)` or `array.view(np.uint16)` give them). These
+/// are borrowed; any other float array is converted (one copy).
 pub fn borrow<'py>(obj: &Bound<'py, PyAny>, dtype: Dtype, what: &str) -> PyResult<Borrowed<'py>> {
     let py = obj.py();
     let found = match dtype {
@@ -70,6 +101,9 @@ pub fn borrow<'py>(obj: &Bound<'py, PyAny>, dtype: Dtype, what: &str) -> PyResul
             .or_else(|| typed::<u16>(obj).map(|a| a.map(Borrowed::U16))),
         Dtype::Bf16 => typed::<u16>(obj).map(|a| a.map(Borrowed::U16)),
     };
+    if found.is_none() && is_float_array(obj) {
+        return converted(obj, dtype);
+    }
     found.unwrap_or_else(|| {
         let got = obj
             .getattr("dtype")
@@ -81,9 +115,11 @@ pub fn borrow<'py>(obj: &Bound<'py, PyAny>, dtype: Dtype, what: &str) -> PyResul
                 "{what}: a {} sequence takes {}; got {got}",
                 dtype.name(),
                 match dtype {
-                    Dtype::F32 => "numpy float32",
-                    Dtype::F16 => "numpy float16 (or its bits as uint16)",
-                    Dtype::Bf16 => "bfloat16 bits as numpy uint16 (array.view(np.uint16))",
+                    Dtype::F32 => "numpy float32 (other floats are converted)",
+                    Dtype::F16 =>
+                        "numpy float16 or its bits as uint16 (other floats are converted)",
+                    Dtype::Bf16 =>
+                        "bfloat16 bits as numpy uint16 (array.view(np.uint16)), or floats to round",
                 }
             ),
         ))
@@ -124,8 +160,10 @@ pub fn query(obj: &Bound<'_, PyAny>, head_dim: u16) -> PyResult<Query> {
     } else if let Some(a) = typed::<half::f16>(obj) {
         let a = a?;
         (Dtype::F16, a.shape().to_vec(), bytemuck::cast_slice(a.as_slice()?).to_vec())
+    } else if is_float_array(obj) {
+        return query(&obj.call_method1("astype", ("float32",))?, head_dim);
     } else {
-        return Err(invalid(py, "queries must be a numpy float32 or float16 array"));
+        return Err(invalid(py, "queries must be a numpy float array"));
     };
     let d = usize::from(head_dim);
     let group = match shape[..] {

@@ -127,3 +127,16 @@ def test_device_reports(device):
     assert info["compute_units"] >= 1 and set(info["dtypes"]) == {"f32", "f16", "bf16"}
     assert "fw_revision" in device.identify()
     assert "media_status" in device.health()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_other_float_arrays_are_converted_once(device, dtype):
+    rng = np.random.default_rng(8)
+    k64 = np.asfortranarray(coarse(rng, (1, 1, 400, 32)).astype(np.float64))
+    assert not k64.flags.c_contiguous
+    seq = device.kv_create(1, 1, 32, dtype)
+    seq.append(k64, k64)  # float64, not C-contiguous: converted to the sequence's dtype
+    queries = coarse(rng, (2, 32)).astype(np.float64)
+    top = seq.topk_gather(0, 0, queries, 25)
+    np.testing.assert_array_equal(top.indices, exact_topk(k64[0, 0], queries, 25)[0])
+    np.testing.assert_array_equal(top.keys, as_stored(k64[0, 0].astype(np.float32), dtype)[top.indices])
