@@ -23,7 +23,7 @@ use crate::errors::{IntoPy, invalid};
 #[derive(Debug)]
 pub struct Backend {
     pub device: pnm_host::Device,
-    _embedded: Option<RunningDevice>,
+    embedded: Option<RunningDevice>,
 }
 
 /// A device set, and the devices whose handles it holds (kept alive, and
@@ -111,7 +111,7 @@ pub fn embedded_backend(
         DeviceOptions { socket: running.socket().map(Into::into), ..options(py, bounds, false)? };
     let device =
         py.detach(|| pnm_host::Device::open_with(&running.region().path, &options)).py_err(py)?;
-    Ok(Arc::new(Backend { device, _embedded: Some(running) }))
+    Ok(Arc::new(Backend { device, embedded: Some(running) }))
 }
 
 /// A cxl-pnm device: a running `pnm-device` (its region file, or `vfio:BDF`
@@ -144,7 +144,7 @@ impl Device {
         let bounds = Bounds { command: command_timeout, mailbox: mailbox_timeout };
         let options = options(py, bounds, interrupts)?;
         let device = py.detach(|| pnm_host::Device::open_with(&path, &options)).py_err(py)?;
-        Ok(Self { backend: Arc::new(Backend { device, _embedded: None }) })
+        Ok(Self { backend: Arc::new(Backend { device, embedded: None }) })
     }
 
     /// A device embedded in this process (its region in memory, its engine
@@ -172,7 +172,7 @@ impl Device {
     /// True for a device embedded in this process.
     #[getter]
     fn is_embedded(&self) -> bool {
-        self.backend._embedded.is_some()
+        self.backend.embedded.is_some()
     }
 
     /// Identify Memory Device (spec 4000h), as a dict.
@@ -300,7 +300,7 @@ impl DeviceSet {
             .iter()
             .map(|p| {
                 let device = py.detach(|| pnm_host::Device::open_with(p, &options)).py_err(py)?;
-                Ok(Arc::new(Backend { device, _embedded: None }))
+                Ok(Arc::new(Backend { device, embedded: None }))
             })
             .collect::<PyResult<Vec<_>>>()?;
         Self::from_backends(py, members)
