@@ -454,6 +454,18 @@ impl Sequence {
         Self { store: Mutex::new(Store::Sharded { set, seq }) }
     }
 
+    /// Refuses a (layer, head) outside the sequence before the device
+    /// does, naming the shape (the device would answer Invalid Input).
+    fn check_stream(py: Python<'_>, shape: KvShape, layer: u16, head: u16) -> PyResult<()> {
+        if layer >= shape.layers || head >= shape.heads {
+            return Err(invalid(
+                py,
+                format!("layer {layer}, KV head {head}: the sequence holds {shape}"),
+            ));
+        }
+        Ok(())
+    }
+
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -486,6 +498,7 @@ impl Sequence {
     ) -> PyResult<TopKResult> {
         let store = self.snapshot();
         let shape = store.shape();
+        Self::check_stream(py, shape, layer, head)?;
         let query = arrays::query(queries, shape.head_dim)?;
         let (top, gathered) = match &store {
             Store::Single { backend, seq } => {
@@ -741,6 +754,7 @@ impl Sequence {
     ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
         let store = self.snapshot();
         let shape = store.shape();
+        Self::check_stream(py, shape, layer, head)?;
         let rows = match &store {
             Store::Single { backend, seq } => {
                 let device = &backend.device;

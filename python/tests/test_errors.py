@@ -36,6 +36,8 @@ def test_bad_requests_are_invalid_request_errors(device):
         lambda: seq.topk(0, 0, q, 1 << 20),  # beyond the device's max_k
         lambda: device.kv_create(1, 1, 64, "int8"),
         lambda: device.kv_create(0, 1, 64, "f32"),
+        lambda: seq.topk(5, 0, q, 10),  # no layer 5
+        lambda: seq.gather(0, 2, [0]),  # no KV head 2
     ]
     for case in cases:
         with pytest.raises(cxl_pnm.InvalidRequestError) as error:
@@ -47,7 +49,7 @@ def test_bad_requests_are_invalid_request_errors(device):
 def test_device_refusals_carry_the_return_code(device):
     seq, _ = small_sequence(device)
     with pytest.raises(cxl_pnm.CommandError) as error:
-        seq.topk(5, 0, np.ones(64, np.float32), 10)  # no layer 5
+        seq.gather(0, 0, [5, 2000])  # no token 2000
     assert error.value.return_code == 0x02 and "Invalid Input" in error.value.return_code_name
     with pytest.raises(cxl_pnm.CommandError) as error:
         device.sequence(4242)
