@@ -86,7 +86,9 @@ impl RowBlock {
 }
 
 /// Scores stored rows: the SIMD kernel where the CPU has it, else the
-/// portable one. `scratch` holds the f32 rows of the portable path.
+/// portable one. `scratch` holds the f32 rows of the portable path. Returns
+/// the rows' integrity sum if the kernel took it as it read them
+/// ([`crate::simd::Scored`]).
 pub fn score_stored(
     rows: crate::simd::Rows<'_>,
     head_dim: usize,
@@ -94,10 +96,14 @@ pub fn score_stored(
     how: Aggregation,
     scratch: &mut Vec<f32>,
     out: &mut Vec<f32>,
-) {
-    if !crate::simd::score_rows(rows, head_dim, queries, how, out) {
-        rows.to_f32(scratch);
-        score_rows(scratch, head_dim, queries, how, out);
+) -> Option<u32> {
+    match crate::simd::score_rows_summed(rows, head_dim, queries, how, out) {
+        crate::simd::Scored::Yes { line_sum } => line_sum,
+        crate::simd::Scored::No => {
+            rows.to_f32(scratch);
+            score_rows(scratch, head_dim, queries, how, out);
+            None
+        }
     }
 }
 
@@ -428,6 +434,69 @@ mod tests {
                 for (g, w) in got.iter().zip(&want) {
                     // Summation order differs: relative to the magnitude of the terms.
                     prop_assert!((g - w).abs() <= 1e-5 * d as f32, "{} vs {}", g, w);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// The blocked GQA kernel (AVX-512 where the CPU has it) for every
+        /// dtype, G = 1..=8, head_dims of whole lines, row counts that leave
+        /// partial blocks: scores against the portable kernel (both
+        /// aggregations), and its fused integrity sum exactly equal to the
+        /// reference weighted sum of the bytes.
+        #[test]
+        fn blocked_kernel_matches_the_portable_kernel_and_sums_every_line(
+            dtype_i in 0usize..3,
+            lines in 1usize..=8,
+            group in 1usize..=8,
+            rows in 1usize..40,
+            mean in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let dtype = Dtype::ALL[dtype_i];
+            let d = lines * 64 / dtype.size();
+            let how = if mean { Aggregation::Mean } else { Aggregation::Max };
+            let mut state = seed | 1;
+            let mut next = move || {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            };
+            let values: Vec<f32> = (0..rows * d).map(|_| next()).collect();
+            let queries: Vec<f32> = (0..group * d).map(|_| next()).collect();
+            let mut bytes = Vec::new();
+            for &v in &values {
+                match dtype {
+                    Dtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
+                    Dtype::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                    Dtype::Bf16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                }
+            }
+            let stored = crate::simd::Rows::from_bytes(&bytes, dtype);
+            let mut floats = Vec::new();
+            stored.to_f32(&mut floats);
+            let mut want = Vec::new();
+            score_rows(&floats, d, &queries, how, &mut want);
+            let mut got = Vec::new();
+            let scored = crate::simd::score_rows_summed(stored, d, &queries, how, &mut got);
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let fused = matches!(scored, crate::simd::Scored::Yes { line_sum: Some(_) });
+                prop_assert!(fused, "the AVX-512 kernel takes whole lines");
+            }
+            match scored {
+                crate::simd::Scored::No => {}
+                crate::simd::Scored::Yes { line_sum } => {
+                    prop_assert_eq!(got.len(), want.len());
+                    for (g, w) in got.iter().zip(&want) {
+                        prop_assert!((g - w).abs() <= 1e-5 * d as f32, "{} vs {}", g, w);
+                    }
+                    if let Some(sum) = line_sum {
+                        let reference = crate::integrity::weighted_sum(&bytes);
+                        prop_assert_eq!(sum, reference);
+                    }
                 }
             }
         }

@@ -111,6 +111,21 @@ unsafe impl Send for Rows<'_> {}
 // SAFETY: as for Send.
 unsafe impl Sync for Rows<'_> {}
 
+/// What a vector scoring pass did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scored {
+    /// Nothing: this CPU or shape has no vector kernel (use the portable one).
+    No,
+    /// Every row scored.
+    Yes {
+        /// The weighted word sum ([`crate::integrity::weighted_sum`]) of
+        /// every byte scored, taken as the kernel read them (rows whose
+        /// bytes are whole 64-byte lines, the first at a line start: their
+        /// checks' sum less the salts), or None if the kernel did not.
+        line_sum: Option<u32>,
+    },
+}
+
 /// Scores every row of `rows` (`head_dim` elements each) against `queries`
 /// (G rows), appending one aggregated score per row to `out`. Returns false
 /// (and appends nothing) if this CPU lacks the features or the shape is not
@@ -122,15 +137,36 @@ pub fn score_rows(
     how: Aggregation,
     out: &mut Vec<f32>,
 ) -> bool {
+    score_rows_summed(rows, head_dim, queries, how, out) != Scored::No
+}
+
+/// [`score_rows`], and where the kernel can (AVX-512, rows of whole 64-byte
+/// lines), the integrity sum of the bytes it read in the same pass: a scan
+/// then verifies its keys without reading them again.
+pub fn score_rows_summed(
+    rows: Rows<'_>,
+    head_dim: usize,
+    queries: &[f32],
+    how: Aggregation,
+    out: &mut Vec<f32>,
+) -> Scored {
     #[cfg(target_arch = "x86_64")]
     {
         let group = queries.len() / head_dim.max(1);
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F, which the kernel is compiled for, was just
+            // detected; it checks the shapes it supports itself.
+            let fused = unsafe { x86::score_avx512(rows, head_dim, queries, group, how, out) };
+            if let Some(sum) = fused {
+                return Scored::Yes { line_sum: Some(sum) };
+            }
+        }
         if group == 1 && queries.len() == head_dim && std::arch::is_x86_feature_detected!("avx512f")
         {
             // SAFETY: AVX-512F, which the kernel is compiled for, was just
             // detected; it checks the head_dim it supports itself.
             if unsafe { x86::score_one_avx512(rows, head_dim, queries, out) } {
-                return true;
+                return Scored::Yes { line_sum: None };
             }
         }
         let fits = head_dim.is_multiple_of(8) && head_dim > 0 && (1..=8).contains(&group);
@@ -142,11 +178,11 @@ pub fn score_rows(
             // SAFETY: the features `score` is compiled for were just detected
             // on this CPU, and the shape conditions it needs were checked.
             unsafe { x86::score(rows, head_dim, queries, group, how, out) };
-            return true;
+            return Scored::Yes { line_sum: None };
         }
     }
     let _ = (rows, head_dim, queries, how, out);
-    false
+    Scored::No
 }
 
 /// Appends the integrity check ([`crate::integrity`]) of every 64-byte line
@@ -206,6 +242,43 @@ impl Rows<'_> {
             *byte = unsafe { self.ptr.wrapping_add(line * 64 + i).read() };
         }
         out
+    }
+}
+
+/// The compute roofline of the scoring kernels on this core: f32 FMA
+/// throughput in GFLOP/s, from `iterations` rounds of 16 independent FMA
+/// chains in the widest vector set the kernels use here (AVX-512, else
+/// AVX2 with FMA). Best of three runs. None where neither exists (the
+/// portable kernel has no such bound).
+pub fn fma_gflops(iterations: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        type Loop = fn(usize, (f32, f32, f32)) -> f32;
+        let (run, lanes): (Loop, f64) = if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: AVX-512F, which the loop is compiled for, was just detected.
+            (|n, c| unsafe { x86::fma_chains512(n, c) }, 16.0)
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: AVX2 and FMA, which the loop is compiled for, were just detected.
+            (|n, c| unsafe { x86::fma_chains256(n, c) }, 8.0)
+        } else {
+            return None;
+        };
+        let best = (0..3)
+            .map(|_| {
+                let start = std::time::Instant::now();
+                let constants = std::hint::black_box((0.999_9, 1e-4, 1.0));
+                std::hint::black_box(run(std::hint::black_box(iterations), constants));
+                start.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        return Some(iterations as f64 * 16.0 * lanes * 2.0 / best / 1e9);
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = iterations;
+        None
     }
 }
 
@@ -563,5 +636,318 @@ mod x86 {
             let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
             out.push(_mm512_reduce_add_ps(sum));
         }
+    }
+
+    /// Storage types as const parameters, so each kernel instance has its
+    /// conversion inlined and no branch in the hot loop.
+    const F32: u8 = 0;
+    const F16: u8 = 1;
+    const BF16: u8 = 2;
+
+    /// The GQA scoring kernel on AVX-512, with the integrity sum fused in.
+    /// Rows go in blocks of R (R x G <= 16 accumulators in registers): each
+    /// 64-byte line of a key row is loaded once, weighed into the integrity
+    /// sum as raw words, converted once, and feeds the G queries' FMAs;
+    /// the block's R x G dot products are reduced together, 16 lanes at a
+    /// time, by a transposing tree of adds (15 adds for 16 sums instead of a
+    /// full horizontal reduction each). Returns the weighted word sum of
+    /// every byte read, or None for a shape it does not take (rows not of
+    /// whole lines, G outside 1..=8).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn score_avx512(
+        rows: Rows<'_>,
+        d: usize,
+        queries: &[f32],
+        group: usize,
+        how: Aggregation,
+        out: &mut Vec<f32>,
+    ) -> Option<u32> {
+        let per_line = 64 / rows.dtype.size();
+        if d == 0
+            || !d.is_multiple_of(per_line)
+            || queries.len() != group * d
+            || !(1..=8).contains(&group)
+        {
+            return None;
+        }
+        out.reserve(rows.len() / d);
+        let mut sum = _mm512_setzero_si512();
+        macro_rules! run {
+            ($t:expr) => {
+                match group {
+                    1 => blocks::<$t, 1, 16>(rows, d, queries, how, out, &mut sum),
+                    2 => blocks::<$t, 2, 8>(rows, d, queries, how, out, &mut sum),
+                    3 => blocks::<$t, 3, 5>(rows, d, queries, how, out, &mut sum),
+                    4 => blocks::<$t, 4, 4>(rows, d, queries, how, out, &mut sum),
+                    5 => blocks::<$t, 5, 3>(rows, d, queries, how, out, &mut sum),
+                    6 => blocks::<$t, 6, 2>(rows, d, queries, how, out, &mut sum),
+                    7 => blocks::<$t, 7, 2>(rows, d, queries, how, out, &mut sum),
+                    _ => blocks::<$t, 8, 2>(rows, d, queries, how, out, &mut sum),
+                }
+            };
+        }
+        match rows.dtype {
+            Dtype::F32 => run!(F32),
+            Dtype::F16 => run!(F16),
+            Dtype::Bf16 => run!(BF16),
+        }
+        Some(_mm512_reduce_add_epi32(sum) as u32)
+    }
+
+    /// Every row, R at a time, the last few one at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn blocks<const T: u8, const G: usize, const R: usize>(
+        rows: Rows<'_>,
+        d: usize,
+        queries: &[f32],
+        how: Aggregation,
+        out: &mut Vec<f32>,
+        sum: &mut __m512i,
+    ) {
+        let n = rows.len() / d;
+        let mut r = 0;
+        while r + R <= n {
+            block::<T, G, R>(rows, r, d, queries, how, out, sum);
+            r += R;
+        }
+        while r < n {
+            block::<T, G, 1>(rows, r, d, queries, how, out, sum);
+            r += 1;
+        }
+    }
+
+    /// Rows `first..first + R`: scores appended to `out`, their bytes'
+    /// weighted words added to `sum`. The caller checked `d` is a multiple
+    /// of a line's elements and `queries.len() == G * d`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn block<const T: u8, const G: usize, const R: usize>(
+        rows: Rows<'_>,
+        first: usize,
+        d: usize,
+        queries: &[f32],
+        how: Aggregation,
+        out: &mut Vec<f32>,
+        sum: &mut __m512i,
+    ) {
+        let size = if T == F32 { 4 } else { 2 };
+        assert!((first + R) * d <= rows.len() && queries.len() == G * d);
+        let weights = crate::integrity::WEIGHTS;
+        // SAFETY: WEIGHTS holds 16 u32s, one 64-byte load.
+        let w = unsafe { _mm512_loadu_si512(weights.as_ptr().cast()) };
+        let q = queries.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); G]; R];
+        let halves = if T == F32 { 1 } else { 2 };
+        if G <= 2 || T == F32 {
+            // Few queries: bound by memory. Row by row, line by line, so the
+            // loads walk memory in order.
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let mut c = 0;
+                while c < d {
+                    let at = ((first + r) * d + c) * size;
+                    // SAFETY: c + 64 / size <= d (d is a multiple of a
+                    // line's elements), so the line lies within row
+                    // first + r, within the rows (asserted above).
+                    let raw = unsafe { _mm512_loadu_si512(rows.ptr.wrapping_add(at).cast()) };
+                    *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(raw, w));
+                    for h in 0..halves {
+                        let k = convert::<T>(raw, h);
+                        for (g, a) in acc.iter_mut().enumerate() {
+                            // SAFETY: g * d + c + 16 * h + 16 <= G * d ==
+                            // queries.len(): within query g's row.
+                            let qv = unsafe { _mm512_loadu_ps(q.wrapping_add(g * d + c + 16 * h)) };
+                            *a = _mm512_fmadd_ps(k, qv, *a);
+                        }
+                    }
+                    c += 64 / size;
+                }
+            }
+        } else {
+            // A GQA group: bound by the FMAs. Line by line across the R
+            // rows, the group's query slice held in registers, so each
+            // query load feeds R rows and each key line is converted once
+            // for G queries.
+            let mut c = 0;
+            while c < d {
+                let mut raw = [_mm512_setzero_si512(); R];
+                for (r, raw) in raw.iter_mut().enumerate() {
+                    let at = ((first + r) * d + c) * size;
+                    // SAFETY: as above, line c of row first + r.
+                    *raw = unsafe { _mm512_loadu_si512(rows.ptr.wrapping_add(at).cast()) };
+                    *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(*raw, w));
+                }
+                for h in 0..halves {
+                    let mut qv = [_mm512_setzero_ps(); G];
+                    for (g, qv) in qv.iter_mut().enumerate() {
+                        // SAFETY: as above, within query g's row.
+                        *qv = unsafe { _mm512_loadu_ps(q.wrapping_add(g * d + c + 16 * h)) };
+                    }
+                    for (acc, raw) in acc.iter_mut().zip(&raw) {
+                        let k = convert::<T>(*raw, h);
+                        for (a, qv) in acc.iter_mut().zip(&qv) {
+                            *a = _mm512_fmadd_ps(k, *qv, *a);
+                        }
+                    }
+                }
+                c += 64 / size;
+            }
+        }
+        if R == 1 {
+            let mut sums = [0f32; G];
+            for (s, a) in sums.iter_mut().zip(&acc[0]) {
+                *s = _mm512_reduce_add_ps(*a);
+            }
+            out.push(if G == 1 { sums[0] } else { aggregate(&sums, how) });
+            return;
+        }
+        let mut all = [_mm512_setzero_ps(); 16];
+        for (slot, a) in all.iter_mut().zip(acc.iter().flatten()) {
+            *slot = *a;
+        }
+        // Lane r * G + g: row r's score for query g.
+        let sums = reduce16(all);
+        let mut lanes = [0f32; 16];
+        if G == 1 {
+            // SAFETY: `lanes` is 64 bytes.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), sums) };
+            out.extend_from_slice(&lanes[..R]);
+        } else if G.is_power_of_two() {
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(sums, sums);
+            let grouped = aggregate_groups::<G>(sums, nan, how);
+            // SAFETY: `lanes` is 64 bytes.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), grouped) };
+            let all_nan = (1u32 << G) - 1;
+            for r in 0..R {
+                let nans = (u32::from(nan) >> (r * G)) & all_nan;
+                out.push(if nans == all_nan { f32::NAN } else { lanes[r * G] });
+            }
+        } else {
+            // SAFETY: `lanes` is 64 bytes.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), sums) };
+            for r in 0..R {
+                out.push(aggregate(&lanes[r * G..(r + 1) * G], how));
+            }
+        }
+    }
+
+    /// Elements `16 h .. 16 h + 16` of a line's raw bytes as f32 lanes
+    /// (`h` is 0 for f32 rows, 0 or 1 for 16-bit ones).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn convert<const T: u8>(raw: __m512i, h: usize) -> __m512 {
+        if T == F32 {
+            return _mm512_castsi512_ps(raw);
+        }
+        let half =
+            if h == 0 { _mm512_castsi512_si256(raw) } else { _mm512_extracti64x4_epi64::<1>(raw) };
+        if T == F16 {
+            _mm512_cvtph_ps(half)
+        } else {
+            // bfloat16 is the top half of an f32.
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)))
+        }
+    }
+
+    /// Each group of G consecutive lanes (G = 2, 4 or 8) of `v` aggregated
+    /// as [`aggregate`] does, NaN lanes (`nan`) left out; the group's result
+    /// lands in its first lane. (A group of NaNs only is the caller's to
+    /// answer: NaN.) Max is exact; Mean sums in a different order than the
+    /// portable kernel.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn aggregate_groups<const G: usize>(v: __m512, nan: __mmask16, how: Aggregation) -> __m512 {
+        let swap32 = |x: __m512| _mm512_permute_ps::<0b10_11_00_01>(x);
+        let swap64 = |x: __m512| _mm512_permute_ps::<0b01_00_11_10>(x);
+        let swap128 = |x: __m512| _mm512_shuffle_f32x4::<0b10_11_00_01>(x, x);
+        match how {
+            Aggregation::Max => {
+                let mut m = _mm512_mask_mov_ps(v, nan, _mm512_set1_ps(f32::NEG_INFINITY));
+                m = _mm512_max_ps(m, swap32(m));
+                if G >= 4 {
+                    m = _mm512_max_ps(m, swap64(m));
+                }
+                if G >= 8 {
+                    m = _mm512_max_ps(m, swap128(m));
+                }
+                m
+            }
+            Aggregation::Mean => {
+                let mut s = _mm512_mask_mov_ps(v, nan, _mm512_setzero_ps());
+                let mut n = _mm512_mask_mov_ps(_mm512_set1_ps(1.0), nan, _mm512_setzero_ps());
+                for step in [swap32, swap64, swap128].into_iter().take(G.trailing_zeros() as usize)
+                {
+                    s = _mm512_add_ps(s, step(s));
+                    n = _mm512_add_ps(n, step(n));
+                }
+                _mm512_div_ps(s, n)
+            }
+        }
+    }
+
+    /// The sums of 16 vectors, lane i holding the sum of `v[i]`'s lanes:
+    /// pairs are interleaved and added within 128-bit lanes (32-bit, then
+    /// 64-bit interleaves), then across them (128-bit shuffles), halving
+    /// the vector count at each of four levels.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn reduce16(v: [__m512; 16]) -> __m512 {
+        let mut b = [_mm512_setzero_ps(); 8];
+        for (j, b) in b.iter_mut().enumerate() {
+            let (x, y) = (v[2 * j], v[2 * j + 1]);
+            *b = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+        }
+        let mut c = [_mm512_setzero_ps(); 4];
+        for (m, c) in c.iter_mut().enumerate() {
+            let (x, y) = (_mm512_castps_pd(b[2 * m]), _mm512_castps_pd(b[2 * m + 1]));
+            *c = _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)),
+            );
+        }
+        let across = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y),
+            )
+        };
+        let d0 = across(c[0], c[1]);
+        let d1 = across(c[2], c[3]);
+        across(d0, d1)
+    }
+
+    /// 16 independent FMA chains (more than FMA latency x throughput, so
+    /// the units never wait), `n` rounds of `x = x * a + b` from `start`;
+    /// returns a value the caller keeps. The constants come from the caller
+    /// through `black_box`: a loop of known constants that reaches a fixed
+    /// point is folded away by the compiler.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn fma_chains512(n: usize, (a, b, start): (f32, f32, f32)) -> f32 {
+        let (a, b) = (_mm512_set1_ps(a), _mm512_set1_ps(b));
+        let mut acc = [_mm512_set1_ps(start); 16];
+        for _ in 0..n {
+            for x in &mut acc {
+                *x = _mm512_fmadd_ps(*x, a, b);
+            }
+        }
+        let sum = acc.iter().fold(_mm512_setzero_ps(), |s, &x| _mm512_add_ps(s, x));
+        _mm512_reduce_add_ps(sum)
+    }
+
+    /// [`fma_chains512`] on 256-bit vectors.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn fma_chains256(n: usize, (a, b, start): (f32, f32, f32)) -> f32 {
+        let (a, b) = (_mm256_set1_ps(a), _mm256_set1_ps(b));
+        let mut acc = [_mm256_set1_ps(start); 16];
+        for _ in 0..n {
+            for x in &mut acc {
+                *x = _mm256_fmadd_ps(*x, a, b);
+            }
+        }
+        let sum = acc.iter().fold(_mm256_setzero_ps(), |s, &x| _mm256_add_ps(s, x));
+        let mut lanes = [0f32; 8];
+        // SAFETY: `lanes` is 32 bytes.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+        lanes.iter().sum()
     }
 }

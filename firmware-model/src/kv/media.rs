@@ -114,6 +114,17 @@ pub(super) struct CheckScratch {
     stored: Vec<u8>,
 }
 
+/// Key rows a scan read: page-relative `rows` of page `page`, in K frame
+/// `frame`, and their weighted word sum if the scoring kernel took it as it
+/// read them ([`crate::simd::Scored`]).
+#[derive(Debug, Clone)]
+pub(super) struct ScannedKeys {
+    pub frame: u32,
+    pub page: u64,
+    pub rows: Range<u64>,
+    pub known_sum: Option<u32>,
+}
+
 impl<D: Dram> KvStore<D> {
     /// The poison list.
     pub fn poison(&self) -> &PoisonList {
@@ -247,10 +258,27 @@ impl<D: Dram> KvStore<D> {
     pub(super) fn verify(
         &self,
         frame: u32,
-        (from, to, clip): (u64, u64, u64),
+        range: (u64, u64, u64),
         scratch: &mut CheckScratch,
         bad: &mut Vec<BadLine>,
     ) -> Result<(), KvError> {
+        self.verify_with(frame, range, None, scratch, bad)
+    }
+
+    /// [`verify`](Self::verify), given the weighted word sum of exactly the
+    /// bytes `[from, to)` if a kernel took it while reading them (then they
+    /// are not read again unless the run disagrees). `known_sum` counts
+    /// only when `from` and `to` are line boundaries.
+    pub(super) fn verify_with(
+        &self,
+        frame: u32,
+        (from, to, clip): (u64, u64, u64),
+        known_sum: Option<u32>,
+        scratch: &mut CheckScratch,
+        bad: &mut Vec<BadLine>,
+    ) -> Result<(), KvError> {
+        let known_sum =
+            known_sum.filter(|_| from.is_multiple_of(LINE_BYTES) && to.is_multiple_of(LINE_BYTES));
         let lines = lines_of(from, to);
         if lines.is_empty() {
             return Ok(());
@@ -258,7 +286,7 @@ impl<D: Dram> KvStore<D> {
         let first_line = self.layout.frame_offset(frame) / LINE_BYTES + lines.start;
         let dpa_lines = first_line..first_line + (lines.end - lines.start);
         if !self.poison.touches(dpa_lines.clone())
-            && self.run_is_clean(frame, lines.clone(), clip, scratch)?
+            && self.run_is_clean(frame, lines.clone(), clip, known_sum, scratch)?
         {
             return Ok(());
         }
@@ -293,15 +321,19 @@ impl<D: Dram> KvStore<D> {
         frame: u32,
         lines: Range<u64>,
         clip: u64,
+        known_sum: Option<u32>,
         scratch: &mut CheckScratch,
     ) -> Result<bool, KvError> {
         let start = lines.start * LINE_BYTES;
         let end = (lines.end * LINE_BYTES).min(clip);
         let at = self.layout.frame_offset(frame);
         let mut sum = 0u32;
-        self.dram.with_rows(at + start, end - start, Dtype::F16, |rows| {
-            crate::simd::line_sums(rows, &mut sum)
-        })?;
+        match known_sum {
+            Some(known) => sum = known,
+            None => self.dram.with_rows(at + start, end - start, Dtype::F16, |rows| {
+                crate::simd::line_sums(rows, &mut sum)
+            })?,
+        }
         let first = (at + start) / LINE_BYTES;
         let sum =
             sum.wrapping_add(crate::integrity::salt_sum(first..first + (lines.end - lines.start)));
@@ -428,24 +460,22 @@ impl<D: Dram> KvStore<D> {
         Ok(())
     }
 
-    /// Verifies the key rows `rows` (page-relative) of page `page`'s K frame
-    /// before a scan reads them; the affected tokens among them go to
-    /// `findings`.
+    /// Verifies key rows a scan read (before their scores count); the
+    /// affected tokens among them go to `findings`.
     pub(super) fn verify_keys(
         &self,
         seq: &Sequence,
-        key_frame: u32,
-        page: u64,
-        rows: Range<u64>,
+        keys: ScannedKeys,
         scratch: &mut CheckScratch,
         findings: &mut MediaFindings,
     ) -> Result<(), KvError> {
+        let ScannedKeys { frame: key_frame, page, rows, known_sum } = keys;
         let tpp = seq.shape.tokens_per_page();
         let row = seq.shape.row_bytes();
         let clip = seq.tokens.saturating_sub(page * tpp).min(tpp) * row;
         let (from, to) = (rows.start * row, rows.end * row);
         let before = findings.lines.len();
-        self.verify(key_frame, (from, to, clip), scratch, &mut findings.lines)?;
+        self.verify_with(key_frame, (from, to, clip), known_sum, scratch, &mut findings.lines)?;
         let frame_line = self.layout.frame_offset(key_frame) / LINE_BYTES;
         for bad in &findings.lines[before..] {
             let within = (bad.line - frame_line) * LINE_BYTES;

@@ -2,7 +2,7 @@
 //! tokens (whole, or one share of a split command), query-aware page
 //! selection by per-page key bounds, and the DRAM locations of gathered rows.
 
-use super::media::{CheckScratch, MediaFindings};
+use super::media::{CheckScratch, MediaFindings, ScannedKeys};
 use super::{Dram, KvError, KvStore, Limit, Sequence, SequenceShape, check_stream};
 use crate::kernels::{self, Aggregation, Scored};
 use crate::limits::LIMITS;
@@ -174,11 +174,14 @@ impl<D: Dram> KvStore<D> {
         let at = self.layout.frame_offset(key_frame) + rows.start * row;
         s.scores.clear();
         let d = usize::from(shape.head_dim);
-        self.dram.with_rows(at, (rows.end - rows.start) * row, shape.dtype, |r| {
-            kernels::score_stored(r, d, queries, how, &mut s.floats, &mut s.scores)
-        })?;
+        // The kernel may take the keys' integrity sum as it reads them.
+        let known_sum =
+            self.dram.with_rows(at, (rows.end - rows.start) * row, shape.dtype, |r| {
+                kernels::score_stored(r, d, queries, how, &mut s.floats, &mut s.scores)
+            })?;
         let affected = s.media.tokens.len();
-        self.verify_keys(seq, key_frame, page, rows.clone(), &mut s.checks, &mut s.media)?;
+        let keys = ScannedKeys { frame: key_frame, page, rows: rows.clone(), known_sum };
+        self.verify_keys(seq, keys, &mut s.checks, &mut s.media)?;
         let first = page * tpp + rows.start;
         if s.media.tokens.len() == affected {
             s.stream.push_block(&s.scores, first as u32);

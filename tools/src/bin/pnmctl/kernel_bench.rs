@@ -81,6 +81,10 @@ fn interleaved(reps: usize, runs: &mut [&mut dyn FnMut(bool)]) -> Vec<(f64, f64)
 /// Timed runs of each kind in a row within one round of [`interleaved`].
 const TIMED_PER_ROUND: usize = 3;
 
+/// Rounds of the compute roofline's FMA loop per measurement (16 chains x
+/// 16 lanes x 2 FLOPs each: about 0.5 GFLOP, 5-10 ms on one core).
+const COMPUTE_ROUNDS: usize = 1 << 20;
+
 /// Runs the grid; `device` adds the through-the-device figures.
 pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value> {
     let roofline = Roofline::new(256 << 20).map_err(memory_error)?;
@@ -114,6 +118,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                     (0..group as usize * d).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
                 for &k in &grid.ks {
                     let mut read_gbs = 0f64;
+                    let mut fma_gflops = 0f64;
                     let mut scratch = TopkScratch::default();
                     let mut selected = 0;
                     let query_of = |seq| TopkQuery {
@@ -126,7 +131,12 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                     };
                     let mut kernel_ns = Vec::new();
                     let mut model_ns = 0;
-                    let mut roof = |_| read_gbs = read_gbs.max(roofline.read_gb_per_s(1));
+                    let mut roof = |_| {
+                        read_gbs = read_gbs.max(roofline.read_gb_per_s(1));
+                        // About 10 ms of FMAs: the compute roofline beside it.
+                        let peak = pnm_firmware::simd::fma_gflops(COMPUTE_ROUNDS).unwrap_or(0.0);
+                        fma_gflops = fma_gflops.max(peak);
+                    };
                     let mut local = |_| {
                         let top = store
                             .top_k_with(&mut scratch, query_of(id))
@@ -161,6 +171,12 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                         unreachable!("four runs, four timings")
                     };
                     let floor = key_bytes.len() as f64 / (read_gbs * 1e9);
+                    // Scoring's FLOPs: a multiply and an add per element
+                    // per query of the group.
+                    let flops = 2.0 * tokens as f64 * d as f64 * f64::from(group);
+                    let compute_floor =
+                        if fma_gflops > 0.0 { flops / (fma_gflops * 1e9) } else { 0.0 };
+                    let binding = floor.max(compute_floor);
                     let mut case = json!({
                         "tokens": tokens,
                         "head_dim": d,
@@ -171,12 +187,17 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                         "roofline": {
                             "memory_read_gb_per_s": read_gbs,
                             "floor_ms": floor * 1e3,
+                            "fma_gflop_per_s": fma_gflops,
+                            "compute_floor_ms": compute_floor * 1e3,
+                            "binding": if compute_floor > floor { "compute" } else { "memory" },
                         },
                         "in_process": {
                             "min_ms": local_min * 1e3,
                             "median_ms": local_median * 1e3,
                             "key_gb_per_s": key_bytes.len() as f64 / local_min / 1e9,
                             "x_roofline_time": local_min / floor,
+                            "gflop_per_s": flops / local_min / 1e9,
+                            "x_binding_time": local_min / binding,
                             "selected": selected,
                             "small_pages_min_ms": plain_min * 1e3,
                             "small_pages_x_roofline_time": plain_min / floor,
@@ -218,7 +239,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
         "threads": 1,
         "cases": cases,
         "reference": reference,
-        "note": "each case runs in rounds (roofline read, in-process on huge pages, in-process on 4 KiB pages, through the device; each once untimed, then 3 timed runs back to back) so machine noise falls on all alike; min over rounds (interference only slows a run down); x_roofline_time = time / (key bytes / best memory read bandwidth over the rounds)",
+        "note": "each case runs in rounds (roofline read, in-process on huge pages, in-process on 4 KiB pages, through the device; each once untimed, then 3 timed runs back to back) so machine noise falls on all alike; min over rounds (interference only slows a run down); x_roofline_time = time / (key bytes / best memory read bandwidth over the rounds); the compute roofline is one core's f32 FMA rate in the kernels' vector set (16 independent chains), measured in the same rounds; compute_floor = 2 x tokens x head_dim x G FLOPs at that rate; x_binding_time = time / the larger of the two floors",
     }))
 }
 
