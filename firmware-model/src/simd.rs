@@ -671,7 +671,11 @@ mod x86 {
             return None;
         }
         out.reserve(rows.len() / d);
-        let mut sum = _mm512_setzero_si512();
+        let mut sum = WordSums {
+            wide: _mm512_setzero_si512(),
+            low: _mm256_setzero_si256(),
+            high: _mm256_setzero_si256(),
+        };
         macro_rules! run {
             ($t:expr) => {
                 match group {
@@ -691,7 +695,58 @@ mod x86 {
             Dtype::F16 => run!(F16),
             Dtype::Bf16 => run!(BF16),
         }
-        Some(_mm512_reduce_add_epi32(sum) as u32)
+        // The weighted sum is linear: the weights multiply the word sums
+        // once here instead of every line in the loop (mod 2^32 alike).
+        let weights = crate::integrity::WEIGHTS;
+        // SAFETY: WEIGHTS holds 16 u32s, one 64-byte load.
+        let w = unsafe { _mm512_loadu_si512(weights.as_ptr().cast()) };
+        let words = _mm512_add_epi32(
+            sum.wide,
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(sum.low), sum.high),
+        );
+        Some(_mm512_reduce_add_epi32(_mm512_mullo_epi32(words, w)) as u32)
+    }
+
+    /// Per word position of a line (16 u32s), the sum over every line read:
+    /// f32 rows' lines as one 512-bit vector, 16-bit rows' as two 256-bit
+    /// halves (as they are loaded for conversion).
+    #[derive(Clone, Copy)]
+    struct WordSums {
+        wide: __m512i,
+        low: __m256i,
+        high: __m256i,
+    }
+
+    /// One 64-byte line of a key row, as loaded: whole for f32 rows, in
+    /// two halves for 16-bit ones (each converts to 16 f32 lanes without a
+    /// shuffle).
+    #[derive(Clone, Copy)]
+    struct Line {
+        wide: __m512i,
+        halves: [__m256i; 2],
+    }
+
+    /// Loads the line at `at` and adds its words to `sum`.
+    ///
+    /// # Safety
+    /// The 64 bytes at `at` must be readable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load_line<const T: u8>(at: *const u8, sum: &mut WordSums) -> Line {
+        if T == F32 {
+            // SAFETY: 64 readable bytes by the contract.
+            let wide = unsafe { _mm512_loadu_si512(at.cast()) };
+            sum.wide = _mm512_add_epi32(sum.wide, wide);
+            Line { wide, halves: [_mm256_setzero_si256(); 2] }
+        } else {
+            // SAFETY: the first 32 of the 64 readable bytes.
+            let low = unsafe { _mm256_loadu_si256(at.cast()) };
+            // SAFETY: the last 32.
+            let high = unsafe { _mm256_loadu_si256(at.wrapping_add(32).cast()) };
+            sum.low = _mm256_add_epi32(sum.low, low);
+            sum.high = _mm256_add_epi32(sum.high, high);
+            Line { wide: _mm512_setzero_si512(), halves: [low, high] }
+        }
     }
 
     /// Every row, R at a time, the last few one at a time.
@@ -703,18 +758,22 @@ mod x86 {
         queries: &[f32],
         how: Aggregation,
         out: &mut Vec<f32>,
-        sum: &mut __m512i,
+        sum: &mut WordSums,
     ) {
         let n = rows.len() / d;
+        // A local copy: kept in registers (through the caller's reference
+        // every line's add would go through memory, a store-to-load chain).
+        let mut words = *sum;
         let mut r = 0;
         while r + R <= n {
-            block::<T, G, R>(rows, r, d, queries, how, out, sum);
+            block::<T, G, R>(rows, r, d, queries, how, out, &mut words);
             r += R;
         }
         while r < n {
-            block::<T, G, 1>(rows, r, d, queries, how, out, sum);
+            block::<T, G, 1>(rows, r, d, queries, how, out, &mut words);
             r += 1;
         }
+        *sum = words;
     }
 
     /// Rows `first..first + R`: scores appended to `out`, their bytes'
@@ -729,13 +788,10 @@ mod x86 {
         queries: &[f32],
         how: Aggregation,
         out: &mut Vec<f32>,
-        sum: &mut __m512i,
+        sum: &mut WordSums,
     ) {
         let size = if T == F32 { 4 } else { 2 };
         assert!((first + R) * d <= rows.len() && queries.len() == G * d);
-        let weights = crate::integrity::WEIGHTS;
-        // SAFETY: WEIGHTS holds 16 u32s, one 64-byte load.
-        let w = unsafe { _mm512_loadu_si512(weights.as_ptr().cast()) };
         let q = queries.as_ptr();
         let mut acc = [[_mm512_setzero_ps(); G]; R];
         let halves = if T == F32 { 1 } else { 2 };
@@ -749,10 +805,9 @@ mod x86 {
                     // SAFETY: c + 64 / size <= d (d is a multiple of a
                     // line's elements), so the line lies within row
                     // first + r, within the rows (asserted above).
-                    let raw = unsafe { _mm512_loadu_si512(rows.ptr.wrapping_add(at).cast()) };
-                    *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(raw, w));
+                    let line = unsafe { load_line::<T>(rows.ptr.wrapping_add(at), sum) };
                     for h in 0..halves {
-                        let k = convert::<T>(raw, h);
+                        let k = convert::<T>(line, h);
                         for (g, a) in acc.iter_mut().enumerate() {
                             // SAFETY: g * d + c + 16 * h + 16 <= G * d ==
                             // queries.len(): within query g's row.
@@ -770,12 +825,12 @@ mod x86 {
             // for G queries.
             let mut c = 0;
             while c < d {
-                let mut raw = [_mm512_setzero_si512(); R];
-                for (r, raw) in raw.iter_mut().enumerate() {
+                let mut lines =
+                    [Line { wide: _mm512_setzero_si512(), halves: [_mm256_setzero_si256(); 2] }; R];
+                for (r, line) in lines.iter_mut().enumerate() {
                     let at = ((first + r) * d + c) * size;
                     // SAFETY: as above, line c of row first + r.
-                    *raw = unsafe { _mm512_loadu_si512(rows.ptr.wrapping_add(at).cast()) };
-                    *sum = _mm512_add_epi32(*sum, _mm512_mullo_epi32(*raw, w));
+                    *line = unsafe { load_line::<T>(rows.ptr.wrapping_add(at), sum) };
                 }
                 for h in 0..halves {
                     let mut qv = [_mm512_setzero_ps(); G];
@@ -783,8 +838,8 @@ mod x86 {
                         // SAFETY: as above, within query g's row.
                         *qv = unsafe { _mm512_loadu_ps(q.wrapping_add(g * d + c + 16 * h)) };
                     }
-                    for (acc, raw) in acc.iter_mut().zip(&raw) {
-                        let k = convert::<T>(*raw, h);
+                    for (acc, line) in acc.iter_mut().zip(&lines) {
+                        let k = convert::<T>(*line, h);
                         for (a, qv) in acc.iter_mut().zip(&qv) {
                             *a = _mm512_fmadd_ps(k, *qv, *a);
                         }
@@ -835,12 +890,11 @@ mod x86 {
     /// (`h` is 0 for f32 rows, 0 or 1 for 16-bit ones).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn convert<const T: u8>(raw: __m512i, h: usize) -> __m512 {
+    fn convert<const T: u8>(line: Line, h: usize) -> __m512 {
         if T == F32 {
-            return _mm512_castsi512_ps(raw);
+            return _mm512_castsi512_ps(line.wide);
         }
-        let half =
-            if h == 0 { _mm512_castsi512_si256(raw) } else { _mm512_extracti64x4_epi64::<1>(raw) };
+        let half = line.halves[h];
         if T == F16 {
             _mm512_cvtph_ps(half)
         } else {
