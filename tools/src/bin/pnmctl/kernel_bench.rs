@@ -82,8 +82,8 @@ fn interleaved(reps: usize, runs: &mut [&mut dyn FnMut(bool)]) -> Vec<(f64, f64)
 const TIMED_PER_ROUND: usize = 3;
 
 /// Rounds of the compute roofline's FMA loop per measurement (16 chains x
-/// 16 lanes x 2 FLOPs each: about 0.5 GFLOP, 5-10 ms on one core).
-const COMPUTE_ROUNDS: usize = 1 << 20;
+/// 16 lanes x 2 FLOPs each: about 0.13 GFLOP, 1-3 ms on one core).
+const COMPUTE_ROUNDS: usize = 1 << 18;
 
 /// Runs the grid; `device` adds the through-the-device figures.
 pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value> {
