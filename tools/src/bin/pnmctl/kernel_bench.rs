@@ -133,7 +133,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                     let mut model_ns = 0;
                     let mut roof = |_| {
                         read_gbs = read_gbs.max(roofline.read_gb_per_s(1));
-                        // About 10 ms of FMAs: the compute roofline beside it.
+                        // A few ms of FMAs: the compute roofline beside it.
                         let peak = pnm_firmware::simd::fma_gflops(COMPUTE_ROUNDS).unwrap_or(0.0);
                         fma_gflops = fma_gflops.max(peak);
                     };
