@@ -336,8 +336,17 @@ struct StepReport {
     attention_rel_error: Option<f64>,
     link_bytes: u64,
     full_kv_bytes: u64,
+    /// The step's Top-Ks as the host saw them: one batch on one device.
     step_ms: f64,
+    /// Each command's device time, summed (commands overlap in a batch).
     device_ms: f64,
+    /// The compute units' busy time over the step (Unit Busy registers):
+    /// the kernels' own work, every share of a split Top-K counted.
+    unit_busy_ms: f64,
+    /// `unit_busy_ms` over the compute units: the least time the step's
+    /// kernels could take on them; `step_ms` against it is the command
+    /// path's and scheduling's cost.
+    kernel_share_ms: f64,
     /// What the device's timing profile says its hardware would take for
     /// the step's commands, one after another.
     modelled_ms: f64,
@@ -363,6 +372,9 @@ struct Report {
     full_kv_bytes_per_step: f64,
     link_reduction: f64,
     mean_step_ms: f64,
+    mean_kernel_share_ms: f64,
+    /// Step time over the kernels' share of the compute units.
+    step_x_kernel_share: f64,
     mean_modelled_ms: f64,
 }
 
@@ -416,6 +428,68 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// A decode step's Top-K of every (layer, KV head), `queries[i]` for
+    /// stream i (layer-major): on one device every command in flight at
+    /// once (one batch; the device runs them side by side on its compute
+    /// units), on a set one fan-out after another. Each answer with its
+    /// rows and its link bytes.
+    fn topk_gather_step(
+        &self,
+        queries: &[Query],
+        k: u32,
+        selection: Option<PageSelection>,
+    ) -> anyhow::Result<Vec<(TopK, Rows, u64)>> {
+        let heads = usize::from(self.shape().heads);
+        let stream = |i: usize| ((i / heads) as u16, (i % heads) as u16);
+        match self {
+            Self::One { device, seq } => {
+                let requests: Vec<TopkRequest<'_>> = queries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, q)| {
+                        let (layer, head) = stream(i);
+                        TopkRequest { selection, ..TopkRequest::new(seq, layer, head, q, k) }
+                    })
+                    .collect();
+                const COMMAND: u64 = 64 + 32; // a submission and a completion entry
+                let row = seq.shape.row_bytes();
+                device
+                    .topk_gather_batch(&requests)?
+                    .into_iter()
+                    .zip(queries)
+                    .map(|(answer, q)| {
+                        let (top, rows) = answer?;
+                        let n = top.indices.len() as u64;
+                        Ok((top, rows, COMMAND + q.data.len() as u64 + 8 * n + 2 * n * row))
+                    })
+                    .collect()
+            }
+            Self::Set { .. } => queries
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    let (layer, head) = stream(i);
+                    let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+                    let (top, link) = self.topk_gather(layer, head, q, k, selection, &mut rows)?;
+                    Ok((top, rows, link))
+                })
+                .collect(),
+        }
+    }
+
+    /// The devices' compute units, and the nanoseconds they have spent
+    /// running commands so far (the Unit Busy registers, summed).
+    fn unit_busy(&self) -> (u32, u64) {
+        let devices: Vec<&Device> = match self {
+            Self::One { device, .. } => vec![device],
+            Self::Set { set, .. } => set.devices().iter().collect(),
+        };
+        devices.iter().fold((0, 0), |(units, busy), d| {
+            let units_here = d.identify_pnm().map(|p| p.compute_units).unwrap_or(1);
+            (units + units_here, busy + d.status().unit_busy_ns)
+        })
     }
 
     /// Top-K of one (layer, KV head) and its rows into `rows`, and the bytes
@@ -636,8 +710,11 @@ fn main() -> anyhow::Result<()> {
     let load_bytes = shape.bytes(cache.tokens) * 2;
 
     let mut steps = Vec::new();
-    // Row buffers reused across steps: no allocation or page faults per command.
-    let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+    let selection = args.budget.map(|budget_tokens| PageSelection {
+        budget_tokens,
+        sink_pages: 1,
+        recent_pages: 2,
+    });
     for step in 0..args.steps {
         // Decode appends the new token's K and V to every stream first.
         let (new_k, new_v) = next_token(&mut streams, &mut rng, shape, store.tokens() as usize);
@@ -646,22 +723,23 @@ fn main() -> anyhow::Result<()> {
         let mut report = StepReport { step, context_tokens: store.tokens(), ..Default::default() };
         let mut recall_sum = 0.0;
         let mut errors = ErrorTally::default();
-        for (i, s) in streams.iter().enumerate() {
-            let (layer, head) =
-                ((i / usize::from(shape.heads)) as u16, (i % usize::from(shape.heads)) as u16);
-            let queries = step_queries(s, &mut rng, shape, args.group);
-            let query = Query::f32(&queries, d);
-            let start = Instant::now();
-            let selection = args.budget.map(|budget_tokens| PageSelection {
-                budget_tokens,
-                sink_pages: 1,
-                recent_pages: 2,
-            });
-            let (top, link_bytes) =
-                store.topk_gather(layer, head, &query, args.k, selection, &mut rows)?;
+        // Every (layer, KV head) of the step at once: the queries first,
+        // then one batch, timed with the units' busy time over it.
+        let step_queries: Vec<Vec<f32>> =
+            streams.iter().map(|s| step_queries(s, &mut rng, shape, args.group)).collect();
+        let wire: Vec<Query> = step_queries.iter().map(|q| Query::f32(q, d)).collect();
+        let (units, busy_before) = store.unit_busy();
+        let start = Instant::now();
+        let answers = store.topk_gather_step(&wire, args.k, selection)?;
+        report.step_ms = start.elapsed().as_secs_f64() * 1e3;
+        let busy = store.unit_busy().1.saturating_sub(busy_before);
+        report.unit_busy_ms = busy as f64 / 1e6;
+        report.kernel_share_ms = report.unit_busy_ms / f64::from(units.max(1));
+        for (s, (queries, (top, rows, link_bytes))) in
+            streams.iter().zip(step_queries.iter().zip(answers))
+        {
             report.keys_read_fraction +=
                 top.tokens_scored as f64 / top.tokens as f64 / streams.len() as f64;
-            report.step_ms += start.elapsed().as_secs_f64() * 1e3;
             report.device_ms += top.device_ns as f64 / 1e6;
             report.modelled_ms += top.model_ns as f64 / 1e6;
             report.link_bytes += link_bytes;
@@ -670,7 +748,7 @@ fn main() -> anyhow::Result<()> {
             // Host side: what full attention would give, from all rows.
             let all_keys = decode(shape.dtype, &s.keys);
             let all_values = decode(shape.dtype, &s.values);
-            let exact = exact_topk(&queries, &all_keys, d, args.k as usize);
+            let exact = exact_topk(queries, &all_keys, d, args.k as usize);
             let got: std::collections::HashSet<u32> = top.indices.iter().copied().collect();
             recall_sum +=
                 exact.iter().filter(|i| got.contains(i)).count() as f64 / exact.len() as f64;
@@ -687,7 +765,7 @@ fn main() -> anyhow::Result<()> {
         report.attention_rel_error = errors.rel_error();
         if !args.json {
             println!(
-                "step {:>3}  ctx {:>7}  keys read {:>5.1}%  recall {:.4}  attn err {:.4} (rel {})  link {:>7.2} MiB vs {:>8.1} MiB full KV  {:>7.1} ms Top-K+gather (device {:.1} ms, modelled {:.2} ms)",
+                "step {:>3}  ctx {:>7}  keys read {:>5.1}%  recall {:.4}  attn err {:.4} (rel {})  link {:>7.2} MiB vs {:>8.1} MiB full KV  {:>7.1} ms Top-K+gather (kernels' share of the units {:.1} ms, modelled {:.2} ms)",
                 step,
                 report.context_tokens,
                 report.keys_read_fraction * 100.0,
@@ -697,7 +775,7 @@ fn main() -> anyhow::Result<()> {
                 report.link_bytes as f64 / (1 << 20) as f64,
                 report.full_kv_bytes as f64 / (1 << 20) as f64,
                 report.step_ms,
-                report.device_ms,
+                report.kernel_share_ms,
                 report.modelled_ms,
             );
         }
@@ -724,6 +802,8 @@ fn main() -> anyhow::Result<()> {
         full_kv_bytes_per_step: mean(&|s| s.full_kv_bytes as f64),
         link_reduction: mean(&|s| s.full_kv_bytes as f64) / mean(&|s| s.link_bytes as f64).max(1.0),
         mean_step_ms: mean(&|s| s.step_ms),
+        mean_kernel_share_ms: mean(&|s| s.kernel_share_ms),
+        step_x_kernel_share: mean(&|s| s.step_ms) / mean(&|s| s.kernel_share_ms).max(1e-9),
         mean_modelled_ms: mean(&|s| s.modelled_ms),
         steps,
     };
@@ -773,11 +853,17 @@ fn main() -> anyhow::Result<()> {
             report.link_reduction
         );
         println!(
-            "time per decode step        {:.1} ms: its {} Top-K+gather round trips as the host saw \
-             them (the one-token append and the exact reference check between steps, \
-             full attention over every token, are not counted)",
+            "time per decode step        {:.1} ms: its {} Top-K+gather as the host saw them{} \
+             (the one-token append and the exact reference check between steps, full \
+             attention over every token, are not counted)",
             report.mean_step_ms,
-            streams.len()
+            streams.len(),
+            if count == 1 { ", all in flight at once" } else { ", one fan-out after another" }
+        );
+        println!(
+            "kernels' share of the units {:.1} ms per step: the compute units' busy time over \
+             the step / their number; the step takes {:.2}x that",
+            report.mean_kernel_share_ms, report.step_x_kernel_share
         );
         println!(
             "modelled hardware time      {:.3} ms per step (the device's timing profile; `pnmctl model` for what-ifs)",

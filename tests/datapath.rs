@@ -196,6 +196,62 @@ fn topk_and_gather_match_the_reference_for_every_dtype_and_group() {
     }
 }
 
+/// A decode step's every (layer, KV head) Top-K+gather in one batch: each
+/// answer is the reference's, with the stored rows; a bad request fails
+/// alone; the units' busy time (Unit Busy) grows by the batch's work.
+#[test]
+fn a_gather_batch_answers_every_request_and_the_units_count_their_work() {
+    let region = TempRegion::new("dpbatch");
+    let _device =
+        DeviceProcess::start(region.path(), &["--size", "256MiB", "--compute-units", "2"]);
+    let dev = Device::open(region.path()).unwrap();
+    let shape = KvShape { dtype: Dtype::F16, layers: 2, heads: 4, head_dim: 128 };
+    let loaded = load(&dev, shape, 20_000, 5);
+    let mut rng = Rng(21);
+    let queries: Vec<Vec<f32>> =
+        (0..8).map(|_| (0..4 * 128).map(|_| rng.next()).collect()).collect();
+    let wire: Vec<Query> = queries.iter().map(|q| Query::f32(q, 128)).collect();
+    let mut requests: Vec<TopkRequest<'_>> = (0..8)
+        .map(|i| {
+            TopkRequest::new(&loaded.seq, (i / 4) as u16, (i % 4) as u16, &wire[i], 64 + i as u32)
+        })
+        .collect();
+    // One request out of range: it alone fails.
+    requests.push(TopkRequest::new(&loaded.seq, 7, 0, &wire[0], 8));
+    let busy_before = dev.status().unit_busy_ns;
+    let start = std::time::Instant::now();
+    let answers = dev.topk_gather_batch(&requests).unwrap();
+    let wall = start.elapsed().as_nanos() as u64;
+    let busy = dev.status().unit_busy_ns - busy_before;
+    assert_eq!(answers.len(), 9);
+    let row = shape.row_bytes() as usize;
+    for (i, answer) in answers.iter().take(8).enumerate() {
+        let (top, rows) = answer.as_ref().unwrap();
+        let (layer, head) = ((i / 4) as u16, (i % 4) as u16);
+        assert_topk_matches(top, &reference(&loaded, layer, head, &queries[i], 64 + i));
+        let stream = (usize::from(layer) * 4 + usize::from(head)) * 20_000 * row;
+        for (j, &t) in top.indices.iter().enumerate() {
+            let at = stream + t as usize * row;
+            assert_eq!(&rows.keys[j * row..(j + 1) * row], &loaded.keys[at..at + row]);
+            assert_eq!(&rows.values[j * row..(j + 1) * row], &loaded.values[at..at + row]);
+        }
+    }
+    assert!(answers[8].is_err(), "layer 7 of 2");
+    // Two units cannot be busy for longer than twice the batch took.
+    assert!(busy > 0 && busy <= 2 * wall, "units busy {busy} ns in a batch of {wall} ns");
+    // One command alone: its units' time is its wall time on each of the
+    // (at most two) units it ran on, as the device counts it.
+    let busy_before = dev.status().unit_busy_ns;
+    let (top, _) = dev.topk_gather(&requests[0]).unwrap();
+    let busy = dev.status().unit_busy_ns - busy_before;
+    let wall = top.device_ns;
+    assert!(
+        busy >= wall / 2 && busy <= 2 * wall + 200_000,
+        "units busy {busy} ns, command {wall} ns"
+    );
+    dev.kv_free(loaded.seq.id).unwrap();
+}
+
 #[test]
 fn many_commands_in_flight_each_completion_matched_once() {
     let region = TempRegion::new("flight");

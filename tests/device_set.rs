@@ -238,6 +238,16 @@ fn main_job(args: &[&str]) -> serde_json::Value {
 fn the_main_job_on_a_set_and_tiered_is_exact_and_no_worse_than_top_k_alone() {
     let base = ["--layers", "1", "--kv-heads", "2", "--tokens", "6000", "--steps", "2"];
     let small = [&base[..], &["-k", "256"]].concat();
+    // One device: the step's Top-Ks in one batch, timed against the units'
+    // busy time (Unit Busy).
+    let one = main_job(&small);
+    for step in one["steps"].as_array().unwrap() {
+        let (step_ms, share) =
+            (step["step_ms"].as_f64().unwrap(), step["kernel_share_ms"].as_f64().unwrap());
+        assert!(share > 0.0 && step_ms > 0.0, "{step}");
+    }
+    assert!(one["step_x_kernel_share"].as_f64().unwrap() > 0.0, "{one}");
+    assert_eq!(one["mean_recall"], 1.0);
     let set = main_job(&[&small[..], &["--devices", "2"]].concat());
     assert_eq!(set["devices"], 2);
     assert_eq!(set["mean_recall"], 1.0, "exact Top-K across the set");

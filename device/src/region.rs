@@ -410,6 +410,7 @@ fn write_register_block(regs_view: SharedMemory, layout: &RegionLayout, fresh: b
     regs_view.store_u64(p + pnm::MAILBOX_LOCK, 0, Relaxed);
     regs_view.store_u32(p + pnm::MAILBOX_LOCK_LEASE, pnm::MAILBOX_LOCK_LEASE_MS, Relaxed);
     regs_view.store_u32(p + pnm::MAILBOX_LOCK_BREAKS, 0, Relaxed);
+    regs_view.store_u64(p + pnm::UNIT_BUSY_NS, 0, Relaxed);
     if fresh {
         regs_view.store_u32(p + pnm::RESET_COUNT, 0, Relaxed);
         regs_view.store_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, 0, Relaxed);

@@ -370,6 +370,9 @@ impl Unit {
                 }
             };
             last_job = Instant::now();
+            // This unit's own run, a share of a split Top-K or a whole command.
+            let unit_ns = last_job.duration_since(start).as_nanos() as u64;
+            self.regs.fetch_add_u64(regs::PNM_OFFSET + pnm::UNIT_BUSY_NS, unit_ns);
             let Some((outcome, exec_ns)) = finished else {
                 self.in_flight.fetch_sub(1, SeqCst);
                 continue;

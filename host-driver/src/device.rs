@@ -96,6 +96,9 @@ pub struct DeviceStatus {
     pub mailbox_lock: u64,
     /// Locks the device took back from dead or overstaying holders.
     pub mailbox_lock_breaks: u32,
+    /// Nanoseconds the compute units spent running commands since the
+    /// device started, summed over the units (ABI 3.4; 0 from older ones).
+    pub unit_busy_ns: u64,
 }
 
 /// An open cxl-pnm device.
@@ -772,6 +775,7 @@ fn read_status(regs: SharedMemory, caps: &CapabilityMap) -> DeviceStatus {
         dirty_shutdown_count: regs.load_u32(p + pnm::DIRTY_SHUTDOWN_COUNT, Relaxed),
         mailbox_lock: regs.load_u64(p + pnm::MAILBOX_LOCK, Acquire),
         mailbox_lock_breaks: regs.load_u32(p + pnm::MAILBOX_LOCK_BREAKS, Relaxed),
+        unit_busy_ns: regs.load_u64(p + pnm::UNIT_BUSY_NS, Acquire),
     }
 }
 

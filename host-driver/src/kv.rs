@@ -275,6 +275,9 @@ impl<'a> TopkRequest<'a> {
 }
 
 /// The first `len` bytes of `buf`, as a command names them.
+/// One command of a Top-K batch: the answer, and its rows for a gather.
+type Answer = (TopK, Option<Rows>);
+
 pub(crate) fn host_buffer(buf: &DmaBuf, len: u64) -> HostBuffer {
     HostBuffer { addr: buf.addr, len: len.min(u64::from(u32::MAX)) as u32 }
 }
@@ -631,19 +634,40 @@ impl Device {
     /// A batch that timed out is run again once on a new queue pair (a
     /// Top-K changes nothing on the device).
     pub fn topk_batch(&self, requests: &[TopkRequest<'_>]) -> Result<Vec<Result<TopK>>> {
-        self.recovering(|| self.topk_batch_once(requests))
+        let answers = self.recovering(|| self.topk_batch_once(requests, false))?;
+        Ok(answers.into_iter().map(|a| a.map(|(top, _)| top)).collect())
     }
 
-    fn topk_batch_once(&self, requests: &[TopkRequest<'_>]) -> Result<Vec<Result<TopK>>> {
+    /// Many TOPK_GATHERs in flight at once on the queue, which the device
+    /// runs side by side on its compute units (a decode step's every
+    /// (layer, KV head) at once); answers in request order, each with its
+    /// rows. A batch that timed out is run again once on a new queue pair.
+    pub fn topk_gather_batch(
+        &self,
+        requests: &[TopkRequest<'_>],
+    ) -> Result<Vec<Result<(TopK, Rows)>>> {
+        let answers = self.recovering(|| self.topk_batch_once(requests, true))?;
+        Ok(answers
+            .into_iter()
+            .map(|a| a.map(|(top, rows)| (top, rows.expect("a gather answers with rows"))))
+            .collect())
+    }
+
+    /// A batch of TOPK (or, `with_rows`, TOPK_GATHER) commands.
+    fn topk_batch_once(
+        &self,
+        requests: &[TopkRequest<'_>],
+        with_rows: bool,
+    ) -> Result<Vec<Result<Answer>>> {
         let mut s = self.session()?;
         let mut entries = Vec::with_capacity(requests.len());
         let mut bufs = Vec::new();
         let mut outs = Vec::new();
         let built = (|| {
             for r in requests {
-                let layout = r.layout(false);
+                let layout = r.layout(with_rows);
                 let out = s.alloc(layout.len())?;
-                let (command, q) = Self::topk_entry(&mut s, r, &out, layout, false)?;
+                let (command, q) = Self::topk_entry(&mut s, r, &out, layout, with_rows)?;
                 entries.push(command.encode(0));
                 outs.push((out.addr, layout));
                 bufs.push(out);
@@ -658,7 +682,15 @@ impl Device {
                 .zip(requests)
                 .zip(&outs)
                 .map(|((c, r), &(out, layout))| {
-                    Self::read_topk(s.mem(), &c.ok()?, r.k, out, layout)
+                    let top = Self::read_topk(s.mem(), &c.ok()?, r.k, out, layout)?;
+                    let rows = with_rows.then(|| {
+                        let mut rows = Rows { row_bytes: 0, keys: Vec::new(), values: Vec::new() };
+                        let n = top.indices.len() as u64;
+                        let (keys, values) = (out + layout.key_rows(), out + layout.value_rows());
+                        rows.read_from(s.mem(), keys, values, n, layout.row_bytes);
+                        rows
+                    });
+                    Ok((top, rows))
                 })
                 .collect()
         });

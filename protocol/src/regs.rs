@@ -312,6 +312,12 @@ pub mod pnm {
     /// Mailbox Lock Breaks (32 bit, RO): locks the device took back from a
     /// dead or overstaying holder since it started.
     pub const MAILBOX_LOCK_BREAKS: u64 = 0x07C;
+    /// Unit Busy (64 bit, RO; ABI 3.4): nanoseconds the compute units spent
+    /// running commands since the device started, summed over the units
+    /// (each share of a split Top-K counted for its own run). A host reads
+    /// it before and after a burst of commands: the difference over the
+    /// compute units is the least time the burst could take.
+    pub const UNIT_BUSY_NS: u64 = 0x080;
 
     /// Start of the doorbell page.
     pub const DOORBELL_PAGE: u64 = 0x1000;
@@ -354,7 +360,7 @@ pub mod pnm {
 
 /// ABI version of this crate: bump major on incompatible change.
 pub const ABI_VERSION_MAJOR: u16 = 3;
-pub const ABI_VERSION_MINOR: u16 = 3;
+pub const ABI_VERSION_MINOR: u16 = 4;
 pub const ABI_VERSION: u32 = ((ABI_VERSION_MAJOR as u32) << 16) | ABI_VERSION_MINOR as u32;
 
 /// The capabilities this device advertises, in array order.
@@ -508,7 +514,7 @@ pub const MAILBOX_REGISTERS: [RegisterDef; 6] = [
 ];
 
 /// The PNM capability's registers, in address order.
-pub const PNM_REGISTERS: [RegisterDef; 23] = [
+pub const PNM_REGISTERS: [RegisterDef; 24] = [
     reg(pnm::MAGIC, 64, "Magic"),
     reg(pnm::ABI_VERSION, 32, "ABI Version"),
     reg(pnm::COMPUTE_UNITS, 32, "Compute Units"),
@@ -532,6 +538,7 @@ pub const PNM_REGISTERS: [RegisterDef; 23] = [
     reg(pnm::MAILBOX_LOCK, 64, "Mailbox Lock"),
     reg(pnm::MAILBOX_LOCK_LEASE, 32, "Mailbox Lock Lease"),
     reg(pnm::MAILBOX_LOCK_BREAKS, 32, "Mailbox Lock Breaks"),
+    reg(pnm::UNIT_BUSY_NS, 64, "Unit Busy"),
 ];
 
 const _: () = {

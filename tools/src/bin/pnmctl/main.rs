@@ -570,7 +570,7 @@ fn status(cli: &Cli) -> ExitCode {
                     "state               {state}\nmedia ready         {}\nmailbox ready       {}\n\
                      fatal / fw halt     {} / {}\nheartbeat           {} (every {} us)\n\
                      device pid          {}\nresets              {}\ndirty shutdowns     {}\n\
-                     mailbox lock        {}\nlock breaks         {}\n",
+                     mailbox lock        {}\nlock breaks         {}\nunits busy          {:.3} s\n",
                     s.media_ready,
                     s.mailbox_ready,
                     s.fatal,
@@ -585,6 +585,7 @@ fn status(cli: &Cli) -> ExitCode {
                         held => format!("held by pid {}", held as u32),
                     },
                     s.mailbox_lock_breaks,
+                    s.unit_busy_ns as f64 / 1e9,
                 )
             });
             ExitCode::from(live.state.exit_code())
