@@ -102,3 +102,8 @@ def test_bad_input_is_refused():
         cxl_pnm.accuracy.report(keys, keys, np.zeros((1, 1, 2, 16), np.float32))
     with pytest.raises(cxl_pnm.InvalidRequestError):
         cxl_pnm.accuracy.synthetic_report("zipf")
+    empty = np.zeros((1, 1, 0, 32), np.float32)  # no tokens: refused, not a crash
+    with pytest.raises(cxl_pnm.InvalidRequestError):
+        cxl_pnm.accuracy.report(empty, empty)
+    with pytest.raises(cxl_pnm.InvalidRequestError):
+        cxl_pnm.accuracy.synthetic_report(tokens=0)

@@ -139,7 +139,6 @@ pub struct Report {
 
 impl Workload {
     /// A synthetic cache of `kind`, `samples` query groups per head.
-    #[allow(clippy::too_many_arguments)]
     pub fn synthetic(
         kind: Synthetic,
         shape: KvShape,
@@ -190,10 +189,16 @@ impl Workload {
     /// group (a decode step's query resembles the newest token's key).
     pub fn queries_from_keys(&mut self, group: usize, samples: usize, seed: u64) {
         let mut rng = Rng::new(seed);
-        let (d, t) = (usize::from(self.shape.head_dim), self.tokens as usize);
+        let t = self.tokens as usize;
         let streams = usize::from(self.shape.layers) * usize::from(self.shape.heads);
         let row = self.shape.row_bytes() as usize;
         self.queries.clear();
+        self.group = group;
+        self.samples = samples;
+        // No tokens, or fewer bytes than the shape says: `check` refuses it.
+        if t == 0 || self.keys.len() < streams * t * row {
+            return;
+        }
         for s in 0..streams {
             let at = (s * t + t - 1) * row;
             let newest = decode(self.shape.dtype, &self.keys[at..at + row]);
@@ -201,9 +206,6 @@ impl Workload {
                 self.queries.extend(newest.iter().map(|&x| x + 0.1 * rng.normal()));
             }
         }
-        let _ = d;
-        self.group = group;
-        self.samples = samples;
     }
 
     /// Checks the arrays agree with the shape.
