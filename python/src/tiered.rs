@@ -158,15 +158,16 @@ impl TieredKv {
         layer: u16,
         queries: &Bound<'py, PyAny>,
     ) -> PyResult<(Bound<'py, PyAny>, u64)> {
-        let heads = self.read(py, |t| usize::from(t.shape().heads))?;
+        let (heads, d) =
+            self.read(py, |t| (usize::from(t.shape().heads), usize::from(t.shape().head_dim)))?;
         let queries = queries.cast::<PyArrayDyn<f32>>().map_err(|_| {
             invalid(py, "queries must be a numpy float32 array [heads, G, head_dim]")
         })?;
         let shape = queries.shape().to_vec();
-        if shape.len() != 3 || shape[0] != heads {
+        if shape.len() != 3 || shape[0] != heads || shape[1] == 0 || shape[2] != d {
             return Err(invalid(
                 py,
-                format!("queries of shape {shape:?}; expected [{heads}, G, head_dim]"),
+                format!("queries of shape {shape:?}; expected [{heads}, G, {d}] with G >= 1"),
             ));
         }
         let readonly = queries.readonly();

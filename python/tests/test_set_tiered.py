@@ -99,6 +99,11 @@ def test_tiered_attention_with_small_k_is_one_softmax_over_host_and_topk_rows(de
     host = np.concatenate([np.arange(sinks), np.arange(evicted[-1] + 1, tokens)])
     used = np.concatenate([host, stats["selected"].astype(np.int64)])
     np.testing.assert_allclose(out, attention(queries, keys16[used], values16[used]), atol=2e-5, rtol=1e-4)
+    for bad in (np.zeros((1, 0, d), np.float32), np.zeros((1, 2, d + 1), np.float32), np.zeros((2, 2, d), np.float32)):
+        with pytest.raises(cxl_pnm.InvalidRequestError):
+            tiered.attend_layer(0, bad)
+    with pytest.raises(cxl_pnm.InvalidRequestError):
+        tiered.attend(0, 0, np.zeros((0, d), np.float32))
     tiered.free()
     with pytest.raises(cxl_pnm.InvalidRequestError):
         tiered.attend(0, 0, queries)
