@@ -479,17 +479,22 @@ impl Store {
         }
     }
 
-    /// The devices' compute units, and the nanoseconds they have spent
-    /// running commands so far (the Unit Busy registers, summed).
-    fn unit_busy(&self) -> (u32, u64) {
-        let devices: Vec<&Device> = match self {
+    fn devices(&self) -> Vec<&Device> {
+        match self {
             Self::One { device, .. } => vec![device],
             Self::Set { set, .. } => set.devices().iter().collect(),
-        };
-        devices.iter().fold((0, 0), |(units, busy), d| {
-            let units_here = d.identify_pnm().map(|p| p.compute_units).unwrap_or(1);
-            (units + units_here, busy + d.status().unit_busy_ns)
-        })
+        }
+    }
+
+    /// The devices' compute units (Identify PNM, asked once).
+    fn compute_units(&self) -> pnm_host::Result<u32> {
+        self.devices().iter().map(|d| d.identify_pnm().map(|p| p.compute_units)).sum()
+    }
+
+    /// Nanoseconds the devices' compute units have spent running commands
+    /// so far (their Unit Busy registers, read, summed).
+    fn unit_busy_ns(&self) -> u64 {
+        self.devices().iter().map(|d| d.status().unit_busy_ns).sum()
     }
 
     /// Top-K of one (layer, KV head) and its rows into `rows`, and the bytes
@@ -715,6 +720,7 @@ fn main() -> anyhow::Result<()> {
         sink_pages: 1,
         recent_pages: 2,
     });
+    let units = store.compute_units()?;
     for step in 0..args.steps {
         // Decode appends the new token's K and V to every stream first.
         let (new_k, new_v) = next_token(&mut streams, &mut rng, shape, store.tokens() as usize);
@@ -728,11 +734,11 @@ fn main() -> anyhow::Result<()> {
         let step_queries: Vec<Vec<f32>> =
             streams.iter().map(|s| step_queries(s, &mut rng, shape, args.group)).collect();
         let wire: Vec<Query> = step_queries.iter().map(|q| Query::f32(q, d)).collect();
-        let (units, busy_before) = store.unit_busy();
+        let busy_before = store.unit_busy_ns();
         let start = Instant::now();
         let answers = store.topk_gather_step(&wire, args.k, selection)?;
         report.step_ms = start.elapsed().as_secs_f64() * 1e3;
-        let busy = store.unit_busy().1.saturating_sub(busy_before);
+        let busy = store.unit_busy_ns().saturating_sub(busy_before);
         report.unit_busy_ms = busy as f64 / 1e6;
         report.kernel_share_ms = report.unit_busy_ms / f64::from(units.max(1));
         for (s, (queries, (top, rows, link_bytes))) in
