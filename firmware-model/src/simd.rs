@@ -185,6 +185,55 @@ pub fn score_rows_summed(
     Scored::No
 }
 
+/// [`score_rows_summed`] for keys in tiles (`pnm_protocol::queue::KeyLayout`:
+/// 16 tokens, dimension-major): `rows` holds whole tiles of `head_dim`,
+/// and a score is appended per token, in token order. The AVX-512 kernel
+/// takes whole-line tiles (head_dim a multiple of 4); else [`Scored::No`]
+/// (de-tile with [`Rows::tiles_to_f32_rows`] and score rows).
+pub fn score_tiles_summed(
+    rows: Rows<'_>,
+    head_dim: usize,
+    queries: &[f32],
+    how: Aggregation,
+    out: &mut Vec<f32>,
+) -> Scored {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        let group = queries.len() / head_dim.max(1);
+        // SAFETY: AVX-512F, which the kernel is compiled for, was just
+        // detected; it checks the shapes it supports itself.
+        let fused = unsafe { x86::score_tiles_avx512(rows, head_dim, queries, group, how, out) };
+        if let Some(sum) = fused {
+            return Scored::Yes { line_sum: Some(sum) };
+        }
+    }
+    let _ = (rows, head_dim, queries, how, out);
+    Scored::No
+}
+
+impl Rows<'_> {
+    /// Tiles of `head_dim` (16 tokens each, dimension-major) as f32 rows,
+    /// token after token; `out` is refilled. A trailing partial tile is
+    /// ignored.
+    pub fn tiles_to_f32_rows(&self, head_dim: usize, out: &mut Vec<f32>) {
+        const TILE: usize = pnm_protocol::queue::KEY_TILE_TOKENS as usize;
+        out.clear();
+        let tile = TILE * head_dim;
+        if tile == 0 {
+            return;
+        }
+        let tiles = self.elements / tile;
+        out.resize(tiles * tile, 0.0);
+        for t in 0..tiles {
+            for j in 0..head_dim {
+                for lane in 0..TILE {
+                    out[(t * TILE + lane) * head_dim + j] = self.get(t * tile + j * TILE + lane);
+                }
+            }
+        }
+    }
+}
+
 /// Appends the integrity check ([`crate::integrity`]) of every 64-byte line
 /// of `rows`' bytes to `out`, the first being DRAM line `first_line`; a
 /// trailing partial line is checked as zero-padded. AVX2 where the CPU has
@@ -671,11 +720,7 @@ mod x86 {
             return None;
         }
         out.reserve(rows.len() / d);
-        let mut sum = WordSums {
-            wide: _mm512_setzero_si512(),
-            low: _mm256_setzero_si256(),
-            high: _mm256_setzero_si256(),
-        };
+        let mut sum = WordSums::new();
         macro_rules! run {
             ($t:expr) => {
                 match group {
@@ -695,16 +740,7 @@ mod x86 {
             Dtype::F16 => run!(F16),
             Dtype::Bf16 => run!(BF16),
         }
-        // The weighted sum is linear: the weights multiply the word sums
-        // once here instead of every line in the loop (mod 2^32 alike).
-        let weights = crate::integrity::WEIGHTS;
-        // SAFETY: WEIGHTS holds 16 u32s, one 64-byte load.
-        let w = unsafe { _mm512_loadu_si512(weights.as_ptr().cast()) };
-        let words = _mm512_add_epi32(
-            sum.wide,
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(sum.low), sum.high),
-        );
-        Some(_mm512_reduce_add_epi32(_mm512_mullo_epi32(words, w)) as u32)
+        Some(sum.weighted())
     }
 
     /// Per word position of a line (16 u32s), the sum over every line read:
@@ -715,6 +751,34 @@ mod x86 {
         wide: __m512i,
         low: __m256i,
         high: __m256i,
+    }
+
+    impl WordSums {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn new() -> Self {
+            Self {
+                wide: _mm512_setzero_si512(),
+                low: _mm256_setzero_si256(),
+                high: _mm256_setzero_si256(),
+            }
+        }
+
+        /// The weighted word sum of every line added. The weighted sum is
+        /// linear: the weights multiply the word sums once here instead of
+        /// every line in the loop (mod 2^32 alike).
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        fn weighted(self) -> u32 {
+            let weights = crate::integrity::WEIGHTS;
+            // SAFETY: WEIGHTS holds 16 u32s, one 64-byte load.
+            let w = unsafe { _mm512_loadu_si512(weights.as_ptr().cast()) };
+            let words = _mm512_add_epi32(
+                self.wide,
+                _mm512_inserti64x4::<1>(_mm512_castsi256_si512(self.low), self.high),
+            );
+            _mm512_reduce_add_epi32(_mm512_mullo_epi32(words, w)) as u32
+        }
     }
 
     /// One 64-byte line of a key row, as loaded: whole for f32 rows, in
@@ -884,6 +948,160 @@ mod x86 {
                 out.push(aggregate(&lanes[r * G..(r + 1) * G], how));
             }
         }
+    }
+
+    /// The GQA kernel for keys in tiles of 16 tokens, dimension-major: a
+    /// vector load is one dimension of 16 tokens, so each query's FMA
+    /// scores 16 tokens at once with the query element broadcast, and a
+    /// tile ends with its 16 scores in lanes: no horizontal reduction at
+    /// all. Each line is weighed into the integrity sum as it is loaded.
+    /// Returns the weighted word sum of every byte read, or None for a
+    /// shape it does not take (not whole tiles, head_dim not a multiple of
+    /// 4, G outside 1..=8).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn score_tiles_avx512(
+        rows: Rows<'_>,
+        d: usize,
+        queries: &[f32],
+        group: usize,
+        how: Aggregation,
+        out: &mut Vec<f32>,
+    ) -> Option<u32> {
+        if d == 0
+            || !d.is_multiple_of(4)
+            || !rows.len().is_multiple_of(16 * d)
+            || queries.len() != group * d
+            || !(1..=8).contains(&group)
+        {
+            return None;
+        }
+        out.reserve(rows.len() / d);
+        let mut sum = WordSums::new();
+        macro_rules! run {
+            ($t:expr) => {
+                match group {
+                    1 => tiles::<$t, 1>(rows, d, queries, how, out, &mut sum),
+                    2 => tiles::<$t, 2>(rows, d, queries, how, out, &mut sum),
+                    3 => tiles::<$t, 3>(rows, d, queries, how, out, &mut sum),
+                    4 => tiles::<$t, 4>(rows, d, queries, how, out, &mut sum),
+                    5 => tiles::<$t, 5>(rows, d, queries, how, out, &mut sum),
+                    6 => tiles::<$t, 6>(rows, d, queries, how, out, &mut sum),
+                    7 => tiles::<$t, 7>(rows, d, queries, how, out, &mut sum),
+                    _ => tiles::<$t, 8>(rows, d, queries, how, out, &mut sum),
+                }
+            };
+        }
+        match rows.dtype {
+            Dtype::F32 => run!(F32),
+            Dtype::F16 => run!(F16),
+            Dtype::Bf16 => run!(BF16),
+        }
+        Some(sum.weighted())
+    }
+
+    /// Every tile of `rows`. The caller checked whole tiles, `d % 4 == 0`
+    /// and `queries.len() == G * d`. Four dimensions per step: with fewer
+    /// than four queries each goes to its own accumulator set, so the FMA
+    /// chains are at least four long whatever G is.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn tiles<const T: u8, const G: usize>(
+        rows: Rows<'_>,
+        d: usize,
+        queries: &[f32],
+        how: Aggregation,
+        out: &mut Vec<f32>,
+        sum: &mut WordSums,
+    ) {
+        let size = if T == F32 { 4 } else { 2 };
+        let tiles = rows.len() / (16 * d);
+        assert!(tiles * 16 * d <= rows.len() && queries.len() == G * d && d.is_multiple_of(4));
+        let q = queries.as_ptr();
+        let mut words = *sum;
+        for t in 0..tiles {
+            let base = rows.ptr.wrapping_add(t * 16 * d * size);
+            let mut acc = [[_mm512_setzero_ps(); G]; 4];
+            let mut j = 0;
+            while j < d {
+                // Dimensions j..j + 4: four 16-lane vectors (two lines of
+                // 16-bit keys, four of f32).
+                let mut k = [_mm512_setzero_ps(); 4];
+                if T == F32 {
+                    for (i, k) in k.iter_mut().enumerate() {
+                        // SAFETY: j + i < d, so the 64 bytes of dimension
+                        // j + i of tile t lie within the whole tiles.
+                        let raw =
+                            unsafe { _mm512_loadu_si512(base.wrapping_add((j + i) * 64).cast()) };
+                        words.wide = _mm512_add_epi32(words.wide, raw);
+                        *k = _mm512_castsi512_ps(raw);
+                    }
+                } else {
+                    for pair in 0..2 {
+                        let at = base.wrapping_add((j + 2 * pair) * 32);
+                        // SAFETY: dimensions j + 2 pair and j + 2 pair + 1
+                        // (< d) of tile t: 64 bytes within the whole tiles.
+                        let line = unsafe { load_line::<T>(at, &mut words) };
+                        k[2 * pair] = convert::<T>(line, 0);
+                        k[2 * pair + 1] = convert::<T>(line, 1);
+                    }
+                }
+                for (i, k) in k.iter().enumerate() {
+                    let set = if G >= 4 { 0 } else { i };
+                    for (g, a) in acc[set].iter_mut().enumerate() {
+                        // SAFETY: g * d + j + i < G * d == queries.len().
+                        let qv = _mm512_set1_ps(unsafe { *q.wrapping_add(g * d + j + i) });
+                        *a = _mm512_fmadd_ps(*k, qv, *a);
+                    }
+                }
+                j += 4;
+            }
+            let mut dots = acc[0];
+            if G < 4 {
+                for (g, dot) in dots.iter_mut().enumerate() {
+                    let pairs =
+                        [_mm512_add_ps(acc[0][g], acc[1][g]), _mm512_add_ps(acc[2][g], acc[3][g])];
+                    *dot = _mm512_add_ps(pairs[0], pairs[1]);
+                }
+            }
+            let scores = aggregate_lanes(&dots, how);
+            let mut lanes = [0f32; 16];
+            // SAFETY: `lanes` is 64 bytes.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), scores) };
+            out.extend_from_slice(&lanes);
+        }
+        *sum = words;
+    }
+
+    /// Per lane, the G queries' dot products aggregated as [`aggregate`]
+    /// does: NaNs left out, NaN only if all are; the mean sums in query
+    /// order, as the portable kernel does.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn aggregate_lanes(dots: &[__m512], how: Aggregation) -> __m512 {
+        if dots.len() == 1 {
+            return dots[0];
+        }
+        let mut all_nan: __mmask16 = 0xFFFF;
+        let mut acc = match how {
+            Aggregation::Max => _mm512_set1_ps(f32::NEG_INFINITY),
+            Aggregation::Mean => _mm512_setzero_ps(),
+        };
+        let mut count = _mm512_setzero_ps();
+        for &v in dots {
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            all_nan &= nan;
+            match how {
+                Aggregation::Max => acc = _mm512_mask_max_ps(acc, !nan, acc, v),
+                Aggregation::Mean => {
+                    acc = _mm512_mask_add_ps(acc, !nan, acc, v);
+                    count = _mm512_mask_add_ps(count, !nan, count, _mm512_set1_ps(1.0));
+                }
+            }
+        }
+        if how == Aggregation::Mean {
+            acc = _mm512_div_ps(acc, count);
+        }
+        _mm512_mask_mov_ps(acc, all_nan, _mm512_set1_ps(f32::NAN))
     }
 
     /// Elements `16 h .. 16 h + 16` of a line's raw bytes as f32 lanes

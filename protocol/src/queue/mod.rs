@@ -15,10 +15,12 @@ use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 mod command;
+mod keys;
 pub use command::{
     CommitMode, DecodeError, Gather, HostBuffer, KvAppend, KvCommit, KvCreate, KvFree, KvList,
     KvMap, PageSelection, QueueCommand, SqeField, Stream, Topk,
 };
+pub use keys::{KEY_TILE_TOKENS, KeyLayout};
 
 /// Bytes per submission queue entry.
 pub const SQE_SIZE: u64 = 64;
