@@ -55,6 +55,29 @@ fn row_bytes(values: &[f32], t: u64) -> Vec<u8> {
     values[t as usize * D..(t as usize + 1) * D].iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
+/// Tokens per key tile: f32 keys of 32 elements fill whole tiles per page,
+/// so the device stores them in tiles (docs/PROTOCOL.md, "Key tiles").
+const TILE: u64 = pnm_protocol::queue::KEY_TILE_TOKENS;
+
+/// The bytes of token `t`'s key tile as the device stores them (the 16
+/// keys dimension-major), from the rows.
+fn key_tile_bytes(keys: &[f32], t: u64) -> Vec<u8> {
+    let layout = pnm_protocol::queue::KeyLayout::new(D as u32, Dtype::F32);
+    assert!(layout.tiled);
+    let first = t / TILE * TILE;
+    let rows: Vec<u8> = (first..first + TILE).flat_map(|t| row_bytes(keys, t)).collect();
+    layout.block_bytes(t % layout.tokens_per_page(), &rows)
+}
+
+/// Every token of the key tiles holding `tokens`.
+fn tiles_of(tokens: &[u64]) -> BTreeSet<u64> {
+    tokens
+        .iter()
+        .flat_map(|&t| t / TILE * TILE..(t / TILE + 1) * TILE)
+        .filter(|&t| t < TOKENS)
+        .collect()
+}
+
 #[test]
 fn bad_media_never_returns_data_and_heals() {
     let region = TempRegion::new("media");
@@ -68,26 +91,34 @@ fn bad_media_never_returns_data_and_heals() {
     let clean = device.topk(&request).unwrap();
     assert_eq!(clean.indices, reference(&l, &query, k as usize, &BTreeSet::new()));
 
-    // Corrupt the K rows of three tokens that are in the clean answer, behind
-    // the device's back: nothing is listed, yet no read returns them.
-    let victims: Vec<u64> = clean.indices[..3].iter().map(|&t| u64::from(t)).collect();
-    for &t in &victims {
-        for (dpa, lines) in device.row_ranges(&l.seq, 0, 0, t..t + 1, false).unwrap() {
-            device.inject_media_fault(dpa, lines, MediaFault::Corrupt { pattern: 0x20 }).unwrap();
+    // Corrupt a line of the K rows of three tokens that are in the clean
+    // answer (in three key tiles), behind the device's back: nothing is
+    // listed, yet no read returns them. A line of a tile holds one
+    // dimension of its 16 keys, so every token of the three tiles is
+    // affected.
+    let mut victims: Vec<u64> = Vec::new();
+    for t in clean.indices.iter().map(|&t| u64::from(t)) {
+        if victims.len() < 3 && victims.iter().all(|v| v / TILE != t / TILE) {
+            victims.push(t);
         }
     }
+    for &t in &victims {
+        let (dpa, _) = device.row_ranges(&l.seq, 0, 0, t..t + 1, false).unwrap()[0];
+        device.inject_media_fault(dpa, 1, MediaFault::Corrupt { pattern: 0x20 }).unwrap();
+    }
     assert!(device.poison_list().unwrap().records.is_empty(), "corruption is silent");
+    let bad = tiles_of(&victims);
+    assert_eq!(bad.len(), 48);
     match device.topk(&request) {
         Err(Error::MediaError { first_token, tokens, .. }) => {
-            assert_eq!(tokens, 3);
-            assert_eq!(first_token, *victims.iter().min().unwrap());
+            assert_eq!(tokens, 48);
+            assert_eq!(first_token, *bad.first().unwrap());
         }
         other => panic!("expected a media error, got {other:?}"),
     }
-    let bad: BTreeSet<u64> = victims.iter().copied().collect();
     let skipped = device.topk(&request.skipping_bad_rows()).unwrap();
-    assert_eq!(skipped.skipped, 3);
-    assert_eq!(skipped.tokens_scored, TOKENS - 3);
+    assert_eq!(skipped.skipped, 48);
+    assert_eq!(skipped.tokens_scored, TOKENS - 48);
     assert_eq!(skipped.indices, reference(&l, &query, k as usize, &bad));
     let victim_indices: Vec<u32> = victims.iter().map(|&t| t as u32).collect();
     assert!(matches!(
@@ -134,7 +165,7 @@ fn bad_media_never_returns_data_and_heals() {
     assert_eq!(device.topk(&skip_request).unwrap().indices, skipped.indices);
     assert!(matches!(device.topk_gather(&request), Err(Error::MediaError { .. })));
     let (top, rows) = device.topk_gather(&skip_request).unwrap();
-    assert_eq!(top.skipped, 4);
+    assert_eq!(top.skipped, 49);
     assert!(!top.indices.contains(&(v_victim as u32)));
     for (i, &t) in top.indices.iter().enumerate() {
         let got = &rows.values[i * rows.row_bytes as usize..(i + 1) * rows.row_bytes as usize];
@@ -151,13 +182,11 @@ fn bad_media_never_returns_data_and_heals() {
         }
     }
     for &t in &victims {
-        let original: Vec<u8> = row_bytes(&l.keys, t);
+        let original: Vec<u8> = key_tile_bytes(&l.keys, t);
         let (dpa, lines) = device.row_ranges(&l.seq, 0, 0, t..t + 1, false).unwrap()[0];
-        assert_eq!(lines, 2, "a 128-byte row is two lines");
-        for line in 0..2 {
-            let data: [u8; 64] = original[64 * line..64 * (line + 1)].try_into().unwrap();
-            device.clear_poison(dpa + 64 * line as u64, &data).unwrap();
-        }
+        assert_eq!(lines, 32, "a tile of 16 keys of 128 bytes is 32 lines");
+        let data: [u8; 64] = original[..64].try_into().unwrap();
+        device.clear_poison(dpa, &data).unwrap();
     }
     assert!(device.poison_list().unwrap().records.is_empty());
     assert_eq!(device.topk(&request).unwrap().indices, clean.indices);
@@ -183,7 +212,11 @@ fn bad_media_never_returns_data_and_heals() {
     let _process = DeviceProcess::start(region.path(), &["--allow-injection"]);
     let device = common::open(region.path(), Duration::from_secs(10));
     assert_eq!(device.poison_list().unwrap().records, before, "poison outlives a restart");
-    assert!(matches!(device.topk(&request), Err(Error::MediaError { first_token: 10, .. })));
+    // Token 10's first line holds dimension 0 of its tile's 16 keys.
+    assert!(matches!(
+        device.topk(&request),
+        Err(Error::MediaError { first_token: 0, tokens: 16, .. })
+    ));
     drop(device);
 
     // An independent client written from the CXL spec reads what the

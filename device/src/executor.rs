@@ -638,10 +638,17 @@ impl Executor {
         let row = kv.shape(stream.seq)?.row_bytes();
         let locations = kv.row_locations(stream.seq, stream.layer, stream.head, indices)?;
         let dram = self.layout.dram_offset;
+        // A key in a tile is assembled from its 16-token stride first.
+        let mut key = vec![0u8; row as usize];
         for (i, loc) in locations.iter().enumerate() {
             kv.prefetch_gather(&locations, i, row);
             let i = i as u64;
-            self.mem.copy_within(dram + loc.key, keys_at + i * row, row)?;
+            if loc.key_is_row() {
+                self.mem.copy_within(dram + loc.key, keys_at + i * row, row)?;
+            } else {
+                kv.read_key(loc, &mut key)?;
+                self.mem.write_bytes(keys_at + i * row, &key)?;
+            }
             self.mem.copy_within(dram + loc.value, values_at + i * row, row)?;
         }
         Ok(())

@@ -1048,7 +1048,9 @@ mod poison_tests {
             SequenceShape { dtype: pnm_protocol::Dtype::F32, layers: 1, heads: 1, head_dim: 16 };
         let rows: Vec<u8> = (0..64 * 64).map(|i| (i % 251) as u8).collect();
         let seq = s.write_store().create_with_rows(shape, &rows, &rows, 64).unwrap();
-        let key = s.read_store().row_locations(seq, 0, 0, &[5]).unwrap()[0].key;
+        // The line holding token 5's first key element: f32 keys of 16
+        // elements lie in tiles, so it holds dimension 0 of tokens 0..16.
+        let key = s.read_store().row_locations(seq, 0, 0, &[5]).unwrap()[0].key / 64 * 64;
         let inject = InjectPoisonInput { physical_address: key.into() };
         let all = s.layout.dram_size / 64;
         // Off unless the device was started with --allow-injection.
@@ -1084,7 +1086,7 @@ mod poison_tests {
             TopkQuery { seq, layer: 0, head: 0, queries: &q, how: Default::default(), k: 4 };
         assert!(matches!(
             s.read_store().top_k(query),
-            Err(pnm_firmware::kv::KvError::MediaError { first_token: 5, tokens: 1, .. })
+            Err(pnm_firmware::kv::KvError::MediaError { first_token: 0, tokens: 16, .. })
         ));
         // Clear Poison with the bytes that were there heals it.
         let mut data = [0u8; 64];

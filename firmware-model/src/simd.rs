@@ -212,6 +212,24 @@ pub fn score_tiles_summed(
 }
 
 impl Rows<'_> {
+    /// Copies `out.len() / element_bytes` elements of `element_bytes`
+    /// bytes, `stride` bytes apart from the first byte, into `out`.
+    ///
+    /// # Panics
+    /// If the last element lies past the rows' bytes.
+    pub fn copy_strided(&self, stride: usize, element_bytes: usize, out: &mut [u8]) {
+        let count = out.len() / element_bytes;
+        let bytes = self.elements * self.dtype.size();
+        assert!(count == 0 || (count - 1) * stride + element_bytes <= bytes);
+        for (i, element) in out.chunks_exact_mut(element_bytes).enumerate() {
+            for (b, byte) in element.iter_mut().enumerate() {
+                // SAFETY: i < count, so the byte lies within the readable
+                // range (asserted above).
+                *byte = unsafe { self.ptr.wrapping_add(i * stride + b).read() };
+            }
+        }
+    }
+
     /// Tiles of `head_dim` (16 tokens each, dimension-major) as f32 rows,
     /// token after token; `out` is refilled. A trailing partial tile is
     /// ignored.

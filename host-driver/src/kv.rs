@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use pnm_protocol::queue::{
-    CommitMode, Gather, GatherLayout, HostBuffer, KV_FRAME_SIZE, KvAppend, KvCommit, KvCreate,
-    KvFree, KvList, PageMapEntry, QueueCommand, SequenceInfo as WireSequenceInfo, Stream,
+    CommitMode, Gather, GatherLayout, HostBuffer, KV_FRAME_SIZE, KeyLayout, KvAppend, KvCommit,
+    KvCreate, KvFree, KvList, PageMapEntry, QueueCommand, SequenceInfo as WireSequenceInfo, Stream,
     SubmissionEntry, Topk, TopkLayout,
 };
 use pnm_protocol::{Dtype, ReturnCode, SharedMemory};
@@ -415,6 +415,8 @@ impl Device {
         let tpp = u64::from(seq.tokens_per_page);
         let streams = u64::from(shape.layers) * u64::from(shape.heads);
         let row = shape.row_bytes();
+        let key_layout = KeyLayout::new(u32::from(shape.head_dim), shape.dtype);
+        let mut tile = Vec::new();
         let map_room = (APPEND_CHUNK / tpp + 2) * streams * PAGE_MAP_ENTRY;
         let map_buf = s.alloc(map_room)?;
         let mut map_raw = vec![0u8; map_room as usize];
@@ -481,22 +483,30 @@ impl Device {
                         let hi = ((page + 1) * tpp).min(first + n);
                         let len = (hi - lo) * row;
                         let src = ((stream * tokens + (lo - first + done)) * row) as usize;
-                        for (frame, data) in
-                            [(entry.key_frame.get(), keys), (entry.value_frame.get(), values)]
-                        {
+                        let span = src..src + len as usize;
+                        let frame_at = |frame: u32| {
                             if frame >= frame_count {
                                 return Err(Error::Protocol(format!(
                                     "page map names frame {frame} of {frame_count}"
                                 )));
                             }
-                            let dst = dram
-                                + frames_offset
-                                + u64::from(frame) * u64::from(KV_FRAME_SIZE)
-                                + (lo % tpp) * row;
+                            Ok(dram + frames_offset + u64::from(frame) * u64::from(KV_FRAME_SIZE))
+                        };
+                        let key_frame = frame_at(entry.key_frame.get())?;
+                        let value_frame = frame_at(entry.value_frame.get())?;
+                        let write = |at: u64, bytes: &[u8]| {
                             s.mem()
-                                .write_bytes(dst, &data[src..src + len as usize])
-                                .map_err(|e| Error::Protocol(e.to_string()))?;
-                        }
+                                .write_bytes(at, bytes)
+                                .map_err(|e| Error::Protocol(e.to_string()))
+                        };
+                        // Keys in the frame's key layout (rows, or tiles).
+                        key_layout.write_rows(
+                            lo % tpp,
+                            &keys[span.clone()],
+                            &mut tile,
+                            |at, b| write(key_frame + at, b),
+                        )?;
+                        write(value_frame + (lo % tpp) * row, &values[span])?;
                     }
                     if let Some(cid) = pending_commit.take() {
                         s.wait(cid)?;

@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use pnm_protocol::media::LINE;
-use pnm_protocol::queue::{KV_FRAME_SIZE, KvMap, PageMapEntry, QueueCommand};
+use pnm_protocol::queue::{KV_FRAME_SIZE, KeyLayout, KvMap, PageMapEntry, QueueCommand};
 use zerocopy::FromBytes;
 
 use crate::Device;
@@ -117,6 +117,7 @@ impl Device {
         }
         let tpp = u64::from(seq.tokens_per_page);
         let row = shape.row_bytes();
+        let keys = KeyLayout::new(u32::from(shape.head_dim), shape.dtype);
         let (first_page, last_page) = (tokens.start / tpp, (tokens.end - 1) / tpp);
         let map = self.kv_page_map(seq, first_page as u32, (last_page - first_page + 1) as u32)?;
         let frame_dpa = self.frame_dpas()?;
@@ -126,8 +127,15 @@ impl Device {
         for page in first_page..=last_page {
             let e = map[((page - first_page) * streams + stream) as usize];
             let frame = if value { e.value_frame.get() } else { e.key_frame.get() };
-            let lo = (tokens.start.max(page * tpp) - page * tpp) * row;
-            let hi = (tokens.end.min((page + 1) * tpp) - page * tpp) * row;
+            let in_page = tokens.start.max(page * tpp) - page * tpp
+                ..tokens.end.min((page + 1) * tpp) - page * tpp;
+            // A key in a tile has elements all over the tile.
+            let (lo, hi) = if value {
+                (in_page.start * row, in_page.end * row)
+            } else {
+                let bytes = keys.bytes_of(in_page);
+                (bytes.start, bytes.end)
+            };
             let base = frame_dpa(frame);
             let first_line = (base + lo) / LINE;
             let end_line = (base + hi).div_ceil(LINE);
@@ -148,6 +156,7 @@ impl Device {
         let shape = seq.shape;
         let tpp = u64::from(seq.tokens_per_page);
         let row = shape.row_bytes();
+        let keys = KeyLayout::new(u32::from(shape.head_dim), shape.dtype);
         let pages = seq.tokens.div_ceil(tpp);
         let map = self.kv_page_map(seq, 0, pages as u32)?;
         let frame_dpa = self.frame_dpas()?;
@@ -156,22 +165,29 @@ impl Device {
         let mut affected = Vec::new();
         for (i, e) in map.iter().enumerate() {
             let (page, stream) = (i as u64 / streams, i as u64 % streams);
-            let committed = (seq.tokens - page * tpp).min(tpp) * row;
+            let committed = (seq.tokens - page * tpp).min(tpp);
             for (frame, value) in [(e.key_frame.get(), false), (e.value_frame.get(), true)] {
                 let base = frame_dpa(frame);
+                // A partly committed key tile's bytes hold committed keys.
+                let end = if value { committed * row } else { keys.bytes_of(0..committed).end };
                 for r in &list.records {
-                    let (start, end) = (r.dpa, r.dpa + u64::from(r.lines) * LINE);
+                    let (start, stop) = (r.dpa, r.dpa + u64::from(r.lines) * LINE);
                     let lo = start.max(base);
-                    let hi = end.min(base + committed.min(frame_bytes));
+                    let hi = stop.min(base + end.min(frame_bytes));
                     if lo >= hi {
                         continue;
                     }
-                    let (first, last) = ((lo - base) / row, (hi - base - 1) / row);
+                    let in_page = if value {
+                        (lo - base) / row..(hi - base - 1) / row + 1
+                    } else {
+                        keys.tokens_of(lo - base..hi - base)
+                    };
+                    let in_page = in_page.start..in_page.end.min(committed);
                     affected.push(AffectedRows {
                         layer: (stream / u64::from(shape.heads)) as u16,
                         head: (stream % u64::from(shape.heads)) as u16,
                         value,
-                        tokens: page * tpp + first..page * tpp + last + 1,
+                        tokens: page * tpp + in_page.start..page * tpp + in_page.end,
                         dpa: lo - lo % LINE,
                         source: r.source,
                     });

@@ -12,8 +12,9 @@ use crate::integrity::{CHECK_BYTES, LINE_BYTES};
 use crate::limits::LIMITS;
 
 pub(super) const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"PNMKVST1");
-/// 2: the poison list table and the integrity table.
-pub(super) const SUPERBLOCK_VERSION: u32 = 2;
+/// 2: the poison list table and the integrity table. 3: keys of shapes
+/// with whole tiles per page stored in tiles (`pnm_protocol::queue::KeyLayout`).
+pub(super) const SUPERBLOCK_VERSION: u32 = 3;
 pub(super) const SUPERBLOCK_SIZE: u64 = 4096;
 /// Bytes reserved for the saved poison list (it takes `media::TABLE_BYTES`).
 pub(super) const MEDIA_TABLE_SIZE: u64 = 0x2000;

@@ -2,18 +2,20 @@
 //! verifying them on every read, the poison list, and the scrub.
 //!
 //! A frame's line `l` is checked over the frame's committed bytes only
-//! (`[0, committed rows x row bytes)`, the rest of the line read as zero),
-//! so a writer filling rows past the committed end never disturbs the
-//! checks of rows already committed. A commit seals the lines its rows
-//! touch before the descriptor makes them visible.
+//! ([`Committed`]: the bytes of committed rows, and in a K frame of key
+//! tiles the committed tokens' lanes of the last tile; the rest of the line
+//! read as zero), so a writer filling tokens past the committed end never
+//! disturbs the checks of tokens already committed. A commit seals the
+//! lines its tokens touch before the descriptor makes them visible.
 
 use std::collections::HashMap;
 use std::ops::Range;
 
 use pnm_protocol::Dtype;
 use pnm_protocol::media::PoisonSource;
+use pnm_protocol::queue::KEY_TILE_TOKENS;
 
-use super::{Dram, KvError, KvStore, Sequence, check_stream};
+use super::{Dram, KvError, KvStore, Sequence, SequenceShape, check_stream};
 use crate::integrity::{CHECK_BYTES, LINE_BYTES, lines_of};
 use crate::media::{PoisonList, PoisonListFull};
 
@@ -112,17 +114,74 @@ pub struct LineOwner {
 pub(super) struct CheckScratch {
     computed: Vec<u32>,
     stored: Vec<u8>,
+    /// Bytes of a partly committed key tile, uncommitted lanes zeroed.
+    masked: Vec<u8>,
 }
 
-/// Key rows a scan read: page-relative `rows` of page `page`, in K frame
-/// `frame`, and their weighted word sum if the scoring kernel took it as it
-/// read them ([`crate::simd::Scored`]).
+/// Which bytes of a frame hold committed data: every byte below `whole`,
+/// and in a K frame of key tiles, the first `lanes` tokens of the tile at
+/// `whole` (a partly committed tile: its other lanes belong to tokens a
+/// writer may be filling).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Committed {
+    whole: u64,
+    lanes: u64,
+    tile_bytes: u64,
+    element_bytes: u64,
+}
+
+impl Committed {
+    /// The committed bytes of a frame of `shape` (K frame if `key`) whose
+    /// page holds `tokens` committed tokens.
+    pub(super) fn of(shape: SequenceShape, key: bool, tokens: u64) -> Self {
+        let layout = shape.key_layout();
+        let row = shape.row_bytes();
+        if key && layout.tiled {
+            let tiles = tokens / KEY_TILE_TOKENS;
+            Self {
+                whole: tiles * KEY_TILE_TOKENS * row,
+                lanes: tokens % KEY_TILE_TOKENS,
+                tile_bytes: KEY_TILE_TOKENS * row,
+                element_bytes: layout.element_bytes,
+            }
+        } else {
+            Self { whole: tokens * row, lanes: 0, tile_bytes: 0, element_bytes: 1 }
+        }
+    }
+
+    /// The end of the last byte that may hold committed data.
+    pub(super) fn end(&self) -> u64 {
+        if self.lanes > 0 { self.whole + self.tile_bytes } else { self.whole }
+    }
+
+    /// Zeroes the bytes of `bytes` (frame bytes from `start`) that hold no
+    /// committed data.
+    fn mask(&self, start: u64, bytes: &mut [u8]) {
+        for (i, b) in bytes.iter_mut().enumerate() {
+            let at = start + i as u64;
+            if at < self.whole {
+                continue;
+            }
+            let lane = (at - self.whole) / self.element_bytes % KEY_TILE_TOKENS;
+            if at >= self.end() || lane >= self.lanes {
+                *b = 0;
+            }
+        }
+    }
+}
+
+/// Keys a scan read: page-relative tokens `rows` of page `page`, in K
+/// frame `frame`, and the weighted word sum of their bytes up to
+/// `summed_to` if the scoring kernel took it as it read them
+/// ([`crate::simd::Scored`]).
 #[derive(Debug, Clone)]
 pub(super) struct ScannedKeys {
     pub frame: u32,
     pub page: u64,
     pub rows: Range<u64>,
     pub known_sum: Option<u32>,
+    /// The frame byte `known_sum` covers the keys' bytes up to.
+    pub summed_to: u64,
 }
 
 impl<D: Dram> KvStore<D> {
@@ -208,57 +267,93 @@ impl<D: Dram> KvStore<D> {
         let Some((frame, within)) = self.layout.frame_at(line * LINE_BYTES) else {
             return Ok(());
         };
-        if let Some(clip) = self.frame_owners().get(&frame).map(|o| self.committed_bytes(o))
-            && within < clip
+        if let Some(committed) = self.frame_owners().get(&frame).map(|o| self.committed(o))
+            && within < committed.end()
         {
-            let start = within - within % LINE_BYTES;
-            self.seal(frame, start, clip.min(start + LINE_BYTES), &mut CheckScratch::default())?;
+            let index = within / LINE_BYTES;
+            self.seal_lines(frame, index..index + 1, committed, &mut CheckScratch::default())?;
         }
         Ok(())
     }
 
-    /// Writes the checks of the lines holding bytes `[from, clip)` of
-    /// `frame`, whose committed bytes end at `clip`.
+    /// Writes the checks of the lines holding `frame`'s committed bytes
+    /// from byte `from` on.
     pub(super) fn seal(
         &self,
         frame: u32,
         from: u64,
-        clip: u64,
+        committed: Committed,
         scratch: &mut CheckScratch,
     ) -> Result<(), KvError> {
-        let lines = lines_of(from, clip);
+        self.seal_lines(frame, lines_of(from, committed.end()), committed, scratch)
+    }
+
+    /// Writes the checks of frame lines `lines`.
+    fn seal_lines(
+        &self,
+        frame: u32,
+        lines: Range<u64>,
+        committed: Committed,
+        scratch: &mut CheckScratch,
+    ) -> Result<(), KvError> {
         if lines.is_empty() {
             return Ok(());
         }
-        self.compute_checks(frame, lines.clone(), clip, scratch)?;
+        self.compute_checks(frame, lines.clone(), committed, scratch)?;
         let bytes: Vec<u8> = scratch.computed.iter().flat_map(|c| c.to_le_bytes()).collect();
         self.dram.write(self.layout.check_offset(frame, lines.start * LINE_BYTES), &bytes)
     }
 
-    /// Checks of frame lines `lines` over bytes below `clip`, into `scratch.computed`.
+    /// Checks of frame lines `lines` over the committed bytes, into
+    /// `scratch.computed`.
     fn compute_checks(
         &self,
         frame: u32,
         lines: Range<u64>,
-        clip: u64,
+        committed: Committed,
         scratch: &mut CheckScratch,
     ) -> Result<(), KvError> {
         let start = lines.start * LINE_BYTES;
-        let end = (lines.end * LINE_BYTES).min(clip);
+        let end = (lines.end * LINE_BYTES).min(committed.end());
         let at = self.layout.frame_offset(frame);
         scratch.computed.clear();
-        // Byte-granular: F16 rows of an even length (row bytes are even).
-        self.dram.with_rows(at + start, end - start, Dtype::F16, |rows| {
-            crate::simd::line_checks(rows, (at + start) / LINE_BYTES, &mut scratch.computed)
-        })
+        if end <= start {
+            return Ok(());
+        }
+        let first_line = (at + start) / LINE_BYTES;
+        if end <= committed.whole {
+            // Byte-granular: F16 rows of an even length (row bytes are even).
+            return self.dram.with_rows(at + start, end - start, Dtype::F16, |rows| {
+                crate::simd::line_checks(rows, first_line, &mut scratch.computed)
+            });
+        }
+        self.read_masked(frame, start..end, committed, &mut scratch.masked)?;
+        let rows = crate::simd::Rows::from_bytes(&scratch.masked, Dtype::F16);
+        crate::simd::line_checks(rows, first_line, &mut scratch.computed);
+        Ok(())
     }
 
-    /// Verifies the lines holding bytes `[from, to)` of `frame` (committed
-    /// bytes end at `clip`, `to <= clip`), appending each bad one to `bad`.
+    /// Frame bytes `bytes`, those holding no committed data zeroed.
+    fn read_masked(
+        &self,
+        frame: u32,
+        bytes: Range<u64>,
+        committed: Committed,
+        out: &mut Vec<u8>,
+    ) -> Result<(), KvError> {
+        out.clear();
+        out.resize((bytes.end - bytes.start) as usize, 0);
+        self.dram.read(self.layout.frame_offset(frame) + bytes.start, out)?;
+        committed.mask(bytes.start, out);
+        Ok(())
+    }
+
+    /// Verifies the lines holding bytes `[from, to)` of `frame` (`to` no
+    /// further than its committed bytes), appending each bad one to `bad`.
     pub(super) fn verify(
         &self,
         frame: u32,
-        range: (u64, u64, u64),
+        range: (u64, u64, Committed),
         scratch: &mut CheckScratch,
         bad: &mut Vec<BadLine>,
     ) -> Result<(), KvError> {
@@ -272,7 +367,7 @@ impl<D: Dram> KvStore<D> {
     pub(super) fn verify_with(
         &self,
         frame: u32,
-        (from, to, clip): (u64, u64, u64),
+        (from, to, committed): (u64, u64, Committed),
         known_sum: Option<u32>,
         scratch: &mut CheckScratch,
         bad: &mut Vec<BadLine>,
@@ -286,7 +381,7 @@ impl<D: Dram> KvStore<D> {
         let first_line = self.layout.frame_offset(frame) / LINE_BYTES + lines.start;
         let dpa_lines = first_line..first_line + (lines.end - lines.start);
         if !self.poison.touches(dpa_lines.clone())
-            && self.run_is_clean(frame, lines.clone(), clip, known_sum, scratch)?
+            && self.run_is_clean(frame, lines.clone(), committed, known_sum, scratch)?
         {
             return Ok(());
         }
@@ -296,7 +391,7 @@ impl<D: Dram> KvStore<D> {
                 p.lines.clone().map(|line| BadLine { line, fault: LineFault::Poisoned(p.source) }),
             );
         }
-        self.compute_checks(frame, lines.clone(), clip, scratch)?;
+        self.compute_checks(frame, lines.clone(), committed, scratch)?;
         let n = scratch.computed.len();
         scratch.stored.resize(n * CHECK_BYTES as usize, 0);
         self.dram
@@ -313,26 +408,33 @@ impl<D: Dram> KvStore<D> {
         Ok(())
     }
 
-    /// Whether frame lines `lines` (committed bytes below `clip`) all match
-    /// their checks, tested at once: their weighted sum and salts against
+    /// Whether frame lines `lines` all match their checks over the
+    /// committed bytes, tested at once: their weighted sum and salts against
     /// their stored checks' sum ([`crate::integrity`]).
     fn run_is_clean(
         &self,
         frame: u32,
         lines: Range<u64>,
-        clip: u64,
+        committed: Committed,
         known_sum: Option<u32>,
         scratch: &mut CheckScratch,
     ) -> Result<bool, KvError> {
         let start = lines.start * LINE_BYTES;
-        let end = (lines.end * LINE_BYTES).min(clip);
+        let end = (lines.end * LINE_BYTES).min(committed.end()).max(start);
         let at = self.layout.frame_offset(frame);
         let mut sum = 0u32;
         match known_sum {
             Some(known) => sum = known,
-            None => self.dram.with_rows(at + start, end - start, Dtype::F16, |rows| {
-                crate::simd::line_sums(rows, &mut sum)
-            })?,
+            None if end <= committed.whole => {
+                self.dram.with_rows(at + start, end - start, Dtype::F16, |rows| {
+                    crate::simd::line_sums(rows, &mut sum)
+                })?
+            }
+            None => {
+                self.read_masked(frame, start..end, committed, &mut scratch.masked)?;
+                let rows = crate::simd::Rows::from_bytes(&scratch.masked, Dtype::F16);
+                crate::simd::line_sums(rows, &mut sum);
+            }
         }
         let first = (at + start) / LINE_BYTES;
         let sum =
@@ -348,11 +450,11 @@ impl<D: Dram> KvStore<D> {
     }
 
     /// Committed bytes of the frame `owner` names.
-    fn committed_bytes(&self, owner: &FrameOwner) -> u64 {
-        let Some(seq) = self.sequences.get(&owner.seq) else { return 0 };
-        let tpp = seq.shape.tokens_per_page();
-        let rows = seq.tokens.saturating_sub(owner.page * tpp).min(tpp);
-        rows * seq.shape.row_bytes()
+    fn committed(&self, owner: &FrameOwner) -> Committed {
+        let Some(seq) = self.sequences.get(&owner.seq) else {
+            return Committed { whole: 0, lanes: 0, tile_bytes: 0, element_bytes: 1 };
+        };
+        page_committed(seq, owner.page, !owner.value)
     }
 
     /// Every frame that holds rows, with its place.
@@ -376,13 +478,14 @@ impl<D: Dram> KvStore<D> {
         let owner = *self.frame_owners().get(&frame)?;
         let seq = self.sequences.get(&owner.seq)?;
         let heads = u64::from(seq.shape.heads);
-        let clip = self.committed_bytes(&owner);
+        let end = self.committed(&owner).end();
+        let bytes = within..(within + LINE_BYTES).min(end.max(within));
         Some(LineOwner {
             seq: owner.seq,
             layer: (owner.stream / heads) as u16,
             head: (owner.stream % heads) as u16,
             value: owner.value,
-            tokens: tokens_in(seq, owner.page, within..(within + LINE_BYTES).min(clip.max(within))),
+            tokens: tokens_in(seq, owner.page, !owner.value, bytes),
         })
     }
 
@@ -405,14 +508,16 @@ impl<D: Dram> KvStore<D> {
             if span.is_empty() {
                 continue;
             }
-            let clip = self.committed_bytes(owner);
-            let (from, to) =
-                ((span.start - first) * LINE_BYTES, ((span.end - first) * LINE_BYTES).min(clip));
+            let committed = self.committed(owner);
+            let (from, to) = (
+                (span.start - first) * LINE_BYTES,
+                ((span.end - first) * LINE_BYTES).min(committed.end()),
+            );
             if from >= to {
                 continue;
             }
             let mut found = Vec::new();
-            self.verify(frame, (from, to, clip), &mut scratch, &mut found)?;
+            self.verify(frame, (from, to, committed), &mut scratch, &mut found)?;
             bad.extend(found.into_iter().filter(|b| b.fault == LineFault::Corrupt));
         }
         bad.sort_by_key(|b| b.line);
@@ -434,6 +539,7 @@ impl<D: Dram> KvStore<D> {
         check_stream(seq, layer, head)?;
         let tpp = seq.shape.tokens_per_page();
         let row = seq.shape.row_bytes();
+        let keys = seq.shape.key_layout();
         let mut scratch = CheckScratch::default();
         for &i in indices {
             let i = u64::from(i);
@@ -442,16 +548,19 @@ impl<D: Dram> KvStore<D> {
             }
             let page = i / tpp;
             let e = seq.entry(page, layer, head);
-            let clip = seq.tokens.saturating_sub(page * tpp).min(tpp) * row;
-            let within = (i % tpp) * row;
+            let token = i % tpp;
+            let key = page_committed(seq, page, true);
+            let key_bytes = keys.bytes_of(token..token + 1);
             let before = findings.lines.len();
-            for frame in [e.key_frame.get(), e.value_frame.get()] {
-                self.verify(
-                    frame,
-                    (within, within + row, clip),
-                    &mut scratch,
-                    &mut findings.lines,
-                )?;
+            for (frame, (from, to), committed) in [
+                (e.key_frame.get(), (key_bytes.start, key_bytes.end.min(key.end())), key),
+                (
+                    e.value_frame.get(),
+                    (token * row, (token + 1) * row),
+                    page_committed(seq, page, false),
+                ),
+            ] {
+                self.verify(frame, (from, to, committed), &mut scratch, &mut findings.lines)?;
             }
             if findings.lines.len() > before {
                 findings.tokens.push(i..i + 1);
@@ -469,18 +578,23 @@ impl<D: Dram> KvStore<D> {
         scratch: &mut CheckScratch,
         findings: &mut MediaFindings,
     ) -> Result<(), KvError> {
-        let ScannedKeys { frame: key_frame, page, rows, known_sum } = keys;
-        let tpp = seq.shape.tokens_per_page();
-        let row = seq.shape.row_bytes();
-        let clip = seq.tokens.saturating_sub(page * tpp).min(tpp) * row;
-        let (from, to) = (rows.start * row, rows.end * row);
+        let ScannedKeys { frame: key_frame, page, rows, known_sum, summed_to } = keys;
+        let committed = page_committed(seq, page, true);
+        let span = seq.shape.key_layout().bytes_of(rows);
+        let (from, to) = (span.start, span.end.min(committed.end()));
         let before = findings.lines.len();
-        self.verify_with(key_frame, (from, to, clip), known_sum, scratch, &mut findings.lines)?;
+        // The kernel's sum covers bytes [from, summed_to); the rest (a
+        // partly committed key tile, scored apart) is read again here.
+        let summed_to = summed_to.clamp(from, to);
+        let parts = [(from, summed_to, known_sum), (summed_to, to, None)];
+        for (a, b, sum) in parts.into_iter().filter(|(a, b, _)| a < b) {
+            self.verify_with(key_frame, (a, b, committed), sum, scratch, &mut findings.lines)?;
+        }
         let frame_line = self.layout.frame_offset(key_frame) / LINE_BYTES;
         for bad in &findings.lines[before..] {
             let within = (bad.line - frame_line) * LINE_BYTES;
             let bytes = within.max(from)..(within + LINE_BYTES).min(to);
-            let tokens = tokens_in(seq, page, bytes);
+            let tokens = tokens_in(seq, page, true, bytes);
             if !tokens.is_empty() {
                 findings.tokens.push(tokens);
             }
@@ -494,16 +608,20 @@ impl<D: Dram> KvStore<D> {
         let seq = self.sequence(seq_id)?;
         let tpp = seq.shape.tokens_per_page();
         let row = seq.shape.row_bytes();
+        let keys = seq.shape.key_layout();
         let mut scratch = CheckScratch::default();
         let mut page = from / tpp;
         while page * tpp < to {
-            let start = (from.max(page * tpp) - page * tpp) * row;
-            let clip = (to.min((page + 1) * tpp) - page * tpp) * row;
+            let first = from.max(page * tpp) - page * tpp;
+            let end = to.min((page + 1) * tpp) - page * tpp;
+            let key_start = keys.bytes_of(first..end).start;
+            let key = Committed::of(seq.shape, true, end);
+            let value = Committed::of(seq.shape, false, end);
             for layer in 0..seq.shape.layers {
                 for head in 0..seq.shape.heads {
                     let e = seq.entry(page, layer, head);
-                    self.seal(e.key_frame.get(), start, clip, &mut scratch)?;
-                    self.seal(e.value_frame.get(), start, clip, &mut scratch)?;
+                    self.seal(e.key_frame.get(), key_start, key, &mut scratch)?;
+                    self.seal(e.value_frame.get(), first * row, value, &mut scratch)?;
                 }
             }
             page += 1;
@@ -522,16 +640,26 @@ impl<D: Dram> KvStore<D> {
                 continue;
             }
             let page = (seq.tokens - 1) / tpp;
-            let clip = (seq.tokens - page * tpp) * seq.shape.row_bytes();
-            if clip.is_multiple_of(LINE_BYTES) {
-                continue;
-            }
-            let start = clip - clip % LINE_BYTES;
+            let ends = [true, false].map(|key| {
+                let committed = page_committed(seq, page, key);
+                // The lines past the whole bytes: a partly committed line,
+                // or key tile.
+                let start = if committed.lanes > 0 {
+                    committed.whole
+                } else {
+                    committed.whole - committed.whole % LINE_BYTES
+                };
+                (start, committed)
+            });
             for layer in 0..seq.shape.layers {
                 for head in 0..seq.shape.heads {
                     let e = seq.entry(page, layer, head);
-                    self.seal(e.key_frame.get(), start, clip, &mut scratch)?;
-                    self.seal(e.value_frame.get(), start, clip, &mut scratch)?;
+                    let frames = [e.key_frame.get(), e.value_frame.get()];
+                    for (frame, (start, committed)) in frames.into_iter().zip(ends) {
+                        if start < committed.end() {
+                            self.seal(frame, start, committed, &mut scratch)?;
+                        }
+                    }
                 }
             }
         }
@@ -548,13 +676,25 @@ struct FrameOwner {
     value: bool,
 }
 
-/// Tokens of page `page` whose rows overlap frame bytes `bytes`.
-fn tokens_in(seq: &Sequence, page: u64, bytes: Range<u64>) -> Range<u64> {
+/// Committed tokens of page `page` with an element in bytes `bytes` of
+/// its K frame (`key`) or V frame.
+fn tokens_in(seq: &Sequence, page: u64, key: bool, bytes: Range<u64>) -> Range<u64> {
     if bytes.is_empty() {
         return 0..0;
     }
-    let (row, tpp) = (seq.shape.row_bytes(), seq.shape.tokens_per_page());
-    let first = page * tpp + bytes.start / row;
-    let last = page * tpp + (bytes.end - 1) / row;
-    first..(last + 1).min(seq.tokens.max(first))
+    let tpp = seq.shape.tokens_per_page();
+    let in_page = if key {
+        seq.shape.key_layout().tokens_of(bytes)
+    } else {
+        let row = seq.shape.row_bytes();
+        bytes.start / row..(bytes.end - 1) / row + 1
+    };
+    let first = page * tpp + in_page.start;
+    first..(page * tpp + in_page.end).min(seq.tokens.max(first))
+}
+
+/// The committed bytes of page `page`'s K frame (`key`) or V frame.
+fn page_committed(seq: &Sequence, page: u64, key: bool) -> Committed {
+    let tpp = seq.shape.tokens_per_page();
+    Committed::of(seq.shape, key, seq.tokens.saturating_sub(page * tpp).min(tpp))
 }

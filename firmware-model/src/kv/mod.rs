@@ -30,7 +30,7 @@
 use std::collections::BTreeMap;
 
 use pnm_protocol::Dtype;
-use pnm_protocol::queue::{KV_FRAME_SIZE, PageMapEntry, SequenceInfo, tokens_per_page};
+use pnm_protocol::queue::{KV_FRAME_SIZE, KeyLayout, PageMapEntry, SequenceInfo, tokens_per_page};
 use zerocopy::little_endian::U32;
 use zerocopy::{FromZeros, IntoBytes};
 
@@ -174,6 +174,11 @@ impl SequenceShape {
 
     pub fn tokens_per_page(&self) -> u64 {
         u64::from(tokens_per_page(u32::from(self.head_dim), self.dtype))
+    }
+
+    /// Where keys lie in their K frames: rows, or tiles of 16 tokens.
+    pub fn key_layout(&self) -> KeyLayout {
+        KeyLayout::new(u32::from(self.head_dim.max(1)), self.dtype)
     }
 
     fn streams(&self) -> u64 {
@@ -768,8 +773,8 @@ impl<D: Dram> KvStore<D> {
         let shape = seq.shape;
         let tpp = shape.tokens_per_page();
         let d = usize::from(shape.head_dim);
-        let row = shape.row_bytes();
         let mut block = kernels::RowBlock::default();
+        let mut keys = Vec::new();
         let mut bounds = vec![0u8; 8 * d];
         let mut page = from / tpp;
         while page * tpp < tokens {
@@ -778,20 +783,49 @@ impl<D: Dram> KvStore<D> {
             for layer in 0..shape.layers {
                 for head in 0..shape.heads {
                     let key_frame = seq.entry(page, layer, head).key_frame.get();
-                    let rows_at = self.layout.frame_offset(key_frame) + (start - page * tpp) * row;
-                    let count = ((end - start) * u64::from(shape.head_dim)) as usize;
-                    let keys =
-                        block.load(shape.dtype, count, |out| self.dram.read(rows_at, out))?;
+                    let in_page = start - page * tpp..end - page * tpp;
+                    self.key_rows(shape, key_frame, in_page, &mut block, &mut keys)?;
                     let slot = self.layout.bounds_slot(key_frame);
                     let (mins, maxs) = bounds.split_at_mut(4 * d);
                     self.dram.read(slot, mins)?;
                     self.dram.read(slot + BOUNDS_SLOT / 2, maxs)?;
-                    fold_bounds(keys, d, mins, maxs);
+                    fold_bounds(&keys, d, mins, maxs);
                     self.dram.write(slot, mins)?;
                     self.dram.write(slot + BOUNDS_SLOT / 2, maxs)?;
                 }
             }
             page += 1;
+        }
+        Ok(())
+    }
+
+    /// The keys of page tokens `tokens` in `key_frame`, as f32 rows into
+    /// `out`, whichever layout they lie in.
+    fn key_rows(
+        &self,
+        shape: SequenceShape,
+        key_frame: u32,
+        tokens: std::ops::Range<u64>,
+        block: &mut kernels::RowBlock,
+        out: &mut Vec<f32>,
+    ) -> Result<(), KvError> {
+        let layout = shape.key_layout();
+        let d = usize::from(shape.head_dim);
+        let span = layout.bytes_of(tokens.clone());
+        let at = self.layout.frame_offset(key_frame) + span.start;
+        let count = ((span.end - span.start) / shape.dtype.size() as u64) as usize;
+        let stored = block.load(shape.dtype, count, |bytes| self.dram.read(at, bytes))?;
+        out.clear();
+        if !layout.tiled {
+            out.extend_from_slice(stored);
+            return Ok(());
+        }
+        let tile = pnm_protocol::queue::KEY_TILE_TOKENS as usize;
+        let first_tile = span.start / layout.row_bytes() / tile as u64;
+        for t in tokens {
+            let base = (t / tile as u64 - first_tile) as usize * tile * d;
+            let lane = (t % tile as u64) as usize;
+            out.extend((0..d).map(|j| stored[base + j * tile + lane]));
         }
         Ok(())
     }
@@ -977,6 +1011,7 @@ impl<D: Dram> KvStore<D> {
         let appended = self.append(id, tokens)?;
         let tpp = shape.tokens_per_page();
         let streams = shape.streams() as usize;
+        let mut scratch = Vec::new();
         for (i, entry) in appended.map.iter().enumerate() {
             let (page, stream) = ((i / streams) as u64, (i % streams) as u64);
             let first = page * tpp;
@@ -986,7 +1021,10 @@ impl<D: Dram> KvStore<D> {
                 (at + rows.start * shape.row_bytes()) as usize,
                 (at + rows.end * shape.row_bytes()) as usize,
             );
-            self.dram.write(self.layout.frame_offset(entry.key_frame.get()), &keys[lo..hi])?;
+            let key_frame = self.layout.frame_offset(entry.key_frame.get());
+            shape.key_layout().write_rows(0, &keys[lo..hi], &mut scratch, |at, bytes| {
+                self.dram.write(key_frame + at, bytes)
+            })?;
             self.dram.write(self.layout.frame_offset(entry.value_frame.get()), &values[lo..hi])?;
         }
         self.commit(id, tokens)?;

@@ -19,6 +19,18 @@ fn stored(dtype: Dtype, v: f32) -> f32 {
     out[0]
 }
 
+/// Writes stored key bytes `row` as page token `t`'s key into K frame
+/// `frame`, in the shape's key layout, as the host driver does.
+fn write_key<D: Dram>(store: &KvStore<D>, frame: u32, t: u64, row: &[u8]) {
+    let seq = store.sequences.values().find(|s| s.map.iter().any(|e| e.key_frame.get() == frame));
+    let shape = seq.expect("a frame of some sequence").shape;
+    let at = store.layout.frame_offset(frame);
+    shape
+        .key_layout()
+        .write_rows(t, row, &mut Vec::new(), |within, bytes| store.dram.write(at + within, bytes))
+        .unwrap();
+}
+
 /// Writes rows the way the host driver does: straight into the frames the
 /// page map names. `keys`/`values` are [layers][heads][tokens][d].
 fn load<D: Dram>(
@@ -47,10 +59,7 @@ fn load<D: Dram>(
                     let within = (t % tpp) * row;
                     let k = encode(shape.dtype, &keys[src..src + d as usize]);
                     let v = encode(shape.dtype, &values[src..src + d as usize]);
-                    store
-                        .dram
-                        .write(store.layout.frame_offset(e.key_frame.get()) + within, &k)
-                        .unwrap();
+                    write_key(store, e.key_frame.get(), t % tpp, &k);
                     store
                         .dram
                         .write(store.layout.frame_offset(e.value_frame.get()) + within, &v)
@@ -168,7 +177,7 @@ proptest! {
         for (loc, &t) in rows.iter().zip(&indices) {
             let mut k_row = vec![0u8; shape.row_bytes() as usize];
             let mut v_row = vec![0u8; shape.row_bytes() as usize];
-            store.dram.read(loc.key, &mut k_row).unwrap();
+            store.read_key(loc, &mut k_row).unwrap();
             store.dram.read(loc.value, &mut v_row).unwrap();
             let at = base + t as usize * d;
             prop_assert_eq!(k_row, encode(dtype, &keys[at..at + d]));
@@ -602,12 +611,17 @@ fn create_with_rows_stores_what_appends_store() {
         store.dram().read(at, &mut out).unwrap();
         out
     };
+    let read_key = |at: &RowLocation| {
+        let mut out = vec![0u8; row];
+        store.read_key(at, &mut out).unwrap();
+        out
+    };
     for layer in 0..2 {
         for head in 0..3 {
             let want = store.row_locations(reference, layer, head, &all).unwrap();
             let got = store.row_locations(loaded, layer, head, &all).unwrap();
             for (w, g) in want.iter().zip(&got) {
-                assert_eq!(read(w.key), read(g.key));
+                assert_eq!(read_key(w), read_key(g));
                 assert_eq!(read(w.value), read(g.value));
             }
         }
@@ -632,7 +646,7 @@ fn write_stream_rows<D: Dram>(
         let within = (t % tpp) * row;
         let k = encode(shape.dtype, &keys[src..src + d]);
         let v = encode(shape.dtype, &values[src..src + d]);
-        store.dram.write(store.layout.frame_offset(e.key_frame.get()) + within, &k).unwrap();
+        write_key(store, e.key_frame.get(), t % tpp, &k);
         store.dram.write(store.layout.frame_offset(e.value_frame.get()) + within, &v).unwrap();
     }
 }
@@ -835,7 +849,7 @@ proptest! {
                         let e = a.map[(t / tpp - a.first_page) as usize];
                         let (k, v) = (model_row(w, t, nonce, false), model_row(w, t, nonce, true));
                         let at = (t % tpp) * shape.row_bytes();
-                        store.dram().write(store.layout().frame_offset(e.key_frame.get()) + at, &encode(Dtype::F32, &k)).unwrap();
+                        write_key(&store, e.key_frame.get(), t % tpp, &encode(Dtype::F32, &k));
                         store.dram().write(store.layout().frame_offset(e.value_frame.get()) + at, &encode(Dtype::F32, &v)).unwrap();
                         pending.1.push((k, v));
                     }
@@ -889,7 +903,7 @@ proptest! {
                 let locations = store.row_locations(id, 0, 0, &indices).unwrap();
                 for (t, loc) in locations.iter().enumerate() {
                     let mut raw = vec![0u8; shape.row_bytes() as usize];
-                    store.dram().read(loc.key, &mut raw).unwrap();
+                    store.read_key(loc, &mut raw).unwrap();
                     prop_assert_eq!(&raw, &encode(Dtype::F32, &committed[t].0), "key row {}", t);
                     store.dram().read(loc.value, &mut raw).unwrap();
                     prop_assert_eq!(&raw, &encode(Dtype::F32, &committed[t].1), "value row {}", t);
@@ -1020,7 +1034,7 @@ fn a_device_killed_at_any_write_leaves_a_consistent_store() {
             store.row_locations(1, 0, 1, &(0..first as u32).collect::<Vec<_>>()).unwrap();
         for (t, loc) in locations.iter().enumerate() {
             let mut raw = [0u8; 64];
-            store.dram().read(loc.key, &mut raw).unwrap();
+            store.read_key(loc, &mut raw).unwrap();
             assert_eq!(
                 raw.to_vec(),
                 encode(Dtype::F32, &keys[3000 * 16 + t * 16..][..16]),
@@ -1057,10 +1071,15 @@ mod media {
         TopkQuery { seq: id, layer: 0, head: 0, queries, how: Aggregation::Max, k }
     }
 
-    /// DPA of byte `byte` of token `t`'s key (or value) row in stream (0, 0).
+    /// DPA of byte `byte` of token `t`'s key (or value) row in stream (0,
+    /// 0), wherever the key's elements lie (rows or tiles).
     fn row_dpa<D: Dram>(store: &KvStore<D>, id: u32, t: u64, byte: u64, value: bool) -> u64 {
         let loc = store.row_locations(id, 0, 0, &[t as u32]).unwrap()[0];
-        (if value { loc.value } else { loc.key }) + byte
+        if value {
+            return loc.value + byte;
+        }
+        let size = loc.element_bytes;
+        loc.key + byte / size * loc.key_stride + byte % size
     }
 
     /// Tokens whose rows share a line with a byte at `dpas` (the reference,
@@ -1075,8 +1094,7 @@ mod media {
         let lines: BTreeSet<u64> = dpas.iter().map(|d| d / LINE_BYTES).collect();
         (0..tokens)
             .filter(|&t| {
-                let start = row_dpa(store, id, t, 0, false);
-                (start / LINE_BYTES..=(start + row - 1) / LINE_BYTES).any(|l| lines.contains(&l))
+                (0..row).any(|b| lines.contains(&(row_dpa(store, id, t, b, false) / LINE_BYTES)))
             })
             .collect()
     }
@@ -1264,4 +1282,75 @@ mod media {
         let (store, _) = KvStore::open(&dram).unwrap();
         assert_eq!(store.top_k(query(id, &q, 5)).unwrap().len(), 5);
     }
+}
+
+/// Keys in tiles: a tile partly committed keeps its checks while a writer
+/// fills the tile's other lanes (uncommitted tokens), and a Top-K, gather
+/// checks and the scrub see exactly the committed tokens, before the
+/// commit, after it, and after an aborted append left garbage in the lanes.
+#[test]
+fn a_partly_committed_key_tile_is_checked_over_its_committed_lanes() {
+    let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim: 64 };
+    assert!(shape.key_layout().tiled);
+    let d = 64;
+    let mut next = lcg(17);
+    let keys: Vec<f32> = (0..40 * d).map(|_| next()).collect();
+    let queries: Vec<f32> = (0..2 * d).map(|_| next()).collect();
+    let dram = MemDram::new(DRAM);
+    let (mut store, _) = KvStore::open(&dram).unwrap();
+    let id = load(&mut store, shape, &keys[..20 * d], &keys[..20 * d], 20, 7);
+    let check = |store: &KvStore<&MemDram>, tokens: u64| {
+        let query = TopkQuery {
+            seq: id,
+            layer: 0,
+            head: 0,
+            queries: &queries,
+            how: Aggregation::Max,
+            k: tokens as u32,
+        };
+        let got: Vec<u32> = store.top_k(query).unwrap().iter().map(|s| s.index).collect();
+        let want: Vec<u32> = naive_top_k(
+            shape,
+            &keys[..tokens as usize * d],
+            tokens,
+            0,
+            0,
+            &queries,
+            tokens as usize,
+        )
+        .into_iter()
+        .map(|(i, _)| i)
+        .collect();
+        assert_eq!(got.len(), want.len());
+        assert_eq!(got.iter().collect::<std::collections::BTreeSet<_>>(), want.iter().collect());
+        let all: Vec<u32> = (0..tokens as u32).collect();
+        let mut findings = MediaFindings::default();
+        store.verify_rows(id, 0, 0, &all, &mut findings).unwrap();
+        assert!(findings.is_empty(), "{findings:?}");
+        assert!(store.scrub(0..DRAM as u64 / 64).unwrap().is_empty());
+        let locations = store.row_locations(id, 0, 0, &all).unwrap();
+        for (t, at) in locations.iter().enumerate() {
+            let mut row = vec![0u8; 128];
+            store.read_key(at, &mut row).unwrap();
+            assert_eq!(row, encode(Dtype::F16, &keys[t * d..(t + 1) * d]), "token {t}");
+        }
+    };
+    check(&store, 20);
+    // Tokens 20..30 land in lanes 4..14 of tile 1, beside committed lanes.
+    let a = store.append(id, 10).unwrap();
+    write_stream_rows(&store, shape, &a, &keys, &keys, 10);
+    check(&store, 20);
+    store.commit(id, 30).unwrap();
+    check(&store, 30);
+    // Garbage in lanes 14..16 and beyond, then the append given up.
+    let a = store.append(id, 5).unwrap();
+    let garbage: Vec<f32> = (0..40 * d).map(|i| if i % 3 == 0 { f32::NAN } else { 1e4 }).collect();
+    write_stream_rows(&store, shape, &a, &garbage, &garbage, 5);
+    check(&store, 30);
+    store.abort_append(id, Writer::LOCAL).unwrap();
+    check(&store, 30);
+    // A reopened store (as after a restart) agrees.
+    drop(store);
+    let (store, _) = KvStore::open(&dram).unwrap();
+    check(&store, 30);
 }

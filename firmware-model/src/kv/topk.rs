@@ -5,7 +5,8 @@
 use super::media::{CheckScratch, MediaFindings, ScannedKeys};
 use super::{Dram, KvError, KvStore, Limit, Sequence, SequenceShape, check_stream};
 use crate::kernels::{self, Aggregation, Scored};
-use crate::limits::LIMITS;
+use crate::limits::{Dtype, LIMITS};
+use pnm_protocol::queue::KEY_TILE_TOKENS;
 
 /// What a Top-K asks of one (sequence, layer, KV head).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,11 +79,30 @@ pub struct Selected {
     pub tokens_scored: u64,
 }
 
-/// Location of one gathered row pair, as DRAM offsets.
+/// Location of one gathered row pair, as DRAM offsets: the value row at
+/// `value`; the key's first element at `key`, the next ones every
+/// `key_stride` bytes (the element size for rows, a tile's 16 elements for
+/// key tiles: [`KvStore::read_key`] assembles the row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RowLocation {
     pub key: u64,
+    pub key_stride: u64,
+    pub element_bytes: u64,
     pub value: u64,
+}
+
+impl RowLocation {
+    /// Whether the key lies as a row (one copy moves it).
+    pub fn key_is_row(&self) -> bool {
+        self.key_stride == self.element_bytes
+    }
+
+    /// Bytes from `key` to the end of the key's last element, for keys of
+    /// `row_bytes`.
+    pub fn key_span(&self, row_bytes: u64) -> u64 {
+        let elements = (row_bytes / self.element_bytes.max(1)).max(1);
+        (elements - 1) * self.key_stride + self.element_bytes
+    }
 }
 
 impl<D: Dram> KvStore<D> {
@@ -171,16 +191,40 @@ impl<D: Dram> KvStore<D> {
         let shape = seq.shape;
         let (row, tpp) = (shape.row_bytes(), shape.tokens_per_page());
         let key_frame = seq.entry(page, layer, head).key_frame.get();
-        let at = self.layout.frame_offset(key_frame) + rows.start * row;
+        let frame_at = self.layout.frame_offset(key_frame);
         s.scores.clear();
         let d = usize::from(shape.head_dim);
+        let (dtype, tile) = (shape.dtype, KEY_TILE_TOKENS);
         // The kernel may take the keys' integrity sum as it reads them.
-        let known_sum =
-            self.dram.with_rows(at, (rows.end - rows.start) * row, shape.dtype, |r| {
+        let (known_sum, summed_to) = if shape.key_layout().tiled {
+            debug_assert_eq!(rows.start % tile, 0, "scans start at a tile");
+            // Whole tiles through the tile kernel; the tokens of a partly
+            // committed last tile as rows (its other lanes may be mid-write).
+            let whole = rows.start..rows.end / tile * tile;
+            let sum = self.dram.with_rows(
+                frame_at + whole.start * row,
+                (whole.end - whole.start) * row,
+                dtype,
+                |r| kernels::score_stored_tiles(r, d, queries, how, &mut s.floats, &mut s.scores),
+            )?;
+            if whole.end < rows.end {
+                let lanes = (rows.end - whole.end) as usize;
+                self.dram.with_rows(frame_at + whole.end * row, tile * row, dtype, |r| {
+                    r.tiles_to_f32_rows(d, &mut s.floats);
+                    s.floats.truncate(lanes * d);
+                    kernels::score_rows(&s.floats, d, queries, how, &mut s.scores);
+                })?;
+            }
+            (sum, whole.end * row)
+        } else {
+            let at = frame_at + rows.start * row;
+            let sum = self.dram.with_rows(at, (rows.end - rows.start) * row, dtype, |r| {
                 kernels::score_stored(r, d, queries, how, &mut s.floats, &mut s.scores)
             })?;
+            (sum, rows.end * row)
+        };
         let affected = s.media.tokens.len();
-        let keys = ScannedKeys { frame: key_frame, page, rows: rows.clone(), known_sum };
+        let keys = ScannedKeys { frame: key_frame, page, rows: rows.clone(), known_sum, summed_to };
         self.verify_keys(seq, keys, &mut s.checks, &mut s.media)?;
         let first = page * tpp + rows.start;
         if s.media.tokens.len() == affected {
@@ -271,9 +315,21 @@ impl<D: Dram> KvStore<D> {
     /// (docs/PERFORMANCE.md, "Kernel").
     pub fn prefetch_gather(&self, locations: &[RowLocation], i: usize, row_bytes: u64) {
         if let Some(next) = locations.get(i + GATHER_PREFETCH_ROWS) {
-            self.dram.prefetch(next.key, row_bytes);
+            self.dram.prefetch(next.key, next.key_span(row_bytes));
             self.dram.prefetch(next.value, row_bytes);
         }
+    }
+
+    /// The key at `at` as a row into `out` (row bytes long), gathered from
+    /// its tile if it lies in one.
+    pub fn read_key(&self, at: &RowLocation, out: &mut [u8]) -> Result<(), KvError> {
+        if at.key_is_row() {
+            return self.dram.read(at.key, out);
+        }
+        let span = at.key_span(out.len() as u64);
+        self.dram.with_rows(at.key, span, Dtype::F16, |rows| {
+            rows.copy_strided(at.key_stride as usize, at.element_bytes as usize, out);
+        })
     }
 
     /// DRAM offsets of the K and V rows of `indices` in (seq, layer, head).
@@ -288,6 +344,8 @@ impl<D: Dram> KvStore<D> {
         check_stream(seq, layer, head)?;
         let tpp = seq.shape.tokens_per_page();
         let row = seq.shape.row_bytes();
+        let keys = seq.shape.key_layout();
+        let key_stride = keys.element_offset(0, 1);
         indices
             .iter()
             .map(|&i| {
@@ -296,10 +354,12 @@ impl<D: Dram> KvStore<D> {
                     return Err(KvError::TokenBeyond { index: i, tokens: seq.tokens });
                 }
                 let e = seq.entry(i / tpp, layer, head);
-                let within = (i % tpp) * row;
                 Ok(RowLocation {
-                    key: self.layout.frame_offset(e.key_frame.get()) + within,
-                    value: self.layout.frame_offset(e.value_frame.get()) + within,
+                    key: self.layout.frame_offset(e.key_frame.get())
+                        + keys.element_offset(i % tpp, 0),
+                    key_stride,
+                    element_bytes: keys.element_bytes,
+                    value: self.layout.frame_offset(e.value_frame.get()) + (i % tpp) * row,
                 })
             })
             .collect()

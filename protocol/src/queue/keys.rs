@@ -149,6 +149,26 @@ impl KeyLayout {
         Ok(())
     }
 
+    /// The stored bytes of the block (a row, or a tile) holding page token
+    /// `token`, given `rows`: the keys of the block's tokens, one row after
+    /// another from its first (fewer for a partly filled tile: the lanes of
+    /// the missing ones read as zero). What Clear Poison must be handed to
+    /// heal a key line with its data.
+    pub fn block_bytes(&self, token: u64, rows: &[u8]) -> Vec<u8> {
+        let span = self.bytes_of(token..token + 1);
+        let first = token / self.block_tokens() * self.block_tokens();
+        let mut out = vec![0u8; (span.end - span.start) as usize];
+        let limit = (self.block_tokens() * self.row_bytes()) as usize;
+        let written =
+            self.write_rows(first, &rows[..rows.len().min(limit)], &mut Vec::new(), |at, b| {
+                let at = (at - span.start) as usize;
+                out[at..at + b.len()].copy_from_slice(b);
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let Ok(()) = written;
+        out
+    }
+
     /// Reads the key of page token `token` out of frame bytes `frame`
     /// (the whole frame, or at least up to the token's last element) into
     /// `out` (one row).
@@ -237,6 +257,27 @@ mod tests {
                 }
                 assert!(frame[written.end as usize..].iter().all(|&b| b == 0xEE));
             }
+        }
+    }
+
+    #[test]
+    fn a_blocks_bytes_are_its_tokens_rows_as_stored() {
+        for layout in layouts() {
+            let row = layout.row_bytes() as usize;
+            let block = layout.block_tokens();
+            let rows: Vec<u8> = (0..3 * block as usize * row).map(|i| (i * 13 + 1) as u8).collect();
+            let mut frame = vec![0u8; KV_FRAME_SIZE as usize];
+            layout
+                .write_rows::<()>(0, &rows, &mut Vec::new(), |at, b| {
+                    frame[at as usize..at as usize + b.len()].copy_from_slice(b);
+                    Ok(())
+                })
+                .unwrap();
+            let token = block + 1.min(block - 1);
+            let first = (token / block * block) as usize;
+            let span = layout.bytes_of(token..token + 1);
+            let got = layout.block_bytes(token, &rows[first * row..]);
+            assert_eq!(got, frame[span.start as usize..span.end as usize], "{layout:?}");
         }
     }
 

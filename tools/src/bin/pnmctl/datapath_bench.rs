@@ -163,7 +163,7 @@ pub fn run(args: &DatapathArgs) -> anyhow::Result<serde_json::Value> {
         let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
         let rows = store.row_locations(id, 0, 0, &indices).expect("rows");
         for (i, r) in rows.iter().enumerate() {
-            (&dram).read(r.key, &mut out[i * 512..i * 512 + 256]).expect("read");
+            store.read_key(r, &mut out[i * 512..i * 512 + 256]).expect("read");
             (&dram).read(r.value, &mut out[i * 512 + 256..(i + 1) * 512]).expect("read");
         }
         top.len()

@@ -19,6 +19,7 @@ use pnm_host::{
     TopkRequest,
 };
 use pnm_protocol::faults::DeviceFault;
+use pnm_protocol::queue::KeyLayout;
 use serde::Serialize;
 
 use crate::CliError;
@@ -201,7 +202,12 @@ fn inject(device: &Device, scenario: &str, seq: &Sequence) -> Result<Expect, Err
             for &(dpa, lines) in &ranges {
                 device.inject_media_fault(dpa, lines, fault)?;
             }
-            Expect::Media { tokens: (t..t + 2).collect(), ranges }
+            // Every token with a key element on those lines: the two rows,
+            // or the tiles holding them.
+            let layout = KeyLayout::new(D as u32, Dtype::F32);
+            let block = layout.block_tokens();
+            let tokens = (t / block * block..(t + 2).div_ceil(block) * block).collect();
+            Expect::Media { tokens, ranges }
         }
         other => {
             return Err(Error::Invalid(format!("no scenario '{other}'")));
@@ -452,17 +458,20 @@ fn check(
             if !device.health_info()?.maintenance_needed {
                 broken.push(format!("{scenario}: health does not say maintenance needed"));
             }
-            // Heal with the rows as written: Clear Poison line by line.
+            // Heal with the keys as written: Clear Poison line by line, each
+            // with the bytes the device stored for the row or key tile.
             let written = bytes(&data.keys);
+            let layout = KeyLayout::new(D as u32, Dtype::F32);
+            let tpp = layout.tokens_per_page();
             for &t in &tokens {
+                let first = t / layout.block_tokens() * layout.block_tokens();
+                let stored = layout.block_bytes(t % tpp, &written[first as usize * D * 4..]);
                 for (dpa, lines) in device.row_ranges(seq, 0, 0, t..t + 1, false)? {
                     for line in 0..lines {
-                        let at = dpa + 64 * line;
-                        // The line's bytes: from the rows it holds.
-                        let first = (at - dpa) as usize + t as usize * D * 4;
-                        let mut replacement = [0u8; 64];
-                        replacement.copy_from_slice(&written[first..first + 64]);
-                        device.clear_poison(at, &replacement)?;
+                        let at = (64 * line) as usize;
+                        let replacement: [u8; 64] =
+                            stored[at..at + 64].try_into().expect("whole lines");
+                        device.clear_poison(dpa + at as u64, &replacement)?;
                     }
                 }
             }

@@ -305,7 +305,7 @@ pub fn topk_gather_in_process<B: AsRef<[u8]> + AsMut<[u8]>>(
     for (i, at) in locations.iter().enumerate() {
         store.prefetch_gather(&locations, i, row as u64);
         let dram = store.dram();
-        dram.read(at.key, &mut keys[i * row..][..row]).map_err(firmware_error)?;
+        store.read_key(at, &mut keys[i * row..][..row]).map_err(firmware_error)?;
         dram.read(at.value, &mut values[i * row..][..row]).map_err(firmware_error)?;
     }
     Ok(top.len())
