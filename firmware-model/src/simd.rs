@@ -218,15 +218,33 @@ impl Rows<'_> {
     /// # Panics
     /// If the last element lies past the rows' bytes.
     pub fn copy_strided(&self, stride: usize, element_bytes: usize, out: &mut [u8]) {
-        let count = out.len() / element_bytes;
+        let count = out.len() / element_bytes.max(1);
         let bytes = self.elements * self.dtype.size();
         assert!(count == 0 || (count - 1) * stride + element_bytes <= bytes);
-        for (i, element) in out.chunks_exact_mut(element_bytes).enumerate() {
-            for (b, byte) in element.iter_mut().enumerate() {
-                // SAFETY: i < count, so the byte lies within the readable
-                // range (asserted above).
-                *byte = unsafe { self.ptr.wrapping_add(i * stride + b).read() };
+        match element_bytes {
+            2 => self.copy_strided_as::<2>(stride, out),
+            4 => self.copy_strided_as::<4>(stride, out),
+            _ => {
+                for (i, element) in out.chunks_exact_mut(element_bytes).enumerate() {
+                    for (b, byte) in element.iter_mut().enumerate() {
+                        // SAFETY: i < count, so the byte lies within the
+                        // readable range (asserted by the caller above).
+                        *byte = unsafe { self.ptr.wrapping_add(i * stride + b).read() };
+                    }
+                }
             }
+        }
+    }
+
+    /// [`Self::copy_strided`] of S-byte elements, each one load (the
+    /// caller checked that every element lies within the rows).
+    fn copy_strided_as<const S: usize>(&self, stride: usize, out: &mut [u8]) {
+        let (elements, _) = out.as_chunks_mut::<S>();
+        for (i, element) in elements.iter_mut().enumerate() {
+            // SAFETY: element i lies within the readable range (asserted
+            // by `copy_strided`); an unaligned read of plain bytes.
+            *element =
+                unsafe { self.ptr.wrapping_add(i * stride).cast::<[u8; S]>().read_unaligned() };
         }
     }
 

@@ -28,6 +28,7 @@
 //! this file is the store's lifecycle: open, create, append, commit, free.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use pnm_protocol::Dtype;
 use pnm_protocol::queue::{KV_FRAME_SIZE, KeyLayout, PageMapEntry, SequenceInfo, tokens_per_page};
@@ -773,8 +774,8 @@ impl<D: Dram> KvStore<D> {
         let shape = seq.shape;
         let tpp = shape.tokens_per_page();
         let d = usize::from(shape.head_dim);
+        let keys = shape.key_layout();
         let mut block = kernels::RowBlock::default();
-        let mut keys = Vec::new();
         let mut bounds = vec![0u8; 8 * d];
         let mut page = from / tpp;
         while page * tpp < tokens {
@@ -784,48 +785,29 @@ impl<D: Dram> KvStore<D> {
                 for head in 0..shape.heads {
                     let key_frame = seq.entry(page, layer, head).key_frame.get();
                     let in_page = start - page * tpp..end - page * tpp;
-                    self.key_rows(shape, key_frame, in_page, &mut block, &mut keys)?;
+                    // The keys as stored (rows, or the tiles holding them).
+                    let span = keys.bytes_of(in_page.clone());
+                    let at = self.layout.frame_offset(key_frame) + span.start;
+                    let count = ((span.end - span.start) / shape.dtype.size() as u64) as usize;
+                    let stored =
+                        block.load(shape.dtype, count, |bytes| self.dram.read(at, bytes))?;
                     let slot = self.layout.bounds_slot(key_frame);
                     let (mins, maxs) = bounds.split_at_mut(4 * d);
                     self.dram.read(slot, mins)?;
                     self.dram.read(slot + BOUNDS_SLOT / 2, maxs)?;
-                    fold_bounds(&keys, d, mins, maxs);
+                    if keys.tiled {
+                        let first = span.start / keys.row_bytes();
+                        let lanes =
+                            (in_page.start - first) as usize..(in_page.end - first) as usize;
+                        fold_tile_bounds(stored, d, lanes, mins, maxs);
+                    } else {
+                        fold_bounds(stored, d, mins, maxs);
+                    }
                     self.dram.write(slot, mins)?;
                     self.dram.write(slot + BOUNDS_SLOT / 2, maxs)?;
                 }
             }
             page += 1;
-        }
-        Ok(())
-    }
-
-    /// The keys of page tokens `tokens` in `key_frame`, as f32 rows into
-    /// `out`, whichever layout they lie in.
-    fn key_rows(
-        &self,
-        shape: SequenceShape,
-        key_frame: u32,
-        tokens: std::ops::Range<u64>,
-        block: &mut kernels::RowBlock,
-        out: &mut Vec<f32>,
-    ) -> Result<(), KvError> {
-        let layout = shape.key_layout();
-        let d = usize::from(shape.head_dim);
-        let span = layout.bytes_of(tokens.clone());
-        let at = self.layout.frame_offset(key_frame) + span.start;
-        let count = ((span.end - span.start) / shape.dtype.size() as u64) as usize;
-        let stored = block.load(shape.dtype, count, |bytes| self.dram.read(at, bytes))?;
-        out.clear();
-        if !layout.tiled {
-            out.extend_from_slice(stored);
-            return Ok(());
-        }
-        let tile = pnm_protocol::queue::KEY_TILE_TOKENS as usize;
-        let first_tile = span.start / layout.row_bytes() / tile as u64;
-        for t in tokens {
-            let base = (t / tile as u64 - first_tile) as usize * tile * d;
-            let lane = (t % tile as u64) as usize;
-            out.extend((0..d).map(|j| stored[base + j * tile + lane]));
         }
         Ok(())
     }
@@ -1046,18 +1028,74 @@ fn check_stream(seq: &Sequence, layer: u16, head: u16) -> Result<(), KvError> {
 
 /// Folds f32 key rows into little-endian f32 min/max byte arrays.
 fn fold_bounds(keys: &[f32], d: usize, mins: &mut [u8], maxs: &mut [u8]) {
+    fold_into(d, mins, maxs, |lo, hi| {
+        for key in keys.chunks_exact(d) {
+            for i in 0..d {
+                // f32::min/max return the other operand for NaN: NaN is ignored.
+                lo[i] = lo[i].min(key[i]);
+                hi[i] = hi[i].max(key[i]);
+            }
+        }
+    });
+}
+
+/// [`fold_bounds`] of keys in tiles (16 tokens, dimension-major): the
+/// tokens `lanes` of the tiles `tiles` holds, counted from its first.
+fn fold_tile_bounds(
+    tiles: &[f32],
+    d: usize,
+    lanes: Range<usize>,
+    mins: &mut [u8],
+    maxs: &mut [u8],
+) {
+    const TILE: usize = pnm_protocol::queue::KEY_TILE_TOKENS as usize;
+    fold_into(d, mins, maxs, |lo, hi| {
+        // Per dimension and lane, so whole tiles fold 16 lanes at a time
+        // (vector min/max); the lanes are folded into the bounds at the end.
+        let mut lane_lo = vec![[f32::INFINITY; TILE]; d];
+        let mut lane_hi = vec![[f32::NEG_INFINITY; TILE]; d];
+        for (t, tile) in tiles.chunks_exact(TILE * d).enumerate() {
+            let first = lanes.start.saturating_sub(t * TILE).min(TILE);
+            let end = lanes.end.saturating_sub(t * TILE).min(TILE);
+            let (dims, _) = tile.as_chunks::<TILE>();
+            if (first, end) == (0, TILE) {
+                for ((dim, l), h) in dims.iter().zip(&mut lane_lo).zip(&mut lane_hi) {
+                    for lane in 0..TILE {
+                        // f32::min/max return the other operand for NaN.
+                        l[lane] = l[lane].min(dim[lane]);
+                        h[lane] = h[lane].max(dim[lane]);
+                    }
+                }
+            } else {
+                for ((dim, l), h) in dims.iter().zip(&mut lane_lo).zip(&mut lane_hi) {
+                    for lane in first..end {
+                        l[lane] = l[lane].min(dim[lane]);
+                        h[lane] = h[lane].max(dim[lane]);
+                    }
+                }
+            }
+        }
+        for (i, (l, h)) in lane_lo.iter().zip(&lane_hi).enumerate() {
+            lo[i] = l.iter().fold(lo[i], |m, &v| m.min(v));
+            hi[i] = h.iter().fold(hi[i], |m, &v| m.max(v));
+        }
+    });
+}
+
+/// Runs `fold` on the bounds (f32 little-endian in `mins` and `maxs`) as
+/// floats and stores them back.
+fn fold_into(
+    d: usize,
+    mins: &mut [u8],
+    maxs: &mut [u8],
+    fold: impl FnOnce(&mut [f32], &mut [f32]),
+) {
     let get = |b: &[u8], i: usize| {
         f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
     };
     let mut lo: Vec<f32> = (0..d).map(|i| get(mins, i)).collect();
     let mut hi: Vec<f32> = (0..d).map(|i| get(maxs, i)).collect();
-    for key in keys.chunks_exact(d) {
-        for i in 0..d {
-            // f32::min/max return the other operand for NaN: NaN is ignored.
-            lo[i] = lo[i].min(key[i]);
-            hi[i] = hi[i].max(key[i]);
-        }
-    }
+    fold(&mut lo, &mut hi);
     for i in 0..d {
         mins[4 * i..4 * i + 4].copy_from_slice(&lo[i].to_le_bytes());
         maxs[4 * i..4 * i + 4].copy_from_slice(&hi[i].to_le_bytes());

@@ -118,30 +118,20 @@ impl KeyLayout {
             let tile_start = token / KEY_TILE_TOKENS * KEY_TILE_TOKENS;
             let run_end = (tile_start + KEY_TILE_TOKENS).min(end);
             let lanes = (token - tile_start) as usize..(run_end - tile_start) as usize;
-            let src = |t: usize, j: usize| {
-                let at = (tile_start as usize + t - first as usize) * row + j * size;
-                &rows[at..at + size]
-            };
+            // The run's rows in `rows`, from lane `lanes.start`.
+            let src = &rows[(token - first) as usize * row..(run_end - first) as usize * row];
             let tile_offset = tile_start * row as u64;
+            scratch.clear();
             if lanes.len() == tile {
-                scratch.clear();
                 scratch.resize(tile * row, 0);
-                for t in 0..tile {
-                    for j in 0..d {
-                        let at = (j * tile + t) * size;
-                        scratch[at..at + size].copy_from_slice(src(t, j));
-                    }
-                }
+                transpose(size, src, d, scratch);
                 write(tile_offset, scratch)?;
             } else {
-                scratch.clear();
-                scratch.resize(lanes.len() * size, 0);
-                for j in 0..d {
-                    for (i, t) in lanes.clone().enumerate() {
-                        scratch[i * size..(i + 1) * size].copy_from_slice(src(t, j));
-                    }
-                    let at = tile_offset + ((j * tile + lanes.start) * size) as u64;
-                    write(at, scratch)?;
+                // Each dimension's run of lanes is contiguous in the tile.
+                scratch.resize(d * lanes.len() * size, 0);
+                transpose(size, src, d, scratch);
+                for (j, run) in scratch.chunks_exact(lanes.len() * size).enumerate() {
+                    write(tile_offset + ((j * tile + lanes.start) * size) as u64, run)?;
                 }
             }
             token = run_end;
@@ -182,6 +172,39 @@ impl KeyLayout {
         for (j, element) in out.chunks_exact_mut(size).enumerate() {
             let at = self.element_offset(token, j as u64) as usize;
             element.copy_from_slice(&frame[at..at + size]);
+        }
+    }
+}
+
+/// `rows` (n rows of `d` elements of `size` bytes) dimension-major into
+/// `out`: element `j` of row `t` to element `j * n + t`.
+fn transpose(size: usize, rows: &[u8], d: usize, out: &mut [u8]) {
+    match size {
+        2 => transpose_as::<2>(rows, d, out),
+        4 => transpose_as::<4>(rows, d, out),
+        _ => {
+            let n = rows.len() / (d * size).max(1);
+            for t in 0..n {
+                for j in 0..d {
+                    let (from, to) = ((t * d + j) * size, (j * n + t) * size);
+                    out[to..to + size].copy_from_slice(&rows[from..from + size]);
+                }
+            }
+        }
+    }
+}
+
+/// [`transpose`] with the element size known: element moves are single
+/// loads and stores (a runtime-sized copy is a call per element). Rows are
+/// read in order, their elements written `n` apart.
+fn transpose_as<const S: usize>(rows: &[u8], d: usize, out: &mut [u8]) {
+    let (src, _) = rows.as_chunks::<S>();
+    let (dst, _) = out.as_chunks_mut::<S>();
+    let n = src.len() / d.max(1);
+    let dst = &mut dst[..n * d];
+    for (t, row) in src.chunks_exact(d.max(1)).take(n).enumerate() {
+        for (j, &element) in row.iter().enumerate() {
+            dst[j * n + t] = element;
         }
     }
 }
