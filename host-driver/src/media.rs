@@ -93,7 +93,9 @@ impl Device {
 
     /// The DPA ranges (start, 64-byte lines) holding the K (or, `value`, V)
     /// rows of tokens `tokens` of (seq, layer, head): one range per page.
-    /// What `pnmctl inject` uses to poison or corrupt chosen rows.
+    /// Keys in tiles (PROTOCOL.md §7) span their whole tiles: every line of
+    /// a tile holds elements of each of its 16 tokens. What `pnmctl inject`
+    /// uses to poison or corrupt chosen rows.
     pub fn row_ranges(
         &self,
         seq: &Sequence,

@@ -773,7 +773,9 @@ impl Sequence {
 
     /// Where the K (or, `value`, V) rows of tokens `start..stop` of (layer,
     /// head) lie in device memory: `[(dpa, lines)]`, one range of 64-byte
-    /// lines per page (one device only). For fault injection.
+    /// lines per page (one device only). Keys of power-of-two head_dims lie
+    /// in tiles of 16 tokens: their ranges span whole tiles, and a bad line
+    /// there affects the tile's 16 tokens. For fault injection.
     #[pyo3(signature = (layer, head, start, stop, *, value = false))]
     fn row_ranges(
         &self,
