@@ -34,8 +34,10 @@ pub struct KeyLayout {
 }
 
 impl KeyLayout {
-    /// The key layout of `head_dim` elements of `dtype` (`head_dim` >= 1).
+    /// The key layout of `head_dim` elements of `dtype` (0, which no valid
+    /// sequence has, is taken as 1 rather than dividing by it).
     pub const fn new(head_dim: u32, dtype: Dtype) -> Self {
+        let head_dim = if head_dim == 0 { 1 } else { head_dim };
         let tpp = tokens_per_page(head_dim, dtype) as u64;
         Self {
             head_dim: head_dim as u64,
@@ -230,6 +232,8 @@ mod tests {
         assert!(KeyLayout::new(64, Dtype::Bf16).tiled);
         assert!(!KeyLayout::new(96, Dtype::F16).tiled, "341 tokens a page");
         assert!(!KeyLayout::new(3, Dtype::F32).tiled);
+        // A head_dim of 0 (never valid) does not divide by zero.
+        assert_eq!(KeyLayout::new(0, Dtype::F16), KeyLayout::new(1, Dtype::F16));
     }
 
     /// Every element lands once, inside its token's bytes, and
