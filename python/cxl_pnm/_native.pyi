@@ -115,8 +115,9 @@ class Sequence:
         """Appends ``[layers, heads, tokens, head_dim]`` K and V rows, atomically.
 
         The sequence's own dtype (f32: float32; f16: float16 or uint16 bits;
-        bf16: uint16 bits), C-contiguous, goes to the device without a copy;
-        other float arrays are converted first."""
+        bf16: uint16 bits), C-contiguous, goes to the device without a copy
+        (keys in 16-token tiles through one tile-sized buffer); other float
+        arrays are converted first."""
     def topk(
         self,
         layer: int,

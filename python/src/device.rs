@@ -644,7 +644,8 @@ impl Sequence {
     /// Appends tokens: `keys` and `values` shaped `[layers, heads, tokens,
     /// head_dim]` in the sequence's dtype (f32: float32; f16: float16 or
     /// its uint16 bits; bf16: uint16 bits). A C-contiguous array goes
-    /// straight into device DRAM, no other copy; other float arrays are
+    /// into device DRAM with no other copy (keys of 16-token tiles through
+    /// one tile-sized buffer, transposed); other float arrays are
     /// converted first (one copy). Atomic: on an error the
     /// sequence keeps the tokens it had (on a set, `refresh` then append
     /// the same rows again completes a torn append).
