@@ -143,6 +143,22 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                             .expect("the benchmark's own arguments are valid");
                         selected = top.len();
                     };
+                    // TOPK_GATHER in-process: the same Top-K, then its K and
+                    // V rows copied out (keys assembled from their tiles).
+                    let mut gather_scratch = TopkScratch::default();
+                    let (mut gathered_keys, mut gathered_values) = (Vec::new(), Vec::new());
+                    let mut gathered = |_| {
+                        topk_gather_in_process(
+                            &store,
+                            &mut gather_scratch,
+                            id,
+                            &queries,
+                            k,
+                            &mut gathered_keys,
+                            &mut gathered_values,
+                        )
+                        .expect("the benchmark's own arguments are valid");
+                    };
                     let mut plain_scratch = TopkScratch::default();
                     let mut plain = |_| {
                         plain_store
@@ -163,12 +179,23 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                     };
                     let timings = interleaved(
                         grid.reps,
-                        &mut [&mut roof, &mut local, &mut plain, &mut through_device],
+                        &mut [
+                            &mut roof,
+                            &mut local,
+                            &mut gathered,
+                            &mut plain,
+                            &mut through_device,
+                        ],
                     );
-                    let [_, (local_min, local_median), (plain_min, _), (host_min, host_median)] =
-                        timings[..]
+                    let [
+                        _,
+                        (local_min, local_median),
+                        (gather_min, _),
+                        (plain_min, _),
+                        (host_min, host_median),
+                    ] = timings[..]
                     else {
-                        unreachable!("four runs, four timings")
+                        unreachable!("five runs, five timings")
                     };
                     let floor = key_bytes.len() as f64 / (read_gbs * 1e9);
                     // Scoring's FLOPs: a multiply and an add per element
@@ -199,6 +226,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                             "gflop_per_s": flops / local_min / 1e9,
                             "x_binding_time": local_min / binding,
                             "selected": selected,
+                            "topk_gather_min_ms": gather_min * 1e3,
                             "small_pages_min_ms": plain_min * 1e3,
                             "small_pages_x_roofline_time": plain_min / floor,
                         },
@@ -239,7 +267,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
         "threads": 1,
         "cases": cases,
         "reference": reference,
-        "note": "each case runs in rounds (roofline read, in-process on huge pages, in-process on 4 KiB pages, through the device; each once untimed, then 3 timed runs back to back) so machine noise falls on all alike; min over rounds (interference only slows a run down); x_roofline_time = time / (key bytes / best memory read bandwidth over the rounds); the compute roofline is one core's f32 FMA rate in the kernels' vector set (16 independent chains), measured in the same rounds; compute_floor = 2 x tokens x head_dim x G FLOPs at that rate; x_binding_time = time / the larger of the two floors",
+        "note": "each case runs in rounds (roofline read, in-process on huge pages, the same with its K and V rows gathered (topk_gather_min_ms: keys in tiles are assembled from them), in-process on 4 KiB pages, through the device; each once untimed, then 3 timed runs back to back) so machine noise falls on all alike; min over rounds (interference only slows a run down); x_roofline_time = time / (key bytes / best memory read bandwidth over the rounds); the compute roofline is one core's f32 FMA rate in the kernels' vector set (16 independent chains), measured in the same rounds; compute_floor = 2 x tokens x head_dim x G FLOPs at that rate; x_binding_time = time / the larger of the two floors",
     }))
 }
 
