@@ -638,16 +638,19 @@ impl Executor {
         let row = kv.shape(stream.seq)?.row_bytes();
         let locations = kv.row_locations(stream.seq, stream.layer, stream.head, indices)?;
         let dram = self.layout.dram_offset;
-        // A key in a tile is assembled from its 16-token stride first.
-        let mut key = vec![0u8; row as usize];
+        let tiled = !locations.iter().all(|l| l.key_is_row());
+        if tiled {
+            // Keys in tiles are assembled (eight at a time) into one buffer
+            // and moved to the host in one copy.
+            let mut keys = vec![0u8; locations.len() * row as usize];
+            kv.read_keys(&locations, row as usize, &mut keys)?;
+            self.mem.write_bytes(keys_at, &keys)?;
+        }
         for (i, loc) in locations.iter().enumerate() {
             kv.prefetch_gather(&locations, i, row);
             let i = i as u64;
-            if loc.key_is_row() {
+            if !tiled {
                 self.mem.copy_within(dram + loc.key, keys_at + i * row, row)?;
-            } else {
-                kv.read_key(loc, &mut key)?;
-                self.mem.write_bytes(keys_at + i * row, &key)?;
             }
             self.mem.copy_within(dram + loc.value, values_at + i * row, row)?;
         }

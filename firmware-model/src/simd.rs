@@ -218,33 +218,74 @@ impl Rows<'_> {
     /// # Panics
     /// If the last element lies past the rows' bytes.
     pub fn copy_strided(&self, stride: usize, element_bytes: usize, out: &mut [u8]) {
-        let count = out.len() / element_bytes.max(1);
+        self.copy_strided_many(&[0], stride, element_bytes, out);
+    }
+
+    /// [`Self::copy_strided`] for many keys at once: key `i` starts at
+    /// byte `starts[i]` and goes to row `i` of `out` (rows of equal length:
+    /// `out.len() / starts.len()` bytes). Eight keys at a time, their
+    /// elements interleaved, so eight keys' cache misses are in flight
+    /// together.
+    ///
+    /// # Panics
+    /// If a key's last element lies past the rows' bytes, or `out` is not
+    /// a whole number of rows.
+    pub fn copy_strided_many(
+        &self,
+        starts: &[usize],
+        stride: usize,
+        element_bytes: usize,
+        out: &mut [u8],
+    ) {
+        if starts.is_empty() {
+            return;
+        }
+        let row = out.len() / starts.len();
+        assert_eq!(row * starts.len(), out.len(), "whole rows");
+        let count = row / element_bytes.max(1);
         let bytes = self.elements * self.dtype.size();
-        assert!(count == 0 || (count - 1) * stride + element_bytes <= bytes);
+        for &start in starts {
+            assert!(count == 0 || start + (count - 1) * stride + element_bytes <= bytes);
+        }
         match element_bytes {
-            2 => self.copy_strided_as::<2>(stride, out),
-            4 => self.copy_strided_as::<4>(stride, out),
+            2 => self.copy_strided_many_as::<2>(starts, stride, out, row),
+            4 => self.copy_strided_many_as::<4>(starts, stride, out, row),
             _ => {
-                for (i, element) in out.chunks_exact_mut(element_bytes).enumerate() {
-                    for (b, byte) in element.iter_mut().enumerate() {
-                        // SAFETY: i < count, so the byte lies within the
-                        // readable range (asserted by the caller above).
-                        *byte = unsafe { self.ptr.wrapping_add(i * stride + b).read() };
+                for (&start, row_out) in starts.iter().zip(out.chunks_exact_mut(row)) {
+                    for (i, element) in row_out.chunks_exact_mut(element_bytes).enumerate() {
+                        for (b, byte) in element.iter_mut().enumerate() {
+                            // SAFETY: within the key's span, checked above.
+                            *byte = unsafe { self.ptr.wrapping_add(start + i * stride + b).read() };
+                        }
                     }
                 }
             }
         }
     }
 
-    /// [`Self::copy_strided`] of S-byte elements, each one load (the
-    /// caller checked that every element lies within the rows).
-    fn copy_strided_as<const S: usize>(&self, stride: usize, out: &mut [u8]) {
-        let (elements, _) = out.as_chunks_mut::<S>();
-        for (i, element) in elements.iter_mut().enumerate() {
-            // SAFETY: element i lies within the readable range (asserted
-            // by `copy_strided`); an unaligned read of plain bytes.
-            *element =
-                unsafe { self.ptr.wrapping_add(i * stride).cast::<[u8; S]>().read_unaligned() };
+    /// [`Self::copy_strided_many`] of S-byte elements (spans checked by
+    /// the caller).
+    fn copy_strided_many_as<const S: usize>(
+        &self,
+        starts: &[usize],
+        stride: usize,
+        out: &mut [u8],
+        row: usize,
+    ) {
+        const WAYS: usize = 8;
+        let count = row / S;
+        for (group, rows_out) in starts.chunks(WAYS).zip(out.chunks_mut(WAYS * row)) {
+            for i in 0..count {
+                for (k, &start) in group.iter().enumerate() {
+                    let at = k * row + i * S;
+                    // SAFETY: element i of a key whose span was checked
+                    // against the rows' bytes by `copy_strided_many`.
+                    let element = unsafe {
+                        self.ptr.wrapping_add(start + i * stride).cast::<[u8; S]>().read_unaligned()
+                    };
+                    rows_out[at..at + S].copy_from_slice(&element);
+                }
+            }
         }
     }
 

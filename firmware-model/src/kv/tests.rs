@@ -174,6 +174,14 @@ proptest! {
         let rows = store.row_locations(id, layer, head, &indices).unwrap();
         let d = usize::from(head_dim);
         let base = (usize::from(layer) * usize::from(heads) + usize::from(head)) * tokens as usize * d;
+        // All keys at once (eight interleaved at a time) equal the rows too.
+        let row = shape.row_bytes() as usize;
+        let mut all_keys = vec![0u8; rows.len() * row];
+        store.read_keys(&rows, row, &mut all_keys).unwrap();
+        for (got, &t) in all_keys.chunks_exact(row).zip(&indices) {
+            let at = base + t as usize * d;
+            prop_assert_eq!(got, &encode(dtype, &keys[at..at + d])[..]);
+        }
         for (loc, &t) in rows.iter().zip(&indices) {
             let mut k_row = vec![0u8; shape.row_bytes() as usize];
             let mut v_row = vec![0u8; shape.row_bytes() as usize];

@@ -6,7 +6,7 @@ use super::media::{CheckScratch, MediaFindings, ScannedKeys};
 use super::{Dram, KvError, KvStore, Limit, Sequence, SequenceShape, check_stream};
 use crate::kernels::{self, Aggregation, Scored};
 use crate::limits::{Dtype, LIMITS};
-use pnm_protocol::queue::KEY_TILE_TOKENS;
+use pnm_protocol::queue::{KEY_TILE_TOKENS, KV_FRAME_SIZE};
 
 /// What a Top-K asks of one (sequence, layer, KV head).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -315,7 +315,10 @@ impl<D: Dram> KvStore<D> {
     /// (docs/PERFORMANCE.md, "Kernel").
     pub fn prefetch_gather(&self, locations: &[RowLocation], i: usize, row_bytes: u64) {
         if let Some(next) = locations.get(i + GATHER_PREFETCH_ROWS) {
-            self.dram.prefetch(next.key, next.key_span(row_bytes));
+            // Keys in tiles are read by `read_keys`, eight interleaved.
+            if next.key_is_row() {
+                self.dram.prefetch(next.key, row_bytes);
+            }
             self.dram.prefetch(next.value, row_bytes);
         }
     }
@@ -329,6 +332,44 @@ impl<D: Dram> KvStore<D> {
         let span = at.key_span(out.len() as u64);
         self.dram.with_rows(at.key, span, Dtype::F16, |rows| {
             rows.copy_strided(at.key_stride as usize, at.element_bytes as usize, out);
+        })
+    }
+
+    /// The keys at `locations` as rows, one after another, into `out`
+    /// (`row_bytes` each). Keys in tiles are read eight at a time, their
+    /// elements interleaved: each key's 64 lines are misses in different
+    /// tiles, and eight streams keep more of them in flight than one
+    /// (docs/PERFORMANCE.md, "Key tiles").
+    pub fn read_keys(
+        &self,
+        locations: &[RowLocation],
+        row_bytes: usize,
+        out: &mut [u8],
+    ) -> Result<(), KvError> {
+        assert_eq!(out.len(), locations.len() * row_bytes, "a row per location");
+        if locations.iter().all(RowLocation::key_is_row) {
+            for (at, row) in locations.iter().zip(out.chunks_exact_mut(row_bytes.max(1))) {
+                self.dram.read(at.key, row)?;
+            }
+            return Ok(());
+        }
+        // One view of every frame; each key's span is checked inside it.
+        let frames = self.layout.frames_offset;
+        let len = u64::from(self.layout.frame_count) * u64::from(KV_FRAME_SIZE);
+        let mut starts = Vec::with_capacity(locations.len());
+        for at in locations {
+            let span = at.key_span(row_bytes as u64);
+            match at.key.checked_sub(frames) {
+                Some(start) if start + span <= len => starts.push(start as usize),
+                _ => return Err(KvError::OutOfRange { offset: at.key, len: span }),
+            }
+        }
+        let (stride, element) = match locations.first() {
+            Some(at) => (at.key_stride as usize, at.element_bytes as usize),
+            None => return Ok(()),
+        };
+        self.dram.with_rows(frames, len, Dtype::F16, |rows| {
+            rows.copy_strided_many(&starts, stride, element, out);
         })
     }
 

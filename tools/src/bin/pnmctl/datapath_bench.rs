@@ -162,9 +162,10 @@ pub fn run(args: &DatapathArgs) -> anyhow::Result<serde_json::Value> {
             .expect("topk");
         let indices: Vec<u32> = top.iter().map(|s| s.index).collect();
         let rows = store.row_locations(id, 0, 0, &indices).expect("rows");
+        let (keys, values) = out.split_at_mut(args.k as usize * 256);
+        store.read_keys(&rows, 256, &mut keys[..rows.len() * 256]).expect("read");
         for (i, r) in rows.iter().enumerate() {
-            store.read_key(r, &mut out[i * 512..i * 512 + 256]).expect("read");
-            (&dram).read(r.value, &mut out[i * 512 + 256..(i + 1) * 512]).expect("read");
+            (&dram).read(r.value, &mut values[i * 256..(i + 1) * 256]).expect("read");
         }
         top.len()
     };

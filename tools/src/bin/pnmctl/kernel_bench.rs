@@ -330,11 +330,10 @@ pub fn topk_gather_in_process<B: AsRef<[u8]> + AsMut<[u8]>>(
     keys.resize(indices.len() * row, 0);
     values.resize(indices.len() * row, 0);
     let locations = store.row_locations(seq, 0, 0, &indices).map_err(firmware_error)?;
+    store.read_keys(&locations, row, keys).map_err(firmware_error)?;
     for (i, at) in locations.iter().enumerate() {
         store.prefetch_gather(&locations, i, row as u64);
-        let dram = store.dram();
-        store.read_key(at, &mut keys[i * row..][..row]).map_err(firmware_error)?;
-        dram.read(at.value, &mut values[i * row..][..row]).map_err(firmware_error)?;
+        store.dram().read(at.value, &mut values[i * row..][..row]).map_err(firmware_error)?;
     }
     Ok(top.len())
 }
