@@ -419,6 +419,30 @@ mod tests {
         }
     }
 
+    /// Values in [-1, 1), one per call, from `seed` (xorshift).
+    fn unit_stream(seed: u64) -> impl FnMut() -> f32 {
+        let mut state = seed | 1;
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+    }
+
+    /// `values` stored as `dtype`: little-endian bytes, rounded to nearest.
+    fn stored_bytes(dtype: Dtype, values: &[f32]) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(values.len() * dtype.size());
+        for &v in values {
+            match dtype {
+                Dtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
+                Dtype::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                Dtype::Bf16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+            }
+        }
+        bytes
+    }
+
     proptest! {
         #[test]
         fn simd_scores_match_the_portable_kernel(
@@ -430,13 +454,7 @@ mod tests {
         ) {
             let dtype = Dtype::ALL[dtype_i];
             let d = d8 * 8;
-            let mut state = seed | 1;
-            let mut next = move || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            };
+            let mut next = unit_stream(seed);
             let values: Vec<f32> = (0..rows * d).map(|_| next()).collect();
             let queries: Vec<f32> = (0..group * d).map(|_| next()).collect();
             let (halves, floats): (Vec<u16>, Vec<f32>) = match dtype {
@@ -481,23 +499,10 @@ mod tests {
             let dtype = Dtype::ALL[dtype_i];
             let d = lines * 64 / dtype.size();
             let how = if mean { Aggregation::Mean } else { Aggregation::Max };
-            let mut state = seed | 1;
-            let mut next = move || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            };
+            let mut next = unit_stream(seed);
             let values: Vec<f32> = (0..rows * d).map(|_| next()).collect();
             let queries: Vec<f32> = (0..group * d).map(|_| next()).collect();
-            let mut bytes = Vec::new();
-            for &v in &values {
-                match dtype {
-                    Dtype::F32 => bytes.extend_from_slice(&v.to_le_bytes()),
-                    Dtype::F16 => bytes.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-                    Dtype::Bf16 => bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-                }
-            }
+            let bytes = stored_bytes(dtype, &values);
             let stored = crate::simd::Rows::from_bytes(&bytes, dtype);
             let mut floats = Vec::new();
             stored.to_f32(&mut floats);
@@ -544,23 +549,10 @@ mod tests {
             let dtype = Dtype::ALL[dtype_i];
             let how = if mean { Aggregation::Mean } else { Aggregation::Max };
             let tokens = tiles * 16;
-            let mut state = seed | 1;
-            let mut next = move || {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            };
+            let mut next = unit_stream(seed);
             let values: Vec<f32> = (0..tokens * d).map(|_| next()).collect();
             let queries: Vec<f32> = (0..group * d).map(|_| next()).collect();
-            let element = |v: f32| -> Vec<u8> {
-                match dtype {
-                    Dtype::F32 => v.to_le_bytes().to_vec(),
-                    Dtype::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
-                    Dtype::Bf16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
-                }
-            };
-            let rows: Vec<u8> = values.iter().flat_map(|&v| element(v)).collect();
+            let rows = stored_bytes(dtype, &values);
             // Tiles built independently of the protocol's writer.
             let size = dtype.size();
             let mut tiled = vec![0u8; rows.len()];

@@ -212,18 +212,9 @@ pub fn score_tiles_summed(
 }
 
 impl Rows<'_> {
-    /// Copies `out.len() / element_bytes` elements of `element_bytes`
-    /// bytes, `stride` bytes apart from the first byte, into `out`.
-    ///
-    /// # Panics
-    /// If the last element lies past the rows' bytes.
-    pub fn copy_strided(&self, stride: usize, element_bytes: usize, out: &mut [u8]) {
-        self.copy_strided_many(&[0], stride, element_bytes, out);
-    }
-
-    /// [`Self::copy_strided`] for many keys at once: key `i` starts at
-    /// byte `starts[i]` and goes to row `i` of `out` (rows of equal length:
-    /// `out.len() / starts.len()` bytes). Eight keys at a time, their
+    /// Copies keys whose elements lie `stride` bytes apart (`element_bytes`
+    /// each): key `i` starts at byte `starts[i]` and goes to row `i` of
+    /// `out` (rows of equal length: `out.len() / starts.len()` bytes). Eight keys at a time, their
     /// elements interleaved, so eight keys' cache misses are in flight
     /// together.
     ///

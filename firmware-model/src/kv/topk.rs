@@ -326,13 +326,7 @@ impl<D: Dram> KvStore<D> {
     /// The key at `at` as a row into `out` (row bytes long), gathered from
     /// its tile if it lies in one.
     pub fn read_key(&self, at: &RowLocation, out: &mut [u8]) -> Result<(), KvError> {
-        if at.key_is_row() {
-            return self.dram.read(at.key, out);
-        }
-        let span = at.key_span(out.len() as u64);
-        self.dram.with_rows(at.key, span, Dtype::F16, |rows| {
-            rows.copy_strided(at.key_stride as usize, at.element_bytes as usize, out);
-        })
+        self.read_keys(std::slice::from_ref(at), out.len(), out)
     }
 
     /// The keys at `locations` as rows, one after another, into `out`

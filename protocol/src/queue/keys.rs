@@ -160,22 +160,6 @@ impl KeyLayout {
         let Ok(()) = written;
         out
     }
-
-    /// Reads the key of page token `token` out of frame bytes `frame`
-    /// (the whole frame, or at least up to the token's last element) into
-    /// `out` (one row).
-    pub fn read_row(&self, frame: &[u8], token: u64, out: &mut [u8]) {
-        let size = self.element_bytes as usize;
-        if !self.tiled {
-            let at = (token * self.row_bytes()) as usize;
-            out.copy_from_slice(&frame[at..at + out.len()]);
-            return;
-        }
-        for (j, element) in out.chunks_exact_mut(size).enumerate() {
-            let at = self.element_offset(token, j as u64) as usize;
-            element.copy_from_slice(&frame[at..at + size]);
-        }
-    }
 }
 
 /// `rows` (n rows of `d` elements of `size` bytes) dimension-major into
@@ -263,10 +247,13 @@ mod tests {
                         })
                         .unwrap();
                 }
-                let mut out = vec![0u8; row];
+                let size = layout.element_bytes as usize;
                 for t in 0..n {
-                    layout.read_row(&frame, t, &mut out);
-                    assert_eq!(out, rows[t as usize * row..][..row], "{layout:?} token {t}");
+                    for j in 0..layout.head_dim {
+                        let at = layout.element_offset(t, j) as usize;
+                        let want = &rows[t as usize * row + j as usize * size..][..size];
+                        assert_eq!(&frame[at..at + size], want, "{layout:?} token {t} dim {j}");
+                    }
                 }
                 // Bytes of tokens never written keep their contents.
                 let written = layout.bytes_of(0..n);
