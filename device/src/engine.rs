@@ -25,8 +25,9 @@ use crate::mailbox::{HealthCounters, KvGeometry, MailboxState, TimestampClock};
 use crate::notify::{NotifyServer, Peers};
 use crate::queues::QueueTable;
 use crate::refusal::{Reason, Refusal};
-use crate::region::{Region, RegionConfig, RegionError, RegionLoss};
+use crate::region::{FunctionRegisters, Region, RegionConfig, RegionError, RegionLoss};
 use crate::units::ComputeUnits;
+use crate::vfio_user::{FunctionBacking, VfioUserServer};
 use pnm_firmware::timing::HardwareProfile;
 
 /// How often the heartbeat register advances.
@@ -67,6 +68,37 @@ pub struct DeviceConfig {
     pub profile: Option<HardwareProfile>,
     /// Serve the fault injection commands (PROTOCOL.md §5.11).
     pub allow_injection: bool,
+    /// Also serve the device as a PCI function over vfio-user on this
+    /// socket (PROTOCOL.md §6.5).
+    pub vfio_user: Option<PathBuf>,
+}
+
+/// Where a device listens for clients.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Listen<'a> {
+    /// The notification socket (None: hosts can only poll).
+    pub socket: Option<&'a Path>,
+    /// The vfio-user socket for QEMU's `vfio-user-pci` (None: no PCI function).
+    pub vfio_user: Option<&'a Path>,
+}
+
+/// PCI vendor and device id of the vfio-user function. The vendor is the
+/// CXL consortium's (the id its DVSECs carry); no PCI-SIG device id was
+/// assigned to this emulator, and Linux's cxl_pci binds by class code.
+pub const PCI_VENDOR_ID: u16 = pnm_protocol::pci::CXL_VENDOR_ID;
+pub const PCI_DEVICE_ID: u16 = 0x0D93;
+
+/// The identity the device's PCI function presents for this region.
+fn function_identity(layout: &pnm_protocol::RegionLayout) -> pnm_protocol::pci::FunctionIdentity {
+    pnm_protocol::pci::FunctionIdentity {
+        vendor_id: PCI_VENDOR_ID,
+        device_id: PCI_DEVICE_ID,
+        // The same serial for the same region: its size and DRAM split.
+        serial: layout.size.rotate_left(17) ^ layout.dram_offset ^ 0x504E_4D00_0000_0000,
+        region_size: layout.size,
+        memory_size: layout.dram_size,
+        vectors: pnm_protocol::notify::VECTORS,
+    }
 }
 
 /// The timing profile a device models unless told otherwise.
@@ -80,6 +112,7 @@ pub struct RunningDevice {
     stop: Arc<AtomicBool>,
     engine: Option<JoinHandle<()>>,
     notify: Option<NotifyServer>,
+    vfio_user: Option<VfioUserServer>,
     wake: Arc<EventFd>,
     region: Arc<Region>,
     fault: Arc<Mutex<Option<RegionLoss>>>,
@@ -97,16 +130,17 @@ impl RunningDevice {
         let region = Region::open(&config.region)?;
         let socket = config.socket.clone().unwrap_or_else(|| socket_path(&config.region.path));
         let profile = config.profile.clone().unwrap_or_else(default_profile);
-        Self::serve(region, config.units, Some(&socket), profile, config.allow_injection)
+        let listen = Listen { socket: Some(&socket), vfio_user: config.vfio_user.as_deref() };
+        Self::serve(region, config.units, listen, profile, config.allow_injection)
     }
 
     /// Serves an already opened region with the compute units `units` asks
-    /// for, listening for notification peers on `socket` (None: hosts can
-    /// only poll), serving fault injection commands if `allow_injection`.
+    /// for, listening where `listen` says, serving fault injection commands
+    /// if `allow_injection`.
     pub fn serve(
         region: Region,
         units: UnitConfig,
-        socket: Option<&Path>,
+        listen: Listen<'_>,
         profile: HardwareProfile,
         allow_injection: bool,
     ) -> Result<Self, RegionError> {
@@ -204,15 +238,34 @@ impl RunningDevice {
             .collect::<Result<_, _>>()
             .map_err(|e| io_err(e.into()))?;
         let wake = vectors[usize::from(notify::WAKE_VECTOR)].clone();
-        let notify = match socket {
+        let notify = match listen.socket {
             Some(path) => {
                 let shm = region.reopen_fd().map_err(io_err)?;
-                let server = NotifyServer::start(path, peers.clone(), vectors, shm, regs)
-                    .map_err(|error| RegionError::Socket { path: path.to_path_buf(), error })?;
+                let server =
+                    NotifyServer::start(path, peers.clone(), vectors.clone(), shm, regs)
+                        .map_err(|error| RegionError::Socket { path: path.to_path_buf(), error })?;
                 tracing::info!(socket = %path.display(), "notification socket listening");
                 Some(server)
             }
             None => None,
+        };
+        let (vfio_user, function) = match listen.vfio_user {
+            Some(path) => {
+                let socket_err =
+                    |error: std::io::Error| RegionError::Socket { path: path.to_path_buf(), error };
+                let registers = Arc::new(FunctionRegisters::create().map_err(socket_err)?);
+                let backing = FunctionBacking {
+                    peers: peers.clone(),
+                    region_fd: region.reopen_fd().map_err(io_err)?,
+                    region: regs,
+                    registers: registers.clone(),
+                    identity: function_identity(&layout),
+                };
+                let server = VfioUserServer::start(path, backing).map_err(socket_err)?;
+                tracing::info!(socket = %path.display(), "vfio-user socket listening");
+                (Some(server), Some(registers))
+            }
+            None => (None, None),
         };
 
         // The compute units run (each on its CPU) before the device says so.
@@ -242,6 +295,8 @@ impl RunningDevice {
                 executor,
                 units,
                 peers,
+                function,
+                background_block: regs,
                 wake: wake.clone(),
                 last_beat: now,
                 busy_seen: 0,
@@ -256,7 +311,7 @@ impl RunningDevice {
                 .spawn(move || engine.run(&stop))
                 .expect("spawn engine thread")
         };
-        Ok(Self { stop, engine: Some(engine), notify, wake, region, fault })
+        Ok(Self { stop, engine: Some(engine), notify, vfio_user, wake, region, fault })
     }
 
     /// A device embedded in this process: a memfd region of `size` bytes and
@@ -270,7 +325,8 @@ impl RunningDevice {
         let socket =
             std::env::temp_dir().join(format!("cxl-pnm-embedded-{}-{n}.sock", std::process::id()));
         let units = UnitConfig { count: compute_units, ..UnitConfig::default() };
-        Self::serve(region, units, Some(&socket), default_profile(), false)
+        let listen = Listen { socket: Some(&socket), vfio_user: None };
+        Self::serve(region, units, listen, default_profile(), false)
     }
 
     /// The notification socket, if the device serves one.
@@ -290,6 +346,7 @@ impl RunningDevice {
         // Wake a sleeping engine so it sees the stop at once.
         let _ = self.wake.write(1);
         self.notify = None;
+        self.vfio_user = None;
         if engine.join().is_err() {
             tracing::error!("engine thread panicked");
         }
@@ -316,6 +373,12 @@ struct Engine {
     executor: Executor,
     units: ComputeUnits,
     peers: Peers,
+    /// The PCI function's own register block, whose mailbox is served
+    /// beside the region's (a kernel driver owns it alone).
+    function: Option<Arc<FunctionRegisters>>,
+    /// The register block whose mailbox started the running background
+    /// command: its progress and completion are reported there.
+    background_block: SharedMemory,
     wake: Arc<EventFd>,
     last_beat: Instant,
     /// The units' busy nanoseconds at the last beat (thermal model).
@@ -439,8 +502,15 @@ impl Engine {
         }
         let control = self.regs.load_u32(regs::MAILBOX_OFFSET + mailbox::CONTROL, Acquire);
         if control & mailbox::CONTROL_DOORBELL != 0 {
-            self.serve_mailbox(control);
+            self.serve_mailbox(self.regs, "region", control);
             worked = true;
+        }
+        if let Some(block) = self.function.as_ref().map(|f| f.view()) {
+            let control = block.load_u32(regs::MAILBOX_OFFSET + mailbox::CONTROL, Acquire);
+            if control & mailbox::CONTROL_DOORBELL != 0 {
+                self.serve_mailbox(block, "function", control);
+                worked = true;
+            }
         }
         worked |= self.state.queues.poll(&mut self.executor, &self.units);
         self.state.queues.flush_interrupts(now);
@@ -451,11 +521,7 @@ impl Engine {
             self.state.record_media(report, now);
         }
         if !reports.is_empty() {
-            self.regs.store_u32(
-                regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS,
-                self.state.events.status(),
-                Release,
-            );
+            self.publish_event_status();
         }
         let mut departed = false;
         if now.duration_since(self.last_reclaim) >= RECLAIM_PERIOD {
@@ -520,24 +586,17 @@ impl Engine {
         };
         let mb = regs::MAILBOX_OFFSET;
         let opcode = Opcode::SCAN_MEDIA.0;
-        self.regs.store_u64(
+        let block = self.background_block;
+        block.store_u64(
             mb + mailbox::BACKGROUND_STATUS,
             mailbox::encode_background_status(opcode, percent, 0),
             Release,
         );
         if done {
-            let status = self.regs.load_u64(mb + mailbox::STATUS, Acquire);
-            self.regs.store_u64(
-                mb + mailbox::STATUS,
-                status & !mailbox::STATUS_BACKGROUND,
-                Release,
-            );
-            self.regs.store_u32(
-                regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS,
-                self.state.events.status(),
-                Release,
-            );
-            let control = self.regs.load_u32(mb + mailbox::CONTROL, Acquire);
+            let status = block.load_u64(mb + mailbox::STATUS, Acquire);
+            block.store_u64(mb + mailbox::STATUS, status & !mailbox::STATUS_BACKGROUND, Release);
+            self.publish_event_status();
+            let control = block.load_u32(mb + mailbox::CONTROL, Acquire);
             if control & mailbox::CONTROL_BACKGROUND_IRQ != 0 {
                 self.peers.ring_all(mailbox::BACKGROUND_IRQ_VECTOR);
             }
@@ -612,18 +671,29 @@ impl Engine {
         self.lock_seen = None;
     }
 
-    /// Runs the command the host put in the mailbox and clears the doorbell.
-    fn serve_mailbox(&mut self, control: u32) {
+    /// Event Status, in every register block that has one.
+    fn publish_event_status(&self) {
+        let status = self.state.events.status();
+        let at = regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS;
+        self.regs.store_u32(at, status, Release);
+        if let Some(function) = &self.function {
+            function.view().store_u32(at, status, Release);
+        }
+    }
+
+    /// Runs the command a host (or a kernel driver, in a function's
+    /// `block`) put in the mailbox of `block` and clears its doorbell.
+    fn serve_mailbox(&mut self, block: SharedMemory, source: &'static str, control: u32) {
         let mb = regs::MAILBOX_OFFSET;
-        let command = self.regs.load_u64(mb + mailbox::COMMAND, Acquire);
+        let command = block.load_u64(mb + mailbox::COMMAND, Acquire);
         let (opcode, input_len) = mailbox::decode_command(command);
         let opcode = Opcode(opcode);
-        let span = tracing::debug_span!("mailbox", %opcode, input_len).entered();
+        let span = tracing::debug_span!("mailbox", source, %opcode, input_len).entered();
         let result = if u64::from(input_len) > regs::MAILBOX_PAYLOAD_SIZE {
             Err(Refusal::new(ReturnCode::INVALID_PAYLOAD_LENGTH, Reason::PayloadTooLong(input_len)))
         } else {
             let mut input = vec![0u8; input_len as usize];
-            self.regs
+            block
                 .read_bytes(mb + mailbox::PAYLOAD, &mut input)
                 .expect("payload area is inside the register block");
             self.state.execute(opcode, &input, Instant::now())
@@ -631,7 +701,8 @@ impl Engine {
         let background = std::mem::take(&mut self.state.started_background);
         let (code, output_len) = match result {
             Ok(_) if background => {
-                self.regs.store_u64(
+                self.background_block = block;
+                block.store_u64(
                     mb + mailbox::BACKGROUND_STATUS,
                     mailbox::encode_background_status(opcode.0, 0, 0),
                     Relaxed,
@@ -640,7 +711,7 @@ impl Engine {
             }
             Ok(output) => {
                 debug_assert!(output.len() as u64 <= regs::MAILBOX_PAYLOAD_SIZE);
-                self.regs
+                block
                     .write_bytes(mb + mailbox::PAYLOAD, &output)
                     .expect("payload area is inside the register block");
                 (ReturnCode::SUCCESS, output.len() as u32)
@@ -652,25 +723,20 @@ impl Engine {
         };
         tracing::debug!(parent: &span, %code, output_len, "done");
         drop(span);
-        self.regs.store_u64(
+        block.store_u64(
             mb + mailbox::COMMAND,
             mailbox::encode_command(opcode.0, output_len),
             Relaxed,
         );
-        let running = if self.state.scan.is_some() { mailbox::STATUS_BACKGROUND } else { 0 };
-        self.regs.store_u64(
-            mb + mailbox::STATUS,
-            mailbox::encode_status(code.0, 0) | running,
-            Relaxed,
-        );
-        self.regs.store_u32(
-            regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS,
-            self.state.events.status(),
-            Relaxed,
-        );
+        // Background Operation: a command running in the background that
+        // this mailbox started.
+        let running = self.state.scan.is_some() && self.background_block == block;
+        let running = if running { mailbox::STATUS_BACKGROUND } else { 0 };
+        block.store_u64(mb + mailbox::STATUS, mailbox::encode_status(code.0, 0) | running, Relaxed);
+        self.publish_event_status();
         // Release: the payload, Command, Status and Event Status writes
         // above are visible to a host that observes the doorbell clear.
-        self.regs.store_u32(mb + mailbox::CONTROL, control & !mailbox::CONTROL_DOORBELL, Release);
+        block.store_u32(mb + mailbox::CONTROL, control & !mailbox::CONTROL_DOORBELL, Release);
     }
 
     /// A device reset: mailbox back to idle, queues deleted, DMA buffers

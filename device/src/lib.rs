@@ -16,6 +16,7 @@ pub mod refusal;
 pub mod region;
 mod sys;
 mod units;
+pub mod vfio_user;
 
-pub use engine::{DeviceConfig, RunningDevice, UnitConfig};
+pub use engine::{DeviceConfig, Listen, RunningDevice, UnitConfig};
 pub use region::{Region, RegionConfig, RegionError};

@@ -47,6 +47,11 @@ struct Args {
     /// and interrupts. Default: the region path + ".sock".
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Also serve the device as a PCI function (a CXL memory device, class
+    /// 050210h) over vfio-user on this socket, for QEMU's
+    /// `-device vfio-user-pci,socket=...`: Linux's cxl_pci binds it.
+    #[arg(long, value_name = "SOCKET")]
+    vfio_user: Option<PathBuf>,
     /// Timing model: a built-in profile (cxl-pnm, cxl-expander, host-ddr)
     /// or a .toml file; every completion carries the modelled time.
     #[arg(long, default_value = "cxl-pnm")]
@@ -92,6 +97,7 @@ fn main() -> ExitCode {
         socket: args.socket,
         profile: Some(profile),
         allow_injection: args.allow_injection,
+        vfio_user: args.vfio_user,
     };
     let mut device = match RunningDevice::start(&config) {
         Ok(device) => device,

@@ -202,6 +202,48 @@ impl Peers {
     pub fn released(&self, id: u16) {
         self.lock().releasing.remove(&id);
     }
+
+    /// Admits a peer that is not a notification client: a PCI function's
+    /// user (QEMU, over vfio-user), process `pid`. Its vectors are unwired
+    /// eventfds until [`Peers::wire_vector`] gives them the function's
+    /// MSI-X eventfds; ringing an unwired vector is lost, as an interrupt
+    /// of a vector the guest has not enabled is.
+    pub fn attach(&self, pid: u32) -> std::io::Result<u16> {
+        let mut table = self.lock();
+        let id = table.choose_id(pid).ok_or_else(|| std::io::Error::other("no free peer id"))?;
+        let vectors: Vec<Arc<EventFd>> =
+            (0..VECTORS).map(|_| new_vector().map(Arc::new)).collect::<Result<_, _>>()?;
+        table.peers.insert(id, Peer { vectors });
+        if let Some(record) = table.record {
+            record.set(id, pid);
+        }
+        Ok(id)
+    }
+
+    /// Wires vector `v` of attached peer `peer` to `fd` (None: unwired).
+    pub fn wire_vector(&self, peer: u16, v: u16, fd: Option<EventFd>) -> std::io::Result<()> {
+        let fd = match fd {
+            Some(fd) => fd,
+            None => new_vector()?,
+        };
+        let mut table = self.lock();
+        let slot = table
+            .peers
+            .get_mut(&peer)
+            .and_then(|p| p.vectors.get_mut(usize::from(v)))
+            .ok_or_else(|| std::io::Error::other(format!("peer {peer} has no vector {v}")))?;
+        *slot = Arc::new(fd);
+        Ok(())
+    }
+
+    /// An attached peer left: as a notification client that disconnects,
+    /// what it owned is released by the engine.
+    pub fn detach(&self, id: u16) {
+        if let Some(record) = self.lock().record {
+            record.set(id, 0);
+        }
+        depart(self, id);
+    }
 }
 
 fn new_vector() -> std::io::Result<EventFd> {
@@ -300,35 +342,7 @@ impl NotifyServer {
         shm: OwnedFd,
         regs: SharedMemory,
     ) -> std::io::Result<Self> {
-        use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if !meta.file_type().is_socket() => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket; not replacing it", path.display()),
-                ));
-            }
-            Ok(_) => match UnixStream::connect(path) {
-                Ok(_) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::AddrInUse,
-                        format!("{} is served by another device", path.display()),
-                    ));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    tracing::info!(socket = %path.display(), "replacing a stale socket");
-                    std::fs::remove_file(path)?;
-                }
-                Err(e) => return Err(e),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-        let meta = std::fs::symlink_metadata(path)?;
-        let bound = (meta.dev(), meta.ino());
-        listener.set_nonblocking(true)?;
+        let (listener, bound) = bind_socket(path)?;
         let record = PeerRecord::new(regs);
         {
             let mut table = peers.lock();
@@ -353,17 +367,61 @@ impl NotifyServer {
     }
 }
 
+/// Listens on `path` (non-blocking), with the region's access rule (owner
+/// and group only). A stale socket there (nobody accepts on it) is
+/// replaced; a live one (another device's) or anything that is not a
+/// socket is refused, never deleted. Returns the listener and the
+/// (device, inode) of the socket, for [`remove_socket`].
+pub(crate) fn bind_socket(path: &Path) -> std::io::Result<(UnixListener, (u64, u64))> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    {
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket; not replacing it", path.display()),
+                ));
+            }
+            Ok(_) => match UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        format!("{} is served by another device", path.display()),
+                    ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    tracing::info!(socket = %path.display(), "replacing a stale socket");
+                    std::fs::remove_file(path)?;
+                }
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let meta = std::fs::symlink_metadata(path)?;
+    listener.set_nonblocking(true)?;
+    Ok((listener, (meta.dev(), meta.ino())))
+}
+
+/// Removes the socket [`bind_socket`] bound, if `path` still names it:
+/// another device may have taken the path since.
+pub(crate) fn remove_socket(path: &Path, bound: (u64, u64)) {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == bound) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 impl Drop for NotifyServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        use std::os::unix::fs::MetadataExt;
-        // Only our own socket: another device may have taken the path since.
-        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.bound) {
-            let _ = std::fs::remove_file(&self.path);
-        }
+        remove_socket(&self.path, self.bound);
     }
 }
 

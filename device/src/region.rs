@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use memmap2::MmapOptions;
 use nix::fcntl::{Flock, FlockArg};
 use pnm_protocol::layout::{LayoutError, RegionLayout};
-use pnm_protocol::regs::{self, REGISTER_BLOCK_SIZE, mailbox, pnm};
+use pnm_protocol::pci;
+use pnm_protocol::regs::{self, REGISTER_BLOCK_SIZE, mailbox, memdev_status, pnm};
 use pnm_protocol::{SharedMemory, regs::CAP_HEADER_SIZE};
 use zerocopy::IntoBytes;
 
@@ -366,6 +367,88 @@ fn inspect(file: &File, len: u64) -> Result<RegionLayout, NotARegion> {
     Ok(layout)
 }
 
+/// Writes a CXL device register block's capability array, an idle mailbox
+/// (announcing the background command interrupt if `background_irq`) and
+/// a clear Event Status.
+fn write_device_capabilities(
+    view: SharedMemory,
+    capabilities: &[regs::CapabilityPlacement],
+    background_irq: bool,
+) {
+    let header = regs::cap_array_header(capabilities.len());
+    write_block(view, regs::CAP_ARRAY_OFFSET, header.as_bytes());
+    for (i, cap) in capabilities.iter().enumerate() {
+        let at = regs::CAP_ARRAY_OFFSET + CAP_HEADER_SIZE * (i as u64 + 1);
+        write_block(view, at, regs::cap_header(cap).as_bytes());
+    }
+    view.store_u32(regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS, 0, Relaxed);
+
+    let mb = regs::MAILBOX_OFFSET;
+    let mut caps = regs::MAILBOX_PAYLOAD_SIZE_LOG2;
+    if background_irq {
+        caps |= mailbox::CAP_BACKGROUND_IRQ
+            | u32::from(mailbox::BACKGROUND_IRQ_VECTOR) << mailbox::CAP_IRQ_MESSAGE_SHIFT;
+    }
+    view.store_u32(mb + mailbox::CAPABILITIES, caps, Relaxed);
+    view.store_u32(mb + mailbox::CONTROL, 0, Relaxed);
+    view.store_u64(mb + mailbox::COMMAND, 0, Relaxed);
+    view.store_u64(mb + mailbox::STATUS, 0, Relaxed);
+    view.store_u64(mb + mailbox::BACKGROUND_STATUS, 0, Relaxed);
+}
+
+/// A PCI function's own CXL device register block (`pnm_protocol::pci`,
+/// BAR4): a sealed memfd of [`pci::FUNCTION_REGS_SIZE`] bytes that the
+/// device maps and hands to QEMU to map into the guest. The engine serves
+/// its mailbox beside the region's; no host can reach it.
+#[derive(Debug)]
+pub struct FunctionRegisters {
+    file: File,
+    mapping: Mapping,
+}
+
+impl FunctionRegisters {
+    pub fn create() -> std::io::Result<Self> {
+        use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+        use nix::sys::memfd::MFdFlags;
+        let size = pci::FUNCTION_REGS_SIZE;
+        let fd = nix::sys::memfd::memfd_create(
+            "pnm-function-regs",
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+        )?;
+        let file = File::from(fd);
+        file.set_len(size)?;
+        // The client maps it too: sealed, it can neither shrink it under
+        // the device (a SIGBUS) nor grow it.
+        fcntl(
+            &file,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )?;
+        let map = memmap2::MmapOptions::new().len(size as usize).map_raw(&file)?;
+        let registers = Self { file, mapping: Mapping::new(map) };
+        registers.reset();
+        Ok(registers)
+    }
+
+    /// Back to a freshly started block: capability array, idle mailbox, ready.
+    pub fn reset(&self) {
+        let view = self.view();
+        view.store_u64(regs::MEMDEV_STATUS_OFFSET, 0, Release);
+        write_device_capabilities(view, &regs::FUNCTION_CAPABILITIES, false);
+        view.store_u64(regs::MEMDEV_STATUS_OFFSET, memdev_status::READY, Release);
+    }
+
+    pub fn view(&self) -> SharedMemory {
+        self.mapping.view()
+    }
+
+    /// A new descriptor of the memfd, for a client to map.
+    pub fn fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        Ok(self.file.try_clone()?.into())
+    }
+}
+
 /// Writes the register block's read-only contents: the capability array,
 /// mailbox capabilities and the PNM capability's layout registers. Run-time
 /// registers (status, heartbeat, pid) are the engine's. When `fresh`, the
@@ -375,23 +458,7 @@ fn write_register_block(regs_view: SharedMemory, layout: &RegionLayout, fresh: b
     // sees "not ready" rather than a half-written block.
     regs_view.store_u64(regs::MEMDEV_STATUS_OFFSET, 0, Release);
 
-    let header = regs::cap_array_header();
-    write_block(regs_view, regs::CAP_ARRAY_OFFSET, header.as_bytes());
-    for (i, cap) in regs::CAPABILITIES.iter().enumerate() {
-        let at = regs::CAP_ARRAY_OFFSET + CAP_HEADER_SIZE * (i as u64 + 1);
-        write_block(regs_view, at, regs::cap_header(cap).as_bytes());
-    }
-    regs_view.store_u32(regs::DEVICE_STATUS_OFFSET + regs::DEVICE_STATUS_EVENT_STATUS, 0, Relaxed);
-
-    let mb = regs::MAILBOX_OFFSET;
-    let caps = regs::MAILBOX_PAYLOAD_SIZE_LOG2
-        | mailbox::CAP_BACKGROUND_IRQ
-        | u32::from(mailbox::BACKGROUND_IRQ_VECTOR) << mailbox::CAP_IRQ_MESSAGE_SHIFT;
-    regs_view.store_u32(mb + mailbox::CAPABILITIES, caps, Relaxed);
-    regs_view.store_u32(mb + mailbox::CONTROL, 0, Relaxed);
-    regs_view.store_u64(mb + mailbox::COMMAND, 0, Relaxed);
-    regs_view.store_u64(mb + mailbox::STATUS, 0, Relaxed);
-    regs_view.store_u64(mb + mailbox::BACKGROUND_STATUS, 0, Relaxed);
+    write_device_capabilities(regs_view, &regs::CAPABILITIES, true);
 
     let p = regs::PNM_OFFSET;
     regs_view.store_u64(p + pnm::MAGIC, pnm::MAGIC_VALUE, Relaxed);

@@ -159,3 +159,34 @@ extern "C" fn on_sigbus(_: i32, info: *mut libc::siginfo_t, _: *mut libc::c_void
     // returning re-runs the faulting access, which then kills the process.
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
 }
+
+/// Takes ownership of file descriptors that arrived as SCM_RIGHTS: the
+/// kernel installed each in this process for this message, so nothing else
+/// owns them yet.
+pub fn adopt_received_fds(raw: &[std::os::fd::RawFd]) -> Vec<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    raw.iter()
+        .filter(|&&fd| fd >= 0)
+        .map(|&fd| {
+            // SAFETY: `fd` was just installed by recvmsg for this message
+            // and is owned by no other object; it is adopted exactly once.
+            unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+        })
+        .collect()
+}
+
+/// An eventfd a peer sent, checked to be one: anything else (a file, a
+/// socket) is refused rather than written to.
+pub fn received_eventfd(fd: std::os::fd::OwnedFd) -> std::io::Result<nix::sys::eventfd::EventFd> {
+    use std::os::fd::AsRawFd;
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    if target.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not an eventfd: {}", target.display()),
+        ));
+    }
+    // SAFETY: the fd is an eventfd (its /proc link names the eventfd inode
+    // type), as from_owned_fd requires; ownership moves into the EventFd.
+    Ok(unsafe { nix::sys::eventfd::EventFd::from_owned_fd(fd) })
+}

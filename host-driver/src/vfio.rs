@@ -1,6 +1,8 @@
 //! The VFIO transport: the device as a PCI function bound to vfio-pci. In a
 //! QEMU guest that function is QEMU's ivshmem-doorbell connected to
-//! pnm-device's notification socket:
+//! pnm-device's notification socket, or pnm-device's own PCI function over
+//! vfio-user (a CXL memory device, `pnm_protocol::pci`), which presents the
+//! same three BARs:
 //!
 //! - BAR2 is the whole region (register block | host DMA window | device
 //!   DRAM, at the offsets the register block publishes), mapped through the
@@ -23,6 +25,10 @@ use memmap2::MmapOptions;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use pnm_protocol::SharedMemory;
 use pnm_protocol::notify::{DEVICE_PEER, VECTORS, WAKE_VECTOR};
+use pnm_protocol::pci::header::{
+    COMMAND_MASTER as PCI_COMMAND_MASTER, COMMAND_MEMORY as PCI_COMMAND_MEMORY,
+};
+use pnm_protocol::pci::ivshmem::{self, DOORBELL, IV_POSITION, REGISTERS as IVSHMEM_REGISTERS};
 use pnm_protocol::regs::REGISTER_BLOCK_SIZE;
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_BAR2_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
@@ -35,17 +41,10 @@ use crate::error::{Error, Result, VfioProblem};
 use crate::sys::{Mapping, eventfd_as_fd};
 use crate::transport::{Interrupts, Transport};
 
-/// ivshmem BAR0 registers (QEMU docs/specs/ivshmem-spec.rst).
-const IV_POSITION: u64 = 0x08;
-const DOORBELL: u64 = 0x0C;
-const IVSHMEM_REGISTERS: u64 = 16;
-
-/// PCI config space Command register, and its Memory Space and Bus Master
-/// bits: an MSI-X message is a memory write by the device, delivered only
-/// with Bus Master set (vfio-pci leaves it to the user).
-const PCI_COMMAND: u64 = 0x04;
-const PCI_COMMAND_MEMORY: u16 = 1 << 1;
-const PCI_COMMAND_MASTER: u16 = 1 << 2;
+// PCI config space Command register, and its Memory Space and Bus Master
+// bits: an MSI-X message is a memory write by the device, delivered only
+// with Bus Master set (vfio-pci leaves it to the user).
+const PCI_COMMAND: u64 = pnm_protocol::pci::header::COMMAND as u64;
 
 /// A device reached through VFIO.
 pub struct VfioTransport {
@@ -127,7 +126,7 @@ impl VfioTransport {
     }
 
     fn ring(&self, peer: u16, vector: u16) {
-        let value = (u32::from(peer) << 16) | u32::from(vector);
+        let value = ivshmem::encode_doorbell(peer, vector);
         self.device.region_write(VFIO_PCI_BAR0_REGION_INDEX, &value.to_le_bytes(), DOORBELL);
     }
 }

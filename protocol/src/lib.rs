@@ -8,6 +8,9 @@
 //! - [`media`]: the poison list, Scan Media and media fault injection.
 //! - [`queue`]: submission/completion rings, command descriptors, KV frames.
 //! - [`notify`]: the ivshmem-server-shaped socket protocol for eventfds.
+//! - [`pci`]: the device as a PCI Express function: configuration space,
+//!   BARs, the CXL DVSECs.
+//! - [`vfio_user`]: the vfio-user protocol that serves that function to QEMU.
 //! - [`faults`]: Inject Device Fault, the fault injection control plane.
 //! - [`layout`]: how the shared region is split between registers, the host
 //!   DMA window and device DRAM.
@@ -23,9 +26,11 @@ pub mod faults;
 pub mod layout;
 pub mod media;
 pub mod notify;
+pub mod pci;
 pub mod queue;
 pub mod regs;
 pub mod shared;
+pub mod vfio_user;
 
 pub use commands::{Opcode, ReturnCode};
 pub use layout::RegionLayout;

@@ -395,6 +395,12 @@ pub const CAPABILITIES: [CapabilityPlacement; 4] = [
     },
 ];
 
+/// The capabilities of a PCI function's own register block (BAR4 of the
+/// vfio-user function, `crate::pci`): the spec's three, without the vendor
+/// PNM capability, whose registers exist once, in the shared region.
+pub const FUNCTION_CAPABILITIES: [CapabilityPlacement; 3] =
+    [CAPABILITIES[0], CAPABILITIES[1], CAPABILITIES[2]];
+
 const _: () = {
     // Capability headers fit before the first capability.
     assert!(CAP_HEADER_SIZE * (CAPABILITIES.len() as u64 + 1) <= DEVICE_STATUS_OFFSET);
@@ -426,13 +432,13 @@ const _: () = {
     assert!(PNM_OFFSET + pnm::PEER_TABLE + 0x1000 <= REGISTER_BLOCK_SIZE);
 };
 
-/// Header of the capability array as this device writes it.
-pub fn cap_array_header() -> CapArrayHeader {
+/// Header of a capability array of `count` capabilities.
+pub fn cap_array_header(count: usize) -> CapArrayHeader {
     CapArrayHeader {
         id: CAP_ARRAY_ID.into(),
         version: CAP_ARRAY_VERSION,
         kind: CAP_ARRAY_TYPE_MEMORY_DEVICE,
-        count: (CAPABILITIES.len() as u16).into(),
+        count: (count as u16).into(),
         reserved: [0; 10],
     }
 }
@@ -473,7 +479,7 @@ mod tests {
 
     #[test]
     fn capability_headers_encode_as_the_spec_lays_bits() {
-        let bytes = cap_array_header();
+        let bytes = cap_array_header(CAPABILITIES.len());
         let raw = bytes.as_bytes();
         let low = u64::from_le_bytes(raw[..8].try_into().unwrap());
         assert_eq!(low & 0xFFFF, 0);

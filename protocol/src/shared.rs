@@ -24,7 +24,7 @@ pub struct OutOfBounds {
 /// it keeps the mapping alive for as long as any copy is used (see [`new`]).
 ///
 /// [`new`]: SharedMemory::new
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SharedMemory {
     base: *mut u8,
     len: usize,

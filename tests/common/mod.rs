@@ -296,3 +296,14 @@ impl Rng {
         (self.next_u64() % 5) as f32 * 0.5 - 1.0
     }
 }
+
+/// Takes ownership of a file descriptor that arrived as SCM_RIGHTS (the
+/// tests' one unsafe block: a test that speaks a socket protocol with fds).
+#[allow(unsafe_code)]
+pub fn adopt_received_fd(raw: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    assert!(raw >= 0);
+    // SAFETY: recvmsg just installed `raw` in this process for the message
+    // being read; nothing else owns it, and it is adopted exactly once.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
+}

@@ -1,5 +1,8 @@
 #!/bin/bash
 # usage: mkinitramfs.sh KERNEL_DIR OUT.cpio.gz FILE...
+# env:   GUEST_MODULES (default: VFIO's); GUEST_ROOT, a root (trixie's)
+#        whose programs among FILEs bring their libraries from it (they
+#        replace the host's: trixie's C library runs the host's programs)
 # A busybox-static initramfs: /init and the guest suite from tests/qemu/guest,
 # the kernel modules VFIO needs (with their dependencies, decompressed), and
 # FILEs (guest programs, with the shared libraries they link, and data)
@@ -32,14 +35,15 @@ add_module() { # a module path relative to MROOT, after its dependencies
     esac
     echo "/lib/modules/$KVER/${rel%.xz}" >> "$ROOT/etc/modules"
 }
-for m in vfio vfio_iommu_type1 vfio-pci; do
+for m in ${GUEST_MODULES:-vfio vfio_iommu_type1 vfio-pci}; do
     pattern=$(echo "$m" | sed 's/[-_]/[-_]/g')
     rel=$(grep -m1 -E "(^|/)$pattern\.ko(\.xz)?:" "$MROOT/modules.dep" | cut -d: -f1) \
         || { echo "kernel module $m not found" >&2; exit 1; }
     add_module "$rel"
 done
 install -m 755 "$HERE/guest/init" "$ROOT/init"
-install -m 755 "$HERE/guest/suite.sh" "$ROOT/suite.sh"
+for s in "$HERE"/guest/*.sh; do install -m 755 "$s" "$ROOT/$(basename "$s")"; done
+LIBROOT=${GUEST_ROOT:-}
 for f in "$@"; do
     case $f in
         *.npy|*.safetensors|*.json) cp "$f" "$ROOT/data/" ;;
@@ -47,9 +51,19 @@ for f in "$@"; do
             install -m 755 "$f" "$ROOT/bin/$(basename "$f")"
             # A dynamically linked program brings the host's libraries (same
             # architecture and C library as the guest needs), at their paths.
-            for lib in $(ldd "$f" 2>/dev/null | grep -o '/[^ ]*'); do
+            # GUEST_ROOT: a program of that root (trixie's cxl) with its libraries.
+            if [ -n "$LIBROOT" ] && [ "${f#"$LIBROOT"/}" != "$f" ]; then
+                libs=$(chroot "$LIBROOT" ldd "${f#"$LIBROOT"}" 2>/dev/null | grep -o '/[^ ]*' || true)
+            else
+                libs=$(ldd "$f" 2>/dev/null | grep -o '/[^ ]*' || true)
+            fi
+            for lib in $libs; do
                 mkdir -p "$ROOT$(dirname "$lib")"
-                cp -L "$lib" "$ROOT$lib"
+                if [ -n "$LIBROOT" ] && [ "${f#"$LIBROOT"/}" != "$f" ]; then
+                    cp -L "$LIBROOT$lib" "$ROOT$lib"
+                elif [ ! -e "$ROOT$lib" ]; then
+                    cp -L "$lib" "$ROOT$lib"
+                fi
             done
             ;;
     esac
