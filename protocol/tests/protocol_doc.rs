@@ -136,3 +136,71 @@ fn return_code_table_matches() {
     let code: Vec<(u16, &str)> = ReturnCode::ALL.iter().map(|(c, n)| (c.0, *n)).collect();
     assert_eq!(documented, code);
 }
+
+#[test]
+fn pci_capabilities_table_matches_the_configuration_space() {
+    use pnm_protocol::pci::{self, FunctionIdentity};
+    let config = pci::function_config(&FunctionIdentity {
+        vendor_id: pci::CXL_VENDOR_ID,
+        device_id: 1,
+        serial: 0,
+        region_size: 1 << 30,
+        memory_size: 1 << 29,
+        vectors: 8,
+    });
+    let rows = table("pci-capabilities");
+    let offsets: Vec<usize> = rows.iter().map(|r| num(&r[0]) as usize).collect();
+    assert_eq!(
+        offsets,
+        [
+            pci::PCIE_CAP_OFFSET,
+            pci::MSIX_CAP_OFFSET,
+            pci::DSN_OFFSET,
+            pci::CXL_DVSEC_OFFSET,
+            pci::REGLOC_OFFSET
+        ]
+    );
+    for row in &rows {
+        let at = num(&row[0]) as usize;
+        // The id in parentheses: "(10h)", "(0023h)".
+        let id = row[1].split('(').nth(1).and_then(|r| r.split(')').next()).expect("an id");
+        let found = if at < 0x100 { u64::from(config.bytes[at]) } else { config.read(at, 2) };
+        assert_eq!(found, num(id), "capability at {at:#x}");
+        if id == "0023h" {
+            let dvsec_id =
+                row[1].split(" id ").nth(1).and_then(|r| r.split(':').next()).expect("a DVSEC id");
+            assert_eq!(config.read(at + 8, 2), num(dvsec_id), "DVSEC id at {at:#x}");
+            assert_eq!(config.read(at + 4, 2), u64::from(pci::CXL_VENDOR_ID));
+        }
+    }
+}
+
+#[test]
+fn pci_bars_table_matches() {
+    use pnm_protocol::pci;
+    let rows = table("pci-bars");
+    let documented: Vec<(u32, String)> =
+        rows.iter().map(|r| (num(&r[0]) as u32, r[1].clone())).collect();
+    let code = vec![
+        (pci::IVSHMEM_BAR, pci::IVSHMEM_BAR_SIZE.to_string()),
+        (pci::MSIX_BAR, pci::MSIX_BAR_SIZE.to_string()),
+        (pci::REGION_BAR, "region size".to_string()),
+        (pci::FUNCTION_BAR, pci::FUNCTION_BAR_SIZE.to_string()),
+    ];
+    assert_eq!(documented, code);
+}
+
+#[test]
+fn vfio_user_commands_table_lists_what_the_decoder_serves() {
+    use pnm_protocol::vfio_user::{Header, Request, WireError};
+    let rows = table("vfio-user-commands");
+    let documented: Vec<u16> = rows.iter().map(|r| num(&r[0]) as u16).collect();
+    let served: Vec<u16> = (0..=32u16)
+        .filter(|&c| {
+            let header =
+                Header { command: c.into(), message_size: 16.into(), ..Default::default() };
+            !matches!(Request::decode(&header, &[]), Err(WireError::Unsupported(_)))
+        })
+        .collect();
+    assert_eq!(documented, served);
+}
