@@ -165,7 +165,7 @@ struct Session {
     /// ivshmem's Interrupt Mask and Status (kept, meaningless without INTx).
     intr_mask: u32,
     intr_status: u32,
-    ras: RasRegisters,
+    component: ComponentRegisters,
     /// DMA_MAP regions the client announced (never mapped), to bound them.
     dma_maps: u32,
 }
@@ -202,7 +202,7 @@ impl Session {
             config: pci::function_config(&backing.identity),
             intr_mask: 0,
             intr_status: 0,
-            ras: RasRegisters::default(),
+            component: ComponentRegisters::default(),
             dma_maps: 0,
         })
     }
@@ -387,7 +387,7 @@ impl Session {
                 self.config = pci::function_config(&backing.identity);
                 self.intr_mask = 0;
                 self.intr_status = 0;
-                self.ras = RasRegisters::default();
+                self.component = ComponentRegisters::default();
                 for v in 0..VECTORS {
                     let _ = backing.peers.wire_vector(self.peer, v, None);
                 }
@@ -510,8 +510,8 @@ impl Session {
                 if offset < pci::COMPONENT_OFFSET {
                     backing.registers.view().read_bytes(offset, data).map_err(out_of_bounds)?;
                 } else {
-                    let ras = &self.ras;
-                    read_registers(offset - pci::COMPONENT_OFFSET, data, |word| ras.read(word));
+                    let component = &self.component;
+                    read_registers(offset - pci::COMPONENT_OFFSET, data, |w| component.read(w));
                 }
             }
             _ => return Err(Refusal::new(errno::EINVAL, "no such region")),
@@ -564,7 +564,7 @@ impl Session {
                     backing.registers.view().write_bytes(offset, data).map_err(out_of_bounds)?;
                 } else if data.len() == 4 && offset.is_multiple_of(4) {
                     let value = u32::from_le_bytes(data.try_into().expect("4 bytes"));
-                    self.ras.write(offset - pci::COMPONENT_OFFSET, value);
+                    self.component.write(offset - pci::COMPONENT_OFFSET, value);
                 }
             }
             _ => return Err(Refusal::new(errno::EINVAL, "no such region")),
@@ -615,67 +615,139 @@ fn read_registers(offset: u64, data: &mut [u8], mut word: impl FnMut(u64) -> u32
     }
 }
 
-/// The component registers' CXL.cachemem capability array and RAS
-/// capability (CXL 3.1 §8.2.4.17): status bits are write-one-to-clear,
-/// masks and severity read back what was written. No error is ever
-/// logged here; errors this device reports go to its event logs.
+/// The component registers (CXL 3.1 §8.2.4): the CXL.cachemem capability
+/// array, a RAS capability (status bits write-one-to-clear, masks and
+/// severity read back what was written; no error is ever logged here, the
+/// device reports errors through its event logs) and an HDM Decoder
+/// capability with one decoder (Commit sets Committed), which Linux's CXL
+/// port driver enables and programs.
 #[derive(Debug, Clone, Copy)]
-struct RasRegisters {
+struct ComponentRegisters {
     uncorrectable_status: u32,
     uncorrectable_mask: u32,
     uncorrectable_severity: u32,
     correctable_status: u32,
     correctable_mask: u32,
+    hdm_global: u32,
+    /// Decoder 0: base, size and DPA skip (low, high each), control.
+    decoder_base: [u32; 2],
+    decoder_size: [u32; 2],
+    decoder_skip: [u32; 2],
+    decoder_control: u32,
 }
 
-impl Default for RasRegisters {
+impl Default for ComponentRegisters {
     fn default() -> Self {
         // The spec's reset values: every error masked, the uncorrectable
-        // ones of the internal and memory-poison kinds fatal.
+        // ones fatal; decoders off and not committed.
         Self {
             uncorrectable_status: 0,
             uncorrectable_mask: cachemem::RAS_UNCORRECTABLE_BITS,
             uncorrectable_severity: cachemem::RAS_UNCORRECTABLE_BITS,
             correctable_status: 0,
             correctable_mask: cachemem::RAS_CORRECTABLE_BITS,
+            hdm_global: 0,
+            decoder_base: [0; 2],
+            decoder_size: [0; 2],
+            decoder_skip: [0; 2],
+            decoder_control: cachemem::CONTROL_TARGET_TYPE3,
         }
     }
 }
 
-impl RasRegisters {
+impl ComponentRegisters {
     /// The 32-bit register at `offset` of the component block.
     fn read(&self, offset: u64) -> u32 {
         let array = cachemem::array();
         let cm = offset.wrapping_sub(pci::CACHEMEM_OFFSET);
+        let ras = cachemem::RAS_OFFSET..cachemem::RAS_OFFSET + cachemem::RAS_SIZE;
+        let hdm = cachemem::HDM_OFFSET..cachemem::HDM_OFFSET + cachemem::HDM_SIZE;
         match cm {
-            0 => array[0],
-            4 => array[1],
-            _ if (cachemem::RAS_OFFSET..cachemem::RAS_OFFSET + cachemem::RAS_SIZE)
-                .contains(&cm) =>
-            {
-                match cm - cachemem::RAS_OFFSET {
-                    cachemem::RAS_UNCORRECTABLE_STATUS => self.uncorrectable_status,
-                    cachemem::RAS_UNCORRECTABLE_MASK => self.uncorrectable_mask,
-                    cachemem::RAS_UNCORRECTABLE_SEVERITY => self.uncorrectable_severity,
-                    cachemem::RAS_CORRECTABLE_STATUS => self.correctable_status,
-                    cachemem::RAS_CORRECTABLE_MASK => self.correctable_mask,
-                    _ => 0,
-                }
-            }
+            _ if cm < 4 * array.len() as u64 => array[(cm / 4) as usize],
+            _ if ras.contains(&cm) => match cm - ras.start {
+                cachemem::RAS_UNCORRECTABLE_STATUS => self.uncorrectable_status,
+                cachemem::RAS_UNCORRECTABLE_MASK => self.uncorrectable_mask,
+                cachemem::RAS_UNCORRECTABLE_SEVERITY => self.uncorrectable_severity,
+                cachemem::RAS_CORRECTABLE_STATUS => self.correctable_status,
+                cachemem::RAS_CORRECTABLE_MASK => self.correctable_mask,
+                _ => 0,
+            },
+            _ if hdm.contains(&cm) => self.read_hdm(cm - hdm.start),
+            _ => 0,
+        }
+    }
+
+    fn read_hdm(&self, reg: u64) -> u32 {
+        use cachemem::*;
+        match reg {
+            // One decoder (count field 0), no interleave targets; address
+            // bits 11:8 and 14:12 usable for interleave.
+            HDM_CAPABILITY => (1 << 8) | (1 << 9),
+            HDM_GLOBAL_CONTROL => self.hdm_global,
+            _ if reg >= HDM_DECODER0 => match reg - HDM_DECODER0 {
+                DECODER_BASE_LOW => self.decoder_base[0],
+                DECODER_BASE_HIGH => self.decoder_base[1],
+                DECODER_SIZE_LOW => self.decoder_size[0],
+                DECODER_SIZE_HIGH => self.decoder_size[1],
+                DECODER_CONTROL => self.decoder_control,
+                DECODER_DPA_SKIP_LOW => self.decoder_skip[0],
+                DECODER_DPA_SKIP_HIGH => self.decoder_skip[1],
+                _ => 0,
+            },
             _ => 0,
         }
     }
 
     fn write(&mut self, offset: u64, value: u32) {
         let cm = offset.wrapping_sub(pci::CACHEMEM_OFFSET);
-        let Some(reg) = cm.checked_sub(cachemem::RAS_OFFSET) else { return };
         let (unc, cor) = (cachemem::RAS_UNCORRECTABLE_BITS, cachemem::RAS_CORRECTABLE_BITS);
+        if let Some(reg) = cm.checked_sub(cachemem::RAS_OFFSET)
+            && reg < cachemem::RAS_SIZE
+        {
+            match reg {
+                cachemem::RAS_UNCORRECTABLE_STATUS => self.uncorrectable_status &= !value,
+                cachemem::RAS_UNCORRECTABLE_MASK => self.uncorrectable_mask = value & unc,
+                cachemem::RAS_UNCORRECTABLE_SEVERITY => self.uncorrectable_severity = value & unc,
+                cachemem::RAS_CORRECTABLE_STATUS => self.correctable_status &= !value,
+                cachemem::RAS_CORRECTABLE_MASK => self.correctable_mask = value & cor,
+                _ => {}
+            }
+        } else if let Some(reg) = cm.checked_sub(cachemem::HDM_OFFSET)
+            && reg < cachemem::HDM_SIZE
+        {
+            self.write_hdm(reg, value);
+        }
+    }
+
+    fn write_hdm(&mut self, reg: u64, value: u32) {
+        use cachemem::*;
+        if reg == HDM_GLOBAL_CONTROL {
+            self.hdm_global = value & (GLOBAL_ENABLE | GLOBAL_POISON_ON_ERROR);
+            return;
+        }
+        let Some(reg) = reg.checked_sub(HDM_DECODER0) else { return };
+        let locked = self.decoder_control & (CONTROL_LOCK_ON_COMMIT | CONTROL_COMMITTED)
+            == CONTROL_LOCK_ON_COMMIT | CONTROL_COMMITTED;
+        // A committed decoder's programming stays as committed: software
+        // uncommits it first (and a locked one stays until reset).
+        let committed = self.decoder_control & CONTROL_COMMITTED != 0;
         match reg {
-            cachemem::RAS_UNCORRECTABLE_STATUS => self.uncorrectable_status &= !value,
-            cachemem::RAS_UNCORRECTABLE_MASK => self.uncorrectable_mask = value & unc,
-            cachemem::RAS_UNCORRECTABLE_SEVERITY => self.uncorrectable_severity = value & unc,
-            cachemem::RAS_CORRECTABLE_STATUS => self.correctable_status &= !value,
-            cachemem::RAS_CORRECTABLE_MASK => self.correctable_mask = value & cor,
+            DECODER_CONTROL if !locked => {
+                let commit = value & CONTROL_COMMIT != 0;
+                let mut control = (value
+                    & (CONTROL_IG_IW | CONTROL_LOCK_ON_COMMIT | CONTROL_COMMIT))
+                    | CONTROL_TARGET_TYPE3;
+                if commit {
+                    control |= CONTROL_COMMITTED;
+                }
+                self.decoder_control = control;
+            }
+            DECODER_BASE_LOW if !committed => self.decoder_base[0] = value & GRANULE_BITS,
+            DECODER_BASE_HIGH if !committed => self.decoder_base[1] = value,
+            DECODER_SIZE_LOW if !committed => self.decoder_size[0] = value & GRANULE_BITS,
+            DECODER_SIZE_HIGH if !committed => self.decoder_size[1] = value,
+            DECODER_DPA_SKIP_LOW if !committed => self.decoder_skip[0] = value & GRANULE_BITS,
+            DECODER_DPA_SKIP_HIGH if !committed => self.decoder_skip[1] = value,
             _ => {}
         }
     }
@@ -750,7 +822,7 @@ mod tests {
 
     #[test]
     fn ras_status_clears_on_one_and_masks_keep_defined_bits() {
-        let mut ras = RasRegisters::default();
+        let mut ras = ComponentRegisters::default();
         let base = pci::CACHEMEM_OFFSET + cachemem::RAS_OFFSET;
         assert_eq!(ras.read(pci::CACHEMEM_OFFSET) & 0xFFFF, cachemem::HEADER_ID);
         assert_eq!(ras.read(pci::CACHEMEM_OFFSET + 4) & 0xFFFF, cachemem::RAS_ID);
@@ -771,6 +843,34 @@ mod tests {
         // Outside the capabilities: zeros, writes ignored.
         ras.write(0, u32::MAX);
         assert_eq!(ras.read(0), 0);
+    }
+
+    #[test]
+    fn an_hdm_decoder_commits_and_holds_its_programming_while_committed() {
+        use cachemem::*;
+        let mut c = ComponentRegisters::default();
+        let hdm = pci::CACHEMEM_OFFSET + HDM_OFFSET;
+        let d0 = hdm + HDM_DECODER0;
+        assert_eq!(c.read(pci::CACHEMEM_OFFSET + 8) & 0xFFFF, HDM_ID);
+        assert_eq!(c.read(hdm + HDM_CAPABILITY) & 0xF, 0, "one decoder");
+        c.write(hdm + HDM_GLOBAL_CONTROL, u32::MAX);
+        assert_eq!(c.read(hdm + HDM_GLOBAL_CONTROL), GLOBAL_ENABLE | GLOBAL_POISON_ON_ERROR);
+        c.write(d0 + DECODER_BASE_LOW, 0x1234_5678);
+        c.write(d0 + DECODER_BASE_HIGH, 0x3);
+        c.write(d0 + DECODER_SIZE_LOW, 0x1000_0000);
+        assert_eq!(c.read(d0 + DECODER_BASE_LOW), 0x1000_0000, "256 MiB granules");
+        c.write(d0 + DECODER_CONTROL, CONTROL_COMMIT);
+        let control = c.read(d0 + DECODER_CONTROL);
+        assert_ne!(control & CONTROL_COMMITTED, 0);
+        assert_ne!(control & CONTROL_TARGET_TYPE3, 0);
+        // Committed: the range stays as it was committed.
+        c.write(d0 + DECODER_BASE_HIGH, 0x7);
+        assert_eq!(c.read(d0 + DECODER_BASE_HIGH), 0x3);
+        // Uncommitted, it may be programmed again.
+        c.write(d0 + DECODER_CONTROL, 0);
+        assert_eq!(c.read(d0 + DECODER_CONTROL) & CONTROL_COMMITTED, 0);
+        c.write(d0 + DECODER_BASE_HIGH, 0x7);
+        assert_eq!(c.read(d0 + DECODER_BASE_HIGH), 0x7);
     }
 
     #[test]

@@ -159,6 +159,7 @@ pub mod cachemem {
     /// array size in bits 31:24.
     pub const HEADER_ID: u32 = 1;
     pub const RAS_ID: u32 = 2;
+    pub const HDM_ID: u32 = 5;
     /// The RAS capability structure (§8.2.4.17), 0x58 bytes.
     pub const RAS_OFFSET: u64 = 0x100;
     pub const RAS_SIZE: u64 = 0x58;
@@ -171,12 +172,43 @@ pub mod cachemem {
     /// Defined bits: uncorrectable errors 0..=11 and 14..=16, correctable 0..=6.
     pub const RAS_UNCORRECTABLE_BITS: u32 = 0x0001_CFFF;
     pub const RAS_CORRECTABLE_BITS: u32 = 0x7F;
+    /// The HDM Decoder capability structure (§8.2.4.20), version 3: one
+    /// decoder, of 0x20 bytes after a 0x10-byte header.
+    pub const HDM_OFFSET: u64 = 0x200;
+    pub const HDM_SIZE: u64 = 0x30;
+    pub const HDM_CAPABILITY: u64 = 0x00;
+    pub const HDM_GLOBAL_CONTROL: u64 = 0x04;
+    pub const HDM_DECODER0: u64 = 0x10;
+    /// Decoder registers, from the decoder's start.
+    pub const DECODER_BASE_LOW: u64 = 0x00;
+    pub const DECODER_BASE_HIGH: u64 = 0x04;
+    pub const DECODER_SIZE_LOW: u64 = 0x08;
+    pub const DECODER_SIZE_HIGH: u64 = 0x0C;
+    pub const DECODER_CONTROL: u64 = 0x10;
+    pub const DECODER_DPA_SKIP_LOW: u64 = 0x14;
+    pub const DECODER_DPA_SKIP_HIGH: u64 = 0x18;
+    /// Global Control: Poison On Decode Error Enable, HDM Decoder Enable.
+    pub const GLOBAL_POISON_ON_ERROR: u32 = 1 << 0;
+    pub const GLOBAL_ENABLE: u32 = 1 << 1;
+    /// Decoder Control: interleave granularity (3:0) and ways (7:4), Lock
+    /// On Commit, Commit, Committed, Error Not Committed, and the target
+    /// type (1: a type 3 device, host-only coherent).
+    pub const CONTROL_IG_IW: u32 = 0xFF;
+    pub const CONTROL_LOCK_ON_COMMIT: u32 = 1 << 8;
+    pub const CONTROL_COMMIT: u32 = 1 << 9;
+    pub const CONTROL_COMMITTED: u32 = 1 << 10;
+    pub const CONTROL_ERROR_NOT_COMMITTED: u32 = 1 << 11;
+    pub const CONTROL_TARGET_TYPE3: u32 = 1 << 12;
+    /// Decoder bases, sizes and DPA skips are multiples of 256 MiB: the
+    /// low registers keep bits 31:28.
+    pub const GRANULE_BITS: u32 = 0xF000_0000;
 
-    /// The array's first two words: the header and the RAS pointer.
-    pub fn array() -> [u32; 2] {
+    /// The array's words: the header and one pointer per capability.
+    pub fn array() -> [u32; 3] {
         [
-            HEADER_ID | (1 << 16) | (1 << 20) | (1 << 24),
+            HEADER_ID | (1 << 16) | (1 << 20) | (2 << 24),
             RAS_ID | (2 << 16) | ((RAS_OFFSET as u32) << 20),
+            HDM_ID | (3 << 16) | ((HDM_OFFSET as u32) << 20),
         ]
     }
 }
@@ -359,7 +391,9 @@ pub fn function_config(id: &FunctionIdentity) -> ConfigImage {
             | cxl_dvsec::CAP_MEM_HWINIT
             | cxl_dvsec::CAP_HDM_COUNT_1,
     );
-    c.u16(d + cxl_dvsec::CONTROL, cxl_dvsec::CONTROL_IO_ENABLE | cxl_dvsec::CONTROL_MEM_ENABLE);
+    // CXL.mem off until a driver enables it (Linux does, once it has set
+    // up the HDM decoder).
+    c.u16(d + cxl_dvsec::CONTROL, cxl_dvsec::CONTROL_IO_ENABLE);
     c.writable16(d + cxl_dvsec::CONTROL, cxl_dvsec::CONTROL_MEM_ENABLE);
     let size = id.memory_size / cxl_dvsec::RANGE_GRANULE * cxl_dvsec::RANGE_GRANULE;
     c.u32(d + cxl_dvsec::RANGE1_SIZE_HIGH, (size >> 32) as u32);

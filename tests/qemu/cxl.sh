@@ -1,7 +1,7 @@
 #!/bin/bash
 # The CXL harness: pnm-device serves the device as a PCI function over
 # vfio-user; QEMU 11 (from a trixie root, tests/qemu/setup-trixie.sh) plugs
-# it into a Linux guest as vfio-user-pci behind a PCIe root port; the guest
+# it into a Linux guest as vfio-user-pci below a CXL root port; the guest
 # suite (guest/cxl-suite.sh) checks that Linux's own cxl_pci binds it and
 # that ndctl's cxl tool manages it.
 #
@@ -27,7 +27,7 @@ OUT=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
 PNMCTL=$ROOT/target/$OUT/pnmctl
 mkdir -p "$WORK/guest-bin"
 strip -o "$WORK/guest-bin/pnmctl" "$PNMCTL"
-GUEST_MODULES="cxl_pci cxl_mem vfio vfio_iommu_type1 vfio-pci" GUEST_ROOT=$TRIXIE \
+GUEST_MODULES="cxl_acpi cxl_pci cxl_mem vfio vfio_iommu_type1 vfio-pci" GUEST_ROOT=$TRIXIE \
     "$HERE/mkinitramfs.sh" "$KDIR" "$WORK/initrd-cxl.gz" "$WORK/guest-bin/pnmctl" \
     "$TRIXIE/usr/bin/cxl"
 
@@ -43,10 +43,50 @@ cleanup() {
 }
 trap cleanup EXIT
 RUST_LOG=${RUST_LOG:-info,pnm_device::engine=debug} "$ROOT/target/$OUT/pnm-device" \
-    --path "$REGION" --size 512MiB --vfio-user "$VFIO_SOCK" >> "$DEVICE_LOG" 2>&1 &
+    --path "$REGION" --size 512MiB --allow-injection --vfio-user "$VFIO_SOCK" \
+    >> "$DEVICE_LOG" 2>&1 &
 DEVICE_PID=$!
 for _ in $(seq 200); do [ -S "$VFIO_SOCK" ] && break; sleep 0.05; done
 [ -S "$VFIO_SOCK" ] || { echo "CXL_HARNESS FAIL pnm-device did not start (log: $DEVICE_LOG)"; exit 1; }
+
+# A host process uses the device while the guest does: its own sequence,
+# the same Top-K over and over, every answer the same as the first.
+mkdir -p "$WORK/data"
+mkdir -p "$WORK/data"
+python3 "$HERE/guest_data.py" make "$WORK/data" "${SEED:-$$}"
+HOST_SEQ=$("$PNMCTL" --device "$REGION" --json kv load --keys "$WORK/data/keys.npy" \
+    --values "$WORK/data/values.npy" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p' | head -1)
+host_topk() {
+    "$PNMCTL" --device "$REGION" --json topk --seq "$HOST_SEQ" --layer 0 --head 1 -k 32 \
+        --query "$WORK/data/query.npy" | sed 's/"device_ns":[0-9]*,//; s/,"model_ns":[0-9]*//'
+}
+HOST_FIRST=$(host_topk)
+rm -f "$LOGS/cxl-guest.done"
+(
+    n=0 bad=0
+    while [ ! -e "$LOGS/cxl-guest.done" ]; do
+        sleep 0.05
+        answer=$(host_topk 2> /dev/null) || answer=failed
+        [ "$answer" = "$HOST_FIRST" ] || bad=$((bad + 1))
+        n=$((n + 1))
+    done
+    echo "$n $bad" > "$LOGS/cxl-host-concurrent"
+) &
+HOST_LOOP=$!
+
+# The guest asks for an event record on its console: the host injects a
+# General Media record (uncorrectable, host read) into the warning log.
+(
+    for _ in $(seq 2400); do
+        if grep -q PNM_EVENT_REQUEST "$SERIAL" 2> /dev/null; then
+            "$PNMCTL" --device "$REGION" inject event --log warning --kind general-media \
+                --dpa 0xfff0040 --descriptor 1 --transaction 1 >> "$DEVICE_LOG" 2>&1
+            break
+        fi
+        sleep 0.1
+    done
+) &
+INJECTOR=$!
 
 KERNEL=$(ls "$KDIR"/boot/vmlinuz-*)
 # QEMU runs in the trixie root, in a mount namespace of its own that sees
@@ -61,19 +101,42 @@ timeout "${QEMU_TIMEOUT:-240}" unshare --mount --propagation private sh -c '
     mount --bind "$W" "$R$W"
     exec chroot "$R" "$@"' sh "$TRIXIE" "$WORK" \
     qemu-system-x86_64 \
-    -accel tcg -cpu max -M q35 -m 1G -smp 1 -nographic -no-reboot \
+    -accel tcg -cpu max -smp 1 -nographic -no-reboot \
+    -M q35,cxl=on,cxl-fmw.0.targets.0=cxl.1,cxl-fmw.0.size=4G -m 1G,maxmem=4G,slots=4 \
     -device intel-iommu,intremap=on,caching-mode=on \
     -kernel "$KERNEL" -initrd "$WORK/initrd-cxl.gz" \
     -append "console=ttyS0 panic=-1 loglevel=7 intel_iommu=on pnm.suite=cxl" \
-    -device pcie-root-port,id=rp0,bus=pcie.0,chassis=1 \
+    -device pxb-cxl,bus_nr=12,bus=pcie.0,id=cxl.1 \
+    -device cxl-rp,port=0,bus=cxl.1,id=rp0,chassis=0,slot=2 \
     -device "{\"driver\":\"vfio-user-pci\",\"bus\":\"rp0\",\"socket\":{\"type\":\"unix\",\"path\":\"$VFIO_SOCK\"}}" \
     < /dev/null > "$SERIAL" 2>&1
 QEMU_RC=$?
 set -e
+kill "$INJECTOR" 2> /dev/null || true
+wait "$INJECTOR" 2> /dev/null || true
+touch "$LOGS/cxl-guest.done"
+wait "$HOST_LOOP"
+read -r host_runs host_bad < "$LOGS/cxl-host-concurrent"
+if [ "$host_runs" -lt 1 ] || [ "$host_bad" -ne 0 ]; then
+    failed_host="host-concurrent: $host_bad of $host_runs Top-Ks during the guest run differed"
+fi
 T1=$EPOCHREALTIME
 
 checks=$(grep -c '^CHECK ' "$SERIAL" || true)
 failed=$(grep '^CHECK ' "$SERIAL" | grep -v ' ok' || true)
+[ -z "${failed_host:-}" ] || failed="$failed
+$failed_host"
+checks=$((checks + 1))
+# The kernel's probe-time mailbox commands, answered with Success, in the
+# device log (debug level: source, opcode, return code of each command).
+plain_log=$(sed 's/\x1b\[[0-9;]*m//g' "$DEVICE_LOG")
+for op in 0400h 0401h 0301h 4000h 0102h 0103h 0100h 4300h 4301h 4302h; do
+    if ! grep -q "source=\"function\" opcode=$op.*done code=00h" <<< "$plain_log"; then
+        failed="$failed
+device log: no successful $op from the function's mailbox"
+    fi
+    checks=$((checks + 1))
+done
 if [ "$QEMU_RC" -ne 0 ] || ! grep -q GUEST_DONE "$SERIAL"; then
     failed="$failed
 guest: qemu exit $QEMU_RC, $(tail -3 "$SERIAL")"
