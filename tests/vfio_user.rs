@@ -396,3 +396,69 @@ fn hostile_messages_get_typed_errors_and_change_nothing() {
     };
     assert_eq!(next.config_u32(0x08) >> 8, pci::CXL_MEMORY_CLASS);
 }
+
+/// The guest behind a vfio-user client, as the VFIO transport is one:
+/// the region mapped, what it creates owned by the client's peer.
+#[derive(Debug)]
+struct GuestOf {
+    region: pnm_host::transport::RegionFile,
+    peer: u16,
+}
+
+impl pnm_host::Transport for GuestOf {
+    fn region(&self) -> pnm_protocol::SharedMemory {
+        self.region.region()
+    }
+    fn wake_device(&self) {}
+    fn interrupts(&self) -> Option<&dyn pnm_host::Interrupts> {
+        None
+    }
+    fn guest_peer(&self) -> Option<u16> {
+        Some(self.peer)
+    }
+}
+
+#[test]
+fn what_the_guest_owned_is_reclaimed_when_its_client_goes() {
+    use pnm_host::transport::{RegionFile, RegionFileOptions};
+    use pnm_host::{Device, DeviceOptions, QueueOptions};
+    let (region, _device, socket) = start("vfio-user-reclaim");
+    let mut client = Client::connect(&socket);
+    client.version();
+    let position = client.read(region::BAR0, ivshmem::IV_POSITION, 4).unwrap();
+    let peer = u32::from_le_bytes(position.try_into().unwrap()) as u16;
+    let options =
+        RegionFileOptions { socket: None, socket_required: false, connect_timeout: Duration::ZERO };
+    let transport = GuestOf { region: RegionFile::open(region.path(), &options).unwrap(), peer };
+    let device_options = DeviceOptions {
+        interrupts: false,
+        command_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let guest =
+        Device::with_transport(region.path(), std::sync::Arc::new(transport), &device_options)
+            .unwrap();
+    let queue = guest.handle(QueueOptions { entries: 8, ..Default::default() }).unwrap();
+    queue.nop().unwrap();
+
+    // QEMU goes away: the peer departs, its queue pair and buffers are
+    // deleted, and nothing more can be created in its name.
+    drop(client);
+    let started = Instant::now();
+    while queue.nop().is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the guest's queue outlived its client"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Handles create their queue pair on first use.
+    let refused = guest.handle(QueueOptions { entries: 8, ..Default::default() }).unwrap().nop();
+    let refusal = refused.expect_err("a queue pair created for a departed peer").to_string();
+    // The device refuses a guest owner whose peer is gone (No Such Peer in its log).
+    assert!(refusal.contains("Invalid Input"), "{refusal}");
+    // The device serves the next client, and hosts, as before.
+    let mut next = Client::connect(&socket);
+    next.version();
+    assert!(common::open(region.path(), Duration::from_secs(2)).health_info().is_ok());
+}
