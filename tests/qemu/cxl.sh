@@ -6,11 +6,15 @@
 # that ndctl's cxl tool manages it.
 #
 # usage: tests/qemu/cxl.sh            (from anywhere; installs what it needs)
+#        tests/qemu/cxl.sh --shell    the same, then a shell in the guest on
+#                                     this terminal (exit it to power off)
 # env:   QEMU_TIMEOUT seconds (default 240); PNM_PROFILE cargo profile of the
 #        binaries (default release; CI uses dev, which its tests built)
 # Last line: "CXL_HARNESS ok N checks" or "CXL_HARNESS FAIL ...", and the
 # exit code says the same. Logs (guest serial, device) under target/qemu/logs.
 set -euo pipefail
+SHELL_AFTER=0
+[ "${1:-}" = --shell ] && SHELL_AFTER=1
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 WORK=${QEMU_WORK:-$ROOT/target/qemu}
@@ -91,26 +95,41 @@ INJECTOR=$!
 KERNEL=$(ls "$KDIR"/boot/vmlinuz-*)
 # QEMU runs in the trixie root, in a mount namespace of its own that sees
 # the work directory (kernel, initramfs, socket) and /dev/shm at their paths.
+APPEND="console=ttyS0 panic=-1 loglevel=7 intel_iommu=on pnm.suite=cxl"
+# With --shell: no time bound, the console on this terminal (and in the log).
+if [ "$SHELL_AFTER" = 1 ]; then
+    APPEND="$APPEND pnm.shell=1"
+    BOUND=()
+else
+    BOUND=(timeout "${QEMU_TIMEOUT:-240}")
+fi
+run_qemu() {
+    "${BOUND[@]}" unshare --mount --propagation private sh -c '
+        set -e
+        R=$1; W=$2; shift 2
+        mount --rbind /dev "$R/dev"
+        mount -t proc proc "$R/proc"
+        mkdir -p "$R$W"
+        mount --bind "$W" "$R$W"
+        exec chroot "$R" "$@"' sh "$TRIXIE" "$WORK" \
+        qemu-system-x86_64 \
+        -accel tcg -cpu max -smp 1 -nographic -no-reboot \
+        -M q35,cxl=on,cxl-fmw.0.targets.0=cxl.1,cxl-fmw.0.size=4G -m 1G,maxmem=4G,slots=4 \
+        -device intel-iommu,intremap=on,caching-mode=on \
+        -kernel "$KERNEL" -initrd "$WORK/initrd-cxl.gz" \
+        -append "$APPEND" \
+        -device pxb-cxl,bus_nr=12,bus=pcie.0,id=cxl.1 \
+        -device cxl-rp,port=0,bus=cxl.1,id=rp0,chassis=0,slot=2 \
+        -device "{\"driver\":\"vfio-user-pci\",\"bus\":\"rp0\",\"socket\":{\"type\":\"unix\",\"path\":\"$VFIO_SOCK\"}}"
+}
 set +e
-timeout "${QEMU_TIMEOUT:-240}" unshare --mount --propagation private sh -c '
-    set -e
-    R=$1; W=$2; shift 2
-    mount --rbind /dev "$R/dev"
-    mount -t proc proc "$R/proc"
-    mkdir -p "$R$W"
-    mount --bind "$W" "$R$W"
-    exec chroot "$R" "$@"' sh "$TRIXIE" "$WORK" \
-    qemu-system-x86_64 \
-    -accel tcg -cpu max -smp 1 -nographic -no-reboot \
-    -M q35,cxl=on,cxl-fmw.0.targets.0=cxl.1,cxl-fmw.0.size=4G -m 1G,maxmem=4G,slots=4 \
-    -device intel-iommu,intremap=on,caching-mode=on \
-    -kernel "$KERNEL" -initrd "$WORK/initrd-cxl.gz" \
-    -append "console=ttyS0 panic=-1 loglevel=7 intel_iommu=on pnm.suite=cxl" \
-    -device pxb-cxl,bus_nr=12,bus=pcie.0,id=cxl.1 \
-    -device cxl-rp,port=0,bus=cxl.1,id=rp0,chassis=0,slot=2 \
-    -device "{\"driver\":\"vfio-user-pci\",\"bus\":\"rp0\",\"socket\":{\"type\":\"unix\",\"path\":\"$VFIO_SOCK\"}}" \
-    < /dev/null > "$SERIAL" 2>&1
-QEMU_RC=$?
+if [ "$SHELL_AFTER" = 1 ]; then
+    run_qemu 2>&1 | tee "$SERIAL"
+    QEMU_RC=${PIPESTATUS[0]}
+else
+    run_qemu < /dev/null > "$SERIAL" 2>&1
+    QEMU_RC=$?
+fi
 set -e
 kill "$INJECTOR" 2> /dev/null || true
 wait "$INJECTOR" 2> /dev/null || true

@@ -77,3 +77,12 @@ pnm="pnmctl --device vfio:$dev --wait-ms 5000"
 check vfio-identify $pnm identify
 check vfio-health $pnm health
 check vfio-pnm-info $pnm --json pnm-info
+
+# Back to the kernel's driver: the function probes again after the
+# project's driver used it.
+echo "$dev" > /sys/bus/pci/drivers/vfio-pci/unbind
+echo > /sys/bus/pci/devices/$dev/driver_override
+echo "$dev" > /sys/bus/pci/drivers/cxl_pci/bind
+for _ in $(seq 100); do ls /sys/bus/cxl/devices/ | grep -q '^mem' && break; sleep 0.1; done
+check cxl-pci-rebound test "$(basename "$(readlink /sys/bus/pci/devices/$dev/driver)")" = cxl_pci
+check cxl-list-rebound sh -c "cxl list -M | grep -q '\"memdev\"' && cxl list -M"
