@@ -31,9 +31,11 @@ OUT=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
 PNMCTL=$ROOT/target/$OUT/pnmctl
 mkdir -p "$WORK/guest-bin"
 strip -o "$WORK/guest-bin/pnmctl" "$PNMCTL"
+mkdir -p "$WORK/data"
+python3 "$HERE/guest_data.py" make "$WORK/data" "${SEED:-$$}"
 GUEST_MODULES="cxl_acpi cxl_pci cxl_mem vfio vfio_iommu_type1 vfio-pci" GUEST_ROOT=$TRIXIE \
     "$HERE/mkinitramfs.sh" "$KDIR" "$WORK/initrd-cxl.gz" "$WORK/guest-bin/pnmctl" \
-    "$TRIXIE/usr/bin/cxl"
+    "$TRIXIE/usr/bin/cxl" "$WORK"/data/*.npy
 
 REGION=/dev/shm/pnm-cxl-$$
 VFIO_SOCK=$WORK/run/pnm-$$.vfio-user
@@ -56,8 +58,6 @@ for _ in $(seq 200); do [ -S "$VFIO_SOCK" ] && break; sleep 0.05; done
 # A host process uses the device while the guest does: its own sequence,
 # the same Top-K over and over, every answer the same as the first.
 mkdir -p "$WORK/data"
-mkdir -p "$WORK/data"
-python3 "$HERE/guest_data.py" make "$WORK/data" "${SEED:-$$}"
 HOST_SEQ=$("$PNMCTL" --device "$REGION" --json kv load --keys "$WORK/data/keys.npy" \
     --values "$WORK/data/values.npy" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p' | head -1)
 host_topk() {
@@ -145,6 +145,13 @@ checks=$(grep -c '^CHECK ' "$SERIAL" || true)
 failed=$(grep '^CHECK ' "$SERIAL" | grep -v ' ok' || true)
 [ -z "${failed_host:-}" ] || failed="$failed
 $failed_host"
+checks=$((checks + 1))
+# The guest's Top-K on the function against NumPy's on the same data.
+if ! python3 "$HERE/guest_data.py" check "$SERIAL" "$WORK/data" --topk-only \
+    > "$LOGS/cxl-answers.log" 2>&1; then
+    failed="$failed
+answers: $(cat "$LOGS/cxl-answers.log")"
+fi
 checks=$((checks + 1))
 # The kernel's probe-time mailbox commands, answered with Success, in the
 # device log (debug level: source, opcode, return code of each command).

@@ -77,6 +77,22 @@ pnm="pnmctl --device vfio:$dev --wait-ms 5000"
 check vfio-identify $pnm identify
 check vfio-health $pnm health
 check vfio-pnm-info $pnm --json pnm-info
+# KV and Top-K on the function (the host checks the answer against NumPy),
+# and queue completions as this function's MSI-X interrupts.
+seq=$(timeout 60 $pnm --json kv load --keys /data/keys.npy --values /data/values.npy \
+    | sed -n 's/.*"id": *\([0-9]*\).*/\1/p' | head -1)
+[ -n "$seq" ] && echo "CHECK vfio-kv-load ok seq $seq" || echo "CHECK vfio-kv-load FAIL"
+top=$(timeout 60 $pnm --json topk --seq "$seq" --layer 0 --head 1 -k 32 --query /data/query.npy)
+[ -n "$top" ] && echo "CHECK vfio-topk ok" || echo "CHECK vfio-topk FAIL"
+echo "RESULT topk $top"
+check vfio-kv-free $pnm kv free --seq "$seq"
+out=$(timeout 120 $pnm bench nop --interrupts --samples 200 --seconds 0.5 2>&1)
+if echo "$out" | grep -q '"mode": "interrupt"' && echo "$out" | grep -q '"missed_interrupts": 0'; then
+    echo "CHECK vfio-msix-nop ok"
+else
+    echo "CHECK vfio-msix-nop FAIL"
+fi
+echo "$out" | tr -d '\n ' | head -c 600 | sed 's/^/  vfio-msix-nop: /'; echo
 
 # Back to the kernel's driver: the function probes again after the
 # project's driver used it.
