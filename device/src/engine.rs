@@ -88,13 +88,15 @@ pub struct Listen<'a> {
 pub const PCI_VENDOR_ID: u16 = pnm_protocol::pci::CXL_VENDOR_ID;
 pub const PCI_DEVICE_ID: u16 = 0x0D93;
 
-/// The identity the device's PCI function presents for this region.
-fn function_identity(layout: &pnm_protocol::RegionLayout) -> pnm_protocol::pci::FunctionIdentity {
+/// The identity the device's PCI function presents for `region`.
+fn function_identity(region: &Region) -> pnm_protocol::pci::FunctionIdentity {
+    let layout = &region.layout;
     pnm_protocol::pci::FunctionIdentity {
         vendor_id: PCI_VENDOR_ID,
         device_id: PCI_DEVICE_ID,
-        // The same serial for the same region: its size and DRAM split.
-        serial: layout.size.rotate_left(17) ^ layout.dram_offset ^ 0x504E_4D00_0000_0000,
+        // The same serial number for the same region file, whichever device
+        // serves it; another for another region.
+        serial: region.file_identity() ^ 0x504E_4D00_0000_0000,
         region_size: layout.size,
         memory_size: layout.dram_size,
         vectors: pnm_protocol::notify::VECTORS,
@@ -259,7 +261,7 @@ impl RunningDevice {
                     region_fd: region.reopen_fd().map_err(io_err)?,
                     region: regs,
                     registers: registers.clone(),
-                    identity: function_identity(&layout),
+                    identity: function_identity(&region),
                 };
                 let server = VfioUserServer::start(path, backing).map_err(socket_err)?;
                 tracing::info!(socket = %path.display(), "vfio-user socket listening");

@@ -315,6 +315,13 @@ impl Region {
         }
     }
 
+    /// A number that names this region file while it exists, the same for
+    /// every device that serves it (its file system's device and inode).
+    pub fn file_identity(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.lock.metadata().map_or(0, |m| m.dev().rotate_left(40) ^ m.ino())
+    }
+
     /// The region file opened again (for the notification protocol, which
     /// hands the shared memory to its clients). A new open file
     /// description, not a dup: the device's `flock` belongs to its own
