@@ -1184,6 +1184,66 @@ mod media {
         }
     }
 
+    /// A scan verifies pages in batches after scoring them: bad lines in
+    /// the first and last page of a batch, on both sides of a batch
+    /// boundary and in the last (partial) batch are found, their tokens
+    /// named or left out exactly, for tiled keys (verified in batches) and
+    /// rows that straddle lines (verified page by page).
+    #[test]
+    fn scans_longer_than_a_verify_batch_find_every_bad_line() {
+        for (head_dim, pages) in [(8u16, 41u64), (24, 35)] {
+            let shape = SequenceShape { dtype: Dtype::F16, layers: 1, heads: 1, head_dim };
+            let tpp = shape.tokens_per_page();
+            let tokens = pages * tpp - tpp / 3;
+            let d = usize::from(head_dim);
+            let mut next = lcg(u64::from(head_dim));
+            let keys: Vec<f32> = (0..tokens as usize * d).map(|_| next()).collect();
+            let values: Vec<f32> = (0..tokens as usize * d).map(|_| next()).collect();
+            let queries: Vec<f32> = (0..d).map(|_| next()).collect();
+            let dram = MemDram::new(DRAM);
+            let (mut store, _) = KvStore::open(&dram).unwrap();
+            let id = load(&mut store, shape, &keys, &values, tokens, tpp * 7);
+            let batch = super::topk::VERIFY_BATCH_PAGES as u64;
+            let hit_pages = [0, 3, batch - 1, batch, pages - 1];
+            let mut dpas = Vec::new();
+            let mut affected = BTreeSet::new();
+            for (i, &page) in hit_pages.iter().enumerate() {
+                let t = (page * tpp + 17 * i as u64 + 5).min(tokens - 1);
+                let at = row_dpa(&store, id, t, 3, false);
+                store.corrupt(at, 1, 0x5A).unwrap();
+                dpas.push(at);
+                // The reference: tokens of that page whose key bytes share the line.
+                let line = at / LINE_BYTES;
+                let row = shape.row_bytes();
+                for u in page * tpp..((page + 1) * tpp).min(tokens) {
+                    if (0..row).any(|b| row_dpa(&store, id, u, b, false) / LINE_BYTES == line) {
+                        affected.insert(u);
+                    }
+                }
+            }
+            let k = 50;
+            let mut scratch = TopkScratch::default();
+            match store.top_k_with(&mut scratch, query(id, &queries, k)) {
+                Err(KvError::MediaError { first_token, tokens: n, .. }) => {
+                    assert_eq!(first_token, *affected.first().unwrap(), "head_dim {head_dim}");
+                    assert_eq!(n, affected.len() as u64, "head_dim {head_dim}");
+                }
+                other => panic!("head_dim {head_dim}: expected a media error, got {other:?}"),
+            }
+            scratch.bad_rows = BadRows::Skip;
+            let got = store.top_k_with(&mut scratch, query(id, &queries, k)).unwrap();
+            let want: BTreeSet<u32> =
+                naive_top_k(shape, &keys, tokens, 0, 0, &queries, tokens as usize)
+                    .into_iter()
+                    .filter(|(i, _)| !affected.contains(&u64::from(*i)))
+                    .take(k as usize)
+                    .map(|(i, _)| i)
+                    .collect();
+            assert_eq!(got.iter().map(|s| s.index).collect::<BTreeSet<u32>>(), want);
+            assert_eq!(scratch.media.token_count(), affected.len() as u64);
+        }
+    }
+
     #[test]
     fn rows_written_past_the_committed_end_do_not_disturb_committed_checks() {
         // 48-byte rows: lines straddle rows, and the committed end.

@@ -4,9 +4,14 @@
 
 use super::media::{CheckScratch, MediaFindings, ScannedKeys};
 use super::{Dram, KvError, KvStore, Limit, Sequence, SequenceShape, check_stream};
+use crate::integrity::LINE_BYTES;
 use crate::kernels::{self, Aggregation, Scored};
 use crate::limits::{Dtype, LIMITS};
 use pnm_protocol::queue::{KEY_TILE_TOKENS, KV_FRAME_SIZE};
+
+/// Pages a scan scores before it verifies their keys: 32 frames, 2 MiB of
+/// keys (their scores, 32 KiB at head_dim 128 in f16, stay in cache).
+pub(super) const VERIFY_BATCH_PAGES: usize = 32;
 
 /// What a Top-K asks of one (sequence, layer, KV head).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,7 +42,10 @@ pub enum BadRows {
 #[derive(Debug, Default)]
 pub struct TopkScratch {
     floats: Vec<f32>,
+    /// Scores of the pages scored and not yet verified, page after page.
     scores: Vec<f32>,
+    /// Those pages' keys, and where their scores lie in `scores`.
+    pending: Vec<(ScannedKeys, std::ops::Range<usize>)>,
     stream: kernels::TopKStream,
     checks: CheckScratch,
     /// Set by the caller before each Top-K.
@@ -155,6 +163,14 @@ impl<D: Dram> KvStore<D> {
 
     /// Scores the first `tokens` tokens of `seq` that lie in `pages`
     /// (ascending) and selects the best `k` of them.
+    ///
+    /// Pages are verified in batches of [`VERIFY_BATCH_PAGES`] after they
+    /// are scored: their stored checks are then read as one run (the check
+    /// slots of consecutive frames are consecutive), not 4 KiB between every
+    /// two 64 KiB frames of keys. Interleaving the two streams cost a
+    /// memory-bound scan about 20% (docs/PERFORMANCE.md, "Verifying in
+    /// batches"). Scores reach the selection only once their keys verify,
+    /// page by page in order, as before.
     fn scan_pages(
         &self,
         scratch: &mut TopkScratch,
@@ -169,33 +185,40 @@ impl<D: Dram> KvStore<D> {
         let k = query.k;
         s.stream.reset(k as usize);
         s.media.clear();
+        s.scores.clear();
+        s.pending.clear();
         for page in pages {
             let n = tpp.min(tokens - page * tpp);
-            self.score_rows(s, seq, query, page, 0..n)?;
+            let deferrable = self.score_page(s, seq, query, page, 0..n)?;
+            if !deferrable || s.pending.len() >= VERIFY_BATCH_PAGES {
+                self.verify_pending(s, seq)?;
+            }
         }
+        self.verify_pending(s, seq)?;
         Ok(s.stream.finish())
     }
 
-    /// Scores rows `rows` of page `page`, verifies their keys (from cache
-    /// now: the scan reads DRAM once), and offers the good ones to the
-    /// selection.
-    fn score_rows(
+    /// Scores rows `rows` of page `page` into the pending scores (the
+    /// kernel takes the keys' integrity sum as it reads them, when it can)
+    /// and queues the page for verification. False if it must not wait for
+    /// its batch: the kernel did not sum its keys whole, so verifying reads
+    /// them again, best at once, while they are in cache.
+    fn score_page(
         &self,
         s: &mut TopkScratch,
         seq: &Sequence,
         query: TopkQuery<'_>,
         page: u64,
         rows: std::ops::Range<u64>,
-    ) -> Result<(), KvError> {
+    ) -> Result<bool, KvError> {
         let TopkQuery { layer, head, queries, how, .. } = query;
         let shape = seq.shape;
-        let (row, tpp) = (shape.row_bytes(), shape.tokens_per_page());
+        let row = shape.row_bytes();
         let key_frame = seq.entry(page, layer, head).key_frame.get();
         let frame_at = self.layout.frame_offset(key_frame);
-        s.scores.clear();
+        let start = s.scores.len();
         let d = usize::from(shape.head_dim);
         let (dtype, tile) = (shape.dtype, KEY_TILE_TOKENS);
-        // The kernel may take the keys' integrity sum as it reads them.
         let (known_sum, summed_to) = if shape.key_layout().tiled {
             debug_assert_eq!(rows.start % tile, 0, "scans start at a tile");
             // Whole tiles through the tile kernel; the tokens of a partly
@@ -223,26 +246,42 @@ impl<D: Dram> KvStore<D> {
             })?;
             (sum, rows.end * row)
         };
-        let affected = s.media.tokens.len();
-        let keys = ScannedKeys { frame: key_frame, page, rows: rows.clone(), known_sum, summed_to };
-        self.verify_keys(seq, keys, &mut s.checks, &mut s.media)?;
-        let first = page * tpp + rows.start;
-        if s.media.tokens.len() == affected {
-            s.stream.push_block(&s.scores, first as u32);
-            return Ok(());
-        }
-        // Only the tokens whose keys are good compete.
-        let mut bad: Vec<std::ops::Range<u64>> = s.media.tokens[affected..].to_vec();
-        bad.sort_by_key(|r| r.start);
-        let end = page * tpp + rows.end;
-        let mut at = first;
-        for r in bad.iter().chain(std::iter::once(&(end..end))) {
-            if r.start > at {
-                let (a, b) = ((at - first) as usize, (r.start - first) as usize);
-                s.stream.push_block(&s.scores[a..b], at as u32);
+        let deferrable = known_sum.is_some() && summed_to.is_multiple_of(LINE_BYTES);
+        let keys = ScannedKeys { frame: key_frame, page, rows, known_sum, summed_to };
+        s.pending.push((keys, start..s.scores.len()));
+        Ok(deferrable)
+    }
+
+    /// Verifies the keys of the pending pages and offers their good
+    /// tokens' scores to the selection, page by page in order.
+    fn verify_pending(&self, s: &mut TopkScratch, seq: &Sequence) -> Result<(), KvError> {
+        let tpp = seq.shape.tokens_per_page();
+        let mut pending = std::mem::take(&mut s.pending);
+        for (keys, at) in pending.drain(..) {
+            let (page, rows) = (keys.page, keys.rows.clone());
+            let scores = &s.scores[at];
+            let affected = s.media.tokens.len();
+            self.verify_keys(seq, keys, &mut s.checks, &mut s.media)?;
+            let first = page * tpp + rows.start;
+            if s.media.tokens.len() == affected {
+                s.stream.push_block(scores, first as u32);
+                continue;
             }
-            at = at.max(r.end);
+            // Only the tokens whose keys are good compete.
+            let mut bad: Vec<std::ops::Range<u64>> = s.media.tokens[affected..].to_vec();
+            bad.sort_by_key(|r| r.start);
+            let end = page * tpp + rows.end;
+            let mut from = first;
+            for r in bad.iter().chain(std::iter::once(&(end..end))) {
+                if r.start > from {
+                    let (a, b) = ((from - first) as usize, (r.start - first) as usize);
+                    s.stream.push_block(&scores[a..b], from as u32);
+                }
+                from = from.max(r.end);
+            }
         }
+        s.pending = pending;
+        s.scores.clear();
         Ok(())
     }
 
