@@ -51,18 +51,19 @@ for f in "$@"; do
             install -m 755 "$f" "$ROOT/bin/$(basename "$f")"
             # A dynamically linked program brings the host's libraries (same
             # architecture and C library as the guest needs), at their paths.
-            # GUEST_ROOT: a program of that root (trixie's cxl) with its libraries.
+            # A program of GUEST_ROOT (trixie's cxl) brings that root's.
             if [ -n "$LIBROOT" ] && [ "${f#"$LIBROOT"/}" != "$f" ]; then
+                from=$LIBROOT
                 libs=$(chroot "$LIBROOT" ldd "${f#"$LIBROOT"}" 2>/dev/null | grep -o '/[^ ]*' || true)
             else
+                from=
                 libs=$(ldd "$f" 2>/dev/null | grep -o '/[^ ]*' || true)
             fi
             for lib in $libs; do
                 mkdir -p "$ROOT$(dirname "$lib")"
-                if [ -n "$LIBROOT" ] && [ "${f#"$LIBROOT"/}" != "$f" ]; then
-                    cp -L "$LIBROOT$lib" "$ROOT$lib"
-                elif [ ! -e "$ROOT$lib" ]; then
-                    cp -L "$lib" "$ROOT$lib"
+                # The root's replace the host's; the host's never the root's.
+                if [ -n "$from" ] || [ ! -e "$ROOT$lib" ]; then
+                    cp -L "$from$lib" "$ROOT$lib"
                 fi
             done
             ;;
