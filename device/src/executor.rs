@@ -65,7 +65,18 @@ impl Dram for DramView {
         dtype: Dtype,
         score: impl FnOnce(Rows<'_>) -> R,
     ) -> Result<R, KvError> {
-        crate::sys::with_rows(self.mem, offset, len, dtype, score)
+        crate::sys::with_rows(self.mem, offset, len, None, dtype, score)
+            .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })
+    }
+    fn with_rows_then<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        next: (u64, u64),
+        dtype: Dtype,
+        score: impl FnOnce(Rows<'_>) -> R,
+    ) -> Result<R, KvError> {
+        crate::sys::with_rows(self.mem, offset, len, Some(next), dtype, score)
             .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })
     }
     fn prefetch(&self, offset: u64, len: u64) {

@@ -10,11 +10,13 @@ use pnm_firmware::simd::Rows;
 use pnm_protocol::{Dtype, OutOfBounds, SharedMemory};
 
 /// Calls `score` with `len` bytes of `mem` at `offset` as rows of `dtype`,
-/// read where they lie.
+/// read where they lie, followed by the `next.1` bytes at `next.0` if given
+/// and inside the view ([`Rows::followed_by`]).
 pub fn with_rows<R>(
     mem: SharedMemory,
     offset: u64,
     len: u64,
+    next: Option<(u64, u64)>,
     dtype: Dtype,
     score: impl FnOnce(Rows<'_>) -> R,
 ) -> Result<R, OutOfBounds> {
@@ -25,7 +27,14 @@ pub fn with_rows<R>(
     // the bytes meanwhile; `Rows` reads through raw pointers only, so that
     // can only make scores garbage.
     let rows = unsafe { Rows::from_raw(ptr, len as usize, dtype) };
-    Ok(score(rows))
+    let next = next.and_then(|(at, len)| Some((mem.read_ptr(at, len).ok()?, len)));
+    Ok(score(match next {
+        Some((at, len)) => {
+            // SAFETY: as above, a range `read_ptr` checked is inside the view.
+            rows.followed_by(unsafe { Rows::from_raw(at, len as usize, dtype) })
+        }
+        None => rows,
+    }))
 }
 
 /// A shared mapping of the region file and the view through which all of

@@ -22,6 +22,10 @@ pub struct Rows<'a> {
     ptr: *const u8,
     elements: usize,
     dtype: Dtype,
+    /// The bytes the caller reads next (see [`Rows::followed_by`]): never
+    /// read here, only prefetched; null if none.
+    next: *const u8,
+    next_len: usize,
     _borrow: PhantomData<&'a [u8]>,
 }
 
@@ -31,6 +35,8 @@ impl<'a> Rows<'a> {
             ptr: values.as_ptr().cast(),
             elements: values.len(),
             dtype: Dtype::F32,
+            next: std::ptr::null(),
+            next_len: 0,
             _borrow: PhantomData,
         }
     }
@@ -38,7 +44,14 @@ impl<'a> Rows<'a> {
     /// f16 or bf16 rows given as their bit patterns.
     pub fn halves(bits: &'a [u16], dtype: Dtype) -> Self {
         assert_ne!(dtype, Dtype::F32, "half-width rows need a 16-bit dtype");
-        Self { ptr: bits.as_ptr().cast(), elements: bits.len(), dtype, _borrow: PhantomData }
+        Self {
+            ptr: bits.as_ptr().cast(),
+            elements: bits.len(),
+            dtype,
+            next: std::ptr::null(),
+            next_len: 0,
+            _borrow: PhantomData,
+        }
     }
 
     /// Little-endian stored bytes; a trailing partial element is ignored.
@@ -47,6 +60,8 @@ impl<'a> Rows<'a> {
             ptr: bytes.as_ptr(),
             elements: bytes.len() / dtype.size(),
             dtype,
+            next: std::ptr::null(),
+            next_len: 0,
             _borrow: PhantomData,
         }
     }
@@ -57,7 +72,22 @@ impl<'a> Rows<'a> {
     /// `ptr` must be valid for reads of `len` bytes for all of `'a`. Other
     /// processes may write those bytes meanwhile.
     pub unsafe fn from_raw(ptr: *const u8, len: usize, dtype: Dtype) -> Self {
-        Self { ptr, elements: len / dtype.size(), dtype, _borrow: PhantomData }
+        Self {
+            ptr,
+            elements: len / dtype.size(),
+            dtype,
+            next: std::ptr::null(),
+            next_len: 0,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// These rows, told that `next` is read after them (the next page's
+    /// keys of a scan, which lie elsewhere in DRAM): a kernel that
+    /// prefetches ahead of what it reads goes on into `next` near the end
+    /// of these rows instead of past their end.
+    pub fn followed_by(self, next: Rows<'a>) -> Self {
+        Self { next: next.ptr, next_len: next.elements * next.dtype.size(), ..self }
     }
 
     pub fn len(&self) -> usize {
@@ -409,6 +439,37 @@ pub fn prefetch(bytes: &[u8]) {
                 bytes.as_ptr().wrapping_add(line).cast(),
             );
         }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
+/// Writes back and drops every cache line of `bytes` from every level of
+/// the CPU's caches, so that the next read of them comes from memory
+/// (x86-64 CLFLUSHOPT where the CPU has it, else CLFLUSH; elsewhere
+/// nothing). Benchmarks time a scan as a decode
+/// step finds its keys: last read a whole step before, and long evicted
+/// since by every other layer's and head's, however large the last-level
+/// cache of the machine they run on.
+pub fn evict(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS_CLFLUSHOPT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let optimized = *HAS_CLFLUSHOPT.get_or_init(x86::has_clflushopt);
+        for line in (0..bytes.len()).step_by(64) {
+            let at = bytes.as_ptr().wrapping_add(line);
+            if optimized {
+                // SAFETY: the address is inside `bytes`, which is readable;
+                // CLFLUSHOPT (detected) changes no memory contents.
+                unsafe { x86::clflushopt(at) };
+            } else {
+                // SAFETY: as above; CLFLUSH is SSE2, part of x86-64.
+                unsafe { std::arch::x86_64::_mm_clflush(at) };
+            }
+        }
+        // SAFETY: a fence has no memory operands (SSE2, part of x86-64);
+        // it orders the flushes before the reads that follow.
+        unsafe { std::arch::x86_64::_mm_mfence() };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bytes;
@@ -1086,11 +1147,38 @@ mod x86 {
         assert!(tiles * 16 * d <= rows.len() && queries.len() == G * d && d.is_multiple_of(4));
         let q = queries.as_ptr();
         let mut words = *sum;
+        let tile_bytes = 16 * d * size;
+        // Prefetch (where this CPU wants it) about that many bytes ahead, in
+        // whole tiles: the same line of the tile that far on as the one
+        // being loaded.
+        let ahead = prefetch_bytes().map(|bytes| bytes.div_ceil(tile_bytes));
+        let next_tiles = rows.next_len / tile_bytes;
         for t in 0..tiles {
-            let base = rows.ptr.wrapping_add(t * 16 * d * size);
+            let base = rows.ptr.wrapping_add(t * tile_bytes);
+            let prefetch = if let Some(ahead) = ahead
+                && t + ahead < tiles
+            {
+                rows.ptr.wrapping_add((t + ahead) * tile_bytes)
+            } else if let Some(ahead) = ahead
+                && t + ahead - tiles < next_tiles
+            {
+                rows.next.wrapping_add((t + ahead - tiles) * tile_bytes)
+            } else {
+                std::ptr::null()
+            };
             let mut acc = [[_mm512_setzero_ps(); G]; 4];
             let mut j = 0;
             while j < d {
+                if !prefetch.is_null() {
+                    // Dimensions j..j + 4 are 4 * 16 * size bytes, one or
+                    // two lines from `j * 16 * size`; a prefetch never
+                    // faults, wherever it points.
+                    for line in (0..4 * 16 * size).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            prefetch.wrapping_add(j * 16 * size + line).cast(),
+                        );
+                    }
+                }
                 // Dimensions j..j + 4: four 16-lane vectors (two lines of
                 // 16-bit keys, four of f32).
                 let mut k = [_mm512_setzero_ps(); 4];
@@ -1138,6 +1226,23 @@ mod x86 {
             out.extend_from_slice(&lanes);
         }
         *sum = words;
+    }
+
+    /// How far ahead of its loads the tile kernel prefetches on this CPU,
+    /// if at all (docs/PERFORMANCE.md, "Prefetching ahead"). On Intel, 4
+    /// KiB: there the hardware prefetchers alone kept too few lines in
+    /// flight (a virtualised Xeon scanned cold keys at 1.5-2.4x the memory
+    /// roofline time without it, 1.1-1.5x with it; 2 to 16 KiB measured
+    /// alike). Elsewhere none: on Zen 4 every distance from 1 to 8 KiB was
+    /// slower (G 1 1.5-1.8x the roofline against 1.2-1.3x), its hardware
+    /// prefetchers keeping up with the sequential scan on their own.
+    fn prefetch_bytes() -> Option<usize> {
+        static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let intel = *INTEL.get_or_init(|| {
+            let vendor = __cpuid(0);
+            [vendor.ebx, vendor.edx, vendor.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e]
+        });
+        intel.then_some(4096)
     }
 
     /// Per lane, the G queries' dot products aggregated as [`aggregate`]
@@ -1254,6 +1359,27 @@ mod x86 {
         let d0 = across(c[0], c[1]);
         let d1 = across(c[2], c[3]);
         across(d0, d1)
+    }
+
+    /// Whether this CPU has CLFLUSHOPT (CPUID leaf 7, EBX bit 23): unlike
+    /// CLFLUSH, whose flushes are ordered one after another (about 200 ns a
+    /// line on a virtualised Xeon), many flush at once.
+    pub(super) fn has_clflushopt() -> bool {
+        // Leaf 7 is asked only where the maximum leaf (leaf 0) reaches it.
+        __get_cpuid_max(0).0 >= 7 && __cpuid_count(7, 0).ebx & (1 << 23) != 0
+    }
+
+    /// Flushes the cache line holding `at` (CLFLUSHOPT).
+    ///
+    /// # Safety
+    /// The CPU must have CLFLUSHOPT ([`has_clflushopt`]) and `at` must be
+    /// readable.
+    #[inline]
+    pub(super) unsafe fn clflushopt(at: *const u8) {
+        // SAFETY: by the contract; a flush changes no memory contents.
+        unsafe {
+            std::arch::asm!("clflushopt [{0}]", in(reg) at, options(nostack, preserves_flags))
+        };
     }
 
     /// 16 independent FMA chains (more than FMA latency x throughput, so

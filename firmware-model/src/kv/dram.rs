@@ -27,6 +27,21 @@ pub trait Dram {
         dtype: Dtype,
         score: impl FnOnce(Rows<'_>) -> R,
     ) -> Result<R, KvError>;
+    /// [`Dram::with_rows`], with the `next.1` bytes at `next.0` (what the
+    /// caller reads after these) handed along as the rows' continuation
+    /// ([`Rows::followed_by`]) for the kernel to prefetch into. A `next`
+    /// outside DRAM is left out. By default there is no continuation.
+    fn with_rows_then<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        next: (u64, u64),
+        dtype: Dtype,
+        score: impl FnOnce(Rows<'_>) -> R,
+    ) -> Result<R, KvError> {
+        let _ = next;
+        self.with_rows(offset, len, dtype, score)
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -51,6 +66,12 @@ impl MemDram {
 impl<B: AsRef<[u8]> + AsMut<[u8]>> MemDram<B> {
     pub fn from_buffer(buffer: B) -> Self {
         Self(std::cell::RefCell::new(buffer))
+    }
+
+    /// Drops the whole buffer from the CPU's caches ([`crate::simd::evict`]):
+    /// a benchmark's next scan then reads it from memory.
+    pub fn evict_from_caches(&self) {
+        crate::simd::evict(self.0.borrow().as_ref());
     }
 }
 
@@ -81,11 +102,25 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Dram for &MemDram<B> {
         dtype: Dtype,
         score: impl FnOnce(Rows<'_>) -> R,
     ) -> Result<R, KvError> {
+        self.with_rows_then(offset, len, (0, 0), dtype, score)
+    }
+    fn with_rows_then<R>(
+        &self,
+        offset: u64,
+        len: u64,
+        next: (u64, u64),
+        dtype: Dtype,
+        score: impl FnOnce(Rows<'_>) -> R,
+    ) -> Result<R, KvError> {
         let mem = self.0.borrow();
         let bytes = byte_range(offset, len)
             .and_then(|r| mem.as_ref().get(r))
             .ok_or(KvError::OutOfRange { offset, len })?;
-        Ok(score(Rows::from_bytes(bytes, dtype)))
+        let rows = Rows::from_bytes(bytes, dtype);
+        Ok(score(match byte_range(next.0, next.1).and_then(|r| mem.as_ref().get(r)) {
+            Some(then) => rows.followed_by(Rows::from_bytes(then, dtype)),
+            None => rows,
+        }))
     }
     fn prefetch(&self, offset: u64, len: u64) {
         let mem = self.0.borrow();

@@ -1422,3 +1422,25 @@ fn a_partly_committed_key_tile_is_checked_over_its_committed_lanes() {
     let (store, _) = KvStore::open(&dram).unwrap();
     check(&store, 30);
 }
+
+#[test]
+fn rows_handed_with_a_continuation_read_as_without_it() {
+    let dram = MemDram::new(1 << 16);
+    let values: Vec<f32> = (0..1024).map(|i| i as f32 * 0.5 - 100.0).collect();
+    let bytes = encode(Dtype::F32, &values);
+    (&dram).write(8192, &bytes).unwrap();
+    let read = |next: (u64, u64)| {
+        let mut out = Vec::new();
+        (&dram).with_rows_then(8192, 4096, next, Dtype::F32, |r| r.to_f32(&mut out)).unwrap();
+        out
+    };
+    // A continuation inside DRAM, past its end, or overflowing: the rows
+    // are the same, and none is an error (it is only a prefetch hint).
+    for next in [(0, 4096), (60 << 10, 8192), (u64::MAX - 8, 1024), (0, 0)] {
+        assert_eq!(read(next), values, "next {next:?}");
+    }
+    // Dropping the buffer from the caches changes none of it.
+    dram.evict_from_caches();
+    assert_eq!(read((0, 0)), values);
+    assert!((&dram).with_rows_then(u64::MAX - 8, 16, (0, 64), Dtype::F32, |_| ()).is_err());
+}

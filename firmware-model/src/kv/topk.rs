@@ -187,9 +187,11 @@ impl<D: Dram> KvStore<D> {
         s.media.clear();
         s.scores.clear();
         s.pending.clear();
-        for page in pages {
+        let mut pages = pages.peekable();
+        while let Some(page) = pages.next() {
             let n = tpp.min(tokens - page * tpp);
-            let deferrable = self.score_page(s, seq, query, page, 0..n)?;
+            let next = pages.peek().map(|&next| (next, tpp.min(tokens - next * tpp)));
+            let deferrable = self.score_page(s, seq, query, page, 0..n, next)?;
             if !deferrable || s.pending.len() >= VERIFY_BATCH_PAGES {
                 self.verify_pending(s, seq)?;
             }
@@ -202,7 +204,9 @@ impl<D: Dram> KvStore<D> {
     /// kernel takes the keys' integrity sum as it reads them, when it can)
     /// and queues the page for verification. False if it must not wait for
     /// its batch: the kernel did not sum its keys whole, so verifying reads
-    /// them again, best at once, while they are in cache.
+    /// them again, best at once, while they are in cache. `next` is the page
+    /// scanned after this one and its rows, if any: the kernel prefetches
+    /// on into its keys.
     fn score_page(
         &self,
         s: &mut TopkScratch,
@@ -210,12 +214,16 @@ impl<D: Dram> KvStore<D> {
         query: TopkQuery<'_>,
         page: u64,
         rows: std::ops::Range<u64>,
+        next: Option<(u64, u64)>,
     ) -> Result<bool, KvError> {
         let TopkQuery { layer, head, queries, how, .. } = query;
         let shape = seq.shape;
         let row = shape.row_bytes();
         let key_frame = seq.entry(page, layer, head).key_frame.get();
         let frame_at = self.layout.frame_offset(key_frame);
+        let next_keys = next.map_or((0, 0), |(page, rows)| {
+            (self.layout.frame_offset(seq.entry(page, layer, head).key_frame.get()), rows * row)
+        });
         let start = s.scores.len();
         let d = usize::from(shape.head_dim);
         let (dtype, tile) = (shape.dtype, KEY_TILE_TOKENS);
@@ -224,9 +232,10 @@ impl<D: Dram> KvStore<D> {
             // Whole tiles through the tile kernel; the tokens of a partly
             // committed last tile as rows (its other lanes may be mid-write).
             let whole = rows.start..rows.end / tile * tile;
-            let sum = self.dram.with_rows(
+            let sum = self.dram.with_rows_then(
                 frame_at + whole.start * row,
                 (whole.end - whole.start) * row,
+                next_keys,
                 dtype,
                 |r| kernels::score_stored_tiles(r, d, queries, how, &mut s.floats, &mut s.scores),
             )?;
@@ -241,7 +250,8 @@ impl<D: Dram> KvStore<D> {
             (sum, whole.end * row)
         } else {
             let at = frame_at + rows.start * row;
-            let sum = self.dram.with_rows(at, (rows.end - rows.start) * row, dtype, |r| {
+            let len = (rows.end - rows.start) * row;
+            let sum = self.dram.with_rows_then(at, len, next_keys, dtype, |r| {
                 kernels::score_stored(r, d, queries, how, &mut s.floats, &mut s.scores)
             })?;
             (sum, rows.end * row)

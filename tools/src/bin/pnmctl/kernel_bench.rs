@@ -50,21 +50,35 @@ fn keys(dtype: Dtype, elements: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// What [`interleaved`] asks of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// Once per round, untimed: wake the device, refill the TLB.
+    Untimed,
+    /// Before each timed run, untimed: drop the keys from the caches, as a
+    /// decode step finds them (every other layer's and head's keys passed
+    /// through the caches since this head's were last read).
+    Prepare,
+    /// The timed run.
+    Timed,
+}
+
 /// (min, median) of `reps` timings of each of `runs`, in seconds, taken in
 /// rounds so that a quiet or a noisy spell of a shared machine falls on all
 /// of them alike and their ratios hold. In a round each run goes once
-/// untimed (`run(false)`: it refills the caches and TLB and wakes the
-/// device, which the other runs disturbed), then [`TIMED_PER_ROUND`] times
-/// back to back, timed (`run(true)`): the steady state of a decode loop.
-fn interleaved(reps: usize, runs: &mut [&mut dyn FnMut(bool)]) -> Vec<(f64, f64)> {
+/// untimed ([`Run::Untimed`]), then [`TIMED_PER_ROUND`] times back to back,
+/// each time prepared untimed ([`Run::Prepare`]) and then timed
+/// ([`Run::Timed`]).
+fn interleaved(reps: usize, runs: &mut [&mut dyn FnMut(Run)]) -> Vec<(f64, f64)> {
     let rounds = reps.max(1).div_ceil(TIMED_PER_ROUND);
     let mut times = vec![Vec::with_capacity(rounds * TIMED_PER_ROUND); runs.len()];
     for _ in 0..rounds {
         for (run, t) in runs.iter_mut().zip(&mut times) {
-            run(false);
+            run(Run::Untimed);
             for _ in 0..TIMED_PER_ROUND {
+                run(Run::Prepare);
                 let start = Instant::now();
-                run(true);
+                run(Run::Timed);
                 t.push(start.elapsed().as_secs_f64());
             }
         }
@@ -87,7 +101,7 @@ const COMPUTE_ROUNDS: usize = 1 << 18;
 
 /// Runs the grid; `device` adds the through-the-device figures.
 pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value> {
-    let roofline = Roofline::new(256 << 20).map_err(memory_error)?;
+    let roofline = Roofline::new(64 << 20).map_err(memory_error)?;
     let d = usize::from(grid.head_dim);
     let mut cases = Vec::new();
     for &tokens in &grid.tokens {
@@ -131,13 +145,22 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                     };
                     let mut kernel_ns = Vec::new();
                     let mut model_ns = 0;
-                    let mut roof = |_| {
+                    // Each read starts from memory (the roofline evicts
+                    // its buffer itself).
+                    let mut roof = |run| {
+                        if run == Run::Prepare {
+                            return;
+                        }
                         read_gbs = read_gbs.max(roofline.read_gb_per_s(1));
                         // A few ms of FMAs: the compute roofline beside it.
                         let peak = pnm_firmware::simd::fma_gflops(COMPUTE_ROUNDS).unwrap_or(0.0);
                         fma_gflops = fma_gflops.max(peak);
                     };
-                    let mut local = |_| {
+                    let mut local = |run| {
+                        if run == Run::Prepare {
+                            huge.evict_from_caches();
+                            return;
+                        }
                         let top = store
                             .top_k_with(&mut scratch, query_of(id))
                             .expect("the benchmark's own arguments are valid");
@@ -147,7 +170,11 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                     // V rows copied out (keys assembled from their tiles).
                     let mut gather_scratch = TopkScratch::default();
                     let (mut gathered_keys, mut gathered_values) = (Vec::new(), Vec::new());
-                    let mut gathered = |_| {
+                    let mut gathered = |run| {
+                        if run == Run::Prepare {
+                            huge.evict_from_caches();
+                            return;
+                        }
                         topk_gather_in_process(
                             &store,
                             &mut gather_scratch,
@@ -160,13 +187,21 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                         .expect("the benchmark's own arguments are valid");
                     };
                     let mut plain_scratch = TopkScratch::default();
-                    let mut plain = |_| {
+                    let mut small_pages = |run| {
+                        if run == Run::Prepare {
+                            plain.evict_from_caches();
+                            return;
+                        }
                         plain_store
                             .top_k_with(&mut plain_scratch, query_of(plain_id))
                             .expect("the benchmark's own arguments are valid");
                     };
                     let wire_query = Query::f32(&queries, d);
-                    let mut through_device = |timed: bool| {
+                    // The device's region is another process's memory (or,
+                    // embedded, a mapping this code does not see): it
+                    // runs as the device finds it.
+                    let mut through_device = |run| {
+                        let timed = run == Run::Timed;
                         if let (Some(dev), Some(seq)) = (device, &on_device) {
                             let top = dev
                                 .topk(&TopkRequest::new(seq, 0, 0, &wire_query, k))
@@ -183,7 +218,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                             &mut roof,
                             &mut local,
                             &mut gathered,
-                            &mut plain,
+                            &mut small_pages,
                             &mut through_device,
                         ],
                     );
