@@ -3,7 +3,10 @@
 Called by `pnmctl bench kernel --reference` with the grid as JSON in argv[1];
 prints JSON. Times are the best of `reps` runs, like pnmctl's own figures:
 scoring every key and selecting the Top-K, keys kept in their storage type
-(what a user holding an f16 KV cache would run).
+(what a user holding an f16 KV cache would run). `numpy_ms` and `faiss_ms`
+start each timed run with the caches scrubbed (a read of twice the
+last-level cache), as pnmctl times its own kernel; `*_warm_ms` run back to
+back, the keys left in whatever cache holds them.
 """
 import json
 import sys
@@ -26,10 +29,33 @@ except ImportError as e:
     out["faiss_error"] = str(e)
 
 
-def best(reps, f):
+def last_level_cache_bytes():
+    """The largest cache cpu0 reports (sysfs), or 0 if none is readable."""
+    import glob
+    largest = 0
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            largest = max(largest, int(digits) * scale)
+    return largest
+
+
+# Reading twice the last-level cache (at least 64 MiB) evicts what a run
+# left in it.
+scrub = np.ones(max(2 * last_level_cache_bytes(), 64 << 20) // 8, dtype=np.float64)
+
+
+def best(reps, f, cold):
     f()
     times = []
     for _ in range(max(reps, 1)):
+        if cold:
+            scrub.sum()
         start = time.perf_counter()
         f()
         times.append(time.perf_counter() - start)
@@ -61,7 +87,8 @@ for n in spec["tokens"]:
 
                 case = {
                     "tokens": n, "dtype": dtype, "group": g, "k": k,
-                    "numpy_ms": best(spec["reps"], numpy_topk),
+                    "numpy_ms": best(spec["reps"], numpy_topk, cold=True),
+                    "numpy_warm_ms": best(spec["reps"], numpy_topk, cold=False),
                 }
                 if faiss is not None:
                     try:
@@ -74,7 +101,9 @@ for n in spec["tokens"]:
                         index.add(keys32)
                         # faiss answers each query of a group on its own (no
                         # GQA aggregation): G searches of k.
-                        case["faiss_ms"] = best(spec["reps"], lambda: index.search(queries, k))
+                        search = lambda: index.search(queries, k)
+                        case["faiss_ms"] = best(spec["reps"], search, cold=True)
+                        case["faiss_warm_ms"] = best(spec["reps"], search, cold=False)
                     except Exception as e:  # an index type this faiss lacks
                         case["faiss_error"] = str(e)
                 out["cases"].append(case)
