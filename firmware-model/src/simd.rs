@@ -1129,9 +1129,11 @@ mod x86 {
     }
 
     /// Every tile of `rows`. The caller checked whole tiles, `d % 4 == 0`
-    /// and `queries.len() == G * d`. Four dimensions per step: with fewer
-    /// than four queries each goes to its own accumulator set, so the FMA
-    /// chains are at least four long whatever G is.
+    /// and `queries.len() == G * d`. Four dimensions per step, spread over
+    /// [`accumulator_sets`]`(G)` sets of G accumulators so that at least 8
+    /// FMA chains are in flight whatever G is: a core with two 512-bit FMA
+    /// ports of 4 cycles' latency needs 8 to stay busy (a Xeon's G 8 ran at
+    /// half its FMA rate with one set).
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn tiles<const T: u8, const G: usize>(
@@ -1202,7 +1204,7 @@ mod x86 {
                     }
                 }
                 for (i, k) in k.iter().enumerate() {
-                    let set = if G >= 4 { 0 } else { i };
+                    let set = i % accumulator_sets(G);
                     for (g, a) in acc[set].iter_mut().enumerate() {
                         // SAFETY: g * d + j + i < G * d == queries.len().
                         let qv = _mm512_set1_ps(unsafe { *q.wrapping_add(g * d + j + i) });
@@ -1212,12 +1214,14 @@ mod x86 {
                 j += 4;
             }
             let mut dots = acc[0];
-            if G < 4 {
-                for (g, dot) in dots.iter_mut().enumerate() {
+            for (g, dot) in dots.iter_mut().enumerate() {
+                *dot = if accumulator_sets(G) == 4 {
                     let pairs =
                         [_mm512_add_ps(acc[0][g], acc[1][g]), _mm512_add_ps(acc[2][g], acc[3][g])];
-                    *dot = _mm512_add_ps(pairs[0], pairs[1]);
-                }
+                    _mm512_add_ps(pairs[0], pairs[1])
+                } else {
+                    _mm512_add_ps(acc[0][g], acc[1][g])
+                };
             }
             let scores = aggregate_lanes(&dots, how);
             let mut lanes = [0f32; 16];
@@ -1226,6 +1230,13 @@ mod x86 {
             out.extend_from_slice(&lanes);
         }
         *sum = words;
+    }
+
+    /// Accumulator sets of the tile kernel for G queries: 4 up to G = 4
+    /// (4 to 16 chains), 2 above (10 to 16), within the 32 vector registers
+    /// beside the 4 key vectors.
+    const fn accumulator_sets(group: usize) -> usize {
+        if group <= 4 { 4 } else { 2 }
     }
 
     /// How far ahead of its loads the tile kernel prefetches on this CPU,
