@@ -1148,7 +1148,12 @@ mod x86 {
         let tiles = rows.len() / (16 * d);
         assert!(tiles * 16 * d <= rows.len() && queries.len() == G * d && d.is_multiple_of(4));
         let q = queries.as_ptr();
-        let mut words = *sum;
+        // The integrity sum in independent parts, one per line of a step
+        // (f32: four; 16-bit: two), folded together at the end: one chain
+        // of adds through every line would bound the loop (the sum is
+        // modular per word, so any grouping gives the same result).
+        let mut wide = [_mm512_setzero_si512(); 4];
+        let mut pairs = [WordSums::new(); 2];
         let tile_bytes = 16 * d * size;
         // Prefetch (where this CPU wants it) about that many bytes ahead, in
         // whole tiles: the same line of the tile that far on as the one
@@ -1190,7 +1195,7 @@ mod x86 {
                         // j + i of tile t lie within the whole tiles.
                         let raw =
                             unsafe { _mm512_loadu_si512(base.wrapping_add((j + i) * 64).cast()) };
-                        words.wide = _mm512_add_epi32(words.wide, raw);
+                        wide[i] = _mm512_add_epi32(wide[i], raw);
                         *k = _mm512_castsi512_ps(raw);
                     }
                 } else {
@@ -1198,7 +1203,7 @@ mod x86 {
                         let at = base.wrapping_add((j + 2 * pair) * 32);
                         // SAFETY: dimensions j + 2 pair and j + 2 pair + 1
                         // (< d) of tile t: 64 bytes within the whole tiles.
-                        let line = unsafe { load_line::<T>(at, &mut words) };
+                        let line = unsafe { load_line::<T>(at, &mut pairs[pair]) };
                         k[2 * pair] = convert::<T>(line, 0);
                         k[2 * pair + 1] = convert::<T>(line, 1);
                     }
@@ -1229,7 +1234,13 @@ mod x86 {
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), scores) };
             out.extend_from_slice(&lanes);
         }
-        *sum = words;
+        let wide = [_mm512_add_epi32(wide[0], wide[1]), _mm512_add_epi32(wide[2], wide[3])];
+        sum.wide = _mm512_add_epi32(sum.wide, _mm512_add_epi32(wide[0], wide[1]));
+        for part in pairs {
+            sum.wide = _mm512_add_epi32(sum.wide, part.wide);
+            sum.low = _mm256_add_epi32(sum.low, part.low);
+            sum.high = _mm256_add_epi32(sum.high, part.high);
+        }
     }
 
     /// Accumulator sets of the tile kernel for G queries: 4 up to G = 4
