@@ -321,6 +321,8 @@ fn pnmctl_bench_kernel_reports_every_case_in_process_and_through_the_device() {
         assert_eq!(case["in_process"]["selected"], case["k"], "{case}");
         assert!(case["in_process"]["topk_gather_min_ms"].as_f64().unwrap() > 0.0, "{case}");
         assert!(case["in_process"]["warm_min_ms"].as_f64().unwrap() > 0.0, "{case}");
+        // 3000 tokens hold whole tiles: the in-cache rate is measured.
+        assert!(case["in_process"]["in_cache"]["gflop_per_s"].as_f64().unwrap() > 0.0, "{case}");
         assert!(case["roofline"]["memory_read_gb_per_s"].as_f64().unwrap() > 0.1, "{case}");
         assert!(case["through_device"]["device_kernel_min_ms"].as_f64().unwrap() > 0.0);
     }

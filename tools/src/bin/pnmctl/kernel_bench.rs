@@ -50,6 +50,57 @@ fn keys(dtype: Dtype, elements: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// Keys of the L2 size the kernel scans in cache: small enough for any
+/// x86 core's L2 of the last decade.
+const IN_CACHE_BYTES: usize = 512 << 10;
+
+/// The first [`IN_CACHE_BYTES`] of `rows` (stored rows of `d` elements) in
+/// key tiles (16 tokens, dimension-major), as the store keeps them, or None
+/// if the keys are fewer than a tile or `d` is 0.
+fn tiles_in_cache(rows: &[u8], dtype: Dtype, d: usize) -> Option<Vec<u8>> {
+    let size = dtype.size();
+    let row = d * size;
+    let tokens = (IN_CACHE_BYTES.min(rows.len()) / row.max(1)) / 16 * 16;
+    if tokens == 0 {
+        return None;
+    }
+    let mut tiled = vec![0u8; tokens * row];
+    for t in 0..tokens {
+        for j in 0..d {
+            let at = ((t / 16) * 16 * d + j * 16 + t % 16) * size;
+            tiled[at..at + size].copy_from_slice(&rows[(t * d + j) * size..][..size]);
+        }
+    }
+    Some(tiled)
+}
+
+/// The best of many scans of `tiles` held in cache: (tokens, seconds). The
+/// kernel's compute rate with memory out of the way, against the compute
+/// roofline of the same run.
+fn in_cache_scan_s(tiles: &[u8], dtype: Dtype, d: usize, queries: &[f32]) -> (usize, f64) {
+    let rows = pnm_firmware::simd::Rows::from_bytes(tiles, dtype);
+    let (mut scratch, mut out) = (Vec::new(), Vec::with_capacity(tiles.len()));
+    let mut best = f64::INFINITY;
+    for _ in 0..IN_CACHE_SCANS {
+        out.clear();
+        let start = Instant::now();
+        std::hint::black_box(pnm_firmware::kernels::score_stored_tiles(
+            rows,
+            d,
+            queries,
+            Aggregation::Max,
+            &mut scratch,
+            &mut out,
+        ));
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (tiles.len() / (d * dtype.size()), best)
+}
+
+/// Scans of [`in_cache_scan_s`] (each 10-100 us; the best of many, as a
+/// vCPU of a shared machine is often interrupted).
+const IN_CACHE_SCANS: usize = 1000;
+
 /// What [`interleaved`] asks of a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Run {
@@ -127,9 +178,12 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                 }
                 None => None,
             };
+            let cached_tiles = tiles_in_cache(&key_bytes, dtype, d);
             for &group in &grid.groups {
                 let queries: Vec<f32> =
                     (0..group as usize * d).map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0).collect();
+                let in_cache_s =
+                    cached_tiles.as_ref().map(|t| in_cache_scan_s(t, dtype, d, &queries));
                 for &k in &grid.ks {
                     let mut read_gbs = 0f64;
                     let mut fma_gflops = 0f64;
@@ -272,6 +326,14 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
                             "key_gb_per_s": key_bytes.len() as f64 / local_min / 1e9,
                             "x_roofline_time": local_min / floor,
                             "gflop_per_s": flops / local_min / 1e9,
+                            "in_cache": in_cache_s.map(|(tokens, secs)| {
+                                let gflops = 2.0 * tokens as f64 * d as f64 * f64::from(group) / secs / 1e9;
+                                json!({
+                                    "tokens": tokens,
+                                    "gflop_per_s": gflops,
+                                    "x_compute_roofline": if fma_gflops > 0.0 { gflops / fma_gflops } else { 0.0 },
+                                })
+                            }),
                             "x_binding_time": local_min / binding,
                             "selected": selected,
                             "warm_min_ms": warm_min * 1e3,
@@ -316,7 +378,7 @@ pub fn run(grid: &KernelGrid, device: Option<&Device>) -> pnm_host::Result<Value
         "threads": 1,
         "cases": cases,
         "reference": reference,
-        "note": "each case runs in rounds (roofline read, in-process on huge pages, the same warm (warm_min_ms), the same with its K and V rows gathered (topk_gather_min_ms: keys in tiles are assembled from them), in-process on 4 KiB pages, through the device; each once untimed, then 3 timed runs) so machine noise falls on all alike; every in-process run but the warm one, and every roofline read, starts with its buffer evicted from the caches (as a decode step finds a head's keys); min over rounds (interference only slows a run down); the memory roofline is the fastest of a plain read and reads with software prefetch; x_roofline_time = time / (key bytes / best memory read bandwidth over the rounds); the compute roofline is one core's f32 FMA rate in the kernels' vector set (16 independent chains), measured in the same rounds; compute_floor = 2 x tokens x head_dim x G FLOPs at that rate; x_binding_time = time / the larger of the two floors",
+        "note": "in_cache: the kernel alone on the first 512 KiB of the keys in tiles, held in cache, best of 1000 scans (its compute rate against the compute roofline); each case runs in rounds (roofline read, in-process on huge pages, the same warm (warm_min_ms), the same with its K and V rows gathered (topk_gather_min_ms: keys in tiles are assembled from them), in-process on 4 KiB pages, through the device; each once untimed, then 3 timed runs) so machine noise falls on all alike; every in-process run but the warm one, and every roofline read, starts with its buffer evicted from the caches (as a decode step finds a head's keys); min over rounds (interference only slows a run down); the memory roofline is the fastest of a plain read and reads with software prefetch; x_roofline_time = time / (key bytes / best memory read bandwidth over the rounds); the compute roofline is one core's f32 FMA rate in the kernels' vector set (16 independent chains), measured in the same rounds; compute_floor = 2 x tokens x head_dim x G FLOPs at that rate; x_binding_time = time / the larger of the two floors",
     }))
 }
 
