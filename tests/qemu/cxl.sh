@@ -25,14 +25,8 @@ LOGS=$WORK/logs
 mkdir -p "$LOGS" "$WORK/run"
 T0=$EPOCHREALTIME
 
-PROFILE=${PNM_PROFILE:-release}
-OUT=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
-(cd "$ROOT" && cargo build -q --profile "$PROFILE" -p pnm-device -p pnm-tools)
-PNMCTL=$ROOT/target/$OUT/pnmctl
-mkdir -p "$WORK/guest-bin"
-strip -o "$WORK/guest-bin/pnmctl" "$PNMCTL"
-mkdir -p "$WORK/data"
-python3 "$HERE/guest_data.py" make "$WORK/data" "${SEED:-$$}"
+. "$HERE/lib.sh"
+build_binaries_and_data
 GUEST_MODULES="cxl_acpi cxl_pci cxl_mem vfio vfio_iommu_type1 vfio-pci" GUEST_ROOT=$TRIXIE \
     "$HERE/mkinitramfs.sh" "$KDIR" "$WORK/initrd-cxl.gz" "$WORK/guest-bin/pnmctl" \
     "$TRIXIE/usr/bin/cxl" "$WORK"/data/*.npy
@@ -57,13 +51,7 @@ for _ in $(seq 200); do [ -S "$VFIO_SOCK" ] && break; sleep 0.05; done
 
 # A host process uses the device while the guest does: its own sequence,
 # the same Top-K over and over, every answer the same as the first.
-mkdir -p "$WORK/data"
-HOST_SEQ=$("$PNMCTL" --device "$REGION" --json kv load --keys "$WORK/data/keys.npy" \
-    --values "$WORK/data/values.npy" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p' | head -1)
-host_topk() {
-    "$PNMCTL" --device "$REGION" --json topk --seq "$HOST_SEQ" --layer 0 --head 1 -k 32 \
-        --query "$WORK/data/query.npy" | sed 's/"device_ns":[0-9]*,//; s/,"model_ns":[0-9]*//'
-}
+load_host_sequence
 HOST_FIRST=$(host_topk)
 rm -f "$LOGS/cxl-guest.done"
 (

@@ -21,14 +21,8 @@ T0=$EPOCHREALTIME
 
 # The binaries, host and guest alike: the guest runs this very pnmctl,
 # with the host's C library copied into its initramfs.
-PROFILE=${PNM_PROFILE:-release}
-OUT=$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")
-(cd "$ROOT" && cargo build -q --profile "$PROFILE" -p pnm-device -p pnm-tools)
-PNMCTL=$ROOT/target/$OUT/pnmctl
-mkdir -p "$WORK/guest-bin"
-strip -o "$WORK/guest-bin/pnmctl" "$PNMCTL"
-mkdir -p "$WORK/data"
-python3 "$HERE/guest_data.py" make "$WORK/data" "${SEED:-$$}"
+. "$HERE/lib.sh"
+build_binaries_and_data
 "$HERE/mkinitramfs.sh" "$KDIR" "$WORK/initrd.gz" "$WORK/guest-bin/pnmctl" "$WORK"/data/*.npy
 
 REGION=/dev/shm/pnm-qemu-$$
@@ -74,12 +68,7 @@ start_device
 
 # A host process uses the device while the guest does: its own sequence,
 # the same Top-K over and over, every answer the same as the first.
-HOST_SEQ=$("$PNMCTL" --device "$REGION" --json kv load --keys "$WORK/data/keys.npy" \
-    --values "$WORK/data/values.npy" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p' | head -1)
-host_topk() {
-    "$PNMCTL" --device "$REGION" --json topk --seq "$HOST_SEQ" --layer 0 --head 1 -k 32 \
-        --query "$WORK/data/query.npy" | sed 's/"device_ns":[0-9]*,//; s/,"model_ns":[0-9]*//'
-}
+load_host_sequence
 HOST_FIRST=$(host_topk)
 rm -f "$LOGS/guest.done" "$LOGS/host-concurrent"
 # Restarts begun and finished: a host command that fails while the device
