@@ -141,8 +141,13 @@ fn every_device_fault_ends_in_its_typed_error_or_a_delay_and_nothing_is_wrong() 
     inject(DeviceFault::HangUnit, 0, 200_000, 1).unwrap();
     check(&device);
 
-    // Slow memory: the modelled and the real times stretch.
+    // Slow memory: the modelled and the real times stretch. The real time
+    // before is the fastest of a few runs: on a busy machine (tests run in
+    // parallel) one run can take several times its usual time, while the
+    // slowed run is stretched threefold from whatever it took itself.
     let before = device.topk(&request).unwrap();
+    let fastest_before = (0..4)
+        .fold(before.device_ns, |fastest, _| fastest.min(device.topk(&request).unwrap().device_ns));
     inject(DeviceFault::SlowMemory, 0, 0, 300).unwrap();
     let slow = device.topk(&request).unwrap();
     assert_eq!(slow.indices, want);
@@ -152,7 +157,7 @@ fn every_device_fault_ends_in_its_typed_error_or_a_delay_and_nothing_is_wrong() 
         slow.model_ns,
         before.model_ns
     );
-    assert!(slow.device_ns > before.device_ns, "{} vs {}", slow.device_ns, before.device_ns);
+    assert!(slow.device_ns > fastest_before, "{} vs {fastest_before}", slow.device_ns);
     assert!(device.health_info().unwrap().performance_degraded);
     inject(DeviceFault::ClearAll, 0, 0, 0).unwrap();
 
