@@ -432,16 +432,28 @@ pub fn fma_gflops(iterations: usize) -> Option<f64> {
 /// Asks the CPU to start loading `bytes` into its caches (a hint).
 pub fn prefetch(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
-    for line in (0..bytes.len()).step_by(64) {
-        // SAFETY: the address is inside `bytes`, and a prefetch never faults.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                bytes.as_ptr().wrapping_add(line).cast(),
-            );
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }>(bytes);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bytes;
+}
+
+/// [`prefetch`] into L2 only (x86-64's T1 hint): a core has many more
+/// misses to L2 outstanding than to L1, so a scan can ask for lines further
+/// ahead this way without filling L1.
+pub fn prefetch_to_l2(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T1 }>(bytes);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
+/// A prefetch with `HINT` of every line of `bytes`.
+#[cfg(target_arch = "x86_64")]
+fn prefetch_lines<const HINT: i32>(bytes: &[u8]) {
+    for line in (0..bytes.len()).step_by(64) {
+        // SAFETY: the address is inside `bytes`, and a prefetch never faults.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(bytes.as_ptr().wrapping_add(line).cast()) }
+    }
 }
 
 /// Writes back and drops every cache line of `bytes` from every level of
@@ -1155,35 +1167,41 @@ mod x86 {
         let mut wide = [_mm512_setzero_si512(); 4];
         let mut pairs = [WordSums::new(); 2];
         let tile_bytes = 16 * d * size;
-        // Prefetch (where this CPU wants it) about that many bytes ahead, in
-        // whole tiles: the same line of the tile that far on as the one
-        // being loaded.
-        let ahead = prefetch_bytes().map(|bytes| bytes.div_ceil(tile_bytes));
+        // Prefetch (where this CPU wants it) that many bytes ahead, in whole
+        // tiles: the same line of the tile that far on as the one being
+        // loaded, into L1 near and into L2 far.
+        let distances = prefetch_distances();
+        let to_l1 = distances.map(|d| d.to_l1.div_ceil(tile_bytes));
+        let to_l2 = distances
+            .filter(|_| 2 * G / size <= L2_PREFETCH_MAX_FLOPS_PER_BYTE)
+            .map(|d| d.to_l2.div_ceil(tile_bytes));
+        // Tile `t + ahead`, in these rows or the ones read next; null past
+        // both.
         let next_tiles = rows.next_len / tile_bytes;
+        let tile_ahead = |t: usize, ahead: Option<usize>| match ahead {
+            Some(ahead) if t + ahead < tiles => rows.ptr.wrapping_add((t + ahead) * tile_bytes),
+            Some(ahead) if t + ahead - tiles < next_tiles => {
+                rows.next.wrapping_add((t + ahead - tiles) * tile_bytes)
+            }
+            _ => std::ptr::null(),
+        };
         for t in 0..tiles {
             let base = rows.ptr.wrapping_add(t * tile_bytes);
-            let prefetch = if let Some(ahead) = ahead
-                && t + ahead < tiles
-            {
-                rows.ptr.wrapping_add((t + ahead) * tile_bytes)
-            } else if let Some(ahead) = ahead
-                && t + ahead - tiles < next_tiles
-            {
-                rows.next.wrapping_add((t + ahead - tiles) * tile_bytes)
-            } else {
-                std::ptr::null()
-            };
+            let (near, far) = (tile_ahead(t, to_l1), tile_ahead(t, to_l2));
             let mut acc = [[_mm512_setzero_ps(); G]; 4];
             let mut j = 0;
             while j < d {
-                if !prefetch.is_null() {
-                    // Dimensions j..j + 4 are 4 * 16 * size bytes, one or
-                    // two lines from `j * 16 * size`; a prefetch never
-                    // faults, wherever it points.
+                // Dimensions j..j + 4 are 4 * 16 * size bytes, one or two
+                // lines from `j * 16 * size`; a prefetch never faults,
+                // wherever it points.
+                if !near.is_null() {
                     for line in (0..4 * 16 * size).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(
-                            prefetch.wrapping_add(j * 16 * size + line).cast(),
-                        );
+                        _mm_prefetch::<_MM_HINT_T0>(near.wrapping_add(j * 16 * size + line).cast());
+                    }
+                }
+                if !far.is_null() {
+                    for line in (0..4 * 16 * size).step_by(64) {
+                        _mm_prefetch::<_MM_HINT_T1>(far.wrapping_add(j * 16 * size + line).cast());
                     }
                 }
                 // Dimensions j..j + 4: four 16-lane vectors (two lines of
@@ -1252,19 +1270,35 @@ mod x86 {
 
     /// How far ahead of its loads the tile kernel prefetches on this CPU,
     /// if at all (docs/PERFORMANCE.md, "Prefetching ahead"). On Intel, 4
-    /// KiB: there the hardware prefetchers alone kept too few lines in
-    /// flight (a virtualised Xeon scanned cold keys at 1.5-2.4x the memory
-    /// roofline time without it, 1.1-1.5x with it; 2 to 16 KiB measured
-    /// alike). Elsewhere none: on Zen 4 every distance from 1 to 8 KiB was
-    /// slower (G 1 1.5-1.8x the roofline against 1.2-1.3x), its hardware
-    /// prefetchers keeping up with the sequential scan on their own.
-    fn prefetch_bytes() -> Option<usize> {
+    /// KiB into L1 and 16 KiB into L2: there the hardware prefetchers alone
+    /// kept too few lines in flight (a virtualised Xeon scanned cold keys
+    /// at 1.5-2.4x the memory roofline time without prefetching, 1.1-1.5x
+    /// with L1's alone; L2's many more outstanding misses took f16 G 1 from
+    /// 12 to 14 GB/s and f32 G 8 from 10.4 to 11.3). Elsewhere none: on Zen
+    /// 4 every distance from 1 to 8 KiB was slower (G 1 1.5-1.8x the
+    /// roofline against 1.2-1.3x), its hardware prefetchers keeping up with
+    /// the sequential scan on their own.
+    fn prefetch_distances() -> Option<PrefetchDistances> {
         static INTEL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let intel = *INTEL.get_or_init(|| {
             let vendor = __cpuid(0);
             [vendor.ebx, vendor.edx, vendor.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e]
         });
-        intel.then_some(4096)
+        intel.then_some(PrefetchDistances { to_l1: 4096, to_l2: 16384 })
+    }
+
+    /// The tile kernel prefetches into L2 as well only where it does at
+    /// most this many FLOPs per key byte (2 G / element size): below it the
+    /// scan waits on memory and more misses in flight help (f16 G 1, f32 G
+    /// 8); above it (16-bit keys at G 8) the loop is as much compute as
+    /// memory, and the extra prefetches measured 5-10% slower.
+    const L2_PREFETCH_MAX_FLOPS_PER_BYTE: usize = 4;
+
+    /// Bytes ahead of its loads a scan prefetches into each cache level.
+    #[derive(Clone, Copy)]
+    struct PrefetchDistances {
+        to_l1: usize,
+        to_l2: usize,
     }
 
     /// Per lane, the G queries' dot products aggregated as [`aggregate`]
