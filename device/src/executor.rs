@@ -58,16 +58,6 @@ impl Dram for DramView {
         self.mem.store_u64(offset, value, std::sync::atomic::Ordering::Release);
         Ok(())
     }
-    fn with_rows<R>(
-        &self,
-        offset: u64,
-        len: u64,
-        dtype: Dtype,
-        score: impl FnOnce(Rows<'_>) -> R,
-    ) -> Result<R, KvError> {
-        crate::sys::with_rows(self.mem, offset, len, None, dtype, score)
-            .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })
-    }
     fn with_rows_then<R>(
         &self,
         offset: u64,
@@ -76,7 +66,7 @@ impl Dram for DramView {
         dtype: Dtype,
         score: impl FnOnce(Rows<'_>) -> R,
     ) -> Result<R, KvError> {
-        crate::sys::with_rows(self.mem, offset, len, Some(next), dtype, score)
+        crate::sys::with_rows(self.mem, offset, len, next, dtype, score)
             .map_err(|e| KvError::OutOfRange { offset: e.offset, len: e.len })
     }
     fn prefetch(&self, offset: u64, len: u64) {

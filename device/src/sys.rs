@@ -10,13 +10,13 @@ use pnm_firmware::simd::Rows;
 use pnm_protocol::{Dtype, OutOfBounds, SharedMemory};
 
 /// Calls `score` with `len` bytes of `mem` at `offset` as rows of `dtype`,
-/// read where they lie, followed by the `next.1` bytes at `next.0` if given
-/// and inside the view ([`Rows::followed_by`]).
+/// read where they lie, followed by the `next.1` bytes at `next.0` if there
+/// are any and they lie inside the view ([`Rows::followed_by`]).
 pub fn with_rows<R>(
     mem: SharedMemory,
     offset: u64,
     len: u64,
-    next: Option<(u64, u64)>,
+    next: (u64, u64),
     dtype: Dtype,
     score: impl FnOnce(Rows<'_>) -> R,
 ) -> Result<R, OutOfBounds> {
@@ -27,11 +27,13 @@ pub fn with_rows<R>(
     // the bytes meanwhile; `Rows` reads through raw pointers only, so that
     // can only make scores garbage.
     let rows = unsafe { Rows::from_raw(ptr, len as usize, dtype) };
-    let next = next.and_then(|(at, len)| Some((mem.read_ptr(at, len).ok()?, len)));
-    Ok(score(match next {
-        Some((at, len)) => {
+    // A continuation of no bytes, or outside the view, is none.
+    let (next_at, next_len) = next;
+    let then = mem.read_ptr(next_at, next_len).ok().filter(|_| next_len > 0);
+    Ok(score(match then {
+        Some(at) => {
             // SAFETY: as above, a range `read_ptr` checked is inside the view.
-            rows.followed_by(unsafe { Rows::from_raw(at, len as usize, dtype) })
+            rows.followed_by(unsafe { Rows::from_raw(at, next_len as usize, dtype) })
         }
         None => rows,
     }))

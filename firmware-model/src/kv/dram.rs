@@ -26,11 +26,13 @@ pub trait Dram {
         len: u64,
         dtype: Dtype,
         score: impl FnOnce(Rows<'_>) -> R,
-    ) -> Result<R, KvError>;
+    ) -> Result<R, KvError> {
+        self.with_rows_then(offset, len, (0, 0), dtype, score)
+    }
     /// [`Dram::with_rows`], with the `next.1` bytes at `next.0` (what the
     /// caller reads after these) handed along as the rows' continuation
     /// ([`Rows::followed_by`]) for the kernel to prefetch into. A `next`
-    /// outside DRAM is left out. By default there is no continuation.
+    /// outside DRAM, or of no bytes, is left out.
     fn with_rows_then<R>(
         &self,
         offset: u64,
@@ -38,10 +40,7 @@ pub trait Dram {
         next: (u64, u64),
         dtype: Dtype,
         score: impl FnOnce(Rows<'_>) -> R,
-    ) -> Result<R, KvError> {
-        let _ = next;
-        self.with_rows(offset, len, dtype, score)
-    }
+    ) -> Result<R, KvError>;
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -95,15 +94,6 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Dram for &MemDram<B> {
         dst.copy_from_slice(data);
         Ok(())
     }
-    fn with_rows<R>(
-        &self,
-        offset: u64,
-        len: u64,
-        dtype: Dtype,
-        score: impl FnOnce(Rows<'_>) -> R,
-    ) -> Result<R, KvError> {
-        self.with_rows_then(offset, len, (0, 0), dtype, score)
-    }
     fn with_rows_then<R>(
         &self,
         offset: u64,
@@ -117,9 +107,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Dram for &MemDram<B> {
             .and_then(|r| mem.as_ref().get(r))
             .ok_or(KvError::OutOfRange { offset, len })?;
         let rows = Rows::from_bytes(bytes, dtype);
-        Ok(score(match byte_range(next.0, next.1).and_then(|r| mem.as_ref().get(r)) {
-            Some(then) => rows.followed_by(Rows::from_bytes(then, dtype)),
-            None => rows,
+        let then = byte_range(next.0, next.1).and_then(|r| mem.as_ref().get(r));
+        Ok(score(match then {
+            Some(then) if !then.is_empty() => rows.followed_by(Rows::from_bytes(then, dtype)),
+            _ => rows,
         }))
     }
     fn prefetch(&self, offset: u64, len: u64) {

@@ -973,14 +973,15 @@ impl Dram for &DyingDram<'_> {
         }
         Ok(())
     }
-    fn with_rows<R>(
+    fn with_rows_then<R>(
         &self,
         offset: u64,
         len: u64,
+        next: (u64, u64),
         dtype: Dtype,
         score: impl FnOnce(Rows<'_>) -> R,
     ) -> Result<R, KvError> {
-        (&self.inner).with_rows(offset, len, dtype, score)
+        (&self.inner).with_rows_then(offset, len, next, dtype, score)
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Instant;
 use pnm_firmware::kernels::Aggregation;
 use pnm_firmware::kv::{Dram, KvStore, MemDram, SequenceShape, TopkQuery, TopkScratch};
 use pnm_host::{Device, Dtype, KvShape, Query, TopkRequest};
+use pnm_protocol::queue::KeyLayout;
 use pnm_tools::roofline::Roofline;
 use serde_json::{Value, json};
 
@@ -55,22 +56,22 @@ fn keys(dtype: Dtype, elements: usize, seed: u64) -> Vec<u8> {
 const IN_CACHE_BYTES: usize = 512 << 10;
 
 /// The first [`IN_CACHE_BYTES`] of `rows` (stored rows of `d` elements) in
-/// key tiles (16 tokens, dimension-major), as the store keeps them, or None
-/// if the keys are fewer than a tile or `d` is 0.
+/// key tiles, written as the store writes them ([`KeyLayout::write_rows`]),
+/// or None if the keys are fewer than a tile or the store keeps keys of
+/// this shape as rows (no tile kernel to time).
 fn tiles_in_cache(rows: &[u8], dtype: Dtype, d: usize) -> Option<Vec<u8>> {
-    let size = dtype.size();
-    let row = d * size;
-    let tokens = (IN_CACHE_BYTES.min(rows.len()) / row.max(1)) / 16 * 16;
-    if tokens == 0 {
+    let layout = KeyLayout::new(u32::try_from(d).ok()?, dtype);
+    let row = layout.row_bytes() as usize;
+    let tokens = IN_CACHE_BYTES.min(rows.len()) / row / 16 * 16;
+    if !layout.tiled || tokens == 0 {
         return None;
     }
     let mut tiled = vec![0u8; tokens * row];
-    for t in 0..tokens {
-        for j in 0..d {
-            let at = ((t / 16) * 16 * d + j * 16 + t % 16) * size;
-            tiled[at..at + size].copy_from_slice(&rows[(t * d + j) * size..][..size]);
-        }
-    }
+    let written = layout.write_rows(0, &rows[..tokens * row], &mut Vec::new(), |at, bytes| {
+        tiled[at as usize..][..bytes.len()].copy_from_slice(bytes);
+        Ok::<(), std::convert::Infallible>(())
+    });
+    let Ok(()) = written;
     Some(tiled)
 }
 
